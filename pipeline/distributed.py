@@ -34,4 +34,7 @@ def init_distributed(device: torch.device) -> DistContext:
 
 def shutdown(context: DistContext) -> None:
     if context.world_size > 1 and dist.is_initialized():
+        # Tearing down gloo while a peer is still working (rank 0 writes the artifacts) can abort the
+        # other process ("terminate called without an active exception"): leave together.
+        dist.barrier()
         dist.destroy_process_group()
