@@ -1,5 +1,5 @@
 """Shared settings of the torchvision ImageNet recipes."""
-from pipeline.config import (BuildConfig, DataConfig, MaskConfig, PreprocessConfig, Recipe, ServeConfig,
+from pipeline.recipe.config import (BuildConfig, DataConfig, MaskConfig, PreprocessConfig, Recipe, ServeConfig,
                              VerifyConfig)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]

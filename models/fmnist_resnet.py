@@ -1,7 +1,7 @@
 """The offline demo: a small ResNet on Fashion-MNIST, pretrained here, then 2:4 masked."""
-from pipeline.config import (BuildConfig, DataConfig, MaskConfig, PreprocessConfig, PretrainConfig, Recipe,
+from pipeline.recipe.config import (BuildConfig, DataConfig, MaskConfig, PreprocessConfig, PretrainConfig, Recipe,
                              ServeConfig, VerifyConfig)
-from pipeline.data import FASHION_MNIST_LABELS
+from pipeline.data.datasets import FASHION_MNIST_LABELS
 
 
 def recipe():

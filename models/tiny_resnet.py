@@ -1,5 +1,5 @@
 """A tiny ResNet on synthetic 1x28x28 data: exercises every stage in seconds (tests, smoke runs)."""
-from pipeline.config import (BuildConfig, DataConfig, MaskConfig, PreprocessConfig, Recipe, ServeConfig,
+from pipeline.recipe.config import (BuildConfig, DataConfig, MaskConfig, PreprocessConfig, Recipe, ServeConfig,
                              VerifyConfig)
 
 

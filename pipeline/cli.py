@@ -10,7 +10,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from pipeline.config import Recipe, apply_override
+from pipeline.recipe.config import Recipe, apply_override
 from pipeline.errors import GateFailed, PipelineError
 
 # stage name -> (module, one-line help)
@@ -34,7 +34,7 @@ STAGES = {
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags every model-level stage shares."""
-    from pipeline.registry import list_models
+    from pipeline.recipe.registry import list_models
 
     group = parser.add_argument_group("model and recipe")
     group.add_argument("--model", default="fmnist_resnet",
@@ -50,7 +50,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_recipe(args: argparse.Namespace) -> Recipe:
-    from pipeline.registry import get_recipe
+    from pipeline.recipe.registry import get_recipe
 
     recipe = get_recipe(args.model)
     if args.weights:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.data import make_loader
+from pipeline.data.datasets import make_loader
 
 
 def select_device(requested: str = "auto") -> torch.device:

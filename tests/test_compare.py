@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.sparsity.artifact import MaskArtifact
-from pipeline.sparsity.patterns import is_nm
+from pipeline.masks.artifact import MaskArtifact
+from pipeline.masks.patterns import is_nm
 
 SHORT = ["--set", "masks.max_steps=2", "--set", "data.synthetic_size=64"]
 
@@ -77,12 +77,12 @@ def test_updatable_demo(compared):
 
 def test_permuted_masks_are_evaluated_on_singly_permuted_weights():
     """Regression: compare once applied the channel permutations twice when evaluating `permuted`."""
-    from pipeline.registry import get_recipe
-    from pipeline.sparsity.artifact import apply_masks
-    from pipeline.sparsity.eligibility import find_layers
-    from pipeline.sparsity.methods import MethodContext, compute_masks
+    from pipeline.recipe.registry import get_recipe
+    from pipeline.masks.artifact import apply_masks
+    from pipeline.masks.eligibility import find_layers
+    from pipeline.masks.methods import MethodContext, compute_masks
     from pipeline.stages.compare import masked_model, method_model
-    from pipeline.weights import build_network
+    from pipeline.recipe.weights import build_network
 
     recipe = get_recipe("tiny_resnet")
     torch.manual_seed(3)

@@ -16,11 +16,11 @@ from onnx import numpy_helper
 from nm_fixtures import MODEL, dense_weights_file, make_artifacts
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.export import (_scope_from_torchscript_name, check_sparse_layers, nm_violations_np,
+from pipeline.export.onnx import (_scope_from_torchscript_name, check_sparse_layers, nm_violations_np,
                              onnx_layer_weights)
-from pipeline.registry import get_recipe
-from pipeline.sparsity.artifact import MaskArtifact
-from pipeline.weights import build_network
+from pipeline.recipe.registry import get_recipe
+from pipeline.masks.artifact import MaskArtifact
+from pipeline.recipe.weights import build_network
 
 POLYGRAPHY = Path(sys.executable).parent / "polygraphy"
 

@@ -6,7 +6,7 @@ import pytest
 
 from nm_fixtures import MODEL, dense_weights_file, make_artifacts
 from pipeline.cli import main
-from pipeline.report import latency_stats, speedup_stats
+from pipeline.verify.report import latency_stats, speedup_stats
 from pipeline.stages.verify import measure_latency, sparse_kernel_coverage
 
 
@@ -77,7 +77,7 @@ def test_failed_gate_exits_1_and_flags_override_set(built, capsys):
 
 def test_top1_gate_applies_when_accuracy_is_meaningful(built, monkeypatch):
     _, common, _ = built
-    import pipeline.data
+    import pipeline.data.datasets
 
     real = pipeline.data.build_datasets
 
@@ -86,7 +86,7 @@ def test_top1_gate_applies_when_accuracy_is_meaningful(built, monkeypatch):
         bundle.accuracy_meaningful = True
         return bundle
 
-    monkeypatch.setattr(pipeline.data, "build_datasets", meaningful)
+    monkeypatch.setattr(pipeline.data.datasets, "build_datasets", meaningful)
     assert main(["verify", *common, "--max-top1-drop", "-1", "--iters", "2", "--no-plots"]) == 1
     assert main(["verify", *common, "--max-top1-drop", "100", "--iters", "2", "--no-plots"]) == 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli import resolve_recipe
-from pipeline.config import Recipe
+from pipeline.recipe.config import Recipe
 from pipeline.io import ensure_dir, write_json
 from pipeline.paths import ArtifactPaths
 

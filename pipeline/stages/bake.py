@@ -11,12 +11,12 @@ from pathlib import Path
 from pipeline.cli import add_model_arguments
 from pipeline.errors import PipelineError
 from pipeline.io import torch_load, torch_save, write_json
-from pipeline.masklearn import CHECKPOINT_FORMAT
-from pipeline.sparsity.artifact import LayerMask, MaskArtifact, apply_masks
-from pipeline.sparsity.checks import check_baked
-from pipeline.sparsity.methods import dense_for_artifact
+from pipeline.masks.learning import CHECKPOINT_FORMAT
+from pipeline.masks.artifact import LayerMask, MaskArtifact, apply_masks
+from pipeline.masks.checks import check_baked
+from pipeline.masks.methods import dense_for_artifact
 from pipeline.stages._common import prepare
-from pipeline.weights import dense_state_dict, build_network, load_state_dict_strict
+from pipeline.recipe.weights import dense_state_dict, build_network, load_state_dict_strict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

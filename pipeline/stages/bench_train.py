@@ -23,12 +23,12 @@ from tqdm import tqdm
 
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.io import write_json
-from pipeline.masklearn import mask_optimizer
-from pipeline.registry import get_recipe, list_models
-from pipeline.sparsity.eligibility import find_layers
-from pipeline.sparsity.gumbel import attach_masks, mask_training_mode, masked_modules, prepare_step
+from pipeline.masks.learning import mask_optimizer
+from pipeline.recipe.registry import get_recipe, list_models
+from pipeline.masks.eligibility import find_layers
+from pipeline.masks.gumbel import attach_masks, mask_training_mode, masked_modules, prepare_step
 from pipeline.training import progress_disabled
-from pipeline.weights import build_network
+from pipeline.recipe.weights import build_network
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "convnext_t", "fmnist_resnet"]
 

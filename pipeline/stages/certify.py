@@ -1,6 +1,6 @@
 """`certify`: share of evaluation samples whose masked prediction is provably the dense one.
 
-Bounds and their (reconstructed) statements: pipeline/certify.py and docs/baselines.md. They are
+Bounds and their (reconstructed) statements: pipeline/verify/certify.py and docs/baselines.md. They are
 worst-case bounds: a sample that is not certified may well keep its prediction; the report
 gives the measured share of unchanged predictions next to the certified shares.
 """
@@ -11,16 +11,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.certify import certify_masks
+from pipeline.verify.certify import certify_masks
 from pipeline.cli import add_model_arguments
-from pipeline.data import build_datasets
+from pipeline.data.datasets import build_datasets
 from pipeline.errors import PipelineError
 from pipeline.io import write_json, write_text
-from pipeline.sparsity.artifact import MaskArtifact
-from pipeline.sparsity.methods import dense_for_artifact
+from pipeline.masks.artifact import MaskArtifact
+from pipeline.masks.methods import dense_for_artifact
 from pipeline.stages._common import prepare
 from pipeline.training import progress_disabled, select_device
-from pipeline.weights import build_network, dense_state_dict, load_state_dict_strict, state_dict_from_file
+from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict, state_dict_from_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

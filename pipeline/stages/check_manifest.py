@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli import add_model_arguments
-from pipeline.manifest import check_manifest
+from pipeline.package.manifest import check_manifest
 from pipeline.paths import ArtifactPaths
 
 

@@ -20,19 +20,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.cli import add_model_arguments
-from pipeline.config import Recipe
-from pipeline.data import DataBundle, ResumableBatchSampler, build_datasets, make_loader
+from pipeline.recipe.config import Recipe
+from pipeline.data.datasets import DataBundle, ResumableBatchSampler, build_datasets, make_loader
 from pipeline.errors import PipelineError
 from pipeline.io import ensure_dir, torch_load, torch_save, write_json, write_text
 from pipeline.paths import ArtifactPaths
-from pipeline.sparsity.artifact import MaskArtifact, apply_masks
-from pipeline.sparsity.diversity import diversity_bits
-from pipeline.sparsity.eligibility import EligibilityReport, find_layers
-from pipeline.sparsity.methods import (CONSTRAINT, METHODS, MaskResult, MethodContext, compute_masks,
+from pipeline.masks.artifact import MaskArtifact, apply_masks
+from pipeline.masks.diversity import diversity_bits
+from pipeline.masks.eligibility import EligibilityReport, find_layers
+from pipeline.masks.methods import (CONSTRAINT, METHODS, MaskResult, MethodContext, compute_masks,
                                        dense_for_artifact, kept_share)
 from pipeline.stages._common import prepare
 from pipeline.training import evaluate, progress_disabled, select_device
-from pipeline.weights import build_network, load_dense_model, load_state_dict_strict
+from pipeline.recipe.weights import build_network, load_dense_model, load_state_dict_strict
 
 DEFAULT_METHODS = "magnitude,permuted,transposable,transposable-greedy,learned"
 HEURISTICS = ("magnitude", "permuted", "transposable", "transposable-greedy")
@@ -76,7 +76,7 @@ def masked_model(recipe: Recipe, dense: dict[str, torch.Tensor], artifact: MaskA
 def reuse_learned(recipe: Recipe, paths: ArtifactPaths) -> tuple[MaskArtifact, float] | str:
     """The finished mask-training run in masks.ckpt, when its mask settings match the recipe's;
     otherwise the reason it cannot be reused."""
-    from pipeline.masklearn import CHECKPOINT_FORMAT
+    from pipeline.masks.learning import CHECKPOINT_FORMAT
     from pipeline.stages.bake import artifact_from_checkpoint
 
     path = paths.mask_checkpoint
@@ -280,7 +280,7 @@ def finetune(model: torch.nn.Module, data: DataBundle, steps: int, lr: float, ba
 
 def updatable_demo(recipe: Recipe, paths: ArtifactPaths, device: torch.device, masks_path: str | None,
                    steps: int, lr: float, learned_mode: str = "auto", log=print) -> dict:
-    from pipeline.certify import certify_masks
+    from pipeline.verify.certify import certify_masks
 
     model, source = load_dense_model(recipe, paths.root.parent)
     cfg = recipe.masks

@@ -13,12 +13,12 @@ import torch
 
 from pipeline.cli import add_model_arguments
 from pipeline.errors import PipelineError
-from pipeline.export import (TOLERANCES, ModelProtoFromTorch, check_model, check_sparse_layers, compare_with_torch,
+from pipeline.export.onnx import (TOLERANCES, ModelProtoFromTorch, check_model, check_sparse_layers, compare_with_torch,
                              effective_opset, other_initializers_differ)
 from pipeline.io import atomic_path, sha256_file, write_json
-from pipeline.sparsity.artifact import MaskArtifact
+from pipeline.masks.artifact import MaskArtifact
 from pipeline.stages._common import prepare
-from pipeline.weights import build_network, dense_state_dict, load_state_dict_strict, state_dict_from_file
+from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict, state_dict_from_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     sparse_model.eval()
     artifact = MaskArtifact.load(paths.masks)
     if artifact.meta.get("permutations"):
-        from pipeline.sparsity.methods import dense_for_artifact
+        from pipeline.masks.methods import dense_for_artifact
 
         # masks found on channel-permuted weights belong to those (functionally equal) weights: export
         # the dense graph from them too, so dense and sparse graphs differ only in the pruned weights

@@ -9,9 +9,9 @@ import argparse
 
 from pipeline.cli import add_model_arguments
 from pipeline.io import write_json
-from pipeline.sparsity.eligibility import find_layers
+from pipeline.masks.eligibility import find_layers
 from pipeline.stages._common import prepare
-from pipeline.weights import build_network
+from pipeline.recipe.weights import build_network
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ import argparse
 
 from pipeline.cli import add_model_arguments
 from pipeline.errors import GateFailed
-from pipeline.manifest import build_manifest, verification_verdict, write_manifest
+from pipeline.package.manifest import build_manifest, verification_verdict, write_manifest
 from pipeline.package.repository import FORMATS, write_repository
 from pipeline.stages._common import prepare
 

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.cli import add_model_arguments
-from pipeline.data import ResumableBatchSampler, build_datasets, make_loader
+from pipeline.data.datasets import ResumableBatchSampler, build_datasets, make_loader
 from pipeline.errors import PipelineError
 from pipeline.io import torch_load, torch_save, write_json
 from pipeline.stages._common import prepare
 from pipeline.training import evaluate, progress_disabled, select_device, stop_on_signals
-from pipeline.weights import build_network
+from pipeline.recipe.weights import build_network
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,16 +4,16 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli import add_model_arguments
-from pipeline.data import build_datasets
+from pipeline.data.datasets import build_datasets
 from pipeline.distributed import init_distributed, shutdown
 from pipeline.io import write_json
-from pipeline.masklearn import learn_masks
+from pipeline.masks.learning import learn_masks
 from pipeline.plots import learning_curves
-from pipeline.sparsity.artifact import MaskArtifact
-from pipeline.sparsity.eligibility import find_layers
+from pipeline.masks.artifact import MaskArtifact
+from pipeline.masks.eligibility import find_layers
 from pipeline.stages._common import prepare
 from pipeline.training import evaluate, select_device
-from pipeline.weights import load_dense_model
+from pipeline.recipe.weights import load_dense_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

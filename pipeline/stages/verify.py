@@ -20,7 +20,7 @@ from pipeline.stages.build import engine_path
 from pipeline.cli import add_model_arguments
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.io import read_json, sha256_file, write_json, write_text
-from pipeline.report import (SCHEMA, latency_stats, plot_accuracy, plot_coverage, plot_latency, render_markdown,
+from pipeline.verify.report import (SCHEMA, latency_stats, plot_accuracy, plot_coverage, plot_latency, render_markdown,
                              speedup_stats, write_junit)
 from pipeline.stages._common import prepare
 from pipeline.training import progress_disabled
@@ -65,15 +65,15 @@ def layer_table(paths, recipe) -> tuple[list[dict[str, Any]], int]:
     if paths.layers.is_file():
         info = read_json(paths.layers)
     else:
-        from pipeline.sparsity.eligibility import find_layers
-        from pipeline.weights import build_network
+        from pipeline.masks.eligibility import find_layers
+        from pipeline.recipe.weights import build_network
 
         cfg = recipe.masks
         info = find_layers(build_network(recipe), recipe.input_shape, cfg.m, cfg.include, cfg.exclude,
                            recipe.classifier, cfg.include_classifier).to_dict()
     masked_names = None
     if paths.masks.is_file():
-        from pipeline.sparsity.artifact import MaskArtifact
+        from pipeline.masks.artifact import MaskArtifact
 
         masked_names = {layer.name for layer in MaskArtifact.load(paths.masks).layers}
     layers = []
@@ -87,7 +87,7 @@ def layer_table(paths, recipe) -> tuple[list[dict[str, Any]], int]:
 
 # --------------------------------------------------------------------------- measurements
 def measure_accuracy(runners, dataset, batch_size: int) -> dict[str, Any]:
-    from pipeline.data import make_loader
+    from pipeline.data.datasets import make_loader
 
     counts = {variant: {"top1": 0, "top5": 0} for variant in runners}
     agree = total = 0
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         raise PipelineError(f"verify.latency_iters={cfg.latency_iters}; needs at least 1")
     started = time.time()
     build, backend, runners = load_engines(paths, recipe)
-    from pipeline.data import build_datasets
+    from pipeline.data.datasets import build_datasets
 
     data = build_datasets(recipe)
     low, high = recipe.build.min_batch, recipe.build.max_batch

@@ -27,7 +27,7 @@ from functools import lru_cache
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.sparsity.patterns import pattern_table, to_blocks
+from pipeline.masks.patterns import pattern_table, to_blocks
 
 ENUMERATE_LIMIT = 5000  # largest table of M x M masks the vectorised exact solver enumerates
 

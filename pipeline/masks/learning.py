@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import Recipe
-from pipeline.data import DataBundle, ResumableBatchSampler, make_loader
+from pipeline.recipe.config import Recipe
+from pipeline.data.datasets import DataBundle, ResumableBatchSampler, make_loader
 from pipeline.errors import PipelineError
 from pipeline.io import torch_load, torch_save
-from pipeline.sparsity.eligibility import EligibilityReport
-from pipeline.sparsity.gumbel import (attach_masks, current_indices, load_mask_logits, mask_logits,
+from pipeline.masks.eligibility import EligibilityReport
+from pipeline.masks.gumbel import (attach_masks, current_indices, load_mask_logits, mask_logits,
                                       mask_training_mode, masked_modules, prepare_step)
 from pipeline.training import evaluate, progress_disabled, stop_on_signals
 

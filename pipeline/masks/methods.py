@@ -29,11 +29,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from pipeline.config import Recipe
+from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
-from pipeline.sparsity.artifact import LayerMask, MaskArtifact, apply_masks
-from pipeline.sparsity.eligibility import EligibilityReport
-from pipeline.sparsity.patterns import magnitude_indices
+from pipeline.masks.artifact import LayerMask, MaskArtifact, apply_masks
+from pipeline.masks.eligibility import EligibilityReport
+from pipeline.masks.patterns import magnitude_indices
 
 
 @dataclass
@@ -61,7 +61,7 @@ def dense_for_artifact(state_dict: dict[str, torch.Tensor], artifact: MaskArtifa
     permutations = artifact.meta.get("permutations")
     if not permutations:
         return state_dict
-    from pipeline.sparsity.permutation import permute_state_dict
+    from pipeline.masks.permutation import permute_state_dict
 
     try:
         return permute_state_dict(state_dict, permutations)
@@ -102,7 +102,7 @@ def magnitude(ctx: MethodContext) -> MaskResult:
 
 
 def permuted(ctx: MethodContext) -> MaskResult:
-    from pipeline.sparsity.permutation import (channel_spaces, consumer_matrix, output_difference,
+    from pipeline.masks.permutation import (channel_spaces, consumer_matrix, output_difference,
                                                permute_state_dict, search_permutation)
 
     cfg = ctx.recipe.masks
@@ -144,7 +144,7 @@ def permuted(ctx: MethodContext) -> MaskResult:
 
 
 def _transposable(ctx: MethodContext, solver: str, method: str) -> MaskResult:
-    from pipeline.sparsity.transposable import can_transpose, indices_from_mask, transposable_mask
+    from pipeline.masks.transposable import can_transpose, indices_from_mask, transposable_mask
 
     cfg = ctx.recipe.masks
     state = _state(ctx)
@@ -172,7 +172,7 @@ def transposable_greedy(ctx: MethodContext) -> MaskResult:
 
 
 def learned(ctx: MethodContext) -> MaskResult:
-    from pipeline.masklearn import learn_masks
+    from pipeline.masks.learning import learn_masks
 
     if ctx.data is None:
         raise PipelineError("the learned method needs training data (MethodContext.data)")

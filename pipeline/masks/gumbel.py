@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.sparsity.eligibility import EligibilityReport
-from pipeline.sparsity.patterns import from_blocks, num_patterns, pattern_scores, pattern_table, to_blocks
+from pipeline.masks.eligibility import EligibilityReport
+from pipeline.masks.patterns import from_blocks, num_patterns, pattern_scores, pattern_table, to_blocks
 
 
 class GumbelNoisePool:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.config import Recipe
+from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

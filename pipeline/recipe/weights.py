@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.config import Recipe
+from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
 from pipeline.io import torch_load
-from pipeline.nets import ARCHITECTURES, TORCHVISION_WEIGHTS
+from pipeline.recipe.nets import ARCHITECTURES, TORCHVISION_WEIGHTS
 from pipeline.paths import ArtifactPaths
 
 

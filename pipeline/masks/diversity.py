@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.sparsity.transposable import count_transposable
+from pipeline.masks.transposable import count_transposable
 
 
 def _numel(shape: list[int]) -> int:

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.sparsity.artifact import MaskArtifact
-from pipeline.sparsity.patterns import to_blocks
+from pipeline.masks.artifact import MaskArtifact
+from pipeline.masks.patterns import to_blocks
 
 SLACK = 1.0 + 1e-4  # float rounding in the norm computations must not make a bound unsound
 SQRT2 = math.sqrt(2.0)
@@ -250,8 +250,8 @@ def certify_masks(build_model, dense_state: dict[str, torch.Tensor], artifact: M
     `build_model()` returns a fresh network of the recipe's architecture. With `updated_state`
     (dense weights after an update) the masks are also certified on the updated model, directly
     (Lemma 3.4 on W') and through the reuse bound (Lemma 3.6)."""
-    from pipeline.data import make_loader
-    from pipeline.sparsity.artifact import apply_masks
+    from pipeline.data.datasets import make_loader
+    from pipeline.masks.artifact import apply_masks
 
     layers = {layer.name: _Layer(layer.mask().to(device), layer.n, layer.m) for layer in artifact.layers}
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.sparsity.artifact import MaskArtifact
-from pipeline.sparsity.patterns import nm_violations
+from pipeline.masks.artifact import MaskArtifact
+from pipeline.masks.patterns import nm_violations
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.io import torch_load, torch_save
-from pipeline.sparsity.patterns import blocks_shape, mask_from_indices, num_patterns
+from pipeline.masks.patterns import blocks_shape, mask_from_indices, num_patterns
 
 FORMAT = "nm-mask-artifact"
 VERSION = 1

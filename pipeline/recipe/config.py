@@ -117,7 +117,7 @@ class ServeConfig:
 @dataclass
 class Recipe:
     name: str
-    arch: str  # key of pipeline.nets.ARCHITECTURES
+    arch: str  # key of pipeline.recipe.nets.ARCHITECTURES
     num_classes: int
     input_shape: list[int]  # C, H, W
     weights: str  # pretrain | torchvision | random | path to a .pth

@@ -255,7 +255,7 @@ class _SwapSearch:
 
     def __init__(self, matrix: torch.Tensor, order: torch.Tensor, members: list[int], n: int, m: int,
                  chunk: int = 64) -> None:
-        from pipeline.sparsity.patterns import pattern_table
+        from pipeline.masks.patterns import pattern_table
 
         self.matrix, self.order, self.n, self.m, self.chunk = matrix, order, n, m, chunk
         self.members = torch.tensor(members)
