@@ -63,7 +63,7 @@ def test_updatable_demo(compared):
     _, root = compared
     out = str(root.parent)
     masks = str(root / "compare" / "masks.magnitude.pt")
-    assert main(["compare", "--updatable", "--model", "tiny_resnet", "--out", out, "--masks", masks,
+    assert main(["updatable", "--model", "tiny_resnet", "--out", out, "--masks", masks,
                  "--finetune-steps", "2", *SHORT]) == 0
     summary = json.loads((root / "updatable.json").read_text())
     assert set(summary["results"]) == {"dense_original", "dense_updated", "old_masks_on_original",
@@ -81,7 +81,7 @@ def test_permuted_masks_are_evaluated_on_singly_permuted_weights():
     from pipeline.masks.artifact import apply_masks
     from pipeline.masks.eligibility import find_layers
     from pipeline.masks.methods import MethodContext, compute_masks
-    from pipeline.stages.compare import masked_model, method_model
+    from pipeline.masks.comparison import masked_model, method_model
     from pipeline.recipe.weights import build_network
 
     recipe = get_recipe("tiny_resnet")

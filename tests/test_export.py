@@ -175,10 +175,9 @@ def test_names_map_back_for_the_torchscript_exporter_too(tmp_path):
 
 def test_export_without_bake_names_the_missing_step(tmp_path):
     with pytest.raises(PipelineError, match="run `python -m pipeline bake"):
+        from pipeline.paths import ArtifactPaths
+        from pipeline.recipe.registry import get_recipe
         from pipeline.stages import export as stage
-        import argparse
 
-        parser = argparse.ArgumentParser()
-        stage.add_arguments(parser)
-        stage.run(parser.parse_args(["--model", MODEL, "--out", str(tmp_path)]))
+        stage.run(get_recipe(MODEL), ArtifactPaths.for_model(tmp_path, MODEL), stage.Options())
     assert not (tmp_path / MODEL / "dense.onnx").exists()

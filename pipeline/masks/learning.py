@@ -23,13 +23,12 @@ from tqdm import tqdm
 from pipeline.recipe.config import Recipe
 from pipeline.data.datasets import DataBundle, ResumableBatchSampler, make_loader
 from pipeline.errors import PipelineError
-from pipeline.io import torch_load, torch_save
+from pipeline.masks.checkpoint import MaskCheckpoint
 from pipeline.masks.eligibility import EligibilityReport
 from pipeline.masks.gumbel import (attach_masks, current_indices, load_mask_logits, mask_logits,
                                       mask_training_mode, masked_modules, prepare_step)
 from pipeline.training import evaluate, progress_disabled, stop_on_signals
 
-CHECKPOINT_FORMAT = "mask-training-checkpoint"
 
 
 @dataclass
@@ -113,16 +112,14 @@ def learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, dat
     recipe_key = recipe.digest("masks", "arch", "num_classes")
 
     if resume and checkpoint is not None and checkpoint.is_file():
-        saved = torch_load(checkpoint, "mask-training checkpoint")
-        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
-            raise PipelineError(f"{checkpoint} is not a mask-training checkpoint; delete it or drop --resume")
-        if saved["recipe_key"] != recipe_key:
+        saved = MaskCheckpoint.load(checkpoint, fix="delete it or drop --resume")
+        if saved.recipe_key != recipe_key:
             raise PipelineError(f"{checkpoint} was written with other mask settings; drop --resume to start over")
-        load_mask_logits(model, saved["logits"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
-        torch.set_rng_state(saved["rng"][rank] if rank < len(saved["rng"]) else saved["rng"][0])
+        load_mask_logits(model, saved.logits)
+        optimizer.load_state_dict(saved.optimizer)
+        scheduler.load_state_dict(saved.scheduler)
+        state = saved.state
+        torch.set_rng_state(saved.rng[rank] if rank < len(saved.rng) else saved.rng[0])
         log(f"resumed mask training at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
 
     def save_checkpoint(final: bool = False) -> None:
@@ -131,12 +128,12 @@ def learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, dat
             rng_states = [torch.empty_like(rng_states[0]) for _ in range(world_size)]
             dist.all_gather(rng_states, torch.get_rng_state())
         if rank == 0 and checkpoint is not None:
-            torch_save({"format": CHECKPOINT_FORMAT, "version": 1, "recipe_key": recipe_key, "final": final,
-                        "n": cfg.n, "m": cfg.m, "logits": mask_logits(model),
-                        "indices": {name: idx.to(torch.int16) for name, idx in current_indices(model).items()},
-                        "shapes": {name: list(mod.weight.shape) for name, mod in masked_modules(model).items()},
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "state": state, "rng": rng_states}, checkpoint)
+            MaskCheckpoint(
+                recipe_key=recipe_key, final=final, n=cfg.n, m=cfg.m, logits=mask_logits(model),
+                indices={name: idx.to(torch.int16) for name, idx in current_indices(model).items()},
+                shapes={name: list(mod.weight.shape) for name, mod in masked_modules(model).items()},
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), state=state, rng=rng_states,
+            ).save(checkpoint)
 
     def run_evaluation(previous: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         indices = current_indices(model)

@@ -1,4 +1,4 @@
-"""Network architectures, keyed by the `arch` field of a recipe."""
+"""The built-in demo architectures (`arch = "builtin:<name>"` in a recipe)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -60,31 +60,9 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def _torchvision(name: str) -> Callable[[int], nn.Module]:
-    def build(num_classes: int) -> nn.Module:
-        import torchvision
-
-        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
-
-    return build
-
-
+# `builtin:<name>` source specs
 ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     "small_resnet": lambda num_classes: SmallResNet(num_classes, widths=(48, 96, 192), stem_stride=2),
     # A few thousand weights: for tests and smoke runs of every stage in seconds.
     "tiny_resnet": lambda num_classes: SmallResNet(num_classes, widths=(8, 16, 32), stem_stride=2),
-    "resnet18": _torchvision("resnet18"),
-    "resnet34": _torchvision("resnet34"),
-    "resnet50": _torchvision("resnet50"),
-    "convnext_tiny": _torchvision("convnext_tiny"),
-    "convnext_small": _torchvision("convnext_small"),
-}
-
-# torchvision weight enums for `weights: torchvision`
-TORCHVISION_WEIGHTS = {
-    "resnet18": "ResNet18_Weights",
-    "resnet34": "ResNet34_Weights",
-    "resnet50": "ResNet50_Weights",
-    "convnext_tiny": "ConvNeXt_Tiny_Weights",
-    "convnext_small": "ConvNeXt_Small_Weights",
 }

@@ -9,14 +9,35 @@ from torch import nn
 from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
 from pipeline.io import torch_load
-from pipeline.recipe.nets import ARCHITECTURES, TORCHVISION_WEIGHTS
 from pipeline.paths import ArtifactPaths
+
+SOURCE_KINDS = ("builtin", "torchvision")
+
+
+def split_source(arch: str) -> tuple[str, str]:
+    """`kind:name` of a source spec, checked against the known kinds."""
+    kind, _, name = arch.partition(":")
+    if kind not in SOURCE_KINDS or not name:
+        raise PipelineError(f"arch = {arch!r} is not valid: use one of {', '.join(k + ':<name>' for k in SOURCE_KINDS)}")
+    return kind, name
 
 
 def build_network(recipe: Recipe) -> nn.Module:
-    if recipe.arch not in ARCHITECTURES:
-        raise PipelineError(f"recipe {recipe.name}: unknown arch {recipe.arch!r}; valid: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[recipe.arch](recipe.num_classes)
+    """The recipe's network with fresh weights, from its source spec (`arch`)."""
+    kind, name = split_source(recipe.arch)
+    if kind == "builtin":
+        from pipeline.recipe.nets import ARCHITECTURES
+
+        if name not in ARCHITECTURES:
+            raise PipelineError(f"arch = {recipe.arch!r} is not valid: built-in networks are "
+                                f"{', '.join('builtin:' + n for n in ARCHITECTURES)}")
+        return ARCHITECTURES[name](recipe.num_classes)
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise PipelineError(f"arch = {recipe.arch!r} is not valid: no torchvision classification model {name!r} "
+                            "(see torchvision.models.list_models())")
+    return torchvision.models.get_model(name, weights=None, num_classes=recipe.num_classes)
 
 
 def state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
@@ -46,7 +67,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     model.load_state_dict(state_dict)
 
 
-def dense_state_dict(recipe: Recipe, out: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+def dense_state_dict(recipe: Recipe, paths: ArtifactPaths) -> tuple[dict[str, torch.Tensor], str]:
     """The recipe's dense weights and a one-line description of where they came from."""
     source = recipe.weights
     model = build_network(recipe)
@@ -55,18 +76,18 @@ def dense_state_dict(recipe: Recipe, out: str | Path) -> tuple[dict[str, torch.T
         model = build_network(recipe)
         return model.state_dict(), "random initialisation (smoke run: accuracy means nothing)"
     if source == "pretrain":
-        path = ArtifactPaths.for_model(out, recipe.name).dense_weights
+        path = paths.dense_weights
         if not path.is_file():
             raise PipelineError(f"dense weights {path} do not exist yet; run `python -m pipeline pretrain "
                                 f"--model {recipe.name}` (make engine does it)")
         return state_dict_from_file(path), f"pretrained by the pretrain stage ({path})"
     if source == "torchvision":
-        enum_name = TORCHVISION_WEIGHTS.get(recipe.arch)
-        if enum_name is None:
+        kind, name = split_source(recipe.arch)
+        if kind != "torchvision":
             raise PipelineError(f"arch {recipe.arch} has no torchvision weights; pass --weights PATH or random")
         import torchvision
 
-        weights = getattr(torchvision.models, enum_name).DEFAULT
+        weights = torchvision.models.get_model_weights(name).DEFAULT
         try:
             state = weights.get_state_dict(progress=False)
         except Exception as exc:
@@ -76,8 +97,8 @@ def dense_state_dict(recipe: Recipe, out: str | Path) -> tuple[dict[str, torch.T
     return state_dict_from_file(Path(source)), f"file {source}"
 
 
-def load_dense_model(recipe: Recipe, out: str | Path) -> tuple[nn.Module, str]:
-    state, description = dense_state_dict(recipe, out)
+def load_dense_model(recipe: Recipe, paths: ArtifactPaths) -> tuple[nn.Module, str]:
+    state, description = dense_state_dict(recipe, paths)
     model = build_network(recipe)
     load_state_dict_strict(model, state, description)
     return model.eval(), description
