@@ -80,7 +80,7 @@ def test_top1_gate_applies_when_accuracy_is_meaningful(built, monkeypatch):
     _, common, _ = built
     import pipeline.data.datasets
 
-    real = pipeline.data.build_datasets
+    real = pipeline.data.datasets.build_datasets
 
     def meaningful(recipe, **kwargs):
         bundle = real(recipe, **kwargs)
