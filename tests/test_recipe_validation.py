@@ -54,7 +54,8 @@ BAD_SETTINGS = [  # (--set assignment, text the error must contain)
     ("verify.serving_batch=0", "verify.serving_batch = 0"),
     ("verify.min_coverage=1.5", "verify.min_coverage = 1.5"),
     ("verify.latency_iters=0", "verify.latency_iters = 0"),
-    ("serve.preferred_batch_sizes=4,32", "serve.preferred_batch_sizes = [4, 32]"),  # max_batch_size 16
+    ("masks.checkpoint_every=-1", "masks.checkpoint_every = -1"),
+    ("serve.preferred_batch_sizes=4,32", "serve.preferred_batch_sizes [32] must lie in"),  # max_batch_size 16
     ("serve.max_batch_size=0", "serve.max_batch_size = 0"),
     ("data.kind=csv", "data.kind = 'csv'"),
     ("data.batch_size=0", "data.batch_size = 0"),

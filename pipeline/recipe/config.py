@@ -235,12 +235,12 @@ def validate(recipe: Recipe, origin: str = "recipe") -> Recipe:
 
     problems: list[str] = []
 
-    def check(ok: bool, key: str, valid: str) -> None:
+    def check(ok: bool, key: str, valid: str, what: str = "") -> None:
         if not ok and not problems:
             value = recipe
             for part in key.split("."):
                 value = getattr(value, part)
-            problems.append(f"{origin}: {key} = {value!r} is not valid; valid: {valid}")
+            problems.append(f"{origin}: {what or f'{key} = {value!r} is not valid'}; valid: {valid}")
 
     def one_of(key: str, choices) -> None:
         value = recipe
@@ -258,7 +258,7 @@ def validate(recipe: Recipe, origin: str = "recipe") -> Recipe:
           "three positive integers C,H,W, e.g. 3,224,224")
     check(bool(recipe.weights), "weights", "pretrain, torchvision, random or a path to a weights file")
     check(not recipe.labels or len(recipe.labels) == recipe.num_classes, "labels",
-          f"one label per class ({recipe.num_classes}) or none")
+          f"{len(recipe.labels)} labels for {recipe.num_classes} classes; give one label per class or none")
     one_of("data.kind", DATA_KINDS)
     for key in ("batch_size", "eval_batch_size", "synthetic_size"):
         check(getattr(d, key) >= 1, f"data.{key}", "at least 1")
@@ -295,7 +295,7 @@ def validate(recipe: Recipe, origin: str = "recipe") -> Recipe:
     check(m.tau_start > 0, "masks.tau_start", "greater than 0")
     check(m.tau_end > 0, "masks.tau_end", "greater than 0")
     check(m.batch_size >= 1, "masks.batch_size", "at least 1")
-    check(m.checkpoint_every >= 1, "masks.checkpoint_every", "at least 1 step")
+    check(m.checkpoint_every >= 0, "masks.checkpoint_every", "0 (only at epoch ends and on SIGTERM) or more steps")
     check(m.eval_every >= 0, "masks.eval_every", "0 (per epoch only) or more")
     check(e.opset >= 18, "export.opset", "18 or newer (the torch.export-based exporter)")
     check(bool(e.input_name) and bool(e.output_name) and e.input_name != e.output_name, "export.output_name",
@@ -312,8 +312,9 @@ def validate(recipe: Recipe, origin: str = "recipe") -> Recipe:
     check(v.min_speedup > 0, "verify.min_speedup", "greater than 0")
     check(0 <= v.min_coverage <= 1, "verify.min_coverage", "a share of MACs in [0, 1]")
     check(s.max_batch_size >= 1, "serve.max_batch_size", "at least 1")
-    check(all(1 <= x <= s.max_batch_size for x in s.preferred_batch_sizes), "serve.preferred_batch_sizes",
-          f"each between 1 and serve.max_batch_size = {s.max_batch_size}")
+    outside = [x for x in s.preferred_batch_sizes if not 1 <= x <= s.max_batch_size]
+    check(not outside, "serve.preferred_batch_sizes", f"sizes between 1 and {s.max_batch_size}",
+          f"serve.preferred_batch_sizes {outside} must lie in 1..serve.max_batch_size ({s.max_batch_size})")
     check(s.max_queue_delay_us >= 0, "serve.max_queue_delay_us", "0 or more")
     check(s.instance_count >= 1, "serve.instance_count", "at least 1")
     if problems:
