@@ -34,7 +34,7 @@ masks: train-masks
 
 # the paper's "model stays updatable": fine-tune, re-apply saved masks, compare with masks learned afresh
 updatable: $(STAMP)
-	$(PY) -m pipeline compare --updatable $(ARGS)
+	$(PY) -m pipeline updatable $(ARGS)
 
 bench-train: $(STAMP)
 	$(PY) -m pipeline bench-train --out $(OUT) $(EXTRA)

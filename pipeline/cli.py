@@ -1,90 +1,65 @@
 """`python -m pipeline <stage> --model NAME [overrides]`.
 
-Stages are imported lazily, so optional libraries are only needed by the stages that
-use them. A PipelineError prints as one line (exit 2), a failed gate exits 1.
+A thin dispatcher: parse the flags, resolve and validate the recipe, build the stage's Options, call the
+stage. Stages are imported lazily, so optional libraries are only needed by the stages that use them.
+A PipelineError prints as one line (exit 2), a failed gate exits 1.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
 import sys
-from pathlib import Path
 
-from pipeline.config import Recipe, apply_override
 from pipeline.errors import GateFailed, PipelineError
+from pipeline.paths import ArtifactPaths
+from pipeline.stages import STAGES, load_stage, needs_recipe, recipe_fields
 
-# stage name -> (module, one-line help)
-STAGES = {
-    "pretrain": ("pipeline.stages.pretrain", "train the demo network's dense weights (cached)"),
-    "train-masks": ("pipeline.stages.train_masks", "learn N:M masks on frozen weights (Gumbel-Softmax)"),
-    "bake": ("pipeline.stages.bake", "write masks.pt and sparse.pt from the learned masks (or re-apply masks)"),
-    "export": ("pipeline.stages.export", "write dense/sparse ONNX (FP32 and FP16)"),
-    "build": ("pipeline.stages.build", "build dense and sparse engines with a backend"),
-    "verify": ("pipeline.stages.verify", "accuracy, latency and coverage of the engines; CI gates"),
-    "engine": ("pipeline.stages.engine", "run every stage, skipping those whose inputs did not change"),
-    "package": ("pipeline.stages.package", "write a Triton model repository"),
-    "check-manifest": ("pipeline.stages.check_manifest", "verify an artifact folder against manifest.json"),
-    "compare": ("pipeline.stages.compare", "compare mask methods on the evaluation set"),
-    "certify": ("pipeline.stages.certify", "stability bounds of the masked classifier (paper, sec. 3.2)"),
-    "bench-train": ("pipeline.stages.bench_train", "time a mask-training step against a dense training step"),
-    "curves": ("pipeline.stages.curves", "plot top-1 against mask-training steps for every run of a model"),
-    "layers": ("pipeline.stages.layers", "list masked and skipped layers with reasons and MAC shares"),
-}
+
+class OneLineParser(argparse.ArgumentParser):
+    """Flag mistakes are bad input too: one `error:` line, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see {self.prog} -h)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags every model-level stage shares."""
-    from pipeline.registry import list_models
+    """Flags every model-level stage shares (they fill pipeline.recipe.resolve.ModelOptions)."""
+    from pipeline.recipe.registry import list_models
 
     group = parser.add_argument_group("model and recipe")
     group.add_argument("--model", default="fmnist_resnet",
-                       help=f"registered model name (default fmnist_resnet); one of: {', '.join(list_models())}")
+                       help=f"registered model name (default fmnist_resnet; one of: {', '.join(list_models())}) "
+                            "or a path to a recipe .toml file")
     group.add_argument("--out", default="engines", help="artifact root; files go to OUT/<model>/ (default engines)")
     group.add_argument("--weights", default=None,
                        help="dense weights: torchvision | random | pretrain | PATH to a .pth (default: recipe)")
     group.add_argument("--data", default=None,
                        help="dataset: synthetic | fashion_mnist | DIR (ImageFolder with train/ val/, or the "
                             "Fashion-MNIST IDX folder) (default: recipe)")
+    group.add_argument("--input-size", default=None, metavar="SIZE|C,H,W",
+                       help="network input: 224 (square, the recipe's channels) or 3,224,224; crop and resize follow")
+    group.add_argument("--mean", default=None, metavar="M1,M2,M3", help="per-channel normalisation mean")
+    group.add_argument("--std", default=None, metavar="S1,S2,S3", help="per-channel normalisation std")
+    group.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: recipe)")
+    group.add_argument("--classifier", default=None, metavar="MODULE",
+                       help="module name of the classification head, e.g. fc (default: recipe)")
     group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override any recipe field, e.g. --set masks.lr=0.1 (repeatable)")
 
 
-def resolve_recipe(args: argparse.Namespace) -> Recipe:
-    from pipeline.registry import get_recipe
-
-    recipe = get_recipe(args.model)
-    if args.weights:
-        recipe.weights = args.weights
-    if args.data:
-        if args.data in ("synthetic", "fashion_mnist"):
-            recipe.data.kind = args.data
-        else:
-            if not Path(args.data).is_dir():
-                raise PipelineError(f"--data {args.data}: no such folder; pass a dataset folder or synthetic")
-            recipe.data.root = args.data
-            if recipe.data.kind == "synthetic":
-                recipe.data.kind = "imagefolder"
-    for assignment in args.overrides:
-        apply_override(recipe, assignment)
-    if recipe.data.kind == "imagefolder" and not recipe.data.root and recipe.weights != "random":
-        raise PipelineError(f"model {recipe.name} reads ImageNet-style folders: pass --data DIR (with train/ "
-                            "and val/) or --data synthetic for a smoke run")
-    if recipe.data.kind == "imagefolder" and not recipe.data.root:
-        print(f"note: {recipe.name} with random weights and no --data: using synthetic data (accuracy means nothing)",
-              file=sys.stderr)
-        recipe.data.kind = "synthetic"
-    return recipe
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="stage", metavar="STAGE")
+    parser = OneLineParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="stage", metavar="STAGE", parser_class=OneLineParser)
     commands.required = True
-    for name, (module_name, help_text) in STAGES.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(_module=module_name)
+    for name, (_, help_text) in STAGES.items():
+        commands.add_parser(name, help=help_text, description=help_text)
     return parser
+
+
+def options_from(cls, args: argparse.Namespace):
+    return cls(**{item.name: getattr(args, item.name) for item in dataclasses.fields(cls)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,13 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Stage modules are imported only for the chosen stage, so add its flags after the name is known.
     stage = next((arg for arg in argv if not arg.startswith("-")), None)
+    module = None
     if stage in STAGES:
         module = _import_stage(stage)
         sub = parser._subparsers._group_actions[0].choices[stage]  # type: ignore[union-attr]
+        if needs_recipe(module):
+            add_model_arguments(sub)
         module.add_arguments(sub)
     args = parser.parse_args(argv)
     try:
-        return int(_import_stage(args.stage).run(args) or 0)
+        options = options_from(module.Options, args)
+        if not needs_recipe(module):
+            return int(module.run(options) or 0)
+        from pipeline.recipe.resolve import ModelOptions, resolve_recipe
+
+        recipe = resolve_recipe(options_from(ModelOptions, args), recipe_fields(options))
+        return int(module.run(recipe, ArtifactPaths.for_model(args.out, recipe.name), options) or 0)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -111,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _import_stage(stage: str):
-    module_name = STAGES[stage][0]
     try:
-        return importlib.import_module(module_name)
+        return load_stage(stage)
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("pipeline"):
             print(f"error: stage {stage} is not available in this build ({exc.name} missing)", file=sys.stderr)

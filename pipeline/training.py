@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from contextlib import contextmanager
 from typing import Iterator
@@ -10,10 +11,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.data import make_loader
+from pipeline.data.datasets import make_loader
+from pipeline.errors import PipelineError
+
+
+def check_device(requested: str) -> str:
+    """A `--device` value, refused (exit 2) unless it names a device kind torch runs here."""
+    if requested in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", requested):
+        return requested
+    raise PipelineError(f"--device {requested}: not valid; valid: auto, cpu, cuda, cuda:N")
 
 
 def select_device(requested: str = "auto") -> torch.device:
+    check_device(requested)
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)

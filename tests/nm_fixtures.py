@@ -14,11 +14,11 @@ import torch
 
 from pipeline.io import torch_save, write_json
 from pipeline.paths import ArtifactPaths
-from pipeline.registry import get_recipe
-from pipeline.sparsity.artifact import LayerMask, MaskArtifact, apply_masks
-from pipeline.sparsity.eligibility import find_layers
-from pipeline.sparsity.patterns import magnitude_indices
-from pipeline.weights import build_network
+from pipeline.recipe.registry import get_recipe
+from pipeline.masks.artifact import LayerMask, MaskArtifact, apply_masks
+from pipeline.masks.eligibility import find_layers
+from pipeline.masks.patterns import magnitude_indices
+from pipeline.recipe.weights import build_network
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny_resnet"

@@ -6,8 +6,8 @@ import torch
 
 from nm_fixtures import MODEL, cli, dense_weights_file, make_artifacts
 from pipeline.cli import main
-from pipeline.registry import get_recipe
-from pipeline.weights import build_network
+from pipeline.recipe.registry import get_recipe
+from pipeline.recipe.weights import build_network
 
 ARTIFACTS = {"dense.onnx", "sparse.onnx", "dense.fp16.onnx", "sparse.fp16.onnx", "export.json", "build.json",
              "report.json", "report.md", "masks.ckpt", "layers.json", "train_masks.json", "masks.pt", "sparse.pt"}
@@ -60,13 +60,13 @@ def test_missing_image_folder(tmp_path):
 def test_missing_fashion_mnist(tmp_path, monkeypatch, capsys):
     import torchvision
 
-    import pipeline.data
+    import pipeline.data.datasets
 
     def offline(*args, **kwargs):
         raise RuntimeError("offline")
 
     # The Debian package would be found in /usr/share/datasets: point the search elsewhere, and no download.
-    monkeypatch.setattr(pipeline.data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(pipeline.data.datasets, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
     monkeypatch.chdir(tmp_path)
     wrong = tmp_path / "wrong"

@@ -3,14 +3,14 @@ import json
 import torch
 import torch.nn.functional as F
 
-from pipeline.certify import certify_masks, conv_operator_norm, worst_pruned_norm
+from pipeline.verify.certify import certify_masks, conv_operator_norm, worst_pruned_norm
 from pipeline.cli import main
-from pipeline.data import SyntheticDataset
-from pipeline.registry import get_recipe
-from pipeline.sparsity.artifact import LayerMask, MaskArtifact, apply_masks
-from pipeline.sparsity.eligibility import find_layers
-from pipeline.sparsity.methods import MethodContext, compute_masks
-from pipeline.weights import build_network
+from pipeline.data.datasets import SyntheticDataset
+from pipeline.recipe.registry import get_recipe
+from pipeline.masks.artifact import LayerMask, MaskArtifact, apply_masks
+from pipeline.masks.eligibility import find_layers
+from pipeline.masks.methods import MethodContext, compute_masks
+from pipeline.recipe.weights import build_network
 
 DEVICE = torch.device("cpu")
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.sparsity.artifact import MaskArtifact
-from pipeline.sparsity.patterns import is_nm
+from pipeline.masks.artifact import MaskArtifact
+from pipeline.masks.patterns import is_nm
 
 SHORT = ["--set", "masks.max_steps=2", "--set", "data.synthetic_size=64"]
 
@@ -63,7 +63,7 @@ def test_updatable_demo(compared):
     _, root = compared
     out = str(root.parent)
     masks = str(root / "compare" / "masks.magnitude.pt")
-    assert main(["compare", "--updatable", "--model", "tiny_resnet", "--out", out, "--masks", masks,
+    assert main(["updatable", "--model", "tiny_resnet", "--out", out, "--masks", masks,
                  "--finetune-steps", "2", *SHORT]) == 0
     summary = json.loads((root / "updatable.json").read_text())
     assert set(summary["results"]) == {"dense_original", "dense_updated", "old_masks_on_original",
@@ -77,12 +77,12 @@ def test_updatable_demo(compared):
 
 def test_permuted_masks_are_evaluated_on_singly_permuted_weights():
     """Regression: compare once applied the channel permutations twice when evaluating `permuted`."""
-    from pipeline.registry import get_recipe
-    from pipeline.sparsity.artifact import apply_masks
-    from pipeline.sparsity.eligibility import find_layers
-    from pipeline.sparsity.methods import MethodContext, compute_masks
-    from pipeline.stages.compare import masked_model, method_model
-    from pipeline.weights import build_network
+    from pipeline.recipe.registry import get_recipe
+    from pipeline.masks.artifact import apply_masks
+    from pipeline.masks.eligibility import find_layers
+    from pipeline.masks.methods import MethodContext, compute_masks
+    from pipeline.masks.comparison import masked_model, method_model
+    from pipeline.recipe.weights import build_network
 
     recipe = get_recipe("tiny_resnet")
     torch.manual_seed(3)

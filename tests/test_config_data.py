@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import apply_override, recipe_from_dict
-from pipeline.data import (ResumableBatchSampler, build_datasets, load_fashion_mnist, make_loader, read_idx)
+from pipeline.recipe.config import apply_override, recipe_from_dict
+from pipeline.data.datasets import (ResumableBatchSampler, build_datasets, load_fashion_mnist, make_loader, read_idx)
 from pipeline.errors import PipelineError
-from pipeline.registry import get_recipe, list_models
+from pipeline.recipe.registry import get_recipe, list_models
 
 
 def test_registry_has_every_product_model_and_lists_valid_names():
@@ -65,7 +65,7 @@ def test_truncated_idx_file_is_a_clear_error(tmp_path):
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
-    import pipeline.data as data
+    import pipeline.data.datasets as data
 
     monkeypatch.setattr(data, "fashion_mnist_candidates", lambda root: [tmp_path / "nothing"])
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nothing")

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from pipeline.sparsity.diversity import diversity_bits, layer_bits, log2_binomial
+from pipeline.masks.diversity import diversity_bits, layer_bits, log2_binomial
 
 
 def test_small_known_case():

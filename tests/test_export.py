@@ -16,11 +16,11 @@ from onnx import numpy_helper
 from nm_fixtures import MODEL, dense_weights_file, make_artifacts
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.export import (_scope_from_torchscript_name, check_sparse_layers, nm_violations_np,
+from pipeline.export.onnx import (_scope_from_torchscript_name, check_sparse_layers, nm_violations_np,
                              onnx_layer_weights)
-from pipeline.registry import get_recipe
-from pipeline.sparsity.artifact import MaskArtifact
-from pipeline.weights import build_network
+from pipeline.recipe.registry import get_recipe
+from pipeline.masks.artifact import MaskArtifact
+from pipeline.recipe.weights import build_network
 
 POLYGRAPHY = Path(sys.executable).parent / "polygraphy"
 
@@ -175,10 +175,9 @@ def test_names_map_back_for_the_torchscript_exporter_too(tmp_path):
 
 def test_export_without_bake_names_the_missing_step(tmp_path):
     with pytest.raises(PipelineError, match="run `python -m pipeline bake"):
+        from pipeline.paths import ArtifactPaths
+        from pipeline.recipe.registry import get_recipe
         from pipeline.stages import export as stage
-        import argparse
 
-        parser = argparse.ArgumentParser()
-        stage.add_arguments(parser)
-        stage.run(parser.parse_args(["--model", MODEL, "--out", str(tmp_path)]))
+        stage.run(get_recipe(MODEL), ArtifactPaths.for_model(tmp_path, MODEL), stage.Options())
     assert not (tmp_path / MODEL / "dense.onnx").exists()

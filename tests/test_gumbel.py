@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.nets import SmallResNet
-from pipeline.sparsity.eligibility import find_layers
-from pipeline.sparsity.gumbel import (GumbelMask, _MaskedWeight, attach_masks, current_indices,
+from pipeline.recipe.nets import SmallResNet
+from pipeline.masks.eligibility import find_layers
+from pipeline.masks.gumbel import (GumbelMask, _MaskedWeight, attach_masks, current_indices,
                                       mask_training_mode, masked_modules, straight_through_reference)
-from pipeline.sparsity.patterns import is_nm, magnitude_indices, pattern_table, to_blocks
+from pipeline.masks.patterns import is_nm, magnitude_indices, pattern_table, to_blocks
 
 
 def tiny_model(seed=0):
@@ -31,7 +31,7 @@ def masked_tiny(init="magnitude"):
 @pytest.mark.parametrize("shape", [(8, 12, 3, 3), (6, 16)])
 def test_fast_straight_through_matches_textbook_gradient(shape):
     """The pattern-major Function equals the block-last textbook formulation, value and gradient."""
-    from pipeline.sparsity.gumbel import pattern_codes, to_position_major
+    from pipeline.masks.gumbel import pattern_codes, to_position_major
 
     torch.manual_seed(0)
     weight = torch.randn(*shape, dtype=torch.float64)
@@ -55,7 +55,7 @@ def test_fast_straight_through_matches_textbook_gradient(shape):
 
 
 def test_first_argmax_codes_follow_torch_argmax_ties():
-    from pipeline.sparsity.gumbel import first_argmax_codes, pattern_codes
+    from pipeline.masks.gumbel import first_argmax_codes, pattern_codes
 
     scores = torch.tensor([[0.0, 1.0, 2.0], [3.0, 1.0, 2.0], [3.0, 0.5, 2.0]]).T.contiguous().T  # [P=3, Nb=3]
     scores = torch.cat([scores, torch.full((3, 3), -9.0)])  # six patterns
@@ -153,7 +153,7 @@ def test_convnext_mlp_linear_layers_are_masked_and_depthwise_skipped():
 
 def test_eval_mask_follows_every_optimizer_update():
     """Regression: the fused AdamW kernel does not bump the logits' version counter."""
-    from pipeline.masklearn import mask_optimizer
+    from pipeline.masks.learning import mask_optimizer
 
     model, _ = masked_tiny(init="uniform")
     module = next(iter(masked_modules(model).values()))

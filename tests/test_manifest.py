@@ -12,7 +12,7 @@ import torch
 
 from pipeline.cli import main
 from pipeline.io import sha256_file
-from pipeline.registry import get_recipe
+from pipeline.recipe.registry import get_recipe
 
 MODEL = "tiny_resnet"
 

@@ -9,10 +9,10 @@ import torch
 
 from pipeline.backends import get_backend, pick_backend
 from pipeline.errors import PipelineError
-from pipeline.export import ModelProtoFromTorch
+from pipeline.export.onnx import ModelProtoFromTorch
 from pipeline.io import sha256_file
-from pipeline.registry import get_recipe
-from pipeline.weights import build_network
+from pipeline.recipe.registry import get_recipe
+from pipeline.recipe.weights import build_network
 
 
 @pytest.fixture(scope="module")

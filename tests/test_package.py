@@ -15,8 +15,8 @@ from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_file
 from pipeline.package.model_config import check_model_dir, check_repository, model_config_pb2, parse_config
-from pipeline.registry import get_recipe
-from pipeline.weights import build_network
+from pipeline.recipe.registry import get_recipe
+from pipeline.recipe.weights import build_network
 
 MODEL = "tiny_resnet"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "triton.md"
@@ -115,7 +115,7 @@ def _docs_preprocess():
 def test_docs_client_preprocessing_equals_eval_transform(tmp_path, color, size, resize, crop):
     from PIL import Image
 
-    from pipeline.data import _folder_transforms
+    from pipeline.data.datasets import _folder_transforms
     from pipeline.package.serving import preprocessing
     from pipeline.package.tensors import TensorSpec
 

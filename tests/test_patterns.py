@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.sparsity.patterns import (from_blocks, is_nm, magnitude_indices, mask_from_indices, nm_violations,
+from pipeline.masks.patterns import (from_blocks, is_nm, magnitude_indices, mask_from_indices, nm_violations,
                                         num_patterns, pattern_table, to_blocks)
 
 

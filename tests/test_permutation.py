@@ -3,13 +3,13 @@ import copy
 import torch
 from torch import nn
 
-from pipeline.registry import get_recipe
-from pipeline.sparsity.artifact import apply_masks
-from pipeline.sparsity.eligibility import find_layers
-from pipeline.sparsity.methods import MethodContext, compute_masks, dense_for_artifact, kept_share
-from pipeline.sparsity.patterns import is_nm
-from pipeline.sparsity.permutation import channel_spaces, kept_magnitude, output_difference, search_permutation
-from pipeline.weights import build_network
+from pipeline.recipe.registry import get_recipe
+from pipeline.masks.artifact import apply_masks
+from pipeline.masks.eligibility import find_layers
+from pipeline.masks.methods import MethodContext, compute_masks, dense_for_artifact, kept_share
+from pipeline.masks.patterns import is_nm
+from pipeline.masks.permutation import channel_spaces, kept_magnitude, output_difference, search_permutation
+from pipeline.recipe.weights import build_network
 
 
 def tiny(seed=0):

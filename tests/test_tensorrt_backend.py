@@ -27,7 +27,7 @@ from pipeline.backends.tensorrt.sparsity import (OnnxNameMap, module_from_scoped
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_bytes, sha256_file
 from pipeline.paths import ArtifactPaths
-from pipeline.registry import get_recipe
+from pipeline.recipe.registry import get_recipe
 
 ELIGIBLE = "(Sparsity) Layers eligible for sparse math: "
 PICKED = "(Sparsity) TRT inference plan picked sparse implementation for layers: "
@@ -492,7 +492,7 @@ def test_name_map_matches_a_real_torchscript_export(tmp_path):
     """torch.onnx's TorchScript exporter folds BatchNorm into Conv ("onnx::Conv_N" weights): names come from scopes."""
     import torch
 
-    from pipeline.weights import build_network
+    from pipeline.recipe.weights import build_network
 
     recipe = get_recipe("tiny_resnet")
     model = build_network(recipe).eval()

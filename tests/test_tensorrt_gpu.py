@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
-from pipeline.registry import get_recipe
+from pipeline.recipe.registry import get_recipe
 
 pytestmark = pytest.mark.tensorrt
 
@@ -36,9 +36,9 @@ def setup(tmp_path_factory):
 
     import torch
 
-    from pipeline.sparsity.eligibility import find_layers
-    from pipeline.sparsity.patterns import magnitude_indices, mask_from_indices
-    from pipeline.weights import build_network
+    from pipeline.masks.eligibility import find_layers
+    from pipeline.masks.patterns import magnitude_indices, mask_from_indices
+    from pipeline.recipe.weights import build_network
 
     recipe = get_recipe("tiny_resnet")
     torch.manual_seed(0)

@@ -92,16 +92,16 @@ def test_bake_writes_nm_masks_with_bit_exact_kept_weights_and_reapplies(tmp_path
     assert report["all_nm_in_tensorrt_layout"] and report["kept_weights_bit_exact"]
     assert abs(report["density_in_masked_layers"] - 0.5) < 0.01
 
-    from pipeline.sparsity.artifact import MaskArtifact
-    from pipeline.sparsity.patterns import is_nm
+    from pipeline.masks.artifact import MaskArtifact
+    from pipeline.masks.patterns import is_nm
 
     artifact = MaskArtifact.load(folder / "masks.pt")
     assert artifact.layers and all(layer.indices.dtype == torch.long for layer in artifact.layers)
     assert (folder / "masks.pt").stat().st_size < (folder / "sparse.pt").stat().st_size / 4  # compact
 
     # "updated" dense weights of the same architecture: masks re-apply, kept weights are the new ones
-    from pipeline.registry import get_recipe
-    from pipeline.weights import build_network
+    from pipeline.recipe.registry import get_recipe
+    from pipeline.recipe.weights import build_network
 
     torch.manual_seed(123)
     updated = build_network(get_recipe("tiny_resnet")).state_dict()

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.sparsity.patterns import is_nm, mask_from_indices
-from pipeline.sparsity.transposable import (block_mask_flow, count_transposable, indices_from_mask, masks_enumerate,
+from pipeline.masks.patterns import is_nm, mask_from_indices
+from pipeline.masks.transposable import (block_mask_flow, count_transposable, indices_from_mask, masks_enumerate,
                                             masks_flow, masks_greedy, transposable_mask, transposable_table)
 
 

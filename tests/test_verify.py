@@ -6,7 +6,8 @@ import pytest
 
 from nm_fixtures import MODEL, dense_weights_file, make_artifacts
 from pipeline.cli import main
-from pipeline.report import latency_stats, speedup_stats
+from pipeline.verify.report import latency_stats, speedup_stats
+from pipeline.backends.build_report import BuildReport
 from pipeline.stages.verify import measure_latency, sparse_kernel_coverage
 
 
@@ -77,16 +78,16 @@ def test_failed_gate_exits_1_and_flags_override_set(built, capsys):
 
 def test_top1_gate_applies_when_accuracy_is_meaningful(built, monkeypatch):
     _, common, _ = built
-    import pipeline.data
+    import pipeline.data.datasets
 
-    real = pipeline.data.build_datasets
+    real = pipeline.data.datasets.build_datasets
 
     def meaningful(recipe, **kwargs):
         bundle = real(recipe, **kwargs)
         bundle.accuracy_meaningful = True
         return bundle
 
-    monkeypatch.setattr(pipeline.data, "build_datasets", meaningful)
+    monkeypatch.setattr(pipeline.data.datasets, "build_datasets", meaningful)
     assert main(["verify", *common, "--max-top1-drop", "-1", "--iters", "2", "--no-plots"]) == 1
     assert main(["verify", *common, "--max-top1-drop", "100", "--iters", "2", "--no-plots"]) == 0
 
@@ -122,10 +123,13 @@ def test_statistics():
 def test_sparse_kernel_coverage_from_a_tensorrt_build_report():
     layers = [{"name": "a", "macs": 60, "masked": True}, {"name": "b", "macs": 30, "masked": True},
               {"name": "c", "macs": 10, "masked": False}]
-    build = {"backend": "tensorrt", "has_sparse_kernels": True,
-             "engines": {"sparse": {"sparse_layers": {"eligible": ["a", "b"], "picked_sparse": ["a"],
-                                                      "raw": {"source": "builder log"}}}}}
+    def report(backend: str, has_sparse_kernels: bool, engines: dict) -> BuildReport:
+        return BuildReport(model="m", backend=backend, requested="auto", reason="", has_sparse_kernels=has_sparse_kernels,
+                           inputs="", batch_range=[1, 1, 1], note="", engines=engines)
+
+    build = report("tensorrt", True, {"sparse": {"sparse_layers": {"eligible": ["a", "b"], "picked_sparse": ["a"],
+                                                                   "raw": {"source": "builder log"}}}})
     share, note = sparse_kernel_coverage(build, layers, 100)
     assert share == pytest.approx(0.6) and "builder log" in note and layers[0]["sparse_kernel"]
-    share, note = sparse_kernel_coverage({"backend": "onnxruntime", "has_sparse_kernels": False}, layers, 100)
+    share, note = sparse_kernel_coverage(report("onnxruntime", False, {}), layers, 100)
     assert share is None and "no sparse kernels" in note

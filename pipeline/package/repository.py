@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Recipe
+from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_file, write_json, write_text
 from pipeline.package.model_config import (LABELS_FILENAME, ONNX_FILENAME, PLAN_METADATA_SUFFIX, VERSION,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import Recipe
+from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
 from pipeline.package.tensors import TensorSpec
 

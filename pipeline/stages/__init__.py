@@ -1,1 +1,55 @@
-"""One module per stage: `add_arguments(parser)` and `run(args) -> exit code`."""
+"""One module per stage, each a function from artifacts plus the resolved recipe to artifacts.
+
+A stage module has:
+  * `Options`: a dataclass of its own flags (field names = argparse dests). A field whose metadata has
+    `recipe="section.field"` stands for that recipe field: the CLI applies it to the recipe before
+    validation (so config.json shows it) and the stage reads the recipe, not the option.
+  * `add_arguments(parser)`: its own flags only (the CLI adds the shared model flags).
+  * `run(recipe, paths, options) -> int` (exit code), or `run(options)` when `NEEDS_RECIPE = False`.
+No stage module imports pipeline.cli or another stage module; `engine` reaches the others through
+`load_stage` (tests/test_import_graph.py checks this).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+from typing import Any
+
+# stage name -> (module, one-line help)
+STAGES = {
+    "pretrain": ("pipeline.stages.pretrain", "train the demo network's dense weights (cached)"),
+    "train-masks": ("pipeline.stages.train_masks", "learn N:M masks on frozen weights (Gumbel-Softmax)"),
+    "bake": ("pipeline.stages.bake", "write masks.pt and sparse.pt from the learned masks (or re-apply masks)"),
+    "export": ("pipeline.stages.export", "write dense/sparse ONNX (FP32 and FP16)"),
+    "build": ("pipeline.stages.build", "build dense and sparse engines with a backend"),
+    "verify": ("pipeline.stages.verify", "accuracy, latency and coverage of the engines; CI gates"),
+    "engine": ("pipeline.stages.engine", "run every stage, skipping those whose inputs did not change"),
+    "package": ("pipeline.stages.package", "write a Triton model repository"),
+    "check-manifest": ("pipeline.stages.check_manifest", "verify an artifact folder against manifest.json"),
+    "compare": ("pipeline.stages.compare", "compare mask methods on the evaluation set"),
+    "updatable": ("pipeline.stages.updatable", "fine-tune the dense weights, re-apply the old masks, compare"),
+    "certify": ("pipeline.stages.certify", "stability bounds of the masked classifier (paper, sec. 3.2)"),
+    "bench-train": ("pipeline.stages.bench_train", "time a mask-training step against a dense training step"),
+    "curves": ("pipeline.stages.curves", "plot top-1 against mask-training steps for every run of a model"),
+    "layers": ("pipeline.stages.layers", "list masked and skipped layers with reasons and MAC shares"),
+}
+
+
+def load_stage(name: str) -> ModuleType:
+    return importlib.import_module(STAGES[name][0])
+
+
+def needs_recipe(module: ModuleType) -> bool:
+    return getattr(module, "NEEDS_RECIPE", True)
+
+
+def recipe_fields(options: Any) -> dict[str, tuple[str, Any]]:
+    """recipe key -> (flag, value) of the options that stand for recipe fields and were given."""
+    found = {}
+    for item in dataclasses.fields(options):
+        key = item.metadata.get("recipe")
+        value = getattr(options, item.name)
+        if key and value is not None:
+            found[key] = ("--" + item.name.replace("_", "-"), value)
+    return found

@@ -15,6 +15,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,14 +24,35 @@ from tqdm import tqdm
 
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.io import write_json
-from pipeline.masklearn import mask_optimizer
-from pipeline.registry import get_recipe, list_models
-from pipeline.sparsity.eligibility import find_layers
-from pipeline.sparsity.gumbel import attach_masks, mask_training_mode, masked_modules, prepare_step
+from pipeline.masks.learning import mask_optimizer
+from pipeline.recipe.registry import get_recipe, list_models
+from pipeline.masks.eligibility import find_layers
+from pipeline.masks.gumbel import attach_masks, mask_training_mode, masked_modules, prepare_step
 from pipeline.training import progress_disabled
-from pipeline.weights import build_network
+from pipeline.recipe.weights import build_network
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "convnext_t", "fmnist_resnet"]
+NEEDS_RECIPE = False  # its own --models list
+
+
+@dataclass
+class Options:
+    models: str = ",".join(DEFAULT_MODELS)
+    size: int = 224
+    batch: int = 16
+    demo_batch: int | None = None
+    reps: int = 6
+    warmup: int = 2
+    max_ratio: float = 1.15
+    out: str = "engines"
+
+    def __post_init__(self) -> None:
+        for flag, value, low in (("--size", self.size, 1), ("--batch", self.batch, 1), ("--reps", self.reps, 1),
+                                 ("--warmup", self.warmup, 0), ("--demo-batch", self.demo_batch or 1, 1)):
+            if value < low:
+                raise PipelineError(f"{flag} {value}: not valid; valid: at least {low}")
+        if self.max_ratio <= 0:
+            raise PipelineError(f"--max-ratio {self.max_ratio}: not valid; valid: greater than 0")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,33 +121,33 @@ def bench_model(name: str, size: int, batch: int, reps: int, warmup: int) -> dic
             "dense_s": dense_times, "mask_s": mask_times}
 
 
-def run(args: argparse.Namespace) -> int:
-    names = [name.strip() for name in args.models.split(",") if name.strip()]
+def run(options: Options) -> int:
+    names = [name.strip() for name in options.models.split(",") if name.strip()]
     unknown = [name for name in names if name not in list_models()]
     if unknown:
         raise PipelineError(f"unknown model(s) {', '.join(unknown)}; valid models: {', '.join(list_models())}")
     results = {}
     for name in names:
         recipe = get_recipe(name)
-        batch = (args.demo_batch or recipe.masks.batch_size) if recipe.input_shape[1] < 64 else args.batch
-        results[name] = bench_model(name, args.size, batch, args.reps, args.warmup)
+        batch = (options.demo_batch or recipe.masks.batch_size) if recipe.input_shape[1] < 64 else options.batch
+        results[name] = bench_model(name, options.size, batch, options.reps, options.warmup)
         r = results[name]
         print(f"{name:14s} batch {batch:4d}  dense {r['dense_median_s'] * 1000:8.1f} ms  "
               f"mask {r['mask_median_s'] * 1000:8.1f} ms  ratio {r['ratio']:.3f}", flush=True)
-    passed = all(r["ratio"] <= args.max_ratio for r in results.values())
+    passed = all(r["ratio"] <= options.max_ratio for r in results.values())
     print("\n| model | input | batch | dense step (median s) | mask step (median s) | ratio |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {'x'.join(map(str, r['input']))} | {r['batch']} | {r['dense_median_s']:.3f} | "
               f"{r['mask_median_s']:.3f} | {r['ratio']:.3f} |")
-    out = Path(args.out) / "bench-train.json"
+    out = Path(options.out) / "bench-train.json"
     write_json(out, {"command": "python -m pipeline bench-train " + " ".join(sys.argv[2:]),
                      "device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                     "cores": os.cpu_count(), "torch": torch.__version__, "max_ratio": args.max_ratio,
+                     "cores": os.cpu_count(), "torch": torch.__version__, "max_ratio": options.max_ratio,
                      "passed": passed, "models": results})
     print(f"wrote {out}")
     if not passed:
         worst = max(results, key=lambda n: results[n]["ratio"])
         raise GateFailed(f"mask step costs {results[worst]['ratio']:.3f}x a dense step on {worst} "
-                         f"(limit {args.max_ratio})")
+                         f"(limit {options.max_ratio})")
     return 0

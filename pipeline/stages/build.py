@@ -6,17 +6,24 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.backends import pick_backend
-from pipeline.cli import add_model_arguments
+from pipeline.backends.build_report import BuildReport
 from pipeline.errors import PipelineError
-from pipeline.io import read_json, sha256_file, write_json
-from pipeline.stages._common import prepare
+from pipeline.io import read_json, sha256_file
+from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import Recipe
+from pipeline.recipe.resolve import write_config
+
+
+@dataclass
+class Options:
+    backend: str | None = field(default=None, metadata={"recipe": "build.backend"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
     parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default=None,
                         help="engine backend (default: recipe build.backend)")
 
@@ -64,23 +71,15 @@ def relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def engine_path(entry: dict, root: Path) -> Path:
-    """An engine path from build.json (relative to the model folder, or absolute)."""
-    path = Path(entry["engine"])
-    return path if path.is_absolute() else Path(root) / path
-
-
-def run(args: argparse.Namespace) -> int:
-    recipe, paths = prepare(args)
-    requested = args.backend or recipe.build.backend
-    if requested not in ("auto", "onnxruntime", "tensorrt"):
-        raise PipelineError(f"build.backend={requested!r}; valid: auto, onnxruntime, tensorrt")
+def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
+    requested = recipe.build.backend
     backend, reason = pick_backend(requested)
     print(f"backend: {backend.name} ({reason})")
     if not backend.has_sparse_kernels:
         print(f"note: {backend.name} has no sparse kernels; its engines check accuracy, not speed-up")
     sources, why = onnx_inputs(recipe, paths, backend.name)
     check_onnx_inputs(sources, paths, recipe.name)
+    write_config(recipe, paths)
     folder = engine_dir(paths.root, backend.name)
     engines = {}
     written: list[Path] = []
@@ -99,13 +98,13 @@ def run(args: argparse.Namespace) -> int:
         for path in written:  # no half-finished pair of engines
             path.unlink(missing_ok=True)
         raise
-    write_json(paths.build_report, {
-        "model": recipe.name, "backend": backend.name, "requested": requested, "reason": reason,
-        "has_sparse_kernels": backend.has_sparse_kernels, "inputs": why,
-        "batch_range": [recipe.build.min_batch, recipe.build.opt_batch, recipe.build.max_batch],
-        "note": "" if backend.has_sparse_kernels else
+    BuildReport(
+        model=recipe.name, backend=backend.name, requested=requested, reason=reason,
+        has_sparse_kernels=backend.has_sparse_kernels, inputs=why,
+        batch_range=[recipe.build.min_batch, recipe.build.opt_batch, recipe.build.max_batch],
+        note="" if backend.has_sparse_kernels else
         f"{backend.name} has no sparse kernels: these engines verify correctness and accuracy, not speed-up",
-        "engines": engines,
-    })
+        engines=engines,
+    ).save(paths.build_report)
     print(f"build report: {paths.build_report}")
     return 0

@@ -1,63 +1,74 @@
 """`certify`: share of evaluation samples whose masked prediction is provably the dense one.
 
-Bounds and their (reconstructed) statements: pipeline/certify.py and docs/baselines.md. They are
+Bounds and their (reconstructed) statements: pipeline/verify/certify.py and docs/baselines.md. They are
 worst-case bounds: a sample that is not certified may well keep its prediction; the report
 gives the measured share of unchanged predictions next to the certified shares.
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.certify import certify_masks
-from pipeline.cli import add_model_arguments
-from pipeline.data import build_datasets
+from pipeline.verify.certify import certify_masks
+from pipeline.data.datasets import build_datasets
 from pipeline.errors import PipelineError
 from pipeline.io import write_json, write_text
-from pipeline.sparsity.artifact import MaskArtifact
-from pipeline.sparsity.methods import dense_for_artifact
-from pipeline.stages._common import prepare
-from pipeline.training import progress_disabled, select_device
-from pipeline.weights import build_network, dense_state_dict, load_state_dict_strict, state_dict_from_file
+from pipeline.masks.artifact import MaskArtifact
+from pipeline.masks.methods import dense_for_artifact
+from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import Recipe
+from pipeline.recipe.resolve import write_config
+from pipeline.training import check_device, progress_disabled, select_device
+from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict, state_dict_from_file
+
+
+@dataclass
+class Options:
+    masks: str | None = None
+    updated_weights: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
     group = parser.add_argument_group("certify")
     group.add_argument("--masks", default=None, metavar="MASKS_PT", help="mask artifact (default engines/<model>/masks.pt)")
     group.add_argument("--updated-weights", default=None, metavar="PTH",
                        help="dense weights after an update: also certify the reused masks on them (Lemma 3.6), e.g. "
-                            "engines/<model>/dense_updated.pt from `compare --updatable`")
+                            "engines/<model>/dense_updated.pt from `updatable`")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
-def run(args: argparse.Namespace) -> int:
-    recipe, paths = prepare(args)
-    masks_path = Path(args.masks) if args.masks else paths.masks
+def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
+    masks_path = Path(options.masks) if options.masks else paths.masks
     if not masks_path.is_file():
         raise PipelineError(f"no masks at {masks_path}; run `python -m pipeline bake --model {recipe.name}` "
                             "(or `compare`) first, or pass --masks FILE")
     artifact = MaskArtifact.load(masks_path)
     if artifact.arch != recipe.arch:
         raise PipelineError(f"masks {masks_path} are for arch {artifact.arch}, model {recipe.name} is {recipe.arch}")
-    dense, source = dense_state_dict(recipe, args.out)
+    dense, source = dense_state_dict(recipe, paths)
     load_state_dict_strict(build_network(recipe), dense, source)
     dense = dense_for_artifact(dense, artifact)
     updated = None
-    if args.updated_weights:
-        updated = state_dict_from_file(Path(args.updated_weights))
-        load_state_dict_strict(build_network(recipe), updated, args.updated_weights)
+    if options.updated_weights:
+        updated = state_dict_from_file(Path(options.updated_weights))
+        load_state_dict_strict(build_network(recipe), updated, options.updated_weights)
         updated = dense_for_artifact(updated, artifact)
-    device = select_device(args.device)
+    device = select_device(options.device)
+    write_config(recipe, paths)
     data = build_datasets(recipe)
     report = certify_masks(lambda: build_network(recipe), dense, artifact, data.eval, recipe.data.eval_batch_size,
                            device, updated_state=updated,
                            progress=lambda it: tqdm(it, desc="certify", leave=False, disable=progress_disabled()))
     report.pop("per_sample")
     summary = {"model": recipe.name, "weights": source, "masks": str(masks_path), "method": artifact.method,
-               "updated_weights": args.updated_weights, "data": data.description,
+               "updated_weights": options.updated_weights, "data": data.description,
                "accuracy_meaningful": data.accuracy_meaningful, **report,
                "note": "worst-case Lipschitz bounds (reconstructed statements, see docs/baselines.md): a sample that "
                        "is not certified may still keep its prediction"}

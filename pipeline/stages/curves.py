@@ -2,20 +2,25 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-from pipeline.cli import add_model_arguments
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.plots import learning_curves
-from pipeline.stages._common import prepare
+from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import Recipe
+
+
+@dataclass
+class Options:
+    """No flags beyond the model's."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    pass
 
 
-def run(args: argparse.Namespace) -> int:
-    recipe, paths = prepare(args)
+def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     runs, dense = {}, None
     for log in sorted(paths.root.glob("train_masks*.json")):
         summary = read_json(log)

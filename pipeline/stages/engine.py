@@ -1,7 +1,8 @@
 """`engine`: pretrain (demo only), train-masks, bake, export, build, verify — skipping unchanged stages.
 
-Every stage runs through `pipeline.cli.main([stage, *common args])`, so the flags and defaults
-are exactly those of running the stage by hand. engines/<model>/stages.json keeps, per stage,
+Every stage function is called directly with a copy of the resolved recipe and the stage's
+Options defaults (plus --resume/--force/--junit where the plan says), so a stage runs exactly as
+by hand. engines/<model>/stages.json keeps, per stage,
 a hash of its inputs (the recipe sections it reads, sha256 of its input files, where the
 dense weights come from) and the sha256 of each output. A stage is skipped when its input
 hash is unchanged and every recorded output still exists with its recorded hash.
@@ -9,38 +10,37 @@ hash is unchanged and every recorded output still exists with its recorded hash.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.cli import add_model_arguments
+from pipeline.backends.build_report import VARIANTS, BuildReport
 from pipeline.io import read_json, sha256_file, write_json
-from pipeline.stages._common import prepare
-from pipeline.stages.build import engine_path
+from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import Recipe
+from pipeline.recipe.resolve import write_config
+from pipeline.stages import load_stage
 
 STAGE_ORDER = ["pretrain", "train-masks", "bake", "export", "build", "verify"]
 MODEL_FIELDS = ("name", "arch", "num_classes", "input_shape", "classifier")
 
 
+@dataclass
+class Options:
+    force: bool = False
+    backend: str | None = field(default=None, metadata={"recipe": "build.backend"})
+    junit: str | None = None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
     parser.add_argument("--force", action="store_true", help="rerun every stage even when its inputs did not change")
     parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default=None,
                         help="passed to build (default: recipe build.backend)")
     parser.add_argument("--junit", default=None, metavar="FILE", help="passed to verify")
-
-
-def common_args(args: argparse.Namespace) -> list[str]:
-    argv = ["--model", args.model, "--out", args.out]
-    if args.weights:
-        argv += ["--weights", args.weights]
-    if args.data:
-        argv += ["--data", args.data]
-    for assignment in args.overrides:
-        argv += ["--set", assignment]
-    return argv
 
 
 def file_digest(path: Path) -> str:
@@ -63,11 +63,11 @@ def combine(parts: dict[str, Any]) -> str:
 
 class Stage:
     def __init__(self, name: str, inputs: Callable[[], dict[str, Any]], outputs: Callable[[], list[Path]],
-                 extra: Callable[[bool], list[str]] = lambda rerun: []) -> None:
+                 extra: Callable[[bool], dict[str, Any]] = lambda rerun: {}) -> None:
         self.name, self.inputs, self.outputs, self.extra = name, inputs, outputs, extra
 
 
-def stage_plan(recipe, paths, args: argparse.Namespace) -> list[Stage]:
+def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[Stage]:
     digest = recipe.digest
 
     def onnx_files() -> list[Path]:
@@ -79,13 +79,13 @@ def stage_plan(recipe, paths, args: argparse.Namespace) -> list[Stage]:
     def engine_files() -> list[Path]:
         if not paths.build_report.is_file():
             return [paths.build_report]
-        engines = read_json(paths.build_report).get("engines", {})
-        return [paths.build_report] + [engine_path(entry, paths.root) for entry in engines.values()]
+        build = BuildReport.load(paths.build_report, recipe.name)
+        return [paths.build_report] + [build.engine_path(variant, paths.root) for variant in VARIANTS]
 
     plan = []
     if recipe.weights == "pretrain":
         plan.append(Stage("pretrain", lambda: {"recipe": digest(*MODEL_FIELDS, "data", "preprocess", "pretrain")},
-                          lambda: [paths.dense_weights], lambda rerun: ["--force"] if rerun else []))
+                          lambda: [paths.dense_weights], lambda rerun: {"force": rerun}))
     plan += [
         Stage("train-masks", lambda: {"recipe": digest(*MODEL_FIELDS, "data", "preprocess", "masks"),
                                       "weights": weights_identity(recipe, paths)},
@@ -96,14 +96,14 @@ def stage_plan(recipe, paths, args: argparse.Namespace) -> list[Stage]:
         Stage("export", lambda: {"recipe": digest(*MODEL_FIELDS, "export"), "weights": weights_identity(recipe, paths),
                                  "sparse.pt": file_digest(paths.sparse_weights), "masks.pt": file_digest(paths.masks)},
               lambda: onnx_files() + [paths.export_report]),
-        Stage("build", lambda: {"recipe": digest(*MODEL_FIELDS, "build"), "backend": args.backend,
+        Stage("build", lambda: {"recipe": digest(*MODEL_FIELDS, "build"),
                                 **{path.name: file_digest(path) for path in onnx_files()}},
-              engine_files, lambda rerun: ["--backend", args.backend] if args.backend else []),
+              engine_files),
         Stage("verify", lambda: {"recipe": digest(*MODEL_FIELDS, "data", "preprocess", "verify"),
                                  "build.json": file_digest(paths.build_report), "layers.json": file_digest(paths.layers),
-                                 "masks.pt": file_digest(paths.masks), "junit": args.junit},
+                                 "masks.pt": file_digest(paths.masks), "junit": options.junit},
               lambda: [paths.report_json, paths.report_md],
-              lambda rerun: ["--junit", args.junit] if args.junit else []),
+              lambda rerun: {"junit": options.junit}),
     ]
     return plan
 
@@ -116,38 +116,43 @@ def up_to_date(record: dict[str, Any] | None, input_hash: str) -> bool:
                                  for path, digest in outputs.items())
 
 
-def run(args: argparse.Namespace) -> int:
-    from pipeline.cli import main as cli_main
-
-    recipe, paths = prepare(args)
+def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
+    write_config(recipe, paths)
     state = read_json(paths.stages) if paths.stages.is_file() else {}
     state.setdefault("stages", {})
     in_progress = state.setdefault("in_progress", {})
     # A stage killed mid-run left its checkpoint behind: rerun with the same inputs resumes it.
     checkpoints = {"pretrain": paths.pretrain_checkpoint, "train-masks": paths.mask_checkpoint}
-    base = common_args(args)
     started = time.time()
-    for stage in stage_plan(recipe, paths, args):
+    for stage in stage_plan(recipe, paths, options):
         parts = stage.inputs()
         input_hash = combine(parts)
         record = state["stages"].get(stage.name)
-        if not args.force and up_to_date(record, input_hash):
+        if not options.force and up_to_date(record, input_hash):
             print(f"== {stage.name}: up to date (inputs unchanged, outputs intact), skipped", flush=True)
             continue
-        why = "--force" if args.force else ("no record" if not record else
+        why = "--force" if options.force else ("no record" if not record else
                                              "inputs changed" if record.get("inputs") != input_hash else
                                              "outputs missing or changed")
-        resume = (not args.force and stage.name in checkpoints and checkpoints[stage.name].is_file()
+        resume = (not options.force and stage.name in checkpoints and checkpoints[stage.name].is_file()
                   and in_progress.get(stage.name) == input_hash)
         print(f"== {stage.name}: {'resuming' if resume else 'running'} ({why})", flush=True)
         in_progress[stage.name] = input_hash
         write_json(paths.stages, state)
         stage_started = time.time()
-        code = cli_main([stage.name, *base, *stage.extra(record is not None or args.force),
-                         *(["--resume"] if resume else [])])
+        module = load_stage(stage.name)
+        stage_options = module.Options(**stage.extra(record is not None or options.force),
+                                       **({"resume": True} if resume else {}))
+        try:
+            code = int(module.run(copy.deepcopy(recipe), paths, stage_options) or 0)
+        except BaseException as exc:
+            code = exc
         if code != 0:
             state["stages"].pop(stage.name, None)
             write_json(paths.stages, state)
+            if isinstance(code, BaseException):
+                print(f"== {stage.name} failed; stopping", flush=True)
+                raise code
             print(f"== {stage.name} exited with {code}; stopping", flush=True)
             return code
         in_progress.pop(stage.name, None)

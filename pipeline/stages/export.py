@@ -8,31 +8,36 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 import torch
 
-from pipeline.cli import add_model_arguments
 from pipeline.errors import PipelineError
-from pipeline.export import (TOLERANCES, ModelProtoFromTorch, check_model, check_sparse_layers, compare_with_torch,
+from pipeline.export.onnx import (TOLERANCES, ModelProtoFromTorch, check_model, check_sparse_layers, compare_with_torch,
                              effective_opset, other_initializers_differ)
 from pipeline.io import atomic_path, sha256_file, write_json
-from pipeline.sparsity.artifact import MaskArtifact
-from pipeline.stages._common import prepare
-from pipeline.weights import build_network, dense_state_dict, load_state_dict_strict, state_dict_from_file
+from pipeline.masks.artifact import MaskArtifact
+from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import Recipe
+from pipeline.recipe.resolve import write_config
+from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict, state_dict_from_file
+
+
+@dataclass
+class Options:
+    no_fp16: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
     parser.add_argument("--no-fp16", action="store_true", help="skip the FP16 variants (export.fp16=false)")
 
 
-def run(args: argparse.Namespace) -> int:
-    recipe, paths = prepare(args)
+def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.export
-    if args.no_fp16:
+    if options.no_fp16:
         cfg.fp16 = False
     started = time.time()
-    dense_state, source = dense_state_dict(recipe, args.out)
+    dense_state, source = dense_state_dict(recipe, paths)
     dense_model = build_network(recipe)
     load_state_dict_strict(dense_model, dense_state, source)
     if not paths.sparse_weights.is_file():
@@ -45,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
     load_state_dict_strict(sparse_model, sparse_state, f"sparse weights {paths.sparse_weights}")
     sparse_model.eval()
     artifact = MaskArtifact.load(paths.masks)
+    write_config(recipe, paths)
     if artifact.meta.get("permutations"):
-        from pipeline.sparsity.methods import dense_for_artifact
+        from pipeline.masks.methods import dense_for_artifact
 
         # masks found on channel-permuted weights belong to those (functionally equal) weights: export
         # the dense graph from them too, so dense and sparse graphs differ only in the pruned weights

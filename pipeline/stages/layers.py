@@ -6,20 +6,27 @@ Writes layers.json (the same format train-masks writes).
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-from pipeline.cli import add_model_arguments
 from pipeline.io import write_json
-from pipeline.sparsity.eligibility import find_layers
-from pipeline.stages._common import prepare
-from pipeline.weights import build_network
+from pipeline.masks.eligibility import find_layers
+from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import Recipe
+from pipeline.recipe.resolve import write_config
+from pipeline.recipe.weights import build_network
+
+
+@dataclass
+class Options:
+    """No flags beyond the model's."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    pass
 
 
-def run(args: argparse.Namespace) -> int:
-    recipe, paths = prepare(args)
+def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
+    write_config(recipe, paths)
     cfg = recipe.masks
     report = find_layers(build_network(recipe), recipe.input_shape, cfg.m, cfg.include, cfg.exclude,
                          recipe.classifier, cfg.include_classifier)

@@ -8,16 +8,24 @@ repository replaces the previous one; manifest.json is written last. See docs/tr
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-from pipeline.cli import add_model_arguments
 from pipeline.errors import GateFailed
-from pipeline.manifest import build_manifest, verification_verdict, write_manifest
+from pipeline.package.manifest import build_manifest, verification_verdict, write_manifest
 from pipeline.package.repository import FORMATS, write_repository
-from pipeline.stages._common import prepare
+from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import Recipe
+from pipeline.recipe.resolve import write_config
+
+
+@dataclass
+class Options:
+    format: str = "auto"
+    onnx_device: str = "cpu"
+    require_verified: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
     parser.add_argument("--format", default="auto", choices=FORMATS,
                         help="model files to serve: auto (TensorRT plans when both variants have one, else ONNX), "
                              "plan, onnx (default auto)")
@@ -27,13 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fail (exit 1) unless report.json says the verification gates passed")
 
 
-def run(args: argparse.Namespace) -> int:
-    recipe, paths = prepare(args)
+def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     verdict = verification_verdict(paths.report_json)
-    if args.require_verified and verdict != "passed":
+    if options.require_verified and verdict != "passed":
         raise GateFailed(f"verification verdict is {verdict!r} ({paths.report_json}); run "
                          f"`python -m pipeline verify --model {recipe.name}` and fix what fails")
-    summary = write_repository(recipe, paths, fmt=args.format, onnx_device=args.onnx_device)
+    write_config(recipe, paths)
+    summary = write_repository(recipe, paths, fmt=options.format, onnx_device=options.onnx_device)
     manifest = build_manifest(paths.root, recipe.digest(), recipe.name, verdict, {"triton": summary})
     write_manifest(paths.root, manifest)
     print(f"triton repository: {paths.triton} ({summary['reason']})")

@@ -7,40 +7,50 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.cli import add_model_arguments
-from pipeline.data import ResumableBatchSampler, build_datasets, make_loader
+from pipeline.data.datasets import ResumableBatchSampler, build_datasets, make_loader
 from pipeline.errors import PipelineError
 from pipeline.io import torch_load, torch_save, write_json
-from pipeline.stages._common import prepare
-from pipeline.training import evaluate, progress_disabled, select_device, stop_on_signals
-from pipeline.weights import build_network
+from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import Recipe
+from pipeline.recipe.resolve import write_config
+from pipeline.training import check_device, evaluate, progress_disabled, select_device, stop_on_signals
+from pipeline.recipe.weights import build_network
+
+
+@dataclass
+class Options:
+    epochs: int | None = field(default=None, metadata={"recipe": "pretrain.epochs"})
+    resume: bool = False
+    force: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
     parser.add_argument("--epochs", type=int, default=None, help="override pretrain.epochs")
     parser.add_argument("--resume", action="store_true", help="continue from pretrain.ckpt")
     parser.add_argument("--force", action="store_true", help="retrain even when dense.pt exists")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
-def run(args: argparse.Namespace) -> int:
-    recipe, paths = prepare(args)
+def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     if recipe.weights != "pretrain":
         raise PipelineError(f"model {recipe.name} takes weights from {recipe.weights!r}; pretrain only applies to "
                             "recipes with weights=pretrain (the demo)")
     cfg = recipe.pretrain
-    if args.epochs is not None:
-        cfg.epochs = args.epochs
-    if paths.dense_weights.is_file() and not args.force and not args.resume:
+    if paths.dense_weights.is_file() and not options.force and not options.resume:
         print(f"dense weights exist: {paths.dense_weights} (use --force to retrain)")
         return 0
-    device = select_device(args.device)
+    write_config(recipe, paths)
+    device = select_device(options.device)
     torch.manual_seed(cfg.seed)
     data = build_datasets(recipe, augment_train=True)
     model = build_network(recipe).to(device)
@@ -51,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                     pct_start=0.25)
     state = {"epoch": 0, "batch": 0, "history": []}
-    if args.resume and paths.pretrain_checkpoint.is_file():
+    if options.resume and paths.pretrain_checkpoint.is_file():
         ckpt = torch_load(paths.pretrain_checkpoint, "pretrain checkpoint")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

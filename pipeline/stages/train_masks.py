@@ -2,22 +2,37 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 
-from pipeline.cli import add_model_arguments
-from pipeline.data import build_datasets
+from pipeline.data.datasets import build_datasets
 from pipeline.distributed import init_distributed, shutdown
 from pipeline.io import write_json
-from pipeline.masklearn import learn_masks
+from pipeline.masks.learning import learn_masks
 from pipeline.plots import learning_curves
-from pipeline.sparsity.artifact import MaskArtifact
-from pipeline.sparsity.eligibility import find_layers
-from pipeline.stages._common import prepare
-from pipeline.training import evaluate, select_device
-from pipeline.weights import load_dense_model
+from pipeline.masks.artifact import MaskArtifact
+from pipeline.masks.eligibility import find_layers
+from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import Recipe
+from pipeline.recipe.resolve import write_config
+from pipeline.training import check_device, evaluate, select_device
+from pipeline.recipe.weights import load_dense_model
+
+
+@dataclass
+class Options:
+    epochs: float | None = field(default=None, metadata={"recipe": "masks.epochs"})
+    max_steps: int | None = field(default=None, metadata={"recipe": "masks.max_steps"})
+    init: str | None = field(default=None, metadata={"recipe": "masks.init"})
+    masks_from: str | None = None
+    resume: bool = False
+    device: str = "auto"
+    tag: str = ""
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
     group = parser.add_argument_group("mask training")
     group.add_argument("--epochs", type=float, default=None, help="override masks.epochs (fractions allowed)")
     group.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (masks.max_steps)")
@@ -31,23 +46,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                   "instead of the main files (e.g. one run per init)")
 
 
-def run(args: argparse.Namespace) -> int:
-    recipe, paths = prepare(args)
+def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.masks
-    if args.epochs is not None:
-        cfg.epochs = args.epochs
-    if args.max_steps is not None:
-        cfg.max_steps = args.max_steps
-    if args.init:
-        cfg.init = args.init
-    context = init_distributed(select_device(args.device))
+    context = init_distributed(select_device(options.device))
     try:
-        model, source = load_dense_model(recipe, args.out)
+        model, source = load_dense_model(recipe, paths)
         report = find_layers(model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier,
                              cfg.include_classifier)
         data = build_datasets(recipe)
         dense_metrics = None
         if context.is_main:
+            write_config(recipe, paths)
             write_json(paths.layers, report.to_dict())
             print(f"{len(report.masked)} layers masked ({100 * report.masked_mac_fraction:.1f}% of MACs), "
                   f"{len(report.skipped)} skipped:")
@@ -57,15 +66,15 @@ def run(args: argparse.Namespace) -> int:
                                      context.device, desc="eval dense")
             print(f"dense: top1 {dense_metrics['top1']:.2f}% top5 {dense_metrics['top5']:.2f}% ({data.description})")
         initial = None
-        if args.masks_from:
-            artifact = MaskArtifact.load(args.masks_from)
+        if options.masks_from:
+            artifact = MaskArtifact.load(options.masks_from)
             initial = {layer.name: layer.indices for layer in artifact.layers}
-        checkpoint = paths.root / f"masks.{args.tag}.ckpt" if args.tag else paths.mask_checkpoint
+        checkpoint = paths.root / f"masks.{options.tag}.ckpt" if options.tag else paths.mask_checkpoint
         result = learn_masks(model, report, recipe, data, context.device, checkpoint=checkpoint,
-                             resume=args.resume, initial_indices=initial, rank=context.rank,
+                             resume=options.resume, initial_indices=initial, rank=context.rank,
                              world_size=context.world_size)
         if context.is_main and not result.stopped:
-            log_path = paths.root / f"train_masks.{args.tag}.json" if args.tag else paths.mask_training
+            log_path = paths.root / f"train_masks.{options.tag}.json" if options.tag else paths.mask_training
             summary = {
                 "model": recipe.name, "weights": source, "data": data.description,
                 "accuracy_meaningful": data.accuracy_meaningful, "init": cfg.init, "n": cfg.n, "m": cfg.m,

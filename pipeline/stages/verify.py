@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +17,28 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.backends import get_backend
-from pipeline.stages.build import engine_path
-from pipeline.cli import add_model_arguments
+from pipeline.backends.build_report import BuildReport
 from pipeline.errors import GateFailed, PipelineError
-from pipeline.io import read_json, sha256_file, write_json, write_text
-from pipeline.report import (SCHEMA, latency_stats, plot_accuracy, plot_coverage, plot_latency, render_markdown,
+from pipeline.io import read_json, write_json, write_text
+from pipeline.verify.report import (SCHEMA, latency_stats, plot_accuracy, plot_coverage, plot_latency, render_markdown,
                              speedup_stats, write_junit)
-from pipeline.stages._common import prepare
+from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import Recipe
+from pipeline.recipe.resolve import write_config
 from pipeline.training import progress_disabled
 
 
+@dataclass
+class Options:
+    max_top1_drop: float | None = field(default=None, metadata={"recipe": "verify.max_top1_drop"})
+    min_speedup: float | None = field(default=None, metadata={"recipe": "verify.min_speedup"})
+    min_coverage: float | None = field(default=None, metadata={"recipe": "verify.min_coverage"})
+    iters: int | None = field(default=None, metadata={"recipe": "verify.latency_iters"})
+    junit: str | None = None
+    no_plots: bool = False
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
     group = parser.add_argument_group("gates (default: the recipe's verify section)")
     group.add_argument("--max-top1-drop", type=float, default=None, help="points of top-1 the sparse engine may lose")
     group.add_argument("--min-speedup", type=float, default=None,
@@ -42,21 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------- inputs
 def load_engines(paths, recipe):
-    build = read_json(paths.build_report)
-    backend = get_backend(build["backend"])
-    runners = {}
-    for variant in ("dense", "sparse"):
-        entry = build.get("engines", {}).get(variant)
-        if not entry:
-            raise PipelineError(f"{paths.build_report} has no {variant} engine; re-run `python -m pipeline build "
-                                f"--model {recipe.name}`")
-        engine = engine_path(entry, paths.root)
-        if not engine.is_file():
-            raise PipelineError(f"engine {engine} does not exist; re-run `python -m pipeline build --model {recipe.name}`")
-        if entry.get("sha256") and sha256_file(engine) != entry["sha256"]:
-            raise PipelineError(f"engine {engine} changed since build (sha256 differs from build.json); it is damaged: "
-                                f"re-run `python -m pipeline build --model {recipe.name}`")
-        runners[variant] = backend.load(engine, recipe)
+    build = BuildReport.load(paths.build_report, recipe.name)
+    backend = get_backend(build.backend)
+    runners = {variant: backend.load(build.checked_engine(variant, paths.root), recipe) for variant in ("dense", "sparse")}
     return build, backend, runners
 
 
@@ -65,15 +64,15 @@ def layer_table(paths, recipe) -> tuple[list[dict[str, Any]], int]:
     if paths.layers.is_file():
         info = read_json(paths.layers)
     else:
-        from pipeline.sparsity.eligibility import find_layers
-        from pipeline.weights import build_network
+        from pipeline.masks.eligibility import find_layers
+        from pipeline.recipe.weights import build_network
 
         cfg = recipe.masks
         info = find_layers(build_network(recipe), recipe.input_shape, cfg.m, cfg.include, cfg.exclude,
                            recipe.classifier, cfg.include_classifier).to_dict()
     masked_names = None
     if paths.masks.is_file():
-        from pipeline.sparsity.artifact import MaskArtifact
+        from pipeline.masks.artifact import MaskArtifact
 
         masked_names = {layer.name for layer in MaskArtifact.load(paths.masks).layers}
     layers = []
@@ -87,7 +86,7 @@ def layer_table(paths, recipe) -> tuple[list[dict[str, Any]], int]:
 
 # --------------------------------------------------------------------------- measurements
 def measure_accuracy(runners, dataset, batch_size: int) -> dict[str, Any]:
-    from pipeline.data import make_loader
+    from pipeline.data.datasets import make_loader
 
     counts = {variant: {"top1": 0, "top5": 0} for variant in runners}
     agree = total = 0
@@ -144,11 +143,11 @@ def measure_latency(runners, input_shape, batches: list[int], iterations: int, w
     return by_batch, raw
 
 
-def sparse_kernel_coverage(build: dict[str, Any], layers: list[dict[str, Any]], total_macs: int):
+def sparse_kernel_coverage(build: BuildReport, layers: list[dict[str, Any]], total_macs: int):
     """MAC share of masked layers that the backend reports as running sparse kernels (None if unknown)."""
-    if not build.get("has_sparse_kernels"):
-        return None, f"{build.get('backend')} has no sparse kernels"
-    reported = build["engines"]["sparse"].get("sparse_layers") or {}
+    if not build.has_sparse_kernels:
+        return None, f"{build.backend} has no sparse kernels"
+    reported = build.engines["sparse"].get("sparse_layers") or {}
     picked = reported.get("picked_sparse", reported.get("picked"))
     if picked is None:
         return None, "the backend did not report which layers picked sparse kernels"
@@ -169,18 +168,12 @@ def gate(name: str, value, threshold: float, comparison: str, skipped: str = "")
             "skipped": skipped or ("" if value is not None else "not measured")}
 
 
-def run(args: argparse.Namespace) -> int:
-    recipe, paths = prepare(args)
+def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.verify
-    for flag, field in (("max_top1_drop", "max_top1_drop"), ("min_speedup", "min_speedup"),
-                        ("min_coverage", "min_coverage"), ("iters", "latency_iters")):
-        if getattr(args, flag) is not None:
-            setattr(cfg, field, getattr(args, flag))
-    if cfg.latency_iters < 1:
-        raise PipelineError(f"verify.latency_iters={cfg.latency_iters}; needs at least 1")
     started = time.time()
     build, backend, runners = load_engines(paths, recipe)
-    from pipeline.data import build_datasets
+    write_config(recipe, paths)
+    from pipeline.data.datasets import build_datasets
 
     data = build_datasets(recipe)
     low, high = recipe.build.min_batch, recipe.build.max_batch
@@ -209,10 +202,10 @@ def run(args: argparse.Namespace) -> int:
         gate("masked_mac_fraction", masked_fraction, cfg.min_coverage, ">="),
     ]
     passed = all(check["passed"] is not False for check in checks)
-    plots = [] if args.no_plots else [str(paths.root / name) for name in
+    plots = [] if options.no_plots else [str(paths.root / name) for name in
                                       ("verify_latency.png", "verify_accuracy.png", "verify_coverage.png")]
     report = {
-        "schema": SCHEMA, "model": recipe.name, "backend": backend.name, "backend_reason": build.get("reason", ""),
+        "schema": SCHEMA, "model": recipe.name, "backend": backend.name, "backend_reason": build.reason,
         "has_sparse_kernels": backend.has_sparse_kernels,
         "note": "" if backend.has_sparse_kernels else
         f"{backend.name} has no sparse kernels: this run verifies correctness and accuracy, not speed-up",
@@ -231,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
                      "sparse_kernel_mac_fraction": kernel_fraction, "sparse_kernel_note": kernel_note,
                      "layers": layers},
         "gates": {"passed": passed, "checks": checks},
-        "engines": {variant: str(engine_path(build["engines"][variant], paths.root)) for variant in ("dense", "sparse")},
+        "engines": {variant: str(build.engine_path(variant, paths.root)) for variant in ("dense", "sparse")},
         "plots": plots, "seconds": round(time.time() - started, 2),
     }
     if plots:
@@ -241,8 +234,8 @@ def run(args: argparse.Namespace) -> int:
         plot_coverage(layers, Path(plots[2]), f"{recipe.name}: MACs per layer")
     write_json(paths.report_json, report)
     write_text(paths.report_md, render_markdown(report))
-    if args.junit:
-        write_junit(Path(args.junit), report)
+    if options.junit:
+        write_junit(Path(options.junit), report)
 
     print(f"backend {backend.name}" + ("" if backend.has_sparse_kernels else " (no sparse kernels: accuracy check only)"))
     print(f"top1 dense {accuracy['dense']['top1']:.2f}% sparse {accuracy['sparse']['top1']:.2f}% "

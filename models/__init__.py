@@ -1,1 +1,0 @@
-"""One recipe per MODEL name: `models/<name>.py` defines `recipe() -> Recipe`."""

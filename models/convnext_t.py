@@ -1,6 +1,0 @@
-"""ConvNeXt-T from torchvision, ImageNet weights (or --weights PATH / random), ImageNet-style folders."""
-from models._imagenet import imagenet_recipe
-
-
-def recipe():
-    return imagenet_recipe("convnext_t", "convnext_tiny", classifier="classifier.2", description="torchvision ConvNeXt-T on ImageNet")

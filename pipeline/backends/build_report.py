@@ -1,0 +1,65 @@
+"""The one owner of build.json (what `build` made: backend, why, engine files with their sha256).
+
+Written by the build stage; verify, engine and the Triton packaging read it through `BuildReport.load`.
+Engine paths are stored relative to the model folder, so the folder can be moved or copied whole.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+from pipeline.io import sha256_file, write_json
+
+VARIANTS = ("dense", "sparse")
+
+
+@dataclass
+class BuildReport:
+    model: str
+    backend: str
+    requested: str
+    reason: str
+    has_sparse_kernels: bool
+    inputs: str  # which ONNX files the engines were built from, and why those
+    batch_range: list[int]  # min, opt, max
+    note: str
+    # variant -> {engine, sha256, onnx, onnx_sha256, metadata, sparse_layers}
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path, model: str) -> "BuildReport":
+        rebuild = f"re-run `python -m pipeline build --model {model}`"
+        if not path.is_file():
+            raise PipelineError(f"{path} does not exist; run `python -m pipeline build --model {model}` first")
+        try:
+            data = json.loads(path.read_text())
+            report = cls(**data)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
+            raise PipelineError(f"{path} is not a build report ({type(exc).__name__}); {rebuild}") from None
+        for variant in VARIANTS:
+            if not isinstance(report.engines.get(variant), dict) or "engine" not in report.engines[variant]:
+                raise PipelineError(f"{path} has no {variant} engine; {rebuild}")
+        return report
+
+    def engine_path(self, variant: str, root: Path) -> Path:
+        """An engine path (relative to the model folder, or absolute)."""
+        path = Path(self.engines[variant]["engine"])
+        return path if path.is_absolute() else Path(root) / path
+
+    def checked_engine(self, variant: str, root: Path) -> Path:
+        """The engine file, refused when it is missing or differs from what build wrote."""
+        engine = self.engine_path(variant, root)
+        rebuild = f"re-run `python -m pipeline build --model {self.model}`"
+        if not engine.is_file():
+            raise PipelineError(f"engine {engine} does not exist; {rebuild}")
+        expected = self.engines[variant].get("sha256")
+        if expected and sha256_file(engine) != expected:
+            raise PipelineError(f"engine {engine} changed since build (sha256 differs from build.json); it is "
+                                f"damaged: {rebuild}")
+        return engine

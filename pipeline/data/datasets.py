@@ -1,0 +1,280 @@
+"""Datasets: Fashion-MNIST (IDX files), ImageNet-style folders, and synthetic smoke data."""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.recipe.config import Recipe
+from pipeline.errors import PipelineError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    eval: Dataset
+    kind: str
+    description: str
+    accuracy_meaningful: bool  # False for synthetic data: its accuracy means nothing
+
+
+# --------------------------------------------------------------------------- IDX / Fashion-MNIST
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed) into a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as exc:
+        raise PipelineError(f"cannot read IDX file {path} ({exc}); the dataset copy is damaged, reinstall it") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise PipelineError(f"{path} is not an unsigned-byte IDX file; reinstall the dataset")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims))
+    if len(data) - offset != expected:
+        raise PipelineError(f"{path} is truncated ({len(data) - offset} of {expected} bytes); reinstall the dataset")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def fashion_mnist_candidates(root: str) -> list[Path]:
+    """Folders searched for the IDX files, in order."""
+    places: list[Path] = []
+    if root:
+        base = Path(root)
+        places += [base, base / "raw", base / "FashionMNIST" / "raw"]
+    env_root = os.environ.get("TORCHVISION_DATASETS", "")
+    if env_root:
+        places.append(Path(env_root) / "FashionMNIST" / "raw")
+    places += [Path("data") / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST]
+    return places
+
+
+def locate_fashion_mnist(root: str) -> Path:
+    for folder in fashion_mnist_candidates(root):
+        if all(_find_idx(folder, stem) for pair in FASHION_MNIST_FILES.values() for stem in pair):
+            return folder
+    target = Path(root) if root else Path("data")
+    try:  # online: torchvision's downloader fills <target>/FashionMNIST/raw
+        import torchvision
+
+        torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
+        torchvision.datasets.FashionMNIST(str(target), train=False, download=True)
+        return target / "FashionMNIST" / "raw"
+    except Exception:
+        pass
+    searched = ", ".join(str(p) for p in fashion_mnist_candidates(root))
+    raise PipelineError(
+        f"Fashion-MNIST not found (searched {searched}) and it cannot be downloaded; "
+        "install it with `apt-get install dataset-fashion-mnist` or pass --data DIR holding the IDX files")
+
+
+def load_fashion_mnist(root: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    folder = locate_fashion_mnist(root)
+    image_stem, label_stem = FASHION_MNIST_FILES["train" if split == "train" else "test"]
+    images = read_idx(_find_idx(folder, image_stem))
+    labels = read_idx(_find_idx(folder, label_stem))
+    if images.shape[0] != labels.shape[0]:
+        raise PipelineError(f"Fashion-MNIST in {folder}: {images.shape[0]} images but {labels.shape[0]} labels")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+# --------------------------------------------------------------------------- in-memory datasets
+class TensorImageDataset(Dataset):
+    """uint8 images held in memory, normalised on the fly; `__getitems__` serves whole batches."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 augment: bool = False) -> None:
+        if images.dim() == 3:
+            images = images.unsqueeze(1)
+        self.images = images
+        self.labels = labels
+        channels = images.shape[1]
+        self.mean = torch.tensor(list(mean) * (channels if len(mean) == 1 else 1)).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(list(std) * (channels if len(std) == 1 else 1)).view(1, -1, 1, 1) * 255.0
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        if self.augment:
+            x = random_crop_flip(x, pad=2)
+        return x
+
+    def __getitem__(self, index: int):
+        return self._prepare(self.images[index: index + 1])[0], self.labels[index]
+
+    def __getitems__(self, indices: list[int]):
+        index = torch.as_tensor(indices)
+        return self._prepare(self.images[index]), self.labels[index]
+
+
+def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Per-sample random crop after zero padding (in normalised space) and horizontal flip."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    out = torch.empty_like(x)
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2)).tolist()
+    flips = (torch.rand(n) < 0.5).tolist()
+    for i, ((dy, dx), flip) in enumerate(zip(offsets, flips)):
+        crop = padded[i, :, dy: dy + h, dx: dx + w]
+        out[i] = crop.flip(-1) if flip else crop
+    return out
+
+
+class SyntheticDataset(TensorImageDataset):
+    """Random images with random labels, for smoke runs: its accuracy means nothing."""
+
+    def __init__(self, size: int, shape: Sequence[int], num_classes: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.randint(0, 256, (size, *shape), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, num_classes, (size,), generator=generator)
+        super().__init__(images, labels, mean=[0.5], std=[0.25])
+
+
+def _folder_transforms(recipe: Recipe, train: bool):
+    from torchvision import transforms
+
+    pre = recipe.preprocess
+    steps = []
+    if train:
+        steps += [transforms.RandomResizedCrop(pre.crop), transforms.RandomHorizontalFlip()]
+    else:
+        if pre.resize:
+            steps.append(transforms.Resize(pre.resize))
+        steps.append(transforms.CenterCrop(pre.crop))
+    if pre.color == "L":
+        steps.insert(0, transforms.Grayscale(1))
+    steps += [transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)]
+    return transforms.Compose(steps)
+
+
+def _image_folder(recipe: Recipe, split: str, train: bool) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    root = Path(recipe.data.root)
+    folder = root / split
+    if not folder.is_dir():
+        raise PipelineError(f"image folder {folder} does not exist; pass --data DIR with {split}/<class>/<images>")
+    try:
+        dataset = ImageFolder(str(folder), transform=_folder_transforms(recipe, train))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise PipelineError(f"image folder {folder}: {exc}") from None
+    if len(dataset.classes) > recipe.num_classes:
+        raise PipelineError(f"image folder {folder} has {len(dataset.classes)} classes but the model has "
+                            f"{recipe.num_classes}; use a matching dataset or recipe")
+    return dataset
+
+
+def build_datasets(recipe: Recipe, augment_train: bool = False) -> DataBundle:
+    data = recipe.data
+    if data.kind == "fashion_mnist":
+        train = TensorImageDataset(*load_fashion_mnist(data.root, "train"), recipe.preprocess.mean,
+                                   recipe.preprocess.std, augment=augment_train)
+        test = TensorImageDataset(*load_fashion_mnist(data.root, "test"), recipe.preprocess.mean,
+                                  recipe.preprocess.std)
+        return DataBundle(train, _limit(test, data.eval_limit), "fashion_mnist",
+                          "Fashion-MNIST (60k train / 10k test)", True)
+    if data.kind == "imagefolder":
+        if not data.root:
+            raise PipelineError("data kind imagefolder needs a folder: pass --data DIR (with train/ and val/)")
+        train = _image_folder(recipe, data.train_split, train=True)
+        evaluation = _image_folder(recipe, data.eval_split, train=False)
+        return DataBundle(train, _limit(evaluation, data.eval_limit), "imagefolder",
+                          f"image folder {data.root}", True)
+    if data.kind == "synthetic":
+        shape = recipe.input_shape
+        train = SyntheticDataset(data.synthetic_size, shape, recipe.num_classes, seed=1)
+        evaluation = SyntheticDataset(max(data.synthetic_size // 4, 8), shape, recipe.num_classes, seed=2)
+        return DataBundle(train, evaluation, "synthetic",
+                          "synthetic random images (accuracy means nothing)", False)
+    raise PipelineError(f"unknown data kind {data.kind!r}; use fashion_mnist, imagefolder (--data DIR) or synthetic")
+
+
+def _limit(dataset: Dataset, limit: int) -> Dataset:
+    if limit and limit < len(dataset):
+        return torch.utils.data.Subset(dataset, range(limit))
+    return dataset
+
+
+# --------------------------------------------------------------------------- loading
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Shuffled (seed + epoch) batches, sharded across ranks, starting at any batch index.
+
+    Resuming after a kill continues with exactly the batches the run had not seen yet.
+    """
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True) -> None:
+        self.size, self.batch_size, self.shuffle = size, batch_size, shuffle
+        self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        per_rank = len(order) // self.world_size
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __len__(self) -> int:
+        per_rank = self.size // self.world_size
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = self._indices()
+        for batch in range(self.start_batch, len(self)):
+            yield indices[batch * self.batch_size:(batch + 1) * self.batch_size]
+
+
+def _unwrap(dataset: Dataset) -> Dataset:
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def _batch_collate(batch):
+    return batch
+
+
+def make_loader(dataset: Dataset, batch_sampler: Sampler | None = None, batch_size: int = 256,
+                workers: int = 0) -> DataLoader:
+    """DataLoader that uses a dataset's batched `__getitems__` when it has one."""
+    if batch_sampler is None:
+        batch_sampler = ResumableBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
+    # torch's Subset forwards __getitems__ to the dataset it wraps, so whole batches come back as one tuple
+    batched = hasattr(_unwrap(dataset), "__getitems__")
+    # Its own generator: creating an iterator must not consume the global RNG, which drives the
+    # Gumbel noise and has to continue unchanged when a run resumes mid-epoch.
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+                      collate_fn=_batch_collate if batched else None, generator=torch.Generator())

@@ -1,0 +1,61 @@
+"""The one owner of the mask-training checkpoint format (masks.ckpt): a dataclass, load and save.
+
+Written by train-masks every N steps, each epoch and on SIGTERM; `final` marks a finished run. bake,
+compare and the resume path of train-masks read it only through `MaskCheckpoint.load`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.io import torch_load, torch_save
+from pipeline.masks.artifact import LayerMask, MaskArtifact
+
+FORMAT = "mask-training-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class MaskCheckpoint:
+    recipe_key: str  # digest of the recipe's mask settings, arch and num_classes
+    final: bool
+    n: int
+    m: int
+    logits: dict[str, torch.Tensor]
+    indices: dict[str, torch.Tensor]  # argmax pattern per block (int16)
+    shapes: dict[str, list[int]]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    state: dict[str, Any]  # step, epoch, batch, history, seconds
+    rng: list[torch.Tensor]  # one CPU RNG state per rank
+
+    def save(self, path: Path) -> None:
+        torch_save({"format": FORMAT, "version": VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}, path)
+
+    @classmethod
+    def load(cls, path: Path, fix: str = "run train-masks first") -> "MaskCheckpoint":
+        saved = torch_load(path, "mask-training checkpoint")
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+            raise PipelineError(f"{path} is not a mask-training checkpoint; {fix}")
+        if saved.get("version") != VERSION:
+            raise PipelineError(f"{path} has checkpoint version {saved.get('version')!r}, this pipeline reads "
+                                f"{VERSION}; {fix}")
+        try:
+            return cls(**{key: value for key, value in saved.items() if key not in ("format", "version")})
+        except TypeError as exc:
+            raise PipelineError(f"{path} is a damaged mask-training checkpoint ({exc}); {fix}") from None
+
+    def to_artifact(self, path: Path, model: str, arch: str, init: str) -> MaskArtifact:
+        """The learned masks of a finished run as a mask artifact (what bake writes to masks.pt)."""
+        if not self.final:
+            raise PipelineError(f"{path} is from an unfinished run (step {self.state['step']}); "
+                                "finish it with `train-masks --resume`")
+        layers = [LayerMask(name, self.shapes[name], self.n, self.m, indices.long())
+                  for name, indices in self.indices.items()]
+        return MaskArtifact(model, arch, "learned", layers,
+                            {"init": init, "steps": self.state["step"],
+                             "final_top1": (self.state["history"] or [{}])[-1].get("top1")})

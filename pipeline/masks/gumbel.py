@@ -1,0 +1,267 @@
+"""Learned N:M masks on frozen weights (Danhofer, arXiv 2411.00288), in TensorRT's layout.
+
+Each block of M input channels at each (k, r, s) owns logits over the C(M, N) patterns.
+Training samples a hard straight-through Gumbel-Softmax; evaluation and export take the
+argmax, with no noise. The pattern table is a buffer and never changes; the layer's
+weight, bias and BatchNorm statistics are never trained.
+
+Layout, chosen for speed (a mask-training step must cost next to nothing beside the
+convolutions, see `make bench-train`): logits are stored pattern-major, `[P, K, *kernel,
+C // M]`, and each frozen weight is kept once more position-major, `[M, K, *kernel, C // M]`.
+Every per-block reduction (argmax, softmax, the pattern sums of the backward pass) then
+runs over a short outer axis of long contiguous slabs instead of a length-6 inner axis,
+which PyTorch's CPU kernels handle an order of magnitude slower.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.masks.eligibility import EligibilityReport
+from pipeline.masks.patterns import from_blocks, num_patterns, pattern_scores, pattern_table, to_blocks
+
+
+class GumbelNoisePool:
+    """Gumbel(0, 1) noise drawn once and served as slices at random offsets.
+
+    Drawing fresh exponential variates for every logit at every step costs more than the
+    rest of the mask computation together on CPU; a pool twice the size of the largest
+    layer, sliced at a uniformly random offset per layer and step, gives i.i.d. Gumbel
+    values within a draw and independent offsets across draws (the noise-table trick of
+    evolution strategies). The pool is redrawn every `refresh_steps` steps from a generator
+    seeded by (seed, step // refresh_steps), so a resumed run sees the same noise.
+    """
+
+    def __init__(self, largest: int, seed: int, refresh_steps: int = 100) -> None:
+        self.size = max(2 * largest, 1 << 16)
+        self.seed = seed
+        self.refresh_steps = refresh_steps
+        self.generation = -1
+        self.pool: torch.Tensor | None = None
+
+    def set_step(self, step: int, device: torch.device) -> None:
+        generation = step // self.refresh_steps
+        if generation != self.generation or self.pool is None or self.pool.device != device:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + generation)
+            pool = torch.empty(self.size).exponential_(generator=generator).log_().neg_()
+            self.pool, self.generation = pool.to(device), generation
+
+    def draw(self, numel: int, device: torch.device) -> torch.Tensor:
+        if self.pool is None or self.pool.device != device:
+            self.set_step(max(self.generation, 0) * self.refresh_steps, device)
+        offset = int(torch.randint(0, self.size - numel + 1, (1,)))
+        return self.pool[offset: offset + numel]
+
+
+def pattern_codes(n: int, m: int) -> list[int]:
+    """Each pattern as a bit mask over its M positions (bit j set = weight j kept)."""
+    return [sum(int(bit) << j for j, bit in enumerate(row.tolist())) for row in pattern_table(n, m)]
+
+
+def _code_dtype(m: int) -> torch.dtype:
+    return torch.uint8 if m <= 8 else torch.int16 if m <= 15 else torch.int32
+
+
+def first_argmax_codes(scores: torch.Tensor, codes: list[int], m: int) -> torch.Tensor:
+    """Bit code of the first maximal pattern per block (torch.argmax's tie rule), from `[P, Nb]`."""
+    best = scores[0].clone()
+    code = torch.full(best.shape, codes[0], dtype=_code_dtype(m), device=scores.device)
+    for p in range(1, scores.shape[0]):
+        better = scores[p] > best
+        code.masked_fill_(better, codes[p])
+        torch.maximum(best, scores[p], out=best)
+    return code
+
+
+def keep_from_codes(code: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
+    """`[M, Nb]` 0/1 mask from the bit codes."""
+    return torch.stack([(code >> j) & 1 for j in range(m)]).to(dtype)
+
+
+def to_position_major(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """[K, C, *kernel] -> [M, K, *kernel, C // M] (a strided view)."""
+    return to_blocks(weight, m).movedim(-1, 0)
+
+
+def from_position_major(blocks_pm: torch.Tensor) -> torch.Tensor:
+    """Inverse of `to_position_major`, as a contiguous weight."""
+    return from_blocks(blocks_pm.movedim(0, -1)).contiguous()
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """weight * mask, with the mask sampled from the pattern logits.
+
+    Forward: the pattern argmax(logits + gumbel) per block (gumbel = None: plain argmax).
+    Backward (straight-through): the gradient of softmax((logits + gumbel) / tau) @ table,
+    i.e. d/dlogits = soft * (g - <soft, g>) / tau with g_p = sum over kept j of dL/dmask_j
+    and dL/dmask = dL/dW_eff * W.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, gumbel: torch.Tensor | None, tau: float, weight_pm: torch.Tensor,
+                table: torch.Tensor, codes: list[int]) -> torch.Tensor:
+        m = weight_pm.shape[0]
+        flat = logits.reshape(logits.shape[0], -1)
+        perturbed = flat + gumbel.view_as(flat) if gumbel is not None else flat
+        keep = keep_from_codes(first_argmax_codes(perturbed, codes, m), m, weight_pm.dtype)
+        effective = weight_pm * keep.view_as(weight_pm)
+        ctx.save_for_backward(perturbed, weight_pm, table)
+        ctx.tau = tau
+        ctx.logits_shape = logits.shape
+        return from_position_major(effective)
+
+    @staticmethod
+    def backward(ctx, grad_weight: torch.Tensor):
+        perturbed, weight_pm, table = ctx.saved_tensors
+        m = weight_pm.shape[0]
+        grad_mask = torch.empty_like(weight_pm)
+        torch.mul(to_position_major(grad_weight, m), weight_pm, out=grad_mask)
+        grad = (table / ctx.tau).to(grad_mask.dtype) @ grad_mask.view(m, -1)  # [P, Nb]
+        soft = torch.softmax(perturbed / ctx.tau, dim=0)
+        dot = (soft * grad).sum(0)
+        grad.sub_(dot).mul_(soft)
+        return grad.view(ctx.logits_shape), None, None, None, None, None
+
+
+def straight_through_reference(logits: torch.Tensor, gumbel: torch.Tensor, tau: float, table: torch.Tensor,
+                               weight: torch.Tensor) -> torch.Tensor:
+    """Textbook hard straight-through Gumbel-Softmax on block-last logits `[*blocks, P]`
+    (used by the tests to check the fast Function)."""
+    m = table.shape[1]
+    soft = torch.softmax((logits + gumbel) / tau, dim=-1)
+    hard = table[soft.argmax(-1)]
+    relaxed = soft @ table
+    mask = hard + relaxed - relaxed.detach()
+    return weight * from_blocks(mask.view(*to_blocks(weight, m).shape))
+
+
+class GumbelMask(nn.Module):
+    """Pattern logits `[P, K, *kernel, C // M]` of one layer."""
+
+    def __init__(self, logits: torch.Tensor, n: int, m: int, noise: GumbelNoisePool | None = None) -> None:
+        super().__init__()
+        self.n, self.m = n, m
+        self.logits = nn.Parameter(logits)
+        self.register_buffer("table", pattern_table(n, m), persistent=False)
+        self.codes = pattern_codes(n, m)
+        self.tau = 1.0
+        self.noise = noise
+        self._weight_pm: tuple[tuple, torch.Tensor] | None = None
+
+    def indices(self) -> torch.Tensor:
+        """Argmax pattern index per block, `[K, *kernel, C // M]` (what bake and export use)."""
+        return self.logits.detach().argmax(0)
+
+    def _position_major(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, tuple(weight.shape))
+        if self._weight_pm is None or self._weight_pm[0] != key:  # the weight is frozen: computed once
+            self._weight_pm = (key, to_position_major(weight.detach(), self.m).contiguous())
+        return self._weight_pm[1]
+
+    def masked_weight(self, weight: torch.Tensor, weight_pm: torch.Tensor | None = None) -> torch.Tensor:
+        gumbel = None
+        if self.training:
+            if self.noise is None:
+                self.noise = GumbelNoisePool(self.logits.numel(), seed=0)
+            gumbel = self.noise.draw(self.logits.numel(), self.logits.device)
+        if weight_pm is None:
+            weight_pm = self._position_major(weight)
+        return _MaskedWeight.apply(self.logits, gumbel, self.tau, weight_pm, self.table, self.codes)
+
+    def forward(self) -> torch.Tensor:
+        """The 0/1 mask in weight layout (sampled while training, argmax otherwise)."""
+        k, *kernel, groups = self.logits.shape[1:]
+        ones = torch.ones(self.m, k, *kernel, groups, device=self.logits.device)
+        return self.masked_weight(ones, weight_pm=ones)
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A Conv2d computing with `weight * mask` (its own weight is untouched)."""
+
+    sparse_mask: GumbelMask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.sparse_mask.masked_weight(self.weight), self.bias)
+
+
+class MaskedLinear(nn.Linear):
+    sparse_mask: GumbelMask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.sparse_mask.masked_weight(self.weight), self.bias)
+
+
+def initial_logits(weight: torch.Tensor, n: int, m: int, init: str, scale: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Pattern-major logits. `magnitude`: scale x share of the block's |w| each pattern keeps
+    (training starts from the magnitude mask). `uniform` (the paper): small random logits."""
+    blocks = to_blocks(weight, m).shape[:-1]
+    if init == "magnitude":
+        return (pattern_scores(weight, n, m) * scale).movedim(-1, 0).contiguous()
+    if init == "uniform":
+        return (torch.rand((num_patterns(n, m), *blocks), generator=generator) - 0.5) * 0.02
+    raise ValueError(f"unknown mask init {init!r}; use magnitude or uniform")
+
+
+def attach_masks(model: nn.Module, report: EligibilityReport, n: int, m: int, init: str = "magnitude",
+                 init_scale: float = 20.0, seed: int = 0,
+                 initial_indices: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Turn every eligible layer into a masked layer and freeze everything but the logits.
+
+    `initial_indices` (per layer) starts the logits from another method's mask.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    largest = max((math.prod(layer.weight_shape) // m * num_patterns(n, m) for layer in report.masked), default=1)
+    noise = GumbelNoisePool(largest, seed)
+    names = []
+    for layer in report.masked:
+        module = model.get_submodule(layer.name)
+        logits = initial_logits(module.weight.detach().float().cpu(), n, m, init, init_scale, generator)
+        if initial_indices is not None and layer.name in initial_indices:
+            one_hot = F.one_hot(initial_indices[layer.name].long(), logits.shape[0]).movedim(-1, 0)
+            logits = logits + one_hot.float() * init_scale
+        module.__class__ = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
+        module.sparse_mask = GumbelMask(logits.to(module.weight.device), n, m, noise)
+        names.append(layer.name)
+    return names
+
+
+def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name.removeprefix("module."): module for name, module in model.named_modules()
+            if isinstance(module, (MaskedConv2d, MaskedLinear))}
+
+
+def prepare_step(model: nn.Module, step: int, tau: float) -> None:
+    """Set the temperature and the noise pool's generation for training step `step`."""
+    for module in model.modules():
+        if isinstance(module, GumbelMask):
+            module.tau = tau
+            if module.noise is not None:
+                module.noise.set_step(step, module.logits.device)
+
+
+def mask_training_mode(model: nn.Module) -> None:
+    """Everything frozen in eval mode (BatchNorm keeps its statistics); masks sample noise."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, GumbelMask):
+            module.train()
+
+
+def current_indices(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: module.sparse_mask.indices().cpu() for name, module in masked_modules(model).items()}
+
+
+def mask_logits(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: module.sparse_mask.logits.detach().cpu().clone() for name, module in masked_modules(model).items()}
+
+
+def load_mask_logits(model: nn.Module, logits: dict[str, torch.Tensor]) -> None:
+    for name, module in masked_modules(model).items():
+        with torch.no_grad():
+            module.sparse_mask.logits.copy_(logits[name])

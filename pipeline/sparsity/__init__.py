@@ -1,1 +1,0 @@
-"""N:M sparsity: patterns, layer eligibility, learned (Gumbel-Softmax) and heuristic masks."""

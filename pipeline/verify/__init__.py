@@ -1,0 +1,1 @@
+"""Verification: gates, the verification report (report.json/.md) and stability certificates."""

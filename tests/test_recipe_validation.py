@@ -1,0 +1,182 @@
+"""Every bad recipe value or flag: exit 2, one `error:` line naming the key, no traceback, no file changed.
+
+Recipes are validated when they are loaded and once more after every flag is applied, before a stage
+does any work, so a rejected run leaves the model folder (config.json included) exactly as it was.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.recipe.registry import get_recipe, recipes_dir
+from pipeline.recipe.resolve import ModelOptions, resolve_recipe
+
+MODEL = "tiny_resnet"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(path.relative_to(folder)): (path.stat().st_mtime_ns, path.stat().st_size)
+            for path in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    """A model folder with artifacts (layers.json, config.json) that a bad run must leave alone."""
+    root = tmp_path_factory.mktemp("validation")
+    assert main(["layers", "--model", MODEL, "--out", str(root)]) == 0
+    assert (root / MODEL / "config.json").is_file()
+    return root
+
+
+BAD_SETTINGS = [  # (--set assignment, text the error must contain)
+    ("masks.init=foo", "masks.init = 'foo'"),
+    ("masks.lr=-1", "masks.lr = -1.0"),
+    ("masks.batch_size=0", "masks.batch_size = 0"),
+    ("masks.n=4", "masks.n = 4"),  # 4:4 prunes nothing
+    ("masks.epochs=0", "masks.epochs = 0.0"),
+    ("masks.max_steps=-5", "masks.max_steps = -5"),
+    ("masks.tau_schedule=cosine", "masks.tau_schedule = 'cosine'"),
+    ("masks.lr=fast", "masks.lr = 'fast'"),
+    ("masks.lrr=0.1", "unknown field 'lrr'"),
+    ("num_classes=0", "num_classes = 0"),
+    ("input_shape=3,7", "input_shape = [3, 7]"),
+    ("input_shape=1,0,28", "input_shape = [1, 0, 28]"),
+    ("build.precision=int3", "build.precision = 'int3'"),
+    ("build.backend=tpu", "build.backend = 'tpu'"),
+    ("build.min_batch=9", "build.opt_batch = 8"),  # min 9 > opt 8
+    ("build.max_batch=4", "build.opt_batch = 8"),  # opt 8 > max 4
+    ("verify.serving_batch=0", "verify.serving_batch = 0"),
+    ("verify.min_coverage=1.5", "verify.min_coverage = 1.5"),
+    ("verify.latency_iters=0", "verify.latency_iters = 0"),
+    ("masks.checkpoint_every=-1", "masks.checkpoint_every = -1"),
+    ("serve.preferred_batch_sizes=4,32", "serve.preferred_batch_sizes [32] must lie in"),  # max_batch_size 16
+    ("serve.max_batch_size=0", "serve.max_batch_size = 0"),
+    ("data.kind=csv", "data.kind = 'csv'"),
+    ("data.batch_size=0", "data.batch_size = 0"),
+    ("preprocess.color=CMYK", "preprocess.color = 'CMYK'"),
+    ("preprocess.std=0", "preprocess.std = [0.0]"),
+    ("pretrain.lr=0", "pretrain.lr = 0.0"),
+    ("arch=resnet18", "arch = 'resnet18'"),
+]
+
+BAD_FLAGS = [  # (stage, extra argv, text the error must contain)
+    ("train-masks", ["--set", "masks.n=3", "--set", "masks.m=2"], "masks.n = 3"),
+    ("train-masks", ["--device", "tpu"], "--device tpu"),
+    ("train-masks", ["--epochs", "0"], "masks.epochs = 0.0"),
+    ("train-masks", ["--init", "zeros"], "invalid choice: 'zeros'"),
+    ("verify", ["--min-coverage", "5"], "verify.min_coverage = 5.0"),
+    ("verify", ["--iters", "0"], "verify.latency_iters = 0"),
+    ("build", ["--backend", "tpu"], "invalid choice: 'tpu'"),
+    ("layers", ["--input-size", "3,7"], "--input-size 3,7"),
+    ("layers", ["--input-size", "abc"], "--input-size abc"),
+    ("layers", ["--num-classes", "0"], "num_classes = 0"),
+    ("layers", ["--mean", "0.5,0.5"], "preprocess.mean = [0.5, 0.5]"),
+    ("layers", ["--model", "resnet51"], "unknown model 'resnet51'"),
+    ("layers", ["--model", "nowhere.toml"], "no such recipe file"),
+    ("bench-train", ["--reps", "0"], "--reps 0"),
+    ("updatable", ["--finetune-steps", "0"], "--finetune-steps 0"),
+]
+
+
+def run_in_process(out: Path, stage: str, argv: list[str], capsys) -> tuple[int, list[str]]:
+    before = snapshot(out)
+    model = [] if "--model" in argv or stage == "bench-train" else ["--model", MODEL]
+    where = ["--out", str(out)]
+    try:
+        code = main([stage, *model, *where, *argv])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert snapshot(out) == before, "a rejected run changed files"
+    return code, lines
+
+
+@pytest.mark.parametrize("assignment, expected", BAD_SETTINGS, ids=[a for a, _ in BAD_SETTINGS])
+def test_bad_set_value(out, capsys, assignment, expected):
+    code, lines = run_in_process(out, "train-masks", ["--set", assignment], capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert expected in lines[0] and "valid" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("stage, argv, expected", BAD_FLAGS, ids=[" ".join([s, *a]) for s, a, _ in BAD_FLAGS])
+def test_bad_flag(out, capsys, stage, argv, expected):
+    code, lines = run_in_process(out, stage, argv, capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert expected in lines[0], lines[0]
+
+
+def recipe_file(tmp_path: Path, replace: tuple[str, str] | None = None, append: str = "") -> Path:
+    text = (recipes_dir() / f"{MODEL}.toml").read_text()
+    if replace:
+        assert replace[0] in text
+        text = text.replace(*replace)
+    path = tmp_path / "mine.toml"
+    path.write_text(text + append)
+    return path
+
+
+@pytest.mark.parametrize("replace, append, expected", [
+    (("lr = 0.05", "lr = -0.05"), "", "masks.lr = -0.05"),
+    (("lr = 0.05", 'lr = "fast"'), "", "masks.lr = 'fast'"),
+    (("lr = 0.05", "lrr = 0.05"), "", "unknown field 'lrr'"),
+    (("opt_batch = 8", "opt_batch = 32"), "", "build.opt_batch = 32"),
+    (("num_classes = 10", "num_classes = 0"), "", "num_classes = 0"),
+    (None, "\n[nonsense]\nx = 1\n", "unknown field 'nonsense'"),
+    (None, "\n[[broken", "not valid TOML"),
+], ids=["negative-lr", "string-lr", "unknown-key", "opt-above-max", "no-classes", "unknown-section", "syntax"])
+def test_bad_value_in_a_recipe_file(out, tmp_path, capsys, replace, append, expected):
+    path = recipe_file(tmp_path, replace, append)
+    code, lines = run_in_process(out, "layers", ["--model", str(path)], capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert expected in lines[0] and str(path) in lines[0], lines[0]
+    assert not (out / "mine").exists()
+
+
+def test_a_recipe_file_path_runs_like_a_registered_name(tmp_path):
+    path = recipe_file(tmp_path)
+    assert main(["layers", "--model", str(path), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "mine" / "layers.json").is_file()
+
+
+def test_unknown_model_lists_the_registered_recipes(capsys):
+    assert main(["layers", "--model", "resnet51"]) == 2
+    error = capsys.readouterr().err
+    assert "tiny_resnet" in error and "fmnist_resnet" in error and ".toml" in error
+
+
+def test_model_flags_override_the_recipe():
+    recipe = resolve_recipe(ModelOptions(model="resnet18", weights="random", data="synthetic", input_size="160",
+                                         num_classes=10, classifier="fc", mean="0.5,0.5,0.5", std="0.2,0.2,0.2"))
+    assert recipe.input_shape == [3, 160, 160] and recipe.preprocess.crop == 160
+    assert recipe.preprocess.resize == round(160 * 256 / 224)  # the recipe's resize/crop ratio is kept
+    assert recipe.num_classes == 10 and recipe.preprocess.mean == [0.5] * 3 and recipe.preprocess.std == [0.2] * 3
+    grey = resolve_recipe(ModelOptions(model="resnet18", weights="random", data="synthetic", input_size="1,64,64",
+                                       mean="0.5", std="0.25"))
+    assert grey.input_shape == [1, 64, 64] and grey.preprocess.color == "L"
+
+
+def test_every_registered_recipe_is_valid():
+    for name in ("fmnist_resnet", "tiny_resnet", "resnet18", "resnet34", "resnet50", "convnext_t", "convnext_s"):
+        recipe = get_recipe(name)
+        assert recipe.name == name and recipe.arch.split(":")[0] in ("builtin", "torchvision")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train-masks", "--set", "masks.init=foo"], "masks.init = 'foo'"),
+    (["verify", "--min-coverage", "5"], "verify.min_coverage = 5.0"),
+])
+def test_bad_value_from_the_command_line_has_no_traceback(out, argv, expected):
+    before = snapshot(out)
+    env = {**os.environ, "PIPELINE_NO_PROGRESS": "1"}
+    result = subprocess.run([sys.executable, "-m", "pipeline", *argv, "--model", MODEL, "--out", str(out)], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert expected in lines[0] and "Traceback" not in result.stderr + result.stdout
+    assert snapshot(out) == before
