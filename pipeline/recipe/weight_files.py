@@ -94,7 +94,7 @@ def _load_payload(path: Path):
         raise PipelineError(f"weights file {path} is empty; {SAVE_HINT}")
     with open(path, "rb") as handle:
         head = handle.read(4096)
-    if zipfile.is_zipfile(path):
+    if head.startswith(b"PK\x03\x04"):  # torch's zip format (or a damaged copy of it)
         _refuse_torchscript(path)
     elif _is_safetensors(head, size):
         return _load_safetensors(path)
@@ -126,6 +126,11 @@ def _refuse_torchscript(path: Path) -> None:
     if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
         raise PipelineError(f"weights file {path} is a TorchScript archive (torch.jit.save), which cannot be loaded "
                             f"without running its code; {SAVE_HINT} before scripting")
+
+
+def _is_zip_header(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
 
 
 def _not_pytorch(head: bytes) -> str:
@@ -173,7 +178,7 @@ def _pickled_objects(path: Path) -> _PickledObjects:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             pickles = [archive.read(name) for name in archive.namelist() if name.endswith("/data.pkl")]
-    else:
+    elif not _is_zip_header(path):
         with open(path, "rb") as handle:
             pickles = [handle.read(_LEGACY_HEAD_BYTES)]
     found: list[str] = []
