@@ -126,7 +126,7 @@ def _num_classes(request: RecipeRequest, state, classifier: str, labels: list[st
         raise PipelineError(f"{request.source}: the number of classes is not known; pass --num-classes, "
                             "--weights FILE or --data DIR")
     if labels is not None and len(labels) != chosen:
-        where = "--num-classes" if request.num_classes else ("the weights" if from_weights else "the source")
+        where = "--num-classes" if request.num_classes else ("the weights file" if from_weights else "the source")
         raise PipelineError(f"{request.data} has {len(labels)} classes but {where} says {chosen}; the head and the "
                             "class folders must match")
     if from_weights and not request.num_classes:
@@ -159,7 +159,7 @@ def _preprocess(request: RecipeRequest, defaults, channels: int, size: int) -> d
 
 def _default_name(request: RecipeRequest, source: ModelSource) -> str:
     base = Path(request.weights).stem if request.weights and request.weights not in NAMED_WEIGHTS else source.name
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", base.rsplit(":", 1)[-1]).strip("._-") or "model"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("._-") or "model"
 
 
 # --------------------------------------------------------------------------- TOML (scalars, lists, tables)
