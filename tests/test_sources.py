@@ -213,3 +213,23 @@ def test_find_classifier_takes_the_last_matching_layer():
     model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3))
     assert find_classifier(model, 6) == "1"
     assert find_classifier(model, 9) is None
+
+
+def test_layer_report_states_what_depthwise_layers_cost():
+    from pipeline.sparsity.eligibility import find_layers
+
+    source = resolve_source("torchvision:mobilenet_v3_small")
+    model = source.build(10)
+    report = find_layers(model, [3, 64, 64], 4, classifier=source.classifier_name())
+    modules = dict(model.named_modules())
+    grouped = sum(layer.macs for layer in report.layers
+                  if isinstance(modules[layer.name], nn.Conv2d) and modules[layer.name].groups > 1)
+    assert grouped > 0 and report.grouped_mac_fraction == pytest.approx(grouped / report.total_macs)
+    masked = report.masked_mac_fraction
+    assert report.gain_note(2, 4) == (
+        f"2:4 masks cover {100 * masked:.1f}% of the MACs: at best {1 / (1 - masked / 2):.2f}x fewer MACs per image; "
+        f"depthwise/grouped convolutions hold {100 * grouped / report.total_macs:.1f}% of the MACs and never get "
+        "sparse kernels, and being memory-bound they usually take a larger share of the run time than of the MACs, "
+        "so expect less end to end")
+    dense_only = find_layers(resolve_source("tiny_resnet").build(10), [1, 28, 28], 4)
+    assert "depthwise" not in dense_only.gain_note(2, 4)
