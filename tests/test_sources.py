@@ -233,3 +233,13 @@ def test_layer_report_states_what_depthwise_layers_cost():
         "so expect less end to end")
     dense_only = find_layers(resolve_source("tiny_resnet").build(10), [1, 28, 28], 4)
     assert "depthwise" not in dense_only.gain_note(2, 4)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("torchvision:resnet18", True), ("timm:resnet10t", True), ("python:pkg.mod:build", True),
+    ("builtin:tiny_resnet", True), ("resnet18", False), ("models/mine.toml", False), ("C:/recipes/mine.toml", False),
+])
+def test_is_source_spec(text, expected):
+    from pipeline.recipe.sources import is_source_spec
+
+    assert is_source_spec(text) is expected
