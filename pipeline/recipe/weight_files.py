@@ -1,0 +1,231 @@
+"""Dense-weight files: the state_dict formats users save, and one-line refusals for everything else.
+
+Accepted: a plain state_dict; one wrapped under `model`, `state_dict` or `model_state_dict` (torchvision's
+reference scripts write `model`, timm's train script `state_dict`), or under `model_ema`, `state_dict_ema` or
+`ema` (their EMA copies); keys prefixed with `module.` (DDP, torchvision's AveragedModel) or `_orig_mod.`
+(torch.compile), alone or combined; safetensors files when the safetensors package is installed.
+
+When a file holds both, the plain weights win, since they are what `model.state_dict()` gives back; the EMA copy
+is used when it is the only one, or when the caller asks for it (`prefer_ema=True`).
+
+Refused without unpickling anything: a whole pickled `nn.Module` (`torch.save(model)`), a TorchScript archive,
+a text file, an empty file and anything else that is not a PyTorch file. Only tensors, plain containers and
+argparse.Namespace (the `args` entry of both training scripts' checkpoints) are ever unpickled.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import pickletools
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import PipelineError
+
+SAVE_HINT = "save the weights with torch.save(model.state_dict(), PATH)"
+PLAIN_ENTRIES = ("model", "state_dict", "model_state_dict")
+EMA_ENTRIES = ("model_ema", "state_dict_ema", "ema")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Enough of a legacy (non-zip) torch file to hold its object pickle ahead of the tensor bytes.
+_LEGACY_HEAD_BYTES = 8 << 20
+
+
+@dataclass
+class WeightFile:
+    state_dict: dict[str, torch.Tensor]
+    entry: str | None  # the checkpoint key the weights came from; None for a plain state_dict
+    ignored: list[str]  # other weight entries in the file that were not used
+
+    def describe(self, path: Path) -> str:
+        where = f"file {path}" + (f" (entry {self.entry!r})" if self.entry else "")
+        if self.ignored:
+            where += f"; also holds {', '.join(repr(name) for name in self.ignored)}, not used"
+        return where
+
+
+def read_state_dict(path: str | Path, prefer_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The state_dict in a weights file, unwrapped and with DDP/compile prefixes removed."""
+    return read_weight_file(path, prefer_ema).state_dict
+
+
+def read_weight_file(path: str | Path, prefer_ema: bool = False) -> WeightFile:
+    path = Path(path)
+    payload = _load_payload(path)
+    state, entry, ignored = _unwrap(payload, path, prefer_ema)
+    return WeightFile(strip_wrapper_prefixes(state), entry, ignored)
+
+
+def infer_num_classes(state_dict: dict[str, torch.Tensor], classifier: str | None) -> int | None:
+    """Output size of the classifier head from its weight shape; None when the head is not named."""
+    if not classifier:
+        return None
+    key = f"{classifier}.weight"
+    if key not in state_dict:
+        heads = [name.removesuffix(".weight") for name, tensor in state_dict.items()
+                 if name.endswith(".weight") and tensor.dim() in (2, 4)]
+        raise PipelineError(f"the weights have no {key!r}, so the classifier head {classifier!r} is not in them; "
+                            f"name the head with --classifier (the last layers in the file: {', '.join(heads[-3:])})")
+    return int(state_dict[key].shape[0])
+
+
+def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove `module.` / `_orig_mod.` while every key carries it (a model's own layer names differ per key)."""
+    if "n_averaged" in state and all(key.startswith("module.") for key in state if key != "n_averaged"):
+        state = {key: value for key, value in state.items() if key != "n_averaged"}  # AveragedModel's counter
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state)), None)
+        if prefix is None:
+            break
+        state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+# --------------------------------------------------------------------------- reading
+def _load_payload(path: Path):
+    if not path.is_file():
+        raise PipelineError(f"weights file {path} does not exist; check the path")
+    size = path.stat().st_size
+    if size == 0:
+        raise PipelineError(f"weights file {path} is empty; {SAVE_HINT}")
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if head.startswith(b"PK\x03\x04"):  # torch's zip format (or a damaged copy of it)
+        _refuse_torchscript(path)
+    elif _is_safetensors(head, size):
+        return _load_safetensors(path)
+    elif not head.startswith(b"\x80"):  # every torch.save pickle starts with the PROTO opcode
+        raise PipelineError(f"weights file {path} {_not_pytorch(head)}; {SAVE_HINT}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+        objects = _pickled_objects(path)
+        if objects.is_module:
+            raise PipelineError(f"weights file {path} holds a whole pickled nn.Module (torch.save(model)), which "
+                                f"cannot be loaded without running its code; {SAVE_HINT}") from None
+        if objects.globals:
+            raise PipelineError(f"weights file {path} holds pickled Python objects ({', '.join(objects.globals[:3])}) "
+                                f"that cannot be loaded without running their code; {SAVE_HINT}") from None
+        text = _ANSI.sub("", str(exc)).strip()
+        first = text.splitlines()[0][:160] if text else type(exc).__name__
+        raise PipelineError(f"weights file {path} cannot be read ({first}); it is truncated or corrupt, "
+                            f"{SAVE_HINT}") from None
+
+
+def _refuse_torchscript(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return  # torch.load reports the damage
+    if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+        raise PipelineError(f"weights file {path} is a TorchScript archive (torch.jit.save), which cannot be loaded "
+                            f"without running its code; {SAVE_HINT} before scripting")
+
+
+def _is_zip_header(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
+
+
+def _not_pytorch(head: bytes) -> str:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "is not a PyTorch file (no zip archive or pickle header)"
+    if "\x00" in text:
+        return "is not a PyTorch file (no zip archive or pickle header)"
+    if text.startswith("version https://git-lfs"):
+        return "is a Git LFS pointer, not the weights (run `git lfs pull`)"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"is a text file ({first!r}...), not PyTorch weights"
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 9:
+        return False
+    header_length = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 8 + header_length <= size
+
+
+def _load_safetensors(path: Path):
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise PipelineError(f"weights file {path} is a safetensors file; install the safetensors package "
+                            "(`pip install safetensors`) to read it") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise PipelineError(f"weights file {path} is a damaged safetensors file ({_ANSI.sub('', str(exc))[:160]})") \
+            from None
+
+
+@dataclass
+class _PickledObjects:
+    globals: list[str]  # classes and functions the pickle would import, in order
+    is_module: bool  # an nn.Module's __dict__ (its _parameters and _modules) is in the pickle
+
+
+def _pickled_objects(path: Path) -> _PickledObjects:
+    """What a pickle references, read with pickletools (which parses opcodes and runs nothing)."""
+    pickles: list[bytes] = []
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            pickles = [archive.read(name) for name in archive.namelist() if name.endswith("/data.pkl")]
+    elif not _is_zip_header(path):
+        with open(path, "rb") as handle:
+            pickles = [handle.read(_LEGACY_HEAD_BYTES)]
+    found: list[str] = []
+    strings: set[str] = set()
+    for data in pickles:
+        stream = io.BytesIO(data)
+        while stream.tell() < len(data):  # legacy files hold several pickles back to back
+            recent: list[str] = []
+            try:
+                for opcode, argument, _ in pickletools.genops(stream):
+                    if isinstance(argument, str) and "UNICODE" in opcode.name:
+                        strings.add(argument)
+                        recent.append(argument)
+                    if opcode.name in ("GLOBAL", "INST"):
+                        found.append(argument.replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(recent) >= 2:
+                        found.append(f"{recent[-2]}.{recent[-1]}")
+            except (ValueError, EOFError):  # the tensor bytes after a legacy file's pickles
+                break
+    unsafe = [name for name in dict.fromkeys(found) if _needs_code(name)]
+    return _PickledObjects(unsafe, {"_parameters", "_modules"} <= strings)
+
+
+def _needs_code(global_name: str) -> bool:
+    """Whether a pickled reference is more than the tensor rebuilders and containers a state_dict uses."""
+    if global_name.startswith("torch.nn.modules."):
+        return True
+    return not (global_name.startswith("torch.") or global_name in ("collections.OrderedDict", "argparse.Namespace"))
+
+
+def _unwrap(payload, path: Path, prefer_ema: bool) -> tuple[dict[str, torch.Tensor], str | None, list[str]]:
+    if not isinstance(payload, dict):
+        raise PipelineError(f"weights file {path} holds a {type(payload).__name__}, not a state_dict; {SAVE_HINT}")
+    if payload and all(isinstance(value, torch.Tensor) for value in payload.values()):
+        return payload, None, []
+    plain = [key for key in PLAIN_ENTRIES if isinstance(payload.get(key), dict)]
+    ema = [key for key in EMA_ENTRIES if isinstance(payload.get(key), dict)]
+    order = ema + plain if prefer_ema else plain + ema
+    if not order:
+        keys = ", ".join(repr(key) for key in list(payload)[:6])
+        raise PipelineError(f"weights file {path} holds a dict ({keys}) with no state_dict: expected tensors, or "
+                            f"one under {', '.join(PLAIN_ENTRIES + EMA_ENTRIES)}; {SAVE_HINT}")
+    entry = order[0]
+    state = payload[entry]
+    not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not state or not_tensors:
+        raise PipelineError(f"weights file {path}: entry {entry!r} is not a state_dict "
+                            f"({'empty' if not state else 'non-tensor values at ' + ', '.join(not_tensors[:3])}); "
+                            f"{SAVE_HINT}")
+    return state, entry, order[1:]

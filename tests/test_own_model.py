@@ -1,0 +1,107 @@
+"""A user's own fine-tuned torchvision ResNet-18 on their own ImageFolder, through every stage (issue 9, item 1).
+
+Offline: the test writes a 10-class ImageFolder, fine-tunes resnet18(num_classes=10) for a few steps, saves
+it as users do, and runs `engine --model resnet18 --weights FILE --data DIR --input-size 32` with nothing
+else: the head size comes from the weights file, the labels from the class folders.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from image_folders import write_imagefolder
+from pipeline.recipe.weight_files import infer_num_classes, read_state_dict
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+SIZE = 32
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def fine_tune(data: Path, steps: int = 25) -> nn.Module:
+    """A few SGD steps on the training split, as a user's fine-tuning script would run (much longer)."""
+    from torchvision import transforms
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=len(CLASSES))
+    dataset = torchvision.datasets.ImageFolder(
+        str(data / "train"), transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)]))
+    assert dataset.classes == CLASSES
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True, drop_last=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    step = 0
+    while step < steps:
+        for images, labels in loader:
+            loss = nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step == steps:
+                break
+    return model.eval()
+
+
+def saved_as_users_do(model: nn.Module) -> dict[str, object]:
+    state = model.state_dict()
+    args = argparse.Namespace(model="resnet18", lr=0.05)
+    return {
+        "plain": state,
+        "model": {"model": state, "optimizer": {}, "epoch": 0, "args": args},
+        "state_dict": {"state_dict": state, "arch": "resnet18", "version": 2, "args": args},
+        "model_state_dict": {"model_state_dict": state, "epoch": 0},
+        "model_ema": {"model_ema": torch.optim.swa_utils.AveragedModel(model).state_dict()},
+        "ema": {"ema": state},
+        "ddp": {"module." + key: value for key, value in state.items()},
+        "compile": torch.compile(model).state_dict(),
+    }
+
+
+def pipeline(*argv: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PIPELINE_NO_PROGRESS="1")
+    return subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_finetuned_resnet18_runs_every_stage_and_labels_reach_triton(tmp_path):
+    data = write_imagefolder(tmp_path / "data", CLASSES, per_class=8, size=SIZE, val_per_class=4)
+    model = fine_tune(data)
+    expected = model.state_dict()
+    for fmt, payload in saved_as_users_do(model).items():
+        path = tmp_path / f"{fmt}.pth"
+        torch.save(payload, path)
+        state = read_state_dict(path)
+        assert sorted(state) == sorted(expected), fmt
+        assert all(torch.equal(state[key], expected[key]) for key in expected), fmt
+        assert infer_num_classes(state, "fc") == len(CLASSES), fmt
+
+    weights, out = tmp_path / "plain.pth", tmp_path / "engines"
+    flags = ["--model", "resnet18", "--weights", str(weights), "--data", str(data), "--input-size", str(SIZE),
+             "--out", str(out)]
+    engine = pipeline("engine", *flags)
+    assert engine.returncode == 0, engine.stdout[-3000:] + engine.stderr[-3000:]
+    stages = json.loads((out / "resnet18" / "stages.json").read_text())["stages"]
+    assert set(stages) == {"train-masks", "bake", "export", "build", "verify"}
+    for stage in stages:
+        assert f"== {stage}: running" in engine.stdout
+    config = json.loads((out / "resnet18" / "config.json").read_text())
+    assert config["num_classes"] == len(CLASSES) and config["input_shape"] == [3, SIZE, SIZE]
+    assert config["labels"] == CLASSES
+
+    package = pipeline("package", *flags)
+    assert package.returncode == 0, package.stdout[-3000:] + package.stderr[-3000:]
+    label_files = sorted((out / "resnet18" / "triton").glob("*/labels.txt"))
+    assert len(label_files) == 2  # dense and sparse
+    for labels in label_files:
+        assert labels.read_text().splitlines() == CLASSES
