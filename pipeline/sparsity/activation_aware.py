@@ -51,7 +51,7 @@ def calibration_batches(dataset: Dataset, images: int = CALIBRATION_IMAGES, batc
     return [batch[0] for batch in make_loader(Subset(dataset, chosen.tolist()), batch_size=batch_size)]
 
 
-def _masked_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+def _conv_linear_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
     modules = dict(model.named_modules())
     found = {}
     for name in names:
@@ -96,7 +96,7 @@ def unfolded_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def input_channel_norms(model: nn.Module, names: Iterable[str], batches: list[torch.Tensor],
                         device: torch.device) -> dict[str, torch.Tensor]:
     """Per masked layer, the L2 norm of each input channel over all images and positions: [C] (float64)."""
-    modules = _masked_modules(model, names)
+    modules = _conv_linear_modules(model, names)
     sums: dict[str, torch.Tensor] = {}
 
     def update(name: str, module: nn.Module, x: torch.Tensor) -> None:
@@ -111,7 +111,7 @@ def input_channel_norms(model: nn.Module, names: Iterable[str], batches: list[to
 def input_hessians(model: nn.Module, names: Iterable[str], batches: list[torch.Tensor],
                    device: torch.device) -> dict[str, torch.Tensor]:
     """Per masked layer, H = X X^T / n over its unfolded input (float64, undamped): [D, D], D = C*R*S."""
-    modules = _masked_modules(model, names)
+    modules = _conv_linear_modules(model, names)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -154,14 +154,14 @@ def indices_from_scores(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def wanda_indices(model: nn.Module, names: list[str], batches: list[torch.Tensor], n: int, m: int,
                   device: torch.device) -> dict[str, torch.Tensor]:
     norms = input_channel_norms(model, names, batches, device)
-    modules = _masked_modules(model, names)
+    modules = _conv_linear_modules(model, names)
     return {name: indices_from_scores(wanda_scores(modules[name].weight.cpu(), norms[name]), n, m) for name in names}
 
 
 def sparsegpt_indices(model: nn.Module, names: list[str], batches: list[torch.Tensor], n: int, m: int,
                       device: torch.device, damping: float = HESSIAN_DAMPING) -> dict[str, torch.Tensor]:
     hessians = input_hessians(model, names, batches, device)
-    modules = _masked_modules(model, names)
+    modules = _conv_linear_modules(model, names)
     indices = {}
     for name in names:
         indices[name] = indices_from_scores(obs_saliency(modules[name].weight.cpu(), hessians.pop(name), damping), n, m)
