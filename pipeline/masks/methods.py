@@ -16,8 +16,11 @@ API (for `compare`, `bake` and anyone adding a method):
 artifact is baked onto permuted weights.
 
 Methods: magnitude, permuted, transposable (exact), transposable-greedy (2-approximation),
-learned (Gumbel-Softmax on frozen weights; `masks.init` = magnitude | uniform, optionally started
-from another method's masks via MethodContext.initial).
+wanda and sparsegpt (activation-aware, calibration images from MethodContext.data.train),
+adaprune (magnitude masks, then the kept weights re-fitted: the only method in CHANGES_WEIGHTS,
+whose `dense_state_dict` holds the changed weights), learned (Gumbel-Softmax on frozen weights;
+`masks.init` = magnitude | uniform, optionally started from another method's masks via
+MethodContext.initial).
 """
 from __future__ import annotations
 
@@ -171,6 +174,53 @@ def transposable_greedy(ctx: MethodContext) -> MaskResult:
     return _transposable(ctx, "greedy", "transposable-greedy")
 
 
+def _calibration(ctx: MethodContext, method: str) -> list[torch.Tensor]:
+    from pipeline.masks.activation_aware import calibration_batches
+
+    if ctx.data is None:
+        raise PipelineError(f"the {method} method needs calibration images (MethodContext.data)")
+    return calibration_batches(ctx.data.train, seed=ctx.recipe.masks.seed)
+
+
+def _activation_aware(ctx: MethodContext, method: str, rule: str) -> MaskResult:
+    from pipeline.masks import activation_aware
+
+    cfg = ctx.recipe.masks
+    batches = _calibration(ctx, method)
+    names = [layer.name for layer in ctx.report.masked]
+    model = copy.deepcopy(ctx.model).to(ctx.device)
+    compute = activation_aware.wanda_indices if method == "wanda" else activation_aware.sparsegpt_indices
+    indices = compute(model, names, batches, cfg.n, cfg.m, ctx.device)
+    images = sum(len(batch) for batch in batches)
+    meta = {"rule": rule, "calibration_images": images, "block": "M input channels at each (k, r, s)"}
+    return MaskResult(_artifact(ctx, method, indices, meta), _state(ctx), info={"calibration_images": images})
+
+
+def wanda(ctx: MethodContext) -> MaskResult:
+    return _activation_aware(ctx, "wanda", "per block keep the N largest |w| x input-channel activation norm")
+
+
+def sparsegpt(ctx: MethodContext) -> MaskResult:
+    return _activation_aware(ctx, "sparsegpt", "per block keep the N largest w^2 / [H^-1]_jj, no weight update")
+
+
+def adaprune(ctx: MethodContext) -> MaskResult:
+    from pipeline.masks.adaprune import refit_kept_weights
+
+    cfg = ctx.recipe.masks
+    batches = _calibration(ctx, "adaprune")
+    state = _state(ctx)
+    indices = {layer.name: magnitude_indices(state[f"{layer.name}.weight"], cfg.n, cfg.m)
+               for layer in ctx.report.masked}
+    artifact = _artifact(ctx, "adaprune", indices, {})
+    refitted, stats = refit_kept_weights(copy.deepcopy(ctx.model).to(ctx.device), artifact, batches, ctx.device)
+    state.update(refitted)
+    artifact.meta.update({"rule": "magnitude masks; kept weights re-fitted to the dense layer outputs",
+                          "changes_weights": True, "calibration_images": sum(len(batch) for batch in batches),
+                          "reconstruction": stats})
+    return MaskResult(artifact, state, info={"changes_weights": True, "reconstruction": stats})
+
+
 def learned(ctx: MethodContext) -> MaskResult:
     from pipeline.masks.learning import learn_masks
 
@@ -215,12 +265,19 @@ METHODS: dict[str, Callable[[MethodContext], MaskResult]] = {
     "permuted": permuted,
     "transposable": transposable,
     "transposable-greedy": transposable_greedy,
+    "wanda": wanda,
+    "sparsegpt": sparsegpt,
+    "adaprune": adaprune,
     "learned": learned,
 }
 
+# Methods whose result carries changed dense weights (MaskResult.dense_state_dict); every table labels them.
+CHANGES_WEIGHTS = frozenset({"adaprune"})
+
 # Which constraint bounds each method's admissible masks (for the mask-diversity column).
 CONSTRAINT = {"magnitude": "nm", "permuted": "nm", "transposable": "transposable",
-              "transposable-greedy": "transposable", "learned": "nm"}
+              "transposable-greedy": "transposable", "wanda": "nm", "sparsegpt": "nm", "adaprune": "nm",
+              "learned": "nm"}
 
 
 def compute_masks(method: str, ctx: MethodContext) -> MaskResult:

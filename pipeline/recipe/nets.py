@@ -60,9 +60,24 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def fmnist_resnet18(num_classes: int, stem_stride: int = 2) -> nn.Module:
+    """torchvision's ResNet-18 for 1x28x28 input: a 3x3 stem (1 input channel) and no max-pool,
+    everything else (module names included) unchanged, so torchvision's layer names apply.
+
+    The stem's stride 2 puts layer1 at 14x14: a stride-1 stem (28x28) costs 4x the compute, too
+    much to pretrain within `make engine`'s 30 minutes on 2 CPU cores (models/fmnist_resnet18.py)."""
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(1, 64, 3, stem_stride, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
 # `builtin:<name>` source specs
 ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     "small_resnet": lambda num_classes: SmallResNet(num_classes, widths=(48, 96, 192), stem_stride=2),
     # A few thousand weights: for tests and smoke runs of every stage in seconds.
     "tiny_resnet": lambda num_classes: SmallResNet(num_classes, widths=(8, 16, 32), stem_stride=2),
+    "fmnist_resnet18": fmnist_resnet18,
 }

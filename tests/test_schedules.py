@@ -1,0 +1,124 @@
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import PipelineError
+from pipeline.masks.patterns import magnitude_indices, pattern_table, to_blocks
+from pipeline.masks.schedules import (ArgmaxStopTracker, BestMasks, distillation_loss, epochs_for_budget,
+                                         holdout_split, kept_magnitude_share, prior_logits, sampling_probabilities,
+                                         steps_per_epoch, temperature, warmup_cosine_factor, warmup_steps)
+
+
+def test_budget_gives_epochs_for_any_dataset_size():
+    assert steps_per_epoch(1400, 64) == 21
+    assert epochs_for_budget(2100, 1400, 64) == pytest.approx(100.0)
+    assert epochs_for_budget(2100, 60000, 128) == pytest.approx(2100 / 468)
+    assert epochs_for_budget(100, 60000, 128, world_size=2) == pytest.approx(100 / 234)
+    with pytest.raises(PipelineError, match="fewer than one batch"):
+        steps_per_epoch(50, 64)
+    with pytest.raises(PipelineError, match="at least 1"):
+        epochs_for_budget(0, 1000, 10)
+
+
+def test_warmup_then_cosine_reaches_the_final_factor_on_the_last_step():
+    total, warm = 100, warmup_steps(100, 0.05)
+    assert warm == 5
+    factors = [warmup_cosine_factor(step, total, warm, final=0.1) for step in range(total)]
+    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert factors[5] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))  # monotone decay after warm-up
+    assert factors[5 + 47] == pytest.approx(0.55, abs=0.02)  # half-way down the cosine
+    assert warmup_steps(1) == 0 and warmup_steps(10, 0.0) == 0
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine_factor(s, total, warm, 0.1))
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "exponential", "cosine"])
+def test_temperature_runs_from_start_to_end_over_the_budget(schedule):
+    values = [temperature(step, 50, 1.0, 0.1, schedule) for step in range(50)]
+    assert values[0] == pytest.approx(1.0) and values[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert temperature(7, 50, 0.5, 0.1, "constant") == 0.5
+    with pytest.raises(PipelineError, match="tau_schedule"):
+        temperature(0, 5, 1.0, 0.1, "bogus")
+
+
+def test_argmax_stop_needs_patience_consecutive_quiet_evaluations():
+    tracker = ArgmaxStopTracker(patience=3, threshold=0.001)
+    assert [tracker.update(share) for share in [0.2, 0.0005, 0.0, 0.01, 0.0, 0.001]] == [False] * 6
+    assert tracker.update(0.0) is True
+    resumed = ArgmaxStopTracker(**{"patience": 3, "threshold": 0.001, "quiet": tracker.quiet})
+    assert resumed.update(0.0) is True
+    with pytest.raises(PipelineError):
+        ArgmaxStopTracker(patience=0, threshold=0.1)
+    with pytest.raises(PipelineError):
+        ArgmaxStopTracker(patience=2, threshold=1.5)
+
+
+def test_best_masks_never_fall_below_the_start():
+    best = BestMasks()
+    start = {"a": torch.tensor([1, 2])}
+    assert best.update(80.0, 0, start) and not best.beat_start
+    assert not best.update(79.0, 100, {"a": torch.tensor([3, 3])})
+    assert not best.update(80.0, 200, {"a": torch.tensor([4, 4])})  # a tie keeps the older masks
+    assert torch.equal(best.indices["a"], start["a"]) and not best.beat_start
+    assert best.update(81.5, 300, {"a": torch.tensor([5, 5])}) and best.beat_start and best.step == 300
+
+
+def test_holdout_split_is_disjoint_seeded_and_complete():
+    train, val = holdout_split(100, 15, seed=3)
+    assert len(val) == 15 and sorted(train + val) == list(range(100))
+    assert holdout_split(100, 15, seed=3) == (train, val) and holdout_split(100, 15, seed=4)[1] != val
+    with pytest.raises(PipelineError):
+        holdout_split(10, 10, 0)
+
+
+def test_distillation_loss_is_scaled_kl_and_zero_for_equal_logits():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(8, 10), torch.randn(8, 10, requires_grad=True)
+    assert float(distillation_loss(teacher, teacher, 4.0)) == pytest.approx(0.0, abs=1e-6)
+    t = 2.0
+    p = F.softmax(teacher / t, -1)
+    expected = (p * (p.log() - F.log_softmax(student / t, -1))).sum(-1).mean() * t * t
+    loss = distillation_loss(student, teacher, t)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.item() > 0
+    loss.backward()
+    assert student.grad is not None and float(student.grad.abs().sum()) > 0
+    with pytest.raises(PipelineError):
+        distillation_loss(student, teacher, 0.0)
+
+
+def test_prior_logits_rank_patterns_by_overlap_with_the_prior_mask():
+    torch.manual_seed(1)
+    weight = torch.randn(4, 8, 3, 3)
+    prior = magnitude_indices(weight, 2, 4)  # [4, 3, 3, 2]
+    logits = prior_logits(prior, 2, 4, strength=6.0)  # [6, 4, 3, 3, 2]
+    assert logits.shape == (6, *prior.shape)
+    assert torch.equal(logits.argmax(0), prior)
+    assert torch.allclose(logits.sum(0), torch.zeros(prior.shape), atol=1e-6)  # centred
+    table = pattern_table(2, 4)
+    overlaps = (table @ table[prior[0, 0, 0, 0]]).tolist()  # shared kept positions per pattern
+    values = logits[:, 0, 0, 0, 0].tolist()
+    for a, b in itertools.product(range(6), range(6)):
+        assert (overlaps[a] > overlaps[b]) == (values[a] > values[b] + 1e-9)
+    assert float(prior_logits(prior, 2, 4, 0.0).abs().max()) == 0.0
+
+
+def test_logit_scaling_and_kept_magnitude_share():
+    logits = torch.tensor([[1.0], [0.0]])  # two patterns, one block
+    noise = torch.tensor([[0.0], [0.5]])
+    low = sampling_probabilities(logits, noise, tau=1.0, scale=1.0)
+    high = sampling_probabilities(logits, noise, tau=1.0, scale=10.0)
+    assert torch.allclose(low.sum(0), torch.ones(1)) and float(high[0, 0]) > float(low[0, 0])
+    weight = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    kept = (to_blocks(weight.abs(), 4) @ pattern_table(2, 4).T).movedim(-1, 0)  # [6, 1, 1]
+    certain = torch.zeros_like(kept)
+    certain[0] = 1.0  # pattern 0 keeps positions 0 and 1: 7 of 10
+    assert float(kept_magnitude_share(certain, kept, weight.abs().sum())) == pytest.approx(0.7)
+    uniform = torch.full_like(kept, 1 / 6)
+    assert float(kept_magnitude_share(uniform, kept, weight.abs().sum())) == pytest.approx(0.5)
+    assert math.isfinite(float(kept_magnitude_share(uniform, kept, torch.tensor(0.0))))
