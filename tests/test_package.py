@@ -59,7 +59,8 @@ def test_onnx_repository_matches_recipe_and_model(out, capsys):
     assert package(out) == 0
     recipe = get_recipe(MODEL)
     repo = out / MODEL / "triton"
-    assert sorted(p.name for p in repo.iterdir()) == [f"{MODEL}_dense", f"{MODEL}_sparse"]
+    assert sorted(p.name for p in repo.iterdir()) == [f"{MODEL}_dense", f"{MODEL}_dense_e2e", f"{MODEL}_preprocess",
+                                                       f"{MODEL}_sparse", f"{MODEL}_sparse_e2e"]
     pb2 = model_config_pb2()
     for variant in ("dense", "sparse"):
         model_dir = repo / f"{MODEL}_{variant}"
@@ -81,7 +82,8 @@ def test_onnx_repository_matches_recipe_and_model(out, capsys):
         spec = json.loads((model_dir / "preprocessing.json").read_text())
         assert (spec["color"], spec["crop"], spec["mean"], spec["std"]) == ("L", 28, [0.5], [0.25])
         assert spec["input"] == {"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28], "layout": "NCHW"}
-    assert set(check_repository(repo)) == {f"{MODEL}_dense", f"{MODEL}_sparse"}
+    assert set(check_repository(repo)) == {f"{MODEL}_dense", f"{MODEL}_sparse", f"{MODEL}_preprocess",
+                                           f"{MODEL}_dense_e2e", f"{MODEL}_sparse_e2e"}
     assert "no TensorRT plan found" in capsys.readouterr().out
 
 
@@ -170,7 +172,7 @@ def test_static_batch_onnx_is_refused(out, tmp_path, capsys):
     assert package(out) == 2
     err = capsys.readouterr().err
     assert "needs a dynamic batch axis" in err and "[1, 1, 28, 28]" in err
-    assert not (out / MODEL / "triton").exists() and not (out / MODEL / "manifest.json").exists()
+    assert not (out / MODEL / "triton").exists() and not (out / MODEL / "triton_cpu").exists() and not (out / MODEL / "manifest.json").exists()
 
 
 def test_missing_onnx_names_the_export_stage(out, capsys):
@@ -325,10 +327,9 @@ def test_unusable_plan_metadata_is_a_clear_error(out, capsys, meta, message):
 def test_missing_tritonclient_is_a_clear_error(out, monkeypatch, capsys):
     import sys
 
-    from pipeline.package import model_config
-
-    monkeypatch.delitem(sys.modules, model_config._PB2, raising=False)
+    for name in [name for name in sys.modules if name.split(".")[0] == "tritonclient"]:
+        monkeypatch.delitem(sys.modules, name)  # with grpcio installed, tritonclient.grpc may be imported already
     monkeypatch.setitem(sys.modules, "tritonclient", None)  # as if it were not installed
     assert package(out) == 2
     assert "needs the tritonclient package: pip install" in capsys.readouterr().err
-    assert not (out / MODEL / "triton").exists()
+    assert not (out / MODEL / "triton").exists() and not (out / MODEL / "triton_cpu").exists()
