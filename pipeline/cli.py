@@ -23,6 +23,8 @@ STAGES = {
     "verify": ("pipeline.stages.verify", "accuracy, latency and coverage of the engines; CI gates"),
     "engine": ("pipeline.stages.engine", "run every stage, skipping those whose inputs did not change"),
     "package": ("pipeline.stages.package", "write a Triton model repository"),
+    "serve": ("pipeline.stages.serve", "run tritonserver (CPU repository) in the foreground on 127.0.0.1"),
+    "serve-check": ("pipeline.stages.serve_check", "start tritonserver, check predictions, errors, load, crash"),
     "check-manifest": ("pipeline.stages.check_manifest", "verify an artifact folder against manifest.json"),
     "compare": ("pipeline.stages.compare", "compare mask methods on the evaluation set"),
     "certify": ("pipeline.stages.certify", "stability bounds of the masked classifier (paper, sec. 3.2)"),

@@ -160,3 +160,36 @@ class TritonServer:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def serve_foreground(recipe, paths, env_dir: Path | None, http_port: int = 0, grpc_port: int = 0,
+                     ready_timeout_s: float = 120.0) -> int:
+    """`make serve`: the CPU repository until Ctrl-C (or until the server exits); returns its exit status."""
+    import tempfile
+
+    from pipeline.package.ensembles import ensemble_name
+    from pipeline.package.repository import repository_dir
+    from pipeline.package.triton_runtime import find_environment, prepare_runtime
+
+    repository = repository_dir(paths, "cpu")
+    if not repository.is_dir():
+        raise PipelineError(f"{repository} does not exist; run `python -m pipeline package --model {recipe.name}`")
+    environment = find_environment(env_dir)
+    with tempfile.TemporaryDirectory(prefix="serve-") as work:
+        runtime = prepare_runtime(environment, Path(work) / "runtime")
+        log_path = paths.root / "serve.log"
+        server = TritonServer(runtime, repository, log_path, Ports.pick(http=http_port, grpc=grpc_port))
+        try:
+            server.start()
+            ready_s = server.wait_ready(ready_timeout_s)
+            print(f"tritonserver ready in {ready_s:.1f} s on 127.0.0.1 (log: {log_path})")
+            print(f"  HTTP  http://{server.http_url}/v2/models/{ensemble_name(recipe.name, 'sparse')}")
+            print(f"  gRPC  {server.grpc_url}")
+            print(f"  models: {', '.join(sorted(p.name for p in repository.iterdir() if p.is_dir()))}")
+            print("Ctrl-C stops it.", flush=True)
+            return server.process.wait()
+        except KeyboardInterrupt:
+            print("stopping tritonserver")
+            return 0
+        finally:
+            server.stop()
