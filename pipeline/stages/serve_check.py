@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
     report = run_serve_check(recipe, paths, Path(args.triton_env) if args.triton_env else None, settings)
     print(f"tritonserver ready in {report['server']['ready_s']} s ({report['note']})")
     for check in report["checks"]:
-        print(f"check {check['name']}: {'pass' if check['passed'] else 'FAIL'}")
-        if check["name"] == "load_test":
+        print(f"check {check['name']}: {'pass' if check['passed'] else 'FAIL'}"
+              + (f" ({check['error']})" if "error" in check else ""))
+        if check["name"] == "load_test" and "rows" in check:
             for row in check["rows"]:
                 cells = [f"{variant} " + (f"{row[variant]['throughput_infer_per_s']:.1f} infer/s, p50 "
                                           f"{row[variant]['p50_ms']:.2f} ms, p99 {row[variant]['p99_ms']:.2f} ms"
