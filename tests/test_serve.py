@@ -139,3 +139,20 @@ def test_missing_triton_environment_is_bad_input(packaged, tmp_path, capsys):
     assert main(["serve-check", "--model", MODEL, "--out", str(packaged), "--triton-env", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "has no bin/python" in err and "make serve-env" in err
+
+
+@pytest.mark.triton
+def test_serve_check_fails_when_the_server_answers_wrongly(runtime, packaged, tmp_path, capsys):
+    """The sparse repository model swapped for the dense ONNX: the predictions check fails, exit 1, nothing left."""
+    out = tmp_path / "engines"
+    shutil.copytree(packaged, out)
+    served = out / MODEL / "triton_cpu" / f"{MODEL}_sparse" / "1" / "model.onnx"
+    shutil.copyfile(out / MODEL / "dense.onnx", served)
+    code = main(["serve-check", "--model", MODEL, "--out", str(out), "--triton-env", str(runtime.environment.prefix),
+                 "--images", "20", "--no-load-test", "--no-crash-test"])
+    assert code == 1
+    assert "gate failed: serve-check failed: predictions" in capsys.readouterr().err
+    report = json.loads((out / MODEL / "serve_check.json").read_text())
+    results = report["checks"][0]["results"]
+    assert results["dense/http"]["passed"] and not results["sparse/http"]["passed"]
+    assert not report["passed"] and not report["processes_left"]
