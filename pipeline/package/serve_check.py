@@ -33,7 +33,7 @@ from pipeline.package.model_config import LABELS_FILENAME
 from pipeline.package.perf import VARIANTS, LoadTest, load_test
 from pipeline.package.repository import repository_dir
 from pipeline.package.server import Ports, TritonServer
-from pipeline.package.triton_runtime import Runtime, find_environment, prepare_runtime
+from pipeline.package.triton_runtime import find_environment, prepare_runtime
 from pipeline.paths import ArtifactPaths
 
 SCHEMA = 1
@@ -65,7 +65,7 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def test_images(recipe: Recipe, count: int) -> tuple[list[bytes], np.ndarray]:
+def evaluation_images(recipe: Recipe, count: int) -> tuple[list[bytes], np.ndarray]:
     """The first `count` images of the evaluation set verify used: encoded bytes and the tensors verify fed."""
     import torch
 
@@ -285,7 +285,7 @@ def run_serve_check(recipe: Recipe, paths: ArtifactPaths, env_dir: Path | None, 
                                 f"{recipe.name}` first")
     labels = read_labels(repository, models["dense"])
     environment = find_environment(env_dir)
-    images, tensors = test_images(recipe, settings.images)
+    images, tensors = evaluation_images(recipe, settings.images)
     reference = {"dense": onnx_logits(paths.dense_onnx, tensors), "sparse": onnx_logits(paths.sparse_onnx, tensors)}
     output = recipe.export.output_name
     started = time.time()

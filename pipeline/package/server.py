@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -20,8 +21,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import Recipe
 from pipeline.errors import PipelineError
 from pipeline.package.triton_runtime import Runtime
+from pipeline.paths import ArtifactPaths
 
 SHM_DIR = Path("/dev/shm")
 POLL_SECONDS = 0.1
@@ -162,11 +165,9 @@ class TritonServer:
         self.stop()
 
 
-def serve_foreground(recipe, paths, env_dir: Path | None, http_port: int = 0, grpc_port: int = 0,
-                     ready_timeout_s: float = 120.0) -> int:
+def serve_foreground(recipe: Recipe, paths: ArtifactPaths, env_dir: Path | None, http_port: int = 0,
+                     grpc_port: int = 0, ready_timeout_s: float = 120.0) -> int:
     """`make serve`: the CPU repository until Ctrl-C (or until the server exits); returns its exit status."""
-    import tempfile
-
     from pipeline.package.ensembles import ensemble_name
     from pipeline.package.repository import repository_dir
     from pipeline.package.triton_runtime import find_environment, prepare_runtime
