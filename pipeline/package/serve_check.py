@@ -3,8 +3,9 @@
 Checks (each a dict with `passed` in serve_check.json):
   predictions  raw test-set images (PNG-encoded from the evaluation set verify used) through
                <model>_<variant>_e2e over HTTP and gRPC give the top-1 class that ONNX Runtime
-               gives on the evaluation tensors of the same images, for dense and sparse, and
-               the class name of labels.txt (Triton's classification extension)
+               gives on the evaluation tensors of the same images (with the served ONNX, and with
+               verify's ONNX Runtime engines from build.json when there are), for dense and
+               sparse, and the class name of labels.txt (Triton's classification extension)
   bad_requests wrong shape, wrong dtype, corrupt image bytes, a batch above max_batch_size and
                an unknown model each get an error response, and a good request still works after
   load_test    perf_analyzer, concurrency 1..4, dense and sparse interleaved (pipeline.package.perf)
@@ -89,6 +90,26 @@ def evaluation_images(recipe: Recipe, count: int) -> tuple[list[bytes], np.ndarr
     return encoded, tensors
 
 
+def verify_engine_logits(recipe: Recipe, paths: ArtifactPaths, tensors: np.ndarray
+                         ) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Logits of the engines verify ran (build.json), when they are ONNX Runtime engines; else None and why."""
+    from pipeline.backends import get_backend
+    from pipeline.io import read_json
+
+    if not paths.build_report.is_file():
+        return None, f"no {paths.build_report.name}: the build stage did not run"
+    build = read_json(paths.build_report)
+    if build.get("backend") != "onnxruntime":
+        return None, f"verify ran {build.get('backend')} engines, which this CPU machine cannot run"
+    backend = get_backend("onnxruntime")
+    logits = {}
+    for variant in VARIANTS:
+        engine = Path(build["engines"][variant]["engine"])
+        runner = backend.load(engine if engine.is_absolute() else paths.root / engine, recipe)
+        logits[variant] = np.asarray(runner.infer(tensors), dtype=np.float32)
+    return logits, "ONNX Runtime engines of build.json, as verify runs them"
+
+
 def onnx_logits(onnx_path: Path, tensors: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
@@ -123,10 +144,12 @@ def _batches(items: list, size: int) -> list[list]:
 
 # --------------------------------------------------------------------------- checks
 def check_predictions(server: TritonServer, recipe: Recipe, models: dict[str, str], images: list[bytes],
-                      reference: dict[str, np.ndarray], labels: list[str], output: str) -> dict[str, Any]:
+                      reference: dict[str, np.ndarray], labels: list[str], output: str,
+                      verify_logits: dict[str, np.ndarray] | None, verify_note: str) -> dict[str, Any]:
     results = {}
     for variant in VARIANTS:
         expected = reference[variant].argmax(1)
+        verify_expected = None if verify_logits is None else verify_logits[variant].argmax(1)
         for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             logits, named = [], []
             for batch in _batches(images, recipe.serve.max_batch_size):
@@ -138,13 +161,16 @@ def check_predictions(server: TritonServer, recipe: Recipe, models: dict[str, st
             label_ok = sum(int(index) == expected[i] and label == labels[expected[i]]
                            for i, (_, index, label) in enumerate(named))
             diff = float(np.abs(served - reference[variant]).max())
+            same_as_verify = None if verify_expected is None else int((served.argmax(1) == verify_expected).sum())
             results[f"{variant}/{protocol}"] = {
-                "images": len(images), "same_top1": same_class, "labels_match": label_ok,
-                "max_abs_logit_diff": diff,
-                "passed": same_class == len(images) and label_ok == len(images) and diff <= MAX_LOGIT_DIFF}
+                "images": len(images), "same_top1": same_class, "same_top1_as_verify_engine": same_as_verify,
+                "labels_match": label_ok, "max_abs_logit_diff": diff,
+                "passed": same_class == len(images) and label_ok == len(images) and diff <= MAX_LOGIT_DIFF
+                and same_as_verify in (None, len(images))}
     return {"name": "predictions", "passed": all(r["passed"] for r in results.values()), "results": results,
-            "reference": "ONNX Runtime (CPU) on dense.onnx / sparse.onnx with the evaluation tensors of the same "
-                         "images, as the verify stage runs them", "max_abs_logit_diff_allowed": MAX_LOGIT_DIFF}
+            "reference": "ONNX Runtime (CPU) on dense.onnx / sparse.onnx, the files the repository serves, with the "
+                         "evaluation tensors verify feeds for the same images",
+            "verify_engines": verify_note, "max_abs_logit_diff_allowed": MAX_LOGIT_DIFF}
 
 
 def _raw_request(protocol: str, url: str, model: str, shape: list[int], datatype: str, data: np.ndarray) -> None:
@@ -287,6 +313,7 @@ def run_serve_check(recipe: Recipe, paths: ArtifactPaths, env_dir: Path | None, 
     environment = find_environment(env_dir)
     images, tensors = evaluation_images(recipe, settings.images)
     reference = {"dense": onnx_logits(paths.dense_onnx, tensors), "sparse": onnx_logits(paths.sparse_onnx, tensors)}
+    verify_logits, verify_note = verify_engine_logits(recipe, paths, tensors)
     output = recipe.export.output_name
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="serve-check-"))
@@ -305,8 +332,8 @@ def run_serve_check(recipe: Recipe, paths: ArtifactPaths, env_dir: Path | None, 
         server.start()
         ready_s = server.wait_ready(settings.ready_timeout_s)
         expected_first = int(reference["sparse"][0].argmax())
-        checks.append(_guarded("predictions", lambda: check_predictions(server, recipe, models, images, reference,
-                                                                        labels, output)))
+        checks.append(_guarded("predictions", lambda: check_predictions(
+            server, recipe, models, images, reference, labels, output, verify_logits, verify_note)))
         checks.append(_guarded("bad_requests", lambda: check_bad_requests(server, recipe, models["sparse"],
                                                                           images[0], expected_first)))
         if settings.load is not None:
