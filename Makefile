@@ -64,7 +64,8 @@ serve: $(TRITON_STAMP)
 serve-check: $(TRITON_STAMP)
 	$(PY) -m pipeline serve-check $(ARGS) --triton-env $(TRITON_ENV)
 
-test: $(STAMP)
+# the server tests (marker `triton`) run on $(TRITON_ENV); they skip, saying why, where it is absent
+test: $(STAMP) $(TRITON_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
