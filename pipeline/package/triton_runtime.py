@@ -88,7 +88,7 @@ def default_env_dir() -> Path:
 
 def find_environment(env_dir: Path | None = None) -> TritonEnvironment:
     """Probe the Triton environment; a PipelineError (exit 2) names what is missing and how to get it."""
-    prefix = Path(env_dir) if env_dir else default_env_dir()
+    prefix = (Path(env_dir) if env_dir else default_env_dir()).absolute()
     python = prefix / "bin" / "python"
     if not python.exists():
         raise PipelineError(f"Triton environment {prefix} has no bin/python; {SETUP_HINT}")
