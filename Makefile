@@ -13,7 +13,7 @@ ARGS = --model $(MODEL) --out $(OUT) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if 
 # `make <stage> MODEL=..` runs `python -m pipeline <stage>` with the arguments above.
 STAGES := pretrain train-masks bake export build verify package check-manifest compare certify layers curves
 
-.PHONY: venv engine masks updatable bench-train test clean $(STAGES)
+.PHONY: venv engine masks updatable bench-train test clean serve serve-check serve-env $(STAGES)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,33 @@ updatable: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) -m pipeline bench-train --out $(OUT) $(EXTRA)
 
-test: $(STAMP)
+# Triton on CPU machines (docs/triton.md): tritonserver 2.51 from the nvidia-pytriton wheel, Python backend only.
+# Its Python-backend stub needs numpy<2 and perf_analyzer comes with tritonclient 2.51, so they live in
+# $(TRITON_ENV), a venv layered on .venv (a .pth file adds .venv's packages), and .venv keeps its numpy.
+TRITON_ENV ?= .venv-triton
+TRITON_STAMP := $(TRITON_ENV)/.installed
+TRITON_PACKAGES := nvidia-pytriton==0.7.0 'numpy<2' tritonclient==2.51.0
+
+$(TRITON_STAMP): $(STAMP)
+	$(PY) -m pip install -e '.[serve]'
+	$(PY) -m venv --without-pip $(TRITON_ENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	  > "$$($(TRITON_ENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_project_venv.pth"
+	$(PY) -m pip --python $(TRITON_ENV)/bin/python install --no-deps $(TRITON_PACKAGES)
+	touch $(TRITON_STAMP)
+
+serve-env: $(TRITON_STAMP)
+
+# make serve MODEL=.. [HTTP_PORT=8000 GRPC_PORT=8001]: the CPU repository in the foreground on 127.0.0.1
+serve: $(TRITON_STAMP)
+	$(PY) -m pipeline serve $(ARGS) --triton-env $(TRITON_ENV) \
+	  $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT))
+
+serve-check: $(TRITON_STAMP)
+	$(PY) -m pipeline serve-check $(ARGS) --triton-env $(TRITON_ENV)
+
+# the server tests (marker `triton`) run on $(TRITON_ENV); they skip, saying why, where it is absent
+test: $(STAMP) $(TRITON_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

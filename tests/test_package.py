@@ -15,11 +15,11 @@ from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_file
 from pipeline.package.model_config import check_model_dir, check_repository, model_config_pb2, parse_config
+from pipeline.package.python_models.preprocess import preprocess_image
 from pipeline.recipe.registry import get_recipe
 from pipeline.recipe.weights import build_network
 
 MODEL = "tiny_resnet"
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "triton.md"
 
 
 def export_tiny_onnx(path: Path, seed: int) -> None:
@@ -59,7 +59,8 @@ def test_onnx_repository_matches_recipe_and_model(out, capsys):
     assert package(out) == 0
     recipe = get_recipe(MODEL)
     repo = out / MODEL / "triton"
-    assert sorted(p.name for p in repo.iterdir()) == [f"{MODEL}_dense", f"{MODEL}_sparse"]
+    assert sorted(p.name for p in repo.iterdir()) == [f"{MODEL}_dense", f"{MODEL}_dense_e2e", f"{MODEL}_preprocess",
+                                                       f"{MODEL}_sparse", f"{MODEL}_sparse_e2e"]
     pb2 = model_config_pb2()
     for variant in ("dense", "sparse"):
         model_dir = repo / f"{MODEL}_{variant}"
@@ -81,12 +82,13 @@ def test_onnx_repository_matches_recipe_and_model(out, capsys):
         spec = json.loads((model_dir / "preprocessing.json").read_text())
         assert (spec["color"], spec["crop"], spec["mean"], spec["std"]) == ("L", 28, [0.5], [0.25])
         assert spec["input"] == {"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28], "layout": "NCHW"}
-    assert set(check_repository(repo)) == {f"{MODEL}_dense", f"{MODEL}_sparse"}
+    assert set(check_repository(repo)) == {f"{MODEL}_dense", f"{MODEL}_sparse", f"{MODEL}_preprocess",
+                                           f"{MODEL}_dense_e2e", f"{MODEL}_sparse_e2e"}
     assert "no TensorRT plan found" in capsys.readouterr().out
 
 
 def test_packaged_onnx_runs_on_preprocessed_image(out, tmp_path):
-    """The served ONNX takes what preprocessing.json produces, at a batch size the config allows."""
+    """The served ONNX takes what the preprocess model produces, at a batch size the config allows."""
     import onnxruntime as ort
     from PIL import Image
 
@@ -95,24 +97,15 @@ def test_packaged_onnx_runs_on_preprocessed_image(out, tmp_path):
     spec = json.loads((model_dir / "preprocessing.json").read_text())
     image_path = tmp_path / "digit.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(image_path)
-    preprocess = _docs_preprocess()
-    batch = np.stack([preprocess(image_path, spec)] * 4)
+    batch = np.stack([preprocess_image(image_path.read_bytes(), spec)] * 4)
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run([spec["output"]["name"]], {spec["input"]["name"]: batch})
     assert logits.shape == (4, 10) and np.isfinite(logits).all()
 
 
-def _docs_preprocess():
-    """The preprocess() of the client example in docs/triton.md (its Triton part needs a server)."""
-    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
-    [code] = [block for block in blocks if "def preprocess" in block]
-    namespace = {"__name__": "docs_example"}
-    exec(compile(code, str(DOCS), "exec"), namespace)
-    return namespace["preprocess"]
-
-
 @pytest.mark.parametrize("color,size,resize,crop", [("RGB", (50, 37), 32, 24), ("L", (20, 31), 0, 28)])
-def test_docs_client_preprocessing_equals_eval_transform(tmp_path, color, size, resize, crop):
+def test_served_preprocessing_equals_eval_transform(tmp_path, color, size, resize, crop):
+    """The preprocess model's code against torchvision's eval transform of pipeline/data.py (image folders)."""
     from PIL import Image
 
     from pipeline.data.datasets import _folder_transforms
@@ -126,12 +119,49 @@ def test_docs_client_preprocessing_equals_eval_transform(tmp_path, color, size, 
     recipe.input_shape = [3 if color == "RGB" else 1, crop, crop]
     spec = json.loads(json.dumps(preprocessing(recipe, TensorSpec("input", "TYPE_FP32", (-1, 3, crop, crop)),
                                                TensorSpec("logits", "TYPE_FP32", (-1, 10)))))
-    path = tmp_path / "photo.png"
+    path = tmp_path / "photo.jpg"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
     expected = _folder_transforms(recipe, train=False)(Image.open(path).convert("RGB")).numpy()
-    got = _docs_preprocess()(path, spec)
+    got = preprocess_image(path.read_bytes(), spec)
     assert got.shape == expected.shape == (recipe.input_shape[0], crop, crop)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_served_preprocessing_of_png_equals_in_memory_dataset():
+    """Fashion-MNIST-style datasets normalise uint8 arrays in memory; the PNG of such an image gives the same tensor."""
+    from pipeline.data.datasets import SyntheticDataset
+    from pipeline.package.serve_check import encode_png
+    from pipeline.package.serving import preprocessing
+    from pipeline.package.tensors import TensorSpec
+
+    recipe = get_recipe(MODEL)
+    dataset = SyntheticDataset(4, recipe.input_shape, recipe.num_classes, seed=3)
+    spec = preprocessing(recipe, TensorSpec("input", "TYPE_FP32", (-1, 1, 28, 28)),
+                         TensorSpec("logits", "TYPE_FP32", (-1, 10)))
+    for index in range(4):
+        got = preprocess_image(encode_png(dataset.images[index].numpy()), spec)
+        np.testing.assert_allclose(got, dataset[index][0].numpy(), atol=1e-5)
+
+
+def test_ensemble_naming_a_missing_model_is_refused(out):
+    assert package(out) == 0
+    repo = out / MODEL / "triton_cpu"
+    _edit(repo / f"{MODEL}_dense_e2e" / "config.pbtxt", f'model_name: "{MODEL}_dense"', 'model_name: "elsewhere"')
+    with pytest.raises(PipelineError, match="step model 'elsewhere' is not in the repository"):
+        check_repository(repo)
+
+
+def test_cpu_flavour_runs_the_onnx_in_python_models(out):
+    assert package(out) == 0
+    repo = out / MODEL / "triton_cpu"
+    for variant in ("dense", "sparse"):
+        config = parse_config(repo / f"{MODEL}_{variant}" / "config.pbtxt")
+        assert config.backend == "python" and config.max_batch_size == 16
+        assert sha256_file(repo / f"{MODEL}_{variant}" / "1" / "model.onnx") == sha256_file(out / MODEL / f"{variant}.onnx")
+        assert (repo / f"{MODEL}_{variant}" / "1" / "model.py").read_text().startswith('"""Triton Python-backend model')
+    manifest = json.loads((out / MODEL / "manifest.json").read_text())
+    assert manifest["triton_cpu"]["format"] == "python"
+    assert f"triton_cpu/{MODEL}_preprocess/1/model.py" in {entry["path"] for entry in manifest["files"]}
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -170,7 +200,7 @@ def test_static_batch_onnx_is_refused(out, tmp_path, capsys):
     assert package(out) == 2
     err = capsys.readouterr().err
     assert "needs a dynamic batch axis" in err and "[1, 1, 28, 28]" in err
-    assert not (out / MODEL / "triton").exists() and not (out / MODEL / "manifest.json").exists()
+    assert not (out / MODEL / "triton").exists() and not (out / MODEL / "triton_cpu").exists() and not (out / MODEL / "manifest.json").exists()
 
 
 def test_missing_onnx_names_the_export_stage(out, capsys):
@@ -325,10 +355,9 @@ def test_unusable_plan_metadata_is_a_clear_error(out, capsys, meta, message):
 def test_missing_tritonclient_is_a_clear_error(out, monkeypatch, capsys):
     import sys
 
-    from pipeline.package import model_config
-
-    monkeypatch.delitem(sys.modules, model_config._PB2, raising=False)
+    for name in [name for name in sys.modules if name.split(".")[0] == "tritonclient"]:
+        monkeypatch.delitem(sys.modules, name)  # with grpcio installed, tritonclient.grpc may be imported already
     monkeypatch.setitem(sys.modules, "tritonclient", None)  # as if it were not installed
     assert package(out) == 2
     assert "needs the tritonclient package: pip install" in capsys.readouterr().err
-    assert not (out / MODEL / "triton").exists()
+    assert not (out / MODEL / "triton").exists() and not (out / MODEL / "triton_cpu").exists()

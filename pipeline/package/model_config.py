@@ -17,6 +17,7 @@ from pipeline.package.tensors import TensorSpec, specs_from_metadata, specs_from
 
 VERSION = "1"
 ONNX_FILENAME = "model.onnx"
+PYTHON_MODEL_FILENAME = "model.py"
 LABELS_FILENAME = "labels.txt"
 PLAN_METADATA_SUFFIX = ".json"  # engine metadata copied next to each plan: <plan>.json
 _PB2 = "tritonclient.grpc.model_config_pb2"
@@ -62,7 +63,7 @@ class ServedModel:
     """Everything one config.pbtxt says."""
 
     name: str
-    kind: str  # "plan" | "onnx"
+    kind: str  # "plan" | "onnx" | "python" (Python backend: model.py in the version folder)
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     max_batch_size: int
@@ -85,6 +86,8 @@ def render_config(model: ServedModel) -> str:
     lines.append(f'name: "{model.name}"')
     if model.kind == "plan":
         lines.append('platform: "tensorrt_plan"')
+    elif model.kind == "python":
+        lines.append('backend: "python"')
     else:
         lines.append('backend: "onnxruntime"')
         lines.append(f'default_model_filename: "{ONNX_FILENAME}"')
@@ -160,9 +163,17 @@ def model_file_specs(version_dir: Path, config: Any) -> dict[str, tuple[list[Ten
     elif config.backend == "onnxruntime" or config.platform == "onnxruntime_onnx":
         filename = config.default_model_filename or ONNX_FILENAME
         found[filename] = specs_from_onnx(version_dir / filename)
+    elif config.backend == "python":
+        if not (version_dir / PYTHON_MODEL_FILENAME).is_file():
+            raise PipelineError(f"{where}: Python-backend model without {version_dir / PYTHON_MODEL_FILENAME}; "
+                                "rerun package")
+        if (version_dir / ONNX_FILENAME).is_file():  # a model.py that runs this ONNX through ONNX Runtime
+            found[ONNX_FILENAME] = specs_from_onnx(version_dir / ONNX_FILENAME)
+    elif config.platform == "ensemble":
+        pass  # checked against its composing models by check_ensemble
     else:
         raise PipelineError(f"{where}: platform {config.platform!r} / backend {config.backend!r} is not one this "
-                            "pipeline writes (tensorrt_plan or onnxruntime)")
+                            "pipeline writes (tensorrt_plan, onnxruntime, python or ensemble)")
     return found
 
 
@@ -237,4 +248,44 @@ def check_repository(root: Path) -> dict[str, Any]:
     models = sorted(p for p in root.iterdir() if (p / "config.pbtxt").is_file()) if root.is_dir() else []
     if not models:
         raise PipelineError(f"{root} holds no model folder with a config.pbtxt; run `python -m pipeline package`")
-    return {model_dir.name: check_model_dir(model_dir) for model_dir in models}
+    configs = {model_dir.name: check_model_dir(model_dir) for model_dir in models}
+    for name, config in configs.items():
+        if config.platform == "ensemble":
+            check_ensemble(root / name / "config.pbtxt", config, configs)
+    return configs
+
+
+def check_ensemble(where: Path, config: Any, configs: dict[str, Any]) -> None:
+    """Every step names a model of the repository and tensors it has; every ensemble tensor is wired up,
+    and each ensemble output has the data type and dims of the step output that produces it."""
+    steps = list(config.ensemble_scheduling.step)
+    if not steps:
+        raise PipelineError(f"{where}: an ensemble needs ensemble_scheduling steps; rerun package")
+    consumed, produced = set(), {}
+    for step in steps:
+        model = configs.get(step.model_name)
+        if model is None:
+            raise PipelineError(f"{where}: step model {step.model_name!r} is not in the repository; rerun package")
+        model_inputs = {tensor.name for tensor in model.input}
+        model_outputs = {tensor.name: tensor for tensor in model.output}
+        for key, value in step.input_map.items():
+            if key not in model_inputs:
+                raise PipelineError(f"{where}: {step.model_name} has no input {key!r} (it has "
+                                    f"{sorted(model_inputs)}); rerun package")
+            consumed.add(value)
+        for key, value in step.output_map.items():
+            if key not in model_outputs:
+                raise PipelineError(f"{where}: {step.model_name} has no output {key!r} (it has "
+                                    f"{sorted(model_outputs)}); rerun package")
+            produced[value] = model_outputs[key]
+    for tensor in config.input:
+        if tensor.name not in consumed:
+            raise PipelineError(f"{where}: ensemble input {tensor.name!r} feeds no step; rerun package")
+    for tensor in config.output:
+        source = produced.get(tensor.name)
+        if source is None:
+            raise PipelineError(f"{where}: no step produces ensemble output {tensor.name!r}; rerun package")
+        if (source.data_type, list(source.dims)) != (tensor.data_type, list(tensor.dims)):
+            raise PipelineError(f"{where}: output {tensor.name!r} is {_type_name(tensor.data_type)} "
+                                f"{list(tensor.dims)}, its step produces {_type_name(source.data_type)} "
+                                f"{list(source.dims)}; rerun package")

@@ -1,7 +1,18 @@
-"""Assemble the Triton model repository engines/<model>/triton/ (dense and sparse side by side).
+"""Assemble the Triton model repositories of a model (dense and sparse side by side).
 
-    triton/<model>_dense/config.pbtxt, labels.txt, preprocessing.json, 1/model.onnx | 1/model.sm<cc>.plan
-    triton/<model>_sparse/...
+Two flavours, both written by `package`:
+
+    triton/       production: TensorRT plans (tensorrt_plan) or ONNX (onnxruntime backend)
+    triton_cpu/   CPU: each model a Python-backend model.py running the ONNX through ONNX Runtime,
+                  for the tritonserver of the nvidia-pytriton wheel (Python backend only)
+
+and in each:
+
+    <model>_dense/config.pbtxt, labels.txt, preprocessing.json, 1/model.onnx | 1/model.sm<cc>.plan | 1/model.py
+    <model>_sparse/...
+    <model>_preprocess/       encoded images (BYTES) -> input tensor (pipeline/package/ensembles.py)
+    <model>_dense_e2e/        ensemble: preprocess -> dense, so clients send raw image files
+    <model>_sparse_e2e/
 
 The repository is built in a hidden temporary folder, every config is checked, and only
 then is it swapped in, so a failed package run leaves the previous repository intact.
@@ -18,14 +29,25 @@ from typing import Any
 from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_file, write_json, write_text
-from pipeline.package.model_config import (LABELS_FILENAME, ONNX_FILENAME, PLAN_METADATA_SUFFIX, VERSION,
-                                           ServedModel, check_model_dir, render_config)
+from pipeline.package.ensembles import write_preprocess_and_ensembles
+from pipeline.package.model_config import (LABELS_FILENAME, ONNX_FILENAME, PLAN_METADATA_SUFFIX,
+                                           PYTHON_MODEL_FILENAME, VERSION, ServedModel, check_model_dir,
+                                           check_repository, render_config)
 from pipeline.package.plans import VARIANTS, PlanEngine, find_plans, plan_filename
 from pipeline.package.serving import labels_text, preprocessing
 from pipeline.package.tensors import TensorSpec, onnx_external_files, specs_from_onnx
 from pipeline.paths import ArtifactPaths
 
 FORMATS = ("auto", "plan", "onnx")
+FLAVOURS = ("production", "cpu")
+PYTHON_ONNX_TEMPLATE = Path(__file__).parent / "python_models" / "onnx_model.py"
+
+
+def repository_dir(paths: ArtifactPaths, flavour: str) -> Path:
+    """engines/<model>/triton (production) or engines/<model>/triton_cpu (CPU Python backend)."""
+    if flavour not in FLAVOURS:
+        raise PipelineError(f"flavour {flavour!r}: expected one of {', '.join(FLAVOURS)}")
+    return paths.triton if flavour == "production" else paths.root / "triton_cpu"
 
 
 @dataclass
@@ -141,15 +163,44 @@ def _write_plans(model_dir: Path, engines: list[PlanEngine], root: Path, recipe:
     return specs[0], specs[1], cc_files
 
 
-def write_repository(recipe: Recipe, paths: ArtifactPaths, fmt: str = "auto", onnx_device: str = "cpu"
-                     ) -> dict[str, Any]:
-    """Write paths.triton; returns a summary (format, reason, per-model files) for the manifest."""
+def write_repositories(recipe: Recipe, paths: ArtifactPaths, fmt: str = "auto", onnx_device: str = "cpu"
+                       ) -> dict[str, dict[str, Any]]:
+    """Write both flavours (FLAVOURS); returns flavour -> summary for the manifest.
+
+    Both are assembled and checked in hidden staging folders first, so a failure leaves
+    the previous repositories as they were.
+    """
+    staged: list[tuple[Path, Path]] = []
+    summaries: dict[str, dict[str, Any]] = {}
+    try:
+        for flavour in FLAVOURS:
+            staging, summaries[flavour] = _stage_repository(recipe, paths, fmt, onnx_device, flavour)
+            staged.append((staging, repository_dir(paths, flavour)))
+        for staging, target in staged:
+            _swap_in(staging, target)
+    finally:
+        for staging, _ in staged:
+            shutil.rmtree(staging, ignore_errors=True)
+    return summaries
+
+
+def _stage_repository(recipe: Recipe, paths: ArtifactPaths, fmt: str, onnx_device: str, flavour: str
+                      ) -> tuple[Path, dict[str, Any]]:
+    """One flavour's repository in a staging folder, checked; returns it with its summary.
+
+    The CPU flavour always serves the ONNX files, through the Python backend on KIND_CPU.
+    """
     if onnx_device not in ("cpu", "gpu"):
         raise PipelineError(f"--onnx-device {onnx_device}: expected cpu or gpu")
+    target = repository_dir(paths, flavour)
     _check_serving(recipe)
-    sources = choose_sources(recipe, paths, fmt)
-    staging = Path(tempfile.mkdtemp(prefix=".triton.", suffix=".tmp", dir=paths.root))
-    summary: dict[str, Any] = {"format": sources.kind, "reason": sources.reason, "models": {}}
+    sources = choose_sources(recipe, paths, fmt if flavour == "production" else "onnx")
+    kind = sources.kind if flavour == "production" else "python"
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=paths.root))
+    summary: dict[str, Any] = {"format": kind, "reason": sources.reason if flavour == "production" else
+                               "CPU flavour: Python-backend models running the ONNX through ONNX Runtime",
+                               "models": {}}
+    served_models: dict[str, ServedModel] = {}
     try:
         for variant in VARIANTS:
             name = f"{recipe.name}_{variant}"
@@ -165,12 +216,15 @@ def write_repository(recipe: Recipe, paths: ArtifactPaths, fmt: str = "auto", on
                 inputs, outputs, files = _write_onnx_model(model_dir, source_path)
                 cc_files = {}
                 source = _relative(source_path, paths.root)
-                instance_kind = "KIND_GPU" if onnx_device == "gpu" else "KIND_CPU"
+                instance_kind = "KIND_GPU" if onnx_device == "gpu" and kind == "onnx" else "KIND_CPU"
+            if kind == "python":
+                _copy(PYTHON_ONNX_TEMPLATE, model_dir / VERSION / PYTHON_MODEL_FILENAME)
+                files.append(PYTHON_MODEL_FILENAME)
             if len(inputs) != 1:
                 raise PipelineError(f"{source} has inputs {[s.name for s in inputs]}; an image classifier has one")
             output = _label_output(recipe, outputs, source)
             served = ServedModel(
-                name=name, kind=sources.kind, inputs=inputs, outputs=outputs,
+                name=name, kind=kind, inputs=inputs, outputs=outputs,
                 max_batch_size=recipe.serve.max_batch_size,
                 preferred_batch_sizes=list(recipe.serve.preferred_batch_sizes),
                 max_queue_delay_us=recipe.serve.max_queue_delay_us, instance_count=recipe.serve.instance_count,
@@ -181,17 +235,19 @@ def write_repository(recipe: Recipe, paths: ArtifactPaths, fmt: str = "auto", on
             write_text(model_dir / LABELS_FILENAME, labels_text(recipe))
             write_json(model_dir / "preprocessing.json", preprocessing(recipe, inputs[0], output))
             check_model_dir(model_dir)
+            served_models[variant] = served
             summary["models"][name] = {
-                "variant": variant, "kind": sources.kind, "source": source,
+                "variant": variant, "kind": kind, "source": source,
                 "files": [f"{VERSION}/{f}" for f in files], "instance_kind": instance_kind,
                 "compute_capabilities": sorted(cc_files),
                 "built_on": sorted({_gpu_name(e.metadata) for e in sources.plans.get(variant, [])} - {""}),
             }
-        _swap_in(staging, paths.triton)
+        summary["models"].update(write_preprocess_and_ensembles(staging, recipe, served_models))
+        check_repository(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return summary
+    return staging, summary
 
 
 def _relative(path: Path, root: Path) -> str:

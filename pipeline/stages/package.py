@@ -1,4 +1,8 @@
-"""`package`: write the Triton model repository (dense and sparse side by side) and manifest.json.
+"""`package`: write the Triton model repositories (dense and sparse side by side) and manifest.json.
+
+triton/ is the production flavour (TensorRT plans or the onnxruntime backend), triton_cpu/
+the CPU flavour (Python-backend models running the ONNX through ONNX Runtime); both hold a
+preprocess model and an ensemble per variant, so clients can send encoded images.
 
 Reads dense.onnx / sparse.onnx (export), TensorRT plans with their metadata (build, when
 present) and report.json (verify) for the verdict. Every config.pbtxt is parsed with
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 
 from pipeline.errors import GateFailed
 from pipeline.package.manifest import build_manifest, verification_verdict, write_manifest
-from pipeline.package.repository import FORMATS, write_repository
+from pipeline.package.repository import FORMATS, repository_dir, write_repositories
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.resolve import write_config
@@ -41,12 +45,15 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         raise GateFailed(f"verification verdict is {verdict!r} ({paths.report_json}); run "
                          f"`python -m pipeline verify --model {recipe.name}` and fix what fails")
     write_config(recipe, paths)
-    summary = write_repository(recipe, paths, fmt=options.format, onnx_device=options.onnx_device)
-    manifest = build_manifest(paths.root, recipe.digest(), recipe.name, verdict, {"triton": summary})
+    summaries = write_repositories(recipe, paths, fmt=options.format, onnx_device=options.onnx_device)
+    manifest = build_manifest(paths.root, recipe.digest(), recipe.name, verdict,
+                              {"triton": summaries["production"], "triton_cpu": summaries["cpu"]})
     write_manifest(paths.root, manifest)
-    print(f"triton repository: {paths.triton} ({summary['reason']})")
-    for name, info in summary["models"].items():
-        print(f"  {name}: {', '.join(info['files'])} [{info['instance_kind']}]")
+    for flavour, summary in summaries.items():
+        print(f"triton repository ({flavour}): {repository_dir(paths, flavour)} ({summary['reason']})")
+        for name, info in summary["models"].items():
+            detail = ", ".join(info["files"]) or "ensemble of " + " -> ".join(info.get("steps", []))
+            print(f"  {name}: {detail}" + (f" [{info['instance_kind']}]" if "instance_kind" in info else ""))
     print(f"manifest: {paths.manifest} ({len(manifest['files'])} files, verification {verdict})")
     if verdict == "failed":
         print(f"warning: the verification gates failed ({paths.report_json}); this package is not fit to ship")
