@@ -30,7 +30,7 @@ from pipeline.backends.tensorrt.sparsity import (QDQ_SPARSE_ISSUE, OnnxNameMap, 
                                                  sparse_layer_report, split_layer_list)
 from pipeline.errors import PipelineError
 from pipeline.int8 import int8_onnx_path
-from pipeline.io import sha256_bytes, sha256_file
+from pipeline.io import sha256_bytes, sha256_file, write_json
 from pipeline.paths import ArtifactPaths
 from pipeline.registry import get_recipe
 
@@ -876,3 +876,33 @@ def test_load_missing_or_foreign_engine(trt, tmp_path, monkeypatch):
     monkeypatch.setattr(trt, "Runtime", lambda logger: NoEngine())
     with pytest.raises(PipelineError, match="rebuild it"):
         trt_backend.TensorRTBackend().load(bad, get_recipe("tiny_resnet"))
+
+
+# ----------------------------------------------------------------------------- plans for Triton
+def _plan(root: Path, variant: str, **meta) -> Path:
+    engine = root / "tensorrt" / f"{variant}.engine"
+    engine.parent.mkdir(parents=True, exist_ok=True)
+    engine.write_bytes(b"plan-" + variant.encode())
+    write_json(engine.with_suffix(".json"), {"variant": variant, "compute_capability": "8.6", "precision": "fp16",
+                                             "engine_sha256": sha256_file(engine), **meta})
+    return engine
+
+
+def test_plans_record_their_tensorrt_version_and_are_refused_for_another_triton(tmp_path):
+    """No stub: item 7. A plan built by TensorRT 10.3 packages for Triton 24.08 (TensorRT 10.3.0), not for 24.05."""
+    from pipeline.package.plans import TRITON_TENSORRT, find_plans
+
+    for variant in ("dense", "sparse"):
+        _plan(tmp_path, variant, tensorrt_version="10.3.0.26", hardware_compatibility="same_compute_capability")
+    plans = find_plans(tmp_path, tmp_path / "build.json", "fp16", triton_release="24.08")
+    [dense] = plans["dense"]
+    assert (dense.tensorrt_version, dense.hardware_compatibility) == ("10.3.0.26", "same_compute_capability")
+    assert TRITON_TENSORRT["24.05"] == "10.0.1"
+    with pytest.raises(PipelineError, match=r"built by TensorRT 10\.3\.0\.26, but Triton 24\.05 runs TensorRT 10\.0\.1"):
+        find_plans(tmp_path, tmp_path / "build.json", "fp16", triton_release="24.05")
+    with pytest.raises(PipelineError, match="not in the TensorRT version table"):
+        find_plans(tmp_path, tmp_path / "build.json", "fp16", triton_release="19.01")
+    _plan(tmp_path, "sparse")  # metadata without tensorrt_version
+    with pytest.raises(PipelineError, match="does not record the TensorRT version"):
+        find_plans(tmp_path, tmp_path / "build.json", "fp16", triton_release="24.08")
+    assert find_plans(tmp_path, tmp_path / "build.json", "fp16")["sparse"]  # no release asked: no check
