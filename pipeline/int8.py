@@ -13,6 +13,12 @@ older onnx into the environment, which the CPU pipeline cannot take.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,6 +37,19 @@ def int8_onnx_path(fp32_onnx: Path) -> Path:
     """dense.onnx -> dense.int8.onnx, beside it."""
     fp32_onnx = Path(fp32_onnx)
     return fp32_onnx.with_name(fp32_onnx.name.removesuffix(".onnx") + INT8_SUFFIX)
+
+
+def calibration_batches(dataset, count: int, batch_size: int = 64, seed: int = 0) -> list[np.ndarray]:
+    """`count` images of `dataset` (the recipe's training split), drawn without repeats, as float32 batches."""
+    if count < 1:
+        raise PipelineError(f"INT8 calibration needs at least one image; asked for {count}")
+    count = min(count, len(dataset))
+    indices = np.random.default_rng(seed).permutation(len(dataset))[:count]
+    batches = []
+    for start in range(0, count, batch_size):
+        images = [dataset[int(i)][0] for i in indices[start:start + batch_size]]
+        batches.append(np.stack([np.asarray(image, dtype=np.float32) for image in images]))
+    return batches
 
 
 class _Batches:
@@ -63,7 +82,7 @@ def quantize_qdq(fp32_onnx: Path, calibration: Iterable[np.ndarray], out: Path |
     graph_inputs = [i.name for i in model.graph.input if i.name not in {init.name for init in model.graph.initializer}]
     if len(graph_inputs) != 1:
         raise PipelineError(f"{fp32_onnx} has inputs {graph_inputs}; INT8 calibration handles single-input models")
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, _quiet_root_logger():
         try:
             quantize_static(
                 model, str(tmp), _Batches(graph_inputs[0], batches), quant_format=QuantFormat.QDQ,
@@ -184,3 +203,32 @@ def sparse_weights_survive(proto, n: int = 2, m: int = 4) -> dict[str, dict[str,
             "nm_violations_int8": nm_violations_np(dequantized, n, m),
         }
     return results
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime.quantization logs advice ("consider pre-processing") on the root logger; keep it off stderr."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def polygraphy_sparsity(onnx_path: Path) -> dict[str, list[str]]:
+    """`polygraphy inspect sparsity` on an ONNX file: weight initializers that do / do not hold 2:4.
+
+    Polygraphy follows each Conv/Gemm/MatMul weight back through Q/DQ and Cast to its FP32/FP16
+    initializer; tensors whose input-channel axis is not a multiple of 4 are in neither list.
+    """
+    tool = shutil.which("polygraphy", path=str(Path(sys.executable).parent)) or shutil.which("polygraphy")
+    if tool is None:
+        raise PipelineError("polygraphy is not installed; pip install polygraphy")
+    run = subprocess.run([tool, "inspect", "sparsity", str(onnx_path)], capture_output=True, text=True, timeout=600)
+    text = run.stdout + run.stderr
+    if run.returncode != 0:
+        raise PipelineError(f"polygraphy inspect sparsity {onnx_path} failed: {text.strip().splitlines()[-1:]}")
+    return {"sparse": re.findall(r"Found sparse tensor: (\S+)", text),
+            "not_sparse": re.findall(r"Found non-sparse tensor: (\S+)", text)}
