@@ -232,3 +232,18 @@ def polygraphy_sparsity(onnx_path: Path) -> dict[str, list[str]]:
         raise PipelineError(f"polygraphy inspect sparsity {onnx_path} failed: {text.strip().splitlines()[-1:]}")
     return {"sparse": re.findall(r"Found sparse tensor: (\S+)", text),
             "not_sparse": re.findall(r"Found non-sparse tensor: (\S+)", text)}
+
+
+def onnxruntime_top1(onnx_path: Path, dataset, batch_size: int = 500) -> float:
+    """Top-1 accuracy of an ONNX graph (FP32 or Q/DQ) on ONNX Runtime's CPU provider over a whole (image, label) dataset."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    correct = 0
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images = np.stack([np.asarray(image, dtype=np.float32) for image, _ in items])
+        labels = np.array([int(label) for _, label in items])
+        correct += int(np.sum(session.run(None, {name: images})[0].argmax(1) == labels))
+    return correct / max(len(dataset), 1)

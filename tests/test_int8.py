@@ -121,3 +121,15 @@ def test_bad_input_is_one_line(tmp_path, graphs):
     with pytest.raises(PipelineError, match="at least one batch"):
         quantize_qdq(paths["dense"][0], [], out=tmp_path / "x.int8.onnx")
     assert not (tmp_path / "x.int8.onnx").exists()
+
+
+def test_onnxruntime_top1_counts_correct_labels(graphs):
+    """Labels are set to the FP32 graph's own predictions, so its top-1 must be exactly 1."""
+    from pipeline.int8 import onnxruntime_top1
+
+    _, paths, _, held_out = graphs
+    predictions = _run(paths["dense"][0], held_out).argmax(1)
+    dataset = [(image, int(label)) for image, label in zip(held_out, predictions)]
+    assert onnxruntime_top1(paths["dense"][0], dataset, batch_size=7) == 1.0
+    wrong = [(image, (label + 1) % 10) for image, label in dataset]
+    assert onnxruntime_top1(paths["dense"][0], wrong) == 0.0
