@@ -546,6 +546,8 @@ def test_engine_and_metadata_are_written_next_to_each_other(trt, model_dir):
     assert {"gpu", "compute_capability"} <= set(meta)
     log = (model_dir.root / "sparse.trt.log").read_text()
     assert "(Sparsity) Layers eligible" in log and "tactic chatter" not in log
+    layers = json.loads((model_dir.root / meta["inspector_json"]).read_text())["Layers"]
+    assert [layer["Name"] for layer in layers] == [f"{CONV_A} + /layer1/layer1.0/relu/Relu", CONV_B]
     assert _leftovers(model_dir.root) == []
 
 

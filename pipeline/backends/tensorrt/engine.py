@@ -45,6 +45,11 @@ def log_path(engine_dir: Path, variant: str) -> Path:
     return Path(engine_dir) / f"{variant}.trt.log"
 
 
+def inspector_path(engine_dir: Path, variant: str) -> Path:
+    """The engine inspector's per-layer JSON (for sparsity.module_layer_times)."""
+    return Path(engine_dir) / f"{variant}.layers.json"
+
+
 def trt_version(trt: Any) -> tuple[int, int]:
     """(major, minor) of the installed TensorRT; (0, 0) if unreadable."""
     try:
@@ -289,6 +294,8 @@ class TensorRTBackend:
                                      quantized=cfg.precision == "int8")
 
         engine_file = engine_path(engine_dir, variant)
+        if inspector_json:
+            write_text(inspector_path(engine_dir, variant), inspector_json)
         with atomic_path(engine_file) as tmp:
             tmp.write_bytes(data)
         metadata = {
@@ -314,6 +321,7 @@ class TensorRTBackend:
             "timing_cache": {"path": cache_file.name, "loaded": cache_loaded},
             "build_seconds": round(build_seconds, 3),
             "build_log": log_file.name,
+            "inspector_json": inspector_path(engine_dir, variant).name if inspector_json else None,
             "sparse_layers": report,
         }
         write_json(metadata_path(engine_file), metadata)
