@@ -1,8 +1,10 @@
 """TensorRT backend on a real GPU (marked `tensorrt`; tests/conftest.py skips them without TensorRT + CUDA).
 
 None of these has run in this repository's CI: its machines have no GPU and cannot install TensorRT.
-They build tiny_resnet engines (random weights, magnitude 2:4 masks) and check the engine against
-PyTorch, the files written, the sparse-layer report and the runner's timing.
+They build tiny_resnet engines (random weights, magnitude 2:4 masks) from the ONNX the pipeline's
+own exporter writes (pipeline.export.onnx, torch.export-based, BatchNorm folded; FP16 graphs with FP32
+I/O; the INT8 Q/DQ graph from pipeline.export.int8), and check the engine against PyTorch, the files
+written, the sparse-layer report and the runner's timing.
 """
 from __future__ import annotations
 
@@ -19,15 +21,14 @@ pytestmark = pytest.mark.tensorrt
 
 
 def _export(model, path, recipe, half=False):
-    import torch
+    import onnx
 
-    model = model.eval().cuda()
-    example = torch.zeros(2, *recipe.input_shape, device="cuda")
-    if half:
-        model, example = model.half(), example.half()
-    torch.onnx.export(model, example, path, input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-    model.float().cpu()
+    from pipeline.export.onnx import ModelProtoFromTorch, check_model
+
+    proto = ModelProtoFromTorch(model, recipe.input_shape, recipe.export.opset, "input", "logits", fp16=half,
+                                max_batch=recipe.build.max_batch)
+    check_model(proto)
+    onnx.save(proto, path)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def setup(tmp_path_factory):
 
     import torch
 
+    from pipeline.export.int8 import quantize_qdq
     from pipeline.masks.eligibility import find_layers
     from pipeline.masks.patterns import magnitude_indices, mask_from_indices
     from pipeline.recipe.weights import build_network
@@ -53,9 +55,12 @@ def setup(tmp_path_factory):
             weight.mul_(mask_from_indices(magnitude_indices(weight, 2, 4), 2, 4).to(weight.dtype))
     paths = ArtifactPaths.for_model(tmp_path_factory.mktemp("engines"), recipe.name)
     paths.root.mkdir(parents=True)
+    calibration = [np.random.default_rng(seed).standard_normal((8, *recipe.input_shape)).astype(np.float32)
+                   for seed in range(4)]
     for variant, model in (("dense", dense), ("sparse", sparse)):
         _export(model, getattr(paths, f"{variant}_onnx"), recipe)
-        _export(copy.deepcopy(model), getattr(paths, f"{variant}_onnx_fp16"), recipe, half=True)
+        _export(model, getattr(paths, f"{variant}_onnx_fp16"), recipe, half=True)
+        quantize_qdq(getattr(paths, f"{variant}_onnx"), calibration)
     return recipe, paths, {"dense": dense, "sparse": sparse}, masked
 
 
@@ -107,3 +112,19 @@ def test_timing_cache_is_reused(setup):
     backend.build(backend.onnx_for(paths, "dense", recipe), paths.root, "dense", recipe, sparse=False)
     again = backend.build(backend.onnx_for(paths, "dense", recipe), paths.root, "dense", recipe, sparse=False)
     assert again.metadata["timing_cache"]["loaded"] is True
+
+
+def test_sparse_int8_engine_from_the_qdq_graph(setup):
+    recipe, paths, _, masked = setup
+    recipe.build.precision = "int8"
+    backend = _backend()
+    onnx_path = backend.onnx_for(paths, "sparse", recipe)
+    assert onnx_path.name == "sparse.int8.onnx"
+    result = backend.build(onnx_path, paths.root, "sparse", recipe, sparse=True)
+    meta = json.loads((paths.root / "sparse.json").read_text())
+    assert meta["precision"] == "int8" and meta["sparse_weights_flag"] is True
+    report = result.sparse_layers
+    assert {m for entry in report["layers"] for m in entry["modules"]} <= set(masked) | {"conv1", "fc"}, report
+    runner = backend.load(result.engine_path, recipe)
+    batch = np.zeros((runner.max_batch, *recipe.input_shape), np.float32)
+    assert runner.infer(batch).shape == (runner.max_batch, recipe.num_classes)

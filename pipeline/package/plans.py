@@ -13,6 +13,13 @@ Metadata keys read (any spelling listed):
   integrity:          engine_sha256 (or sha256 in build.json): the plan must still match it
   batch range:        max_batch | max_batch_size | batch.max (else recipe.build.max_batch)
   precision:          precision (used to choose between two plans of one variant)
+  TensorRT version:   tensorrt_version (a plan runs only on the TensorRT release that built it)
+  hardware level:     hardware_compatibility (none | ampere_plus | same_compute_capability)
+
+A plan loads only in the TensorRT version that built it (major.minor.patch; engines built with
+VERSION_COMPATIBLE aside, which this pipeline does not build). Triton's TensorRT backend is the
+TensorRT of its container release, so packaging for a release whose TensorRT differs is refused
+(`check_triton_release`, table `TRITON_TENSORRT`, also in docs/tensorrt.md).
 """
 from __future__ import annotations
 
@@ -27,6 +34,17 @@ from pipeline.io import sha256_file
 from pipeline.package.tensors import TensorSpec, specs_from_metadata, specs_from_onnx
 
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
+# Triton container release -> the TensorRT it ships (major.minor.patch), from NVIDIA's Frameworks
+# Support Matrix and the Triton release notes. Extend it when a new release is needed.
+TRITON_TENSORRT = {
+    "23.01": "8.5.2", "23.02": "8.5.3", "23.03": "8.5.3",
+    "23.04": "8.6.1", "23.05": "8.6.1", "23.06": "8.6.1", "23.07": "8.6.1", "23.08": "8.6.1", "23.09": "8.6.1",
+    "23.10": "8.6.1", "23.11": "8.6.1", "23.12": "8.6.1", "24.01": "8.6.1",
+    "24.02": "8.6.3", "24.03": "8.6.3", "24.04": "8.6.3",
+    "24.05": "10.0.1", "24.06": "10.1.0", "24.07": "10.2.0", "24.08": "10.3.0", "24.09": "10.4.0",
+    "24.10": "10.5.0", "24.11": "10.6.0", "24.12": "10.7.0", "25.01": "10.8.0", "25.02": "10.8.0",
+    "25.03": "10.9.0", "25.04": "10.9.0", "25.05": "10.10.0", "25.06": "10.11.0", "25.07": "10.11.0",
+}
 VARIANTS = ("dense", "sparse")
 _CC_KEYS = ("compute_capability", "cc", "sm")
 _ONNX_KEYS = ("onnx", "onnx_path", "source_onnx")
@@ -49,6 +67,15 @@ class PlanEngine:
                 return specs_from_onnx(onnx_path if onnx_path.is_absolute() else _resolve(root, onnx_path))
         raise PipelineError(f"{where} has neither inputs/outputs nor the ONNX it was built from; rebuild with "
                             "the build stage or package ONNX with --format onnx")
+
+    @property
+    def tensorrt_version(self) -> str | None:
+        version = self.metadata.get("tensorrt_version")
+        return str(version) if version else None
+
+    @property
+    def hardware_compatibility(self) -> str:
+        return str(self.metadata.get("hardware_compatibility", "none"))
 
     def min_batch(self) -> int | None:
         batch = self.metadata.get("batch")
@@ -144,8 +171,12 @@ def _from_build_report(root: Path, report: Any) -> list[tuple[Path, dict[str, An
     return found
 
 
-def find_plans(root: Path, build_report: Path, precision: str) -> dict[str, list[PlanEngine]]:
-    """variant -> plans (one per compute capability) found via build.json and next to the ONNX files."""
+def find_plans(root: Path, build_report: Path, precision: str,
+               triton_release: str | None = None) -> dict[str, list[PlanEngine]]:
+    """variant -> plans (one per compute capability) found via build.json and next to the ONNX files.
+
+    With `triton_release`, every plan must have been built by that release's TensorRT.
+    """
     root = Path(root)
     candidates: dict[Path, tuple[dict[str, Any], list[str]]] = {}
     if build_report.is_file():
@@ -191,7 +222,33 @@ def find_plans(root: Path, build_report: Path, precision: str) -> dict[str, list
                 raise PipelineError(f"{variant}: several plans for compute capability {cc} ({names}); delete the "
                                     "stale ones or rerun the build stage")
             chosen.setdefault(variant, []).append(engines[0])
+    if triton_release is not None:
+        check_triton_release(chosen, triton_release)
     return chosen
+
+
+def _release_of(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def check_triton_release(plans: dict[str, list[PlanEngine]], release: str) -> None:
+    """Refuse plans that the TensorRT of Triton container `release` (e.g. "24.08") cannot load."""
+    if release not in TRITON_TENSORRT:
+        known = ", ".join(sorted(TRITON_TENSORRT))
+        raise PipelineError(f"Triton release {release!r} is not in the TensorRT version table (known: {known}); "
+                            "add it to TRITON_TENSORRT in pipeline/package/plans.py or package with --format onnx")
+    served = TRITON_TENSORRT[release]
+    for engines in plans.values():
+        for engine in engines:
+            built = engine.tensorrt_version
+            if built is None:
+                raise PipelineError(f"{engine.path} does not record the TensorRT version that built it; rebuild it "
+                                    "with the build stage or package with --format onnx")
+            if _release_of(built) != _release_of(served):
+                raise PipelineError(f"{engine.path} was built by TensorRT {built}, but Triton {release} runs TensorRT "
+                                    f"{served} and cannot load it: rebuild inside the Triton {release} container (or "
+                                    f"with tensorrt=={served}.*), package for a release that ships {built}, or "
+                                    "package with --format onnx")
 
 
 def plan_filename(cc: str) -> str:

@@ -1,15 +1,19 @@
 """Which layers TensorRT found eligible for, and built with, 2:4 sparse kernels, by PyTorch module name.
 
-Two independent sources, both read after a build:
-- the builder log (INFO severity), whose wording NVIDIA documents as
-  "(Sparsity) Layers eligible for sparse math: a, b" and
-  "(Sparsity) TRT inference plan picked sparse implementation for layers: b";
-- the engine inspector's per-layer JSON (needs ProfilingVerbosity.DETAILED), where a layer whose
-  tactic (kernel) name contains "sparse" or "sptensor" ran a sparse kernel. That part is a naming
-  heuristic, so it is only the fallback when the log lines are missing.
+Two sources, both read after a build:
+- the builder log. Some TensorRT versions print, at INFO, "(Sparsity) Layers eligible for sparse
+  math: a, b" and "(Sparsity) TRT inference plan picked sparse implementation for layers: b". Only
+  the second line says which layers run sparse kernels. When it is missing the report says so; it
+  does not guess from kernel names.
+- the engine inspector's per-layer JSON (needs ProfilingVerbosity.DETAILED): layer name, type,
+  tactic, "HasSparseWeights" for convolutions and "Metadata" = "[ONNX Layer: <node>]" records, one
+  per ONNX node the layer came from, separated by the ASCII record separator (0x1E).
 
-TensorRT names layers after ONNX nodes, possibly fused ("/a/Conv + /a/relu/Relu"); `OnnxNameMap`
-turns ONNX node names back into PyTorch module names using the ONNX file itself.
+TensorRT names layers after ONNX nodes, possibly fused ("/a/Conv + /a/relu/Relu"), wrapped
+("PWN(PWN(/a/Relu), /b/Add)") or merged into a Myelin range ("{ForeignNode[/a/Conv.../b/Gemm]}").
+A range names only its first and last node, so layer names are the last resort: the inspector's
+Metadata comes first. Reformat layers ("Reformatting CopyNode for Input Tensor 0 to <layer>")
+belong to no module even though their name contains the layer they feed.
 """
 from __future__ import annotations
 
@@ -21,27 +25,46 @@ from typing import Any, Iterable
 
 ELIGIBLE_MARKER = "(Sparsity) Layers eligible for sparse math:"
 PICKED_MARKER = "(Sparsity) TRT inference plan picked sparse implementation for layers:"
+QDQ_SPARSE_ISSUE = "https://github.com/NVIDIA/TensorRT/issues/4694"
 
 # Node types whose weights TensorRT can run with sparse kernels.
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # Nodes that sit between an initializer and its Conv/Gemm without changing which weight it is.
 _PASS_THROUGH_OPS = {"Cast", "Identity", "DequantizeLinear", "QuantizeLinear", "Transpose", "Reshape"}
-_TOKEN_SPLIT = re.compile(r"[\s+(),\[\]\x1e\x1f]+")
-_SPARSE_TACTIC = re.compile(r"sparse|sptensor", re.IGNORECASE)
+_NAME_TOKENS = re.compile(r"[\s+(),\[\]{}]+")
+_ONNX_LAYER = re.compile(r"^\[ONNX Layer: (.*)\]$")
+_RECORD_SEPARATOR = "\x1e"
+_OPEN, _CLOSE = "([{", ")]}"
 
 
-def parse_sparsity_log(lines: Iterable[str]) -> dict[str, list[str]]:
-    """TensorRT layer names from the two "(Sparsity)" log lines (in order, without repeats)."""
-    found: dict[str, list[str]] = {"eligible": [], "picked": []}
+def split_layer_list(text: str) -> list[str]:
+    """Split "a + b, PWN(PWN(c), d), e" on the commas that are outside any brackets."""
+    names, depth, current = [], 0, []
+    for char in text:
+        if char in _OPEN:
+            depth += 1
+        elif char in _CLOSE:
+            depth = max(0, depth - 1)
+        if char == "," and depth == 0:
+            names.append("".join(current).strip())
+            current = []
+        else:
+            current.append(char)
+    names.append("".join(current).strip())
+    return [name for name in names if name]
+
+
+def parse_sparsity_log(lines: Iterable[str]) -> dict[str, list[str] | None]:
+    """TensorRT layer names from the "(Sparsity)" lines, in order, without repeats; None for a line never seen."""
+    found: dict[str, list[str] | None] = {"eligible": None, "picked": None}
     for line in lines:
         for key, marker in (("eligible", ELIGIBLE_MARKER), ("picked", PICKED_MARKER)):
             at = line.find(marker)
             if at < 0:
                 continue
-            for name in line[at + len(marker):].split(","):
-                name = name.strip()
-                if name and name not in found[key]:
-                    found[key].append(name)
+            names = found[key] if found[key] is not None else []
+            names.extend(name for name in split_layer_list(line[at + len(marker):]) if name not in names)
+            found[key] = names
     return found
 
 
@@ -51,17 +74,30 @@ class InspectedLayer:
     layer_type: str = ""
     tactic: str = ""
     metadata: str = ""
+    origin: str = ""
+    has_sparse_weights: bool | None = None  # "HasSparseWeights", written for convolutions
 
     @property
-    def sparse_tactic(self) -> bool:
-        return bool(_SPARSE_TACTIC.search(self.tactic))
+    def onnx_nodes(self) -> list[str]:
+        """ONNX node names from Metadata ("[ONNX Layer: a]\\x1e[ONNX Layer: b]")."""
+        nodes = []
+        for record in self.metadata.split(_RECORD_SEPARATOR):
+            match = _ONNX_LAYER.match(record.strip())
+            if match and match.group(1) not in nodes:
+                nodes.append(match.group(1))
+        return nodes
+
+    @property
+    def is_reformat(self) -> bool:
+        return (self.layer_type == "Reformat" or self.origin == "REFORMAT"
+                or self.name.startswith("Reformatting CopyNode"))
 
 
 def parse_inspector_json(text: str | None) -> list[InspectedLayer]:
     """Layers from IEngineInspector.get_engine_information(LayerInformationFormat.JSON).
 
     With ProfilingVerbosity.DETAILED each entry of "Layers" is a dict (Name, LayerType, TacticName,
-    Metadata, ...); with less verbosity entries are bare layer names, which are kept without tactics.
+    Metadata, ...); with less verbosity entries are bare layer names, which are kept without details.
     """
     if not text:
         return []
@@ -75,9 +111,11 @@ def parse_inspector_json(text: str | None) -> list[InspectedLayer]:
         if isinstance(entry, str):
             layers.append(InspectedLayer(name=entry))
         elif isinstance(entry, dict) and "Name" in entry:
+            sparse = entry.get("HasSparseWeights")
             layers.append(InspectedLayer(name=str(entry["Name"]), layer_type=str(entry.get("LayerType", "")),
                                          tactic=str(entry.get("TacticName", "")),
-                                         metadata=str(entry.get("Metadata", ""))))
+                                         metadata=str(entry.get("Metadata", "")), origin=str(entry.get("Origin", "")),
+                                         has_sparse_weights=None if sparse is None else bool(sparse)))
     return layers
 
 
@@ -88,7 +126,7 @@ def module_from_scoped_name(node_name: str) -> str | None:
     component for Sequential children: "/layer2/layer2.0/downsample/downsample.0/Conv" ->
     "layer2.0.downsample.0". The last component is the ONNX op type (possibly "Conv_1").
     """
-    if not node_name.startswith("/"):
+    if not node_name.startswith("/") or "..." in node_name:
         return None
     parts = [p for p in node_name.strip("/").split("/") if p]
     if len(parts) < 2:
@@ -102,6 +140,10 @@ def module_from_scoped_name(node_name: str) -> str | None:
             path = f"{path}.{part}" if path else part
         last = part
     return path
+
+
+def is_foreign_node(layer_name: str) -> bool:
+    return "ForeignNode[" in layer_name
 
 
 @dataclass
@@ -127,20 +169,40 @@ class OnnxNameMap:
                 nodes[name] = torch_name
         return cls(nodes)
 
-    def torch_names(self, text: str) -> list[str]:
-        """PyTorch modules named anywhere in a TensorRT layer name or inspector metadata string."""
+    def module_for_node(self, node_name: str) -> str | None:
+        """The module of one ONNX node; a scoped weighted node missing from the ONNX is read from its scope."""
+        name = self.nodes.get(node_name)
+        if name is None and node_name.rsplit("/", 1)[-1].split("_")[0] in WEIGHTED_OPS:
+            name = module_from_scoped_name(node_name)
+        return name
+
+    def torch_names(self, layer_name: str) -> list[str]:
+        """Modules named by the ONNX nodes inside a TensorRT layer name (fused or wrapped; not a ForeignNode range)."""
+        if is_foreign_node(layer_name):
+            return []
         names = []
-        for token in _TOKEN_SPLIT.split(text):
-            name = self.nodes.get(token)
-            if name is None and token.startswith("/") and token.rsplit("/", 1)[-1].split("_")[0] in WEIGHTED_OPS:
-                name = module_from_scoped_name(token)  # no ONNX at hand for this node: use its scope
+        for token in _NAME_TOKENS.split(layer_name):
+            name = self.module_for_node(token) if token else None
             if name and name not in names:
                 names.append(name)
         return names
 
+    def modules_of(self, layer: InspectedLayer) -> list[str]:
+        """Modules a built layer computes: from its Metadata first, else from its name; none for a reformat."""
+        if layer.is_reformat:
+            return []
+        if layer.onnx_nodes:
+            names = []
+            for node in layer.onnx_nodes:
+                name = self.module_for_node(node)
+                if name and name not in names:
+                    names.append(name)
+            return names
+        return self.torch_names(layer.name)
+
 
 def _module_from_weight(tensor: str, initializers: set[str], producer: dict[str, Any]) -> str | None:
-    """Follow a weight input back through casts to its initializer; "layer1.0.conv1.weight" -> module."""
+    """Follow a weight input back through casts and Q/DQ to its initializer; "layer1.0.conv1.weight" -> module."""
     for _ in range(4):
         if tensor in initializers:
             if tensor.endswith(".weight") and not tensor.startswith("onnx::"):
@@ -153,39 +215,96 @@ def _module_from_weight(tensor: str, initializers: set[str], producer: dict[str,
     return None
 
 
-def sparse_layer_report(log_lines: Iterable[str], inspector_json: str | None, names: OnnxNameMap) -> dict[str, Any]:
-    """{"eligible": [torch names], "picked_sparse": [torch names], "raw": {...}} for BuildResult.sparse_layers."""
+def sparse_layer_report(log_lines: Iterable[str], inspector_json: str | None, names: OnnxNameMap,
+                        quantized: bool = False) -> dict[str, Any]:
+    """The sparse-layer report of one engine (BuildResult.sparse_layers); see docs/tensorrt.md.
+
+    "picked_sparse" is None when TensorRT printed no "picked sparse implementation" line: then which
+    layers run sparse kernels is not known, and "notes" says so.
+    """
     log = parse_sparsity_log(log_lines)
     layers = parse_inspector_json(inspector_json)
+    by_name = {layer.name: layer for layer in layers}
     unmapped: list[str] = []
 
-    def to_torch(trt_names: Iterable[str], extra: dict[str, str] | None = None) -> list[str]:
+    def modules(trt_name: str) -> list[str]:
+        layer = by_name.get(trt_name)
+        found = names.modules_of(layer) if layer is not None else names.torch_names(trt_name)
+        if not found and trt_name not in unmapped:
+            unmapped.append(trt_name)
+        return found
+
+    def to_torch(trt_names: Iterable[str]) -> list[str]:
         out: list[str] = []
         for trt_name in trt_names:
-            mapped = names.torch_names(trt_name) or names.torch_names((extra or {}).get(trt_name, ""))
-            if not mapped and trt_name not in unmapped:
-                unmapped.append(trt_name)
-            out.extend(name for name in mapped if name not in out)
+            out.extend(name for name in modules(trt_name) if name not in out)
         return out
 
-    metadata = {layer.name: layer.metadata for layer in layers}
-    inspector_sparse = {layer.name: layer.tactic for layer in layers if layer.sparse_tactic}
-    eligible = to_torch(log["eligible"], metadata)
-    if log["picked"] or log["eligible"]:
-        picked, source = to_torch(log["picked"], metadata), "builder log"
-    elif inspector_sparse:
-        picked, source = to_torch(inspector_sparse, metadata), "engine inspector tactic names"
+    notes = []
+    inspector_sparse = [layer.name for layer in layers if layer.has_sparse_weights]
+    if log["eligible"] is not None:
+        eligible, eligible_source = to_torch(log["eligible"]), "builder log"
     else:
-        picked, source = [], "none (no (Sparsity) log lines and no sparse tactic in the inspector JSON)"
+        eligible, eligible_source = to_torch(inspector_sparse), "engine inspector HasSparseWeights"
+    picked = to_torch(log["picked"]) if log["picked"] is not None else None
+    if picked is None:
+        notes.append("TensorRT printed no '(Sparsity) ... picked sparse implementation' line (only some versions "
+                     "print it, at INFO), so which layers run sparse kernels is not known; each layer's tactic is "
+                     "listed under 'layers'")
+
+    per_layer = []
+    for layer in layers:
+        mapped = names.modules_of(layer)
+        if not mapped:
+            continue
+        per_layer.append({
+            "trt_layer": layer.name, "modules": mapped, "layer_type": layer.layer_type, "tactic": layer.tactic,
+            "has_sparse_weights": layer.has_sparse_weights,
+            "log_eligible": None if log["eligible"] is None else layer.name in log["eligible"],
+            "picked_sparse": None if log["picked"] is None else layer.name in log["picked"],
+        })
+    if quantized and picked is not None:
+        dense_despite_sparse = [entry["trt_layer"] for entry in per_layer
+                                if entry["has_sparse_weights"] and not entry["picked_sparse"]]
+        if dense_despite_sparse:
+            notes.append(f"{len(dense_despite_sparse)} Q/DQ layer(s) have 2:4 weights (HasSparseWeights=1) but "
+                         f"TensorRT picked dense tactics for them: a known TensorRT behaviour with Q/DQ graphs "
+                         f"({QDQ_SPARSE_ISSUE})")
     return {
         "eligible": eligible,
         "picked_sparse": picked,
+        "layers": per_layer,
+        "notes": notes,
         "raw": {
-            "source": source,
+            "source": "builder log" if picked is not None else "none (no '(Sparsity) ... picked' line in the log)",
+            "eligible_source": eligible_source,
             "log_eligible": log["eligible"],
             "log_picked": log["picked"],
-            "inspector_sparse_tactics": inspector_sparse,
+            "inspector_has_sparse_weights": inspector_sparse,
             "inspector_layers": len(layers),
             "unmapped": unmapped,
         },
     }
+
+
+def module_layer_times(times: dict[str, float], inspector_json: str | None, names: OnnxNameMap) -> dict[str, Any]:
+    """Per-TensorRT-layer times (Runner.layer_times) summed per PyTorch module.
+
+    Reformat layers are summed apart, never charged to the layer they feed; layers that belong to
+    no module (pooling, ForeignNode ranges without Metadata) go to "other_ms".
+    """
+    by_name = {layer.name: layer for layer in parse_inspector_json(inspector_json)}
+    modules: dict[str, float] = {}
+    reformat = other = 0.0
+    for trt_name, ms in times.items():
+        layer = by_name.get(trt_name, InspectedLayer(name=trt_name))
+        if layer.is_reformat:
+            reformat += ms
+            continue
+        mapped = names.modules_of(layer)
+        if not mapped:
+            other += ms
+            continue
+        for name in mapped:  # a layer fusing several modules is split evenly between them
+            modules[name] = modules.get(name, 0.0) + ms / len(mapped)
+    return {"modules": modules, "reformat_ms": reformat, "other_ms": other}
