@@ -28,6 +28,10 @@ class ArtifactPaths:
     dense_onnx_fp16 = property(lambda self: self.root / "dense.fp16.onnx")
     sparse_onnx_fp16 = property(lambda self: self.root / "sparse.fp16.onnx")
     export_report = property(lambda self: self.root / "export.json")
+
+    def int8_onnx(self, variant: str) -> Path:
+        """`dense.int8.onnx` / `sparse.int8.onnx`: the Q/DQ graphs written for build.precision=int8."""
+        return self.root / f"{variant}.int8.onnx"
     build_report = property(lambda self: self.root / "build.json")
     report_json = property(lambda self: self.root / "report.json")
     report_md = property(lambda self: self.root / "report.md")

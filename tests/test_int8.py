@@ -6,6 +6,7 @@ recipe's own (synthetic) training data.
 """
 from __future__ import annotations
 
+import json
 import copy
 
 import numpy as np
@@ -133,3 +134,22 @@ def test_onnxruntime_top1_counts_correct_labels(graphs):
     assert onnxruntime_top1(paths["dense"][0], dataset, batch_size=7) == 1.0
     wrong = [(image, (label + 1) % 10) for image, label in dataset]
     assert onnxruntime_top1(paths["dense"][0], wrong) == 0.0
+
+
+def test_engine_with_int8_precision_writes_qdq_graphs_and_reports_their_accuracy(tmp_path):
+    """build.precision=int8 through the stages: export writes both Q/DQ graphs, polygraphy finds every
+    masked layer sparse in sparse.int8.onnx, and verify reports INT8 accuracy next to the FP32 engines."""
+    from pipeline.cli import main
+
+    code = main(["engine", "--model", "tiny_resnet", "--out", str(tmp_path), "--set", "build.precision=int8",
+                 "--set", "masks.max_steps=2"])
+    assert code == 0
+    root = tmp_path / "tiny_resnet"
+    export = json.loads((root / "export.json").read_text())
+    masked = [layer["name"] for layer in json.loads((root / "layers.json").read_text())["masked"]]
+    sparse_int8 = export["files"]["sparse.int8.onnx"]
+    assert {f"{name}.weight" for name in masked} <= set(sparse_int8["polygraphy_sparse"])
+    assert export["files"]["dense.int8.onnx"]["precision"] == "int8"
+    int8 = json.loads((root / "report.json").read_text())["accuracy"]["int8"]
+    assert 0.0 <= int8["sparse_top1"] <= 100.0 and int8["sparse_graph"] == "sparse.int8.onnx"
+    assert "INT8 Q/DQ graphs" in (root / "report.md").read_text()

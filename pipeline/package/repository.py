@@ -65,7 +65,8 @@ def choose_sources(recipe: Recipe, paths: ArtifactPaths, fmt: str) -> Repository
     if fmt not in FORMATS:
         raise PipelineError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     onnx = {"dense": paths.dense_onnx, "sparse": paths.sparse_onnx}
-    plans = find_plans(paths.root, paths.build_report, recipe.build.precision) if fmt != "onnx" else {}
+    plans = find_plans(paths.root, paths.build_report, recipe.build.precision,
+                       triton_release=recipe.serve.triton_release or None) if fmt != "onnx" else {}
     have = [variant for variant in VARIANTS if plans.get(variant)]
     if fmt == "plan" or (fmt == "auto" and len(have) == len(VARIANTS)):
         missing = [variant for variant in VARIANTS if variant not in have]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.package.plans import TRITON_TENSORRT
 
 
 @dataclass
@@ -84,6 +85,7 @@ class ExportConfig:
     fp16: bool = True
     input_name: str = "input"
     output_name: str = "logits"
+    int8_calibration_images: int = 512  # training images that set the Q/DQ activation ranges (build.precision=int8)
 
 
 @dataclass
@@ -94,6 +96,7 @@ class BuildConfig:
     opt_batch: int = 32
     max_batch: int = 64
     workspace_mib: int = 2048
+    hardware_compatibility: str = "none"  # tensorrt: none | ampere_plus | same_compute_capability (docs/tensorrt.md)
 
 
 @dataclass
@@ -112,6 +115,7 @@ class ServeConfig:
     preferred_batch_sizes: list[int] = field(default_factory=lambda: [8, 32])
     max_queue_delay_us: int = 500
     instance_count: int = 1
+    triton_release: str = ""  # e.g. "24.05": refuse TensorRT plans built by another TensorRT than it ships
 
 
 @dataclass
@@ -224,6 +228,8 @@ MASK_INITS = ("magnitude", "uniform")
 TAU_SCHEDULES = ("constant", "linear", "exponential")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
+HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
+TRITON_RELEASES = tuple(TRITON_TENSORRT)
 DATA_KINDS = ("fashion_mnist", "imagefolder", "synthetic")
 COLORS = ("L", "RGB")
 CHANNELS = {"L": 1, "RGB": 3}
@@ -302,6 +308,10 @@ def validate(recipe: Recipe, origin: str = "recipe") -> Recipe:
           "two different, non-empty tensor names")
     one_of("build.backend", BACKENDS)
     one_of("build.precision", PRECISIONS)
+    one_of("build.hardware_compatibility", HARDWARE_COMPATIBILITY)
+    check(e.int8_calibration_images >= 1, "export.int8_calibration_images", "at least 1")
+    check(not s.triton_release or s.triton_release in TRITON_RELEASES, "serve.triton_release",
+          f"empty (no check) or a release of the table in docs/tensorrt.md ({', '.join(TRITON_RELEASES)})")
     check(b.min_batch >= 1, "build.min_batch", "at least 1")
     check(b.min_batch <= b.opt_batch <= b.max_batch, "build.opt_batch",
           f"min_batch <= opt_batch <= max_batch (here {b.min_batch}, {b.opt_batch}, {b.max_batch})")

@@ -32,14 +32,11 @@ def engine_dir(root: Path, backend_name: str) -> Path:
     return Path(root) / backend_name
 
 
-def onnx_inputs(recipe, paths, backend_name: str) -> tuple[dict[str, Path], str]:
-    """The ONNX files a backend builds from, and why those."""
-    if backend_name == "tensorrt" and recipe.build.precision == "fp16":
-        # TensorRT 11 is strongly typed: FP16 has to be in the graph, not a builder flag
-        return {"dense": paths.dense_onnx_fp16, "sparse": paths.sparse_onnx_fp16}, "fp16 graphs (build.precision=fp16)"
-    if backend_name == "tensorrt":
-        return {"dense": paths.dense_onnx, "sparse": paths.sparse_onnx}, "fp32 graphs (build.precision=fp32)"
-    return {"dense": paths.dense_onnx, "sparse": paths.sparse_onnx}, "fp32 graphs (ONNX Runtime runs FP32 on CPU)"
+def onnx_inputs(recipe, paths, backend) -> tuple[dict[str, Path], str]:
+    """The ONNX files the backend builds from (its own rule, `onnx_for`), and why those."""
+    sources = {variant: backend.onnx_for(paths, variant, recipe) for variant in ("dense", "sparse")}
+    names = ", ".join(path.name for path in sources.values())
+    return sources, f"{names}: the {backend.name} backend's graphs for build.precision={recipe.build.precision}"
 
 
 def check_onnx_inputs(sources: dict[str, Path], paths, model: str) -> None:
@@ -51,7 +48,8 @@ def check_onnx_inputs(sources: dict[str, Path], paths, model: str) -> None:
         recorded = read_json(paths.export_report).get("files", {})
     for variant, path in sources.items():
         if not path.is_file():
-            hint = " with export.fp16=true" if ".fp16." in path.name else ""
+            hint = (" with export.fp16=true" if ".fp16." in path.name else
+                    " with --set build.precision=int8" if ".int8." in path.name else "")
             raise PipelineError(f"{path} does not exist; run `python -m pipeline export --model {model}`{hint} first")
         expected = recorded.get(path.name, {}).get("sha256")
         if expected and sha256_file(path) != expected:
@@ -77,7 +75,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     print(f"backend: {backend.name} ({reason})")
     if not backend.has_sparse_kernels:
         print(f"note: {backend.name} has no sparse kernels; its engines check accuracy, not speed-up")
-    sources, why = onnx_inputs(recipe, paths, backend.name)
+    sources, why = onnx_inputs(recipe, paths, backend)
     check_onnx_inputs(sources, paths, recipe.name)
     write_config(recipe, paths)
     folder = engine_dir(paths.root, backend.name)

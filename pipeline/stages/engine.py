@@ -74,7 +74,16 @@ def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[S
         files = [paths.dense_onnx, paths.sparse_onnx]
         if recipe.export.fp16:
             files += [paths.dense_onnx_fp16, paths.sparse_onnx_fp16]
+        if recipe.build.precision == "int8":
+            files += [paths.int8_onnx("dense"), paths.int8_onnx("sparse")]
         return files
+
+    def export_inputs() -> dict[str, Any]:
+        parts = {"recipe": digest(*MODEL_FIELDS, "export"), "weights": weights_identity(recipe, paths),
+                 "sparse.pt": file_digest(paths.sparse_weights), "masks.pt": file_digest(paths.masks)}
+        if recipe.build.precision == "int8":
+            parts["int8_calibration"] = digest("data", "preprocess")
+        return parts
 
     def engine_files() -> list[Path]:
         if not paths.build_report.is_file():
@@ -93,9 +102,7 @@ def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[S
         Stage("bake", lambda: {"recipe": digest(*MODEL_FIELDS, "masks"), "weights": weights_identity(recipe, paths),
                                "masks.ckpt": file_digest(paths.mask_checkpoint)},
               lambda: [paths.masks, paths.sparse_weights, paths.bake_report]),
-        Stage("export", lambda: {"recipe": digest(*MODEL_FIELDS, "export"), "weights": weights_identity(recipe, paths),
-                                 "sparse.pt": file_digest(paths.sparse_weights), "masks.pt": file_digest(paths.masks)},
-              lambda: onnx_files() + [paths.export_report]),
+        Stage("export", export_inputs, lambda: onnx_files() + [paths.export_report]),
         Stage("build", lambda: {"recipe": digest(*MODEL_FIELDS, "build"),
                                 **{path.name: file_digest(path) for path in onnx_files()}},
               engine_files),

@@ -121,6 +121,9 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         files[path.name].update(sha256=sha256_file(path), bytes=path.stat().st_size)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
+    if recipe.build.precision == "int8":
+        files.update(export_int8(recipe, paths, masked, n, m))
+
     summary = {precision: {"layers": len(checks), "ok": sum(c["ok"] for c in checks)}
                for precision, checks in layer_checks.items()}
     write_json(paths.export_report, {
@@ -137,8 +140,54 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         print(f"sparse {precision}: {counts['ok']}/{counts['layers']} masked layers hold {n}:{m} in TensorRT layout, "
               f"kept weights equal the dense export")
     for name, info in files.items():
+        if "ort_vs_torch" not in info:  # the INT8 graphs: their accuracy is measured by verify
+            continue
         diff = info["ort_vs_torch"]
         print(f"{name}: ONNX Runtime vs PyTorch max|diff| {diff['max_abs_diff']:.2e} (allowed {diff['allowed']:.2e})")
     print(f"export report: {paths.export_report}")
     return 0
+
+
+def export_int8(recipe: Recipe, paths: ArtifactPaths, masked: list[str], n: int, m: int) -> dict[str, dict]:
+    """dense.int8.onnx and sparse.int8.onnx: Q/DQ graphs in TensorRT's form, calibrated on training images.
+
+    The sparse graph must keep N:M on every masked layer after quantization, in code and by polygraphy's
+    independent check; otherwise neither INT8 file is left behind.
+    """
+    import onnx
+
+    from pipeline.data.datasets import build_datasets
+    from pipeline.export.int8 import (calibration_batches, polygraphy_sparsity, quantize_qdq,
+                                      sparse_weights_survive)
+
+    count = recipe.export.int8_calibration_images
+    print(f"quantizing to INT8 Q/DQ, calibrated on {count} training images ...", flush=True)
+    calibration = calibration_batches(build_datasets(recipe).train, count)
+    written = []
+    try:
+        files = {}
+        for variant in ("dense", "sparse"):
+            path = quantize_qdq(getattr(paths, f"{variant}_onnx"), calibration, paths.int8_onnx(variant))
+            written.append(path)
+            files[path.name] = {"variant": variant, "precision": "int8", "calibration_images": count,
+                                "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        sparse_path = paths.int8_onnx("sparse")
+        survive = sparse_weights_survive(onnx.load(str(sparse_path)), n, m)
+        polygraphy = polygraphy_sparsity(sparse_path)
+        sparse_found = set(polygraphy.get("sparse", []))
+        missing = [layer for layer in masked if f"{layer}.weight" not in sparse_found]
+        broken = [name for name, info in survive.items()
+                  if not info["zeros_kept"] or info["nm_violations_int8"] > info["nm_violations_fp32"]]
+        files[sparse_path.name].update(nm_after_quantization=survive, polygraphy_sparse=sorted(sparse_found))
+        if missing or broken:
+            raise PipelineError(f"{sparse_path.name}: the {n}:{m} pattern did not survive INT8 quantization "
+                                f"({'polygraphy finds dense: ' + ', '.join(missing) if missing else ''}"
+                                f"{'; zeros lost in ' + ', '.join(broken) if broken else ''}); nothing written")
+        print(f"{sparse_path.name}: polygraphy inspect sparsity finds {len(masked) - len(missing)}/{len(masked)} "
+              f"masked layers sparse")
+        return files
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 

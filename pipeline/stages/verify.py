@@ -158,6 +158,22 @@ def sparse_kernel_coverage(build: BuildReport, layers: list[dict[str, Any]], tot
     return share, f"from build.json ({reported.get('raw', {}).get('source', 'backend report')})"
 
 
+def int8_accuracy(paths: ArtifactPaths, dataset, fp32_dense_top1: float) -> dict[str, Any]:
+    """Top-1 of the INT8 Q/DQ graphs (export writes them for build.precision=int8) through ONNX Runtime."""
+    from pipeline.export.int8 import onnxruntime_top1
+
+    graphs = {variant: paths.int8_onnx(variant) for variant in ("dense", "sparse")}
+    for path in graphs.values():
+        if not path.is_file():
+            raise PipelineError(f"{path} does not exist; build.precision=int8 needs the Q/DQ graphs: run "
+                                "`python -m pipeline export` with --set build.precision=int8")
+    top1 = {variant: 100.0 * onnxruntime_top1(path, dataset) for variant, path in graphs.items()}  # a share -> %
+    return {"dense_graph": graphs["dense"].name, "sparse_graph": graphs["sparse"].name,
+            "dense_top1": top1["dense"], "sparse_top1": top1["sparse"],
+            "sparse_drop_vs_fp32_dense": fp32_dense_top1 - top1["sparse"],
+            "runtime": "onnxruntime CPUExecutionProvider"}
+
+
 # --------------------------------------------------------------------------- gates
 def gate(name: str, value, threshold: float, comparison: str, skipped: str = "") -> dict[str, Any]:
     if skipped or value is None:
@@ -179,6 +195,8 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     low, high = recipe.build.min_batch, recipe.build.max_batch
     eval_batch = max(low, min(recipe.data.eval_batch_size, high))
     accuracy = measure_accuracy(runners, data.eval, eval_batch)
+    if recipe.build.precision == "int8":
+        accuracy["int8"] = int8_accuracy(paths, data.eval, accuracy["dense"]["top1"])
     serving = max(low, min(cfg.serving_batch, high))
     batches = sorted({max(low, 1), serving})
     by_batch, raw = measure_latency(runners, recipe.input_shape, batches, cfg.latency_iters, cfg.warmup_iters)
@@ -240,6 +258,10 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     print(f"backend {backend.name}" + ("" if backend.has_sparse_kernels else " (no sparse kernels: accuracy check only)"))
     print(f"top1 dense {accuracy['dense']['top1']:.2f}% sparse {accuracy['sparse']['top1']:.2f}% "
           f"(agreement {100 * accuracy['agreement']:.1f}%, {accuracy['samples']} images)")
+    if "int8" in accuracy:
+        int8 = accuracy["int8"]
+        print(f"INT8 Q/DQ through ONNX Runtime: dense {int8['dense_top1']:.2f}% sparse {int8['sparse_top1']:.2f}% "
+              f"(sparse vs FP32 dense: drop {int8['sparse_drop_vs_fp32_dense']:.2f} pt)")
     for batch, entry in by_batch.items():
         print(f"batch {batch}: p50 dense {entry['dense']['p50_ms']:.3f} ms, sparse {entry['sparse']['p50_ms']:.3f} ms, "
               f"speed-up {entry['speedup']['ratio']:.3f}x (IQR {entry['speedup']['iqr'][0]:.3f}-"

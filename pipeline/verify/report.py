@@ -64,7 +64,15 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"| dense | {_fmt(acc['dense']['top1'])} | {_fmt(acc['dense']['top5'])} |",
               f"| sparse | {_fmt(acc['sparse']['top1'])} | {_fmt(acc['sparse']['top5'])} |", "",
               f"Top-1 drop {_fmt(acc['top1_drop'])} pt; dense/sparse prediction agreement "
-              f"{_fmt(acc['agreement'] * 100)} %.", "",
+              f"{_fmt(acc['agreement'] * 100)} %.", ""]
+    if acc.get("int8"):
+        int8 = acc["int8"]
+        lines += ["INT8 Q/DQ graphs through ONNX Runtime (CPU), same images:", "",
+                  "| graph | top-1 % |", "|---|---|",
+                  f"| {int8['dense_graph']} | {_fmt(int8['dense_top1'])} |",
+                  f"| {int8['sparse_graph']} | {_fmt(int8['sparse_top1'])} |", "",
+                  f"INT8 sparse vs FP32 dense engine: drop {_fmt(int8['sparse_drop_vs_fp32_dense'])} pt.", ""]
+    lines += [
               "## Latency (dense and sparse interleaved in the same run)", "",
               "| batch | engine | p50 ms | p90 ms | p99 ms | images/s | speed-up (paired) | per-round IQR |",
               "|---|---|---|---|---|---|---|---|"]

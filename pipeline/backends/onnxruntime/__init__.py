@@ -118,6 +118,11 @@ class OnnxRuntimeBackend:
             return False, "onnxruntime is not installed (pip install onnxruntime)"
         return True, f"onnxruntime {ort.__version__} with {', '.join(_providers())}"
 
+    def onnx_for(self, paths, variant: str, recipe) -> Path:
+        """The FP32 graph at every build.precision: on CPU the reduced precisions would only measure ONNX
+        Runtime's emulation (verify reports INT8 accuracy from the Q/DQ graphs separately)."""
+        return Path(getattr(paths, f"{variant}_onnx"))
+
     def build(self, onnx_path: Path, engine_dir: Path, variant: str, recipe, sparse: bool) -> BuildResult:
         import onnxruntime as ort
 

@@ -244,7 +244,7 @@ class TensorRTBackend:
             raise PipelineError(f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes; build.precision=int8 builds "
                                 f"from the Q/DQ graph ({int8_onnx_path(Path(variant + '.onnx')).name}, see "
                                 "onnx_for_precision)")
-        hardware = getattr(cfg, "hardware_compatibility", "none")  # BuildConfig field, see docs/tensorrt.md
+        hardware = cfg.hardware_compatibility
         hardware_level = _hardware_level(trt, hardware, version)
 
         logger = process_logger(trt)
