@@ -74,10 +74,12 @@ PIPELINE_ENV = {**os.environ, "PIPELINE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1
 
 
 class BackgroundRun:
-    """`python -m pipeline ARGS` running in the background; its output lines are read as they come."""
+    """A command running in the background (`python -m pipeline ARGS` by default); its output lines are read as
+    they come, and its standard input is a pipe the test may write to or close."""
 
-    def __init__(self, args: list[str]) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=PIPELINE_ENV,
+    def __init__(self, args: list[str], command: list[str] | None = None) -> None:
+        command = [sys.executable, "-m", "pipeline"] if command is None else command
+        self.process = subprocess.Popen([*command, *args], cwd=REPO, env=PIPELINE_ENV, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
