@@ -325,10 +325,10 @@ def test_unusable_plan_metadata_is_a_clear_error(out, capsys, meta, message):
 def test_missing_tritonclient_is_a_clear_error(out, monkeypatch, capsys):
     import sys
 
-    from pipeline.package import model_config
-
-    monkeypatch.delitem(sys.modules, model_config._PB2, raising=False)
-    monkeypatch.setitem(sys.modules, "tritonclient", None)  # as if it were not installed
+    # as if it were not installed: submodules imported by earlier tests would still import without their parent
+    for name in [name for name in sys.modules if name.startswith("tritonclient.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tritonclient", None)
     assert package(out) == 2
     assert "needs the tritonclient package: pip install" in capsys.readouterr().err
     assert not (out / MODEL / "triton").exists()
