@@ -12,8 +12,12 @@ ARGS = --model $(MODEL) --out $(OUT) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if 
 
 # `make <stage> MODEL=..` runs `python -m pipeline <stage>` with the arguments above.
 STAGES := pretrain train-masks bake export build verify package check-manifest compare certify layers curves
+DATA_STAGES := pretrain train-masks verify compare certify
 
-.PHONY: venv engine masks updatable bench-train test clean serve serve-check serve-env $(STAGES)
+# Fashion-MNIST models without DATA= read the Debian package: install it first (or say how, exit 2).
+DATASET := $(if $(DATA),,$(if $(filter fmnist_%,$(MODEL)),dataset))
+
+.PHONY: venv dataset engine masks updatable bench-train test test-fast clean serve serve-check serve-env $(STAGES)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,11 +28,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-engine: $(STAMP)
+dataset:
+	tools/ensure-dataset.sh
+
+engine: $(DATASET) $(STAMP)
 	$(PY) -m pipeline engine $(ARGS) $(if $(FORCE),--force)
 
 $(STAGES): $(STAMP)
 	$(PY) -m pipeline $@ $(ARGS)
+
+$(DATA_STAGES) updatable serve-check: $(DATASET)
 
 masks: train-masks
 
@@ -64,9 +73,13 @@ serve: $(TRITON_STAMP)
 serve-check: $(TRITON_STAMP)
 	$(PY) -m pipeline serve-check $(ARGS) --triton-env $(TRITON_ENV)
 
-# the server tests (marker `triton`) run on $(TRITON_ENV); they skip, saying why, where it is absent
-test: $(STAMP) $(TRITON_STAMP)
+# the full suite (what CI runs); the server tests (marker `triton`) run on $(TRITON_ENV)
+test: dataset $(STAMP) $(TRITON_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the inner loop: everything not marked slow (end-to-end CLI runs, benchmarks)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(OUT)/*/ $(OUT)/*.json

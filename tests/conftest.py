@@ -5,15 +5,32 @@ import pytest
 os.environ.setdefault("PIPELINE_NO_PROGRESS", "1")
 
 
-def pytest_collection_modifyitems(config, items):
+def _missing_hardware() -> dict[str, str]:
+    """Marker -> why its tests cannot run here (absent when they can)."""
     try:
-        import tensorrt  # noqa: F401
         import torch
 
-        have_trt = torch.cuda.is_available()
+        have_cuda = torch.cuda.is_available()
     except Exception:
-        have_trt = False
-    skip = pytest.mark.skip(reason="needs TensorRT and an NVIDIA GPU; neither can be installed on this machine")
+        have_cuda = False
+    try:
+        import tensorrt  # noqa: F401
+
+        have_tensorrt = have_cuda
+    except Exception:
+        have_tensorrt = False
+    missing = {}
+    if not have_cuda:
+        missing["gpu"] = "needs a CUDA GPU; this machine has none"
+    if not have_tensorrt:
+        missing["tensorrt"] = "needs TensorRT and an NVIDIA GPU; this machine lacks at least one"
+    return missing
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = _missing_hardware()
     for item in items:
-        if "tensorrt" in item.keywords and not have_trt:
-            item.add_marker(skip)
+        for marker, reason in missing.items():
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+                break

@@ -6,8 +6,11 @@ non-trivial, so the exporter's BatchNorm folding really rescales channels; magni
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -67,19 +70,59 @@ def cli(*argv: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+PIPELINE_ENV = {**os.environ, "PIPELINE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class BackgroundRun:
+    """A command running in the background (`python -m pipeline ARGS` by default); its output lines are read as
+    they come, and its standard input is a pipe the test may write to or close."""
+
+    def __init__(self, args: list[str], command: list[str] | None = None) -> None:
+        command = [sys.executable, "-m", "pipeline"] if command is None else command
+        self.process = subprocess.Popen([*command, *args], cwd=REPO, env=PIPELINE_ENV, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.output: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.output.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for_line(self, fragment: str, timeout: float = 120) -> None:
+        """Block until a line containing FRAGMENT is printed; fail if the run ends or TIMEOUT passes first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.process.kill()
+                raise AssertionError(f"no line with {fragment!r} within {timeout}s:\n{''.join(self.output)}")
+            if line is None:
+                raise AssertionError(f"the run ended ({self.process.wait()}) before printing {fragment!r}:\n"
+                                     f"{''.join(self.output)}")
+            if fragment in line:
+                return
+
+    def finish(self, timeout: float = 120) -> tuple[int, str]:
+        """Wait for the run to end; its exit code and everything it printed."""
+        code = self.process.wait(timeout)
+        self._reader.join(timeout)
+        return code, "".join(self.output)
+
+
 def kill_at_first_checkpoint(args: list[str], checkpoint: Path, timeout: float = 120) -> dict:
     """Start `python -m pipeline ARGS`, SIGKILL it as soon as `checkpoint` exists, return that checkpoint."""
-    import signal
-    import time
-
-    env = {**os.environ, "PIPELINE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    run = BackgroundRun(args)
+    deadline = time.monotonic() + timeout
+    while not checkpoint.exists() and run.process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling for the file: the readiness signal is the checkpoint itself
+    run.process.kill()
+    code, output = run.finish()
+    assert checkpoint.exists(), f"no checkpoint {checkpoint} within {timeout}s (exit {code}):\n{output}"
     saved = torch.load(checkpoint, weights_only=True)
     assert not saved["final"], "the run finished before it could be killed; the test proves nothing"
     return saved

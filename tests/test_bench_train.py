@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PIPELINE_NO_PROGRESS": "1"}
 
@@ -11,9 +13,10 @@ ENV = {**os.environ, "PIPELINE_NO_PROGRESS": "1"}
 def bench(tmp_path, *extra):
     return subprocess.run([sys.executable, "-m", "pipeline", "bench-train", "--models", "tiny_resnet", "--reps", "2",
                            "--warmup", "1", "--out", str(tmp_path), *extra], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True)
+                          text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_bench_train_writes_paired_timings(tmp_path):
     result = bench(tmp_path, "--max-ratio", "100")
     assert result.returncode == 0, result.stderr
@@ -25,6 +28,7 @@ def test_bench_train_writes_paired_timings(tmp_path):
     assert "| tiny_resnet |" in result.stdout
 
 
+@pytest.mark.slow
 def test_bench_train_gate_fails_with_exit_1(tmp_path):
     result = bench(tmp_path, "--max-ratio", "0.01")
     assert result.returncode == 1
@@ -33,5 +37,5 @@ def test_bench_train_gate_fails_with_exit_1(tmp_path):
 
 def test_bench_train_unknown_model_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline", "bench-train", "--models", "resnet51", "--out",
-                             str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True, text=True)
+                             str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.startswith("error: unknown model") and "Traceback" not in result.stderr

@@ -5,6 +5,8 @@ import pytest
 
 from nm_fixtures import MODEL, cli
 
+pytestmark = pytest.mark.slow  # every test runs the CLI end to end, several seconds each
+
 # One mask-training step and short timing keep the whole pipeline to seconds.
 FAST = ["--set", "masks.max_steps=1", "--set", "verify.latency_iters=2"]
 

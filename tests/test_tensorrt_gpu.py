@@ -1,4 +1,4 @@
-"""TensorRT backend on a real GPU (marked `tensorrt`; tests/conftest.py skips them without TensorRT + CUDA).
+"""TensorRT backend on a real GPU (marked `tensorrt` and `gpu`; tests/conftest.py skips them without TensorRT + CUDA).
 
 None of these has run in this repository's CI: its machines have no GPU and cannot install TensorRT.
 They build tiny_resnet engines (random weights, magnitude 2:4 masks) from the ONNX the pipeline's
@@ -17,7 +17,7 @@ from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.registry import get_recipe
 
-pytestmark = pytest.mark.tensorrt
+pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]
 
 
 def _export(model, path, recipe, half=False):

@@ -1,20 +1,20 @@
 """End-to-end behaviour of `train-masks` and `bake` on the tiny smoke model (subprocesses)."""
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from nm_fixtures import kill_at_first_checkpoint
+from nm_fixtures import PIPELINE_ENV, BackgroundRun, kill_at_first_checkpoint
+
+pytestmark = pytest.mark.slow  # every test runs the CLI end to end, several seconds each
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PIPELINE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+ENV = PIPELINE_ENV
 
 
 def cli(*args, check=True, **kwargs):
@@ -55,25 +55,30 @@ def test_resume_after_kill_9_continues_to_the_same_masks(tmp_path):
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path):
-    args = ["--model", "tiny_resnet", "--set", "data.synthetic_size=4096", "--set", "masks.checkpoint_every=0",
-            "--max-steps", "100000", "--epochs", "50", "--out", str(tmp_path)]
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "train-masks", *args], cwd=ROOT, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)
-    process.send_signal(signal.SIGTERM)
-    stdout, _ = process.communicate(timeout=60)
-    assert process.returncode == 130, stdout
+    args = ["train-masks", "--model", "tiny_resnet", "--set", "data.synthetic_size=2048",
+            "--set", "masks.checkpoint_every=0", "--max-steps", "60", "--epochs", "50", "--out", str(tmp_path)]
+    run = BackgroundRun(args)
+    run.wait_for_line("SIGTERM or Ctrl-C now stops at the next step")
+    run.process.send_signal(signal.SIGTERM)
+    code, output = run.finish()
+    assert code == 130, output
     saved = torch.load(tmp_path / "tiny_resnet" / "masks.ckpt", weights_only=True)
-    assert not saved["final"] and saved["state"]["step"] > 0
-    assert "continue with --resume" in stdout
+    assert not saved["final"] and 0 < saved["state"]["step"] < 60
+    assert "continue with --resume" in output.splitlines()[-1]
+
+    result = cli(*args, "--resume")
+    assert f"resumed mask training at step {saved['state']['step']}" in result.stdout
+    finished = torch.load(tmp_path / "tiny_resnet" / "masks.ckpt", weights_only=True)
+    assert finished["final"] and finished["state"]["step"] == 60
 
 
 def test_two_process_ddp_gives_identical_masks_on_every_rank(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not installed")
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "pipeline",
-                             "train-masks", "--model", "tiny_resnet", "--max-steps", "6", "--epochs", "5", "--out", str(tmp_path)],
+    # --standalone: torchrun's rendezvous store listens on a free port, so parallel runs never collide
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "train-masks",
+                             "--model", "tiny_resnet", "--max-steps", "6", "--epochs", "5", "--out", str(tmp_path)],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "tiny_resnet" / "train_masks.json").read_text())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
+from pipeline.io import sha256_file
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -60,11 +62,12 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 
 def fashion_mnist_candidates(root: str) -> list[Path]:
-    """Folders searched for the IDX files, in order."""
-    places: list[Path] = []
+    """Folders searched for the IDX files, in order: inside ROOT only when one is given (an explicit folder is
+    used or refused, never replaced by another copy), else the default places."""
     if root:
         base = Path(root)
-        places += [base, base / "raw", base / "FashionMNIST" / "raw"]
+        return [base, base / "raw", base / "FashionMNIST" / "raw"]
+    places: list[Path] = []
     env_root = os.environ.get("TORCHVISION_DATASETS", "")
     if env_root:
         places.append(Path(env_root) / "FashionMNIST" / "raw")
@@ -86,6 +89,11 @@ def locate_fashion_mnist(root: str) -> Path:
     except Exception:
         pass
     searched = ", ".join(str(p) for p in fashion_mnist_candidates(root))
+    if root:
+        raise PipelineError(
+            f"Fashion-MNIST not found in --data {root} (searched {searched}) and it cannot be downloaded there; "
+            "pass --data DIR holding the IDX files, or leave out --data to use the installed copy "
+            "(`apt-get install dataset-fashion-mnist`)")
     raise PipelineError(
         f"Fashion-MNIST not found (searched {searched}) and it cannot be downloaded; "
         "install it with `apt-get install dataset-fashion-mnist` or pass --data DIR holding the IDX files")
@@ -173,13 +181,21 @@ def _folder_transforms(recipe: Recipe, train: bool):
     return transforms.Compose(steps)
 
 
+def _split_folder(root: str, split: str) -> Path:
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise PipelineError(f"image folder {folder} does not exist; pass --data DIR with {split}/<class>/<images>")
+    return folder
+
+
+def _unknown_kind(kind: str) -> PipelineError:
+    return PipelineError(f"unknown data kind {kind!r}; use fashion_mnist, imagefolder (--data DIR) or synthetic")
+
+
 def _image_folder(recipe: Recipe, split: str, train: bool) -> Dataset:
     from torchvision.datasets import ImageFolder
 
-    root = Path(recipe.data.root)
-    folder = root / split
-    if not folder.is_dir():
-        raise PipelineError(f"image folder {folder} does not exist; pass --data DIR with {split}/<class>/<images>")
+    folder = _split_folder(recipe.data.root, split)
     try:
         dataset = ImageFolder(str(folder), transform=_folder_transforms(recipe, train))
     except (FileNotFoundError, RuntimeError) as exc:
@@ -188,6 +204,25 @@ def _image_folder(recipe: Recipe, split: str, train: bool) -> Dataset:
         raise PipelineError(f"image folder {folder} has {len(dataset.classes)} classes but the model has "
                             f"{recipe.num_classes}; use a matching dataset or recipe")
     return dataset
+
+
+def _check_same_classes(root: Path, train_split: str, train_classes: list[str], eval_split: str,
+                        eval_classes: list[str]) -> None:
+    """ImageFolder numbers classes by their sorted folder names: different folders would silently shift labels."""
+    if train_classes == eval_classes:
+        return
+    only_train = sorted(set(train_classes) - set(eval_classes))
+    only_eval = sorted(set(eval_classes) - set(train_classes))
+    raise PipelineError(
+        f"{root / train_split} and {root / eval_split} hold different class folders, so their labels would not "
+        f"match: {train_split}/ has {_name_list(train_classes)}; {eval_split}/ has {_name_list(eval_classes)}; "
+        f"only in {train_split}/: {_name_list(only_train)}; only in {eval_split}/: {_name_list(only_eval)}; "
+        "give both the same class folders")
+
+
+def _name_list(names: list[str], shown: int = 20) -> str:
+    listed = ", ".join(names[:shown]) or "none"
+    return f"[{listed}, ... ({len(names)} in all)]" if len(names) > shown else f"[{listed}]"
 
 
 def build_datasets(recipe: Recipe, augment_train: bool = False) -> DataBundle:
@@ -204,6 +239,7 @@ def build_datasets(recipe: Recipe, augment_train: bool = False) -> DataBundle:
             raise PipelineError("data kind imagefolder needs a folder: pass --data DIR (with train/ and val/)")
         train = _image_folder(recipe, data.train_split, train=True)
         evaluation = _image_folder(recipe, data.eval_split, train=False)
+        _check_same_classes(Path(data.root), data.train_split, train.classes, data.eval_split, evaluation.classes)
         return DataBundle(train, _limit(evaluation, data.eval_limit), "imagefolder",
                           f"image folder {data.root}", True)
     if data.kind == "synthetic":
@@ -212,7 +248,33 @@ def build_datasets(recipe: Recipe, augment_train: bool = False) -> DataBundle:
         evaluation = SyntheticDataset(max(data.synthetic_size // 4, 8), shape, recipe.num_classes, seed=2)
         return DataBundle(train, evaluation, "synthetic",
                           "synthetic random images (accuracy means nothing)", False)
-    raise PipelineError(f"unknown data kind {data.kind!r}; use fashion_mnist, imagefolder (--data DIR) or synthetic")
+    raise _unknown_kind(data.kind)
+
+
+def dataset_fingerprint(recipe: Recipe) -> str:
+    """A cheap digest that changes when the dataset's contents do, for the stage records.
+
+    Fashion-MNIST: sha256 of the IDX files' bytes. Image folders: of every file's relative path, size and
+    modification time under the train and evaluation splits (reading ImageNet's bytes would take minutes).
+    Synthetic data is made from the recipe alone, which the records already hold: its fingerprint is constant.
+    """
+    data = recipe.data
+    digest = hashlib.sha256(data.kind.encode())
+    if data.kind == "fashion_mnist":
+        folder = locate_fashion_mnist(data.root)
+        for stem in sorted(stem for pair in FASHION_MNIST_FILES.values() for stem in pair):
+            path = _find_idx(folder, stem)
+            digest.update(f"\0{path.name}\0".encode())
+            digest.update(sha256_file(path).encode())
+    elif data.kind == "imagefolder":
+        root = Path(data.root)
+        for split in (data.train_split, data.eval_split):
+            for path in sorted(p for p in _split_folder(data.root, split).rglob("*") if p.is_file()):
+                stat = path.stat()
+                digest.update(f"\0{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    elif data.kind != "synthetic":
+        raise _unknown_kind(data.kind)
+    return digest.hexdigest()
 
 
 def _limit(dataset: Dataset, limit: int) -> Dataset:

@@ -155,6 +155,9 @@ def learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, dat
         previous = run_evaluation(None)
     stopped = False
     with stop_on_signals() as stop:
+        if rank == 0:  # also the readiness signal the tests wait for before sending SIGTERM
+            log("SIGTERM or Ctrl-C now stops at the next step" +
+                (f" and saves {checkpoint} (continue with --resume)" if checkpoint is not None else ""))
         bar = tqdm(total=total_steps, initial=state["step"], desc="train masks", disable=progress_disabled() or rank)
         while state["step"] < total_steps and not stopped:
             sampler.set_epoch(state["epoch"], state["batch"])

@@ -1,0 +1,47 @@
+"""One run at a time per model folder: an exclusive lock on OUT/<model>/.lock.
+
+The lock is `flock` on the file, which the kernel releases when its holder exits in any way, SIGKILL included,
+so a lock left behind by a dead run is free again at once: there is nothing stale to clean up. The pid written
+into the file only names the holder in the message a second run gets.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.errors import PipelineError
+from pipeline.io import ensure_dir
+
+LOCK_NAME = ".lock"  # a dot-file: manifests leave it out
+
+
+@contextlib.contextmanager
+def model_folder_lock(folder: Path) -> Iterator[None]:
+    """Hold FOLDER for this run; a PipelineError naming the holder's pid if another run holds it.
+
+    Not reentrant (a second `with` in the same process is refused like another run): take it once per run.
+    """
+    folder = ensure_dir(Path(folder))
+    path = folder / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise PipelineError(f"cannot open the lock file {path}: {exc.strerror}; choose a writable --out") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise PipelineError(f"{folder} is in use by another run (pid {holder}); wait for it to finish or stop "
+                                "it, then run again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # an empty file: nobody holds the folder
+    finally:
+        os.close(fd)  # releases the flock
