@@ -5,11 +5,11 @@ import shutil
 import numpy as np
 import pytest
 
-import pipeline.data as data
+import pipeline.data.datasets as data
 from nm_fixtures import MODEL, cli
-from pipeline.data import build_datasets, dataset_fingerprint, fashion_mnist_candidates, locate_fashion_mnist
+from pipeline.data.datasets import build_datasets, dataset_fingerprint, fashion_mnist_candidates, locate_fashion_mnist
 from pipeline.errors import PipelineError
-from pipeline.registry import get_recipe
+from pipeline.recipe.registry import get_recipe
 from test_bad_input import ARTIFACTS, assert_one_error_line, files_in
 from test_config_data import make_fake_fashion_mnist
 
