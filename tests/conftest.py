@@ -3,6 +3,9 @@ import os
 import pytest
 
 os.environ.setdefault("PIPELINE_NO_PROGRESS", "1")
+# One intra-op thread in this process and every subprocess it starts: the models are tiny, and on a shared
+# 2-core machine more threads only oversubscribe the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _missing_hardware() -> dict[str, str]:
