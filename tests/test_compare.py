@@ -7,7 +7,7 @@ from pipeline.cli import main
 from pipeline.masks.artifact import MaskArtifact
 from pipeline.masks.patterns import is_nm
 
-SHORT = ["--set", "masks.max_steps=2", "--set", "data.synthetic_size=64"]
+SHORT = ["--set", "masks.steps=2", "--set", "data.synthetic_size=64"]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 from nm_fixtures import MODEL, cli
 
 # One mask-training step and short timing keep the whole pipeline to seconds.
-FAST = ["--set", "masks.max_steps=1", "--set", "verify.latency_iters=2"]
+FAST = ["--set", "masks.steps=1", "--set", "verify.latency_iters=2"]
 
 
 def stage_lines(output):
@@ -79,7 +79,7 @@ def test_engine_killed_during_mask_training_resumes_it(tmp_path):
 
     out = tmp_path / "engines"
     args = ["engine", "--model", MODEL, "--out", str(out), "--set", "data.synthetic_size=2048",
-            "--set", "masks.checkpoint_every=5", "--set", "masks.epochs=3", "--set", "masks.max_steps=120",
+            "--set", "masks.checkpoint_every=5", "--set", "masks.steps=120",
             "--set", "verify.latency_iters=2"]
     checkpoint = out / MODEL / "masks.ckpt"
     killed_at = kill_at_first_checkpoint(args, checkpoint)

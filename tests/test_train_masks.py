@@ -26,7 +26,7 @@ def cli(*args, check=True, **kwargs):
 
 
 LONG_RUN = ["--model", "tiny_resnet", "--set", "data.synthetic_size=2048", "--set", "masks.checkpoint_every=5",
-            "--max-steps", "120", "--epochs", "3"]
+            "--steps", "120"]
 
 
 def final_logits(out: Path):
@@ -56,7 +56,7 @@ def test_resume_after_kill_9_continues_to_the_same_masks(tmp_path):
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path):
     args = ["--model", "tiny_resnet", "--set", "data.synthetic_size=4096", "--set", "masks.checkpoint_every=0",
-            "--max-steps", "100000", "--epochs", "50", "--out", str(tmp_path)]
+            "--steps", "100000", "--out", str(tmp_path)]
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "train-masks", *args], cwd=ROOT, env=ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(6)
@@ -73,7 +73,7 @@ def test_two_process_ddp_gives_identical_masks_on_every_rank(tmp_path):
     if torchrun is None:
         pytest.skip("torchrun is not installed")
     result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "pipeline",
-                             "train-masks", "--model", "tiny_resnet", "--max-steps", "6", "--epochs", "5", "--out", str(tmp_path)],
+                             "train-masks", "--model", "tiny_resnet", "--steps", "6", "--out", str(tmp_path)],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "tiny_resnet" / "train_masks.json").read_text())
@@ -85,7 +85,7 @@ def test_two_process_ddp_gives_identical_masks_on_every_rank(tmp_path):
 
 def test_bake_writes_nm_masks_with_bit_exact_kept_weights_and_reapplies(tmp_path):
     out = str(tmp_path)
-    cli("train-masks", "--model", "tiny_resnet", "--max-steps", "3", "--out", out)
+    cli("train-masks", "--model", "tiny_resnet", "--steps", "3", "--out", out)
     cli("bake", "--model", "tiny_resnet", "--out", out)
     folder = tmp_path / "tiny_resnet"
     report = json.loads((folder / "bake.json").read_text())

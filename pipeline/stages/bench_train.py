@@ -77,7 +77,7 @@ def bench_model(name: str, size: int, batch: int, reps: int, warmup: int) -> dic
     masked = copy.deepcopy(dense)
     report = find_layers(masked, shape, recipe.masks.m, recipe.masks.include, recipe.masks.exclude,
                          recipe.classifier, recipe.masks.include_classifier)
-    attach_masks(masked, report, recipe.masks.n, recipe.masks.m, recipe.masks.init, recipe.masks.init_scale)
+    attach_masks(masked, report, recipe.masks.n, recipe.masks.m, "magnitude", recipe.masks.prior_strength)
     dense_optimizer = torch.optim.SGD(dense.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     logits = [module.sparse_mask.logits for module in masked_modules(masked).values()]
     optimizer = mask_optimizer(logits, 1e-3, recipe.masks.weight_decay)
