@@ -83,13 +83,14 @@ def mask_optimizer(logits: list[torch.Tensor], lr: float, weight_decay: float) -
 
 
 def resolve_loss(cfg: MaskConfig, unlabeled: bool) -> str:
-    """The loss a run uses: `auto` is ce+distill with labels and distill without (README "Results")."""
+    """The loss a run uses: `auto` is ce with labels (adding distillation did not help in the one
+    measurement so far, README "Step budget: first measurements") and distill without."""
     if unlabeled:
         if cfg.loss not in ("auto", "distill"):
             raise PipelineError(f"masks.loss = {cfg.loss!r} reads labels, but --unlabeled has none; "
                                 "use masks.loss=distill (or auto)")
         return "distill"
-    return "ce+distill" if cfg.loss == "auto" else cfg.loss
+    return "ce" if cfg.loss == "auto" else cfg.loss
 
 
 def mask_loss(logits: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None, loss: str,

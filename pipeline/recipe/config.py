@@ -75,7 +75,7 @@ class MaskConfig:
     tau_start: float = 1.0
     tau_end: float = 0.1
     tau_schedule: str = "exponential"  # constant | linear | exponential | cosine
-    loss: str = "auto"  # auto | ce | distill | ce+distill (auto: ce+distill with labels, distill without)
+    loss: str = "auto"  # auto | ce | distill | ce+distill (auto: ce with labels, distill without)
     distill_temperature: float = 1.0
     batch_size: int = 128
     train_images: int = 0  # learn from a seeded subset of this many training images; 0 = all
