@@ -18,12 +18,13 @@ def bench(tmp_path, *extra):
 
 @pytest.mark.slow
 def test_bench_train_writes_paired_timings(tmp_path):
-    result = bench(tmp_path, "--max-ratio", "100")
+    result = bench(tmp_path, "--max-ratio", "100", "--max-distill-ratio", "100")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "bench-train.json").read_text())
     entry = report["models"]["tiny_resnet"]
-    assert len(entry["dense_s"]) == len(entry["mask_s"]) == 2
+    assert len(entry["dense_s"]) == len(entry["mask_s"]) == len(entry["distill_s"]) == 2
     assert entry["ratio"] == entry["mask_median_s"] / entry["dense_median_s"] > 0
+    assert entry["distill_ratio"] == entry["distill_median_s"] / entry["dense_median_s"] > 0
     assert entry["batch"] == 32 and report["passed"] is True  # tiny_resnet's masks.batch_size
     assert "| tiny_resnet |" in result.stdout
 
@@ -33,6 +34,11 @@ def test_bench_train_gate_fails_with_exit_1(tmp_path):
     result = bench(tmp_path, "--max-ratio", "0.01")
     assert result.returncode == 1
     assert "gate failed" in result.stderr and json.loads((tmp_path / "bench-train.json").read_text())["passed"] is False
+
+
+def test_bench_train_distillation_gate_fails_with_exit_1(tmp_path):
+    result = bench(tmp_path, "--max-ratio", "100", "--max-distill-ratio", "0.01")
+    assert result.returncode == 1 and "distillation step costs" in result.stderr
 
 
 def test_bench_train_unknown_model_is_one_line(tmp_path):

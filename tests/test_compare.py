@@ -7,7 +7,7 @@ from pipeline.cli import main
 from pipeline.masks.artifact import MaskArtifact
 from pipeline.masks.patterns import is_nm
 
-SHORT = ["--set", "masks.max_steps=2", "--set", "data.synthetic_size=64"]
+SHORT = ["--set", "masks.steps=2", "--set", "data.synthetic_size=64"]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,9 @@ def test_compare_writes_every_method(compared):
     assert code == 0
     summary = json.loads((root / "compare.json").read_text())
     names = [row["method"] for row in summary["methods"]]
-    assert names == ["magnitude", "permuted", "transposable", "transposable-greedy", "learned"]
+    assert names == ["magnitude", "permuted", "transposable", "transposable-greedy", "wanda", "sparsegpt",
+                     "adaprune", "learned"]
+    assert [row["method"] for row in summary["methods"] if row["changes_weights"]] == ["adaprune"]
     for row in summary["methods"]:
         for key in ("method", "top1", "top5", "seconds", "diversity_bits"):
             assert key in row
@@ -35,8 +37,11 @@ def test_compare_writes_every_method(compared):
     assert rows["transposable"]["kept_magnitude"] >= rows["transposable-greedy"]["kept_magnitude"]
     assert rows["permuted"]["permuted_output_max_abs_difference"] <= 1e-5
     assert summary["accuracy_meaningful"] is False and summary["best_heuristic"] in rows
+    assert summary["best_heuristic"] != "adaprune"  # learned is judged against frozen-weight heuristics only
     assert isinstance(summary["learned_beats_best_heuristic"], bool)
-    assert (root / "compare.md").read_text().startswith("# Mask methods on tiny_resnet")
+    markdown = (root / "compare.md").read_text()
+    assert markdown.startswith("# Mask methods on tiny_resnet")
+    assert "| changes weights |" in markdown and "| adaprune | **yes** |" in markdown
     assert (root / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 

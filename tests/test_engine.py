@@ -8,7 +8,7 @@ from nm_fixtures import MODEL, cli
 pytestmark = pytest.mark.slow  # every test runs the CLI end to end, several seconds each
 
 # One mask-training step and short timing keep the whole pipeline to seconds.
-FAST = ["--set", "masks.max_steps=1", "--set", "verify.latency_iters=2"]
+FAST = ["--set", "masks.steps=1", "--set", "verify.latency_iters=2"]
 
 
 def stage_lines(output):
@@ -81,7 +81,7 @@ def test_engine_killed_during_mask_training_resumes_it(tmp_path):
 
     out = tmp_path / "engines"
     args = ["engine", "--model", MODEL, "--out", str(out), "--set", "data.synthetic_size=2048",
-            "--set", "masks.checkpoint_every=5", "--set", "masks.epochs=3", "--set", "masks.max_steps=120",
+            "--set", "masks.checkpoint_every=5", "--set", "masks.steps=120",
             "--set", "verify.latency_iters=2"]
     checkpoint = out / MODEL / "masks.ckpt"
     killed_at = kill_at_first_checkpoint(args, checkpoint)

@@ -24,7 +24,7 @@ def tiny_model(seed=0):
 def masked_tiny(init="magnitude"):
     model = tiny_model()
     report = find_layers(model, [1, 28, 28])
-    attach_masks(model, report, 2, 4, init=init, init_scale=20.0, seed=0)
+    attach_masks(model, report, 2, 4, prior=init, strength=20.0, seed=0)
     return model, report
 
 

@@ -142,7 +142,7 @@ def test_engine_with_int8_precision_writes_qdq_graphs_and_reports_their_accuracy
     from pipeline.cli import main
 
     code = main(["engine", "--model", "tiny_resnet", "--out", str(tmp_path), "--set", "build.precision=int8",
-                 "--set", "masks.max_steps=2"])
+                 "--set", "masks.steps=2"])
     assert code == 0
     root = tmp_path / "tiny_resnet"
     export = json.loads((root / "export.json").read_text())

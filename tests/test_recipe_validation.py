@@ -35,13 +35,16 @@ def out(tmp_path_factory):
 
 
 BAD_SETTINGS = [  # (--set assignment, text the error must contain)
-    ("masks.init=foo", "masks.init = 'foo'"),
+    ("masks.prior=foo", "masks.prior = 'foo'"),
     ("masks.lr=-1", "masks.lr = -1.0"),
     ("masks.batch_size=0", "masks.batch_size = 0"),
     ("masks.n=4", "masks.n = 4"),  # 4:4 prunes nothing
-    ("masks.epochs=0", "masks.epochs = 0.0"),
-    ("masks.max_steps=-5", "masks.max_steps = -5"),
-    ("masks.tau_schedule=cosine", "masks.tau_schedule = 'cosine'"),
+    ("masks.steps=0", "masks.steps = 0"),
+    ("masks.validation_images=-5", "masks.validation_images = -5"),
+    ("masks.tau_schedule=step", "masks.tau_schedule = 'step'"),
+    ("masks.loss=mse", "masks.loss = 'mse'"),
+    ("masks.lr_final=2", "masks.lr_final = 2.0"),
+    ("masks.stop_changed=1", "masks.stop_changed = 1.0"),
     ("masks.lr=fast", "masks.lr = 'fast'"),
     ("masks.lrr=0.1", "unknown field 'lrr'"),
     ("num_classes=0", "num_classes = 0"),
@@ -68,8 +71,11 @@ BAD_SETTINGS = [  # (--set assignment, text the error must contain)
 BAD_FLAGS = [  # (stage, extra argv, text the error must contain)
     ("train-masks", ["--set", "masks.n=3", "--set", "masks.m=2"], "masks.n = 3"),
     ("train-masks", ["--device", "tpu"], "--device tpu"),
-    ("train-masks", ["--epochs", "0"], "masks.epochs = 0.0"),
-    ("train-masks", ["--init", "zeros"], "invalid choice: 'zeros'"),
+    ("train-masks", ["--steps", "0"], "masks.steps = 0"),
+    ("train-masks", ["--prior", "zeros"], "invalid choice: 'zeros'"),
+    ("train-masks", ["--set", "masks.epochs=2"], "masks.epochs was removed; use masks.steps"),
+    ("train-masks", ["--set", "masks.lr_gamma=0.5"], "masks.lr_gamma was removed; use masks.lr_final"),
+    ("train-masks", ["--unlabeled", "--set", "masks.loss=ce"], "masks.loss = 'ce' reads labels"),
     ("verify", ["--min-coverage", "5"], "verify.min_coverage = 5.0"),
     ("verify", ["--iters", "0"], "verify.latency_iters = 0"),
     ("build", ["--backend", "tpu"], "invalid choice: 'tpu'"),
@@ -168,7 +174,7 @@ def test_every_registered_recipe_is_valid():
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["train-masks", "--set", "masks.init=foo"], "masks.init = 'foo'"),
+    (["train-masks", "--set", "masks.prior=foo"], "masks.prior = 'foo'"),
     (["verify", "--min-coverage", "5"], "verify.min_coverage = 5.0"),
 ])
 def test_bad_value_from_the_command_line_has_no_traceback(out, argv, expected):

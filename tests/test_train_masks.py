@@ -26,7 +26,7 @@ def cli(*args, check=True, **kwargs):
 
 
 LONG_RUN = ["--model", "tiny_resnet", "--set", "data.synthetic_size=2048", "--set", "masks.checkpoint_every=5",
-            "--max-steps", "120", "--epochs", "3"]
+            "--steps", "120"]
 
 
 def final_logits(out: Path):
@@ -56,7 +56,7 @@ def test_resume_after_kill_9_continues_to_the_same_masks(tmp_path):
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path):
     args = ["train-masks", "--model", "tiny_resnet", "--set", "data.synthetic_size=2048",
-            "--set", "masks.checkpoint_every=0", "--max-steps", "60", "--epochs", "50", "--out", str(tmp_path)]
+            "--set", "masks.checkpoint_every=0", "--steps", "60", "--out", str(tmp_path)]
     run = BackgroundRun(args)
     run.wait_for_line("SIGTERM or Ctrl-C now stops at the next step")
     run.process.send_signal(signal.SIGTERM)
@@ -78,7 +78,7 @@ def test_two_process_ddp_gives_identical_masks_on_every_rank(tmp_path):
         pytest.skip("torchrun is not installed")
     # --standalone: torchrun's rendezvous store listens on a free port, so parallel runs never collide
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "train-masks",
-                             "--model", "tiny_resnet", "--max-steps", "6", "--epochs", "5", "--out", str(tmp_path)],
+                             "--model", "tiny_resnet", "--steps", "6", "--out", str(tmp_path)],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "tiny_resnet" / "train_masks.json").read_text())
@@ -90,7 +90,7 @@ def test_two_process_ddp_gives_identical_masks_on_every_rank(tmp_path):
 
 def test_bake_writes_nm_masks_with_bit_exact_kept_weights_and_reapplies(tmp_path):
     out = str(tmp_path)
-    cli("train-masks", "--model", "tiny_resnet", "--max-steps", "3", "--out", out)
+    cli("train-masks", "--model", "tiny_resnet", "--steps", "3", "--out", out)
     cli("bake", "--model", "tiny_resnet", "--out", out)
     folder = tmp_path / "tiny_resnet"
     report = json.loads((folder / "bake.json").read_text())

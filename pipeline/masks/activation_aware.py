@@ -151,18 +151,28 @@ def indices_from_scores(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return magnitude_indices(scores, n, m)
 
 
+def layer_scores(model: nn.Module, names: list[str], batches: list[torch.Tensor], rule: str,
+                 device: torch.device, damping: float = HESSIAN_DAMPING) -> dict[str, torch.Tensor]:
+    """Per-weight importance of each named layer in weight layout: `wanda` (|w| x input-channel
+    activation norm) or `sparsegpt` (w^2 / [H^-1]_jj). Masks keep the larger scores; the mask
+    prior of `learn_masks` starts from them."""
+    modules = _conv_linear_modules(model, names)
+    if rule == "wanda":
+        norms = input_channel_norms(model, names, batches, device)
+        return {name: wanda_scores(modules[name].weight.cpu(), norms[name]) for name in names}
+    if rule == "sparsegpt":
+        hessians = input_hessians(model, names, batches, device)
+        return {name: obs_saliency(modules[name].weight.cpu(), hessians.pop(name), damping) for name in names}
+    raise PipelineError(f"unknown activation-aware rule {rule!r}; use wanda or sparsegpt")
+
+
 def wanda_indices(model: nn.Module, names: list[str], batches: list[torch.Tensor], n: int, m: int,
                   device: torch.device) -> dict[str, torch.Tensor]:
-    norms = input_channel_norms(model, names, batches, device)
-    modules = _conv_linear_modules(model, names)
-    return {name: indices_from_scores(wanda_scores(modules[name].weight.cpu(), norms[name]), n, m) for name in names}
+    scores = layer_scores(model, names, batches, "wanda", device)
+    return {name: indices_from_scores(scores[name], n, m) for name in names}
 
 
 def sparsegpt_indices(model: nn.Module, names: list[str], batches: list[torch.Tensor], n: int, m: int,
                       device: torch.device, damping: float = HESSIAN_DAMPING) -> dict[str, torch.Tensor]:
-    hessians = input_hessians(model, names, batches, device)
-    modules = _conv_linear_modules(model, names)
-    indices = {}
-    for name in names:
-        indices[name] = indices_from_scores(obs_saliency(modules[name].weight.cpu(), hessians.pop(name), damping), n, m)
-    return indices
+    scores = layer_scores(model, names, batches, "sparsegpt", device, damping)
+    return {name: indices_from_scores(scores[name], n, m) for name in names}

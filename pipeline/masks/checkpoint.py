@@ -16,7 +16,7 @@ from pipeline.io import torch_load, torch_save
 from pipeline.masks.artifact import LayerMask, MaskArtifact
 
 FORMAT = "mask-training-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: best masks and early-stop count in `state`; `indices` are the best masks
 
 
 @dataclass
@@ -30,7 +30,7 @@ class MaskCheckpoint:
     shapes: dict[str, list[int]]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
-    state: dict[str, Any]  # step, epoch, batch, history, seconds
+    state: dict[str, Any]  # step, epoch, batch, history, seconds, best (score, step, indices), quiet
     rng: list[torch.Tensor]  # one CPU RNG state per rank
 
     def save(self, path: Path) -> None:
@@ -49,13 +49,14 @@ class MaskCheckpoint:
         except TypeError as exc:
             raise PipelineError(f"{path} is a damaged mask-training checkpoint ({exc}); {fix}") from None
 
-    def to_artifact(self, path: Path, model: str, arch: str, init: str) -> MaskArtifact:
-        """The learned masks of a finished run as a mask artifact (what bake writes to masks.pt)."""
+    def to_artifact(self, path: Path, model: str, arch: str, prior: str) -> MaskArtifact:
+        """The learned (best) masks of a finished run as a mask artifact (what bake writes to masks.pt)."""
         if not self.final:
             raise PipelineError(f"{path} is from an unfinished run (step {self.state['step']}); "
                                 "finish it with `train-masks --resume`")
         layers = [LayerMask(name, self.shapes[name], self.n, self.m, indices.long())
                   for name, indices in self.indices.items()]
+        best = self.state.get("best") or {}
         return MaskArtifact(model, arch, "learned", layers,
-                            {"init": init, "steps": self.state["step"],
-                             "final_top1": (self.state["history"] or [{}])[-1].get("top1")})
+                            {"prior": prior, "steps": self.state["step"], "best_step": best.get("step"),
+                             "validation_top1": best.get("score")})

@@ -28,21 +28,24 @@ from pipeline.paths import ArtifactPaths
 from pipeline.masks.artifact import MaskArtifact, apply_masks
 from pipeline.masks.diversity import diversity_bits
 from pipeline.masks.eligibility import EligibilityReport, find_layers
-from pipeline.masks.methods import (CONSTRAINT, METHODS, MaskResult, MethodContext, compute_masks,
+from pipeline.masks.methods import (CHANGES_WEIGHTS, CONSTRAINT, METHODS, MaskResult, MethodContext, compute_masks,
                                        dense_for_artifact, kept_share)
 from pipeline.training import evaluate, progress_disabled
 from pipeline.recipe.weights import build_network, load_dense_model, load_state_dict_strict
 
-DEFAULT_METHODS = "magnitude,permuted,transposable,transposable-greedy,learned"
-HEURISTICS = ("magnitude", "permuted", "transposable", "transposable-greedy")
+DEFAULT_METHODS = "magnitude,permuted,transposable,transposable-greedy,wanda,sparsegpt,adaprune,learned"
+# The learned masks are judged against the heuristics that, like them, keep the weights frozen.
+FROZEN_HEURISTICS = ("magnitude", "permuted", "transposable", "transposable-greedy", "wanda", "sparsegpt")
 
 
 # --------------------------------------------------------------------------- helpers
 def method_model(recipe: Recipe, original: dict[str, torch.Tensor], result: MaskResult, device: torch.device):
     """The model a method's masks define. `masked_model` applies the artifact's recorded channel
     permutations itself, so it takes the original weights, never `result.dense_state_dict`
-    (already permuted: permuting twice computes another function)."""
-    return masked_model(recipe, original, result.artifact, device)
+    (already permuted: permuting twice computes another function), except for the methods that
+    change weights (adaprune), whose masks apply to their own weights."""
+    weights = result.dense_state_dict if result.artifact.method in CHANGES_WEIGHTS else original
+    return masked_model(recipe, weights, result.artifact, device)
 
 
 def masked_model(recipe: Recipe, dense: dict[str, torch.Tensor], artifact: MaskArtifact, device: torch.device):
@@ -65,7 +68,7 @@ def reuse_learned(recipe: Recipe, paths: ArtifactPaths) -> tuple[MaskArtifact, f
         return f"{path} is an unfinished run"
     if saved.recipe_key != recipe.digest("masks", "arch", "num_classes"):
         return f"{path} was trained with other mask settings"
-    artifact = saved.to_artifact(path, recipe.name, recipe.arch, recipe.masks.init)
+    artifact = saved.to_artifact(path, recipe.name, recipe.arch, recipe.masks.prior)
     artifact.meta["reused_from"] = str(path)
     return artifact, float(saved.state.get("seconds", 0.0))
 
@@ -138,10 +141,13 @@ def compare(recipe: Recipe, paths: ArtifactPaths, methods: list[str], device: to
                "diversity_bits": bits, "unstructured_diversity_bits": unstructured,
                "kept_magnitude": kept_share(result.dense_state_dict, result.artifact),
                "layers": len(result.artifact.layers), "reused": bool(result.info.get("reused", False)),
+               "changes_weights": method in CHANGES_WEIGHTS,
                "masks": str(paths.compare_masks / f"masks.{method}.pt")}
         if method == "learned":
-            row["init"] = result.artifact.meta.get("init", cfg.init)
+            row["prior"] = result.artifact.meta.get("prior", cfg.prior)
             row["init_from"] = learned_init_from
+            row["best_step"] = result.artifact.meta.get("best_step")
+            row["beat_prior"] = result.artifact.meta.get("beat_prior")
         if method == "permuted":
             row["layers_not_permuted"] = result.artifact.meta.get("permutation_skipped", {})
             row["permuted_output_max_abs_difference"] = result.artifact.meta.get("permuted_output_max_abs_difference")
@@ -150,7 +156,7 @@ def compare(recipe: Recipe, paths: ArtifactPaths, methods: list[str], device: to
         rows.append(row)
         log(f"{method}: top1 {row['top1']:.2f}% top5 {row['top5']:.2f}% in {row['seconds']:.1f}s, "
             f"kept |w| {100 * row['kept_magnitude']:.1f}%, diversity {row['diversity_bits']:.0f} bits")
-    heuristics = [row for row in rows if row["method"] in HEURISTICS]
+    heuristics = [row for row in rows if row["method"] in FROZEN_HEURISTICS]
     best = max(heuristics, key=lambda row: row["top1"]) if heuristics else None
     learned = next((row for row in rows if row["method"] == "learned"), None)
     summary = {
@@ -176,19 +182,22 @@ def _markdown(summary: dict) -> str:
              f"({100 * summary['masked_mac_fraction']:.1f}% of the MACs).", ""]
     if not summary["accuracy_meaningful"]:
         lines += ["**Synthetic data: the accuracies below mean nothing.**", ""]
-    lines += ["| method | top-1 % | top-5 % | top-1 drop (pt) | seconds | kept \\|w\\| % | diversity (bits) |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-              f"| dense | {summary['dense']['top1']:.2f} | {summary['dense']['top5']:.2f} | 0.00 | - | 100.0 | - |"]
+    lines += ["| method | changes weights | top-1 % | top-5 % | top-1 drop (pt) | seconds | kept \\|w\\| % "
+              "| diversity (bits) |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+              f"| dense | - | {summary['dense']['top1']:.2f} | {summary['dense']['top5']:.2f} | 0.00 | - | 100.0 | - |"]
     for row in summary["methods"]:
         seconds = f"{row['seconds']:.1f}" + (" (reused)" if row.get("reused") else "")
-        lines.append(f"| {row['method']} | {row['top1']:.2f} | {row['top5']:.2f} | {row['top1_drop']:.2f} | {seconds} "
+        changes = "**yes**" if row["changes_weights"] else "no"
+        lines.append(f"| {row['method']} | {changes} | {row['top1']:.2f} | {row['top5']:.2f} | {row['top1_drop']:.2f} | {seconds} "
                      f"| {100 * row['kept_magnitude']:.1f} | {row['diversity_bits']:.0f} |")
     lines += ["", f"Unstructured 50% sparsity on the same layers would admit "
                   f"{summary['methods'][0]['unstructured_diversity_bits']:.0f} bits of masks.", ""]
     if summary["best_heuristic"]:
         verdict = {True: "beats", False: "does not beat", None: "was not compared with"}[
             summary["learned_beats_best_heuristic"]]
-        lines.append(f"Best heuristic: {summary['best_heuristic']}; the learned mask {verdict} it on top-1.")
+        lines.append(f"Best heuristic with frozen weights: {summary['best_heuristic']}; the learned mask {verdict} "
+                     "it on top-1. Methods that change weights are not part of this verdict.")
     for row in summary["methods"]:
         for key in ("layers_not_permuted", "layers_plain_nm"):
             for name, reason in (row.get(key) or {}).items():

@@ -94,22 +94,25 @@ def from_position_major(blocks_pm: torch.Tensor) -> torch.Tensor:
 class _MaskedWeight(torch.autograd.Function):
     """weight * mask, with the mask sampled from the pattern logits.
 
-    Forward: the pattern argmax(logits + gumbel) per block (gumbel = None: plain argmax).
-    Backward (straight-through): the gradient of softmax((logits + gumbel) / tau) @ table,
-    i.e. d/dlogits = soft * (g - <soft, g>) / tau with g_p = sum over kept j of dL/dmask_j
-    and dL/dmask = dL/dW_eff * W.
+    Forward: the pattern argmax(scale * logits + gumbel) per block (gumbel = None: plain argmax).
+    Backward (straight-through): the gradient of softmax((scale * logits + gumbel) / tau) @ table,
+    i.e. d/dlogits = scale * soft * (g - <soft, g>) / tau with g_p = sum over kept j of dL/dmask_j
+    and dL/dmask = dL/dW_eff * W. `scale` is MaskLLM's logit scaling (1 = none).
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, gumbel: torch.Tensor | None, tau: float, weight_pm: torch.Tensor,
-                table: torch.Tensor, codes: list[int]) -> torch.Tensor:
+                table: torch.Tensor, codes: list[int], scale: float = 1.0) -> torch.Tensor:
         m = weight_pm.shape[0]
         flat = logits.reshape(logits.shape[0], -1)
+        if scale != 1.0:
+            flat = flat * scale
         perturbed = flat + gumbel.view_as(flat) if gumbel is not None else flat
         keep = keep_from_codes(first_argmax_codes(perturbed, codes, m), m, weight_pm.dtype)
         effective = weight_pm * keep.view_as(weight_pm)
         ctx.save_for_backward(perturbed, weight_pm, table)
         ctx.tau = tau
+        ctx.scale = scale
         ctx.logits_shape = logits.shape
         return from_position_major(effective)
 
@@ -119,11 +122,11 @@ class _MaskedWeight(torch.autograd.Function):
         m = weight_pm.shape[0]
         grad_mask = torch.empty_like(weight_pm)
         torch.mul(to_position_major(grad_weight, m), weight_pm, out=grad_mask)
-        grad = (table / ctx.tau).to(grad_mask.dtype) @ grad_mask.view(m, -1)  # [P, Nb]
+        grad = (table * (ctx.scale / ctx.tau)).to(grad_mask.dtype) @ grad_mask.view(m, -1)  # [P, Nb]
         soft = torch.softmax(perturbed / ctx.tau, dim=0)
         dot = (soft * grad).sum(0)
         grad.sub_(dot).mul_(soft)
-        return grad.view(ctx.logits_shape), None, None, None, None, None
+        return grad.view(ctx.logits_shape), None, None, None, None, None, None
 
 
 def straight_through_reference(logits: torch.Tensor, gumbel: torch.Tensor, tau: float, table: torch.Tensor,
@@ -141,9 +144,11 @@ def straight_through_reference(logits: torch.Tensor, gumbel: torch.Tensor, tau: 
 class GumbelMask(nn.Module):
     """Pattern logits `[P, K, *kernel, C // M]` of one layer."""
 
-    def __init__(self, logits: torch.Tensor, n: int, m: int, noise: GumbelNoisePool | None = None) -> None:
+    def __init__(self, logits: torch.Tensor, n: int, m: int, noise: GumbelNoisePool | None = None,
+                 scale: float = 1.0) -> None:
         super().__init__()
         self.n, self.m = n, m
+        self.scale = scale
         self.logits = nn.Parameter(logits)
         self.register_buffer("table", pattern_table(n, m), persistent=False)
         self.codes = pattern_codes(n, m)
@@ -169,7 +174,7 @@ class GumbelMask(nn.Module):
             gumbel = self.noise.draw(self.logits.numel(), self.logits.device)
         if weight_pm is None:
             weight_pm = self._position_major(weight)
-        return _MaskedWeight.apply(self.logits, gumbel, self.tau, weight_pm, self.table, self.codes)
+        return _MaskedWeight.apply(self.logits, gumbel, self.tau, weight_pm, self.table, self.codes, self.scale)
 
     def forward(self) -> torch.Tensor:
         """The 0/1 mask in weight layout (sampled while training, argmax otherwise)."""
@@ -194,25 +199,31 @@ class MaskedLinear(nn.Linear):
         return F.linear(x, self.sparse_mask.masked_weight(self.weight), self.bias)
 
 
-def initial_logits(weight: torch.Tensor, n: int, m: int, init: str, scale: float,
-                   generator: torch.Generator) -> torch.Tensor:
-    """Pattern-major logits. `magnitude`: scale x share of the block's |w| each pattern keeps
-    (training starts from the magnitude mask). `uniform` (the paper): small random logits."""
+def initial_logits(weight: torch.Tensor, n: int, m: int, prior: str, strength: float,
+                   generator: torch.Generator, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Pattern-major logits from a heuristic prior (MaskLLM's prior masks, Fang et al., 2024):
+    `strength` x the share of the block's score each pattern keeps, so sampling starts near the
+    heuristic's mask. The score is |w| (`magnitude`) or the given per-weight `scores` (wanda,
+    sparsegpt). `uniform` (the paper's start): small random logits."""
     blocks = to_blocks(weight, m).shape[:-1]
-    if init == "magnitude":
-        return (pattern_scores(weight, n, m) * scale).movedim(-1, 0).contiguous()
-    if init == "uniform":
+    if prior == "uniform":
         return (torch.rand((num_patterns(n, m), *blocks), generator=generator) - 0.5) * 0.02
-    raise ValueError(f"unknown mask init {init!r}; use magnitude or uniform")
+    if prior == "magnitude" or scores is not None:
+        source = weight if prior == "magnitude" else scores
+        return (pattern_scores(source, n, m) * strength).movedim(-1, 0).contiguous()
+    raise ValueError(f"mask prior {prior!r} needs per-weight scores; magnitude and uniform need none")
 
 
-def attach_masks(model: nn.Module, report: EligibilityReport, n: int, m: int, init: str = "magnitude",
-                 init_scale: float = 20.0, seed: int = 0,
-                 initial_indices: dict[str, torch.Tensor] | None = None) -> list[str]:
+def attach_masks(model: nn.Module, report: EligibilityReport, n: int, m: int, prior: str = "magnitude",
+                 strength: float = 20.0, seed: int = 0, initial_indices: dict[str, torch.Tensor] | None = None,
+                 scores: dict[str, torch.Tensor] | None = None, logit_scale: float = 1.0) -> list[str]:
     """Turn every eligible layer into a masked layer and freeze everything but the logits.
 
-    `initial_indices` (per layer) starts the logits from another method's mask.
+    `scores` (per layer, weight layout) are the heuristic's importances for a wanda/sparsegpt prior;
+    `initial_indices` (per layer) pulls the logits towards another method's mask by `strength`.
     """
+    from pipeline.masks.schedules import prior_logits
+
     generator = torch.Generator().manual_seed(seed)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -221,12 +232,12 @@ def attach_masks(model: nn.Module, report: EligibilityReport, n: int, m: int, in
     names = []
     for layer in report.masked:
         module = model.get_submodule(layer.name)
-        logits = initial_logits(module.weight.detach().float().cpu(), n, m, init, init_scale, generator)
+        logits = initial_logits(module.weight.detach().float().cpu(), n, m, prior, strength, generator,
+                                None if scores is None else scores[layer.name].float())
         if initial_indices is not None and layer.name in initial_indices:
-            one_hot = F.one_hot(initial_indices[layer.name].long(), logits.shape[0]).movedim(-1, 0)
-            logits = logits + one_hot.float() * init_scale
+            logits = logits + prior_logits(initial_indices[layer.name], n, m, strength)
         module.__class__ = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
-        module.sparse_mask = GumbelMask(logits.to(module.weight.device), n, m, noise)
+        module.sparse_mask = GumbelMask(logits.to(module.weight.device), n, m, noise, logit_scale)
         names.append(layer.name)
     return names
 
@@ -259,6 +270,14 @@ def current_indices(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def mask_logits(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: module.sparse_mask.logits.detach().cpu().clone() for name, module in masked_modules(model).items()}
+
+
+def use_argmax_masks(model: nn.Module, indices: dict[str, torch.Tensor]) -> None:
+    """Set each masked layer's logits so that its argmax is `indices` (e.g. the best masks, to evaluate them)."""
+    for name, module in masked_modules(model).items():
+        logits = module.sparse_mask.logits
+        with torch.no_grad():
+            logits.copy_(F.one_hot(indices[name].long().to(logits.device), logits.shape[0]).movedim(-1, 0))
 
 
 def load_mask_logits(model: nn.Module, logits: dict[str, torch.Tensor]) -> None:

@@ -19,7 +19,7 @@ Methods: magnitude, permuted, transposable (exact), transposable-greedy (2-appro
 wanda and sparsegpt (activation-aware, calibration images from MethodContext.data.train),
 adaprune (magnitude masks, then the kept weights re-fitted: the only method in CHANGES_WEIGHTS,
 whose `dense_state_dict` holds the changed weights), learned (Gumbel-Softmax on frozen weights;
-`masks.init` = magnitude | uniform, optionally started from another method's masks via
+`masks.prior` = magnitude | wanda | sparsegpt | uniform, optionally started from another method's masks via
 MethodContext.initial).
 """
 from __future__ import annotations
@@ -235,10 +235,11 @@ def learned(ctx: MethodContext) -> MaskResult:
                          initial_indices=initial, log=ctx.log)
     if result.stopped:
         raise PipelineError("mask learning was interrupted; nothing to compare")
-    meta = {"init": ctx.recipe.masks.init, "init_from": ctx.initial.method if ctx.initial else None,
-            "steps": result.steps, "final_top1": (result.history or [{}])[-1].get("top1")}
+    meta = {"prior": ctx.recipe.masks.prior, "init_from": ctx.initial.method if ctx.initial else None,
+            "steps": result.steps, "best_step": result.best_step, "validation_top1": result.best_score,
+            "beat_prior": result.beat_prior}
     return MaskResult(_artifact(ctx, "learned", result.indices, meta), state,
-                      info={"steps": result.steps, "history": result.history})
+                      info={"steps": result.steps, "history": result.history, "beat_prior": result.beat_prior})
 
 
 def dense_initial_check(ctx: MethodContext) -> list[LayerMask]:

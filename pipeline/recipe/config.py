@@ -56,26 +56,35 @@ class PretrainConfig:
 
 @dataclass
 class MaskConfig:
+    """Mask learning. The budget is in optimizer steps, never epochs, so the defaults fit a 1k-image
+    folder and ImageNet alike; every schedule runs over `steps` (epochs are reported, not chosen)."""
+
     n: int = 2
     m: int = 4
     include: list[str] = field(default_factory=list)  # fnmatch patterns; empty = all eligible
     exclude: list[str] = field(default_factory=list)
     include_classifier: bool = False
     method: str = "learned"  # learned | magnitude (others come with the baselines)
-    init: str = "magnitude"  # magnitude | uniform
-    init_scale: float = 20.0
-    epochs: float = 1.0
-    max_steps: int = 0  # 0 = no cap
+    prior: str = "magnitude"  # heuristic the logits start from: magnitude | wanda | sparsegpt | uniform
+    prior_strength: float = 20.0  # logits = strength x share of the block's heuristic score a pattern keeps
+    logit_scale: float = 1.0  # MaskLLM's logit scaling: sampling uses scale x logits + Gumbel noise
+    steps: int = 1000  # the budget
     lr: float = 0.01
+    lr_final: float = 0.0  # share of lr the cosine decays to at the last step
+    warmup_share: float = 0.05  # share of the budget spent warming the learning rate up
     weight_decay: float = 0.0
-    lr_step_epochs: float = 1.0  # StepLR period in epochs
-    lr_gamma: float = 0.5
     tau_start: float = 1.0
     tau_end: float = 0.1
-    tau_schedule: str = "exponential"  # constant | linear | exponential
+    tau_schedule: str = "exponential"  # constant | linear | exponential | cosine
+    loss: str = "auto"  # auto | ce | distill | ce+distill (auto: ce with labels, distill without)
+    distill_temperature: float = 1.0
     batch_size: int = 128
-    checkpoint_every: int = 200  # steps; a checkpoint is also written every epoch and on SIGTERM
-    eval_every: int = 0  # steps between extra evaluations for the learning curve; 0 = per epoch only
+    train_images: int = 0  # learn from a seeded subset of this many training images; 0 = all
+    validation_images: int = 1000  # held out from the training images (at most a fifth of them); 0 = none
+    eval_every: int = 0  # steps between validation evaluations; 0 = a twentieth of the budget
+    stop_patience: int = 0  # stop after this many evaluations in a row with at most stop_changed; 0 = never
+    stop_changed: float = 0.001  # share of blocks whose argmax changed that counts as "stopped changing"
+    checkpoint_every: int = 200  # steps; a checkpoint is also written on SIGTERM
     seed: int = 0
 
 
@@ -195,6 +204,8 @@ def set_field(recipe: Recipe, key: str, value: Any, origin: str) -> None:
     if not dataclasses.is_dataclass(target):
         raise PipelineError(f"{origin}: {key}: {parts[-2]!r} is not a section")
     hints = typing.get_type_hints(type(target))
+    if key.strip() in RENAMED:
+        raise PipelineError(f"{origin}: {key.strip()} was removed; use {RENAMED[key.strip()]}")
     if leaf not in hints or dataclasses.is_dataclass(hints[leaf]):
         raise PipelineError(f"{origin}: {key}: unknown field {leaf!r}; valid: {_field_names(target)}")
     setattr(target, leaf, _convert(value, hints[leaf], key, origin))
@@ -224,8 +235,18 @@ def recipe_from_dict(data: dict[str, Any], origin: str = "config") -> Recipe:
 
 
 # --------------------------------------------------------------------------- validation
-MASK_INITS = ("magnitude", "uniform")
-TAU_SCHEDULES = ("constant", "linear", "exponential")
+MASK_PRIORS = ("magnitude", "wanda", "sparsegpt", "uniform")
+TAU_SCHEDULES = ("constant", "linear", "exponential", "cosine")
+MASK_LOSSES = ("auto", "ce", "distill", "ce+distill")
+# Fields that were removed, with what replaces them (a recipe or --set naming one gets this as its error).
+RENAMED = {
+    "masks.epochs": "masks.steps (the budget is in optimizer steps; epochs are derived from it)",
+    "masks.max_steps": "masks.steps (the budget is in optimizer steps)",
+    "masks.lr_step_epochs": "masks.lr_final and masks.warmup_share (warm-up then cosine decay over masks.steps)",
+    "masks.lr_gamma": "masks.lr_final (warm-up then cosine decay over masks.steps)",
+    "masks.init": "masks.prior (magnitude, wanda, sparsegpt or uniform)",
+    "masks.init_scale": "masks.prior_strength",
+}
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
@@ -289,20 +310,26 @@ def validate(recipe: Recipe, origin: str = "recipe") -> Recipe:
     check(m.m >= 2, "masks.m", "at least 2 (2:4 is n=2, m=4)")
     check(0 < m.n < m.m, "masks.n", f"between 1 and masks.m - 1 = {m.m - 1} (n = m would prune nothing)")
     one_of("masks.method", tuple(METHODS))
-    one_of("masks.init", MASK_INITS)
+    one_of("masks.prior", MASK_PRIORS)
     one_of("masks.tau_schedule", TAU_SCHEDULES)
-    check(m.init_scale > 0, "masks.init_scale", "greater than 0")
-    check(m.epochs > 0, "masks.epochs", "greater than 0 (fractions allowed)")
-    check(m.max_steps >= 0, "masks.max_steps", "0 (no cap) or more")
+    one_of("masks.loss", MASK_LOSSES)
+    check(m.prior_strength >= 0, "masks.prior_strength", "0 (a uniform start) or more")
+    check(m.logit_scale > 0, "masks.logit_scale", "greater than 0")
+    check(m.steps >= 1, "masks.steps", "at least 1 optimizer step")
     check(m.lr > 0, "masks.lr", "greater than 0")
+    check(0 <= m.lr_final <= 1, "masks.lr_final", "a share of masks.lr in [0, 1]")
+    check(0 <= m.warmup_share < 1, "masks.warmup_share", "a share of the budget in [0, 1)")
     check(m.weight_decay >= 0, "masks.weight_decay", "0 or more")
-    check(m.lr_step_epochs > 0, "masks.lr_step_epochs", "greater than 0")
-    check(0 < m.lr_gamma <= 1, "masks.lr_gamma", "in (0, 1]")
     check(m.tau_start > 0, "masks.tau_start", "greater than 0")
     check(m.tau_end > 0, "masks.tau_end", "greater than 0")
+    check(m.distill_temperature > 0, "masks.distill_temperature", "greater than 0")
     check(m.batch_size >= 1, "masks.batch_size", "at least 1")
-    check(m.checkpoint_every >= 0, "masks.checkpoint_every", "0 (only at epoch ends and on SIGTERM) or more steps")
-    check(m.eval_every >= 0, "masks.eval_every", "0 (per epoch only) or more")
+    check(m.train_images >= 0, "masks.train_images", "0 (all training images) or more")
+    check(m.validation_images >= 0, "masks.validation_images", "0 (no validation split) or more")
+    check(m.checkpoint_every >= 0, "masks.checkpoint_every", "0 (only on SIGTERM) or more steps")
+    check(m.eval_every >= 0, "masks.eval_every", "0 (a twentieth of masks.steps) or more steps")
+    check(m.stop_patience >= 0, "masks.stop_patience", "0 (never stop early) or more evaluations")
+    check(0 <= m.stop_changed < 1, "masks.stop_changed", "a share of blocks in [0, 1)")
     check(e.opset >= 18, "export.opset", "18 or newer (the torch.export-based exporter)")
     check(bool(e.input_name) and bool(e.output_name) and e.input_name != e.output_name, "export.output_name",
           "two different, non-empty tensor names")

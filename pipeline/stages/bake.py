@@ -44,7 +44,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         if not checkpoint.is_file():
             raise PipelineError(f"no learned masks at {checkpoint}; run `python -m pipeline train-masks "
                                 f"--model {recipe.name}` first or pass --masks FILE")
-        artifact = MaskCheckpoint.load(checkpoint).to_artifact(checkpoint, recipe.name, recipe.arch, recipe.masks.init)
+        artifact = MaskCheckpoint.load(checkpoint).to_artifact(checkpoint, recipe.name, recipe.arch, recipe.masks.prior)
     dense, source = dense_state_dict(recipe, paths)
     load_state_dict_strict(build_network(recipe), dense, source)  # same architecture, clear error otherwise
     dense = dense_for_artifact(dense, artifact)  # channel-permuted masks belong to permuted weights

@@ -21,19 +21,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
-    runs, dense = {}, None
+    runs = {}
     for log in sorted(paths.root.glob("train_masks*.json")):
         summary = read_json(log)
         tag = log.stem.removeprefix("train_masks").lstrip(".") or "main"
-        runs[f"{tag} (init {summary['init']})"] = summary["history"]
-        if summary.get("dense") and summary.get("accuracy_meaningful"):
-            dense = summary["dense"]["top1"]
-        final = summary["history"][-1]
-        print(f"{tag:12s} init {summary['init']:9s} steps {summary['steps']:5d}  start top1 "
-              f"{summary['history'][0]['top1']:.2f}%  final {final['top1']:.2f}%")
+        history = [point for point in summary["history"] if "top1" in point]
+        if not history:
+            print(f"{tag:12s} has no validation evaluations (masks.validation_images = 0); not plotted")
+            continue
+        runs[f"{tag} (prior {summary['prior']}, {summary['loss']})"] = history
+        best = max(point["top1"] for point in history)
+        print(f"{tag:12s} prior {summary['prior']:9s} loss {summary['loss']:10s} steps {summary['steps']:5d}  "
+              f"validation: prior {history[0]['top1']:.2f}%  best {best:.2f}% (step {summary['best_step']})  "
+              f"test of the best masks {summary['test']['top1']:.2f}%")
     if not runs:
-        raise PipelineError(f"no train_masks*.json in {paths.root}; run train-masks first")
+        raise PipelineError(f"no train_masks*.json with validation evaluations in {paths.root}; run train-masks first")
     out = paths.root / "curves.png"
-    learning_curves(runs, dense, out, f"{recipe.name}: top-1 of argmax masks while learning")
+    # validation top-1 (held out from the training images): the test-set dense line would not compare
+    learning_curves(runs, None, out, f"{recipe.name}: validation top-1 of argmax masks while learning")
     print(f"wrote {out}")
     return 0

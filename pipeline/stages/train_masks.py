@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 from pipeline.data.datasets import build_datasets
 from pipeline.distributed import init_distributed, shutdown
 from pipeline.io import write_json
-from pipeline.masks.learning import learn_masks
+from pipeline.masks.gumbel import use_argmax_masks
+from pipeline.masks.learning import learn_masks, resolve_loss
+from pipeline.masks.schedules import steps_per_epoch
 from pipeline.plots import learning_curves
 from pipeline.masks.artifact import MaskArtifact
 from pipeline.masks.eligibility import find_layers
 from pipeline.paths import ArtifactPaths
-from pipeline.recipe.config import Recipe
+from pipeline.recipe.config import MASK_PRIORS, Recipe
 from pipeline.recipe.resolve import write_config
 from pipeline.training import check_device, evaluate, select_device
 from pipeline.recipe.weights import load_dense_model
@@ -20,10 +22,10 @@ from pipeline.recipe.weights import load_dense_model
 
 @dataclass
 class Options:
-    epochs: float | None = field(default=None, metadata={"recipe": "masks.epochs"})
-    max_steps: int | None = field(default=None, metadata={"recipe": "masks.max_steps"})
-    init: str | None = field(default=None, metadata={"recipe": "masks.init"})
+    steps: int | None = field(default=None, metadata={"recipe": "masks.steps"})
+    prior: str | None = field(default=None, metadata={"recipe": "masks.prior"})
     masks_from: str | None = None
+    unlabeled: bool = False
     resume: bool = False
     device: str = "auto"
     tag: str = ""
@@ -34,20 +36,24 @@ class Options:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("mask training")
-    group.add_argument("--epochs", type=float, default=None, help="override masks.epochs (fractions allowed)")
-    group.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (masks.max_steps)")
-    group.add_argument("--init", choices=["magnitude", "uniform"], default=None, help="logit initialisation")
+    group.add_argument("--steps", type=int, default=None, help="override masks.steps (the budget in optimizer steps)")
+    group.add_argument("--prior", choices=list(MASK_PRIORS), default=None,
+                       help="heuristic the logits start from (masks.prior)")
     group.add_argument("--masks-from", default=None, metavar="MASKS_PT",
-                       help="start the logits from another method's mask artifact")
+                       help="pull the starting logits towards another method's mask artifact")
+    group.add_argument("--unlabeled", action="store_true",
+                       help="never read labels: distillation from the dense model is the only loss and the "
+                            "best masks are those agreeing most with it on the validation split")
     group.add_argument("--resume", action="store_true",
                        help="continue from engines/<model>/masks.ckpt (after a kill or SIGTERM)")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda")
     group.add_argument("--tag", default="", help="side run: writes masks.TAG.ckpt, train_masks.TAG.json/png "
-                                                  "instead of the main files (e.g. one run per init)")
+                                                  "instead of the main files (e.g. one run per prior)")
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.masks
+    resolve_loss(cfg, options.unlabeled)  # refuse a labelled loss without labels before anything is written
     context = init_distributed(select_device(options.device))
     try:
         model, source = load_dense_model(recipe, paths)
@@ -71,25 +77,38 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             initial = {layer.name: layer.indices for layer in artifact.layers}
         checkpoint = paths.root / f"masks.{options.tag}.ckpt" if options.tag else paths.mask_checkpoint
         result = learn_masks(model, report, recipe, data, context.device, checkpoint=checkpoint,
-                             resume=options.resume, initial_indices=initial, rank=context.rank,
-                             world_size=context.world_size)
+                             resume=options.resume, initial_indices=initial, unlabeled=options.unlabeled,
+                             rank=context.rank, world_size=context.world_size)
         if context.is_main and not result.stopped:
+            use_argmax_masks(model, result.indices)
+            test = evaluate(model.eval(), data.eval, recipe.data.eval_batch_size, context.device,
+                            desc="test (best masks)")
             log_path = paths.root / f"train_masks.{options.tag}.json" if options.tag else paths.mask_training
             summary = {
                 "model": recipe.name, "weights": source, "data": data.description,
-                "accuracy_meaningful": data.accuracy_meaningful, "init": cfg.init, "n": cfg.n, "m": cfg.m,
-                "steps": result.steps, "seconds": round(result.seconds, 1), "world_size": context.world_size,
-                "rank_mask_checksums": result.rank_checksums, "dense": dense_metrics,
-                "final": result.history[-1] if result.history else None, "history": result.history,
+                "accuracy_meaningful": data.accuracy_meaningful, "prior": cfg.prior, "n": cfg.n, "m": cfg.m,
+                "loss": result.loss, "unlabeled": options.unlabeled, "train_images": result.train_images,
+                "validation_images": result.validation_images,
+                "validation_score": "agreement with the dense model (%)" if options.unlabeled else "top-1 (%)",
+                "steps": result.steps, "epochs": round(result.steps / steps_per_epoch(
+                    result.train_images, cfg.batch_size, context.world_size), 3),
+                "stopped_early": result.stopped_early, "seconds": round(result.seconds, 1),
+                "world_size": context.world_size, "rank_mask_checksums": result.rank_checksums,
+                "dense": dense_metrics, "best_step": result.best_step, "best_validation": result.best_score,
+                "prior_validation": result.start_score, "beat_prior": result.beat_prior,
+                "test": test, "history": result.history,
                 "masked_mac_fraction": report.masked_mac_fraction, "config": recipe.to_dict()["masks"],
             }
             write_json(log_path, summary)
-            learning_curves({cfg.init: result.history}, dense_metrics["top1"] if data.accuracy_meaningful else None,
-                            log_path.with_suffix(".png"), f"{recipe.name}: learned {cfg.n}:{cfg.m} masks")
-            final = result.history[-1]
-            print(f"learned masks: top1 {final['top1']:.2f}% (dense {dense_metrics['top1']:.2f}%, "
-                  f"drop {dense_metrics['top1'] - final['top1']:.2f} pt) after {result.steps} steps, "
-                  f"{result.seconds:.0f}s; checkpoint {checkpoint}")
+            if result.validation_images:
+                learning_curves({cfg.prior: result.history}, None, log_path.with_suffix(".png"),
+                                f"{recipe.name}: learned {cfg.n}:{cfg.m} masks (validation split)")
+            print(f"learned masks: test top1 {test['top1']:.2f}% (dense {dense_metrics['top1']:.2f}%, "
+                  f"drop {dense_metrics['top1'] - test['top1']:.2f} pt); best masks at step {result.best_step} of "
+                  f"{result.steps}, {result.seconds:.0f}s; checkpoint {checkpoint}")
+            if not result.beat_prior:
+                print(f"training did not beat its prior: the result is the {cfg.prior} prior's masks "
+                      f"(validation {result.start_score})")
         return 130 if result.stopped else 0
     finally:
         shutdown(context)

@@ -1,0 +1,66 @@
+"""learn_masks in-process on the tiny smoke model: best masks, prior, validation split, --unlabeled."""
+import torch
+
+from pipeline.data.datasets import DataBundle, SyntheticDataset, build_datasets
+from pipeline.masks.eligibility import find_layers
+from pipeline.masks.learning import learn_masks, split_training_images
+from pipeline.masks.patterns import magnitude_indices
+from pipeline.recipe.config import apply_override
+from pipeline.recipe.registry import get_recipe
+from pipeline.recipe.weights import build_network
+
+
+def tiny(*overrides):
+    recipe = get_recipe("tiny_resnet")
+    for assignment in ("data.synthetic_size=256", "masks.checkpoint_every=0", *overrides):
+        apply_override(recipe, assignment)
+    torch.manual_seed(0)
+    model = build_network(recipe).eval()
+    report = find_layers(model, recipe.input_shape, 4, [], [], recipe.classifier, False)
+    return recipe, model, report
+
+
+def test_a_destructive_run_returns_the_prior_masks_and_says_so():
+    """lr 50 scrambles the logits; the best masks on the validation split are the step-0 magnitude ones
+    unless training found strictly better ones, and `beat_prior` tells which."""
+    recipe, model, report = tiny("masks.steps=6", "masks.lr=50", "masks.eval_every=2")
+    dense = {name: module.weight.detach().clone() for name, module in model.named_modules()
+             if name in {layer.name for layer in report.masked}}
+    result = learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=lambda _: None)
+    assert [point["step"] for point in result.history] == [0, 2, 4, 6]
+    scores = [point["top1"] for point in result.history]
+    assert result.start_score == scores[0] and result.best_score == max(scores)
+    assert result.best_step == result.history[scores.index(max(scores))]["step"]  # ties keep the older
+    assert result.beat_prior == (result.best_step > 0)
+    if not result.beat_prior:
+        assert all(torch.equal(result.indices[name], magnitude_indices(weight, 2, 4)) for name, weight in dense.items())
+    assert any(point["changed"] > 0 for point in result.history[1:])  # the run did move the masks
+
+
+def test_validation_split_is_held_out_from_the_training_images_only():
+    recipe, _, _ = tiny("masks.validation_images=1000", "masks.train_images=200")
+    data = build_datasets(recipe)
+    train, validation = split_training_images(data, recipe.masks)
+    assert len(validation) == 40 and len(train) == 160  # at most a fifth of the 200-image subset
+    assert validation.dataset is train.dataset and not set(validation.indices) & set(train.indices)
+    apply_override(recipe, "masks.validation_images=0")
+    assert split_training_images(data, recipe.masks)[1] is None
+
+
+class NoLabels(SyntheticDataset):
+    """Images with labels no loss can use: cross-entropy on them raises."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.labels = torch.full_like(self.labels, 10 ** 6)
+
+
+def test_unlabeled_runs_distill_only_and_scores_agreement_with_the_dense_model():
+    recipe, model, report = tiny("masks.steps=3", "masks.eval_every=3")
+    data = build_datasets(recipe)
+    unlabeled = DataBundle(NoLabels(256, recipe.input_shape, recipe.num_classes, 1), data.eval, "synthetic",
+                           "no labels", False)
+    result = learn_masks(model, report, recipe, unlabeled, torch.device("cpu"), unlabeled=True, log=lambda _: None)
+    assert result.loss == "distill" and result.steps == 3
+    # step 0: the prior's masks against the dense model's own predictions (never the unusable labels)
+    assert 0.0 < result.start_score <= 100.0
