@@ -43,12 +43,17 @@ def get_recipe(model: str) -> Recipe:
 
 
 def load_recipe_file(path: Path) -> Recipe:
-    data = _read_with_bases(path, seen=())
+    data = read_recipe_data(path)
     name = data.pop("name", path.stem)
     if path.parent.resolve() == recipes_dir().resolve() and name != path.stem:
         raise PipelineError(f"{path}: name = {name!r}, but a registered recipe is named after its file ({path.stem!r})")
     data["name"] = name
-    return validate(recipe_from_dict(data, origin=f"recipe {path}"), origin=f"recipe {path}")
+    return validate(recipe_from_dict(data, origin=f"recipe {path}"), origin=f"recipe {path}", resolved=False)
+
+
+def read_recipe_data(path: Path) -> dict[str, Any]:
+    """A recipe file's plain data with its `extends` bases merged in, not yet checked."""
+    return _read_with_bases(path, seen=())
 
 
 def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:

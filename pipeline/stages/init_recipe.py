@@ -12,7 +12,7 @@ import argparse
 from pipeline.recipe.init_recipe import RecipeRequest, write_recipe
 from pipeline.recipe.sources import SPEC_FORMS
 
-USES_RECIPE = False
+NEEDS_RECIPE = False
 Options = RecipeRequest  # one field per flag
 
 
