@@ -122,7 +122,10 @@ def recipe_for_source(spec: str, options: ModelOptions) -> Recipe:
     if mean is None or std is None:
         raise PipelineError(f"{spec} does not say how its input is normalised; pass --mean and --std "
                             "(the values the model was trained with, one per channel)")
-    num_classes = defaults.num_classes or head_size(source.build(), classifier) or 0
+    num_classes = defaults.num_classes or head_size(source.build(), classifier)
+    if num_classes is None:
+        raise PipelineError(f"{spec}: --classifier {classifier} names no Linear or Conv2d layer of the network; "
+                            "pass the module name of its classification head")
     data = read_recipe_data(recipes_dir() / f"{USER_BASE}.toml")
     data.update(name=re.sub(r"[^A-Za-z0-9_.-]+", "_", spec), arch=spec, classifier=classifier,
                 description=f"{spec} (--model {spec} on the {USER_BASE} base recipe)", num_classes=num_classes,
