@@ -42,7 +42,7 @@ def test_recipe_from_torchvision_weights_and_data(tmp_path, folder, weights):
     assert written.path == out
     assert written.next_command == f"python -m pipeline engine --model {out}"
     recipe = tomllib.loads(out.read_text())
-    assert recipe["name"] == "finetuned" and recipe["arch"] == "torchvision:resnet18"
+    assert recipe["name"] == "mine" and recipe["arch"] == "torchvision:resnet18"
     assert recipe["num_classes"] == 3 and recipe["classifier"] == "fc" and recipe["labels"] == CLASSES
     assert recipe["input_shape"] == [3, 64, 64] and recipe["weights"] == str(weights.resolve())
     assert (recipe["data"]["kind"], recipe["data"]["root"]) == ("imagefolder", str(folder.resolve()))
@@ -113,7 +113,7 @@ def test_python_factory_needs_the_flags_the_source_cannot_know(tmp_path, user_mo
     write_recipe(RecipeRequest(user_module, classifier="3", num_classes=4, input_size=28, mean=[0.5], std=[0.25],
                                out=str(out)))
     recipe = tomllib.loads(out.read_text())
-    assert recipe["input_shape"] == [1, 28, 28] and recipe["num_classes"] == 4 and recipe["name"] == "ownnet_build"
+    assert recipe["input_shape"] == [1, 28, 28] and recipe["num_classes"] == 4 and recipe["name"] == "own"
     assert recipe["preprocess"] == {"resize": 28, "crop": 28, "mean": [0.5], "std": [0.25], "color": "L"}
 
 
@@ -178,3 +178,10 @@ def test_toml_strings_survive():
     data = {"name": 'a "quoted" \\ name', "labels": ["ü", "tab\there"], "x": 1e-05, "flag": True,
             "preprocess": {"mean": [0.5]}}
     assert tomllib.loads(to_toml(data)) == data
+
+
+def test_default_name_and_file_from_the_weights_or_the_model(tmp_path, weights, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert write_recipe(RecipeRequest("torchvision:resnet18", weights=str(weights))).path.name == "finetuned.toml"
+    assert tomllib.loads((tmp_path / "finetuned.toml").read_text())["name"] == "finetuned"
+    assert write_recipe(RecipeRequest("torchvision:resnet18")).path.name == "resnet18.toml"

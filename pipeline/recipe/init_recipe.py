@@ -78,7 +78,10 @@ def write_recipe(request: RecipeRequest) -> WrittenRecipe:
 
 
 def _default_name(request: RecipeRequest) -> str:
-    if request.weights and request.weights not in NAMED_WEIGHTS:
+    """The --out file's stem (a recipe in models/ must be named after its file), else the weights' or the model's."""
+    if request.out:
+        base = Path(request.out).stem
+    elif request.weights and request.weights not in NAMED_WEIGHTS:
         base = Path(request.weights).stem
     else:
         base = resolve_source(request.source).name
