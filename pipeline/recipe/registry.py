@@ -1,4 +1,5 @@
-"""Registered recipes: the CLI's MODEL name -> `models/<name>.toml`; `--model` may also be a path to a recipe file.
+"""Registered recipes: the CLI's MODEL name -> `models/<name>.toml`; `--model` may also be a path to a recipe file
+(or a model source spec, see pipeline.recipe.resolve).
 
 A recipe file holds the fields of `pipeline.recipe.config.Recipe` (top-level keys and one table per
 section). `extends = "<file stem>"` starts from another file in the same folder (files whose name
@@ -13,6 +14,7 @@ from typing import Any
 import pipeline
 from pipeline.errors import PipelineError
 from pipeline.recipe.config import Recipe, recipe_from_dict, validate
+from pipeline.recipe.sources import SPEC_FORMS
 
 
 def recipes_dir() -> Path:
@@ -38,7 +40,8 @@ def get_recipe(model: str) -> Recipe:
         return load_recipe_file(path)
     valid = list_models()
     if model not in valid:
-        raise PipelineError(f"unknown model {model!r}; valid models: {', '.join(valid)}, or a path to a recipe .toml")
+        raise PipelineError(f"unknown model {model!r}; valid models: {', '.join(valid)}, a path to a recipe .toml, or "
+                            f"a model source ({SPEC_FORMS})")
     return load_recipe_file(recipes_dir() / f"{model}.toml")
 
 
