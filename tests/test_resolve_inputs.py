@@ -108,4 +108,4 @@ def test_init_recipe_is_a_stage_and_its_file_runs(inputs, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == f"next: python -m pipeline engine --model {path}"
     assert main(["layers", "--model", str(path), "--out", str(tmp_path / "engines")]) == 0
     printed = capsys.readouterr().out
-    assert "2:4 masks cover" in printed and (tmp_path / "engines" / "three" / "layers.json").is_file()
+    assert "2:4 masks cover" in printed and (tmp_path / "engines" / "mine" / "layers.json").is_file()
