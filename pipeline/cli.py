@@ -29,21 +29,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("model and recipe")
     group.add_argument("--model", default="fmnist_resnet",
-                       help=f"registered model name (default fmnist_resnet; one of: {', '.join(list_models())}) "
-                            "or a path to a recipe .toml file")
+                       help=f"registered model name (default fmnist_resnet; one of: {', '.join(list_models())}), "
+                            "a path to a recipe .toml file, or a model source: torchvision:NAME, timm:NAME, "
+                            "python:PACKAGE.MODULE:FACTORY (your own nn.Module factory)")
     group.add_argument("--out", default="engines", help="artifact root; files go to OUT/<model>/ (default engines)")
     group.add_argument("--weights", default=None,
-                       help="dense weights: torchvision | random | pretrain | PATH to a .pth (default: recipe)")
+                       help="dense weights: PATH to a saved state_dict (plain, or wrapped as training scripts save "
+                            "it; its head sets --num-classes) | random | pretrain | torchvision | hub (download the "
+                            "source's published weights) (default: recipe)")
     group.add_argument("--data", default=None,
-                       help="dataset: synthetic | fashion_mnist | DIR (ImageFolder with train/ val/, or the "
-                            "Fashion-MNIST IDX folder) (default: recipe)")
+                       help="dataset: synthetic | fashion_mnist | DIR (ImageFolder with train/<class>/ and "
+                            "val/<class>/: the class folder names become the labels; or the Fashion-MNIST IDX "
+                            "folder) (default: recipe)")
     group.add_argument("--input-size", default=None, metavar="SIZE|C,H,W",
                        help="network input: 224 (square, the recipe's channels) or 3,224,224; crop and resize follow")
     group.add_argument("--mean", default=None, metavar="M1,M2,M3", help="per-channel normalisation mean")
     group.add_argument("--std", default=None, metavar="S1,S2,S3", help="per-channel normalisation std")
-    group.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: recipe)")
+    group.add_argument("--num-classes", type=int, default=None,
+                       help="classifier outputs (default: the weights file's head, else the data's class folders, "
+                            "else the recipe)")
     group.add_argument("--classifier", default=None, metavar="MODULE",
-                       help="module name of the classification head, e.g. fc (default: recipe)")
+                       help="module name of the classification head, e.g. fc (default: the recipe, or found by "
+                            "the torchvision/timm source; needed for python: factories)")
     group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override any recipe field, e.g. --set masks.lr=0.1 (repeatable)")
 

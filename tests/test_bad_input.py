@@ -83,7 +83,7 @@ def test_corrupt_weights_file(tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x00not a checkpoint\xff" * 100)
     result = cli("export", "--model", MODEL, "--weights", str(garbage), "--out", str(tmp_path / "out"))
-    assert_one_error_line(result, str(garbage), "cannot be read")
+    assert_one_error_line(result, str(garbage), "not a PyTorch file", "torch.save(model.state_dict(), PATH)")
     assert not files_in(tmp_path / "out") & ARTIFACTS
 
 

@@ -13,10 +13,11 @@ import torch
 import torchvision
 
 from image_folders import write_imagefolder
-from pipeline.config import Recipe
+from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
 from pipeline.recipe.init_recipe import RecipeRequest, to_toml, write_recipe
 from pipeline.recipe.labels import imagefolder_labels
+from pipeline.recipe.registry import get_recipe
 from pipeline.stages import init_recipe as stage
 
 CLASSES = ["cat", "dog", "eel"]
@@ -41,10 +42,11 @@ def test_recipe_from_torchvision_weights_and_data(tmp_path, folder, weights):
     assert written.path == out
     assert written.next_command == f"python -m pipeline engine --model {out}"
     recipe = tomllib.loads(out.read_text())
-    assert recipe["name"] == "finetuned" and recipe["arch"] == "torchvision:resnet18"
+    assert recipe["name"] == "mine" and recipe["arch"] == "torchvision:resnet18"
     assert recipe["num_classes"] == 3 and recipe["classifier"] == "fc" and recipe["labels"] == CLASSES
     assert recipe["input_shape"] == [3, 64, 64] and recipe["weights"] == str(weights.resolve())
-    assert recipe["data"] == {"kind": "imagefolder", "root": str(folder.resolve())}
+    assert (recipe["data"]["kind"], recipe["data"]["root"]) == ("imagefolder", str(folder.resolve()))
+    assert get_recipe(str(out)).to_dict() == recipe  # the whole resolved recipe, loadable as written
     # resize keeps torchvision's 256/224 ratio at the requested input size: floor(64 * 256 / 224) = 73
     assert recipe["preprocess"] == {"resize": 73, "crop": 64, "mean": [0.485, 0.456, 0.406],
                                     "std": [0.229, 0.224, 0.225], "color": "RGB"}
@@ -73,7 +75,7 @@ def test_defaults_from_timm_pretrained_config(tmp_path):
     recipe = tomllib.loads(out.read_text())
     assert recipe["input_shape"] == [3, 176, 176] and recipe["num_classes"] == 1000
     assert recipe["preprocess"]["resize"] == 201 and recipe["weights"] == "random"
-    assert "labels" not in recipe and recipe["classifier"] == "fc"
+    assert recipe["labels"] == [] and recipe["classifier"] == "fc"
     assert written.notes == ["weights: random initialisation (no --weights FILE; accuracy means nothing)"]
 
 
@@ -111,7 +113,7 @@ def test_python_factory_needs_the_flags_the_source_cannot_know(tmp_path, user_mo
     write_recipe(RecipeRequest(user_module, classifier="3", num_classes=4, input_size=28, mean=[0.5], std=[0.25],
                                out=str(out)))
     recipe = tomllib.loads(out.read_text())
-    assert recipe["input_shape"] == [1, 28, 28] and recipe["num_classes"] == 4 and recipe["name"] == "ownnet_build"
+    assert recipe["input_shape"] == [1, 28, 28] and recipe["num_classes"] == 4 and recipe["name"] == "own"
     assert recipe["preprocess"] == {"resize": 28, "crop": 28, "mean": [0.5], "std": [0.25], "color": "L"}
 
 
@@ -131,8 +133,8 @@ def test_inconsistent_inputs_are_refused_and_nothing_written(tmp_path, folder, w
         f"{four} has 4 classes but the weights file says 3; the head and the class folders must match")
     assert bad(RecipeRequest("torchvision:resnet34", weights=str(weights), out=str(out))).startswith(
         f"weights file {weights} does not fit this architecture (missing ['layer1.2.conv1.weight'")
-    assert bad(RecipeRequest(spec, weights=str(weights), mean=[0.5, 0.5], out=str(out))) == (
-        "--mean has 2 values; the model takes 3 channels")
+    assert bad(RecipeRequest(spec, weights=str(weights), mean=[0.5, 0.5], out=str(out))).endswith(
+        "preprocess.mean = [0.5, 0.5] is not valid; valid: one value per input channel")
     assert not out.exists()
 
 
@@ -153,7 +155,7 @@ def test_stage_flags_and_output(tmp_path, folder, weights, capsys):
     args = parser.parse_args(["--model", "torchvision:resnet18", "--weights", str(weights), "--data", str(folder),
                               "--input-size", "32", "--mean", "0.5,0.5,0.5", "--std", "0.2 0.2 0.2",
                               "--out", str(out)])
-    assert stage.USES_RECIPE is False
+    assert stage.NEEDS_RECIPE is False
     assert stage.run(stage.Options(**vars(args))) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[-2:] == [f"wrote {out}", f"next: python -m pipeline engine --model {out}"]
@@ -176,3 +178,10 @@ def test_toml_strings_survive():
     data = {"name": 'a "quoted" \\ name', "labels": ["ü", "tab\there"], "x": 1e-05, "flag": True,
             "preprocess": {"mean": [0.5]}}
     assert tomllib.loads(to_toml(data)) == data
+
+
+def test_default_name_and_file_from_the_weights_or_the_model(tmp_path, weights, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert write_recipe(RecipeRequest("torchvision:resnet18", weights=str(weights))).path.name == "finetuned.toml"
+    assert tomllib.loads((tmp_path / "finetuned.toml").read_text())["name"] == "finetuned"
+    assert write_recipe(RecipeRequest("torchvision:resnet18")).path.name == "resnet18.toml"

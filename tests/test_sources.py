@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.recipe.sources import TorchvisionSource, find_classifier, resolve_source
+from pipeline.recipe.sources import find_classifier, resolve_source
 
 
 def head(model: nn.Module, name: str) -> nn.Module:
@@ -72,15 +72,15 @@ def test_torchvision_hub_path_offline_says_use_weights_file(monkeypatch):
                                 "pass --weights FILE with a saved state_dict")
 
 
-def test_builtin_and_bare_names():
-    tiny = resolve_source("tiny_resnet")
-    assert tiny.spec == "tiny_resnet" and tiny.classifier_name() == "fc"
+def test_builtin_sources():
+    tiny = resolve_source("builtin:tiny_resnet")
+    assert tiny.spec == "builtin:tiny_resnet" and tiny.classifier_name() == "fc"
     assert tiny.defaults().color == "L" and tiny.defaults().input_size is None
     assert head(tiny.build(7), "fc").out_features == 7
-    builtin_resnet = resolve_source("builtin:resnet18")
-    assert builtin_resnet.defaults() == TorchvisionSource("torchvision:resnet18", "resnet18").defaults()
     with pytest.raises(PipelineError, match=r"built-in architecture 'smal_resnet' does not exist; closest: small_resnet"):
         resolve_source("builtin:smal_resnet")
+    with pytest.raises(PipelineError, match=r"built-in architecture 'resnet18' does not exist.*torchvision:NAME"):
+        resolve_source("builtin:resnet18")  # torchvision's networks are torchvision:NAME
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -88,6 +88,8 @@ def test_builtin_and_bare_names():
                 "python:PACKAGE.MODULE:FACTORY"),
     ("torchvision:", "model source 'torchvision:' names no model; use builtin:NAME, torchvision:NAME, timm:NAME or "
                      "python:PACKAGE.MODULE:FACTORY"),
+    ("resnet18", "model source 'resnet18' names no kind; use builtin:NAME, torchvision:NAME, timm:NAME or "
+                 "python:PACKAGE.MODULE:FACTORY"),
     ("python:justamodule", "python:justamodule: expected python:PACKAGE.MODULE:FACTORY, e.g. python:mynets.cnn:build"),
 ])
 def test_malformed_specs(spec, message):
@@ -216,7 +218,7 @@ def test_find_classifier_takes_the_last_matching_layer():
 
 
 def test_layer_report_states_what_depthwise_layers_cost():
-    from pipeline.sparsity.eligibility import find_layers
+    from pipeline.masks.eligibility import find_layers
 
     source = resolve_source("torchvision:mobilenet_v3_small")
     model = source.build(10)
@@ -231,7 +233,7 @@ def test_layer_report_states_what_depthwise_layers_cost():
         f"depthwise/grouped convolutions hold {100 * grouped / report.total_macs:.1f}% of the MACs and never get "
         "sparse kernels, and being memory-bound they usually take a larger share of the run time than of the MACs, "
         "so expect less end to end")
-    dense_only = find_layers(resolve_source("tiny_resnet").build(10), [1, 28, 28], 4)
+    dense_only = find_layers(resolve_source("builtin:tiny_resnet").build(10), [1, 28, 28], 4)
     assert "depthwise" not in dense_only.gain_note(2, 4)
 
 

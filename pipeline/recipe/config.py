@@ -130,10 +130,10 @@ class ServeConfig:
 @dataclass
 class Recipe:
     name: str
-    arch: str  # key of pipeline.recipe.nets.ARCHITECTURES
-    num_classes: int
+    arch: str  # source spec: builtin:NAME | torchvision:NAME | timm:NAME | python:MODULE:FACTORY
+    num_classes: int  # 0 = from the weights file's head (or the image folder's classes)
     input_shape: list[int]  # C, H, W
-    weights: str  # pretrain | torchvision | random | path to a .pth
+    weights: str  # random | pretrain | torchvision | hub | path to a weights file
     description: str = ""
     classifier: str = "fc"  # module name of the classification head
     labels: list[str] = field(default_factory=list)
@@ -256,8 +256,11 @@ COLORS = ("L", "RGB")
 CHANNELS = {"L": 1, "RGB": 3}
 
 
-def validate(recipe: Recipe, origin: str = "recipe") -> Recipe:
-    """Every value of a resolved recipe is usable, else a PipelineError naming the key, the value and what is valid."""
+def validate(recipe: Recipe, origin: str = "recipe", resolved: bool = True) -> Recipe:
+    """Every value is usable, else a PipelineError naming the key, the value and what is valid.
+
+    A recipe file may leave num_classes at 0 (from the weights file); a resolved recipe (`resolved`) may not.
+    """
     from pipeline.masks.methods import METHODS
 
     problems: list[str] = []
@@ -280,11 +283,12 @@ def validate(recipe: Recipe, origin: str = "recipe") -> Recipe:
     check(bool(recipe.name), "name", "a recipe needs a name")
     check(":" in recipe.arch and all(recipe.arch.split(":", 1)), "arch",
           "a source spec such as builtin:tiny_resnet or torchvision:resnet18")
-    check(recipe.num_classes >= 1, "num_classes", "needs at least 1 class")
+    check(recipe.num_classes >= 1 or (recipe.num_classes == 0 and not resolved), "num_classes",
+          "at least 1, or 0 in a recipe file to take it from the weights file")
     check(len(recipe.input_shape) == 3 and all(x >= 1 for x in recipe.input_shape), "input_shape",
           "three positive integers C,H,W, e.g. 3,224,224")
-    check(bool(recipe.weights), "weights", "pretrain, torchvision, random or a path to a weights file")
-    check(not recipe.labels or len(recipe.labels) == recipe.num_classes, "labels",
+    check(bool(recipe.weights), "weights", "random, pretrain, torchvision, hub or a path to a weights file")
+    check(not recipe.labels or not recipe.num_classes or len(recipe.labels) == recipe.num_classes, "labels",
           f"{len(recipe.labels)} labels for {recipe.num_classes} classes; give one label per class or none")
     one_of("data.kind", DATA_KINDS)
     for key in ("batch_size", "eval_batch_size", "synthetic_size"):

@@ -1,4 +1,5 @@
-"""Registered recipes: the CLI's MODEL name -> `models/<name>.toml`; `--model` may also be a path to a recipe file.
+"""Registered recipes: the CLI's MODEL name -> `models/<name>.toml`; `--model` may also be a path to a recipe file
+(or a model source spec, see pipeline.recipe.resolve).
 
 A recipe file holds the fields of `pipeline.recipe.config.Recipe` (top-level keys and one table per
 section). `extends = "<file stem>"` starts from another file in the same folder (files whose name
@@ -13,6 +14,7 @@ from typing import Any
 import pipeline
 from pipeline.errors import PipelineError
 from pipeline.recipe.config import Recipe, recipe_from_dict, validate
+from pipeline.recipe.sources import SPEC_FORMS
 
 
 def recipes_dir() -> Path:
@@ -38,17 +40,23 @@ def get_recipe(model: str) -> Recipe:
         return load_recipe_file(path)
     valid = list_models()
     if model not in valid:
-        raise PipelineError(f"unknown model {model!r}; valid models: {', '.join(valid)}, or a path to a recipe .toml")
+        raise PipelineError(f"unknown model {model!r}; valid models: {', '.join(valid)}, a path to a recipe .toml, or "
+                            f"a model source ({SPEC_FORMS})")
     return load_recipe_file(recipes_dir() / f"{model}.toml")
 
 
 def load_recipe_file(path: Path) -> Recipe:
-    data = _read_with_bases(path, seen=())
+    data = read_recipe_data(path)
     name = data.pop("name", path.stem)
     if path.parent.resolve() == recipes_dir().resolve() and name != path.stem:
         raise PipelineError(f"{path}: name = {name!r}, but a registered recipe is named after its file ({path.stem!r})")
     data["name"] = name
-    return validate(recipe_from_dict(data, origin=f"recipe {path}"), origin=f"recipe {path}")
+    return validate(recipe_from_dict(data, origin=f"recipe {path}"), origin=f"recipe {path}", resolved=False)
+
+
+def read_recipe_data(path: Path) -> dict[str, Any]:
+    """A recipe file's plain data with its `extends` bases merged in, not yet checked."""
+    return _read_with_bases(path, seen=())
 
 
 def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 A source builds the network for a number of classes, names its classifier head when it knows it, gives the
 input size and normalisation its pretrained weights expect, and fetches those weights from the hub for users
-who are online. A bare name (no prefix) means `builtin:NAME`.
+who are online.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.nets import ARCHITECTURES, TORCHVISION_WEIGHTS
+from pipeline.recipe.nets import ARCHITECTURES
 
 SPEC_FORMS = "builtin:NAME, torchvision:NAME, timm:NAME or python:PACKAGE.MODULE:FACTORY"
 # An output size no real hidden layer has: the head is the last layer that produces it.
@@ -279,30 +279,20 @@ def _first_line(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- builtin
 class BuiltinSource(ModelSource):
-    """The networks of pipeline.nets; the torchvision ones share torchvision's metadata and weights."""
+    """The demo networks of pipeline.recipe.nets."""
 
     def __init__(self, spec: str, name: str) -> None:
         super().__init__(spec, name)
         if name not in ARCHITECTURES:
             raise PipelineError(_closest(name, list(ARCHITECTURES), f"{spec}: built-in architecture")
                                 + f" (or use {SPEC_FORMS})")
-        self._torchvision = TorchvisionSource(f"torchvision:{name}", name) if name in TORCHVISION_WEIGHTS else None
 
     def build(self, num_classes: int | None = None) -> nn.Module:
-        if num_classes is None:  # the demo nets are Fashion-MNIST classifiers
-            num_classes = self.defaults().num_classes or 10
-        return ARCHITECTURES[self.name](num_classes)
+        return ARCHITECTURES[self.name](10 if num_classes is None else num_classes)  # Fashion-MNIST's 10
 
     def defaults(self) -> SourceDefaults:
-        if self._torchvision is not None:
-            return self._torchvision.defaults()
         channels = input_channels(ARCHITECTURES[self.name](10))
         return SourceDefaults(color={1: "L", 3: "RGB"}.get(channels))
-
-    def pretrained_state_dict(self) -> tuple[dict[str, torch.Tensor], str]:
-        if self._torchvision is None:
-            return super().pretrained_state_dict()
-        return self._torchvision.pretrained_state_dict()
 
 
 SOURCE_KINDS: dict[str, type[ModelSource]] = {
@@ -314,11 +304,11 @@ SOURCE_KINDS: dict[str, type[ModelSource]] = {
 
 
 def resolve_source(spec: str) -> ModelSource:
-    """The ModelSource for an `arch` spec; a bare name is a built-in architecture."""
+    """The ModelSource for an `arch` spec (KIND:NAME)."""
     spec = spec.strip()
     kind, separator, name = spec.partition(":")
     if not separator:
-        kind, name = "builtin", spec
+        raise PipelineError(f"model source {spec!r} names no kind; use {SPEC_FORMS}")
     if kind not in SOURCE_KINDS:
         raise PipelineError(f"unknown model source {kind + ':'!r} in {spec!r}; use {SPEC_FORMS}")
     if not name:

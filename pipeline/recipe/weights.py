@@ -1,4 +1,4 @@
-"""Build a recipe's network and load its dense weights."""
+"""Build a recipe's network from its source spec and load its dense weights."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,51 +6,37 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
-from pipeline.io import torch_load
 from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import Recipe
+from pipeline.recipe.sources import TorchvisionSource, resolve_source
+from pipeline.recipe.weight_files import read_state_dict, read_weight_file
 
-SOURCE_KINDS = ("builtin", "torchvision")
+# `weights = ...` values that are not a file: `torchvision` and `hub` download the source's published weights.
+NAMED_WEIGHTS = ("random", "pretrain", "torchvision", "hub")
 
 
-def split_source(arch: str) -> tuple[str, str]:
-    """`kind:name` of a source spec, checked against the known kinds."""
-    kind, _, name = arch.partition(":")
-    if kind not in SOURCE_KINDS or not name:
-        raise PipelineError(f"arch = {arch!r} is not valid: use one of {', '.join(k + ':<name>' for k in SOURCE_KINDS)}")
-    return kind, name
+def head_size(model: nn.Module, classifier: str) -> int | None:
+    """Outputs of the module named `classifier` (a Linear, or a 1x1-conv head); None when there is no such module."""
+    head = dict(model.named_modules()).get(classifier)
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    return head.out_channels if isinstance(head, nn.Conv2d) else None
 
 
 def build_network(recipe: Recipe) -> nn.Module:
-    """The recipe's network with fresh weights, from its source spec (`arch`)."""
-    kind, name = split_source(recipe.arch)
-    if kind == "builtin":
-        from pipeline.recipe.nets import ARCHITECTURES
-
-        if name not in ARCHITECTURES:
-            raise PipelineError(f"arch = {recipe.arch!r} is not valid: built-in networks are "
-                                f"{', '.join('builtin:' + n for n in ARCHITECTURES)}")
-        return ARCHITECTURES[name](recipe.num_classes)
-    import torchvision
-
-    if name not in torchvision.models.list_models(module=torchvision.models):
-        raise PipelineError(f"arch = {recipe.arch!r} is not valid: no torchvision classification model {name!r} "
-                            "(see torchvision.models.list_models())")
-    return torchvision.models.get_model(name, weights=None, num_classes=recipe.num_classes)
-
-
-def state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
-    """A state_dict from a torchvision-style .pth (plain, or wrapped as {'model'|'state_dict': ...})."""
-    payload = torch_load(path, "weights file")
-    if isinstance(payload, dict):
-        for key in ("model", "state_dict", "model_state_dict"):
-            if isinstance(payload.get(key), dict):
-                payload = payload[key]
-                break
-    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
-        raise PipelineError(f"weights file {path} holds no state_dict; save one with torch.save(model.state_dict(), PATH)")
-    return {key.removeprefix("module."): value for key, value in payload.items()}
+    """The recipe's network with fresh weights, from its source spec (`arch`); its head must be the recipe's."""
+    model = resolve_source(recipe.arch).build(recipe.num_classes)
+    outputs = head_size(model, recipe.classifier)
+    if outputs is None:
+        layers = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+        raise PipelineError(f"classifier = {recipe.classifier!r} names no Linear or Conv2d layer of {recipe.arch}; "
+                            f"name the head with --classifier (its last layers: {', '.join(layers[-3:])})")
+    if outputs != recipe.num_classes:
+        raise PipelineError(f"{recipe.arch} builds a head {recipe.classifier} with {outputs} outputs, the recipe "
+                            f"needs {recipe.num_classes}; let the factory take a num_classes argument, or set "
+                            f"--num-classes {outputs}")
+    return model
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -67,34 +53,30 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     model.load_state_dict(state_dict)
 
 
+def published_state_dict(recipe: Recipe) -> tuple[dict[str, torch.Tensor], str]:
+    """The source's published weights (`weights = "hub"`, or `"torchvision"` for torchvision sources)."""
+    source = resolve_source(recipe.arch)
+    if recipe.weights == "torchvision" and not isinstance(source, TorchvisionSource):
+        raise PipelineError(f"weights = 'torchvision', but {recipe.arch} is not a torchvision model; use "
+                            "--weights hub (the source's published weights), a weights file or random")
+    return source.pretrained_state_dict()
+
+
 def dense_state_dict(recipe: Recipe, paths: ArtifactPaths) -> tuple[dict[str, torch.Tensor], str]:
     """The recipe's dense weights and a one-line description of where they came from."""
-    source = recipe.weights
-    model = build_network(recipe)
-    if source == "random":
+    if recipe.weights == "random":
         torch.manual_seed(0)
-        model = build_network(recipe)
-        return model.state_dict(), "random initialisation (smoke run: accuracy means nothing)"
-    if source == "pretrain":
+        return build_network(recipe).state_dict(), "random initialisation (smoke run: accuracy means nothing)"
+    if recipe.weights == "pretrain":
         path = paths.dense_weights
         if not path.is_file():
             raise PipelineError(f"dense weights {path} do not exist yet; run `python -m pipeline pretrain "
                                 f"--model {recipe.name}` (make engine does it)")
-        return state_dict_from_file(path), f"pretrained by the pretrain stage ({path})"
-    if source == "torchvision":
-        kind, name = split_source(recipe.arch)
-        if kind != "torchvision":
-            raise PipelineError(f"arch {recipe.arch} has no torchvision weights; pass --weights PATH or random")
-        import torchvision
-
-        weights = torchvision.models.get_model_weights(name).DEFAULT
-        try:
-            state = weights.get_state_dict(progress=False)
-        except Exception as exc:
-            raise PipelineError(f"cannot download torchvision weights {weights} ({type(exc).__name__}); "
-                                "pass --weights PATH to a local .pth or --weights random") from None
-        return state, f"torchvision {weights}"
-    return state_dict_from_file(Path(source)), f"file {source}"
+        return read_state_dict(path), f"pretrained by the pretrain stage ({path})"
+    if recipe.weights in ("torchvision", "hub"):
+        return published_state_dict(recipe)
+    weight_file = read_weight_file(recipe.weights)
+    return weight_file.state_dict, weight_file.describe(Path(recipe.weights))
 
 
 def load_dense_model(recipe: Recipe, paths: ArtifactPaths) -> tuple[nn.Module, str]:

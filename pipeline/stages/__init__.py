@@ -35,6 +35,7 @@ STAGES = {
     "bench-train": ("pipeline.stages.bench_train", "time a mask-training step against a dense training step"),
     "curves": ("pipeline.stages.curves", "plot top-1 against mask-training steps for every run of a model"),
     "layers": ("pipeline.stages.layers", "list masked and skipped layers with reasons and MAC shares"),
+    "init-recipe": ("pipeline.stages.init_recipe", "write a recipe file for your own model and print the next command"),
 }
 
 

@@ -22,7 +22,8 @@ from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.resolve import write_config
 from pipeline.training import check_device, progress_disabled, select_device
-from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict, state_dict_from_file
+from pipeline.recipe.weight_files import read_state_dict
+from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict
 
 
 @dataclass
@@ -57,7 +58,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     dense = dense_for_artifact(dense, artifact)
     updated = None
     if options.updated_weights:
-        updated = state_dict_from_file(Path(options.updated_weights))
+        updated = read_state_dict(Path(options.updated_weights))
         load_state_dict_strict(build_network(recipe), updated, options.updated_weights)
         updated = dense_for_artifact(updated, artifact)
     device = select_device(options.device)

@@ -52,7 +52,7 @@ def weights_identity(recipe, paths) -> str:
     source = recipe.weights
     if source == "pretrain":
         return "pretrain:" + file_digest(paths.dense_weights)
-    if source in ("random", "torchvision"):
+    if source in ("random", "torchvision", "hub"):
         return f"{source}:{recipe.arch}"
     return "file:" + file_digest(Path(source))
 

@@ -20,7 +20,8 @@ from pipeline.masks.artifact import MaskArtifact
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.resolve import write_config
-from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict, state_dict_from_file
+from pipeline.recipe.weight_files import read_state_dict
+from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict
 
 
 @dataclass
@@ -45,7 +46,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
                             f"{recipe.name}` first")
     if not paths.masks.is_file():
         raise PipelineError(f"{paths.masks} does not exist; run `python -m pipeline bake --model {recipe.name}` first")
-    sparse_state = state_dict_from_file(paths.sparse_weights)
+    sparse_state = read_state_dict(paths.sparse_weights)
     sparse_model = build_network(recipe)
     load_state_dict_strict(sparse_model, sparse_state, f"sparse weights {paths.sparse_weights}")
     sparse_model.eval()

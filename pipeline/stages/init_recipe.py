@@ -12,7 +12,7 @@ import argparse
 from pipeline.recipe.init_recipe import RecipeRequest, write_recipe
 from pipeline.recipe.sources import SPEC_FORMS
 
-USES_RECIPE = False
+NEEDS_RECIPE = False
 Options = RecipeRequest  # one field per flag
 
 
@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="square input side (default: the source's pretrained size)")
     parser.add_argument("--mean", type=float_list, default=None, help="per-channel mean, e.g. 0.485,0.456,0.406")
     parser.add_argument("--std", type=float_list, default=None, help="per-channel std, e.g. 0.229,0.224,0.225")
-    parser.add_argument("--name", default=None, help="recipe name, also the artifact folder (default: from the "
-                                                     "weights file or the model)")
+    parser.add_argument("--name", default=None, help="recipe name, also the artifact folder (default: the --out "
+                                                     "file's name, else the weights file's or the model's)")
     parser.add_argument("--out", default=None, metavar="FILE", help="recipe file to write (default NAME.toml)")
     parser.add_argument("--force", action="store_true", help="replace an existing recipe file")
 

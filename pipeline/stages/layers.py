@@ -34,6 +34,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     width = max((len(layer.name) for layer in report.layers), default=10)
     print(f"{recipe.name}: {len(report.masked)} of {len(report.layers)} Conv/Linear layers get {cfg.n}:{cfg.m} masks, "
           f"{100 * report.masked_mac_fraction:.1f}% of {report.total_macs / 1e6:.1f} MMACs per image")
+    print(report.gain_note(cfg.n, cfg.m))
     print(f"{'layer':<{width}}  {'kind':<6} {'MAC %':>6}  status")
     for layer in report.layers:
         status = "masked" if layer.eligible else f"skipped: {layer.reason}"
