@@ -1,7 +1,7 @@
 """`python -m pipeline <stage> --model NAME [overrides]`.
 
 A thin dispatcher: parse the flags, resolve and validate the recipe, build the stage's Options, call the
-stage. Stages are imported lazily, so optional libraries are only needed by the stages that use them.
+stage while holding the model folder's lock (pipeline/lock.py). Stages are imported lazily, so optional libraries are only needed by the stages that use them.
 A PipelineError prints as one line (exit 2), a failed gate exits 1.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import dataclasses
 import sys
 
 from pipeline.errors import GateFailed, PipelineError
+from pipeline.lock import run_lock
 from pipeline.paths import ArtifactPaths
 from pipeline.stages import STAGES, load_stage, needs_recipe, recipe_fields
 
@@ -82,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.recipe.resolve import ModelOptions, resolve_recipe
 
         recipe = resolve_recipe(options_from(ModelOptions, args), recipe_fields(options))
-        return int(module.run(recipe, ArtifactPaths.for_model(args.out, recipe.name), options) or 0)
+        paths = ArtifactPaths.for_model(args.out, recipe.name)
+        with run_lock(paths.root):  # one run per model folder; engine calls its stages inside this one lock
+            return int(module.run(recipe, paths, options) or 0)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

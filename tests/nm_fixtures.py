@@ -126,3 +126,16 @@ def kill_at_first_checkpoint(args: list[str], checkpoint: Path, timeout: float =
     saved = torch.load(checkpoint, weights_only=True)
     assert not saved["final"], "the run finished before it could be killed; the test proves nothing"
     return saved
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file under FOLDER -> (sha256, mtime_ns), dot-files aside (the run lock, atomic-write temporaries):
+    equal snapshots before and after a run mean the run changed no artifact."""
+    from pipeline.io import sha256_file
+
+    folder = Path(folder)
+    if not folder.exists():
+        return {}
+    return {path.relative_to(folder).as_posix(): (sha256_file(path), path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*"))
+            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)}
