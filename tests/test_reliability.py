@@ -3,6 +3,8 @@
 The lock (two real processes), inputs checked against the records of the stage that wrote them, failed stages
 that leave every artifact as it was, stage records, signals, and names and disk space.
 """
+import json
+import shutil
 import signal
 import sys
 
@@ -41,3 +43,69 @@ def test_a_running_stage_holds_the_folder_for_the_whole_run(tmp_path):
     finally:
         training.process.kill()
         training.finish(timeout=60)
+
+
+# --------------------------------------------------------------------------- inputs checked against their records
+FAST = ["--set", "masks.max_steps=1", "--set", "verify.latency_iters=2"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """engines/tiny_resnet after `engine` (train-masks, bake, export, build, verify): every stage's records."""
+    out = tmp_path_factory.mktemp("reliab") / "engines"
+    result = cli("engine", "--model", MODEL, "--out", str(out), *FAST)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def run_copy(pipeline_run, tmp_path):
+    out = tmp_path / "engines"
+    shutil.copytree(pipeline_run, out)
+    return out
+
+
+def refused_without_change(out, argv, *fragments):
+    """Run a stage on OUT; it must exit 2 with one error line holding FRAGMENTS and change no artifact."""
+    folder = out / MODEL
+    before = snapshot(folder)
+    result = cli(*argv, "--model", MODEL, "--out", str(out), *FAST)
+    assert_one_error_line(result, *fragments)
+    assert snapshot(folder) == before
+
+
+def test_package_refuses_dense_onnx_in_place_of_sparse(run_copy):
+    folder = run_copy / MODEL
+    shutil.copyfile(folder / "dense.onnx", folder / "sparse.onnx")
+    refused_without_change(run_copy, ["package"], "sparse.onnx changed since export",
+                           "re-run `python -m pipeline export --model tiny_resnet`")
+    assert not (folder / "manifest.json").exists()
+
+
+def test_package_refuses_a_truncated_masks_pt(run_copy):
+    masks = run_copy / MODEL / "masks.pt"
+    masks.write_bytes(masks.read_bytes()[:100])
+    refused_without_change(run_copy, ["package"], "masks.pt changed since bake", "pipeline bake")
+
+
+def test_package_refuses_a_verdict_about_other_engines(run_copy):
+    report = run_copy / MODEL / "report.json"
+    data = json.loads(report.read_text())
+    data["engine_sha256"]["sparse"] = "0" * 64  # as if build had run again after verify
+    report.write_text(json.dumps(data))
+    refused_without_change(run_copy, ["package"], "verified another sparse engine", "pipeline verify")
+
+
+@pytest.mark.parametrize("stage,damaged,writer", [("export", "sparse.pt", "bake"), ("export", "masks.pt", "bake"),
+                                                  ("bake", "masks.ckpt", "train-masks"),
+                                                  ("build", "sparse.onnx", "export"),
+                                                  ("verify", "onnxruntime/sparse.ort.onnx", "build")])
+def test_every_stage_checks_what_it_reads_against_its_writer(run_copy, stage, damaged, writer):
+    path = run_copy / MODEL / damaged
+    path.write_bytes(path.read_bytes()[:-10])
+    refused_without_change(run_copy, [stage], f"{path.name} changed since {writer}", f"pipeline {writer}")
+
+
+def test_a_missing_record_is_refused(run_copy):
+    (run_copy / MODEL / "bake.json").unlink()
+    refused_without_change(run_copy, ["export"], "bake.json does not exist", "pipeline bake")

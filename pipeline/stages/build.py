@@ -12,7 +12,8 @@ from pathlib import Path
 from pipeline.backends import pick_backend
 from pipeline.backends.build_report import BuildReport
 from pipeline.errors import PipelineError
-from pipeline.io import read_json, sha256_file
+from pipeline.export.report import ExportReport
+from pipeline.io import sha256_file
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.resolve import write_config
@@ -40,21 +41,16 @@ def onnx_inputs(recipe, paths, backend) -> tuple[dict[str, Path], str]:
 
 
 def check_onnx_inputs(sources: dict[str, Path], paths, model: str) -> None:
-    """Every ONNX input exists, is the file export wrote (sha256) and loads."""
+    """Every ONNX input exists, is the file export wrote (sha256 in export.json) and loads."""
     import onnx
 
-    recorded = {}
-    if paths.export_report.is_file():
-        recorded = read_json(paths.export_report).get("files", {})
+    exported = ExportReport.load(paths.export_report, model)
     for variant, path in sources.items():
         if not path.is_file():
             hint = (" with export.fp16=true" if ".fp16." in path.name else
                     " with --set build.precision=int8" if ".int8." in path.name else "")
             raise PipelineError(f"{path} does not exist; run `python -m pipeline export --model {model}`{hint} first")
-        expected = recorded.get(path.name, {}).get("sha256")
-        if expected and sha256_file(path) != expected:
-            raise PipelineError(f"{path} changed since export wrote it (sha256 differs from export.json); "
-                                f"it is damaged or edited: re-run `python -m pipeline export --model {model}`")
+        exported.checked(path)
         try:
             onnx.checker.check_model(str(path))
         except Exception as exc:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pipeline.data.datasets import build_datasets
 from pipeline.distributed import init_distributed, shutdown
 from pipeline.io import write_json
+from pipeline.records import file_record
 from pipeline.masks.learning import learn_masks
 from pipeline.plots import learning_curves
 from pipeline.masks.artifact import MaskArtifact
@@ -82,6 +83,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
                 "rank_mask_checksums": result.rank_checksums, "dense": dense_metrics,
                 "final": result.history[-1] if result.history else None, "history": result.history,
                 "masked_mac_fraction": report.masked_mac_fraction, "config": recipe.to_dict()["masks"],
+                "files": {checkpoint.name: file_record(checkpoint)},  # what bake checks masks.ckpt against
             }
             write_json(log_path, summary)
             learning_curves({cfg.init: result.history}, dense_metrics["top1"] if data.accuracy_meaningful else None,
