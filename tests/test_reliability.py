@@ -109,3 +109,37 @@ def test_every_stage_checks_what_it_reads_against_its_writer(run_copy, stage, da
 def test_a_missing_record_is_refused(run_copy):
     (run_copy / MODEL / "bake.json").unlink()
     refused_without_change(run_copy, ["export"], "bake.json does not exist", "pipeline bake")
+
+
+# --------------------------------------------------------------------------- a failing stage changes no artifact
+@pytest.fixture
+def other_architecture(tmp_path):
+    import torch
+
+    from pipeline.recipe.registry import get_recipe
+    from pipeline.recipe.weights import build_network
+
+    path = tmp_path / "fmnist_resnet.pth"
+    torch.save(build_network(get_recipe("fmnist_resnet")).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("argv", [["compare", "--methods", "magnitude"], ["updatable"], ["train-masks"],
+                                  ["engine"]])
+def test_a_stage_failing_on_its_weights_changes_no_artifact(run_copy, other_architecture, argv):
+    """config.json, layers.json and stages.json' records included (engine keeps only its in-progress note)."""
+    folder = run_copy / MODEL
+    records = json.loads((folder / "stages.json").read_text())["stages"]
+    before = snapshot(folder)
+    result = cli(*argv, "--model", MODEL, "--out", str(run_copy), "--weights", str(other_architecture), *FAST)
+    assert_one_error_line(result, "has shape", "same architecture")
+    after = snapshot(folder)
+    if argv == ["engine"]:
+        assert json.loads((folder / "stages.json").read_text())["stages"] == records
+        before.pop("stages.json"), after.pop("stages.json")
+    assert after == before
+
+
+def test_train_masks_failing_after_finding_layers_keeps_layers_json(run_copy, tmp_path):
+    refused_without_change(run_copy, ["train-masks", "--masks-from", str(tmp_path / "missing.pt")],
+                           "missing.pt does not exist")

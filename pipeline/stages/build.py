@@ -73,7 +73,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         print(f"note: {backend.name} has no sparse kernels; its engines check accuracy, not speed-up")
     sources, why = onnx_inputs(recipe, paths, backend)
     check_onnx_inputs(sources, paths, recipe.name)
-    write_config(recipe, paths)
     folder = engine_dir(paths.root, backend.name)
     engines = {}
     written: list[Path] = []
@@ -92,6 +91,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         for path in written:  # no half-finished pair of engines
             path.unlink(missing_ok=True)
         raise
+    write_config(recipe, paths)
     BuildReport(
         model=recipe.name, backend=backend.name, requested=requested, reason=reason,
         has_sparse_kernels=backend.has_sparse_kernels, inputs=why,

@@ -124,7 +124,6 @@ def up_to_date(record: dict[str, Any] | None, input_hash: str) -> bool:
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
-    write_config(recipe, paths)
     state = read_json(paths.stages) if paths.stages.is_file() else {}
     state.setdefault("stages", {})
     in_progress = state.setdefault("in_progress", {})
@@ -155,7 +154,8 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         except BaseException as exc:
             code = exc
         if code != 0:
-            state["stages"].pop(stage.name, None)
+            # A failed stage changed no artifact: the previous record (if any) still describes them. Its inputs
+            # differ from this run's unless --force, so the next run repeats the stage either way.
             write_json(paths.stages, state)
             if isinstance(code, BaseException):
                 print(f"== {stage.name} failed; stopping", flush=True)
@@ -169,5 +169,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             "seconds": round(time.time() - stage_started, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         write_json(paths.stages, state)
+    write_config(recipe, paths)
     print(f"engine: all stages done in {time.time() - started:.0f}s; report {paths.report_md}")
     return 0

@@ -51,7 +51,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     load_state_dict_strict(sparse_model, sparse_state, f"sparse weights {paths.sparse_weights}")
     sparse_model.eval()
     artifact = MaskArtifact.load(paths.masks)
-    write_config(recipe, paths)
     if artifact.meta.get("permutations"):
         from pipeline.masks.methods import dense_for_artifact
 
@@ -115,6 +114,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
 
     import onnx
 
+    write_config(recipe, paths)
     for (kind, precision), proto in protos.items():
         path = next(p for k, pr, _, p in variants if k == kind and pr == precision)
         with atomic_path(path) as tmp:

@@ -71,8 +71,8 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     if options.require_verified and verdict != "passed":
         raise GateFailed(f"verification verdict is {verdict!r} ({paths.report_json}); run "
                          f"`python -m pipeline verify --model {recipe.name}` and fix what fails")
-    write_config(recipe, paths)
     summaries = write_repositories(recipe, paths, fmt=options.format, onnx_device=options.onnx_device)
+    write_config(recipe, paths)  # before the manifest, which lists it
     manifest = build_manifest(paths.root, recipe.digest(), recipe.name, verdict,
                               {"triton": summaries["production"], "triton_cpu": summaries["cpu"]})
     write_manifest(paths.root, manifest)

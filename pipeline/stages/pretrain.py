@@ -49,7 +49,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     if paths.dense_weights.is_file() and not options.force and not options.resume:
         print(f"dense weights exist: {paths.dense_weights} (use --force to retrain)")
         return 0
-    write_config(recipe, paths)
     device = select_device(options.device)
     torch.manual_seed(cfg.seed)
     data = build_datasets(recipe, augment_train=True)
@@ -108,6 +107,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             state["batch"] = 0
             save_checkpoint()
     model = model.cpu().eval()
+    write_config(recipe, paths)
     torch_save(model.state_dict(), paths.dense_weights)
     final = state["history"][-1] if state["history"] else {}
     write_json(paths.pretrain_log, {"model": recipe.name, "epochs": cfg.epochs, "seconds": time.time() - started,

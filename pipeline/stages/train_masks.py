@@ -57,8 +57,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         data = build_datasets(recipe)
         dense_metrics = None
         if context.is_main:
-            write_config(recipe, paths)
-            write_json(paths.layers, report.to_dict())
             print(f"{len(report.masked)} layers masked ({100 * report.masked_mac_fraction:.1f}% of MACs), "
                   f"{len(report.skipped)} skipped:")
             for layer in report.skipped:
@@ -75,6 +73,8 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
                              resume=options.resume, initial_indices=initial, rank=context.rank,
                              world_size=context.world_size)
         if context.is_main and not result.stopped:
+            write_config(recipe, paths)  # config and layers.json change only with a finished run
+            write_json(paths.layers, report.to_dict())
             log_path = paths.root / f"train_masks.{options.tag}.json" if options.tag else paths.mask_training
             summary = {
                 "model": recipe.name, "weights": source, "data": data.description,

@@ -192,7 +192,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.verify
     started = time.time()
     build, backend, runners = load_engines(paths, recipe)
-    write_config(recipe, paths)
     from pipeline.data.datasets import build_datasets
 
     data = build_datasets(recipe)
@@ -250,6 +249,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         "engine_sha256": {variant: build.engines[variant]["sha256"] for variant in ("dense", "sparse")},
         "plots": plots, "seconds": round(time.time() - started, 2),
     }
+    write_config(recipe, paths)
     if plots:
         title = f"{recipe.name} on {backend.name}"
         plot_latency(raw, Path(plots[0]), f"{title}: latency per iteration")
