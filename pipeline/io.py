@@ -67,10 +67,16 @@ def read_json(path: Path) -> Any:
 
 
 def torch_save(obj: Any, path: Path) -> None:
+    """Byte-reproducible: torch.save names the archive's members after the file it writes, so saving straight
+    to the random temporary name would make equal contents differ; an in-memory save names them `archive/`."""
+    import io
+
     import torch
 
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def torch_load(path: Path, what: str = "checkpoint") -> Any:

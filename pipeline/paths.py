@@ -5,6 +5,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def relative_to_root(path: Path, root: Path) -> str:
+    """PATH as recorded in a model folder's reports: relative to ROOT (the folder can be moved or copied whole),
+    absolute when it lies outside."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 @dataclass(frozen=True)
 class ArtifactPaths:
     root: Path

@@ -143,3 +143,59 @@ def test_a_stage_failing_on_its_weights_changes_no_artifact(run_copy, other_arch
 def test_train_masks_failing_after_finding_layers_keeps_layers_json(run_copy, tmp_path):
     refused_without_change(run_copy, ["train-masks", "--masks-from", str(tmp_path / "missing.pt")],
                            "missing.pt does not exist")
+
+
+# --------------------------------------------------------------------------- stage records
+def test_pt_files_are_byte_reproducible(tmp_path):
+    import torch
+
+    from pipeline.io import sha256_file, torch_save
+
+    state = {"weight": torch.arange(12.0).reshape(3, 4), "step": 7}
+    torch_save(state, tmp_path / "a.pt")
+    torch_save(state, tmp_path / "b.pt")  # another name, another random temporary file
+    assert sha256_file(tmp_path / "a.pt") == sha256_file(tmp_path / "b.pt")
+
+
+def test_stage_records_are_relative_and_follow_the_dataset(run_copy, tmp_path):
+    from test_engine import stage_lines
+
+    moved = tmp_path / "moved"
+    run_copy.rename(moved)  # records relative to the model folder survive a move
+    stages = json.loads((moved / MODEL / "stages.json").read_text())["stages"]
+    assert all(not path.startswith("/") for record in stages.values() for path in record["outputs"])
+    assert "dataset" in stages["train-masks"]["input_parts"] and "dataset" in stages["verify"]["input_parts"]
+    again = cli("engine", "--model", MODEL, "--out", str(moved), *FAST)
+    assert again.returncode == 0, again.stderr
+    assert all("up to date" in line for line in stage_lines(again.stdout).values()), again.stdout
+
+
+def test_changed_images_rerun_the_stages_that_read_them(tmp_path):
+    """Stage records hash the dataset: a changed validation image reruns train-masks and verify."""
+    from image_folders import write_imagefolder
+    from test_engine import stage_lines
+
+    data = write_imagefolder(tmp_path / "images", [f"class{i}" for i in range(10)], per_class=2, size=28,
+                             val_per_class=1)
+    argv = ["engine", "--model", MODEL, "--out", str(tmp_path / "engines"), "--data", str(data), *FAST,
+            "--set", "masks.batch_size=8"]
+    first = cli(*argv)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    image = data / "val" / "class3" / "0.png"
+    image.write_bytes((data / "val" / "class4" / "0.png").read_bytes())
+    again = cli(*argv)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    lines = stage_lines(again.stdout)
+    assert "running (inputs changed)" in lines["train-masks"] and "running (inputs changed)" in lines["verify"]
+
+
+def test_rerunning_train_masks_with_the_same_result_does_not_export_again(run_copy):
+    """masks.pt and sparse.pt are byte-reproducible, so export (and build) see unchanged inputs."""
+    from test_engine import stage_lines
+
+    (run_copy / MODEL / "masks.ckpt").unlink()
+    again = cli("engine", "--model", MODEL, "--out", str(run_copy), *FAST)
+    assert again.returncode == 0, again.stderr
+    lines = stage_lines(again.stdout)
+    assert "running" in lines["train-masks"] and "running" in lines["bake"]
+    assert all("up to date" in lines[stage] for stage in ("export", "build", "verify")), again.stdout

@@ -14,7 +14,7 @@ from pipeline.backends.build_report import BuildReport
 from pipeline.errors import PipelineError
 from pipeline.export.report import ExportReport
 from pipeline.io import sha256_file
-from pipeline.paths import ArtifactPaths
+from pipeline.paths import ArtifactPaths, relative_to_root
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.resolve import write_config
 
@@ -58,13 +58,6 @@ def check_onnx_inputs(sources: dict[str, Path], paths, model: str) -> None:
                                 f"`python -m pipeline export --model {model}`") from None
 
 
-def relative(path: Path, root: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(Path(root).resolve()))
-    except ValueError:
-        return str(path)
-
-
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     requested = recipe.build.backend
     backend, reason = pick_backend(requested)
@@ -82,9 +75,9 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             result = backend.build(onnx_path, folder, variant, recipe, sparse=variant == "sparse")
             written += [Path(result.engine_path), Path(result.engine_path).with_suffix(".json")]
             # paths relative to the model folder, so the folder can be moved or copied whole
-            engines[variant] = {"engine": relative(result.engine_path, paths.root),
+            engines[variant] = {"engine": relative_to_root(result.engine_path, paths.root),
                                 "sha256": sha256_file(result.engine_path),
-                                "onnx": relative(onnx_path, paths.root), "onnx_sha256": sha256_file(onnx_path),
+                                "onnx": relative_to_root(onnx_path, paths.root), "onnx_sha256": sha256_file(onnx_path),
                                 "metadata": result.metadata, "sparse_layers": result.sparse_layers}
             print(f"  {result.engine_path}")
     except BaseException:
