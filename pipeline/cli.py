@@ -2,15 +2,19 @@
 
 A thin dispatcher: parse the flags, resolve and validate the recipe, build the stage's Options, call the
 stage while holding the model folder's lock (pipeline/lock.py). Stages are imported lazily, so optional libraries are only needed by the stages that use them.
-A PipelineError prints as one line (exit 2), a failed gate exits 1.
+A PipelineError prints as one line (exit 2), a failed gate exits 1, a signal ends every stage alike: one
+`interrupted by SIGTERM` line, exit 128 + the signal (143 for SIGTERM, 130 for SIGINT/Ctrl-C), no partial
+artifact (atomic writes), and the training stages save their checkpoint first (continue with --resume).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import signal
 import sys
 
-from pipeline.errors import GateFailed, PipelineError
+from pipeline.errors import GateFailed, Interrupted, PipelineError
 from pipeline.lock import run_lock
 from pipeline.paths import ArtifactPaths
 from pipeline.stages import STAGES, load_stage, needs_recipe, recipe_fields
@@ -76,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             add_model_arguments(sub)
         module.add_arguments(sub)
     args = parser.parse_args(argv)
+    with _sigterm_raises():
+        return _run(module, args)
+
+
+def _run(module, args: argparse.Namespace) -> int:
     try:
         options = options_from(module.Options, args)
         if not needs_recipe(module):
@@ -93,8 +102,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gate failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(Interrupted(signal.SIGINT))
+    except Interrupted as exc:
+        return _interrupted(exc)
+
+
+def _interrupted(exc: Interrupted) -> int:
+    name = signal.Signals(exc.signum).name
+    print(f"interrupted by {name}" + (f": {exc.note}" if exc.note else "; nothing written"), file=sys.stderr)
+    return exc.exit_code
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM unwinds the stage like Ctrl-C does (atomic writes drop their temporaries), instead of killing it."""
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding caller): keep the default
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _import_stage(stage: str):

@@ -9,12 +9,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.errors import PipelineError
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -89,7 +91,12 @@ def torch_load(path: Path, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = ANSI_ESCAPE.sub("", str(exc)).strip()  # torch colours parts of its messages
+        if text.startswith("Weights only load failed"):
+            raise PipelineError(f"{what} {path} holds pickled Python objects that safe loading (weights_only) "
+                                "refuses, e.g. a whole nn.Module saved with torch.save(model); save tensors only, "
+                                "e.g. torch.save(model.state_dict(), PATH)") from None
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise PipelineError(f"{what} {path} cannot be read ({first[:160]}); it is corrupt or not a PyTorch file") from None
 
 

@@ -199,3 +199,52 @@ def test_rerunning_train_masks_with_the_same_result_does_not_export_again(run_co
     lines = stage_lines(again.stdout)
     assert "running" in lines["train-masks"] and "running" in lines["bake"]
     assert all("up to date" in lines[stage] for stage in ("export", "build", "verify")), again.stdout
+
+
+# --------------------------------------------------------------------------- signals and messages
+def test_sigterm_ends_a_stage_without_checkpoint_with_143_and_one_line(run_copy):
+    folder = run_copy / MODEL
+    before = snapshot(folder)
+    export = BackgroundRun(["export", "--model", MODEL, "--out", str(run_copy)])
+    export.wait_for_line("exporting dense.onnx")
+    export.process.send_signal(signal.SIGTERM)
+    code, output = export.finish()
+    assert code == 128 + signal.SIGTERM, output
+    assert "Traceback" not in output and output.splitlines()[-1] == "interrupted by SIGTERM; nothing written"
+    assert snapshot(folder) == before
+
+
+def test_sigterm_in_mask_training_saves_its_checkpoint_and_exits_143(tmp_path):
+    out = tmp_path / "engines"
+    training = BackgroundRun(["train-masks", "--model", MODEL, "--out", str(out), *LONG_TRAINING])
+    training.wait_for_line("SIGTERM or Ctrl-C now stops at the next step")
+    training.process.send_signal(signal.SIGTERM)
+    code, output = training.finish()
+    assert code == 143, output
+    assert "Traceback" not in output
+    assert output.splitlines()[-1].startswith("interrupted by SIGTERM: checkpoint ")
+    assert output.splitlines()[-1].endswith("continue with --resume")
+    assert (out / MODEL / "masks.ckpt").is_file() and not (out / MODEL / "layers.json").exists()
+
+
+@pytest.mark.parametrize("stage,checkpoint", [("train-masks", "masks.ckpt"), ("pretrain", "pretrain.ckpt")])
+def test_resume_without_a_checkpoint_is_refused(tmp_path, stage, checkpoint):
+    model = "fmnist_resnet" if stage == "pretrain" else MODEL
+    out = tmp_path / "engines"
+    result = cli(stage, "--model", model, "--out", str(out), "--resume", "--data", "synthetic")
+    assert_one_error_line(result, f"--resume: there is no checkpoint {out / model / checkpoint}", "drop --resume")
+    assert snapshot(out) == {}
+
+
+def test_a_pickled_module_is_named_without_ansi_codes(tmp_path):
+    import torch
+
+    from pipeline.errors import PipelineError
+    from pipeline.io import torch_load
+
+    path = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(PipelineError) as info:
+        torch_load(path, "mask file")
+    assert "\x1b" not in str(info.value) and "whole nn.Module" in str(info.value)
+    assert "corrupt" not in str(info.value)

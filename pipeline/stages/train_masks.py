@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from pipeline.data.datasets import build_datasets
 from pipeline.distributed import init_distributed, shutdown
+from pipeline.errors import Interrupted, PipelineError
 from pipeline.io import write_json
 from pipeline.records import file_record
 from pipeline.masks.learning import learn_masks
@@ -49,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.masks
+    checkpoint = paths.root / f"masks.{options.tag}.ckpt" if options.tag else paths.mask_checkpoint
+    if options.resume and not checkpoint.is_file():
+        raise PipelineError(f"--resume: there is no checkpoint {checkpoint} to continue; drop --resume to start "
+                            "a new run")
     context = init_distributed(select_device(options.device))
     try:
         model, source = load_dense_model(recipe, paths)
@@ -68,7 +73,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         if options.masks_from:
             artifact = MaskArtifact.load(options.masks_from)
             initial = {layer.name: layer.indices for layer in artifact.layers}
-        checkpoint = paths.root / f"masks.{options.tag}.ckpt" if options.tag else paths.mask_checkpoint
         result = learn_masks(model, report, recipe, data, context.device, checkpoint=checkpoint,
                              resume=options.resume, initial_indices=initial, rank=context.rank,
                              world_size=context.world_size)
@@ -92,6 +96,8 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             print(f"learned masks: top1 {final['top1']:.2f}% (dense {dense_metrics['top1']:.2f}%, "
                   f"drop {dense_metrics['top1'] - final['top1']:.2f} pt) after {result.steps} steps, "
                   f"{result.seconds:.0f}s; checkpoint {checkpoint}")
-        return 130 if result.stopped else 0
+        if result.stopped:
+            raise Interrupted(result.stopped, f"checkpoint {checkpoint} saved; continue with --resume")
+        return 0
     finally:
         shutdown(context)
