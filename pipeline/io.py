@@ -6,10 +6,12 @@ into place, so a killed or failed stage never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,7 +36,9 @@ def ensure_dir(path: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it to `path` only on success."""
+    """Yield a temporary path next to `path`; rename it to `path` only on success.
+
+    A full disk or quota (ENOSPC, EDQUOT) becomes one PipelineError naming the file and the free space."""
     path = Path(path)
     ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -44,8 +48,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get normal permissions
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free
+            raise PipelineError(f"cannot write {path}: {os.strerror(exc.errno).lower()} ({free / 1e6:.0f} MB free "
+                                f"in {path.parent}); free some space or choose another --out, then run again; "
+                                f"{path} was left as it was") from None
         raise
 
 

@@ -248,3 +248,46 @@ def test_a_pickled_module_is_named_without_ansi_codes(tmp_path):
         torch_load(path, "mask file")
     assert "\x1b" not in str(info.value) and "whole nn.Module" in str(info.value)
     assert "corrupt" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- names and disk space
+def test_a_tag_that_leaves_the_output_folder_is_refused(tmp_path):
+    out = tmp_path / "engines"
+    result = cli("train-masks", "--model", MODEL, "--out", str(out), "--tag", "../../escaped", "--max-steps", "1")
+    assert_one_error_line(result, "--tag '../../escaped' cannot name files")
+    assert snapshot(tmp_path) == {}
+
+
+@pytest.mark.parametrize("name", ["../outside", "/tmp/absolute"])
+def test_a_recipe_name_that_leaves_the_output_folder_is_refused(tmp_path, name):
+    from nm_fixtures import REPO
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'name = "{name}"\n' + (REPO / "models" / "tiny_resnet.toml").read_text())
+    out = tmp_path / "engines"
+    before = snapshot(tmp_path)
+    result = cli("layers", "--model", str(recipe), "--out", str(out))
+    assert_one_error_line(result, f"model name {name!r} cannot name files")
+    assert snapshot(tmp_path) == before and not out.exists()
+
+
+def test_a_full_disk_is_one_error_line_and_damages_nothing(run_copy, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    from pipeline.cli import main
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    folder = run_copy / MODEL
+    before = snapshot(folder)
+    monkeypatch.setattr(Path, "write_bytes", disk_full)  # what torch_save writes masks.pt and sparse.pt with
+    code = main(["bake", "--model", MODEL, "--out", str(run_copy)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: cannot write {folder / 'masks.pt'}: no space left on device (")
+    assert "MB free" in lines[0]
+    assert snapshot(folder) == before
+    assert not [path.name for path in folder.iterdir() if path.name.endswith(".tmp")]  # no temporary left

@@ -58,7 +58,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         bad = [l["name"] for l in checks["layers"] if l["nm_violations"] or not l["kept_bit_exact"]]
         raise RuntimeError(f"baked weights fail their own checks ({bad or checks['other_tensors_changed']})")
     artifact.meta["weights"] = source
-    write_config(recipe, paths)
     artifact.save(paths.masks)
     torch_save(sparse, paths.sparse_weights)
     masked = sum(l["density"] * _numel(l["shape"]) for l in checks["layers"])
@@ -71,6 +70,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         "kept_weights_bit_exact": all(l["kept_bit_exact"] for l in checks["layers"]),
         "other_tensors_unchanged": not checks["other_tensors_changed"], "layers": checks["layers"],
     }).save(paths.bake_report)
+    write_config(recipe, paths)
     print(f"baked {len(artifact.layers)} layers: every masked weight is {artifact.layers[0].n}:{artifact.layers[0].m} "
           f"along input channels, kept weights bit-exact -> {paths.masks}, {paths.sparse_weights}")
     return 0

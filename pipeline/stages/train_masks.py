@@ -13,7 +13,7 @@ from pipeline.masks.learning import learn_masks
 from pipeline.plots import learning_curves
 from pipeline.masks.artifact import MaskArtifact
 from pipeline.masks.eligibility import find_layers
-from pipeline.paths import ArtifactPaths
+from pipeline.paths import ArtifactPaths, checked_name
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.resolve import write_config
 from pipeline.training import check_device, evaluate, select_device
@@ -32,6 +32,8 @@ class Options:
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if self.tag:
+            checked_name(self.tag, "--tag")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
