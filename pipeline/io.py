@@ -101,10 +101,11 @@ def torch_load(path: Path, what: str = "checkpoint") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
         text = ANSI_ESCAPE.sub("", str(exc)).strip()  # torch colours parts of its messages
-        if text.startswith("Weights only load failed"):
-            raise PipelineError(f"{what} {path} holds pickled Python objects that safe loading (weights_only) "
-                                "refuses, e.g. a whole nn.Module saved with torch.save(model); save tensors only, "
-                                "e.g. torch.save(model.state_dict(), PATH)") from None
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if refused:
+            raise PipelineError(f"{what} {path} holds a pickled Python object ({refused.group(1)}) that safe loading "
+                                "(weights_only) refuses, e.g. a whole nn.Module saved with torch.save(model); save "
+                                "tensors only, e.g. torch.save(model.state_dict(), PATH)") from None
         first = text.splitlines()[0] if text else type(exc).__name__
         raise PipelineError(f"{what} {path} cannot be read ({first[:160]}); it is corrupt or not a PyTorch file") from None
 

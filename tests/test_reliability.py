@@ -246,7 +246,7 @@ def test_a_pickled_module_is_named_without_ansi_codes(tmp_path):
     torch.save(torch.nn.Linear(2, 2), path)
     with pytest.raises(PipelineError) as info:
         torch_load(path, "mask file")
-    assert "\x1b" not in str(info.value) and "whole nn.Module" in str(info.value)
+    assert "\x1b" not in str(info.value) and "torch.nn.modules.linear.Linear" in str(info.value)
     assert "corrupt" not in str(info.value)
 
 
