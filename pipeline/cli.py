@@ -1,16 +1,21 @@
 """`python -m pipeline <stage> --model NAME [overrides]`.
 
 A thin dispatcher: parse the flags, resolve and validate the recipe, build the stage's Options, call the
-stage. Stages are imported lazily, so optional libraries are only needed by the stages that use them.
-A PipelineError prints as one line (exit 2), a failed gate exits 1.
+stage while holding the model folder's lock (pipeline/lock.py). Stages are imported lazily, so optional libraries are only needed by the stages that use them.
+A PipelineError prints as one line (exit 2), a failed gate exits 1, a signal ends every stage alike: one
+`interrupted by SIGTERM` line, exit 128 + the signal (143 for SIGTERM, 130 for SIGINT/Ctrl-C), no partial
+artifact (atomic writes), and the training stages save their checkpoint first (continue with --resume).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import signal
 import sys
 
-from pipeline.errors import GateFailed, PipelineError
+from pipeline.errors import GateFailed, Interrupted, PipelineError
+from pipeline.lock import run_lock
 from pipeline.paths import ArtifactPaths
 from pipeline.stages import STAGES, load_stage, needs_recipe, recipe_fields
 
@@ -82,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             add_model_arguments(sub)
         module.add_arguments(sub)
     args = parser.parse_args(argv)
+    with _sigterm_raises():
+        return _run(module, args)
+
+
+def _run(module, args: argparse.Namespace) -> int:
     try:
         options = options_from(module.Options, args)
         if not needs_recipe(module):
@@ -89,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.recipe.resolve import ModelOptions, resolve_recipe
 
         recipe = resolve_recipe(options_from(ModelOptions, args), recipe_fields(options))
-        return int(module.run(recipe, ArtifactPaths.for_model(args.out, recipe.name), options) or 0)
+        paths = ArtifactPaths.for_model(args.out, recipe.name)
+        with run_lock(paths.root):  # one run per model folder; engine calls its stages inside this one lock
+            return int(module.run(recipe, paths, options) or 0)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -97,8 +109,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gate failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(Interrupted(signal.SIGINT))
+    except Interrupted as exc:
+        return _interrupted(exc)
+
+
+def _interrupted(exc: Interrupted) -> int:
+    name = signal.Signals(exc.signum).name
+    print(f"interrupted by {name}" + (f": {exc.note}" if exc.note else "; nothing written"), file=sys.stderr)
+    return exc.exit_code
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM unwinds the stage like Ctrl-C does (atomic writes drop their temporaries), instead of killing it."""
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding caller): keep the default
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _import_stage(stage: str):

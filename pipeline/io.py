@@ -6,15 +6,19 @@ into place, so a killed or failed stage never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.errors import PipelineError
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -32,7 +36,9 @@ def ensure_dir(path: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it to `path` only on success."""
+    """Yield a temporary path next to `path`; rename it to `path` only on success.
+
+    A full disk or quota (ENOSPC, EDQUOT) becomes one PipelineError naming the file and the free space."""
     path = Path(path)
     ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -42,8 +48,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get normal permissions
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free
+            raise PipelineError(f"cannot write {path}: {os.strerror(exc.errno).lower()} ({free / 1e6:.0f} MB free "
+                                f"in {path.parent}); free some space or choose another --out, then run again; "
+                                f"{path} was left as it was") from None
         raise
 
 
@@ -67,10 +78,16 @@ def read_json(path: Path) -> Any:
 
 
 def torch_save(obj: Any, path: Path) -> None:
+    """Byte-reproducible: torch.save names the archive's members after the file it writes, so saving straight
+    to the random temporary name would make equal contents differ; an in-memory save names them `archive/`."""
+    import io
+
     import torch
 
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def torch_load(path: Path, what: str = "checkpoint") -> Any:
@@ -83,7 +100,13 @@ def torch_load(path: Path, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = ANSI_ESCAPE.sub("", str(exc)).strip()  # torch colours parts of its messages
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if refused:
+            raise PipelineError(f"{what} {path} holds a pickled Python object ({refused.group(1)}) that safe loading "
+                                "(weights_only) refuses, e.g. a whole nn.Module saved with torch.save(model); save "
+                                "tensors only, e.g. torch.save(model.state_dict(), PATH)") from None
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise PipelineError(f"{what} {path} cannot be read ({first[:160]}); it is corrupt or not a PyTorch file") from None
 
 

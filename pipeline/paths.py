@@ -4,6 +4,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import PipelineError
+
+
+def checked_name(name: str, what: str) -> str:
+    """A name the user chose that becomes a file or folder name (model, recipe, --tag): one plain path
+    component, so whatever it is, the files stay inside the output folder."""
+    if (not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0")
+            or Path(name).is_absolute()):
+        raise PipelineError(f"{what} {name!r} cannot name files: use letters, digits, '_', '-' or '.' without a "
+                            "path separator and not starting with '.'")
+    return name
+
+
+def relative_to_root(path: Path, root: Path) -> str:
+    """PATH as recorded in a model folder's reports: relative to ROOT (the folder can be moved or copied whole),
+    absolute when it lies outside."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
 
 @dataclass(frozen=True)
 class ArtifactPaths:
@@ -11,7 +32,7 @@ class ArtifactPaths:
 
     @classmethod
     def for_model(cls, out: str | Path, model: str) -> "ArtifactPaths":
-        return cls(Path(out) / model)
+        return cls(Path(out) / checked_name(model, "model name"))
 
     config = property(lambda self: self.root / "config.json")
     dense_weights = property(lambda self: self.root / "dense.pt")  # demo pretrain output

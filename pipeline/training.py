@@ -54,9 +54,15 @@ class StopRequested:
 
     def __init__(self) -> None:
         self.flag = False
+        self.signum = 0
 
     def __bool__(self) -> bool:
         return self.flag
+
+    @property
+    def signal_number(self) -> int:
+        """The signal that stopped the run (SIGTERM when another rank received it)."""
+        return self.signum or int(signal.SIGTERM)
 
 
 @contextmanager
@@ -66,6 +72,7 @@ def stop_on_signals() -> Iterator[StopRequested]:
 
     def handler(signum, frame):
         stop.flag = True
+        stop.signum = signum
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline.export.report import ExportReport
 from pipeline.io import torch_save, write_json
+from pipeline.masks.bake_report import BakeReport
+from pipeline.records import file_record
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.registry import get_recipe
 from pipeline.masks.artifact import LayerMask, MaskArtifact, apply_masks
@@ -59,8 +62,16 @@ def make_artifacts(out: Path, weights: Path) -> ArtifactPaths:
     paths = ArtifactPaths.for_model(out, MODEL)
     artifact.save(paths.masks)
     torch_save(apply_masks(state, artifact), paths.sparse_weights)
+    BakeReport(MODEL, {path.name: file_record(path) for path in (paths.masks, paths.sparse_weights)}).save(
+        paths.bake_report)
     write_json(paths.layers, report.to_dict())
     return paths
+
+
+def record_export(folder: Path) -> None:
+    """export.json for the ONNX files in FOLDER, as export records them (for tests that write their own ONNX)."""
+    files = {path.name: file_record(path) for path in sorted(Path(folder).glob("*.onnx"))}
+    ExportReport(MODEL, files).save(Path(folder) / "export.json")
 
 
 def cli(*argv: str) -> subprocess.CompletedProcess:
@@ -126,3 +137,16 @@ def kill_at_first_checkpoint(args: list[str], checkpoint: Path, timeout: float =
     saved = torch.load(checkpoint, weights_only=True)
     assert not saved["final"], "the run finished before it could be killed; the test proves nothing"
     return saved
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file under FOLDER -> (sha256, mtime_ns), dot-files aside (the run lock, atomic-write temporaries):
+    equal snapshots before and after a run mean the run changed no artifact."""
+    from pipeline.io import sha256_file
+
+    folder = Path(folder)
+    if not folder.exists():
+        return {}
+    return {path.relative_to(folder).as_posix(): (sha256_file(path), path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*"))
+            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)}

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nm_fixtures import record_export
 from pipeline.cli import main
 from pipeline.io import sha256_file
 from pipeline.recipe.registry import get_recipe
@@ -34,6 +35,7 @@ def packaged(tmp_path, onnx_file) -> Path:
     folder.mkdir(parents=True)
     shutil.copyfile(onnx_file, folder / "dense.onnx")
     shutil.copyfile(onnx_file, folder / "sparse.onnx")
+    record_export(folder)
     (folder / "masks.ckpt").write_bytes(b"resumable checkpoint")
     (folder / "stages.json").write_text("{}")
     (folder / "report.json").write_text(json.dumps({"gates": {"passed": True, "checks": []}}))
@@ -50,7 +52,7 @@ def test_manifest_lists_every_artifact_with_hash_and_size(packaged):
     manifest = manifest_of(packaged)
     listed = {entry["path"]: entry for entry in manifest["files"]}
     on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    assert on_disk - set(listed) == {"manifest.json", "masks.ckpt", "stages.json"}
+    assert on_disk - set(listed) == {"manifest.json", "masks.ckpt", "stages.json", ".lock"}  # .lock: the run lock
     assert {"dense.onnx", "sparse.onnx", "config.json", "report.json",
             f"triton/{MODEL}_sparse/config.pbtxt", f"triton/{MODEL}_sparse/1/model.onnx",
             f"triton/{MODEL}_dense/labels.txt", f"triton/{MODEL}_dense/preprocessing.json"} <= set(listed)
@@ -75,6 +77,7 @@ def test_verdict_comes_from_report_gates(tmp_path, onnx_file, report, verdict, c
     folder.mkdir()
     shutil.copyfile(onnx_file, folder / "dense.onnx")
     shutil.copyfile(onnx_file, folder / "sparse.onnx")
+    record_export(folder)
     if report is not None:
         (folder / "report.json").write_text(json.dumps(report))
     assert main(["package", "--model", MODEL, "--out", str(tmp_path)]) == 0

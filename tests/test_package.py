@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from nm_fixtures import record_export
+from pipeline.lock import LOCK_NAME
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_file
@@ -48,6 +50,7 @@ def out(tmp_path, onnx_pair) -> Path:
     (root / MODEL).mkdir(parents=True)
     for name in ("dense.onnx", "sparse.onnx"):
         shutil.copyfile(onnx_pair / name, root / MODEL / name)
+    record_export(root / MODEL)
     return root
 
 
@@ -197,6 +200,7 @@ def test_static_batch_onnx_is_refused(out, tmp_path, capsys):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.randn(1, 1, 28, 28),), str(out / MODEL / "sparse.onnx"),
                           input_names=["input"], output_names=["logits"], opset_version=17, dynamo=False)
+    record_export(out / MODEL)  # as if export had written it: the repository checks must catch it
     assert package(out) == 2
     err = capsys.readouterr().err
     assert "needs a dynamic batch axis" in err and "[1, 1, 28, 28]" in err
@@ -219,7 +223,8 @@ def test_failed_package_keeps_previous_repository(out, capsys):
     assert "2 labels for 10 classes" in capsys.readouterr().err
     assert config.read_text() == before
     assert (out / MODEL / "manifest.json").read_text() == manifest
-    assert not [p.name for p in (out / MODEL).iterdir() if p.name.startswith(".")]  # no staging left behind
+    # no staging left behind (the run lock, .lock, stays: it is free once its holder exits)
+    assert not [p.name for p in (out / MODEL).iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
 
 
 def test_recipe_labels_feed_label_file(out):

@@ -19,6 +19,7 @@ from pipeline.package.python_models.preprocess import preprocess_image
 from pipeline.package.serve_check import infer_images
 from pipeline.package.server import SHM_DIR, Ports, TritonServer
 from pipeline.package.triton_runtime import find_environment, prepare_runtime
+from nm_fixtures import record_export
 from test_package import MODEL, export_tiny_onnx
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def packaged(tmp_path_factory) -> Path:
     folder.mkdir()
     export_tiny_onnx(folder / "dense.onnx", seed=0)
     export_tiny_onnx(folder / "sparse.onnx", seed=1)
+    record_export(folder)
     assert main(["package", "--model", MODEL, "--out", str(out)]) == 0
     return out
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.io import sha256_file, write_json
+from pipeline.io import write_json
+from pipeline.records import verify_recorded
 
 VARIANTS = ("dense", "sparse")
 
@@ -54,12 +55,4 @@ class BuildReport:
 
     def checked_engine(self, variant: str, root: Path) -> Path:
         """The engine file, refused when it is missing or differs from what build wrote."""
-        engine = self.engine_path(variant, root)
-        rebuild = f"re-run `python -m pipeline build --model {self.model}`"
-        if not engine.is_file():
-            raise PipelineError(f"engine {engine} does not exist; {rebuild}")
-        expected = self.engines[variant].get("sha256")
-        if expected and sha256_file(engine) != expected:
-            raise PipelineError(f"engine {engine} changed since build (sha256 differs from build.json); it is "
-                                f"damaged: {rebuild}")
-        return engine
+        return verify_recorded(self.engine_path(variant, root), self.engines[variant], "build", self.model)

@@ -14,9 +14,16 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.io import torch_load, torch_save
 from pipeline.masks.artifact import LayerMask, MaskArtifact
+from pipeline.records import StageReport
 
 FORMAT = "mask-training-checkpoint"
 VERSION = 2  # 2: best masks and early-stop count in `state`; `indices` are the best masks
+
+
+class TrainingRecord(StageReport):
+    """train_masks.json: the summary of a mask-training run; its `files` hold the sha256 of the final masks.ckpt."""
+
+    STAGE = "train-masks"
 
 
 @dataclass

@@ -48,7 +48,7 @@ class LearnResult:
     history: list[dict] = field(default_factory=list)  # evaluations: step, epoch, top1, top5, changed, lr, tau
     steps: int = 0
     seconds: float = 0.0
-    stopped: bool = False  # True when a signal ended the run early (resume to continue)
+    stopped: int = 0  # the signal number that ended the run early (resume to continue); 0 when it finished
     rank_checksums: list[str] = field(default_factory=list)
     best_step: int = 0
     best_score: float | None = None  # validation top-1 (agreement with the dense model when unlabeled)
@@ -316,7 +316,7 @@ def _learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, da
             if stop_now:
                 save_checkpoint()
                 log(f"stopped at step {state['step']}; checkpoint {checkpoint} (continue with --resume)")
-                stopped = True
+                stopped = stop.signal_number
                 break
             if state["step"] >= total_steps:
                 break

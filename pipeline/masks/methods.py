@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from pipeline.recipe.config import Recipe
-from pipeline.errors import PipelineError
+from pipeline.errors import Interrupted, PipelineError
 from pipeline.masks.artifact import LayerMask, MaskArtifact, apply_masks
 from pipeline.masks.eligibility import EligibilityReport
 from pipeline.masks.patterns import magnitude_indices
@@ -234,7 +234,7 @@ def learned(ctx: MethodContext) -> MaskResult:
     result = learn_masks(model, ctx.report, ctx.recipe, ctx.data, ctx.device, checkpoint=ctx.checkpoint,
                          initial_indices=initial, log=ctx.log)
     if result.stopped:
-        raise PipelineError("mask learning was interrupted; nothing to compare")
+        raise Interrupted(result.stopped, "mask learning stopped; nothing compared")
     meta = {"prior": ctx.recipe.masks.prior, "init_from": ctx.initial.method if ctx.initial else None,
             "steps": result.steps, "best_step": result.best_step, "validation_top1": result.best_score,
             "beat_prior": result.beat_prior}

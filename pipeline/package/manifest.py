@@ -26,7 +26,6 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 EXCLUDED_NAMES = frozenset({MANIFEST_NAME, "stages.json"})
 EXCLUDED_SUFFIXES = (".ckpt", ".tmp")
-NOT_VERIFIED = "not verified"
 
 
 def is_listed(relative: PurePosixPath) -> bool:
@@ -80,18 +79,6 @@ def environment() -> dict[str, str]:
         "tensorrt": _version("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu12", module="tensorrt"),
         "tritonclient": _version("tritonclient"),
     }
-
-
-def verification_verdict(report_path: Path) -> str:
-    """'passed' / 'failed' from report.json gates.passed, else 'not verified'."""
-    if not Path(report_path).is_file():
-        return NOT_VERIFIED
-    report = read_json(report_path)
-    gates = report.get("gates") if isinstance(report, dict) else None
-    passed = gates.get("passed") if isinstance(gates, dict) else None
-    if not isinstance(passed, bool):
-        return NOT_VERIFIED
-    return "passed" if passed else "failed"
 
 
 def build_manifest(root: Path, recipe_hash: str, model: str, verdict: str, extra: dict[str, Any] | None = None

@@ -36,7 +36,7 @@ from pipeline.package.model_config import (LABELS_FILENAME, ONNX_FILENAME, PLAN_
 from pipeline.package.plans import VARIANTS, PlanEngine, find_plans, plan_filename
 from pipeline.package.serving import labels_text, preprocessing
 from pipeline.package.tensors import TensorSpec, onnx_external_files, specs_from_onnx
-from pipeline.paths import ArtifactPaths
+from pipeline.paths import ArtifactPaths, relative_to_root
 
 FORMATS = ("auto", "plan", "onnx")
 FLAVOURS = ("production", "cpu")
@@ -153,7 +153,7 @@ def _write_plans(model_dir: Path, engines: list[PlanEngine], root: Path, recipe:
                                 "batcher also sends single requests; rebuild with build.min_batch=1")
         filename = plan_filename(engine.compute_capability)
         _copy(engine.path, version_dir / filename)
-        metadata = {**engine.metadata, "source": _relative(engine.path, root), "source_sha256": sha256_file(engine.path),
+        metadata = {**engine.metadata, "source": relative_to_root(engine.path, root), "source_sha256": sha256_file(engine.path),
                     "compute_capability": engine.compute_capability,
                     "inputs": [{"name": s.name, "dtype": s.data_type, "shape": list(s.dims)} for s in inputs],
                     "outputs": [{"name": s.name, "dtype": s.data_type, "shape": list(s.dims)} for s in outputs]}
@@ -210,13 +210,13 @@ def _stage_repository(recipe: Recipe, paths: ArtifactPaths, fmt: str, onnx_devic
                 engines = sources.plans[variant]
                 inputs, outputs, cc_files = _write_plans(model_dir, engines, paths.root, recipe)
                 files = list(cc_files.values())
-                source = ", ".join(_relative(engine.path, paths.root) for engine in engines)
+                source = ", ".join(relative_to_root(engine.path, paths.root) for engine in engines)
                 instance_kind = "KIND_GPU"
             else:
                 source_path = sources.onnx[variant]
                 inputs, outputs, files = _write_onnx_model(model_dir, source_path)
                 cc_files = {}
-                source = _relative(source_path, paths.root)
+                source = relative_to_root(source_path, paths.root)
                 instance_kind = "KIND_GPU" if onnx_device == "gpu" and kind == "onnx" else "KIND_CPU"
             if kind == "python":
                 _copy(PYTHON_ONNX_TEMPLATE, model_dir / VERSION / PYTHON_MODEL_FILENAME)
@@ -249,13 +249,6 @@ def _stage_repository(recipe: Recipe, paths: ArtifactPaths, fmt: str, onnx_devic
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging, summary
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def _gpu_name(meta: dict[str, Any]) -> str:

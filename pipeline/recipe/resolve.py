@@ -218,6 +218,7 @@ def apply_input_size(recipe: Recipe, text: str) -> None:
 
 
 def write_config(recipe: Recipe, paths: ArtifactPaths) -> None:
-    """Record the resolved config; a stage calls this once its inputs are found, as it starts real work."""
+    """Record the resolved config; a stage calls this with its own artifacts, once nothing can fail any more
+    (a failed stage changes no artifact, config.json included)."""
     ensure_dir(paths.root)
     write_json(paths.config, recipe.to_dict())

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.io import torch_save, write_json
-from pipeline.masks.checkpoint import MaskCheckpoint
+from pipeline.io import torch_save
+from pipeline.records import file_record
+from pipeline.masks.bake_report import BakeReport
+from pipeline.masks.checkpoint import MaskCheckpoint, TrainingRecord
 from pipeline.masks.artifact import MaskArtifact, apply_masks
 from pipeline.masks.checks import check_baked
 from pipeline.masks.methods import dense_for_artifact
@@ -44,6 +46,8 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         if not checkpoint.is_file():
             raise PipelineError(f"no learned masks at {checkpoint}; run `python -m pipeline train-masks "
                                 f"--model {recipe.name}` first or pass --masks FILE")
+        if not options.checkpoint:  # the run's own checkpoint: the one train-masks finished and recorded
+            TrainingRecord.load(paths.mask_training, recipe.name).checked(checkpoint)
         artifact = MaskCheckpoint.load(checkpoint).to_artifact(checkpoint, recipe.name, recipe.arch, recipe.masks.prior)
     dense, source = dense_state_dict(recipe, paths)
     load_state_dict_strict(build_network(recipe), dense, source)  # same architecture, clear error otherwise
@@ -54,19 +58,19 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         bad = [l["name"] for l in checks["layers"] if l["nm_violations"] or not l["kept_bit_exact"]]
         raise RuntimeError(f"baked weights fail their own checks ({bad or checks['other_tensors_changed']})")
     artifact.meta["weights"] = source
-    write_config(recipe, paths)
     artifact.save(paths.masks)
     torch_save(sparse, paths.sparse_weights)
     masked = sum(l["density"] * _numel(l["shape"]) for l in checks["layers"])
     total = sum(_numel(l["shape"]) for l in checks["layers"])
-    write_json(paths.bake_report, {
-        "model": recipe.name, "method": artifact.method, "weights": source,
+    BakeReport(recipe.name, {path.name: file_record(path) for path in (paths.masks, paths.sparse_weights)}, {
+        "method": artifact.method, "weights": source,
         "masks_source": str(options.masks or options.checkpoint or paths.mask_checkpoint),
         "layers_masked": len(artifact.layers), "density_in_masked_layers": masked / max(total, 1),
         "all_nm_in_tensorrt_layout": all(l["nm_violations"] == 0 for l in checks["layers"]),
         "kept_weights_bit_exact": all(l["kept_bit_exact"] for l in checks["layers"]),
         "other_tensors_unchanged": not checks["other_tensors_changed"], "layers": checks["layers"],
-    })
+    }).save(paths.bake_report)
+    write_config(recipe, paths)
     print(f"baked {len(artifact.layers)} layers: every masked weight is {artifact.layers[0].n}:{artifact.layers[0].m} "
           f"along input channels, kept weights bit-exact -> {paths.masks}, {paths.sparse_weights}")
     return 0

@@ -12,8 +12,9 @@ from pathlib import Path
 from pipeline.backends import pick_backend
 from pipeline.backends.build_report import BuildReport
 from pipeline.errors import PipelineError
-from pipeline.io import read_json, sha256_file
-from pipeline.paths import ArtifactPaths
+from pipeline.export.report import ExportReport
+from pipeline.io import sha256_file
+from pipeline.paths import ArtifactPaths, relative_to_root
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.resolve import write_config
 
@@ -40,33 +41,21 @@ def onnx_inputs(recipe, paths, backend) -> tuple[dict[str, Path], str]:
 
 
 def check_onnx_inputs(sources: dict[str, Path], paths, model: str) -> None:
-    """Every ONNX input exists, is the file export wrote (sha256) and loads."""
+    """Every ONNX input exists, is the file export wrote (sha256 in export.json) and loads."""
     import onnx
 
-    recorded = {}
-    if paths.export_report.is_file():
-        recorded = read_json(paths.export_report).get("files", {})
+    exported = ExportReport.load(paths.export_report, model)
     for variant, path in sources.items():
         if not path.is_file():
             hint = (" with export.fp16=true" if ".fp16." in path.name else
                     " with --set build.precision=int8" if ".int8." in path.name else "")
             raise PipelineError(f"{path} does not exist; run `python -m pipeline export --model {model}`{hint} first")
-        expected = recorded.get(path.name, {}).get("sha256")
-        if expected and sha256_file(path) != expected:
-            raise PipelineError(f"{path} changed since export wrote it (sha256 differs from export.json); "
-                                f"it is damaged or edited: re-run `python -m pipeline export --model {model}`")
+        exported.checked(path)
         try:
             onnx.checker.check_model(str(path))
         except Exception as exc:
             raise PipelineError(f"{path} is not a valid ONNX model ({str(exc).splitlines()[0][:160]}); re-run "
                                 f"`python -m pipeline export --model {model}`") from None
-
-
-def relative(path: Path, root: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(Path(root).resolve()))
-    except ValueError:
-        return str(path)
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
@@ -77,7 +66,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         print(f"note: {backend.name} has no sparse kernels; its engines check accuracy, not speed-up")
     sources, why = onnx_inputs(recipe, paths, backend)
     check_onnx_inputs(sources, paths, recipe.name)
-    write_config(recipe, paths)
     folder = engine_dir(paths.root, backend.name)
     engines = {}
     written: list[Path] = []
@@ -87,15 +75,16 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             result = backend.build(onnx_path, folder, variant, recipe, sparse=variant == "sparse")
             written += [Path(result.engine_path), Path(result.engine_path).with_suffix(".json")]
             # paths relative to the model folder, so the folder can be moved or copied whole
-            engines[variant] = {"engine": relative(result.engine_path, paths.root),
+            engines[variant] = {"engine": relative_to_root(result.engine_path, paths.root),
                                 "sha256": sha256_file(result.engine_path),
-                                "onnx": relative(onnx_path, paths.root), "onnx_sha256": sha256_file(onnx_path),
+                                "onnx": relative_to_root(onnx_path, paths.root), "onnx_sha256": sha256_file(onnx_path),
                                 "metadata": result.metadata, "sparse_layers": result.sparse_layers}
             print(f"  {result.engine_path}")
     except BaseException:
         for path in written:  # no half-finished pair of engines
             path.unlink(missing_ok=True)
         raise
+    write_config(recipe, paths)
     BuildReport(
         model=recipe.name, backend=backend.name, requested=requested, reason=reason,
         has_sparse_kernels=backend.has_sparse_kernels, inputs=why,

@@ -62,7 +62,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         load_state_dict_strict(build_network(recipe), updated, options.updated_weights)
         updated = dense_for_artifact(updated, artifact)
     device = select_device(options.device)
-    write_config(recipe, paths)
     data = build_datasets(recipe)
     report = certify_masks(lambda: build_network(recipe), dense, artifact, data.eval, recipe.data.eval_batch_size,
                            device, updated_state=updated,
@@ -73,6 +72,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
                "accuracy_meaningful": data.accuracy_meaningful, **report,
                "note": "worst-case Lipschitz bounds (reconstructed statements, see docs/baselines.md): a sample that "
                        "is not certified may still keep its prediction"}
+    write_config(recipe, paths)
     write_json(paths.certify_json, summary)
     write_text(paths.certify_md, _markdown(summary))
     print(f"{report['samples']} samples: predictions unchanged by the masks {100 * report['prediction_unchanged_share']:.1f}%, "

@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     methods = parse_methods(options.methods)
     device = select_device(options.device)
-    write_config(recipe, paths)
     summary = compare(recipe, paths, methods, device, options.learned, options.learned_init_from)
+    write_config(recipe, paths)  # only a comparison that succeeded changes config.json
     if summary["learned_beats_best_heuristic"] is not None:
         print(f"learned {'beats' if summary['learned_beats_best_heuristic'] else 'does NOT beat'} the best heuristic "
               f"({summary['best_heuristic']}) on top-1")

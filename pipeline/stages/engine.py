@@ -4,13 +4,15 @@ Every stage function is called directly with a copy of the resolved recipe and t
 Options defaults (plus --resume/--force/--junit where the plan says), so a stage runs exactly as
 by hand. engines/<model>/stages.json keeps, per stage,
 a hash of its inputs (the recipe sections it reads, sha256 of its input files, where the
-dense weights come from) and the sha256 of each output. A stage is skipped when its input
+dense weights come from, the dataset's fingerprint for the stages that read data) and the sha256
+of each output (paths relative to the model folder, so the folder can be moved). A stage is skipped when its input
 hash is unchanged and every recorded output still exists with its recorded hash.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import time
@@ -20,7 +22,7 @@ from typing import Any, Callable
 
 from pipeline.backends.build_report import VARIANTS, BuildReport
 from pipeline.io import read_json, sha256_file, write_json
-from pipeline.paths import ArtifactPaths
+from pipeline.paths import ArtifactPaths, relative_to_root
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.resolve import write_config
 from pipeline.stages import load_stage
@@ -70,6 +72,13 @@ class Stage:
 def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[Stage]:
     digest = recipe.digest
 
+    @functools.cache
+    def dataset() -> str:
+        """The dataset's contents (changed val images change verify's inputs), computed once per run."""
+        from pipeline.data.datasets import dataset_fingerprint
+
+        return dataset_fingerprint(recipe)
+
     def onnx_files() -> list[Path]:
         files = [paths.dense_onnx, paths.sparse_onnx]
         if recipe.export.fp16:
@@ -82,7 +91,7 @@ def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[S
         parts = {"recipe": digest(*MODEL_FIELDS, "export"), "weights": weights_identity(recipe, paths),
                  "sparse.pt": file_digest(paths.sparse_weights), "masks.pt": file_digest(paths.masks)}
         if recipe.build.precision == "int8":
-            parts["int8_calibration"] = digest("data", "preprocess")
+            parts["int8_calibration"] = [digest("data", "preprocess"), dataset()]
         return parts
 
     def engine_files() -> list[Path]:
@@ -93,11 +102,12 @@ def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[S
 
     plan = []
     if recipe.weights == "pretrain":
-        plan.append(Stage("pretrain", lambda: {"recipe": digest(*MODEL_FIELDS, "data", "preprocess", "pretrain")},
+        plan.append(Stage("pretrain", lambda: {"recipe": digest(*MODEL_FIELDS, "data", "preprocess", "pretrain"),
+                                               "dataset": dataset()},
                           lambda: [paths.dense_weights], lambda rerun: {"force": rerun}))
     plan += [
         Stage("train-masks", lambda: {"recipe": digest(*MODEL_FIELDS, "data", "preprocess", "masks"),
-                                      "weights": weights_identity(recipe, paths)},
+                                      "weights": weights_identity(recipe, paths), "dataset": dataset()},
               lambda: [paths.mask_checkpoint, paths.mask_training, paths.layers]),
         Stage("bake", lambda: {"recipe": digest(*MODEL_FIELDS, "masks"), "weights": weights_identity(recipe, paths),
                                "masks.ckpt": file_digest(paths.mask_checkpoint)},
@@ -106,7 +116,7 @@ def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[S
         Stage("build", lambda: {"recipe": digest(*MODEL_FIELDS, "build"),
                                 **{path.name: file_digest(path) for path in onnx_files()}},
               engine_files),
-        Stage("verify", lambda: {"recipe": digest(*MODEL_FIELDS, "data", "preprocess", "verify"),
+        Stage("verify", lambda: {"recipe": digest(*MODEL_FIELDS, "data", "preprocess", "verify"), "dataset": dataset(),
                                  "build.json": file_digest(paths.build_report), "layers.json": file_digest(paths.layers),
                                  "masks.pt": file_digest(paths.masks), "junit": options.junit},
               lambda: [paths.report_json, paths.report_md],
@@ -115,16 +125,15 @@ def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[S
     return plan
 
 
-def up_to_date(record: dict[str, Any] | None, input_hash: str) -> bool:
+def up_to_date(record: dict[str, Any] | None, input_hash: str, root: Path) -> bool:
     if not record or record.get("inputs") != input_hash:
         return False
     outputs = record.get("outputs") or {}
-    return bool(outputs) and all(Path(path).is_file() and sha256_file(Path(path)) == digest
+    return bool(outputs) and all((root / path).is_file() and sha256_file(root / path) == digest
                                  for path, digest in outputs.items())
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
-    write_config(recipe, paths)
     state = read_json(paths.stages) if paths.stages.is_file() else {}
     state.setdefault("stages", {})
     in_progress = state.setdefault("in_progress", {})
@@ -135,7 +144,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         parts = stage.inputs()
         input_hash = combine(parts)
         record = state["stages"].get(stage.name)
-        if not options.force and up_to_date(record, input_hash):
+        if not options.force and up_to_date(record, input_hash, paths.root):
             print(f"== {stage.name}: up to date (inputs unchanged, outputs intact), skipped", flush=True)
             continue
         why = "--force" if options.force else ("no record" if not record else
@@ -155,7 +164,8 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         except BaseException as exc:
             code = exc
         if code != 0:
-            state["stages"].pop(stage.name, None)
+            # A failed stage changed no artifact: the previous record (if any) still describes them. Its inputs
+            # differ from this run's unless --force, so the next run repeats the stage either way.
             write_json(paths.stages, state)
             if isinstance(code, BaseException):
                 print(f"== {stage.name} failed; stopping", flush=True)
@@ -165,9 +175,11 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         in_progress.pop(stage.name, None)
         state["stages"][stage.name] = {
             "inputs": input_hash, "input_parts": parts,
-            "outputs": {str(path): sha256_file(path) for path in stage.outputs() if Path(path).is_file()},
+            "outputs": {relative_to_root(path, paths.root): sha256_file(path)
+                        for path in stage.outputs() if Path(path).is_file()},
             "seconds": round(time.time() - stage_started, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         write_json(paths.stages, state)
+    write_config(recipe, paths)
     print(f"engine: all stages done in {time.time() - started:.0f}s; report {paths.report_md}")
     return 0

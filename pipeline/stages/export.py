@@ -15,8 +15,11 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.export.onnx import (TOLERANCES, ModelProtoFromTorch, check_model, check_sparse_layers, compare_with_torch,
                              effective_opset, other_initializers_differ)
-from pipeline.io import atomic_path, sha256_file, write_json
+from pipeline.io import atomic_path
+from pipeline.records import file_record
+from pipeline.export.report import ExportReport
 from pipeline.masks.artifact import MaskArtifact
+from pipeline.masks.bake_report import BakeReport
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.resolve import write_config
@@ -41,17 +44,14 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     dense_state, source = dense_state_dict(recipe, paths)
     dense_model = build_network(recipe)
     load_state_dict_strict(dense_model, dense_state, source)
-    if not paths.sparse_weights.is_file():
-        raise PipelineError(f"{paths.sparse_weights} does not exist; run `python -m pipeline bake --model "
-                            f"{recipe.name}` first")
-    if not paths.masks.is_file():
-        raise PipelineError(f"{paths.masks} does not exist; run `python -m pipeline bake --model {recipe.name}` first")
+    baked = BakeReport.load(paths.bake_report, recipe.name)
+    baked.checked(paths.sparse_weights)
+    baked.checked(paths.masks)
     sparse_state = read_state_dict(paths.sparse_weights)
     sparse_model = build_network(recipe)
     load_state_dict_strict(sparse_model, sparse_state, f"sparse weights {paths.sparse_weights}")
     sparse_model.eval()
     artifact = MaskArtifact.load(paths.masks)
-    write_config(recipe, paths)
     if artifact.meta.get("permutations"):
         from pipeline.masks.methods import dense_for_artifact
 
@@ -115,11 +115,12 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
 
     import onnx
 
+    write_config(recipe, paths)
     for (kind, precision), proto in protos.items():
         path = next(p for k, pr, _, p in variants if k == kind and pr == precision)
         with atomic_path(path) as tmp:
             onnx.save(proto, str(tmp))
-        files[path.name].update(sha256=sha256_file(path), bytes=path.stat().st_size)
+        files[path.name].update(file_record(path))
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
     if recipe.build.precision == "int8":
@@ -127,16 +128,16 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
 
     summary = {precision: {"layers": len(checks), "ok": sum(c["ok"] for c in checks)}
                for precision, checks in layer_checks.items()}
-    write_json(paths.export_report, {
-        "model": recipe.name, "dense_weights": source, "sparse_weights": str(paths.sparse_weights),
+    ExportReport(recipe.name, files, {
+        "dense_weights": source, "sparse_weights": str(paths.sparse_weights),
         "masks": str(paths.masks), "exporter": f"torch.onnx.export(dynamo=True, optimize=True) torch {torch.__version__}",
         "opset": opset, "opset_requested": cfg.opset, "n": n, "m": m,
         "io": {"input_name": cfg.input_name, "output_name": cfg.output_name, "dtype": "float32",
                "note": "FP16 graphs keep FP32 input/output; Cast nodes at the graph edges convert"},
         "batchnorm": "folded into Conv by the exporter's optimiser (per-output-channel scale keeps zeros)",
-        "tolerances": TOLERANCES, "files": files, "nm_check": summary, "layers": layer_checks,
+        "tolerances": TOLERANCES, "nm_check": summary, "layers": layer_checks,
         "seconds": round(time.time() - started, 2),
-    })
+    }).save(paths.export_report)
     for precision, counts in summary.items():
         print(f"sparse {precision}: {counts['ok']}/{counts['layers']} masked layers hold {n}:{m} in TensorRT layout, "
               f"kept weights equal the dense export")
@@ -171,7 +172,7 @@ def export_int8(recipe: Recipe, paths: ArtifactPaths, masked: list[str], n: int,
             path = quantize_qdq(getattr(paths, f"{variant}_onnx"), calibration, paths.int8_onnx(variant))
             written.append(path)
             files[path.name] = {"variant": variant, "precision": "int8", "calibration_images": count,
-                                "sha256": sha256_file(path), "bytes": path.stat().st_size}
+                                **file_record(path)}
         sparse_path = paths.int8_onnx("sparse")
         survive = sparse_weights_survive(onnx.load(str(sparse_path)), n, m)
         polygraphy = polygraphy_sparsity(sparse_path)

@@ -26,7 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
-    write_config(recipe, paths)
     cfg = recipe.masks
     report = find_layers(build_network(recipe), recipe.input_shape, cfg.m, cfg.include, cfg.exclude,
                          recipe.classifier, cfg.include_classifier)
@@ -39,6 +38,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     for layer in report.layers:
         status = "masked" if layer.eligible else f"skipped: {layer.reason}"
         print(f"{layer.name:<{width}}  {layer.kind:<6} {100 * layer.macs / total:6.2f}  {status}")
+    write_config(recipe, paths)
     write_json(paths.layers, report.to_dict())
     print(f"wrote {paths.layers}")
     return 0

@@ -5,7 +5,8 @@ the CPU flavour (Python-backend models running the ONNX through ONNX Runtime); b
 preprocess model and an ensemble per variant, so clients can send encoded images.
 
 Reads dense.onnx / sparse.onnx (export), TensorRT plans with their metadata (build, when
-present) and report.json (verify) for the verdict. Every config.pbtxt is parsed with
+present) and report.json (verify) for the verdict, each checked first against the records of the
+stage that wrote it (`checked_verdict`). Every config.pbtxt is parsed with
 Triton's ModelConfig schema and cross-checked against its model file before the
 repository replaces the previous one; manifest.json is written last. See docs/triton.md.
 """
@@ -14,12 +15,16 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from pipeline.backends.build_report import BuildReport
 from pipeline.errors import GateFailed
-from pipeline.package.manifest import build_manifest, verification_verdict, write_manifest
+from pipeline.export.report import ExportReport
+from pipeline.masks.bake_report import BakeReport
+from pipeline.package.manifest import build_manifest, write_manifest
 from pipeline.package.repository import FORMATS, repository_dir, write_repositories
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.resolve import write_config
+from pipeline.verify.report import VerificationReport
 
 
 @dataclass
@@ -39,13 +44,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fail (exit 1) unless report.json says the verification gates passed")
 
 
+def checked_verdict(recipe: Recipe, paths: ArtifactPaths) -> str:
+    """Check every input against the records of the stage that wrote it, then the verification verdict.
+
+    The ONNX files (export.json), masks.pt and sparse.pt (bake.json) and the engines report.json was measured
+    on (build.json) must be the files those stages wrote: a replaced or truncated file is refused, never
+    sealed into the manifest. (TensorRT plans are checked against build.json where package finds them.)
+    """
+    exported = ExportReport.load(paths.export_report, recipe.name)
+    for path in [paths.dense_onnx, paths.sparse_onnx] + [paths.root / name for name in exported.files]:
+        if path.is_file() or path in (paths.dense_onnx, paths.sparse_onnx):
+            exported.checked(path)
+    baked = [path for path in (paths.masks, paths.sparse_weights) if path.is_file()]
+    if baked:
+        bake = BakeReport.load(paths.bake_report, recipe.name)
+        for path in baked:
+            bake.checked(path)
+    report = VerificationReport.load(paths.report_json)
+    if report.engine_sha256:
+        report.check_engines(BuildReport.load(paths.build_report, recipe.name), recipe.name)
+    return report.verdict
+
+
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
-    verdict = verification_verdict(paths.report_json)
+    verdict = checked_verdict(recipe, paths)
     if options.require_verified and verdict != "passed":
         raise GateFailed(f"verification verdict is {verdict!r} ({paths.report_json}); run "
                          f"`python -m pipeline verify --model {recipe.name}` and fix what fails")
-    write_config(recipe, paths)
     summaries = write_repositories(recipe, paths, fmt=options.format, onnx_device=options.onnx_device)
+    write_config(recipe, paths)  # before the manifest, which lists it
     manifest = build_manifest(paths.root, recipe.digest(), recipe.name, verdict,
                               {"triton": summaries["production"], "triton_cpu": summaries["cpu"]})
     write_manifest(paths.root, manifest)

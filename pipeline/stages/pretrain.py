@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.data.datasets import ResumableBatchSampler, build_datasets, make_loader
-from pipeline.errors import PipelineError
+from pipeline.errors import Interrupted, PipelineError
 from pipeline.io import torch_load, torch_save, write_json
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
@@ -46,10 +46,12 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         raise PipelineError(f"model {recipe.name} takes weights from {recipe.weights!r}; pretrain only applies to "
                             "recipes with weights=pretrain (the demo)")
     cfg = recipe.pretrain
+    if options.resume and not paths.pretrain_checkpoint.is_file():
+        raise PipelineError(f"--resume: there is no checkpoint {paths.pretrain_checkpoint} to continue; drop "
+                            "--resume to start a new run")
     if paths.dense_weights.is_file() and not options.force and not options.resume:
         print(f"dense weights exist: {paths.dense_weights} (use --force to retrain)")
         return 0
-    write_config(recipe, paths)
     device = select_device(options.device)
     torch.manual_seed(cfg.seed)
     data = build_datasets(recipe, augment_train=True)
@@ -97,9 +99,8 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}")
                 if stop:
                     save_checkpoint()
-                    print(f"stopped; checkpoint at epoch {state['epoch']} batch {state['batch']} "
-                          f"(continue with --resume)")
-                    return 130
+                    raise Interrupted(stop.signal_number, f"checkpoint {paths.pretrain_checkpoint} at epoch "
+                                      f"{state['epoch']} batch {state['batch']} saved; continue with --resume")
             model.eval()
             metrics = evaluate(model, data.eval, recipe.data.eval_batch_size, device, desc="test")
             state["history"].append({"epoch": state["epoch"] + 1, **metrics})
@@ -108,6 +109,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             state["batch"] = 0
             save_checkpoint()
     model = model.cpu().eval()
+    write_config(recipe, paths)
     torch_save(model.state_dict(), paths.dense_weights)
     final = state["history"][-1] if state["history"] else {}
     write_json(paths.pretrain_log, {"model": recipe.name, "epochs": cfg.epochs, "seconds": time.time() - started,

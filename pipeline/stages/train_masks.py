@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from pipeline.data.datasets import build_datasets
 from pipeline.distributed import init_distributed, shutdown
+from pipeline.errors import Interrupted, PipelineError
 from pipeline.io import write_json
 from pipeline.masks.gumbel import use_argmax_masks
 from pipeline.masks.learning import learn_masks, resolve_loss
@@ -13,8 +14,9 @@ from pipeline.masks.schedules import steps_per_epoch
 from pipeline.plots import learning_curves
 from pipeline.masks.artifact import MaskArtifact
 from pipeline.masks.eligibility import find_layers
-from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import MASK_PRIORS, Recipe
+from pipeline.records import file_record
+from pipeline.paths import ArtifactPaths, checked_name
 from pipeline.recipe.resolve import write_config
 from pipeline.training import check_device, evaluate, select_device
 from pipeline.recipe.weights import load_dense_model
@@ -32,6 +34,8 @@ class Options:
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if self.tag:
+            checked_name(self.tag, "--tag")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.masks
     resolve_loss(cfg, options.unlabeled)  # refuse a labelled loss without labels before anything is written
+    checkpoint = paths.root / f"masks.{options.tag}.ckpt" if options.tag else paths.mask_checkpoint
+    if options.resume and not checkpoint.is_file():
+        raise PipelineError(f"--resume: there is no checkpoint {checkpoint} to continue; drop --resume to start "
+                            "a new run")
     context = init_distributed(select_device(options.device))
     try:
         model, source = load_dense_model(recipe, paths)
@@ -62,8 +70,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         data = build_datasets(recipe)
         dense_metrics = None
         if context.is_main:
-            write_config(recipe, paths)
-            write_json(paths.layers, report.to_dict())
             print(f"{len(report.masked)} layers masked ({100 * report.masked_mac_fraction:.1f}% of MACs), "
                   f"{len(report.skipped)} skipped:")
             for layer in report.skipped:
@@ -75,7 +81,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         if options.masks_from:
             artifact = MaskArtifact.load(options.masks_from)
             initial = {layer.name: layer.indices for layer in artifact.layers}
-        checkpoint = paths.root / f"masks.{options.tag}.ckpt" if options.tag else paths.mask_checkpoint
         result = learn_masks(model, report, recipe, data, context.device, checkpoint=checkpoint,
                              resume=options.resume, initial_indices=initial, unlabeled=options.unlabeled,
                              rank=context.rank, world_size=context.world_size)
@@ -83,6 +88,8 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             use_argmax_masks(model, result.indices)
             test = evaluate(model.eval(), data.eval, recipe.data.eval_batch_size, context.device,
                             desc="test (best masks)")
+            write_config(recipe, paths)  # config and layers.json change only with a finished run
+            write_json(paths.layers, report.to_dict())
             log_path = paths.root / f"train_masks.{options.tag}.json" if options.tag else paths.mask_training
             summary = {
                 "model": recipe.name, "weights": source, "data": data.description,
@@ -98,6 +105,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
                 "prior_validation": result.start_score, "beat_prior": result.beat_prior,
                 "test": test, "history": result.history,
                 "masked_mac_fraction": report.masked_mac_fraction, "config": recipe.to_dict()["masks"],
+                "files": {checkpoint.name: file_record(checkpoint)},  # what bake checks masks.ckpt against
             }
             write_json(log_path, summary)
             if result.validation_images:
@@ -109,6 +117,8 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             if not result.beat_prior:
                 print(f"training did not beat its prior: the result is the {cfg.prior} prior's masks "
                       f"(validation {result.start_score})")
-        return 130 if result.stopped else 0
+        if result.stopped:
+            raise Interrupted(result.stopped, f"checkpoint {checkpoint} saved; continue with --resume")
+        return 0
     finally:
         shutdown(context)

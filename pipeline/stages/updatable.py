@@ -45,9 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     device = select_device(options.device)
-    write_config(recipe, paths)
     summary = updatable_demo(recipe, paths, device, options.masks, options.finetune_steps, options.finetune_lr,
                              options.learned)
+    write_config(recipe, paths)  # only a demo that succeeded changes config.json
     for name, r in summary["results"].items():
         print(f"{name}: top1 {r['top1']:.2f}% top5 {r['top5']:.2f}%")
     print(f"-> {paths.updatable_md}, {paths.updatable_json}")

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from pipeline.backends import get_backend
 from pipeline.backends.build_report import BuildReport
 from pipeline.errors import GateFailed, PipelineError
+from pipeline.export.report import ExportReport
 from pipeline.io import read_json, write_json, write_text
 from pipeline.verify.report import (SCHEMA, latency_stats, plot_accuracy, plot_coverage, plot_latency, render_markdown,
                              speedup_stats, write_junit)
@@ -74,7 +75,10 @@ def layer_table(paths, recipe) -> tuple[list[dict[str, Any]], int]:
     if paths.masks.is_file():
         from pipeline.masks.artifact import MaskArtifact
 
-        masked_names = {layer.name for layer in MaskArtifact.load(paths.masks).layers}
+        from pipeline.masks.bake_report import BakeReport
+
+        masks = BakeReport.load(paths.bake_report, recipe.name).checked(paths.masks)
+        masked_names = {layer.name for layer in MaskArtifact.load(masks).layers}
     layers = []
     for entry in info.get("masked", []) + info.get("skipped", []):
         masked = entry["eligible"] if masked_names is None else entry["name"] in masked_names
@@ -188,7 +192,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.verify
     started = time.time()
     build, backend, runners = load_engines(paths, recipe)
-    write_config(recipe, paths)
     from pipeline.data.datasets import build_datasets
 
     data = build_datasets(recipe)
@@ -205,7 +208,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     layers, total_macs = layer_table(paths, recipe)
     masked_fraction = sum(layer["macs"] for layer in layers if layer["masked"]) / max(total_macs, 1)
     kernel_fraction, kernel_note = sparse_kernel_coverage(build, layers, total_macs)
-    export_info = read_json(paths.export_report) if paths.export_report.is_file() else {}
+    export_info = ExportReport.load(paths.export_report, recipe.name).details if paths.export_report.is_file() else {}
     export_checks = export_info.get("layers", {}).get("fp32", [])
     exported_ok = f"{sum(c['ok'] for c in export_checks)}/{len(export_checks)}" if export_checks else "n/a"
     for layer in layers:
@@ -243,8 +246,10 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
                      "layers": layers},
         "gates": {"passed": passed, "checks": checks},
         "engines": {variant: str(build.engine_path(variant, paths.root)) for variant in ("dense", "sparse")},
+        "engine_sha256": {variant: build.engines[variant]["sha256"] for variant in ("dense", "sparse")},
         "plots": plots, "seconds": round(time.time() - started, 2),
     }
+    write_config(recipe, paths)
     if plots:
         title = f"{recipe.name} on {backend.name}"
         plot_latency(raw, Path(plots[0]), f"{title}: latency per iteration")

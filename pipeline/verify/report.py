@@ -1,18 +1,54 @@
 """Verification report: latency statistics, report.md, PNG plots (matplotlib Agg) and JUnit XML.
 
-The JSON schema of report.json is documented in docs/export-build-verify.md.
+The JSON schema of report.json is documented in docs/export-build-verify.md; `VerificationReport` is how
+other stages (package) read it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from pipeline.io import atomic_path, write_text
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, read_json, write_text
 
 SCHEMA = "sparse-pipeline/report/v1"
+NOT_VERIFIED = "not verified"
+
+
+@dataclass
+class VerificationReport:
+    """report.json as the package manifest reads it: the gates' verdict and the engines verify measured."""
+
+    path: Path
+    passed: bool | None  # gates.passed; None when there is no report or it has no verdict
+    engine_sha256: dict[str, str] = field(default_factory=dict)  # variant -> sha256 of the engine verified
+
+    @classmethod
+    def load(cls, path: Path) -> "VerificationReport":
+        path = Path(path)
+        if not path.is_file():
+            return cls(path, None)
+        report = read_json(path)
+        gates = report.get("gates") if isinstance(report, dict) else None
+        passed = gates.get("passed") if isinstance(gates, dict) else None
+        engines = report.get("engine_sha256") if isinstance(report, dict) else None
+        return cls(path, passed if isinstance(passed, bool) else None, engines if isinstance(engines, dict) else {})
+
+    @property
+    def verdict(self) -> str:
+        """'passed' / 'failed' from the gates, else 'not verified'."""
+        return NOT_VERIFIED if self.passed is None else ("passed" if self.passed else "failed")
+
+    def check_engines(self, build, model: str) -> None:
+        """Refuse a verdict about other engines than the ones build.json lists now (verify is out of date)."""
+        for variant, sha256 in self.engine_sha256.items():
+            if build.engines.get(variant, {}).get("sha256") != sha256:
+                raise PipelineError(f"{self.path} verified another {variant} engine than build.json lists (the "
+                                    f"engines were rebuilt since); re-run `python -m pipeline verify --model {model}`")
 
 
 def latency_stats(times_ms: list[float], batch: int) -> dict[str, float]:
