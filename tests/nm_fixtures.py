@@ -150,3 +150,24 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
     return {path.relative_to(folder).as_posix(): (sha256_file(path), path.stat().st_mtime_ns)
             for path in sorted(folder.rglob("*"))
             if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)}
+
+
+def tiny_magnitude_pair(seed: int = 0):
+    """tiny_resnet's random dense network and a copy with one-shot magnitude 2:4 masks on every eligible
+    layer: (recipe, dense, sparse, names of the masked layers)."""
+    import copy
+
+    from pipeline.masks.patterns import mask_from_indices
+
+    recipe = get_recipe("tiny_resnet")
+    torch.manual_seed(seed)
+    dense = build_network(recipe).eval()
+    masked = [layer.name for layer in find_layers(dense, recipe.input_shape, m=4, classifier=recipe.classifier).masked]
+    sparse = copy.deepcopy(dense)
+    modules = dict(sparse.named_modules())
+    with torch.no_grad():
+        for name in masked:
+            weight = modules[name].weight
+            weight.mul_(mask_from_indices(magnitude_indices(weight, 2, 4), 2, 4).to(weight.dtype))
+    return recipe, dense, sparse, masked
+

@@ -7,7 +7,6 @@ recipe's own (synthetic) training data.
 from __future__ import annotations
 
 import json
-import copy
 
 import numpy as np
 import onnx
@@ -19,25 +18,12 @@ from pipeline.errors import PipelineError
 from pipeline.export.onnx import ModelProtoFromTorch
 from pipeline.export.int8 import (calibration_batches, int8_onnx_path, polygraphy_sparsity, qdq_problems, quantize_qdq,
                            sparse_weights_survive, weight_quantizations)
-from pipeline.recipe.registry import get_recipe
+from tests.nm_fixtures import tiny_magnitude_pair
 
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
-    from pipeline.masks.eligibility import find_layers
-    from pipeline.masks.patterns import magnitude_indices, mask_from_indices
-    from pipeline.recipe.weights import build_network
-
-    recipe = get_recipe("tiny_resnet")
-    torch.manual_seed(0)
-    dense = build_network(recipe).eval()
-    masked = [layer.name for layer in find_layers(dense, recipe.input_shape, m=4, classifier=recipe.classifier).masked]
-    sparse = copy.deepcopy(dense)
-    modules = dict(sparse.named_modules())
-    with torch.no_grad():
-        for name in masked:
-            weight = modules[name].weight
-            weight.mul_(mask_from_indices(magnitude_indices(weight, 2, 4), 2, 4).to(weight.dtype))
+    recipe, dense, sparse, masked = tiny_magnitude_pair()
     folder = tmp_path_factory.mktemp("int8")
     data = build_datasets(recipe)
     calibration = calibration_batches(data.train, 96, batch_size=32)

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
-from pipeline.recipe.registry import get_recipe
+from tests.nm_fixtures import tiny_magnitude_pair
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]
 
@@ -33,26 +33,11 @@ def _export(model, path, recipe, half=False):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import copy
-
     import torch
 
     from pipeline.export.int8 import quantize_qdq
-    from pipeline.masks.eligibility import find_layers
-    from pipeline.masks.patterns import magnitude_indices, mask_from_indices
-    from pipeline.recipe.weights import build_network
 
-    recipe = get_recipe("tiny_resnet")
-    torch.manual_seed(0)
-    dense = build_network(recipe).eval()
-    report = find_layers(dense, recipe.input_shape, m=4, classifier=recipe.classifier)
-    masked = [layer.name for layer in report.masked]
-    sparse = copy.deepcopy(dense)
-    modules = dict(sparse.named_modules())
-    with torch.no_grad():
-        for name in masked:
-            weight = modules[name].weight
-            weight.mul_(mask_from_indices(magnitude_indices(weight, 2, 4), 2, 4).to(weight.dtype))
+    recipe, dense, sparse, masked = tiny_magnitude_pair()
     paths = ArtifactPaths.for_model(tmp_path_factory.mktemp("engines"), recipe.name)
     paths.root.mkdir(parents=True)
     calibration = [np.random.default_rng(seed).standard_normal((8, *recipe.input_shape)).astype(np.float32)
