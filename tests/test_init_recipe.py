@@ -169,9 +169,9 @@ def test_labels_follow_imagefolder_order(tmp_path):
     (root / "val" / "b").rename(root / "val" / "z")
     with pytest.raises(PipelineError) as error:
         imagefolder_labels(root)
-    assert str(error.value) == (f"{root / 'train'} and {root / 'val'} hold different classes (only in train: ['b'], "
-                                "only in val: ['z']); the label numbers would not match, give both splits the same "
-                                "class folders")
+    message = str(error.value)
+    assert f"{root / 'train'} and {root / 'val'} hold different class folders" in message
+    assert "only in train/: [b]; only in val/: [z]" in message
 
 
 def test_toml_strings_survive():

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
+from pipeline.recipe.labels import check_same_classes
 from pipeline.io import sha256_file
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -206,25 +207,6 @@ def _image_folder(recipe: Recipe, split: str, train: bool) -> Dataset:
     return dataset
 
 
-def _check_same_classes(root: Path, train_split: str, train_classes: list[str], eval_split: str,
-                        eval_classes: list[str]) -> None:
-    """ImageFolder numbers classes by their sorted folder names: different folders would silently shift labels."""
-    if train_classes == eval_classes:
-        return
-    only_train = sorted(set(train_classes) - set(eval_classes))
-    only_eval = sorted(set(eval_classes) - set(train_classes))
-    raise PipelineError(
-        f"{root / train_split} and {root / eval_split} hold different class folders, so their labels would not "
-        f"match: {train_split}/ has {_name_list(train_classes)}; {eval_split}/ has {_name_list(eval_classes)}; "
-        f"only in {train_split}/: {_name_list(only_train)}; only in {eval_split}/: {_name_list(only_eval)}; "
-        "give both the same class folders")
-
-
-def _name_list(names: list[str], shown: int = 20) -> str:
-    listed = ", ".join(names[:shown]) or "none"
-    return f"[{listed}, ... ({len(names)} in all)]" if len(names) > shown else f"[{listed}]"
-
-
 def build_datasets(recipe: Recipe, augment_train: bool = False) -> DataBundle:
     data = recipe.data
     if data.kind == "fashion_mnist":
@@ -239,7 +221,7 @@ def build_datasets(recipe: Recipe, augment_train: bool = False) -> DataBundle:
             raise PipelineError("data kind imagefolder needs a folder: pass --data DIR (with train/ and val/)")
         train = _image_folder(recipe, data.train_split, train=True)
         evaluation = _image_folder(recipe, data.eval_split, train=False)
-        _check_same_classes(Path(data.root), data.train_split, train.classes, data.eval_split, evaluation.classes)
+        check_same_classes(Path(data.root), data.train_split, train.classes, data.eval_split, evaluation.classes)
         return DataBundle(train, _limit(evaluation, data.eval_limit), "imagefolder",
                           f"image folder {data.root}", True)
     if data.kind == "synthetic":

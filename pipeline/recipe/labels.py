@@ -28,14 +28,27 @@ def imagefolder_labels(root: str | Path, train_split: str = "train", eval_split:
     labels = folder_classes(train)
     evaluation = root / eval_split
     if evaluation.is_dir():
-        other = folder_classes(evaluation)
-        if other != labels:
-            only_train = sorted(set(labels) - set(other))
-            only_eval = sorted(set(other) - set(labels))
-            raise PipelineError(f"{train} and {evaluation} hold different classes (only in {train_split}: "
-                                f"{only_train[:5]}, only in {eval_split}: {only_eval[:5]}); the label numbers "
-                                "would not match, give both splits the same class folders")
+        check_same_classes(root, train_split, labels, eval_split, folder_classes(evaluation))
     bad = [label for label in labels if "\n" in label or not label.strip()]
     if bad:
         raise PipelineError(f"{train}: class folder names must be non-empty single lines, got {bad[:3]!r}")
     return labels
+
+
+def check_same_classes(root: Path, train_split: str, train_classes: list[str], eval_split: str,
+                        eval_classes: list[str]) -> None:
+    """ImageFolder numbers classes by their sorted folder names: different folders would silently shift labels."""
+    if train_classes == eval_classes:
+        return
+    only_train = sorted(set(train_classes) - set(eval_classes))
+    only_eval = sorted(set(eval_classes) - set(train_classes))
+    raise PipelineError(
+        f"{root / train_split} and {root / eval_split} hold different class folders, so their labels would not "
+        f"match: {train_split}/ has {_name_list(train_classes)}; {eval_split}/ has {_name_list(eval_classes)}; "
+        f"only in {train_split}/: {_name_list(only_train)}; only in {eval_split}/: {_name_list(only_eval)}; "
+        "give both the same class folders")
+
+
+def _name_list(names: list[str], shown: int = 20) -> str:
+    listed = ", ".join(names[:shown]) or "none"
+    return f"[{listed}, ... ({len(names)} in all)]" if len(names) > shown else f"[{listed}]"
