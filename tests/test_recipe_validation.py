@@ -15,14 +15,10 @@ import pytest
 from pipeline.cli import main
 from pipeline.recipe.registry import get_recipe, recipes_dir
 from pipeline.recipe.resolve import ModelOptions, resolve_recipe
+from tests.nm_fixtures import snapshot
 
 MODEL = "tiny_resnet"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(path.relative_to(folder)): (path.stat().st_mtime_ns, path.stat().st_size)
-            for path in sorted(folder.rglob("*"))}
 
 
 @pytest.fixture(scope="module")

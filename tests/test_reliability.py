@@ -14,8 +14,7 @@ from nm_fixtures import MODEL, BackgroundRun, cli, snapshot
 from test_bad_input import assert_one_error_line
 from test_lock import HOLDER
 
-LONG_TRAINING = ["--set", "data.synthetic_size=2048", "--set", "masks.checkpoint_every=0", "--max-steps", "100000",
-                 "--epochs", "1000"]
+LONG_TRAINING = ["--set", "data.synthetic_size=2048", "--set", "masks.checkpoint_every=0", "--steps", "100000"]
 
 
 def test_second_run_on_a_locked_folder_exits_2_naming_the_holder_and_changes_nothing(tmp_path):
@@ -25,7 +24,7 @@ def test_second_run_on_a_locked_folder_exits_2_naming_the_holder_and_changes_not
     holder = BackgroundRun([str(folder)], command=[sys.executable, "-c", HOLDER])
     holder.wait_for_line("holding", timeout=60)
     before = snapshot(folder)
-    result = cli("train-masks", "--model", MODEL, "--out", str(out), "--max-steps", "1")
+    result = cli("train-masks", "--model", MODEL, "--out", str(out), "--steps", "1")
     assert_one_error_line(result, f"{folder} is in use by another run (pid {holder.process.pid})")
     assert snapshot(folder) == before
     holder.process.send_signal(signal.SIGKILL)  # a holder that dies leaves its pid but no lock
@@ -46,7 +45,7 @@ def test_a_running_stage_holds_the_folder_for_the_whole_run(tmp_path):
 
 
 # --------------------------------------------------------------------------- inputs checked against their records
-FAST = ["--set", "masks.max_steps=1", "--set", "verify.latency_iters=2"]
+FAST = ["--set", "masks.steps=1", "--set", "verify.latency_iters=2"]
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +252,7 @@ def test_a_pickled_module_is_named_without_ansi_codes(tmp_path):
 # --------------------------------------------------------------------------- names and disk space
 def test_a_tag_that_leaves_the_output_folder_is_refused(tmp_path):
     out = tmp_path / "engines"
-    result = cli("train-masks", "--model", MODEL, "--out", str(out), "--tag", "../../escaped", "--max-steps", "1")
+    result = cli("train-masks", "--model", MODEL, "--out", str(out), "--tag", "../../escaped", "--steps", "1")
     assert_one_error_line(result, "--tag '../../escaped' cannot name files")
     assert snapshot(tmp_path) == {}
 

@@ -15,7 +15,7 @@ from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--data", "synthetic", "--input-size", "32", "--set", "data.synthetic_size=32", "--set", "data.workers=0",
-        "--set", "data.batch_size=8", "--set", "masks.batch_size=8", "--set", "masks.max_steps=2",
+        "--set", "data.batch_size=8", "--set", "masks.batch_size=8", "--set", "masks.steps=2",
         "--set", "export.fp16=false", "--set", "verify.latency_iters=2", "--set", "verify.warmup_iters=0"]
 OWN_NET = ["--classifier", "head", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"]
 
