@@ -83,7 +83,7 @@ def onnx_for_precision(paths, variant: str, precision: str, major: int) -> Path:
         raise PipelineError(f"build.precision={precision!r} is not supported by tensorrt; valid: {', '.join(PRECISIONS)}")
     fp32 = Path(getattr(paths, f"{variant}_onnx"))
     if precision == "int8":
-        path = int8_onnx_path(fp32)
+        path = paths.int8_onnx(variant)
         if not path.is_file():
             raise PipelineError(f"{path} does not exist; build.precision=int8 needs the Q/DQ graph: run export with "
                                 "--set build.precision=int8")
