@@ -163,3 +163,18 @@ def test_eval_mask_follows_every_optimizer_update():
     module.sparse_mask.logits.grad = torch.randn_like(module.sparse_mask.logits)
     optimizer.step()
     assert not torch.equal(module.sparse_mask(), before)
+
+
+def test_kept_magnitude_share_is_differentiable_and_its_ascent_reaches_the_magnitude_mask():
+    """MaskLLM's regulariser alone (no task loss) must pull a uniform start to the magnitude mask."""
+    torch.manual_seed(0)
+    weight = torch.randn(8, 12, 3, 3)
+    mask = GumbelMask(torch.zeros(6, 8, 3, 3, 3), 2, 4)
+    assert float(mask.kept_magnitude_share(weight).detach()) == pytest.approx(0.5, abs=1e-6)  # uniform: half of |w|
+    optimizer = torch.optim.SGD([mask.logits], lr=200.0)
+    for _ in range(100):
+        optimizer.zero_grad()
+        (-mask.kept_magnitude_share(weight)).backward()
+        optimizer.step()
+    assert torch.equal(mask.indices(), magnitude_indices(weight, 2, 4))
+    assert float(mask.kept_magnitude_share(weight).detach()) > 0.6

@@ -155,6 +155,7 @@ class GumbelMask(nn.Module):
         self.tau = 1.0
         self.noise = noise
         self._weight_pm: tuple[tuple, torch.Tensor] | None = None
+        self._kept_abs: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def indices(self) -> torch.Tensor:
         """Argmax pattern index per block, `[K, *kernel, C // M]` (what bake and export use)."""
@@ -175,6 +176,21 @@ class GumbelMask(nn.Module):
         if weight_pm is None:
             weight_pm = self._position_major(weight)
         return _MaskedWeight.apply(self.logits, gumbel, self.tau, weight_pm, self.table, self.codes, self.scale)
+
+    def kept_magnitude_share(self, weight: torch.Tensor) -> torch.Tensor:
+        """Expected share of this layer's |w| kept under softmax(scale * logits / tau), differentiable
+        in the logits (MaskLLM's regulariser that keeps the kept weights' magnitude; no noise, so it
+        pulls the distribution itself towards large weights)."""
+        from pipeline.masks.schedules import kept_magnitude_share
+
+        key = (weight.data_ptr(), weight._version, weight.device, tuple(weight.shape))
+        if self._kept_abs is None or self._kept_abs[0] != key:  # frozen weight: computed once
+            magnitude = self._position_major(weight).abs()
+            kept_abs = self.table.to(magnitude.dtype) @ magnitude.view(self.m, -1)  # [P, Nb]
+            self._kept_abs = (key, kept_abs.view(self.logits.shape), magnitude.sum())
+        _, kept_abs, total_abs = self._kept_abs
+        probabilities = torch.softmax(self.scale * self.logits / self.tau, dim=0)
+        return kept_magnitude_share(probabilities, kept_abs, total_abs)
 
     def forward(self) -> torch.Tensor:
         """The 0/1 mask in weight layout (sampled while training, argmax otherwise)."""
@@ -262,6 +278,12 @@ def mask_training_mode(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, GumbelMask):
             module.train()
+
+
+def kept_magnitude_term(model: nn.Module) -> torch.Tensor:
+    """Mean over masked layers of the expected kept share of |w| (to be maximised, masks.kept_magnitude_weight)."""
+    shares = [module.sparse_mask.kept_magnitude_share(module.weight) for module in masked_modules(model).values()]
+    return torch.stack(shares).mean()
 
 
 def current_indices(model: nn.Module) -> dict[str, torch.Tensor]:

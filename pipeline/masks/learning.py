@@ -30,8 +30,8 @@ from pipeline.data.datasets import DataBundle, ResumableBatchSampler, make_loade
 from pipeline.errors import PipelineError
 from pipeline.masks.checkpoint import MaskCheckpoint
 from pipeline.masks.eligibility import EligibilityReport
-from pipeline.masks.gumbel import (attach_masks, current_indices, load_mask_logits, mask_logits,
-                                   mask_training_mode, masked_modules, prepare_step)
+from pipeline.masks.gumbel import (attach_masks, current_indices, kept_magnitude_term, load_mask_logits,
+                                   mask_logits, mask_training_mode, masked_modules, prepare_step)
 from pipeline.masks.schedules import (ArgmaxStopTracker, BestMasks, distillation_loss, holdout_split,
                                       steps_per_epoch, temperature, warmup_cosine_factor, warmup_steps)
 from pipeline.recipe.config import MaskConfig, Recipe
@@ -291,6 +291,8 @@ def _learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, da
                         teacher_logits = teacher(images)
                 logits = wrapped(images)
                 loss = mask_loss(logits, labels, teacher_logits, loss_kind, cfg.distill_temperature)
+            if cfg.kept_magnitude_weight:
+                loss = loss - cfg.kept_magnitude_weight * kept_magnitude_term(model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

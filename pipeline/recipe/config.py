@@ -68,6 +68,9 @@ class MaskConfig:
     prior: str = "magnitude"  # heuristic the logits start from: magnitude | wanda | sparsegpt | uniform
     prior_strength: float = 20.0  # logits = strength x share of the block's heuristic score a pattern keeps
     logit_scale: float = 1.0  # MaskLLM's logit scaling: sampling uses scale x logits + Gumbel noise
+    bn_reestimate_images: int = 0  # bake: re-estimate BatchNorm statistics of the sparse model on this many
+    # training images (changes running statistics, never weights; reported apart); 0 = off
+    kept_magnitude_weight: float = 0.0  # MaskLLM's regulariser: loss -= weight x expected kept share of |w|; 0 = off
     steps: int = 1000  # the budget
     lr: float = 0.01
     lr_final: float = 0.0  # share of lr the cosine decays to at the last step
@@ -319,6 +322,8 @@ def validate(recipe: Recipe, origin: str = "recipe", resolved: bool = True) -> R
     one_of("masks.loss", MASK_LOSSES)
     check(m.prior_strength >= 0, "masks.prior_strength", "0 (a uniform start) or more")
     check(m.logit_scale > 0, "masks.logit_scale", "greater than 0")
+    check(m.bn_reestimate_images >= 0, "masks.bn_reestimate_images", "0 (off) or a number of training images")
+    check(m.kept_magnitude_weight >= 0, "masks.kept_magnitude_weight", "0 (off) or more")
     check(m.steps >= 1, "masks.steps", "at least 1 optimizer step")
     check(m.lr > 0, "masks.lr", "greater than 0")
     check(0 <= m.lr_final <= 1, "masks.lr_final", "a share of masks.lr in [0, 1]")

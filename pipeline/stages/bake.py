@@ -15,11 +15,14 @@ from pipeline.records import file_record
 from pipeline.masks.bake_report import BakeReport
 from pipeline.masks.checkpoint import MaskCheckpoint, TrainingRecord
 from pipeline.masks.artifact import MaskArtifact, apply_masks
+from pipeline.data.datasets import build_datasets
+from pipeline.masks.batchnorm import reestimate_batchnorm, running_statistics_keys
 from pipeline.masks.checks import check_baked
 from pipeline.masks.methods import dense_for_artifact
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.resolve import write_config
+from pipeline.training import select_device
 from pipeline.recipe.weights import dense_state_dict, build_network, load_state_dict_strict
 
 
@@ -53,7 +56,9 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     load_state_dict_strict(build_network(recipe), dense, source)  # same architecture, clear error otherwise
     dense = dense_for_artifact(dense, artifact)  # channel-permuted masks belong to permuted weights
     sparse = apply_masks(dense, artifact, source)
-    checks = check_baked(dense, sparse, artifact)
+    reestimated = reestimate_statistics(recipe, sparse) if recipe.masks.bn_reestimate_images else []
+    checks = check_baked(dense, sparse, artifact, running_statistics_keys(build_network(recipe)) if reestimated
+                         else set())
     if not checks["ok"]:
         bad = [l["name"] for l in checks["layers"] if l["nm_violations"] or not l["kept_bit_exact"]]
         raise RuntimeError(f"baked weights fail their own checks ({bad or checks['other_tensors_changed']})")
@@ -69,11 +74,28 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         "all_nm_in_tensorrt_layout": all(l["nm_violations"] == 0 for l in checks["layers"]),
         "kept_weights_bit_exact": all(l["kept_bit_exact"] for l in checks["layers"]),
         "other_tensors_unchanged": not checks["other_tensors_changed"], "layers": checks["layers"],
+        "batchnorm_reestimated": {"images": recipe.masks.bn_reestimate_images, "layers": reestimated}
+        if reestimated else None,
     }).save(paths.bake_report)
     write_config(recipe, paths)
     print(f"baked {len(artifact.layers)} layers: every masked weight is {artifact.layers[0].n}:{artifact.layers[0].m} "
           f"along input channels, kept weights bit-exact -> {paths.masks}, {paths.sparse_weights}")
+    if reestimated:
+        print(f"BatchNorm statistics of {len(reestimated)} layers re-estimated on "
+              f"{recipe.masks.bn_reestimate_images} training images (masks.bn_reestimate_images; weights unchanged)")
     return 0
+
+
+def reestimate_statistics(recipe: Recipe, sparse: dict) -> list[str]:
+    """Re-estimate the sparse model's BatchNorm running statistics in place in `sparse`; the layers changed."""
+    model = build_network(recipe)
+    load_state_dict_strict(model, sparse, "sparse weights")
+    names = reestimate_batchnorm(model, build_datasets(recipe).train, recipe.masks.bn_reestimate_images,
+                                 recipe.data.eval_batch_size, select_device("auto"), recipe.masks.seed)
+    updated = model.state_dict()
+    for key in running_statistics_keys(model):
+        sparse[key] = updated[key].detach().cpu().clone()
+    return names
 
 
 def _numel(shape: list[int]) -> int:

@@ -94,6 +94,13 @@ def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[S
             parts["int8_calibration"] = [digest("data", "preprocess"), dataset()]
         return parts
 
+    def bake_inputs() -> dict[str, Any]:
+        parts = {"recipe": digest(*MODEL_FIELDS, "masks"), "weights": weights_identity(recipe, paths),
+                 "masks.ckpt": file_digest(paths.mask_checkpoint)}
+        if recipe.masks.bn_reestimate_images:  # BatchNorm statistics re-estimated on training images
+            parts["bn_reestimation"] = [digest("data", "preprocess"), dataset()]
+        return parts
+
     def engine_files() -> list[Path]:
         if not paths.build_report.is_file():
             return [paths.build_report]
@@ -109,9 +116,7 @@ def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[S
         Stage("train-masks", lambda: {"recipe": digest(*MODEL_FIELDS, "data", "preprocess", "masks"),
                                       "weights": weights_identity(recipe, paths), "dataset": dataset()},
               lambda: [paths.mask_checkpoint, paths.mask_training, paths.layers]),
-        Stage("bake", lambda: {"recipe": digest(*MODEL_FIELDS, "masks"), "weights": weights_identity(recipe, paths),
-                               "masks.ckpt": file_digest(paths.mask_checkpoint)},
-              lambda: [paths.masks, paths.sparse_weights, paths.bake_report]),
+        Stage("bake", bake_inputs, lambda: [paths.masks, paths.sparse_weights, paths.bake_report]),
         Stage("export", export_inputs, lambda: onnx_files() + [paths.export_report]),
         Stage("build", lambda: {"recipe": digest(*MODEL_FIELDS, "build"),
                                 **{path.name: file_digest(path) for path in onnx_files()}},

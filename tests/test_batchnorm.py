@@ -1,0 +1,42 @@
+"""BatchNorm re-estimation (masks.bn_reestimate_images): running statistics only, recorded by bake."""
+import json
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from pipeline.masks.batchnorm import reestimate_batchnorm, running_statistics_keys
+from test_train_masks import cli
+
+
+def test_reestimated_statistics_are_the_average_over_the_images_and_weights_stay():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    images = torch.randn(64, 1, 8, 8) * 3 + 1
+    dataset = TensorDataset(images, torch.zeros(64, dtype=torch.long))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    names = reestimate_batchnorm(model, dataset, images=64, batch_size=64, device=torch.device("cpu"))
+    assert names == ["1"] and not model.training and model[1].momentum == 0.1
+    with torch.no_grad():
+        conv = model[0](images)
+    torch.testing.assert_close(model[1].running_mean, conv.mean((0, 2, 3)))
+    torch.testing.assert_close(model[1].running_var, conv.var((0, 2, 3), unbiased=True))
+    changed = {key for key, value in model.state_dict().items() if not torch.equal(value, before[key])}
+    assert changed <= running_statistics_keys(model) and "1.running_mean" in changed
+
+
+def test_bake_records_reestimation_and_keeps_every_weight(tmp_path):
+    out = str(tmp_path)
+    cli("train-masks", "--model", "tiny_resnet", "--steps", "3", "--out", out)
+    cli("bake", "--model", "tiny_resnet", "--out", out)
+    folder = tmp_path / "tiny_resnet"
+    plain = torch.load(folder / "sparse.pt", weights_only=True)
+    assert json.loads((folder / "bake.json").read_text())["batchnorm_reestimated"] is None
+    cli("bake", "--model", "tiny_resnet", "--out", out, "--set", "masks.bn_reestimate_images=64")
+    report = json.loads((folder / "bake.json").read_text())
+    assert report["batchnorm_reestimated"]["images"] == 64 and report["batchnorm_reestimated"]["layers"]
+    assert report["kept_weights_bit_exact"] and report["all_nm_in_tensorrt_layout"]
+    reestimated = torch.load(folder / "sparse.pt", weights_only=True)
+    changed = {key for key in plain if not torch.equal(plain[key], reestimated[key])}
+    assert changed and all(key.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked")
+                           for key in changed)
