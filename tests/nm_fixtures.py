@@ -78,7 +78,7 @@ def cli(*argv: str) -> subprocess.CompletedProcess:
     """Run `python -m pipeline ...` as a user would."""
     env = dict(os.environ, PIPELINE_NO_PROGRESS="1")
     return subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=1200)
 
 
 PIPELINE_ENV = {**os.environ, "PIPELINE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -103,7 +103,7 @@ class BackgroundRun:
             self._lines.put(line)
         self._lines.put(None)
 
-    def wait_for_line(self, fragment: str, timeout: float = 120) -> None:
+    def wait_for_line(self, fragment: str, timeout: float = 600) -> None:
         """Block until a line containing FRAGMENT is printed; fail if the run ends or TIMEOUT passes first."""
         deadline = time.monotonic() + timeout
         while True:
@@ -118,14 +118,14 @@ class BackgroundRun:
             if fragment in line:
                 return
 
-    def finish(self, timeout: float = 120) -> tuple[int, str]:
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
         """Wait for the run to end; its exit code and everything it printed."""
         code = self.process.wait(timeout)
         self._reader.join(timeout)
         return code, "".join(self.output)
 
 
-def kill_at_first_checkpoint(args: list[str], checkpoint: Path, timeout: float = 120) -> dict:
+def kill_at_first_checkpoint(args: list[str], checkpoint: Path, timeout: float = 600) -> dict:
     """Start `python -m pipeline ARGS`, SIGKILL it as soon as `checkpoint` exists, return that checkpoint."""
     run = BackgroundRun(args)
     deadline = time.monotonic() + timeout

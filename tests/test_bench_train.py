@@ -13,7 +13,7 @@ ENV = {**os.environ, "PIPELINE_NO_PROGRESS": "1"}
 def bench(tmp_path, *extra):
     return subprocess.run([sys.executable, "-m", "pipeline", "bench-train", "--models", "tiny_resnet", "--reps", "2",
                            "--warmup", "1", "--out", str(tmp_path), *extra], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=1200)
 
 
 @pytest.mark.slow
@@ -43,5 +43,5 @@ def test_bench_train_distillation_gate_fails_with_exit_1(tmp_path):
 
 def test_bench_train_unknown_model_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline", "bench-train", "--models", "resnet51", "--out",
-                             str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+                             str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 2 and result.stderr.startswith("error: unknown model") and "Traceback" not in result.stderr

@@ -13,7 +13,7 @@ COMMAND = "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"
 
 def ensure(dataset_dir: Path, apt_get: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "ENSURE_DATASET_DIR": str(dataset_dir), "ENSURE_DATASET_APT_GET": apt_get}
-    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
 
 
 def fake_apt_get(tmp_path: Path, dataset_dir: Path, fills: bool = True, fails: bool = False) -> tuple[str, Path]:
@@ -72,6 +72,6 @@ def test_failed_install_exits_2_with_the_command(tmp_path, fills, fails, message
                                          (["engine", "MODEL=tiny_resnet"], False), (["train-masks"], True),
                                          (["export"], False), (["test"], True)])
 def test_make_checks_the_dataset_only_where_it_is_read(goal, checks):
-    dry_run = subprocess.run(["make", "-n", *goal], cwd=REPO, capture_output=True, text=True, timeout=60)
+    dry_run = subprocess.run(["make", "-n", *goal], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert dry_run.returncode == 0, dry_run.stderr
     assert ("tools/ensure-dataset.sh" in dry_run.stdout) == checks

@@ -81,7 +81,7 @@ def test_polygraphy_agrees_masked_layers_are_sparse(exported):
 
     def sparse_tensors(path):
         run = subprocess.run([str(POLYGRAPHY), "inspect", "sparsity", str(path)], capture_output=True, text=True,
-                             timeout=120)
+                             timeout=600)
         assert run.returncode == 0, run.stderr
         text = run.stdout + run.stderr
         return (set(re.findall(r"Found sparse tensor: (\S+)", text)),

@@ -21,7 +21,7 @@ with model_folder_lock(sys.argv[1]):
 
 def hold(folder) -> BackgroundRun:
     holder = BackgroundRun([str(folder)], command=[sys.executable, "-c", HOLDER])
-    holder.wait_for_line("holding", timeout=60)
+    holder.wait_for_line("holding", timeout=300)
     return holder
 
 
@@ -32,7 +32,7 @@ def test_second_run_is_refused_with_the_holders_pid_until_it_ends(tmp_path):
         with model_folder_lock(folder):
             pass
     holder.process.stdin.close()
-    assert holder.finish(timeout=60)[0] == 0
+    assert holder.finish(timeout=300)[0] == 0
     assert (folder / LOCK_NAME).read_text() == ""
     with model_folder_lock(folder):
         assert (folder / LOCK_NAME).read_text().strip() == str(os.getpid())
@@ -42,7 +42,7 @@ def test_lock_of_a_killed_run_is_recovered(tmp_path):
     folder = tmp_path / "tiny_resnet"
     holder = hold(folder)
     holder.process.send_signal(signal.SIGKILL)
-    assert holder.finish(timeout=60)[0] == -signal.SIGKILL
+    assert holder.finish(timeout=300)[0] == -signal.SIGKILL
     assert (folder / LOCK_NAME).read_text().strip() == str(holder.process.pid)  # stale pid left behind
     with model_folder_lock(folder):
         pass

@@ -69,7 +69,7 @@ def saved_as_users_do(model: nn.Module) -> dict[str, object]:
     }
 
 
-def pipeline(*argv: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def pipeline(*argv: str, timeout: int = 1800) -> subprocess.CompletedProcess:
     env = dict(os.environ, PIPELINE_NO_PROGRESS="1")
     return subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)

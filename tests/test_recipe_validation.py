@@ -177,7 +177,7 @@ def test_bad_value_from_the_command_line_has_no_traceback(out, argv, expected):
     before = snapshot(out)
     env = {**os.environ, "PIPELINE_NO_PROGRESS": "1"}
     result = subprocess.run([sys.executable, "-m", "pipeline", *argv, "--model", MODEL, "--out", str(out)], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=120)
+                            env=env, capture_output=True, text=True, timeout=600)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert expected in lines[0] and "Traceback" not in result.stderr + result.stdout

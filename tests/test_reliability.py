@@ -22,13 +22,13 @@ def test_second_run_on_a_locked_folder_exits_2_naming_the_holder_and_changes_not
     folder = out / MODEL
     assert cli("layers", "--model", MODEL, "--out", str(out)).returncode == 0
     holder = BackgroundRun([str(folder)], command=[sys.executable, "-c", HOLDER])
-    holder.wait_for_line("holding", timeout=60)
+    holder.wait_for_line("holding", timeout=300)
     before = snapshot(folder)
     result = cli("train-masks", "--model", MODEL, "--out", str(out), "--steps", "1")
     assert_one_error_line(result, f"{folder} is in use by another run (pid {holder.process.pid})")
     assert snapshot(folder) == before
     holder.process.send_signal(signal.SIGKILL)  # a holder that dies leaves its pid but no lock
-    holder.finish(timeout=60)
+    holder.finish(timeout=300)
     assert cli("layers", "--model", MODEL, "--out", str(out)).returncode == 0
 
 
@@ -41,7 +41,7 @@ def test_a_running_stage_holds_the_folder_for_the_whole_run(tmp_path):
         assert_one_error_line(result, f"is in use by another run (pid {training.process.pid})")
     finally:
         training.process.kill()
-        training.finish(timeout=60)
+        training.finish(timeout=300)
 
 
 # --------------------------------------------------------------------------- inputs checked against their records

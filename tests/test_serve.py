@@ -70,7 +70,7 @@ def test_ensembles_serve_raw_images_over_http_and_grpc(runtime, packaged, tmp_pa
     images = [png(seed) for seed in range(5)]
     batch = np.stack([preprocess_image(image, spec) for image in images])
     with TritonServer(runtime, repository, tmp_path / "server.log") as server:
-        assert server.wait_ready(60) > 0
+        assert server.wait_ready(300) > 0
         for variant in ("dense", "sparse"):
             expected = onnx_logits(packaged / MODEL / f"{variant}.onnx", batch)
             for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
@@ -92,7 +92,7 @@ def test_ensembles_serve_raw_images_over_http_and_grpc(runtime, packaged, tmp_pa
 def test_server_is_stopped_when_the_caller_fails(runtime, packaged, tmp_path):
     with pytest.raises(RuntimeError, match="a check blew up"):
         with TritonServer(runtime, packaged / MODEL / "triton_cpu", tmp_path / "server.log") as server:
-            server.wait_ready(60)
+            server.wait_ready(300)
             raise RuntimeError("a check blew up")
     assert not server.group_alive() and no_shared_memory_left(server)
 
@@ -106,7 +106,7 @@ def test_server_that_cannot_load_a_model_is_reported_and_reaped(runtime, package
     try:
         server.start()
         with pytest.raises(PipelineError, match="exited with code"):
-            server.wait_ready(60)
+            server.wait_ready(300)
     finally:
         server.stop()
     assert not server.group_alive()

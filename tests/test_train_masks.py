@@ -79,7 +79,7 @@ def test_two_process_ddp_gives_identical_masks_on_every_rank(tmp_path):
     # --standalone: torchrun's rendezvous store listens on a free port, so parallel runs never collide
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "train-masks",
                              "--model", "tiny_resnet", "--steps", "6", "--out", str(tmp_path)],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "tiny_resnet" / "train_masks.json").read_text())
     assert summary["world_size"] == 2

@@ -262,10 +262,10 @@ def check_crash_restart(server: TritonServer, make_server: Callable[[], TritonSe
     """kill -9 under load, then a fresh server on the same repository (stopped with the others at the end)."""
     output = recipe.export.output_name
     with _Load(server.http_url, model, image, output) as load:
-        served_before = load.wait_for(20, timeout_s=60)
+        served_before = load.wait_for(20, timeout_s=300)
         server.kill_hard()
         errors_before = load.errors
-        load.wait_for(load.ok + load.errors + 5, timeout_s=10)
+        load.wait_for(load.ok + load.errors + 5, timeout_s=60)
         saw_errors = load.errors > errors_before
     server.stop()  # the stubs of the killed server: gone with its process group
     leftovers = server.group_alive()
