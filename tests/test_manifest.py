@@ -93,6 +93,8 @@ def test_check_manifest_passes_on_untouched_folder(packaged, capsys):
     # the transient files it leaves out may change freely
     (packaged / MODEL / "masks.ckpt").write_bytes(b"step 200")
     (packaged / MODEL / "stages.json").write_text('{"package": "done"}')
+    for server_file in ("serve_check.json", "serve_check.log", "serve.log"):  # a server run after packaging
+        (packaged / MODEL / server_file).write_text("written by serve-check / serve")
     assert main(["check-manifest", "--dir", str(packaged / MODEL)]) == 0
 
 

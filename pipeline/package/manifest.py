@@ -7,7 +7,9 @@ relative to that folder. Not listed:
     the staging folders of the package stage;
   - *.ckpt and *.tmp: resumable training checkpoints, rewritten while training and
     deleted when it finishes, so they are not deliverables;
-  - stages.json: the engine stage's bookkeeping, rewritten after package runs.
+  - stages.json: the engine stage's bookkeeping, rewritten after package runs;
+  - serve_check.json, serve_check.log and serve.log: written by serve-check and serve after packaging,
+    about a server run, not part of the deliverable (check-manifest stays valid after them).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pipeline.io import read_json, sha256_file, write_json
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
-EXCLUDED_NAMES = frozenset({MANIFEST_NAME, "stages.json"})
+EXCLUDED_NAMES = frozenset({MANIFEST_NAME, "stages.json", "serve_check.json", "serve_check.log", "serve.log"})
 EXCLUDED_SUFFIXES = (".ckpt", ".tmp")
 
 
