@@ -32,19 +32,9 @@ from typing import Any
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_file
 from pipeline.package.tensors import TensorSpec, specs_from_metadata, specs_from_onnx
+from pipeline.triton_releases import TRITON_TENSORRT
 
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
-# Triton container release -> the TensorRT it ships (major.minor.patch), from NVIDIA's Frameworks
-# Support Matrix and the Triton release notes. Extend it when a new release is needed.
-TRITON_TENSORRT = {
-    "23.01": "8.5.2", "23.02": "8.5.3", "23.03": "8.5.3",
-    "23.04": "8.6.1", "23.05": "8.6.1", "23.06": "8.6.1", "23.07": "8.6.1", "23.08": "8.6.1", "23.09": "8.6.1",
-    "23.10": "8.6.1", "23.11": "8.6.1", "23.12": "8.6.1", "24.01": "8.6.1",
-    "24.02": "8.6.3", "24.03": "8.6.3", "24.04": "8.6.3",
-    "24.05": "10.0.1", "24.06": "10.1.0", "24.07": "10.2.0", "24.08": "10.3.0", "24.09": "10.4.0",
-    "24.10": "10.5.0", "24.11": "10.6.0", "24.12": "10.7.0", "25.01": "10.8.0", "25.02": "10.8.0",
-    "25.03": "10.9.0", "25.04": "10.9.0", "25.05": "10.10.0", "25.06": "10.11.0", "25.07": "10.11.0",
-}
 VARIANTS = ("dense", "sparse")
 _CC_KEYS = ("compute_capability", "cc", "sm")
 _ONNX_KEYS = ("onnx", "onnx_path", "source_onnx")
@@ -236,7 +226,7 @@ def check_triton_release(plans: dict[str, list[PlanEngine]], release: str) -> No
     if release not in TRITON_TENSORRT:
         known = ", ".join(sorted(TRITON_TENSORRT))
         raise PipelineError(f"Triton release {release!r} is not in the TensorRT version table (known: {known}); "
-                            "add it to TRITON_TENSORRT in pipeline/package/plans.py or package with --format onnx")
+                            "add it to TRITON_TENSORRT in pipeline/triton_releases.py or package with --format onnx")
     served = TRITON_TENSORRT[release]
     for engines in plans.values():
         for engine in engines:

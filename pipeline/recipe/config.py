@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.package.plans import TRITON_TENSORRT
+from pipeline.triton_releases import TRITON_TENSORRT
 
 
 @dataclass
