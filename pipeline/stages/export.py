@@ -36,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fp16", action="store_true", help="skip the FP16 variants (export.fp16=false)")
 
 
+def running_statistics_of(state: dict, model) -> dict:
+    """The BatchNorm running statistics in `state` (what bake's re-estimation changed)."""
+    from pipeline.masks.batchnorm import running_statistics_keys
+
+    return {key: state[key] for key in running_statistics_keys(model) if key in state}
+
+
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.export
     if options.no_fp16:
@@ -77,6 +84,20 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
                                     fp16=precision == "fp16")
         check_model(proto)
         protos[(kind, precision)] = proto
+    # What the sparse graphs are checked against: the dense graph, or, when bake re-estimated the BatchNorm
+    # statistics (folded into the conv weights and biases by the exporter), a dense graph carrying those same
+    # statistics, written nowhere; so the checks below stay bit-exact in both cases.
+    references_for_check = {precision: protos[("dense", precision)] for _, precision, _, _ in variants}
+    if baked.details.get("batchnorm_reestimated"):
+        reference_model = build_network(recipe)
+        reference_model.load_state_dict(dense_model.state_dict())
+        reference_model.load_state_dict(running_statistics_of(sparse_state, reference_model), strict=False)
+        reference_model.eval()
+        for precision in references_for_check:
+            references_for_check[precision] = ModelProtoFromTorch(
+                reference_model, recipe.input_shape, opset, cfg.input_name, cfg.output_name, fp16=precision == "fp16")
+        print("note: bake re-estimated the BatchNorm statistics (masks.bn_reestimate_images): the sparse graphs are "
+              "checked against the dense weights with those statistics")
 
     generator = torch.Generator().manual_seed(0)
     batch = torch.randn(4, *recipe.input_shape, generator=generator)
@@ -97,10 +118,10 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             problems.append(f"{path.name}: ONNX Runtime differs from PyTorch by {comparison['max_abs_diff']:.3g} "
                             f"(allowed {comparison['allowed']:.3g})")
         if kind == "sparse":
-            checks = check_sparse_layers(protos[("dense", precision)], proto, masked, sparse_state, n, m)
+            checks = check_sparse_layers(references_for_check[precision], proto, masked, sparse_state, n, m)
             layer_checks[precision] = checks
             masked_inits = {check.get("initializer") for check in checks}
-            differ = other_initializers_differ(protos[("dense", precision)], proto, masked_inits)
+            differ = other_initializers_differ(references_for_check[precision], proto, masked_inits)
             files[path.name]["unmasked_initializers_differing"] = differ
             for check in checks:
                 if not check["ok"]:
