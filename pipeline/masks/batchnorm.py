@@ -58,7 +58,11 @@ def reestimate_batchnorm(model: nn.Module, dataset: Dataset, images: int, batch_
     return names
 
 
+def statistics_keys(layers: list[str]) -> set[str]:
+    """state_dict keys of these BatchNorm layers' running statistics (mean, var and the batch counter)."""
+    return {f"{name}.{buffer}" for name in layers for buffer in ("running_mean", "running_var", "num_batches_tracked")}
+
+
 def running_statistics_keys(model: nn.Module) -> set[str]:
-    """state_dict keys BatchNorm re-estimation may change (running mean/var and the batch counter)."""
-    return {f"{name}.{buffer}" for name in batchnorm_layers(model)
-            for buffer in ("running_mean", "running_var", "num_batches_tracked")}
+    """state_dict keys BatchNorm re-estimation may change in `model`."""
+    return statistics_keys(batchnorm_layers(model))

@@ -16,7 +16,7 @@ from pipeline.masks.bake_report import BakeReport
 from pipeline.masks.checkpoint import MaskCheckpoint, TrainingRecord
 from pipeline.masks.artifact import MaskArtifact, apply_masks
 from pipeline.data.datasets import build_datasets
-from pipeline.masks.batchnorm import reestimate_batchnorm, running_statistics_keys
+from pipeline.masks.batchnorm import reestimate_batchnorm, statistics_keys
 from pipeline.masks.checks import check_baked
 from pipeline.masks.methods import dense_for_artifact
 from pipeline.paths import ArtifactPaths
@@ -57,8 +57,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     dense = dense_for_artifact(dense, artifact)  # channel-permuted masks belong to permuted weights
     sparse = apply_masks(dense, artifact, source)
     reestimated = reestimate_statistics(recipe, sparse) if recipe.masks.bn_reestimate_images else []
-    checks = check_baked(dense, sparse, artifact, running_statistics_keys(build_network(recipe)) if reestimated
-                         else set())
+    checks = check_baked(dense, sparse, artifact, statistics_keys(reestimated))
     if not checks["ok"]:
         bad = [l["name"] for l in checks["layers"] if l["nm_violations"] or not l["kept_bit_exact"]]
         raise RuntimeError(f"baked weights fail their own checks ({bad or checks['other_tensors_changed']})")
@@ -93,7 +92,7 @@ def reestimate_statistics(recipe: Recipe, sparse: dict) -> list[str]:
     names = reestimate_batchnorm(model, build_datasets(recipe).train, recipe.masks.bn_reestimate_images,
                                  recipe.data.eval_batch_size, select_device("auto"), recipe.masks.seed)
     updated = model.state_dict()
-    for key in running_statistics_keys(model):
+    for key in statistics_keys(names):
         sparse[key] = updated[key].detach().cpu().clone()
     return names
 
