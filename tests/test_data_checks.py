@@ -45,6 +45,34 @@ def test_matching_classes_are_accepted(tmp_path):
     assert bundle.train.classes == bundle.eval.classes == ["cat", "dog"]
 
 
+def test_augmented_training_images_keep_a_plain_view_for_validation_and_calibration(tmp_path):
+    """Image folders and Fashion-MNIST alike: with augment_train the training images are random crops and
+    flips, and `plain_train` serves the same images, in the same order, through the evaluation transform."""
+    import torch
+
+    def served_twice(dataset, index):
+        torch.manual_seed(0)
+        first = dataset[index][0]
+        torch.manual_seed(1)
+        return first, dataset[index][0]
+
+    make_image_folder(tmp_path, {"train": ["cat", "dog"], "val": ["cat", "dog"]}, images=3)
+    recipe = image_folder_recipe(tmp_path)
+    plain = build_datasets(recipe)
+    assert plain.plain_train is plain.train  # nothing augmented: one view
+    augmented = build_datasets(recipe, augment_train=True)
+    assert augmented.plain_train.samples == augmented.train.samples
+    first, second = served_twice(augmented.plain_train, 4)
+    assert torch.equal(first, second) and torch.equal(first, plain.train[4][0])
+    assert augmented.plain_train[4][1] == augmented.train[4][1]
+
+    fashion = build_datasets(get_recipe("fmnist_resnet"), augment_train=True)
+    first, second = served_twice(fashion.train, 7)
+    assert not torch.equal(first, second)  # crops and flips
+    first, second = served_twice(fashion.plain_train, 7)
+    assert torch.equal(first, second) and fashion.plain_train.images is fashion.train.images  # shared, not copied
+
+
 def test_mismatched_classes_through_the_cli_are_one_error_line(tmp_path):
     make_image_folder(tmp_path / "data", {"train": ["cat", "dog"], "val": ["cat"]})
     out = tmp_path / "out"

@@ -1,9 +1,13 @@
 """learn_masks in-process on the tiny smoke model: best masks, prior, validation split, --unlabeled."""
+import copy
+
+import pytest
 import torch
 
 from pipeline.data.datasets import DataBundle, SyntheticDataset, build_datasets
 from pipeline.masks.eligibility import find_layers
-from pipeline.masks.learning import learn_masks, split_training_images
+from pipeline.masks.learning import (AUTO_LOSS_UNLABELED, LayerOutputs, learn_masks, loss_terms, mask_loss,
+                                     split_training_images)
 from pipeline.masks.patterns import magnitude_indices
 from pipeline.recipe.config import apply_override
 from pipeline.recipe.registry import get_recipe
@@ -42,7 +46,8 @@ def test_validation_split_is_held_out_from_the_training_images_only():
     data = build_datasets(recipe)
     train, validation = split_training_images(data, recipe.masks)
     assert len(validation) == 40 and len(train) == 160  # at most a fifth of the 200-image subset
-    assert validation.dataset is train.dataset and not set(validation.indices) & set(train.indices)
+    assert validation.dataset is data.plain_train and train.dataset is data.train
+    assert not set(validation.indices) & set(train.indices) and len(set(train.indices) | set(validation.indices)) == 200
     apply_override(recipe, "masks.validation_images=0")
     assert split_training_images(data, recipe.masks)[1] is None
 
@@ -61,7 +66,8 @@ def test_unlabeled_runs_distill_only_and_scores_agreement_with_the_dense_model()
     unlabeled = DataBundle(NoLabels(256, recipe.input_shape, recipe.num_classes, 1), data.eval, "synthetic",
                            "no labels", False)
     result = learn_masks(model, report, recipe, unlabeled, torch.device("cpu"), unlabeled=True, log=lambda _: None)
-    assert result.loss == "distill" and result.steps == 3
+    assert result.loss == AUTO_LOSS_UNLABELED and result.steps == 3
+    assert "ce" not in loss_terms(result.loss)
     # step 0: the prior's masks against the dense model's own predictions (never the unusable labels)
     assert 0.0 < result.start_score <= 100.0
 
@@ -83,3 +89,69 @@ def test_kept_magnitude_regulariser_is_wired_into_the_loss():
         result = learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=lambda _: None)
         shares[weight] = kept_share(dense, result.indices)
     assert shares[1000.0] > shares[0.0] + 0.05
+
+
+def test_layer_outputs_record_only_while_recording_and_in_layer_order():
+    recipe, model, report = tiny()
+    teacher = copy.deepcopy(model)
+    names = [layer.name for layer in report.masked][::-1]
+    images = torch.randn(2, *recipe.input_shape)
+    outputs = LayerOutputs(model, teacher, names)
+    model(images)
+    assert outputs.outputs == ({}, {})  # evaluations keep nothing
+    with outputs.recording():
+        model(images)
+        teacher(images)
+    student, dense = outputs.take()
+    assert [tuple(t.shape) for t in student] == [tuple(t.shape) for t in dense] and len(student) == len(names)
+    assert all(torch.equal(s, t) for s, t in zip(student, dense))  # same weights, no masks yet
+    assert outputs.outputs == ({}, {})
+    outputs.remove()
+    with outputs.recording():
+        model(images)
+    assert outputs.outputs == ({}, {})  # hooks gone
+
+
+def test_features_term_pulls_the_masks_towards_the_dense_layer_outputs():
+    """From a uniform start, distilling the masked layers' outputs (no labels, no logits) ends with a lower
+    feature error than the prior's masks had, and the loss refuses to run without the outputs."""
+    from pipeline.masks.gumbel import attach_masks, current_indices, use_argmax_masks
+
+    recipe, model, report = tiny("masks.steps=30", "masks.prior=uniform", "masks.lr=0.3", "masks.eval_every=30",
+                                 "masks.validation_images=0", "masks.loss=features")
+    dense = copy.deepcopy(model)
+    names = [layer.name for layer in report.masked]
+    images = torch.stack([build_datasets(recipe).train[i][0] for i in range(64)])
+
+    def feature_error(indices):
+        masked = copy.deepcopy(model)
+        use_argmax_masks(masked, indices)
+        outputs = LayerOutputs(masked.eval(), dense, names)
+        with torch.no_grad(), outputs.recording():
+            masked(images)
+            dense(images)
+        return float(mask_loss(images.new_zeros(1, 1), None, None, "features", 1.0, outputs.take()))
+
+    started = copy.deepcopy(model)
+    attach_masks(started, report, 2, 4, "uniform", recipe.masks.prior_strength, recipe.masks.seed)
+    start = current_indices(started)
+    data = build_datasets(recipe)
+    result = learn_masks(model, report, recipe, data, torch.device("cpu"), unlabeled=True, log=lambda _: None)
+    assert result.loss == "features"
+    assert feature_error(result.indices) < 0.8 * feature_error(start)
+    with pytest.raises(ValueError, match="layer outputs"):
+        mask_loss(images.new_zeros(1, 1), None, None, "features", 1.0)
+
+
+def test_loss_terms_add_up_and_pseudo_labels_are_the_dense_models_classes():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(16, 10), torch.randn(16, 10), torch.randint(0, 10, (16,))
+    ce = F.cross_entropy(student, labels)
+    pseudo = F.cross_entropy(student, teacher.argmax(1))
+    assert torch.allclose(mask_loss(student, labels, None, "ce", 1.0), ce)
+    assert torch.allclose(mask_loss(student, None, teacher, "pseudo", 1.0), pseudo)
+    distill = mask_loss(student, None, teacher, "distill", 1.0)
+    assert torch.allclose(mask_loss(student, labels, teacher, "ce+pseudo+distill", 1.0), ce + pseudo + distill)
+    assert loss_terms("ce+distill") == {"ce", "distill"}

@@ -39,6 +39,10 @@ BAD_SETTINGS = [  # (--set assignment, text the error must contain)
     ("masks.validation_images=-5", "masks.validation_images = -5"),
     ("masks.tau_schedule=step", "masks.tau_schedule = 'step'"),
     ("masks.loss=mse", "masks.loss = 'mse'"),
+    ("masks.loss=distill+ce", "masks.loss = 'distill+ce'"),  # terms in the documented order
+    ("masks.loss=ce+ce", "masks.loss = 'ce+ce'"),
+    ("masks.loss=ce+", "masks.loss = 'ce+'"),
+    ("masks.feature_weight=0", "masks.feature_weight = 0.0"),
     ("masks.lr_final=2", "masks.lr_final = 2.0"),
     ("masks.stop_changed=1", "masks.stop_changed = 1.0"),
     ("masks.lr=fast", "masks.lr = 'fast'"),
@@ -72,6 +76,7 @@ BAD_FLAGS = [  # (stage, extra argv, text the error must contain)
     ("train-masks", ["--set", "masks.epochs=2"], "masks.epochs was removed; use masks.steps"),
     ("train-masks", ["--set", "masks.lr_gamma=0.5"], "masks.lr_gamma was removed; use masks.lr_final"),
     ("train-masks", ["--unlabeled", "--set", "masks.loss=ce"], "masks.loss = 'ce' reads labels"),
+    ("train-masks", ["--unlabeled", "--set", "masks.loss=ce+distill"], "masks.loss = 'ce+distill' reads labels"),
     ("verify", ["--min-coverage", "5"], "verify.min_coverage = 5.0"),
     ("verify", ["--iters", "0"], "verify.latency_iters = 0"),
     ("build", ["--backend", "tpu"], "invalid choice: 'tpu'"),

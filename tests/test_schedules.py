@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from pipeline.errors import PipelineError
 from pipeline.masks.patterns import magnitude_indices, pattern_table, to_blocks
 from pipeline.masks.schedules import (ArgmaxStopTracker, BestMasks, distillation_loss, epochs_for_budget,
-                                         holdout_split, kept_magnitude_share, prior_logits, sampling_probabilities,
+                                         feature_distillation_loss, holdout_split, kept_magnitude_share, prior_logits, sampling_probabilities,
                                          steps_per_epoch, temperature, warmup_cosine_factor, warmup_steps)
 
 
@@ -90,6 +90,24 @@ def test_distillation_loss_is_scaled_kl_and_zero_for_equal_logits():
     assert student.grad is not None and float(student.grad.abs().sum()) > 0
     with pytest.raises(PipelineError):
         distillation_loss(student, teacher, 0.0)
+
+
+def test_feature_distillation_is_the_mean_relative_error_over_layers():
+    torch.manual_seed(0)
+    teacher = [torch.randn(4, 8, 5, 5), torch.randn(4, 16)]
+    assert float(feature_distillation_loss([t.clone() for t in teacher], teacher)) == 0.0
+    # layer 0 off by 10% of its norm everywhere, layer 1 exact: the mean of 0.01 and 0
+    student = [teacher[0] * 1.1, teacher[1].clone().requires_grad_()]
+    assert float(feature_distillation_loss(student, teacher).detach()) == pytest.approx(0.005, rel=1e-5)
+    # each layer weighs alike whatever its scale: scaling one layer's outputs and targets changes nothing
+    scaled = feature_distillation_loss([student[0] * 1000, student[1]], [teacher[0] * 1000, teacher[1]])
+    assert float(scaled.detach()) == pytest.approx(0.005, rel=1e-4)
+    wrong = [teacher[0], teacher[1] + 1.0]
+    wrong[1].requires_grad_()
+    feature_distillation_loss(wrong, teacher).backward()
+    assert float(wrong[1].grad.abs().sum()) > 0
+    with pytest.raises(PipelineError, match="one teacher output per student layer"):
+        feature_distillation_loss(student[:1], teacher)
 
 
 def test_prior_logits_rank_patterns_by_overlap_with_the_prior_mask():

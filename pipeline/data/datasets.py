@@ -1,6 +1,7 @@
 """Datasets: Fashion-MNIST (IDX files), ImageNet-style folders, and synthetic smoke data."""
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import os
@@ -33,6 +34,13 @@ class DataBundle:
     kind: str
     description: str
     accuracy_meaningful: bool  # False for synthetic data: its accuracy means nothing
+    # The training images, in the same order, with the evaluation transform (no augmentation): for
+    # validation splits held out of them, calibration and BatchNorm statistics. None: `train` itself.
+    train_plain: Dataset | None = None
+
+    @property
+    def plain_train(self) -> Dataset:
+        return self.train if self.train_plain is None else self.train_plain
 
 
 # --------------------------------------------------------------------------- IDX / Fashion-MNIST
@@ -128,6 +136,12 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def without_augmentation(self) -> "TensorImageDataset":
+        """The same images and labels (shared, not copied) served without augmentation."""
+        plain = copy.copy(self)
+        plain.augment = False
+        return plain
+
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std
         if self.augment:
@@ -215,15 +229,19 @@ def build_datasets(recipe: Recipe, augment_train: bool = False) -> DataBundle:
         test = TensorImageDataset(*load_fashion_mnist(data.root, "test"), recipe.preprocess.mean,
                                   recipe.preprocess.std)
         return DataBundle(train, _limit(test, data.eval_limit), "fashion_mnist",
-                          "Fashion-MNIST (60k train / 10k test)", True)
+                          "Fashion-MNIST (60k train / 10k test)", True, train.without_augmentation())
     if data.kind == "imagefolder":
         if not data.root:
             raise PipelineError("data kind imagefolder needs a folder: pass --data DIR (with train/ and val/)")
-        train = _image_folder(recipe, data.train_split, train=True)
+        train = _image_folder(recipe, data.train_split, train=augment_train)
         evaluation = _image_folder(recipe, data.eval_split, train=False)
         check_same_classes(Path(data.root), data.train_split, train.classes, data.eval_split, evaluation.classes)
+        plain = train
+        if augment_train:  # the same file list (no second scan of the folder) with the evaluation transform
+            plain = copy.copy(train)
+            plain.transform = evaluation.transform
         return DataBundle(train, _limit(evaluation, data.eval_limit), "imagefolder",
-                          f"image folder {data.root}", True)
+                          f"image folder {data.root}", True, plain)
     if data.kind == "synthetic":
         shape = recipe.input_shape
         train = SyntheticDataset(data.synthetic_size, shape, recipe.num_classes, seed=1)

@@ -120,7 +120,7 @@ def compare(recipe: Recipe, paths: ArtifactPaths, methods: list[str], device: to
         raise PipelineError(f"--learned-init-from {learned_init_from}: that method is not among --methods")
     if learned_init_from and methods.index(learned_init_from) > methods.index("learned"):
         methods = [name for name in methods if name != "learned"] + ["learned"]
-    data = build_datasets(recipe)
+    data = build_datasets(recipe, augment_train=recipe.masks.augment)
     dense = evaluate(model.to(device), data.eval, recipe.data.eval_batch_size, device, desc="eval dense")
     log(f"dense: top1 {dense['top1']:.2f}% top5 {dense['top5']:.2f}% ({data.description})")
     model = model.cpu().eval()
@@ -271,7 +271,7 @@ def updatable_demo(recipe: Recipe, paths: ArtifactPaths, device: torch.device, m
     cfg = recipe.masks
     report: EligibilityReport = find_layers(model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude,
                                             recipe.classifier, cfg.include_classifier)
-    data = build_datasets(recipe)
+    data = build_datasets(recipe, augment_train=recipe.masks.augment)
     old_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     default = paths.masks
     if masks_path or default.is_file():

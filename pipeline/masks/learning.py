@@ -12,6 +12,7 @@ exactly: batch order, Gumbel noise, optimiser state, best masks and early-stop c
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import time
@@ -32,8 +33,9 @@ from pipeline.masks.checkpoint import MaskCheckpoint
 from pipeline.masks.eligibility import EligibilityReport
 from pipeline.masks.gumbel import (attach_masks, current_indices, kept_magnitude_term, load_mask_logits,
                                    mask_logits, mask_training_mode, masked_modules, prepare_step)
-from pipeline.masks.schedules import (ArgmaxStopTracker, BestMasks, distillation_loss, holdout_split,
-                                      steps_per_epoch, temperature, warmup_cosine_factor, warmup_steps)
+from pipeline.masks.schedules import (ArgmaxStopTracker, BestMasks, distillation_loss, feature_distillation_loss,
+                                      holdout_split, steps_per_epoch, temperature, warmup_cosine_factor,
+                                      warmup_steps)
 from pipeline.recipe.config import MaskConfig, Recipe
 from pipeline.training import evaluate, progress_disabled, stop_on_signals
 
@@ -82,26 +84,90 @@ def mask_optimizer(logits: list[torch.Tensor], lr: float, weight_decay: float) -
         return torch.optim.AdamW(logits, lr=lr, weight_decay=weight_decay)
 
 
+AUTO_LOSS_LABELED = "ce"
+AUTO_LOSS_UNLABELED = "distill"
+
+
+def loss_terms(loss: str) -> set[str]:
+    """The terms of a resolved loss such as `ce+distill+features`."""
+    return set(loss.split("+"))
+
+
 def resolve_loss(cfg: MaskConfig, unlabeled: bool) -> str:
-    """The loss a run uses: `auto` is ce with labels (adding distillation did not help in the one
-    measurement so far, README "Step budget: first measurements") and distill without."""
+    """The loss a run uses. `auto` is AUTO_LOSS_LABELED with labels and AUTO_LOSS_UNLABELED without
+    (README "Harder demo" has the measurements behind both)."""
     if unlabeled:
-        if cfg.loss not in ("auto", "distill"):
+        if cfg.loss == "auto":
+            return AUTO_LOSS_UNLABELED
+        if "ce" in loss_terms(cfg.loss):
             raise PipelineError(f"masks.loss = {cfg.loss!r} reads labels, but --unlabeled has none; "
-                                "use masks.loss=distill (or auto)")
-        return "distill"
-    return "ce" if cfg.loss == "auto" else cfg.loss
+                                f"use masks.loss=auto ({AUTO_LOSS_UNLABELED}) or terms of pseudo, distill and "
+                                "features (e.g. pseudo+distill)")
+        return cfg.loss
+    return AUTO_LOSS_LABELED if cfg.loss == "auto" else cfg.loss
+
+
+def needs_teacher(loss: str) -> bool:
+    return bool(loss_terms(loss) & {"pseudo", "distill", "features"})
 
 
 def mask_loss(logits: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None, loss: str,
-              distill_temperature: float) -> torch.Tensor:
-    """The training loss of one batch: cross-entropy, distillation from the dense model, or their sum."""
+              distill_temperature: float, features: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+              feature_weight: float = 1.0) -> torch.Tensor:
+    """The training loss of one batch: the sum of its terms, cross-entropy on the labels (`ce`) or on the
+    dense model's predicted classes (`pseudo`, no label read), distillation of the dense model's logits
+    (`distill`) and, weighted by `feature_weight`, of the masked layers' outputs (`features`, given as
+    (student outputs, dense outputs))."""
+    terms = loss_terms(loss)
     total = logits.new_zeros((), dtype=torch.float32)
-    if "ce" in loss.split("+"):
+    if "ce" in terms:
         total = total + F.cross_entropy(logits.float(), labels)
-    if "distill" in loss.split("+"):
+    if "pseudo" in terms:
+        total = total + F.cross_entropy(logits.float(), teacher_logits.detach().argmax(1))
+    if "distill" in terms:
         total = total + distillation_loss(logits, teacher_logits, distill_temperature)
+    if "features" in terms:
+        if features is None:
+            raise ValueError("the features term needs the student's and the dense model's layer outputs")
+        total = total + feature_weight * feature_distillation_loss(*features)
     return total
+
+
+class LayerOutputs:
+    """Forward hooks keeping the outputs of the named layers of the student and of the dense model
+    while `recording` (training steps only, so evaluations hold no activations)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, names: list[str]) -> None:
+        self.names = list(names)
+        self.active = False
+        self.outputs: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
+        self.handles = [model.get_submodule(name).register_forward_hook(self._keeper(side, name))
+                        for side, model in enumerate((student, teacher)) for name in self.names]
+
+    def _keeper(self, side: int, name: str):
+        def keep(module: nn.Module, inputs, output: torch.Tensor) -> None:
+            if self.active:
+                self.outputs[side][name] = output
+        return keep
+
+    @contextlib.contextmanager
+    def recording(self):
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def take(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(student outputs, dense outputs) of the last recorded forward passes, in the order of `names`."""
+        taken = tuple([outputs[name] for name in self.names] for outputs in self.outputs)
+        self.outputs = ({}, {})
+        return taken
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 class TeacherLabels(Dataset):
@@ -126,16 +192,17 @@ def predictions(model: nn.Module, dataset: Dataset, batch_size: int, device: tor
 
 
 def split_training_images(data: DataBundle, cfg: MaskConfig) -> tuple[Dataset, Dataset | None]:
-    """(training subset, validation split) of the recipe's training images; the test set is never touched."""
-    train: Dataset = data.train
-    if cfg.train_images and cfg.train_images < len(train):
-        chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 17))
-        train = Subset(train, sorted(chosen[:cfg.train_images].tolist()))
-    validation = min(cfg.validation_images, len(train) // VALIDATION_SHARE_LIMIT)
+    """(training subset, validation split) of the recipe's training images; the test set is never touched.
+    The validation split is served without augmentation (`data.plain_train`), so its score is stable."""
+    images = list(range(len(data.train)))
+    if cfg.train_images and cfg.train_images < len(images):
+        chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed + 17))
+        images = sorted(chosen[:cfg.train_images].tolist())
+    validation = min(cfg.validation_images, len(images) // VALIDATION_SHARE_LIMIT)
     if validation < 1:
-        return train, None
-    kept, held_out = holdout_split(len(train), validation, cfg.seed)
-    return Subset(train, kept), Subset(train, held_out)
+        return (Subset(data.train, images) if len(images) < len(data.train) else data.train), None
+    kept, held_out = holdout_split(len(images), validation, cfg.seed)
+    return Subset(data.train, [images[i] for i in kept]), Subset(data.plain_train, [images[i] for i in held_out])
 
 
 def prior_scores(model: nn.Module, report: EligibilityReport, cfg: MaskConfig, train: Dataset,
@@ -175,7 +242,7 @@ def _learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, da
     per_epoch = steps_per_epoch(len(train), cfg.batch_size, world_size)
     eval_every = cfg.eval_every or max(1, -(-total_steps // EVALUATIONS_PER_RUN))
     model.eval()
-    teacher = copy.deepcopy(model).to(device).eval() if "distill" in loss_kind else None
+    teacher = copy.deepcopy(model).to(device).eval() if needs_teacher(loss_kind) else None
     if validation is not None and unlabeled:
         validation = TeacherLabels(validation, predictions(model.to(device), validation,
                                                            recipe.data.eval_batch_size, device))
@@ -194,6 +261,8 @@ def _learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, da
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None,
                                                       broadcast_buffers=False)
 
+    layer_outputs = (LayerOutputs(model, teacher, [layer.name for layer in report.masked])
+                     if "features" in loss_terms(loss_kind) else None)
     sampler = ResumableBatchSampler(len(train), cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank,
                                     world_size=world_size)
     optimizer = mask_optimizer(trainable, cfg.lr, cfg.weight_decay)
@@ -284,13 +353,15 @@ def _learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, da
             labels = None if unlabeled else labels.to(device, non_blocking=True)
             if use_cuda:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+            with (torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda),
+                  layer_outputs.recording() if layer_outputs else contextlib.nullcontext()):
                 teacher_logits = None
                 if teacher is not None:
                     with torch.no_grad():
                         teacher_logits = teacher(images)
                 logits = wrapped(images)
-                loss = mask_loss(logits, labels, teacher_logits, loss_kind, cfg.distill_temperature)
+                loss = mask_loss(logits, labels, teacher_logits, loss_kind, cfg.distill_temperature,
+                                 layer_outputs.take() if layer_outputs else None, cfg.feature_weight)
             if cfg.kept_magnitude_weight:
                 loss = loss - cfg.kept_magnitude_weight * kept_magnitude_term(model)
             optimizer.zero_grad(set_to_none=True)
@@ -328,6 +399,8 @@ def _learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, da
             state["epoch"] += 1
             state["batch"] = 0
     bar.close()
+    if layer_outputs:
+        layer_outputs.remove()
     if not stopped:
         state["seconds"] = time.time() - started
         save_checkpoint(final=True)

@@ -16,7 +16,7 @@ API (for `compare`, `bake` and anyone adding a method):
 artifact is baked onto permuted weights.
 
 Methods: magnitude, permuted, transposable (exact), transposable-greedy (2-approximation),
-wanda and sparsegpt (activation-aware, calibration images from MethodContext.data.train),
+wanda and sparsegpt (activation-aware, calibration images from MethodContext.data.plain_train),
 adaprune (magnitude masks, then the kept weights re-fitted: the only method in CHANGES_WEIGHTS,
 whose `dense_state_dict` holds the changed weights), learned (Gumbel-Softmax on frozen weights;
 `masks.prior` = magnitude | wanda | sparsegpt | uniform, optionally started from another method's masks via
@@ -179,7 +179,7 @@ def _calibration(ctx: MethodContext, method: str) -> list[torch.Tensor]:
 
     if ctx.data is None:
         raise PipelineError(f"the {method} method needs calibration images (MethodContext.data)")
-    return calibration_batches(ctx.data.train, seed=ctx.recipe.masks.seed)
+    return calibration_batches(ctx.data.plain_train, seed=ctx.recipe.masks.seed)
 
 
 def _activation_aware(ctx: MethodContext, method: str, rule: str) -> MaskResult:

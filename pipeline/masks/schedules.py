@@ -139,6 +139,20 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature ** 2
 
 
+def feature_distillation_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]
+                              ) -> torch.Tensor:
+    """Mean over layers of the relative squared error ||s - t||^2 / ||t||^2 between the student's and the
+    frozen dense model's outputs of the same layers (the masked ones). Each layer weighs alike whatever
+    its scale, and every image gives one target per activation rather than one per class, which is what
+    a run without labels or with few images lacks (FitNets, Romero et al., 2015, at every masked layer)."""
+    if len(student_features) != len(teacher_features) or not student_features:
+        raise PipelineError(f"feature distillation needs one teacher output per student layer, got "
+                            f"{len(student_features)} and {len(teacher_features)}")
+    errors = [(s.float() - t.detach().float()).pow(2).sum() / t.detach().float().pow(2).sum().clamp_min(1e-12)
+              for s, t in zip(student_features, teacher_features)]
+    return torch.stack(errors).mean()
+
+
 # --------------------------------------------------------------------------- MaskLLM ideas
 def prior_logits(indices: torch.Tensor, n: int, m: int, strength: float) -> torch.Tensor:
     """Pattern-major initial logits [P, *blocks] from a heuristic mask (MaskLLM's prior, Fang et al.,

@@ -79,9 +79,12 @@ class MaskConfig:
     tau_start: float = 1.0
     tau_end: float = 0.1
     tau_schedule: str = "exponential"  # constant | linear | exponential | cosine
-    loss: str = "auto"  # auto | ce | distill | ce+distill (auto: ce with labels, distill without)
+    loss: str = "auto"  # auto, or terms joined by "+": ce (labels), pseudo (ce on the dense model's classes),
+    # distill (KL of the dense model's logits), features (the masked layers' outputs)
     distill_temperature: float = 1.0
+    feature_weight: float = 1.0  # weight of the features term (mean relative squared error over masked layers)
     batch_size: int = 128
+    augment: bool = False  # random crop and flip of the training images (the validation split never is)
     train_images: int = 0  # learn from a seeded subset of this many training images; 0 = all
     validation_images: int = 1000  # held out from the training images (at most a fifth of them); 0 = none
     eval_every: int = 0  # steps between validation evaluations; 0 = a twentieth of the budget
@@ -240,7 +243,8 @@ def recipe_from_dict(data: dict[str, Any], origin: str = "config") -> Recipe:
 # --------------------------------------------------------------------------- validation
 MASK_PRIORS = ("magnitude", "wanda", "sparsegpt", "uniform")
 TAU_SCHEDULES = ("constant", "linear", "exponential", "cosine")
-MASK_LOSSES = ("auto", "ce", "distill", "ce+distill")
+# masks.loss: auto, or distinct terms joined by "+" in this order (e.g. ce+distill)
+MASK_LOSS_TERMS = ("ce", "pseudo", "distill", "features")
 # Fields that were removed, with what replaces them (a recipe or --set naming one gets this as its error).
 RENAMED = {
     "masks.epochs": "masks.steps (the budget is in optimizer steps; epochs are derived from it)",
@@ -319,7 +323,11 @@ def validate(recipe: Recipe, origin: str = "recipe", resolved: bool = True) -> R
     one_of("masks.method", tuple(METHODS))
     one_of("masks.prior", MASK_PRIORS)
     one_of("masks.tau_schedule", TAU_SCHEDULES)
-    one_of("masks.loss", MASK_LOSSES)
+    loss_terms = m.loss.split("+")
+    check(m.loss == "auto" or (len(set(loss_terms)) == len(loss_terms) and set(loss_terms) <= set(MASK_LOSS_TERMS)
+                               and sorted(loss_terms, key=MASK_LOSS_TERMS.index) == loss_terms),
+          "masks.loss", "auto, or distinct terms of " + ", ".join(MASK_LOSS_TERMS) + " joined by '+' in that order "
+          "(e.g. ce+distill)")
     check(m.prior_strength >= 0, "masks.prior_strength", "0 (a uniform start) or more")
     check(m.logit_scale > 0, "masks.logit_scale", "greater than 0")
     check(m.bn_reestimate_images >= 0, "masks.bn_reestimate_images", "0 (off) or a number of training images")
@@ -332,6 +340,8 @@ def validate(recipe: Recipe, origin: str = "recipe", resolved: bool = True) -> R
     check(m.tau_start > 0, "masks.tau_start", "greater than 0")
     check(m.tau_end > 0, "masks.tau_end", "greater than 0")
     check(m.distill_temperature > 0, "masks.distill_temperature", "greater than 0")
+    check(m.feature_weight > 0, "masks.feature_weight", "greater than 0 (leave features out of masks.loss to turn "
+                                                        "the term off)")
     check(m.batch_size >= 1, "masks.batch_size", "at least 1")
     check(m.train_images >= 0, "masks.train_images", "0 (all training images) or more")
     check(m.validation_images >= 0, "masks.validation_images", "0 (no validation split) or more")

@@ -89,7 +89,7 @@ def reestimate_statistics(recipe: Recipe, sparse: dict) -> list[str]:
     """Re-estimate the sparse model's BatchNorm running statistics in place in `sparse`; the layers changed."""
     model = build_network(recipe)
     load_state_dict_strict(model, sparse, "sparse weights")
-    names = reestimate_batchnorm(model, build_datasets(recipe).train, recipe.masks.bn_reestimate_images,
+    names = reestimate_batchnorm(model, build_datasets(recipe).plain_train, recipe.masks.bn_reestimate_images,
                                  recipe.data.eval_batch_size, select_device("auto"), recipe.masks.seed)
     updated = model.state_dict()
     for key in statistics_keys(names):

@@ -3,7 +3,8 @@
 Both steps run on the same model (random weights: speed does not depend on values) and
 the same batch, interleaved (dense, masked, masked, dense, ...) so that machine noise
 hits both alike. The mask step samples Gumbel noise, builds every mask, runs forward and
-backward and updates the logits with AdamW; the dense step updates every weight with SGD.
+backward and updates the logits with AdamW (with the recipe's kept-magnitude regulariser when it has
+one, as train-masks); the dense step updates every weight with SGD.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from pipeline.io import write_json
 from pipeline.masks.learning import mask_loss, mask_optimizer
 from pipeline.recipe.registry import get_recipe, list_models
 from pipeline.masks.eligibility import find_layers
-from pipeline.masks.gumbel import attach_masks, mask_training_mode, masked_modules, prepare_step
+from pipeline.masks.gumbel import (attach_masks, kept_magnitude_term, mask_training_mode, masked_modules,
+                                   prepare_step)
 from pipeline.training import progress_disabled
 from pipeline.recipe.weights import build_network
 
@@ -96,11 +98,16 @@ def bench_model(name: str, size: int, batch: int, reps: int, warmup: int) -> dic
         dense_optimizer.step()
 
     steps = itertools.count()
+    kept_weight = recipe.masks.kept_magnitude_weight
+
+    def regularised(loss: torch.Tensor) -> torch.Tensor:
+        """The recipe's kept-magnitude regulariser, as train-masks adds it."""
+        return loss - kept_weight * kept_magnitude_term(masked) if kept_weight else loss
 
     def mask_step() -> None:
         mask_training_mode(masked)
         prepare_step(masked, next(steps), 0.5)
-        loss = F.cross_entropy(masked(images), labels)
+        loss = regularised(F.cross_entropy(masked(images), labels))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -112,7 +119,7 @@ def bench_model(name: str, size: int, batch: int, reps: int, warmup: int) -> dic
         prepare_step(masked, next(steps), 0.5)
         with torch.no_grad():
             teacher_logits = teacher(images)
-        loss = mask_loss(masked(images), labels, teacher_logits, "ce+distill", 1.0)
+        loss = regularised(mask_loss(masked(images), labels, teacher_logits, "ce+distill", 1.0))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -185,7 +185,7 @@ def export_int8(recipe: Recipe, paths: ArtifactPaths, masked: list[str], n: int,
 
     count = recipe.export.int8_calibration_images
     print(f"quantizing to INT8 Q/DQ, calibrated on {count} training images ...", flush=True)
-    calibration = calibration_batches(build_datasets(recipe).train, count)
+    calibration = calibration_batches(build_datasets(recipe).plain_train, count)
     written = []
     try:
         files = {}

@@ -67,7 +67,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         model, source = load_dense_model(recipe, paths)
         report = find_layers(model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier,
                              cfg.include_classifier)
-        data = build_datasets(recipe)
+        data = build_datasets(recipe, augment_train=cfg.augment)
         dense_metrics = None
         if context.is_main:
             print(f"{len(report.masked)} layers masked ({100 * report.masked_mac_fraction:.1f}% of MACs), "
