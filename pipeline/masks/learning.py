@@ -84,7 +84,7 @@ def mask_optimizer(logits: list[torch.Tensor], lr: float, weight_decay: float) -
         return torch.optim.AdamW(logits, lr=lr, weight_decay=weight_decay)
 
 
-AUTO_LOSS_LABELED = "ce"
+AUTO_LOSS_LABELED = "ce+distill"
 AUTO_LOSS_UNLABELED = "distill"
 
 
