@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from pipeline.errors import PipelineError
 from pipeline.masks.patterns import magnitude_indices, pattern_table, to_blocks
 from pipeline.masks.schedules import (ArgmaxStopTracker, BestMasks, distillation_loss, epochs_for_budget,
-                                         feature_distillation_loss, holdout_split, kept_magnitude_share, prior_logits, sampling_probabilities,
+                                         feature_distillation_loss, holdout_split, prior_logits, sampling_probabilities,
                                          steps_per_epoch, temperature, warmup_cosine_factor, warmup_steps)
 
 
@@ -126,17 +126,9 @@ def test_prior_logits_rank_patterns_by_overlap_with_the_prior_mask():
     assert float(prior_logits(prior, 2, 4, 0.0).abs().max()) == 0.0
 
 
-def test_logit_scaling_and_kept_magnitude_share():
+def test_logit_scaling():
     logits = torch.tensor([[1.0], [0.0]])  # two patterns, one block
     noise = torch.tensor([[0.0], [0.5]])
     low = sampling_probabilities(logits, noise, tau=1.0, scale=1.0)
     high = sampling_probabilities(logits, noise, tau=1.0, scale=10.0)
     assert torch.allclose(low.sum(0), torch.ones(1)) and float(high[0, 0]) > float(low[0, 0])
-    weight = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
-    kept = (to_blocks(weight.abs(), 4) @ pattern_table(2, 4).T).movedim(-1, 0)  # [6, 1, 1]
-    certain = torch.zeros_like(kept)
-    certain[0] = 1.0  # pattern 0 keeps positions 0 and 1: 7 of 10
-    assert float(kept_magnitude_share(certain, kept, weight.abs().sum())) == pytest.approx(0.7)
-    uniform = torch.full_like(kept, 1 / 6)
-    assert float(kept_magnitude_share(uniform, kept, weight.abs().sum())) == pytest.approx(0.5)
-    assert math.isfinite(float(kept_magnitude_share(uniform, kept, torch.tensor(0.0))))

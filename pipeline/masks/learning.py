@@ -31,8 +31,8 @@ from pipeline.data.datasets import DataBundle, ResumableBatchSampler, make_loade
 from pipeline.errors import PipelineError
 from pipeline.masks.checkpoint import MaskCheckpoint
 from pipeline.masks.eligibility import EligibilityReport
-from pipeline.masks.gumbel import (attach_masks, current_indices, kept_magnitude_term, load_mask_logits,
-                                   mask_logits, mask_training_mode, masked_modules, prepare_step)
+from pipeline.masks.gumbel import (attach_masks, current_indices, load_mask_logits, mask_logits,
+                                   mask_training_mode, masked_modules, prepare_step, set_kept_magnitude_weight)
 from pipeline.masks.schedules import (ArgmaxStopTracker, BestMasks, distillation_loss, feature_distillation_loss,
                                       holdout_split, steps_per_epoch, temperature, warmup_cosine_factor,
                                       warmup_steps)
@@ -249,6 +249,7 @@ def _learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, da
     scores = prior_scores(model, report, cfg, train, device)
     attach_masks(model, report, cfg.n, cfg.m, cfg.prior, cfg.prior_strength, cfg.seed, initial_indices, scores,
                  cfg.logit_scale)
+    set_kept_magnitude_weight(model, cfg.kept_magnitude_weight)
     model.to(device)
     use_cuda = device.type == "cuda"
     if use_cuda:
@@ -362,8 +363,6 @@ def _learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, da
                 logits = wrapped(images)
                 loss = mask_loss(logits, labels, teacher_logits, loss_kind, cfg.distill_temperature,
                                  layer_outputs.take() if layer_outputs else None, cfg.feature_weight)
-            if cfg.kept_magnitude_weight:
-                loss = loss - cfg.kept_magnitude_weight * kept_magnitude_term(model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -173,11 +173,3 @@ def sampling_probabilities(logits: torch.Tensor, gumbel: torch.Tensor, tau: floa
     MaskLLM's logit scaling: the Gumbel noise g has a fixed spread, so scaling the logits sets how
     far they must move before sampling follows them (large: near-deterministic around the prior)."""
     return torch.softmax((scale * logits + gumbel) / tau, dim=0)
-
-
-def kept_magnitude_share(probabilities: torch.Tensor, kept_abs: torch.Tensor, total_abs: torch.Tensor
-                         ) -> torch.Tensor:
-    """Expected share of |w| the sampled masks keep (MaskLLM's weight regulariser, here as a share
-    to be maximised, e.g. loss = task - lambda * share). `probabilities` and `kept_abs` (the |w| each
-    pattern keeps per block) are pattern-major [P, *blocks]; `total_abs` is the layer's total |w|."""
-    return (probabilities * kept_abs).sum() / total_abs.clamp_min(1e-12)

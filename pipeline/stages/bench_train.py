@@ -28,8 +28,8 @@ from pipeline.io import write_json
 from pipeline.masks.learning import mask_loss, mask_optimizer
 from pipeline.recipe.registry import get_recipe, list_models
 from pipeline.masks.eligibility import find_layers
-from pipeline.masks.gumbel import (attach_masks, kept_magnitude_term, mask_training_mode, masked_modules,
-                                   prepare_step)
+from pipeline.masks.gumbel import (attach_masks, mask_training_mode, masked_modules, prepare_step,
+                                   set_kept_magnitude_weight)
 from pipeline.training import progress_disabled
 from pipeline.recipe.weights import build_network
 
@@ -98,16 +98,12 @@ def bench_model(name: str, size: int, batch: int, reps: int, warmup: int) -> dic
         dense_optimizer.step()
 
     steps = itertools.count()
-    kept_weight = recipe.masks.kept_magnitude_weight
-
-    def regularised(loss: torch.Tensor) -> torch.Tensor:
-        """The recipe's kept-magnitude regulariser, as train-masks adds it."""
-        return loss - kept_weight * kept_magnitude_term(masked) if kept_weight else loss
+    set_kept_magnitude_weight(masked, recipe.masks.kept_magnitude_weight)  # as train-masks
 
     def mask_step() -> None:
         mask_training_mode(masked)
         prepare_step(masked, next(steps), 0.5)
-        loss = regularised(F.cross_entropy(masked(images), labels))
+        loss = F.cross_entropy(masked(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -119,7 +115,7 @@ def bench_model(name: str, size: int, batch: int, reps: int, warmup: int) -> dic
         prepare_step(masked, next(steps), 0.5)
         with torch.no_grad():
             teacher_logits = teacher(images)
-        loss = regularised(mask_loss(masked(images), labels, teacher_logits, "ce+distill", 1.0))
+        loss = mask_loss(masked(images), labels, teacher_logits, "ce+distill", 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
