@@ -35,12 +35,12 @@ class DataBundle:
     description: str
     accuracy_meaningful: bool  # False for synthetic data: its accuracy means nothing
     # The training images, in the same order, with the evaluation transform (no augmentation): for
-    # validation splits held out of them, calibration and BatchNorm statistics. None: `train` itself.
-    train_plain: Dataset | None = None
+    # validation splits held out of them, calibration and BatchNorm statistics. Not given: `train` itself.
+    plain_train: Dataset | None = None
 
-    @property
-    def plain_train(self) -> Dataset:
-        return self.train if self.train_plain is None else self.train_plain
+    def __post_init__(self) -> None:
+        if self.plain_train is None:
+            self.plain_train = self.train
 
 
 # --------------------------------------------------------------------------- IDX / Fashion-MNIST
