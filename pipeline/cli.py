@@ -1,4 +1,4 @@
-"""`python -m pipeline <stage> --model NAME [overrides]`.
+"""`python -m pipeline <stage> --model NAME [overrides]`, or the installed command `sparse-pipeline <stage> ...`.
 
 A thin dispatcher: parse the flags, resolve and validate the recipe, build the stage's Options, call the
 stage while holding the model folder's lock (pipeline/lock.py). Stages are imported lazily, so optional libraries are only needed by the stages that use them.
@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import signal
 import sys
+from pathlib import Path
 
 from pipeline.errors import GateFailed, Interrupted, PipelineError
 from pipeline.lock import run_lock
@@ -60,8 +61,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="override any recipe field, e.g. --set masks.lr=0.1 (repeatable)")
 
 
+def program_name() -> str:
+    """How the user called us: the console script `sparse-pipeline`, else `python -m pipeline`."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name == "sparse-pipeline" else "python -m pipeline"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog=program_name(), description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="stage", metavar="STAGE", parser_class=OneLineParser)
     commands.required = True

@@ -74,14 +74,42 @@ def record_export(folder: Path) -> None:
     ExportReport(MODEL, files).save(Path(folder) / "export.json")
 
 
-def cli(*argv: str) -> subprocess.CompletedProcess:
-    """Run `python -m pipeline ...` as a user would."""
-    env = dict(os.environ, PIPELINE_NO_PROGRESS="1")
-    return subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=1200)
-
-
 PIPELINE_ENV = {**os.environ, "PIPELINE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def cli(*argv: str, check: bool = False, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline ...` as a user would (the one CLI runner of the tests). CHECK: fail the test,
+    with the run's output, unless it exits 0."""
+    result = subprocess.run([sys.executable, "-m", "pipeline", *map(str, argv)], cwd=REPO, env=PIPELINE_ENV,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{argv} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def assert_one_error_line(result, *fragments):
+    """RESULT (a finished run) refused bad input as the README promises: exit 2, one `error:` line, no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def stage_lines(output: str) -> dict[str, str]:
+    """`engine`'s `== STAGE: ...` lines by stage name."""
+    return {line.split(":")[0].removeprefix("== "): line for line in output.splitlines() if line.startswith("== ")}
+
+
+# A process that holds a model folder's lock until killed (it prints "holding" once it has it).
+HOLDER = """
+import sys
+from pipeline.lock import model_folder_lock
+with model_folder_lock(sys.argv[1]):
+    print("holding", flush=True)
+    sys.stdin.read()
+"""
 
 
 class BackgroundRun:
@@ -171,3 +199,15 @@ def tiny_magnitude_pair(seed: int = 0):
             weight.mul_(mask_from_indices(magnitude_indices(weight, 2, 4), 2, 4).to(weight.dtype))
     return recipe, dense, sparse, masked
 
+
+def export_tiny_onnx(path: Path, seed: int) -> None:
+    """tiny_resnet with random weights, dynamic batch, opset 17, input 'input', output 'logits'."""
+    torch.manual_seed(seed)
+    model = build_network(get_recipe(MODEL)).eval()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 1, 28, 28),), str(path), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)

@@ -4,22 +4,13 @@ import shutil
 import pytest
 import torch
 
-from nm_fixtures import MODEL, cli, dense_weights_file, make_artifacts
+from nm_fixtures import MODEL, assert_one_error_line, cli, dense_weights_file, make_artifacts
 from pipeline.cli import main
 from pipeline.recipe.registry import get_recipe
 from pipeline.recipe.weights import build_network
 
 ARTIFACTS = {"dense.onnx", "sparse.onnx", "dense.fp16.onnx", "sparse.fp16.onnx", "export.json", "build.json",
              "report.json", "report.md", "masks.ckpt", "layers.json", "train_masks.json", "masks.pt", "sparse.pt"}
-
-
-def assert_one_error_line(result, *fragments):
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def files_in(folder):

@@ -1,12 +1,15 @@
 """BatchNorm re-estimation (masks.bn_reestimate_images): running statistics only, recorded by bake."""
 import json
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipeline.masks.batchnorm import reestimate_batchnorm, running_statistics_keys
-from test_train_masks import cli
+from nm_fixtures import cli
+
+pytestmark = pytest.mark.slow  # bake and export through the CLI
 
 
 def test_reestimated_statistics_are_the_average_over_the_images_and_weights_stay():
@@ -27,12 +30,12 @@ def test_reestimated_statistics_are_the_average_over_the_images_and_weights_stay
 
 def test_bake_records_reestimation_and_keeps_every_weight(tmp_path):
     out = str(tmp_path)
-    cli("train-masks", "--model", "tiny_resnet", "--steps", "3", "--out", out)
-    cli("bake", "--model", "tiny_resnet", "--out", out)
+    cli("train-masks", "--model", "tiny_resnet", "--steps", "3", "--out", out, check=True)
+    cli("bake", "--model", "tiny_resnet", "--out", out, check=True)
     folder = tmp_path / "tiny_resnet"
     plain = torch.load(folder / "sparse.pt", weights_only=True)
     assert json.loads((folder / "bake.json").read_text())["batchnorm_reestimated"] is None
-    cli("bake", "--model", "tiny_resnet", "--out", out, "--set", "masks.bn_reestimate_images=64")
+    cli("bake", "--model", "tiny_resnet", "--out", out, "--set", "masks.bn_reestimate_images=64", check=True)
     report = json.loads((folder / "bake.json").read_text())
     assert report["batchnorm_reestimated"]["images"] == 64 and report["batchnorm_reestimated"]["layers"]
     assert report["kept_weights_bit_exact"] and report["all_nm_in_tensorrt_layout"]
@@ -42,7 +45,7 @@ def test_bake_records_reestimation_and_keeps_every_weight(tmp_path):
                            for key in changed)
     # export folds the re-estimated statistics into the sparse graph's convs; its checks compare it with the
     # dense weights carrying the same statistics, so kept weights stay bit-exact and the export succeeds
-    cli("export", "--model", "tiny_resnet", "--out", out, "--set", "masks.bn_reestimate_images=64")
+    cli("export", "--model", "tiny_resnet", "--out", out, "--set", "masks.bn_reestimate_images=64", check=True)
     export = json.loads((folder / "export.json").read_text())
     layers = [layer for checks in export["layers"].values() for layer in checks]  # per precision
     assert layers and all(layer["ok"] and layer["kept_mismatch"] == 0 for layer in layers)

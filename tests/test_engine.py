@@ -3,16 +3,12 @@ import json
 
 import pytest
 
-from nm_fixtures import MODEL, cli
+from nm_fixtures import MODEL, cli, stage_lines
 
 pytestmark = pytest.mark.slow  # every test runs the CLI end to end, several seconds each
 
 # One mask-training step and short timing keep the whole pipeline to seconds.
 FAST = ["--set", "masks.steps=1", "--set", "verify.latency_iters=2"]
-
-
-def stage_lines(output):
-    return {line.split(":")[0].removeprefix("== "): line for line in output.splitlines() if line.startswith("== ")}
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,9 @@ import sys
 
 import pytest
 
-from nm_fixtures import BackgroundRun
+from nm_fixtures import HOLDER, BackgroundRun
 from pipeline.errors import PipelineError
 from pipeline.lock import LOCK_NAME, model_folder_lock
-
-# Holds the lock on argv[1], says so, and keeps it until its standard input closes.
-HOLDER = """
-import sys
-from pipeline.lock import model_folder_lock
-with model_folder_lock(sys.argv[1]):
-    print("holding", flush=True)
-    sys.stdin.read()
-"""
-
 
 def hold(folder) -> BackgroundRun:
     holder = BackgroundRun([str(folder)], command=[sys.executable, "-c", HOLDER])

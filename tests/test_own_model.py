@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ import torchvision
 from torch import nn
 
 from image_folders import write_imagefolder
+from nm_fixtures import cli
 from pipeline.recipe.weight_files import infer_num_classes, read_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,12 +67,6 @@ def saved_as_users_do(model: nn.Module) -> dict[str, object]:
     }
 
 
-def pipeline(*argv: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PIPELINE_NO_PROGRESS="1")
-    return subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 def test_finetuned_resnet18_runs_every_stage_and_labels_reach_triton(tmp_path):
     data = write_imagefolder(tmp_path / "data", CLASSES, per_class=8, size=SIZE, val_per_class=4)
@@ -93,7 +85,7 @@ def test_finetuned_resnet18_runs_every_stage_and_labels_reach_triton(tmp_path):
     # test's CPU time to about a minute (the user's command needs no flag beyond --input-size).
     flags = ["--model", "resnet18", "--weights", str(weights), "--data", str(data), "--input-size", str(SIZE),
              "--out", str(out), "--set", "masks.steps=30"]
-    engine = pipeline("engine", *flags)
+    engine = cli("engine", *flags)
     assert engine.returncode == 0, engine.stdout[-3000:] + engine.stderr[-3000:]
     stages = json.loads((out / "resnet18" / "stages.json").read_text())["stages"]
     assert set(stages) == {"train-masks", "bake", "export", "build", "verify"}
@@ -105,7 +97,7 @@ def test_finetuned_resnet18_runs_every_stage_and_labels_reach_triton(tmp_path):
     dense = json.loads((out / "resnet18" / "report.json").read_text())["accuracy"]["dense"]
     assert dense["top1"] >= 50, dense  # chance is 10%: the engine runs the fine-tuned head with the folders' order
 
-    package = pipeline("package", *flags)
+    package = cli("package", *flags)
     assert package.returncode == 0, package.stdout[-3000:] + package.stderr[-3000:]
     label_files = sorted((out / "resnet18" / "triton").glob("*/labels.txt"))
     assert {path.parent.name for path in label_files} == {"resnet18_dense", "resnet18_sparse", "resnet18_dense_e2e",

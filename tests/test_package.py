@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from nm_fixtures import record_export
+from nm_fixtures import export_tiny_onnx, record_export
 from pipeline.lock import LOCK_NAME
 from pipeline.cli import main
 from pipeline.errors import PipelineError
@@ -24,15 +24,6 @@ from pipeline.recipe.weights import build_network
 MODEL = "tiny_resnet"
 
 
-def export_tiny_onnx(path: Path, seed: int) -> None:
-    """tiny_resnet with random weights, dynamic batch, opset 17, input 'input', output 'logits'."""
-    torch.manual_seed(seed)
-    model = build_network(get_recipe(MODEL)).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(2, 1, 28, 28),), str(path), input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,7 @@ import sys
 
 import pytest
 
-from nm_fixtures import MODEL, BackgroundRun, cli, snapshot
-from test_bad_input import assert_one_error_line
-from test_lock import HOLDER
+from nm_fixtures import HOLDER, MODEL, REPO, BackgroundRun, assert_one_error_line, cli, snapshot, stage_lines
 
 LONG_TRAINING = ["--set", "data.synthetic_size=2048", "--set", "masks.checkpoint_every=0", "--steps", "100000"]
 
@@ -157,7 +155,6 @@ def test_pt_files_are_byte_reproducible(tmp_path):
 
 
 def test_stage_records_are_relative_and_follow_the_dataset(run_copy, tmp_path):
-    from test_engine import stage_lines
 
     moved = tmp_path / "moved"
     run_copy.rename(moved)  # records relative to the model folder survive a move
@@ -172,7 +169,6 @@ def test_stage_records_are_relative_and_follow_the_dataset(run_copy, tmp_path):
 def test_changed_images_rerun_the_stages_that_read_them(tmp_path):
     """Stage records hash the dataset: a changed validation image reruns train-masks and verify."""
     from image_folders import write_imagefolder
-    from test_engine import stage_lines
 
     data = write_imagefolder(tmp_path / "images", [f"class{i}" for i in range(10)], per_class=2, size=28,
                              val_per_class=1)
@@ -190,7 +186,6 @@ def test_changed_images_rerun_the_stages_that_read_them(tmp_path):
 
 def test_rerunning_train_masks_with_the_same_result_does_not_export_again(run_copy):
     """masks.pt and sparse.pt are byte-reproducible, so export (and build) see unchanged inputs."""
-    from test_engine import stage_lines
 
     (run_copy / MODEL / "masks.ckpt").unlink()
     again = cli("engine", "--model", MODEL, "--out", str(run_copy), *FAST)
@@ -259,7 +254,6 @@ def test_a_tag_that_leaves_the_output_folder_is_refused(tmp_path):
 
 @pytest.mark.parametrize("name", ["../outside", "/tmp/absolute"])
 def test_a_recipe_name_that_leaves_the_output_folder_is_refused(tmp_path, name):
-    from nm_fixtures import REPO
 
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f'name = "{name}"\n' + (REPO / "models" / "tiny_resnet.toml").read_text())

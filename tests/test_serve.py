@@ -19,8 +19,7 @@ from pipeline.package.python_models.preprocess import preprocess_image
 from pipeline.package.serve_check import infer_images
 from pipeline.package.server import SHM_DIR, Ports, TritonServer
 from pipeline.package.triton_runtime import find_environment, prepare_runtime
-from nm_fixtures import record_export
-from test_package import MODEL, export_tiny_onnx
+from nm_fixtures import MODEL, export_tiny_onnx, record_export
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):

@@ -9,20 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from nm_fixtures import PIPELINE_ENV, BackgroundRun, kill_at_first_checkpoint
+from nm_fixtures import PIPELINE_ENV, BackgroundRun, cli, kill_at_first_checkpoint
 
 pytestmark = pytest.mark.slow  # every test runs the CLI end to end, several seconds each
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = PIPELINE_ENV
-
-
-def cli(*args, check=True, **kwargs):
-    result = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=ENV, capture_output=True,
-                            text=True, **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 LONG_RUN = ["--model", "tiny_resnet", "--set", "data.synthetic_size=2048", "--set", "masks.checkpoint_every=5",
@@ -37,7 +29,7 @@ def final_logits(out: Path):
 
 def test_resume_after_kill_9_continues_to_the_same_masks(tmp_path):
     """Uninterrupted run vs run killed with SIGKILL and resumed: identical final logits."""
-    cli("train-masks", *LONG_RUN, "--out", str(tmp_path / "straight"))
+    cli("train-masks", *LONG_RUN, "--out", str(tmp_path / "straight"), check=True)
     reference, steps = final_logits(tmp_path / "straight")
     assert steps == 120
 
@@ -46,7 +38,7 @@ def test_resume_after_kill_9_continues_to_the_same_masks(tmp_path):
                                          out / "tiny_resnet" / "masks.ckpt")
     assert killed_at["state"]["step"] < 120
 
-    result = cli("train-masks", *LONG_RUN, "--out", str(out), "--resume")
+    result = cli("train-masks", *LONG_RUN, "--out", str(out), "--resume", check=True)
     assert f"resumed mask training at step {killed_at['state']['step']}" in result.stdout
     resumed, steps = final_logits(out)
     assert steps == 120
@@ -66,7 +58,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path):
     assert not saved["final"] and 0 < saved["state"]["step"] < 60
     assert "continue with --resume" in output.splitlines()[-1]
 
-    result = cli(*args, "--resume")
+    result = cli(*args, "--resume", check=True)
     assert f"resumed mask training at step {saved['state']['step']}" in result.stdout
     finished = torch.load(tmp_path / "tiny_resnet" / "masks.ckpt", weights_only=True)
     assert finished["final"] and finished["state"]["step"] == 60
@@ -90,8 +82,8 @@ def test_two_process_ddp_gives_identical_masks_on_every_rank(tmp_path):
 
 def test_bake_writes_nm_masks_with_bit_exact_kept_weights_and_reapplies(tmp_path):
     out = str(tmp_path)
-    cli("train-masks", "--model", "tiny_resnet", "--steps", "3", "--out", out)
-    cli("bake", "--model", "tiny_resnet", "--out", out)
+    cli("train-masks", "--model", "tiny_resnet", "--steps", "3", "--out", out, check=True)
+    cli("bake", "--model", "tiny_resnet", "--out", out, check=True)
     folder = tmp_path / "tiny_resnet"
     report = json.loads((folder / "bake.json").read_text())
     assert report["all_nm_in_tensorrt_layout"] and report["kept_weights_bit_exact"]
@@ -113,7 +105,7 @@ def test_bake_writes_nm_masks_with_bit_exact_kept_weights_and_reapplies(tmp_path
     torch.save(updated, tmp_path / "updated.pt")
     shutil.copy(folder / "masks.pt", tmp_path / "saved_masks.pt")
     cli("bake", "--model", "tiny_resnet", "--out", out, "--masks", str(tmp_path / "saved_masks.pt"),
-        "--weights", str(tmp_path / "updated.pt"))
+        "--weights", str(tmp_path / "updated.pt"), check=True)
     sparse = torch.load(folder / "sparse.pt", weights_only=True)
     for layer in artifact.layers:
         weight = sparse[f"{layer.name}.weight"]
