@@ -124,7 +124,7 @@ def test_served_preprocessing_equals_eval_transform(tmp_path, color, size, resiz
 def test_served_preprocessing_of_png_equals_in_memory_dataset():
     """Fashion-MNIST-style datasets normalise uint8 arrays in memory; the PNG of such an image gives the same tensor."""
     from pipeline.data.datasets import SyntheticDataset
-    from pipeline.package.serve_check import encode_png
+    from pipeline.serve.serve_check import encode_png
     from pipeline.package.serving import preprocessing
     from pipeline.package.tensors import TensorSpec
 

@@ -16,9 +16,9 @@ from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.package.ensembles import ensemble_name, preprocess_name
 from pipeline.package.python_models.preprocess import preprocess_image
-from pipeline.package.serve_check import infer_images
-from pipeline.package.server import SHM_DIR, Ports, TritonServer
-from pipeline.package.triton_runtime import find_environment, prepare_runtime
+from pipeline.serve.serve_check import infer_images
+from pipeline.serve.server import SHM_DIR, Ports, TritonServer
+from pipeline.serve.triton_runtime import find_environment, prepare_runtime
 from nm_fixtures import MODEL, export_tiny_onnx, record_export
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """`serve`: run tritonserver in the foreground on 127.0.0.1 with the CPU repository (triton_cpu/).
 
 Prints the HTTP and gRPC URLs once the server is ready; Ctrl-C stops it and its
-Python-backend processes. All logic is in pipeline.package.server; see docs/triton.md.
+Python-backend processes. All logic is in pipeline.serve.server; see docs/triton.md.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.package.server import serve_foreground
+from pipeline.serve.server import serve_foreground
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 

@@ -2,7 +2,7 @@
 
 Writes engines/<model>/serve_check.json (and serve_check.log, the server's log). Exit 0
 when every check passes, 1 when one fails, 2 on bad input (no repository, no Triton
-environment). All logic is in pipeline.package.serve_check; see docs/triton.md.
+environment). All logic is in pipeline.serve.serve_check; see docs/triton.md.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import GateFailed, PipelineError
-from pipeline.package.perf import LoadTest
-from pipeline.package.serve_check import ServeCheckSettings, run_serve_check, serve_check_path
+from pipeline.serve.perf import LoadTest
+from pipeline.serve.serve_check import ServeCheckSettings, run_serve_check, serve_check_path
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
-from pipeline.package.triton_runtime import Runtime
+from pipeline.serve.triton_runtime import Runtime
 from pipeline.paths import ArtifactPaths
 
 SHM_DIR = Path("/dev/shm")
@@ -170,7 +170,7 @@ def serve_foreground(recipe: Recipe, paths: ArtifactPaths, env_dir: Path | None,
     """`make serve`: the CPU repository until Ctrl-C (or until the server exits); returns its exit status."""
     from pipeline.package.ensembles import ensemble_name
     from pipeline.package.repository import repository_dir
-    from pipeline.package.triton_runtime import find_environment, prepare_runtime
+    from pipeline.serve.triton_runtime import find_environment, prepare_runtime
 
     repository = repository_dir(paths, "cpu")
     if not repository.is_dir():

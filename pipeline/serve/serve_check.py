@@ -8,7 +8,7 @@ Checks (each a dict with `passed` in serve_check.json):
                sparse, and the class name of labels.txt (Triton's classification extension)
   bad_requests wrong shape, wrong dtype, corrupt image bytes, a batch above max_batch_size and
                an unknown model each get an error response, and a good request still works after
-  load_test    perf_analyzer, concurrency 1..4, dense and sparse interleaved (pipeline.package.perf)
+  load_test    perf_analyzer, concurrency 1..4, dense and sparse interleaved (pipeline.serve.perf)
   crash        kill -9 of the server while clients send requests, restart, ready and serving again
 
 The server runs in its own process group and is stopped in `finally`, failures included.
@@ -31,10 +31,10 @@ from pipeline.errors import PipelineError
 from pipeline.io import write_json, write_text
 from pipeline.package.ensembles import IMAGE_INPUT, ensemble_name
 from pipeline.package.model_config import LABELS_FILENAME
-from pipeline.package.perf import VARIANTS, LoadTest, load_test
+from pipeline.serve.perf import VARIANTS, LoadTest, load_test
 from pipeline.package.repository import repository_dir
-from pipeline.package.server import Ports, TritonServer
-from pipeline.package.triton_runtime import find_environment, prepare_runtime
+from pipeline.serve.server import Ports, TritonServer
+from pipeline.serve.triton_runtime import find_environment, prepare_runtime
 from pipeline.paths import ArtifactPaths
 
 SCHEMA = 1

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.package.ensembles import IMAGE_INPUT
-from pipeline.package.triton_runtime import Runtime
+from pipeline.serve.triton_runtime import Runtime
 
 VARIANTS = ("dense", "sparse")
 
