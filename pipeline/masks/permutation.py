@@ -111,115 +111,136 @@ def channel_spaces(model: nn.Module, input_shape: list[int]) -> tuple[list[Chann
             ShapeProp(graph_module).propagate(torch.zeros(2, *input_shape))
     finally:
         model.train(was_training)
-    modules = dict(model.named_modules())
-    spaces = _Spaces()
-    reads: dict[str, int] = {}
+    tracer = _ChannelTracer(dict(model.named_modules()))
+    for node in graph_module.graph.nodes:
+        tracer.visit(node)
+    spaces = tracer.spaces
+    found = {spaces.find(key) for key in spaces.parent}
+    reads = {name: spaces.find(key) for name, key in tracer.reads.items()}
+    return [spaces.data[key] for key in sorted(found)], reads, spaces
 
-    def tensor_inputs(node) -> list:
+
+class _ChannelTracer:
+    """Walks an FX graph node by node, giving every tensor a channel space (`spaces.of`) and the axis its
+    channels lie on (`spaces.axis`), and recording which space each Conv/Linear reads (`reads`)."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.spaces = _Spaces()
+        self.reads: dict[str, int] = {}
+
+    def tensor_inputs(self, node) -> list:
+        import torch.fx
+
         found = []
         for arg in list(node.args) + list(node.kwargs.values()):
             for item in (arg if isinstance(arg, (list, tuple)) else [arg]):
-                if isinstance(item, torch.fx.Node) and item.name in spaces.of:
+                if isinstance(item, torch.fx.Node) and item.name in self.spaces.of:
                     found.append(item)
         return found
 
-    def fix_inputs(node, reason: str) -> None:
-        for item in tensor_inputs(node):
-            spaces.fix(spaces.of[item.name], reason)
+    def fix_inputs(self, node, reason: str) -> None:
+        for item in self.tensor_inputs(node):
+            self.spaces.fix(self.spaces.of[item.name], reason)
 
-    def opaque(node, reason: str) -> None:
-        fix_inputs(node, reason)
+    def opaque(self, node, reason: str) -> None:
+        """NODE mixes channels in a way no permutation survives: its inputs are fixed, its output is new."""
+        self.fix_inputs(node, reason)
         shape = _shape(node)
         if shape is not None and len(shape) >= 2:
-            spaces.of[node.name] = spaces.new(shape[1], fixed=reason)
-            spaces.axis[node.name] = 1
+            self.spaces.of[node.name] = self.spaces.new(shape[1], fixed=reason)
+            self.spaces.axis[node.name] = 1
 
-    def passthrough(node, source) -> None:
-        spaces.of[node.name] = spaces.of[source.name]
-        spaces.axis[node.name] = spaces.axis[source.name]
+    def passthrough(self, node, source) -> None:
+        self.spaces.of[node.name] = self.spaces.of[source.name]
+        self.spaces.axis[node.name] = self.spaces.axis[source.name]
 
-    for node in graph_module.graph.nodes:
+    def visit(self, node) -> None:
         shape = _shape(node)
         if node.op == "placeholder":
-            spaces.of[node.name] = spaces.new(shape[1] if shape and len(shape) > 1 else 0, fixed="network input")
-            spaces.axis[node.name] = 1
+            self.spaces.of[node.name] = self.spaces.new(shape[1] if shape and len(shape) > 1 else 0,
+                                                        fixed="network input")
+            self.spaces.axis[node.name] = 1
         elif node.op == "get_attr":
             channels = shape[0] if shape else 0
-            spaces.of[node.name] = spaces.new(channels, fixed=f"parameter {node.target} is used as a tensor")
-            spaces.axis[node.name] = 0
+            self.spaces.of[node.name] = self.spaces.new(channels,
+                                                        fixed=f"parameter {node.target} is used as a tensor")
+            self.spaces.axis[node.name] = 0
         elif node.op == "output":
-            fix_inputs(node, "network output (class order must not change)")
+            self.fix_inputs(node, "network output (class order must not change)")
         elif node.op == "call_module":
-            module = modules[node.target]
-            inputs = tensor_inputs(node)
-            source = inputs[0] if inputs else None
-            if source is None:
-                opaque(node, f"module {node.target} has no tensor input")
-                continue
-            in_space, in_axis, in_shape = spaces.of[source.name], spaces.axis[source.name], _shape(source)
-            if isinstance(module, nn.Conv2d) and module.groups == 1:
-                if in_axis != 1:
-                    spaces.fix(in_space, f"{node.target} reads a tensor whose channels are not on axis 1")
-                spaces.space(in_space).consumers.append(node.target)
-                reads[node.target] = spaces.find(in_space)
-                spaces.of[node.name] = spaces.new(module.out_channels)
-                spaces.space(spaces.of[node.name]).producers.append(node.target)
-                spaces.axis[node.name] = 1
-            elif isinstance(module, nn.Linear):
-                if in_shape is None or in_axis != len(in_shape) - 1:
-                    spaces.fix(in_space, f"{node.target} reads a tensor whose channels are not its last axis")
-                spaces.space(in_space).consumers.append(node.target)
-                reads[node.target] = spaces.find(in_space)
-                spaces.of[node.name] = spaces.new(module.out_features)
-                spaces.space(spaces.of[node.name]).producers.append(node.target)
-                spaces.axis[node.name] = len(shape) - 1
-            elif isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels:
-                spaces.space(in_space).holders.append(node.target)  # depthwise: channel c -> channel c
-                passthrough(node, source)
-            elif isinstance(module, nn.Conv2d):
-                opaque(node, f"grouped conv {node.target} (groups={module.groups}) mixes channels within groups")
-            elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                if in_axis != 1:
-                    spaces.fix(in_space, f"BatchNorm {node.target} on a tensor whose channels are not axis 1")
-                spaces.space(in_space).holders.append(node.target)
-                passthrough(node, source)
-            elif isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and in_shape \
-                    and in_axis == len(in_shape) - 1:
-                spaces.space(in_space).holders.append(node.target)
-                passthrough(node, source)
-            elif isinstance(module, _ELEMENTWISE_MODULES):
-                passthrough(node, source)
-            elif isinstance(module, nn.Flatten) and _flatten_keeps_channels(in_shape, shape, in_axis):
-                passthrough(node, source)
-            else:
-                opaque(node, f"{type(module).__name__} {node.target} is not known to keep channels apart")
+            self.visit_module(node, self.modules[node.target])
         elif node.op in ("call_function", "call_method"):
-            target = node.target
-            inputs = tensor_inputs(node)
-            if target in (getattr, "size", "dim") or (node.op == "call_function" and target is operator.getitem
-                                                       and shape is None):
-                continue  # shape queries: no channel mixing
-            if not inputs:
-                continue
-            first = inputs[0]
-            if (target in _ELEMENTWISE_FUNCTIONS or (node.op == "call_method" and target in _ARITHMETIC_METHODS)
-                    or target in _ARITHMETIC):
-                aligned = all(_same_channel_axis(first, item, spaces) for item in inputs[1:])
-                if not aligned:
-                    opaque(node, f"{node.name}: operands with different channel layouts")
-                    continue
-                for item in inputs[1:]:
-                    spaces.join(spaces.of[first.name], spaces.of[item.name])
-                passthrough(node, first)
-            elif (target is torch.flatten or target in ("flatten", "view", "reshape")) and \
-                    _flatten_keeps_channels(_shape(first), shape, spaces.axis[first.name]):
-                passthrough(node, first)
-            else:
-                name = getattr(target, "__name__", str(target))
-                opaque(node, f"operation {name} ({node.name}) is not known to keep channels apart")
-    found = {spaces.find(key) for key in spaces.parent}
-    reads = {name: spaces.find(key) for name, key in reads.items()}
-    return [spaces.data[key] for key in sorted(found)], reads, spaces
+            self.visit_function(node)
+
+    def consume(self, node, in_space: int, out_channels: int, out_axis: int) -> None:
+        """NODE (a Conv/Linear) reads IN_SPACE and starts a new space of OUT_CHANNELS that it produces."""
+        spaces = self.spaces
+        spaces.space(in_space).consumers.append(node.target)
+        self.reads[node.target] = spaces.find(in_space)
+        spaces.of[node.name] = spaces.new(out_channels)
+        spaces.space(spaces.of[node.name]).producers.append(node.target)
+        spaces.axis[node.name] = out_axis
+
+    def visit_module(self, node, module: nn.Module) -> None:
+        inputs = self.tensor_inputs(node)
+        if not inputs:
+            self.opaque(node, f"module {node.target} has no tensor input")
+            return
+        source = inputs[0]
+        spaces = self.spaces
+        in_space, in_axis, in_shape = spaces.of[source.name], spaces.axis[source.name], _shape(source)
+        if isinstance(module, nn.Conv2d) and module.groups == 1:
+            if in_axis != 1:
+                spaces.fix(in_space, f"{node.target} reads a tensor whose channels are not on axis 1")
+            self.consume(node, in_space, module.out_channels, 1)
+        elif isinstance(module, nn.Linear):
+            if in_shape is None or in_axis != len(in_shape) - 1:
+                spaces.fix(in_space, f"{node.target} reads a tensor whose channels are not its last axis")
+            self.consume(node, in_space, module.out_features, len(_shape(node)) - 1)
+        elif isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels:
+            spaces.space(in_space).holders.append(node.target)  # depthwise: channel c -> channel c
+            self.passthrough(node, source)
+        elif isinstance(module, nn.Conv2d):
+            self.opaque(node, f"grouped conv {node.target} (groups={module.groups}) mixes channels within groups")
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if in_axis != 1:
+                spaces.fix(in_space, f"BatchNorm {node.target} on a tensor whose channels are not axis 1")
+            spaces.space(in_space).holders.append(node.target)
+            self.passthrough(node, source)
+        elif isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and in_shape \
+                and in_axis == len(in_shape) - 1:
+            spaces.space(in_space).holders.append(node.target)
+            self.passthrough(node, source)
+        elif isinstance(module, _ELEMENTWISE_MODULES) or (
+                isinstance(module, nn.Flatten) and _flatten_keeps_channels(in_shape, _shape(node), in_axis)):
+            self.passthrough(node, source)
+        else:
+            self.opaque(node, f"{type(module).__name__} {node.target} is not known to keep channels apart")
+
+    def visit_function(self, node) -> None:
+        target, shape = node.target, _shape(node)
+        inputs = self.tensor_inputs(node)
+        if target in (getattr, "size", "dim") or (node.op == "call_function" and target is operator.getitem
+                                                   and shape is None):
+            return  # shape queries: no channel mixing
+        if not inputs:
+            return
+        first = inputs[0]
+        if (target in _ELEMENTWISE_FUNCTIONS or (node.op == "call_method" and target in _ARITHMETIC_METHODS)
+                or target in _ARITHMETIC):
+            if not all(_same_channel_axis(first, item, self.spaces) for item in inputs[1:]):
+                self.opaque(node, f"{node.name}: operands with different channel layouts")
+                return
+            for item in inputs[1:]:
+                self.spaces.join(self.spaces.of[first.name], self.spaces.of[item.name])
+            self.passthrough(node, first)
+        elif (target is torch.flatten or target in ("flatten", "view", "reshape")) and \
+                _flatten_keeps_channels(_shape(first), shape, self.spaces.axis[first.name]):
+            self.passthrough(node, first)
+        else:
+            name = getattr(target, "__name__", str(target))
+            self.opaque(node, f"operation {name} ({node.name}) is not known to keep channels apart")
 
 
 def _flatten_keeps_channels(before, after, axis: int) -> bool:
