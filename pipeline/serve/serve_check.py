@@ -92,20 +92,20 @@ def evaluation_images(recipe: Recipe, count: int) -> tuple[list[bytes], np.ndarr
 
 def verify_engine_logits(recipe: Recipe, paths: ArtifactPaths, tensors: np.ndarray
                          ) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Logits of the engines verify ran (build.json), when they are ONNX Runtime engines; else None and why."""
+    """Logits of the engines verify ran (read through build.json's owner, each engine checked against its
+    recorded sha256), when they are ONNX Runtime engines; else None and why."""
     from pipeline.backends import get_backend
-    from pipeline.io import read_json
+    from pipeline.backends.build_report import BuildReport
 
     if not paths.build_report.is_file():
         return None, f"no {paths.build_report.name}: the build stage did not run"
-    build = read_json(paths.build_report)
-    if build.get("backend") != "onnxruntime":
-        return None, f"verify ran {build.get('backend')} engines, which this CPU machine cannot run"
+    build = BuildReport.load(paths.build_report, recipe.name)
+    if build.backend != "onnxruntime":
+        return None, f"verify ran {build.backend} engines, which this CPU machine cannot run"
     backend = get_backend("onnxruntime")
     logits = {}
     for variant in VARIANTS:
-        engine = Path(build["engines"][variant]["engine"])
-        runner = backend.load(engine if engine.is_absolute() else paths.root / engine, recipe)
+        runner = backend.load(build.checked_engine(variant, paths.root), recipe)
         logits[variant] = np.asarray(runner.infer(tensors), dtype=np.float32)
     return logits, "ONNX Runtime engines of build.json, as verify runs them"
 
@@ -304,64 +304,106 @@ def run_serve_check(recipe: Recipe, paths: ArtifactPaths, env_dir: Path | None, 
                     ) -> dict[str, Any]:
     """Run every check, write serve_check.json atomically, return the report (report["passed"])."""
     repository = repository_dir(paths, "cpu")
+    models = _packaged_models(recipe, repository)
+    environment = find_environment(env_dir)
+    images, tensors = evaluation_images(recipe, settings.images)
+    reference = {"dense": onnx_logits(paths.dense_onnx, tensors), "sparse": onnx_logits(paths.sparse_onnx, tensors)}
+    inputs = _CheckInputs(recipe, models, images, reference, read_labels(repository, models["dense"]),
+                          *verify_engine_logits(recipe, paths, tensors))
+    started = time.time()
+    session = _ServerSession(repository, Path(tempfile.mkdtemp(prefix="serve-check-")))
+    try:
+        runtime = prepare_runtime(environment, session.work / "runtime")
+        server = session.new_server(runtime)
+        server.start()
+        ready_s = server.wait_ready(settings.ready_timeout_s)
+        checks = _run_checks(server, session, runtime, inputs, settings)
+        report = _report(recipe, repository, environment, ready_s, len(images), checks, started)
+    finally:
+        log_text = session.close()
+    report["processes_left"] = any(server.group_alive() for server in session.servers)
+    report["passed"] = report["passed"] and not report["processes_left"]
+    write_text(paths.root / "serve_check.log", log_text)
+    write_json(serve_check_path(paths), report)
+    return report
+
+
+def _packaged_models(recipe: Recipe, repository: Path) -> dict[str, str]:
+    """variant -> its ensemble's name, refused unless package wrote it."""
     models = {variant: ensemble_name(recipe.name, variant) for variant in VARIANTS}
     for model in models.values():
         if not (repository / model / "config.pbtxt").is_file():
             raise PipelineError(f"{repository / model} is missing; run `python -m pipeline package --model "
                                 f"{recipe.name}` first")
-    labels = read_labels(repository, models["dense"])
-    environment = find_environment(env_dir)
-    images, tensors = evaluation_images(recipe, settings.images)
-    reference = {"dense": onnx_logits(paths.dense_onnx, tensors), "sparse": onnx_logits(paths.sparse_onnx, tensors)}
-    verify_logits, verify_note = verify_engine_logits(recipe, paths, tensors)
-    output = recipe.export.output_name
-    started = time.time()
-    work = Path(tempfile.mkdtemp(prefix="serve-check-"))
-    checks: list[dict[str, Any]] = []
-    report: dict[str, Any] = {}
-    servers: list[TritonServer] = []
-    try:
-        runtime = prepare_runtime(environment, work / "runtime")
+    return models
 
-        def make_server() -> TritonServer:
-            server = TritonServer(runtime, repository, work / f"tritonserver.{len(servers)}.log", Ports.pick())
-            servers.append(server)
-            return server
 
-        server = make_server()
-        server.start()
-        ready_s = server.wait_ready(settings.ready_timeout_s)
-        expected_first = int(reference["sparse"][0].argmax())
-        checks.append(_guarded("predictions", lambda: check_predictions(
-            server, recipe, models, images, reference, labels, output, verify_logits, verify_note)))
-        checks.append(_guarded("bad_requests", lambda: check_bad_requests(server, recipe, models["sparse"],
-                                                                          images[0], expected_first)))
-        if settings.load is not None:
-            def run_load() -> dict[str, Any]:
-                result = load_test(runtime, models, server.grpc_url, images, settings.load, work)
-                return {"name": "load_test", "passed": result["ok"], **result}
-            checks.append(_guarded("load_test", run_load))
-        if settings.crash:
-            checks.append(_guarded("crash", lambda: check_crash_restart(
-                server, make_server, recipe, models["sparse"], images[0], expected_first,
-                settings.ready_timeout_s)))
-        report = {
-            "schema": SCHEMA, "model": recipe.name, "repository": str(repository),
-            "server": {"tritonserver": str(environment.tritonserver), "python_env": str(environment.prefix),
-                       "python": environment.python_version, "ready_s": round(ready_s, 2),
-                       "backend": "python (model.py running ONNX Runtime on the CPU)"},
-            "note": "CPU Python-backend figures (tritonserver 2.51 from nvidia-pytriton, ONNX Runtime CPU inside "
-                    "Python-backend models); they say nothing about TensorRT on a GPU",
-            "images": len(images), "checks": checks,
-            "passed": all(check["passed"] for check in checks), "seconds": round(time.time() - started, 1),
-        }
-    finally:
-        for server in servers:
+@dataclass
+class _CheckInputs:
+    """What the checks compare the server's answers with."""
+    recipe: Recipe
+    models: dict[str, str]
+    images: list[bytes]
+    reference: dict[str, np.ndarray]
+    labels: list[str]
+    verify_logits: dict[str, np.ndarray] | None
+    verify_note: str
+
+
+class _ServerSession:
+    """The servers one serve-check starts (a second one after the crash check), their logs and work folder."""
+
+    def __init__(self, repository: Path, work: Path) -> None:
+        self.repository, self.work = repository, work
+        self.servers: list[TritonServer] = []
+
+    def new_server(self, runtime) -> TritonServer:
+        server = TritonServer(runtime, self.repository, self.work / f"tritonserver.{len(self.servers)}.log",
+                              Ports.pick())
+        self.servers.append(server)
+        return server
+
+    def close(self) -> str:
+        """Stop every server, drop the work folder; the servers' logs, joined."""
+        for server in self.servers:
             server.stop()
-        log_text = "".join(s.log_path.read_text(errors="replace") for s in servers if s.log_path.is_file())
-        shutil.rmtree(work, ignore_errors=True)
-    report["processes_left"] = any(server.group_alive() for server in servers)
-    report["passed"] = report["passed"] and not report["processes_left"]
-    write_text(paths.root / "serve_check.log", log_text)
-    write_json(serve_check_path(paths), report)
-    return report
+        log_text = "".join(s.log_path.read_text(errors="replace") for s in self.servers if s.log_path.is_file())
+        shutil.rmtree(self.work, ignore_errors=True)
+        return log_text
+
+
+def _run_checks(server: TritonServer, session: _ServerSession, runtime, inputs: _CheckInputs,
+                settings: ServeCheckSettings) -> list[dict[str, Any]]:
+    recipe, models, images = inputs.recipe, inputs.models, inputs.images
+    expected_first = int(inputs.reference["sparse"][0].argmax())
+    checks = [
+        _guarded("predictions", lambda: check_predictions(
+            server, recipe, models, images, inputs.reference, inputs.labels, recipe.export.output_name,
+            inputs.verify_logits, inputs.verify_note)),
+        _guarded("bad_requests", lambda: check_bad_requests(server, recipe, models["sparse"], images[0],
+                                                            expected_first)),
+    ]
+    if settings.load is not None:
+        def run_load() -> dict[str, Any]:
+            result = load_test(runtime, models, server.grpc_url, images, settings.load, session.work)
+            return {"name": "load_test", "passed": result["ok"], **result}
+        checks.append(_guarded("load_test", run_load))
+    if settings.crash:
+        checks.append(_guarded("crash", lambda: check_crash_restart(
+            server, lambda: session.new_server(runtime), recipe, models["sparse"], images[0], expected_first,
+            settings.ready_timeout_s)))
+    return checks
+
+
+def _report(recipe: Recipe, repository: Path, environment, ready_s: float, images: int,
+            checks: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA, "model": recipe.name, "repository": str(repository),
+        "server": {"tritonserver": str(environment.tritonserver), "python_env": str(environment.prefix),
+                   "python": environment.python_version, "ready_s": round(ready_s, 2),
+                   "backend": "python (model.py running ONNX Runtime on the CPU)"},
+        "note": "CPU Python-backend figures (tritonserver 2.51 from nvidia-pytriton, ONNX Runtime CPU inside "
+                "Python-backend models); they say nothing about TensorRT on a GPU",
+        "images": images, "checks": checks,
+        "passed": all(check["passed"] for check in checks), "seconds": round(time.time() - started, 1),
+    }
