@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.errors import GateFailed, Interrupted, PipelineError
 from pipeline.lock import run_lock
 from pipeline.paths import ArtifactPaths
-from pipeline.stages import STAGES, load_stage, needs_recipe, recipe_fields
+from pipeline.stages import STAGES, load_stage, needs_recipe, recipe_fields, run_stage
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -108,7 +108,7 @@ def _run(module, args: argparse.Namespace) -> int:
         recipe = resolve_recipe(options_from(ModelOptions, args), recipe_fields(options))
         paths = ArtifactPaths.for_model(args.out, recipe.name)
         with run_lock(paths.root):  # one run per model folder; engine calls its stages inside this one lock
-            return int(module.run(recipe, paths, options) or 0)
+            return run_stage(module, recipe, paths, options)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Atomic artifact writes and content hashes.
 
 Every artifact is written to a temporary file in the destination folder and renamed
-into place, so a killed or failed stage never leaves a half-written file behind.
+into place, so a killed or failed stage never leaves a half-written file behind; inside a stage's
+`pipeline.transaction.Transaction` the previous version is kept until the whole stage succeeds.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline import transaction
 from pipeline.errors import PipelineError
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -47,6 +49,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get normal permissions
+        transaction.before_replace(path)  # inside a stage: keep the previous version until the stage succeeds
         os.replace(tmp_path, path)
     except BaseException as exc:
         tmp_path.unlink(missing_ok=True)

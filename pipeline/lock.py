@@ -47,12 +47,17 @@ def model_folder_lock(folder: Path) -> Iterator[None]:
         os.close(fd)  # releases the flock
 
 
+def is_main_process() -> bool:
+    """False on the ranks other than 0 of a torchrun launch, which write no artifacts."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def run_lock(folder: Path) -> contextlib.AbstractContextManager:
     """The lock one run of a model-level stage takes (the CLI takes it once per command, `engine` included).
 
     Under torchrun every rank runs the command: rank 0 holds the lock for the whole launch, the other ranks
     (which write no artifacts) take none, so they do not refuse each other.
     """
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if not is_main_process():
         return contextlib.nullcontext()
     return model_folder_lock(folder)

@@ -6,6 +6,10 @@ A stage module has:
     validation (so config.json shows it) and the stage reads the recipe, not the option.
   * `add_arguments(parser)`: its own flags only (the CLI adds the shared model flags).
   * `run(recipe, paths, options) -> int` (exit code), or `run(options)` when `NEEDS_RECIPE = False`.
+`run_stage` is the one place that runs a model-level stage (the CLI and `engine` call it): it records the
+resolved recipe in config.json and makes the stage's writes one set (pipeline/transaction.py), so a failed
+stage changes no artifact. A stage that only reads the model folder sets `RECORDS_CONFIG = False`; `engine`,
+whose sub-stages each form their own set, also sets `GROUPS_WRITES = False`.
 No stage module imports pipeline.cli or another stage module; `engine` reaches the others through
 `load_stage` (tests/test_import_graph.py checks this).
 """
@@ -37,6 +41,26 @@ STAGES = {
     "layers": ("pipeline.stages.layers", "list masked and skipped layers with reasons and MAC shares"),
     "init-recipe": ("pipeline.stages.init_recipe", "write a recipe file for your own model and print the next command"),
 }
+
+
+def run_stage(module: ModuleType, recipe: Any, paths: Any, options: Any) -> int:
+    """Run a model-level stage: config.json and every file the stage writes stay only if it succeeds (or fails a
+    gate, whose report must stay); training checkpoints always stay, for --resume."""
+    from pipeline.errors import GateFailed
+    from pipeline.lock import is_main_process
+    from pipeline.recipe.resolve import write_config
+    from pipeline.transaction import Transaction, recover
+
+    restored = recover(paths.root) if is_main_process() else []
+    if restored:
+        print(f"note: an earlier run in {paths.root} was killed mid-stage; put back its files as they were before "
+              f"it: {', '.join(restored)}", flush=True)
+    if not getattr(module, "GROUPS_WRITES", True) or not is_main_process():
+        return int(module.run(recipe, paths, options) or 0)  # under torchrun, rank 0 writes the artifacts
+    with Transaction(paths.root, commit_on=(GateFailed,)):
+        if getattr(module, "RECORDS_CONFIG", True):
+            write_config(recipe, paths)
+        return int(module.run(recipe, paths, options) or 0)
 
 
 def load_stage(name: str) -> ModuleType:

@@ -21,7 +21,6 @@ from pipeline.masks.checks import check_baked
 from pipeline.masks.methods import dense_for_artifact
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-from pipeline.recipe.resolve import write_config
 from pipeline.training import select_device
 from pipeline.recipe.weights import dense_state_dict, build_network, load_state_dict_strict
 
@@ -76,7 +75,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         "batchnorm_reestimated": {"images": recipe.masks.bn_reestimate_images, "layers": reestimated}
         if reestimated else None,
     }).save(paths.bake_report)
-    write_config(recipe, paths)
     print(f"baked {len(artifact.layers)} layers: every masked weight is {artifact.layers[0].n}:{artifact.layers[0].m} "
           f"along input channels, kept weights bit-exact -> {paths.masks}, {paths.sparse_weights}")
     if reestimated:

@@ -16,7 +16,6 @@ from pipeline.export.report import ExportReport
 from pipeline.io import sha256_file
 from pipeline.paths import ArtifactPaths, relative_to_root
 from pipeline.recipe.config import Recipe
-from pipeline.recipe.resolve import write_config
 
 
 @dataclass
@@ -84,7 +83,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         for path in written:  # no half-finished pair of engines
             path.unlink(missing_ok=True)
         raise
-    write_config(recipe, paths)
     BuildReport(
         model=recipe.name, backend=backend.name, requested=requested, reason=reason,
         has_sparse_kernels=backend.has_sparse_kernels, inputs=why,

@@ -20,7 +20,6 @@ from pipeline.masks.artifact import MaskArtifact
 from pipeline.masks.methods import dense_for_artifact
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-from pipeline.recipe.resolve import write_config
 from pipeline.training import check_device, progress_disabled, select_device
 from pipeline.recipe.weight_files import read_state_dict
 from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict
@@ -72,7 +71,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
                "accuracy_meaningful": data.accuracy_meaningful, **report,
                "note": "worst-case Lipschitz bounds (reconstructed statements, see docs/baselines.md): a sample that "
                        "is not certified may still keep its prediction"}
-    write_config(recipe, paths)
     write_json(paths.certify_json, summary)
     write_text(paths.certify_md, _markdown(summary))
     print(f"{report['samples']} samples: predictions unchanged by the masks {100 * report['prediction_unchanged_share']:.1f}%, "

@@ -12,7 +12,6 @@ from pipeline.masks.comparison import DEFAULT_METHODS, compare, parse_methods
 from pipeline.masks.methods import METHODS
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-from pipeline.recipe.resolve import write_config
 from pipeline.training import check_device, select_device
 
 
@@ -43,7 +42,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     methods = parse_methods(options.methods)
     device = select_device(options.device)
     summary = compare(recipe, paths, methods, device, options.learned, options.learned_init_from)
-    write_config(recipe, paths)  # only a comparison that succeeded changes config.json
     if summary["learned_beats_best_heuristic"] is not None:
         print(f"learned {'beats' if summary['learned_beats_best_heuristic'] else 'does NOT beat'} the best heuristic "
               f"({summary['best_heuristic']}) on top-1")

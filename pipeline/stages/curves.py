@@ -11,6 +11,9 @@ from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 
 
+RECORDS_CONFIG = False  # plots the runs already made
+
+
 @dataclass
 class Options:
     """No flags beyond the model's."""

@@ -24,11 +24,14 @@ from pipeline.backends.build_report import VARIANTS, BuildReport
 from pipeline.io import read_json, sha256_file, write_json
 from pipeline.paths import ArtifactPaths, relative_to_root
 from pipeline.recipe.config import Recipe
-from pipeline.recipe.resolve import write_config
-from pipeline.stages import load_stage
+from pipeline.stages import load_stage, run_stage
 
 STAGE_ORDER = ["pretrain", "train-masks", "bake", "export", "build", "verify"]
 MODEL_FIELDS = ("name", "arch", "num_classes", "input_shape", "classifier")
+
+
+RECORDS_CONFIG = False  # each stage it runs records config.json
+GROUPS_WRITES = False  # each stage it runs is a set of its own; stages.json outlives a failed stage
 
 
 @dataclass
@@ -165,7 +168,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         stage_options = module.Options(**stage.extra(record is not None or options.force),
                                        **({"resume": True} if resume else {}))
         try:
-            code = int(module.run(copy.deepcopy(recipe), paths, stage_options) or 0)
+            code = run_stage(module, copy.deepcopy(recipe), paths, stage_options)
         except BaseException as exc:
             code = exc
         if code != 0:
@@ -185,6 +188,5 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             "seconds": round(time.time() - stage_started, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         write_json(paths.stages, state)
-    write_config(recipe, paths)
     print(f"engine: all stages done in {time.time() - started:.0f}s; report {paths.report_md}")
     return 0

@@ -22,7 +22,6 @@ from pipeline.masks.artifact import MaskArtifact
 from pipeline.masks.bake_report import BakeReport
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-from pipeline.recipe.resolve import write_config
 from pipeline.recipe.weight_files import read_state_dict
 from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict
 
@@ -136,7 +135,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
 
     import onnx
 
-    write_config(recipe, paths)
     for (kind, precision), proto in protos.items():
         path = next(p for k, pr, _, p in variants if k == kind and pr == precision)
         with atomic_path(path) as tmp:

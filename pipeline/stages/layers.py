@@ -12,7 +12,6 @@ from pipeline.io import write_json
 from pipeline.masks.eligibility import find_layers
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-from pipeline.recipe.resolve import write_config
 from pipeline.recipe.weights import build_network
 
 
@@ -38,7 +37,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     for layer in report.layers:
         status = "masked" if layer.eligible else f"skipped: {layer.reason}"
         print(f"{layer.name:<{width}}  {layer.kind:<6} {100 * layer.macs / total:6.2f}  {status}")
-    write_config(recipe, paths)
     write_json(paths.layers, report.to_dict())
     print(f"wrote {paths.layers}")
     return 0

@@ -23,7 +23,6 @@ from pipeline.package.manifest import build_manifest, write_manifest
 from pipeline.package.repository import FORMATS, repository_dir, write_repositories
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-from pipeline.recipe.resolve import write_config
 from pipeline.verify.report import VerificationReport
 
 
@@ -72,7 +71,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         raise GateFailed(f"verification verdict is {verdict!r} ({paths.report_json}); run "
                          f"`python -m pipeline verify --model {recipe.name}` and fix what fails")
     summaries = write_repositories(recipe, paths, fmt=options.format, onnx_device=options.onnx_device)
-    write_config(recipe, paths)  # before the manifest, which lists it
     manifest = build_manifest(paths.root, recipe.digest(), recipe.name, verdict,
                               {"triton": summaries["production"], "triton_cpu": summaries["cpu"]})
     write_manifest(paths.root, manifest)

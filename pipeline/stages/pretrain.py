@@ -18,7 +18,6 @@ from pipeline.errors import Interrupted, PipelineError
 from pipeline.io import torch_load, torch_save, write_json
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-from pipeline.recipe.resolve import write_config
 from pipeline.training import check_device, evaluate, progress_disabled, select_device, stop_on_signals
 from pipeline.recipe.weights import build_network
 
@@ -109,7 +108,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             state["batch"] = 0
             save_checkpoint()
     model = model.cpu().eval()
-    write_config(recipe, paths)
     torch_save(model.state_dict(), paths.dense_weights)
     final = state["history"][-1] if state["history"] else {}
     write_json(paths.pretrain_log, {"model": recipe.name, "epochs": cfg.epochs, "seconds": time.time() - started,

@@ -9,9 +9,13 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.args import add_triton_arguments
 from pipeline.serve.server import serve_foreground
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
+
+
+RECORDS_CONFIG = False  # serves: reads the model folder
 
 
 @dataclass
@@ -23,12 +27,9 @@ class Options:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--triton-env", default=None, metavar="DIR",
-                        help="Python environment with the tritonserver wheel and numpy<2 "
-                             "(default: $PIPELINE_TRITON_ENV, else .venv-triton, else this interpreter's)")
+    add_triton_arguments(parser, "the tritonserver wheel and numpy<2")
     parser.add_argument("--http-port", type=int, default=0, help="HTTP port (default: a free one)")
     parser.add_argument("--grpc-port", type=int, default=0, help="gRPC port (default: a free one)")
-    parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for readiness")
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:

@@ -11,10 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import GateFailed, PipelineError
+from pipeline.args import add_triton_arguments
 from pipeline.serve.perf import LoadTest
 from pipeline.serve.serve_check import ServeCheckSettings, run_serve_check, serve_check_path
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
+
+
+RECORDS_CONFIG = False  # checks a server: its own files are no deliverables
 
 
 @dataclass
@@ -34,11 +38,8 @@ class Options:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--triton-env", default=None, metavar="DIR",
-                        help="Python environment with the tritonserver wheel, numpy<2 and perf_analyzer "
-                             "(default: $PIPELINE_TRITON_ENV, else .venv-triton, else this interpreter's)")
+    add_triton_arguments(parser, "the tritonserver wheel, numpy<2 and perf_analyzer")
     parser.add_argument("--images", type=int, default=64, help="test-set images sent through the server (default 64)")
-    parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for readiness")
     parser.add_argument("--concurrency", default="1,2,3,4", help="perf_analyzer concurrency levels (default 1,2,3,4)")
     parser.add_argument("--window-ms", type=int, default=2000, help="perf_analyzer measurement window (ms)")
     parser.add_argument("--no-load-test", action="store_true", help="skip the perf_analyzer load test")

@@ -17,7 +17,6 @@ from pipeline.masks.eligibility import find_layers
 from pipeline.recipe.config import MASK_PRIORS, Recipe
 from pipeline.records import file_record
 from pipeline.paths import ArtifactPaths, checked_name
-from pipeline.recipe.resolve import write_config
 from pipeline.training import check_device, evaluate, select_device
 from pipeline.recipe.weights import load_dense_model
 
@@ -88,7 +87,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             use_argmax_masks(model, result.indices)
             test = evaluate(model.eval(), data.eval, recipe.data.eval_batch_size, context.device,
                             desc="test (best masks)")
-            write_config(recipe, paths)  # config and layers.json change only with a finished run
             write_json(paths.layers, report.to_dict())
             log_path = paths.root / f"train_masks.{options.tag}.json" if options.tag else paths.mask_training
             summary = {

@@ -12,7 +12,6 @@ from pipeline.errors import PipelineError
 from pipeline.masks.comparison import updatable_demo
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-from pipeline.recipe.resolve import write_config
 from pipeline.training import check_device, select_device
 
 
@@ -47,7 +46,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     device = select_device(options.device)
     summary = updatable_demo(recipe, paths, device, options.masks, options.finetune_steps, options.finetune_lr,
                              options.learned)
-    write_config(recipe, paths)  # only a demo that succeeded changes config.json
     for name, r in summary["results"].items():
         print(f"{name}: top1 {r['top1']:.2f}% top5 {r['top5']:.2f}%")
     print(f"-> {paths.updatable_md}, {paths.updatable_json}")

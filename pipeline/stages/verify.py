@@ -25,7 +25,6 @@ from pipeline.verify.report import (SCHEMA, latency_stats, plot_accuracy, plot_c
                              speedup_stats, write_junit)
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-from pipeline.recipe.resolve import write_config
 from pipeline.training import progress_disabled
 
 
@@ -249,7 +248,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         "engine_sha256": {variant: build.engines[variant]["sha256"] for variant in ("dense", "sparse")},
         "plots": plots, "seconds": round(time.time() - started, 2),
     }
-    write_config(recipe, paths)
     if plots:
         title = f"{recipe.name} on {backend.name}"
         plot_latency(raw, Path(plots[0]), f"{title}: latency per iteration")
