@@ -350,6 +350,24 @@ def test_runner_uses_one_execution_context_for_timing_and_layer_times(gpu, tmp_p
         runner.infer(np.ones((9, 1, 28, 28), np.float32))
 
 
+def test_engine_tensorrt_cannot_load_is_one_line(gpu, tmp_path, monkeypatch):
+    import polygraphy.backend.trt as ptrt
+    from polygraphy.logger import G_LOGGER
+
+    def refuse(loader):
+        G_LOGGER.error("IRuntime::deserializeCudaEngine: Serialization assertion failed: version tag does not match")
+        G_LOGGER.critical("Could not deserialize engine")
+
+    monkeypatch.setattr(ptrt, "TrtRunner", refuse)
+    engine_file = tmp_path / "sparse.engine"
+    _sidecar(engine_file)
+    with pytest.raises(PipelineError, match="version tag does not match.*rebuild it with the build stage") as error:
+        trt_backend.TensorRTBackend().load(engine_file, _recipe())
+    assert "\n" not in str(error.value)
+    with pytest.raises(PipelineError, match="does not exist; run the build stage"):
+        trt_backend.TensorRTBackend().load(tmp_path / "missing.engine", _recipe())
+
+
 def test_sidecar_without_fields_is_one_line(tmp_path):
     engine_file = tmp_path / "sparse.engine"
     write_json(engine_file.with_suffix(".json"), {"variant": "sparse"})

@@ -257,13 +257,15 @@ class TensorRTRunner:
 
         self.info, self.input_name, self.output_name = info, info.input_name, info.output_name
         self.min_batch, self.max_batch, self.sample_shape = info.batch["min"], info.batch["max"], info.input_shape[1:]
+        lines: list[str] = []
         try:
             with captured_log() as lines:
                 self._runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))))
                 self._runner.activate()
         except Exception:
-            raise PipelineError(f"TensorRT cannot load {engine_path} ({errors_in(lines) or 'no error line'}); it was built by another "
-                                "TensorRT version or GPU: rebuild it with the build stage") from None
+            said = errors_in(lines) or "no error line"
+            raise PipelineError(f"TensorRT cannot load {engine_path} ({said}); it was built by another TensorRT "
+                                "version or GPU: rebuild it with the build stage") from None
 
     def _feed(self, batch) -> dict[str, Any]:
         shape = list(batch.shape)
