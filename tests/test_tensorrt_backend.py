@@ -594,3 +594,15 @@ def test_cli_build_says_plainly_that_tensorrt_is_not_installed(tmp_path):
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "TensorRT is not installed here" in lines[0]
     assert not paths.build_report.exists()
+
+
+def test_an_onnxruntime_build_records_what_tensorrt_could_not_parse(tmp_path):
+    """The check runs for every build; build.json keeps it (for verify's report), the run says it in a note."""
+    from nm_fixtures import cli
+
+    paths = _exported(tmp_path, extra=[helper.make_node("Unique", ["logits"], ["u"], name="/head/Unique")])
+    result = cli("build", "--model", "tiny_resnet", "--out", str(tmp_path), "--backend", "onnxruntime")
+    assert result.returncode == 0, result.stderr
+    assert "note: TensorRT 10.0 (the oldest supported; none is installed here) could not parse" in result.stdout
+    parser = BuildReport.load(paths.build_report, "tiny_resnet").tensorrt_parser
+    assert parser["problems"] == {"dense": ["Unique (node '/head/Unique')"], "sparse": ["Unique (node '/head/Unique')"]}

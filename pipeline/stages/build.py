@@ -68,6 +68,16 @@ def check_tensorrt_inputs(recipe: Recipe, paths: ArtifactPaths) -> None:
     check_parsable(list(sources.values()), version, target)
 
 
+def tensorrt_parser_check(sources: dict[str, Path]) -> dict:
+    """What the target TensorRT's ONNX parser cannot read in the graphs built (recorded for verify's report)."""
+    from pipeline.backends.tensorrt.engine import target_version
+    from pipeline.backends.tensorrt.parser_support import parser_problems
+
+    version, target = target_version()
+    problems = {variant: parser_problems(path, version) for variant, path in sources.items()}
+    return {"target": target, "problems": problems}
+
+
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     requested = recipe.build.backend
     if requested == "tensorrt":
@@ -78,6 +88,10 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         print(f"note: {backend.name} has no sparse kernels; its engines check accuracy, not speed-up")
     sources, why = onnx_inputs(recipe, paths, backend)
     check_onnx_inputs(sources, paths, recipe.name)
+    parser = tensorrt_parser_check(sources)
+    if any(parser["problems"].values()):
+        print(f"note: {parser['target']} could not parse these graphs: " + "; ".join(
+            f"{variant}: {', '.join(found)}" for variant, found in parser["problems"].items() if found))
     folder = engine_dir(paths.root, backend.name)
     engines = {}
     written: list[Path] = []
@@ -103,7 +117,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         batch_range=[recipe.build.min_batch, recipe.build.opt_batch, recipe.build.max_batch],
         note="" if backend.has_sparse_kernels else
         f"{backend.name} has no sparse kernels: these engines verify correctness and accuracy, not speed-up",
-        engines=engines,
+        engines=engines, tensorrt_parser=parser,
     ).save(paths.build_report)
     print(f"build report: {paths.build_report}")
     return 0

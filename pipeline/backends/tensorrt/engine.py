@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.backends import BuildResult
+from pipeline.backends.build_report import VARIANTS
 from pipeline.backends.tensorrt.info import EngineInfo, engine_path, inspector_path, log_path
 from pipeline.backends.tensorrt.parser_support import MIN_VERSION, check_parsable
 from pipeline.backends.tensorrt.sparsity import OnnxNameMap, sparse_layer_report
@@ -74,8 +75,7 @@ def target_version() -> tuple[tuple[int, int], str]:
 def preflight(recipe, paths) -> tuple[dict[str, Path], tuple[tuple[int, int], str]]:
     """The graphs a TensorRT build reads ({variant: onnx}) and the target TensorRT, without TensorRT or a GPU."""
     version, target = target_version()
-    return {v: onnx_for_precision(paths, v, recipe.build.precision, version[0]) for v in ("dense", "sparse")}, \
-        (version, target)
+    return {v: onnx_for_precision(paths, v, recipe.build.precision, version[0]) for v in VARIANTS}, (version, target)
 
 
 def precision_flags(precision: str, version: tuple[int, int]) -> dict[str, bool]:
