@@ -6,7 +6,8 @@ EngineFromNetwork, SaveEngine; TrtRunner). This module adds what Polygraphy does
 rules for which graph and flags a precision uses, the captured "(Sparsity)" builder lines, the
 inspector's per-layer JSON, per-layer times and the engine sidecar (EngineInfo).
 TensorRT >= 10.0 (docs/tensorrt.md says why not 8.x). No machine of this project has run this module
-on a GPU yet: its CPU tests replace Polygraphy's loaders and TensorRT with fakes.
+on a GPU yet: its CPU tests use Polygraphy's real config, network and logger objects and fake only the
+calls that need libnvinfer and a GPU (EngineFromNetwork, SaveEngine, TrtRunner) and TensorRT's enums.
 """
 from __future__ import annotations
 
@@ -119,8 +120,9 @@ def captured_log():
             if record.levelno >= logging.DEBUG or "(Sparsity)" in text:
                 lines.append(text)
 
-    saved = G_LOGGER.use_python_logging_system, G_LOGGER.module_severity
+    saved = G_LOGGER.use_python_logging_system, G_LOGGER.module_severity, G_LOGGER.colors
     G_LOGGER.use_python_logging_system, G_LOGGER.module_severity = True, G_LOGGER.EXTRA_VERBOSE
+    G_LOGGER.colors = False  # no escape codes in the log file
     logger, handler = logging.getLogger("Polygraphy"), Keep(level=1)
     saved_logger = logger.level, logger.propagate
     logger.setLevel(1)
@@ -131,7 +133,7 @@ def captured_log():
     finally:
         logger.removeHandler(handler)
         logger.level, logger.propagate = saved_logger
-        G_LOGGER.use_python_logging_system, G_LOGGER.module_severity = saved
+        G_LOGGER.use_python_logging_system, G_LOGGER.module_severity, G_LOGGER.colors = saved
 
 
 def errors_in(lines: list[str], limit: int = 3) -> str:
