@@ -17,7 +17,7 @@ DATA_STAGES := pretrain train-masks verify compare certify
 # Fashion-MNIST models without DATA= read the Debian package: install it first (or say how, exit 2).
 DATASET := $(if $(DATA),,$(if $(filter fmnist_%,$(MODEL)),dataset))
 
-.PHONY: venv dataset engine masks updatable bench-train test test-fast clean serve serve-check serve-env $(STAGES)
+.PHONY: venv dataset engine masks updatable bench-train gpu-check test test-fast clean serve serve-check serve-env $(STAGES)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ updatable: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) -m pipeline bench-train --out $(OUT) $(EXTRA)
+
+# On a machine with a CUDA GPU (not yet run on one): CUDA mask training, cuSPARSELt 2:4 GEMMs, TensorRT engines
+# when tensorrt imports; writes $(OUT)/gpu_check.json (docs/tensorrt.md). Elsewhere it says so and exits 2.
+gpu-check: $(STAMP)
+	$(PY) -m pipeline gpu-check --out $(OUT) $(EXTRA)
 
 # Triton on CPU machines (docs/triton.md): tritonserver 2.51 from the nvidia-pytriton wheel, Python backend only.
 # Its Python-backend stub needs numpy<2 and perf_analyzer comes with tritonclient 2.51, so they live in

@@ -16,7 +16,8 @@ import torch
 from pipeline.data.datasets import build_datasets
 from pipeline.errors import PipelineError
 from pipeline.export.onnx import ModelProtoFromTorch
-from pipeline.export.int8 import (calibration_batches, int8_onnx_path, polygraphy_sparsity, qdq_problems, quantize_qdq,
+from pipeline.paths import ArtifactPaths
+from pipeline.export.int8 import (calibration_batches, polygraphy_sparsity, qdq_problems, quantize_qdq,
                            sparse_weights_survive, weight_quantizations)
 from tests.nm_fixtures import tiny_magnitude_pair
 
@@ -31,7 +32,7 @@ def graphs(tmp_path_factory):
     for variant, model in (("dense", dense), ("sparse", sparse)):
         fp32 = folder / f"{variant}.onnx"
         onnx.save(ModelProtoFromTorch(model, recipe.input_shape, 18, "input", "logits"), fp32)
-        paths[variant] = (fp32, quantize_qdq(fp32, calibration))
+        paths[variant] = (fp32, quantize_qdq(fp32, calibration, ArtifactPaths(folder).int8_onnx(variant)))
     held_out = np.stack([np.asarray(data.eval[i][0], np.float32) for i in range(32)])
     return recipe, paths, masked, held_out
 
@@ -46,7 +47,7 @@ def _run(path, batch):
 def test_qdq_graph_is_written_beside_the_fp32_graph(graphs):
     _, paths, _, _ = graphs
     fp32, int8 = paths["sparse"]
-    assert int8 == int8_onnx_path(fp32) == fp32.with_name("sparse.int8.onnx")
+    assert int8 == ArtifactPaths(fp32.parent).int8_onnx("sparse") == fp32.with_name("sparse.int8.onnx")
     ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
@@ -104,7 +105,7 @@ def test_polygraphy_sees_2_4_through_qdq_on_every_masked_layer(graphs):
 def test_bad_input_is_one_line(tmp_path, graphs):
     _, paths, _, held_out = graphs
     with pytest.raises(PipelineError, match="does not exist; run the export stage"):
-        quantize_qdq(tmp_path / "missing.onnx", [held_out])
+        quantize_qdq(tmp_path / "missing.onnx", [held_out], tmp_path / "missing.int8.onnx")
     with pytest.raises(PipelineError, match="at least one batch"):
         quantize_qdq(paths["dense"][0], [], out=tmp_path / "x.int8.onnx")
     assert not (tmp_path / "x.int8.onnx").exists()

@@ -230,120 +230,92 @@ def test_bad_serving_settings_are_refused(out, capsys):
 
 
 # ---------------------------------------------------------------------------- faked TensorRT plans
-IO_META = {"inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 1, 28, 28]}],
-           "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 10]}]}
+def write_build_stage_output(out: Path, cc: str | None = "8.9", hardware: str = "none", **batch) -> Path:
+    """What the build stage and TensorRT backend write, through their owners: tensorrt/<variant>.engine with its
+    EngineInfo sidecar, and build.json (BuildReport). Plans are read only through these."""
+    from pipeline.backends.build_report import BuildReport
+    from pipeline.backends.tensorrt.info import EngineInfo
 
-
-def fake_plan(folder: Path, name: str, meta: dict) -> Path:
-    plan = folder / name
-    plan.write_bytes(b"not a real plan: " + name.encode())
-    (folder / (name + ".json")).write_text(json.dumps(meta))
-    return plan
-
-
-def test_plans_give_tensorrt_configs_with_cc_filenames(out, capsys):
-    root = out / MODEL
-    for variant in ("dense", "sparse"):
-        fake_plan(root, f"{variant}.plan", {**IO_META, "compute_capability": "8.6", "max_batch": 16,
-                                            "precision": "fp16", "gpu_name": "NVIDIA A10"})
-    assert package(out) == 0
-    assert "TensorRT plans for compute capability 8.6" in capsys.readouterr().out
-    pb2 = model_config_pb2()
-    for variant in ("dense", "sparse"):
-        model_dir = root / "triton" / f"{MODEL}_{variant}"
-        config = parse_config(model_dir / "config.pbtxt")
-        assert config.platform == "tensorrt_plan" and config.backend == ""
-        assert dict(config.cc_model_filenames) == {"8.6": "model.sm86.plan"}
-        assert (model_dir / "1" / "model.sm86.plan").read_bytes() == (root / f"{variant}.plan").read_bytes()
-        assert [g.kind for g in config.instance_group] == [pb2.ModelInstanceGroup.KIND_GPU]
-        assert list(config.input[0].dims) == [1, 28, 28] and list(config.output[0].dims) == [10]
-    manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["triton"]["format"] == "plan"
-    assert manifest["triton"]["models"][f"{MODEL}_sparse"]["built_on"] == ["NVIDIA A10"]
-
-    # a config edited against the plan's metadata is caught too
-    model_dir = root / "triton" / f"{MODEL}_sparse"
-    _edit(model_dir / "config.pbtxt", "dims: [ 1, 28, 28 ]", "dims: [ 3, 28, 28 ]")
-    with pytest.raises(PipelineError, match=r"input 'input' has dims \[3, 28, 28\], model.sm86.plan has"):
-        check_model_dir(model_dir)
-
-
-def test_plans_listed_in_build_json_only(out):
-    """Metadata may live in build.json (engine path, capability as a list, I/O from the source ONNX)."""
-    root = out / MODEL
-    (root / "trt").mkdir()
-    engines = {}
-    for variant in ("dense", "sparse"):
-        (root / "trt" / f"{variant}.engine").write_bytes(b"plan " + variant.encode())
-        engines[variant] = {"engine": f"trt/{variant}.engine", "compute_capability": [9, 0],
-                            "onnx": f"{variant}.onnx", "max_batch_size": 64}
-    (root / "build.json").write_text(json.dumps({"backend": "tensorrt", "engines": engines}))
-    assert package(out, "--format", "plan") == 0
-    config = parse_config(root / "triton" / f"{MODEL}_dense" / "config.pbtxt")
-    assert dict(config.cc_model_filenames) == {"9.0": "model.sm90.plan"}
-    meta = json.loads((root / "triton" / f"{MODEL}_dense" / "1" / "model.sm90.plan.json").read_text())
-    assert meta["inputs"] == [{"name": "input", "dtype": "TYPE_FP32", "shape": [-1, 1, 28, 28]}]
-
-
-def write_build_stage_output(out: Path, cc: str = "8.9") -> Path:
-    """What the build stage and TensorRT backend write: tensorrt/<variant>.engine + <variant>.json, build.json."""
     root = out / MODEL
     (root / "tensorrt").mkdir()
+    recipe = get_recipe(MODEL)
+    for key, value in batch.items():
+        setattr(recipe.build, key, value)
+    recipe.build.hardware_compatibility = hardware
     engines = {}
     for variant in ("dense", "sparse"):
         engine = root / "tensorrt" / f"{variant}.engine"
         engine.write_bytes(b"serialized " + variant.encode())
-        onnx_path = f"elsewhere/engines/{MODEL}/{variant}.onnx"  # relative to the build's working directory
-        meta = {"backend": "tensorrt", "variant": variant, "tensorrt_version": "10.9.0", "gpu": "NVIDIA L4",
-                "compute_capability": cc, "precision": "fp16", "batch": {"min": 1, "opt": 8, "max": 16},
-                "input_name": "input", "input_shape": [-1, 1, 28, 28], "engine": engine.name,
-                "engine_sha256": sha256_file(engine), "onnx": onnx_path, "timing_cache": {"path": "timing.cache"}}
-        (root / "tensorrt" / f"{variant}.json").write_text(json.dumps(meta))
-        engines[variant] = {"engine": str(engine), "sha256": sha256_file(engine), "onnx": onnx_path,
-                            "metadata": meta, "sparse_layers": {}}
-    (root / "build.json").write_text(json.dumps({"model": MODEL, "backend": "tensorrt", "engines": engines}))
+        info = EngineInfo.for_build(recipe, variant, root / f"{variant}.onnx", engine, "10.9.0.34",
+                                    {"gpu": "NVIDIA L4", "compute_capability": cc}, sparse=variant == "sparse",
+                                    input_name="input", strongly_typed=False, build_seconds=1.0, sparse_layers={})
+        info.save(engine)
+        engines[variant] = {"engine": f"tensorrt/{variant}.engine", "sha256": sha256_file(engine),
+                            "onnx": f"{variant}.onnx", "onnx_sha256": sha256_file(root / f"{variant}.onnx"),
+                            "metadata": info.to_dict(), "sparse_layers": {}}
+    BuildReport(MODEL, "tensorrt", "tensorrt", "test", True, "", [1, 8, 16], "", engines).save(root / "build.json")
     return root
 
 
-def test_build_stage_layout_is_packaged_as_plans(out):
+def test_build_stage_layout_is_packaged_as_plans(out, capsys):
     root = write_build_stage_output(out)
+    (root / "stray.sm80.plan").write_bytes(b"not listed in build.json: never packaged")
     assert package(out) == 0
+    assert "TensorRT plans for compute capability 8.9" in capsys.readouterr().out
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["triton"]["format"] == "plan"
     assert manifest["triton"]["models"][f"{MODEL}_dense"]["built_on"] == ["NVIDIA L4"]
+    pb2 = model_config_pb2()
+    for variant in ("dense", "sparse"):
+        model_dir = root / "triton" / f"{MODEL}_{variant}"
+        config = check_model_dir(model_dir)
+        assert config.platform == "tensorrt_plan" and config.backend == "" and config.default_model_filename == ""
+        assert dict(config.cc_model_filenames) == {"8.9": "model.sm89.plan"}
+        assert (model_dir / "1" / "model.sm89.plan").read_bytes() == f"serialized {variant}".encode()
+        assert [g.kind for g in config.instance_group] == [pb2.ModelInstanceGroup.KIND_GPU]
+        assert list(config.input[0].dims) == [1, 28, 28] and list(config.output[0].dims) == [10]
+        assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.sm89.plan", "model.sm89.plan.json"]
+    # a config edited against the plan's metadata is caught too
     model_dir = root / "triton" / f"{MODEL}_sparse"
-    config = check_model_dir(model_dir)
-    assert dict(config.cc_model_filenames) == {"8.9": "model.sm89.plan"}
-    assert (model_dir / "1" / "model.sm89.plan").read_bytes() == b"serialized sparse"
-    assert config.max_batch_size == 16
+    _edit(model_dir / "config.pbtxt", "dims: [ 1, 28, 28 ]", "dims: [ 3, 28, 28 ]")
+    with pytest.raises(PipelineError, match=r"input 'input' has dims \[3, 28, 28\], model.sm89.plan has"):
+        check_model_dir(model_dir)
+
+
+def test_ampere_plus_plan_is_served_on_every_ampere_gpu(out):
+    """Issue 19, defect 5: Triton picks a plan by compute capability; an ampere_plus plan runs on all of them."""
+    from pipeline.package.plans import AMPERE_PLUS_CCS
+
+    root = write_build_stage_output(out, cc="8.6", hardware="ampere_plus")
+    assert package(out) == 0
+    config = check_model_dir(root / "triton" / f"{MODEL}_sparse")
+    assert config.default_model_filename == "model.sm86.plan"
+    assert dict(config.cc_model_filenames) == {cc: "model.sm86.plan" for cc in AMPERE_PLUS_CCS}
 
 
 def test_replaced_engine_is_refused(out, capsys):
     root = write_build_stage_output(out)
     (root / "tensorrt" / "sparse.engine").write_bytes(b"something else")
     assert package(out) == 2
-    assert "sparse.engine differs from the engine the build stage wrote" in capsys.readouterr().err
+    assert "sparse.engine changed since build wrote it" in capsys.readouterr().err
 
 
-def test_one_plan_only_falls_back_to_onnx_for_both(out, capsys):
-    fake_plan(out / MODEL, "sparse.plan", {**IO_META, "compute_capability": "8.0"})
+def test_stray_plans_without_a_tensorrt_build_are_not_packaged(out, capsys):
+    (out / MODEL / "sparse.plan").write_bytes(b"a plan no build.json lists")
     assert package(out) == 0
-    assert "only sparse has a TensorRT plan" in capsys.readouterr().out
+    assert "no TensorRT plan found" in capsys.readouterr().out
     assert parse_config(out / MODEL / "triton" / f"{MODEL}_sparse" / "config.pbtxt").backend == "onnxruntime"
     assert package(out, "--format", "plan") == 2
-    assert "no TensorRT plan for dense" in capsys.readouterr().err
+    assert "no TensorRT plan for dense, sparse" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("meta,message", [
-    ({**IO_META}, r"no compute capability in the metadata of .*dense.plan"),
-    ({**IO_META, "compute_capability": "8.6", "max_batch": 8}, r"serve.max_batch_size 16 exceeds the batch range"),
-    ({"compute_capability": "8.6"}, r"neither inputs/outputs nor the ONNX it was built from"),
-    ({**IO_META, "compute_capability": "8.6", "batch": {"min": 4, "opt": 8, "max": 16}},
-     r"accepts batches from 4.*rebuild with build.min_batch=1"),
+@pytest.mark.parametrize("setting,message", [
+    ({"cc": None}, r"records no compute capability"),
+    ({"max_batch": 8, "opt_batch": 8}, r"serve.max_batch_size 16 exceeds the batch range"),
+    ({"min_batch": 4, "opt_batch": 8}, r"accepts batches from 4.*rebuild with build.min_batch=1"),
 ])
-def test_unusable_plan_metadata_is_a_clear_error(out, capsys, meta, message):
-    for variant in ("dense", "sparse"):
-        fake_plan(out / MODEL, f"{variant}.plan", meta)
+def test_unusable_plan_metadata_is_a_clear_error(out, capsys, setting, message):
+    write_build_stage_output(out, **setting)
     assert package(out) == 2
     assert re.search(message, capsys.readouterr().err)
 

@@ -29,6 +29,9 @@ class BuildReport:
     note: str
     # variant -> {engine, sha256, onnx, onnx_sha256, metadata, sparse_layers}
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # what TensorRT's ONNX parser could not read in the graphs built, for any backend:
+    # {"target": "TensorRT 10.0 (...)", "problems": {variant: ["Unique (node '/x')", ...]}}
+    tensorrt_parser: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         write_json(path, asdict(self))

@@ -28,15 +28,8 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
 
-INT8_SUFFIX = ".int8.onnx"
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 INT8_RANGE = (-128, 127)
-
-
-def int8_onnx_path(fp32_onnx: Path) -> Path:
-    """dense.onnx -> dense.int8.onnx, beside it."""
-    fp32_onnx = Path(fp32_onnx)
-    return fp32_onnx.with_name(fp32_onnx.name.removesuffix(".onnx") + INT8_SUFFIX)
 
 
 def calibration_batches(dataset, count: int, batch_size: int = 64, seed: int = 0) -> list[np.ndarray]:
@@ -62,8 +55,8 @@ class _Batches:
         return next(self._items, None)
 
 
-def quantize_qdq(fp32_onnx: Path, calibration: Iterable[np.ndarray], out: Path | None = None) -> Path:
-    """Write the Q/DQ graph of `fp32_onnx` (default `<name>.int8.onnx`), calibrated on `calibration` batches.
+def quantize_qdq(fp32_onnx: Path, calibration: Iterable[np.ndarray], out: Path) -> Path:
+    """Write the Q/DQ graph of `fp32_onnx` to `out` (ArtifactPaths.int8_onnx names it), calibrated on `calibration`.
 
     Activation ranges are the min/max seen on the calibration batches, made symmetric. The result
     is checked with `qdq_problems` before it replaces any earlier file.
@@ -72,7 +65,7 @@ def quantize_qdq(fp32_onnx: Path, calibration: Iterable[np.ndarray], out: Path |
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     fp32_onnx = Path(fp32_onnx)
-    out = Path(out) if out is not None else int8_onnx_path(fp32_onnx)
+    out = Path(out)
     if not fp32_onnx.is_file():
         raise PipelineError(f"{fp32_onnx} does not exist; run the export stage first")
     batches = [np.asarray(batch) for batch in calibration]

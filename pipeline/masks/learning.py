@@ -62,6 +62,11 @@ class LearnResult:
     train_images: int = 0
 
 
+# The settings a CUDA run trains with (channels_last, bfloat16 autocast), also on CPU when True: the tests set it so
+# that the code a GPU runs has run before (tests/test_gpu_check.py).
+CUDA_SETTINGS_ON_CPU = False
+
+
 def indices_checksum(indices: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(indices):
@@ -247,13 +252,14 @@ def _learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, da
         validation = TeacherLabels(validation, predictions(model.to(device), validation,
                                                            recipe.data.eval_batch_size, device))
     scores = prior_scores(model, report, cfg, train, device)
+    use_cuda = device.type == "cuda"
+    cuda_settings = use_cuda or CUDA_SETTINGS_ON_CPU  # channels_last + bfloat16 autocast
+    if cuda_settings:  # before the masks: their logits are 5-D, which channels_last cannot hold
+        model.to(memory_format=torch.channels_last)
     attach_masks(model, report, cfg.n, cfg.m, cfg.prior, cfg.prior_strength, cfg.seed, initial_indices, scores,
                  cfg.logit_scale)
     set_kept_magnitude_weight(model, cfg.kept_magnitude_weight)
     model.to(device)
-    use_cuda = device.type == "cuda"
-    if use_cuda:
-        model.to(memory_format=torch.channels_last)
     trainable = [module.sparse_mask.logits for module in masked_modules(model).values()]
     if not trainable:
         raise PipelineError(f"model {recipe.name} has no eligible layers to mask; check masks.include/exclude")
@@ -352,9 +358,9 @@ def _learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, da
                                                            cfg.tau_end, cfg.tau_schedule))
             images = images.to(device, non_blocking=True)
             labels = None if unlabeled else labels.to(device, non_blocking=True)
-            if use_cuda:
+            if cuda_settings:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with (torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda),
+            with (torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda_settings),
                   layer_outputs.recording() if layer_outputs else contextlib.nullcontext()):
                 teacher_logits = None
                 if teacher is not None:

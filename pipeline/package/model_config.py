@@ -72,6 +72,7 @@ class ServedModel:
     instance_count: int
     instance_kind: str  # KIND_GPU | KIND_CPU
     cc_model_filenames: dict[str, str] = field(default_factory=dict)  # plans only
+    default_model_filename: str = ""  # plans: the file for a GPU not in cc_model_filenames (ampere_plus plans)
     label_output: str | None = None  # output that carries label_filename
     comment: str = ""
 
@@ -86,6 +87,8 @@ def render_config(model: ServedModel) -> str:
     lines.append(f'name: "{model.name}"')
     if model.kind == "plan":
         lines.append('platform: "tensorrt_plan"')
+        if model.default_model_filename:
+            lines.append(f'default_model_filename: "{model.default_model_filename}"')
     elif model.kind == "python":
         lines.append('backend: "python"')
     else:

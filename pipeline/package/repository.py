@@ -33,7 +33,7 @@ from pipeline.package.ensembles import write_preprocess_and_ensembles
 from pipeline.package.model_config import (LABELS_FILENAME, ONNX_FILENAME, PLAN_METADATA_SUFFIX,
                                            PYTHON_MODEL_FILENAME, VERSION, ServedModel, check_model_dir,
                                            check_repository, render_config)
-from pipeline.package.plans import VARIANTS, PlanEngine, find_plans, plan_filename
+from pipeline.package.plans import VARIANTS, PlanEngine, find_plans, plan_filename, served_filenames
 from pipeline.package.serving import labels_text, preprocessing
 from pipeline.package.tensors import TensorSpec, onnx_external_files, specs_from_onnx
 from pipeline.paths import ArtifactPaths, relative_to_root
@@ -133,10 +133,9 @@ def _write_onnx_model(model_dir: Path, source: Path) -> tuple[list[TensorSpec], 
 
 
 def _write_plans(model_dir: Path, engines: list[PlanEngine], root: Path, recipe: Recipe
-                 ) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, str]]:
+                 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     version_dir = model_dir / VERSION
     specs = None
-    cc_files: dict[str, str] = {}
     for engine in engines:
         inputs, outputs = engine.tensor_specs(root)
         if specs is not None and specs != (inputs, outputs):
@@ -158,10 +157,9 @@ def _write_plans(model_dir: Path, engines: list[PlanEngine], root: Path, recipe:
                     "inputs": [{"name": s.name, "dtype": s.data_type, "shape": list(s.dims)} for s in inputs],
                     "outputs": [{"name": s.name, "dtype": s.data_type, "shape": list(s.dims)} for s in outputs]}
         write_json(version_dir / (filename + PLAN_METADATA_SUFFIX), metadata)
-        cc_files[engine.compute_capability] = filename
     if specs is None:
         raise RuntimeError("no plans to write")  # find_plans never returns an empty list
-    return specs[0], specs[1], cc_files
+    return specs[0], specs[1]
 
 
 def write_repositories(recipe: Recipe, paths: ArtifactPaths, fmt: str = "auto", onnx_device: str = "cpu"
@@ -208,14 +206,15 @@ def _stage_repository(recipe: Recipe, paths: ArtifactPaths, fmt: str, onnx_devic
             model_dir = staging / name
             if sources.kind == "plan":
                 engines = sources.plans[variant]
-                inputs, outputs, cc_files = _write_plans(model_dir, engines, paths.root, recipe)
-                files = list(cc_files.values())
+                inputs, outputs = _write_plans(model_dir, engines, paths.root, recipe)
+                cc_files, default_file = served_filenames(engines)
+                files = sorted(set(cc_files.values()))
                 source = ", ".join(relative_to_root(engine.path, paths.root) for engine in engines)
                 instance_kind = "KIND_GPU"
             else:
                 source_path = sources.onnx[variant]
                 inputs, outputs, files = _write_onnx_model(model_dir, source_path)
-                cc_files = {}
+                cc_files, default_file = {}, ""
                 source = relative_to_root(source_path, paths.root)
                 instance_kind = "KIND_GPU" if onnx_device == "gpu" and kind == "onnx" else "KIND_CPU"
             if kind == "python":
@@ -229,7 +228,8 @@ def _stage_repository(recipe: Recipe, paths: ArtifactPaths, fmt: str, onnx_devic
                 max_batch_size=recipe.serve.max_batch_size,
                 preferred_batch_sizes=list(recipe.serve.preferred_batch_sizes),
                 max_queue_delay_us=recipe.serve.max_queue_delay_us, instance_count=recipe.serve.instance_count,
-                instance_kind=instance_kind, cc_model_filenames=cc_files, label_output=output.name,
+                instance_kind=instance_kind, cc_model_filenames=cc_files, default_model_filename=default_file,
+                label_output=output.name,
                 comment=f"{variant} {recipe.name}, from {source}.\n"
                         "Written by `python -m pipeline package`; rerun it instead of editing this file.")
             write_text(model_dir / "config.pbtxt", render_config(served))

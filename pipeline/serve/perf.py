@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.backends.build_report import VARIANTS
 from pipeline.errors import PipelineError
 from pipeline.package.ensembles import IMAGE_INPUT
 from pipeline.serve.triton_runtime import Runtime
 
-VARIANTS = ("dense", "sparse")
 
 
 @dataclass(frozen=True)

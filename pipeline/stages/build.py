@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.backends import pick_backend
-from pipeline.backends.build_report import BuildReport
+from pipeline.backends.build_report import VARIANTS, BuildReport
 from pipeline.errors import PipelineError
 from pipeline.export.report import ExportReport
 from pipeline.io import sha256_file
@@ -34,7 +34,7 @@ def engine_dir(root: Path, backend_name: str) -> Path:
 
 def onnx_inputs(recipe, paths, backend) -> tuple[dict[str, Path], str]:
     """The ONNX files the backend builds from (its own rule, `onnx_for`), and why those."""
-    sources = {variant: backend.onnx_for(paths, variant, recipe) for variant in ("dense", "sparse")}
+    sources = {variant: backend.onnx_for(paths, variant, recipe) for variant in VARIANTS}
     names = ", ".join(path.name for path in sources.values())
     return sources, f"{names}: the {backend.name} backend's graphs for build.precision={recipe.build.precision}"
 
@@ -57,14 +57,40 @@ def check_onnx_inputs(sources: dict[str, Path], paths, model: str) -> None:
                                 f"`python -m pipeline export --model {model}`") from None
 
 
+def check_tensorrt_inputs(recipe: Recipe, paths: ArtifactPaths) -> None:
+    """Before any GPU work, and where TensorRT is not installed: the graphs exist and its ONNX parser reads them."""
+    from pipeline.backends.tensorrt import preflight
+    from pipeline.backends.tensorrt.parser_support import check_parsable
+
+    sources, (version, target) = preflight(recipe, paths)
+    check_onnx_inputs(sources, paths, recipe.name)
+    check_parsable(list(sources.values()), version, target)
+
+
+def tensorrt_parser_check(sources: dict[str, Path]) -> dict:
+    """What the target TensorRT's ONNX parser cannot read in the graphs built (recorded for verify's report)."""
+    from pipeline.backends.tensorrt.engine import target_version
+    from pipeline.backends.tensorrt.parser_support import parser_problems
+
+    version, target = target_version()
+    problems = {variant: parser_problems(path, version) for variant, path in sources.items()}
+    return {"target": target, "problems": problems}
+
+
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     requested = recipe.build.backend
+    if requested == "tensorrt":
+        check_tensorrt_inputs(recipe, paths)
     backend, reason = pick_backend(requested)
     print(f"backend: {backend.name} ({reason})")
     if not backend.has_sparse_kernels:
         print(f"note: {backend.name} has no sparse kernels; its engines check accuracy, not speed-up")
     sources, why = onnx_inputs(recipe, paths, backend)
     check_onnx_inputs(sources, paths, recipe.name)
+    parser = tensorrt_parser_check(sources)
+    if any(parser["problems"].values()):
+        print(f"note: {parser['target']} could not parse these graphs: " + "; ".join(
+            f"{variant}: {', '.join(found)}" for variant, found in parser["problems"].items() if found))
     folder = engine_dir(paths.root, backend.name)
     engines = {}
     written: list[Path] = []
@@ -89,7 +115,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         batch_range=[recipe.build.min_batch, recipe.build.opt_batch, recipe.build.max_batch],
         note="" if backend.has_sparse_kernels else
         f"{backend.name} has no sparse kernels: these engines verify correctness and accuracy, not speed-up",
-        engines=engines,
+        engines=engines, tensorrt_parser=parser,
     ).save(paths.build_report)
     print(f"build report: {paths.build_report}")
     return 0

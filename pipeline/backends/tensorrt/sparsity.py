@@ -6,8 +6,10 @@ Two sources, both read after a build:
   the second line says which layers run sparse kernels. When it is missing the report says so; it
   does not guess from kernel names.
 - the engine inspector's per-layer JSON (needs ProfilingVerbosity.DETAILED): layer name, type,
-  tactic, "HasSparseWeights" for convolutions and "Metadata" = "[ONNX Layer: <node>]" records, one
-  per ONNX node the layer came from, separated by the ASCII record separator (0x1E).
+  tactic, "HasSparseWeights" for convolutions and "Metadata": one "[ONNX Layer: <node>]" record per
+  ONNX node the layer came from (onnx-tensorrt's processMetadata writes "[ONNX Layer: <node> | Local
+  Function: <fn>]" inside a local function). TensorRT joins the records of a fused layer with the unit
+  separator 0x1F and groups of them with the record separator 0x1E; both are split here.
 
 TensorRT names layers after ONNX nodes, possibly fused ("/a/Conv + /a/relu/Relu"), wrapped
 ("PWN(PWN(/a/Relu), /b/Add)") or merged into a Myelin range ("{ForeignNode[/a/Conv.../b/Gemm]}").
@@ -32,8 +34,8 @@ WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # Nodes that sit between an initializer and its Conv/Gemm without changing which weight it is.
 _PASS_THROUGH_OPS = {"Cast", "Identity", "DequantizeLinear", "QuantizeLinear", "Transpose", "Reshape"}
 _NAME_TOKENS = re.compile(r"[\s+(),\[\]{}]+")
-_ONNX_LAYER = re.compile(r"^\[ONNX Layer: (.*)\]$")
-_RECORD_SEPARATOR = "\x1e"
+_ONNX_LAYER = re.compile(r"^\[ONNX Layer: ([^|\]]*?)\s*(?:\|[^\]]*)?\]$")
+_RECORD_SEPARATORS = re.compile("[\x1e\x1f]")
 _OPEN, _CLOSE = "([{", ")]}"
 
 
@@ -79,9 +81,9 @@ class InspectedLayer:
 
     @property
     def onnx_nodes(self) -> list[str]:
-        """ONNX node names from Metadata ("[ONNX Layer: a]\\x1e[ONNX Layer: b]")."""
+        """ONNX node names from Metadata ("[ONNX Layer: a]\\x1f[ONNX Layer: b | Local Function: f]")."""
         nodes = []
-        for record in self.metadata.split(_RECORD_SEPARATOR):
+        for record in _RECORD_SEPARATORS.split(self.metadata):
             match = _ONNX_LAYER.match(record.strip())
             if match and match.group(1) not in nodes:
                 nodes.append(match.group(1))
@@ -215,6 +217,47 @@ def _module_from_weight(tensor: str, initializers: set[str], producer: dict[str,
     return None
 
 
+class _ModuleMapper:
+    """TensorRT layer names -> PyTorch modules (Metadata first), remembering the names that map to none."""
+
+    def __init__(self, layers: list[InspectedLayer], names: OnnxNameMap):
+        self.by_name, self.names, self.unmapped = {layer.name: layer for layer in layers}, names, []
+
+    def modules(self, trt_names: Iterable[str]) -> list[str]:
+        out: list[str] = []
+        for trt_name in trt_names:
+            layer = self.by_name.get(trt_name)
+            found = self.names.modules_of(layer) if layer is not None else self.names.torch_names(trt_name)
+            if not found and trt_name not in self.unmapped:
+                self.unmapped.append(trt_name)
+            out.extend(name for name in found if name not in out)
+        return out
+
+
+def _per_layer(layers: list[InspectedLayer], names: OnnxNameMap, log: dict) -> list[dict[str, Any]]:
+    rows = []
+    for layer in layers:
+        mapped = names.modules_of(layer)
+        if mapped:
+            rows.append({"trt_layer": layer.name, "modules": mapped, "layer_type": layer.layer_type,
+                         "tactic": layer.tactic, "has_sparse_weights": layer.has_sparse_weights,
+                         "log_eligible": None if log["eligible"] is None else layer.name in log["eligible"],
+                         "picked_sparse": None if log["picked"] is None else layer.name in log["picked"]})
+    return rows
+
+
+def _notes(per_layer: list[dict[str, Any]], picked: list[str] | None, quantized: bool) -> list[str]:
+    if picked is None:
+        return ["TensorRT printed no '(Sparsity) ... picked sparse implementation' line (only some versions print "
+                "it, at INFO), so which layers run sparse kernels is not known; each layer's tactic is listed under "
+                "'layers'"]
+    dense = [row["trt_layer"] for row in per_layer if row["has_sparse_weights"] and not row["picked_sparse"]]
+    if quantized and dense:
+        return [f"{len(dense)} Q/DQ layer(s) have 2:4 weights (HasSparseWeights=1) but TensorRT picked dense tactics "
+                f"for them: a known TensorRT behaviour with Q/DQ graphs ({QDQ_SPARSE_ISSUE})"]
+    return []
+
+
 def sparse_layer_report(log_lines: Iterable[str], inspector_json: str | None, names: OnnxNameMap,
                         quantized: bool = False) -> dict[str, Any]:
     """The sparse-layer report of one engine (BuildResult.sparse_layers); see docs/tensorrt.md.
@@ -224,66 +267,20 @@ def sparse_layer_report(log_lines: Iterable[str], inspector_json: str | None, na
     """
     log = parse_sparsity_log(log_lines)
     layers = parse_inspector_json(inspector_json)
-    by_name = {layer.name: layer for layer in layers}
-    unmapped: list[str] = []
-
-    def modules(trt_name: str) -> list[str]:
-        layer = by_name.get(trt_name)
-        found = names.modules_of(layer) if layer is not None else names.torch_names(trt_name)
-        if not found and trt_name not in unmapped:
-            unmapped.append(trt_name)
-        return found
-
-    def to_torch(trt_names: Iterable[str]) -> list[str]:
-        out: list[str] = []
-        for trt_name in trt_names:
-            out.extend(name for name in modules(trt_name) if name not in out)
-        return out
-
-    notes = []
+    mapper = _ModuleMapper(layers, names)
     inspector_sparse = [layer.name for layer in layers if layer.has_sparse_weights]
-    if log["eligible"] is not None:
-        eligible, eligible_source = to_torch(log["eligible"]), "builder log"
-    else:
-        eligible, eligible_source = to_torch(inspector_sparse), "engine inspector HasSparseWeights"
-    picked = to_torch(log["picked"]) if log["picked"] is not None else None
-    if picked is None:
-        notes.append("TensorRT printed no '(Sparsity) ... picked sparse implementation' line (only some versions "
-                     "print it, at INFO), so which layers run sparse kernels is not known; each layer's tactic is "
-                     "listed under 'layers'")
-
-    per_layer = []
-    for layer in layers:
-        mapped = names.modules_of(layer)
-        if not mapped:
-            continue
-        per_layer.append({
-            "trt_layer": layer.name, "modules": mapped, "layer_type": layer.layer_type, "tactic": layer.tactic,
-            "has_sparse_weights": layer.has_sparse_weights,
-            "log_eligible": None if log["eligible"] is None else layer.name in log["eligible"],
-            "picked_sparse": None if log["picked"] is None else layer.name in log["picked"],
-        })
-    if quantized and picked is not None:
-        dense_despite_sparse = [entry["trt_layer"] for entry in per_layer
-                                if entry["has_sparse_weights"] and not entry["picked_sparse"]]
-        if dense_despite_sparse:
-            notes.append(f"{len(dense_despite_sparse)} Q/DQ layer(s) have 2:4 weights (HasSparseWeights=1) but "
-                         f"TensorRT picked dense tactics for them: a known TensorRT behaviour with Q/DQ graphs "
-                         f"({QDQ_SPARSE_ISSUE})")
+    from_log = log["eligible"] is not None
+    eligible = mapper.modules(log["eligible"] if from_log else inspector_sparse)
+    picked = mapper.modules(log["picked"]) if log["picked"] is not None else None
+    per_layer = _per_layer(layers, names, log)
     return {
-        "eligible": eligible,
-        "picked_sparse": picked,
-        "layers": per_layer,
-        "notes": notes,
-        "raw": {
-            "source": "builder log" if picked is not None else "none (no '(Sparsity) ... picked' line in the log)",
-            "eligible_source": eligible_source,
-            "log_eligible": log["eligible"],
-            "log_picked": log["picked"],
-            "inspector_has_sparse_weights": inspector_sparse,
-            "inspector_layers": len(layers),
-            "unmapped": unmapped,
-        },
+        "eligible": eligible, "picked_sparse": picked, "layers": per_layer,
+        "notes": _notes(per_layer, picked, quantized),
+        "raw": {"source": "builder log" if picked is not None else "none (no '(Sparsity) ... picked' line in the log)",
+                "eligible_source": "builder log" if from_log else "engine inspector HasSparseWeights",
+                "log_eligible": log["eligible"], "log_picked": log["picked"],
+                "inspector_has_sparse_weights": inspector_sparse, "inspector_layers": len(layers),
+                "unmapped": mapper.unmapped},
     }
 
 
