@@ -91,6 +91,11 @@ def input_size_for(model, text: str | None) -> list[int] | None:
 
 def _load_onnx_pair(dense_path: Path, sparse_path: Path, input_size: str | None) -> Pair:
     dense, sparse = load_onnx(dense_path, "--dense"), load_onnx(sparse_path, "--sparse")
+    for path, model in ((dense_path, dense), (sparse_path, sparse)):
+        if not layouts.has_constant_weights(model):
+            raise PipelineError(f"{path} has no Conv/Gemm/MatMul with constant weights (they are graph inputs or "
+                                "computed, not initializers): export with the weights stored in the file "
+                                "(torch.onnx.export(..., export_params=True))")
     check_pairing(dense, sparse, str(dense_path), str(sparse_path))
     shape, classes = classifier_io(sparse, str(sparse_path), input_size_for(sparse, input_size))
     layout = sparse_layout(dense, sparse, str(dense_path), str(sparse_path), shape)
@@ -101,11 +106,6 @@ def sparse_layout(dense, sparse, dense_file: str, sparse_file: str, shape: list[
     """The sparse model's per-layer layout, each layer paired with the dense model's (kept weights compared)."""
     dense_layers, _ = layouts.weighted_layers(dense, shape)
     sparse_layers, skipped = layouts.weighted_layers(sparse, shape)
-    for path, found in ((dense_file, dense_layers), (sparse_file, sparse_layers)):
-        if not found:
-            raise PipelineError(f"{path} has no Conv/Gemm/MatMul with constant weights (they are graph inputs or "
-                                "computed, not initializers): export with the weights stored in the file "
-                                "(torch.onnx.export(..., export_params=True))")
     layouts.pair_layers(dense_layers, sparse_layers, dense_file, sparse_file)
     report = layouts.layout_report(sparse_layers, skipped)
     layouts.compare_kept(report, dense_layers, sparse_layers)

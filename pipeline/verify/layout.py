@@ -220,6 +220,14 @@ def _canonical(node, inputs: list[tuple[np.ndarray, str] | None]) -> tuple[np.nd
     return None
 
 
+def has_constant_weights(model) -> bool:
+    """Whether some Conv/Gemm/MatMul reads a constant weight (initializer, Constant, through Q/DQ and Transpose)."""
+    constants = constant_tensors(model)
+    producers = {output: node for node in model.graph.node for output in node.output}
+    return any(resolve_constant(tensor, constants, producers) is not None for node in model.graph.node
+               if node.op_type in WEIGHTED_OPS for tensor in node.input[:2] if tensor)
+
+
 def weighted_layers(model, input_shape: list[int] | None = None) -> tuple[list[WeightedLayer], list[SkippedLayer]]:
     """Every Conv/Gemm/MatMul in graph order: with constant weights (canonical form, MACs per image) or skipped."""
     constants = constant_tensors(model)

@@ -32,10 +32,7 @@ def load_onnx(path: Path, flag: str):
 
     path = check_file(path, flag, "ONNX")
     try:
-        model = onnx.load(str(path))
-    except (FileNotFoundError, OSError) as exc:
-        raise PipelineError(f"{flag} {path}: its weights are stored outside the file and cannot be read ({exc}); "
-                            "keep the external data file(s) next to the .onnx file") from None
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise PipelineError(f"{flag} {path} is not an ONNX model or is truncated ({first}); pass a complete "
@@ -43,12 +40,30 @@ def load_onnx(path: Path, flag: str):
     if not model.graph.node or model.ir_version <= 0:
         raise PipelineError(f"{flag} {path} is not an ONNX model (no graph nodes or no IR version); pass a "
                             "complete .onnx file")
+    _load_external_data(model, path, flag)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise PipelineError(f"{flag} {path} fails the ONNX checker ({first}); export it again") from None
     return model
+
+
+def _load_external_data(model, path: Path, flag: str) -> None:
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    missing = sorted({entry.value for init in model.graph.initializer if uses_external_data(init)
+                      for entry in init.external_data if entry.key == "location"
+                      and not (path.parent / entry.value).is_file()})
+    if missing:
+        raise PipelineError(f"{flag} {path}: its weights are stored outside the file, in {', '.join(missing)}, which "
+                            f"is not in {path.parent}; keep the external data file(s) next to the .onnx file")
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise PipelineError(f"{flag} {path}: its weights stored outside the file cannot be read ({first}); "
+                            "export it again") from None
 
 
 @dataclass(frozen=True)
