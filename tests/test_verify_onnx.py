@@ -49,7 +49,7 @@ def test_tensorrt_layout_passes_on_an_image_folder(files, tmp_path, monkeypatch,
         assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| `/conv2/Conv` | Conv | [8, 8, 3, 3]" in (out / "report.md").read_text()
     assert ET.parse(junit).getroot().find("testsuite").get("failures") == "0"
-    assert "layer /conv2/Conv (Conv [8, 8, 3, 3]): tensorrt 2:4" in capsys.readouterr().out
+    assert "layer /conv2/Conv (Conv conv2.weight [8, 8, 3, 3]): tensorrt 2:4" in capsys.readouterr().out
 
 
 def test_flattened_layout_fails_the_coverage_gate(files, tmp_path, capsys):

@@ -42,3 +42,23 @@ def test_modelopt_sparse_magnitude_is_tensorrt_layout(tmp_path):
     assert classes[1:4] == [([16, 16, 3, 3], "tensorrt 2:4", "masks only"), ([32, 16, 3, 3], "tensorrt 2:4", "masks only"),
                             ([32, 32, 1, 1], "tensorrt 2:4", "masks only")]
     assert classes[0][1] == "dense" and layout["accelerable_mac_fraction"] > 0.5
+
+
+def test_modelopt_sparsegpt_groups_the_flattened_axis(tmp_path, capsys):
+    """ModelOpt's sparsegpt mode groups the flattened C*R*S axis: its 3x3 convs are 2:4 in another layout, the
+    1x1 conv is accepted, and the coverage gate fails (exit 1)."""
+    dense = _network()
+    images = [(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)) for _ in range(4)]
+    config = {"data_loader": images, "collect_func": lambda batch: batch[0]}
+    sparse = mts.export(mts.sparsify(copy.deepcopy(dense), "sparsegpt", config=config)).eval()
+    _export(dense, tmp_path / "dense.onnx")
+    _export(sparse, tmp_path / "sparsegpt.onnx")
+    out = tmp_path / "out"
+    assert main(["verify", "--dense", str(tmp_path / "dense.onnx"), "--sparse", str(tmp_path / "sparsegpt.onnx"),
+                 "--data", "synthetic", "--iters", "2", "--no-plots", "--out", str(out)]) == 1
+    assert "gate failed: accelerable_mac_fraction" in capsys.readouterr().err
+    layout = json.loads((out / "report.json").read_text())["layout"]
+    classes = [(layer["shape"], layer["layout"], layer["axis"]) for layer in layout["layers"]]
+    assert classes[1:4] == [([16, 16, 3, 3], "2:4 in another layout", "flattened C*R*S"),
+                            ([32, 16, 3, 3], "2:4 in another layout", "flattened C*R*S"),
+                            ([32, 32, 1, 1], "tensorrt 2:4", "input channels")]

@@ -61,7 +61,7 @@ def print_layout(layout: dict[str, Any]) -> None:
     for layer in layout["layers"]:
         axis = f" along {layer['axis']}" if layer["axis"] and layer["layout"] != "tensorrt 2:4" else ""
         kept = f", kept weights: {layer['kept']}" if layer["kept"] else ""
-        print(f"layer {layer['name']} ({layer['op']} {layer['shape']}): {layer['layout']}{axis}{kept}")
+        print(f"layer {layer['name']} ({layer['op']} {layer['weight']} {layer['shape']}): {layer['layout']}{axis}{kept}")
     for layer in layout["skipped"]:
         print(f"layer {layer['name']} ({layer['op']}): skipped, {layer['reason']}")
     total = max(layout["total_macs"], 1)
