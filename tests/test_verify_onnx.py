@@ -154,3 +154,39 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, files, tmp_path,
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert not out.exists() and not junit.exists()
+
+
+def test_weights_in_external_data_beside_the_file(files, tmp_path):
+    onnx.save(fx.pruned("tensorrt"), str(tmp_path / "ext.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    assert _verify(files, tmp_path / "ext.onnx", "--data", "synthetic", "--no-plots", out=tmp_path / "out") == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["layout"]["layers"][1]["layout"] == "tensorrt 2:4"
+
+
+def test_plan_layers_map_sparse_tactics_to_macs(monkeypatch):
+    """The plan path's own logic, with the engine inspector's JSON given (TensorRT itself cannot run here)."""
+    import sys
+    import types
+
+    from pipeline.verify import layout as L
+    from pipeline.verify.plans import plan_layers
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(LayerInformationFormat=types.SimpleNamespace(JSON=1)))
+    inspector_json = json.dumps({"Layers": [
+        {"Name": "/conv2/Conv + /Relu_1", "LayerType": "CaskConvolution", "HasSparseWeights": 1,
+         "TacticName": "sm80_xmma_fprop_sparse_conv_interleaved_i8i8", "Metadata": "[ONNX Layer: /conv2/Conv]\x1e[ONNX Layer: /Relu_1]"},
+        {"Name": "/conv3/Conv", "LayerType": "CaskConvolution", "HasSparseWeights": 1,
+         "TacticName": "sm80_xmma_fprop_implicit_gemm_f16f16", "Metadata": "[ONNX Layer: /conv3/Conv]"},
+        {"Name": "Reformatting CopyNode for Input Tensor 0 to /conv3/Conv", "LayerType": "Reformat", "TacticName": "copy"}]})
+    engine = types.SimpleNamespace(create_engine_inspector=lambda: types.SimpleNamespace(
+        get_engine_information=lambda fmt: inspector_json))
+    layers, skipped = L.weighted_layers(fx.pruned("tensorrt"), [1, 8, 8])
+    layout = L.layout_report(layers, skipped)
+    found = plan_layers(types.SimpleNamespace(engine=engine), layout)
+    assert [entry["sparse_tactic"] for entry in found["layers"]] == [True, False]  # the reformat layer is left out
+    assert found["sparse_kernel_mac_fraction"] == pytest.approx(8 * 8 * 9 * 64 / layout.total_macs)
+    bare = json.dumps({"Layers": ["/conv2/Conv", "/conv3/Conv"]})  # built without detailed verbosity
+    engine.create_engine_inspector = lambda: types.SimpleNamespace(get_engine_information=lambda fmt: bare)
+    unknown = plan_layers(types.SimpleNamespace(engine=engine), layout)
+    assert unknown["sparse_kernel_mac_fraction"] is None and "DETAILED" in unknown["note"]
