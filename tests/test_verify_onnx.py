@@ -47,7 +47,7 @@ def test_tensorrt_layout_passes_on_an_image_folder(files, tmp_path, monkeypatch,
     assert sum(report["layout"]["macs_by_class"].values()) == report["layout"]["total_macs"] == 50208
     for plot in report["plots"]:
         assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| `/conv2/Conv` | Conv | [8, 8, 3, 3]" in (out / "report.md").read_text()
+    assert "| `/conv2/Conv` | `conv2.weight` | Conv | [8, 8, 3, 3]" in (out / "report.md").read_text()
     assert ET.parse(junit).getroot().find("testsuite").get("failures") == "0"
     assert "layer /conv2/Conv (Conv conv2.weight [8, 8, 3, 3]): tensorrt 2:4" in capsys.readouterr().out
 

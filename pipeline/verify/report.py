@@ -182,10 +182,11 @@ def _layout(report: dict[str, Any]) -> list[str]:
              "| class | MACs % |", "|---|---|"]
     lines += [f"| {name} | {100 * macs / total:.1f} |" for name, macs in layout["macs_by_class"].items()]
     lines += ["", f"Accelerable (tensorrt 2:4): **{100 * layout['accelerable_mac_fraction']:.1f} %** of the MACs.", "",
-              "| layer | op | weight shape | MACs % | layout | axis | kept weights | note |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| layer | weight | op | shape | MACs % | layout | axis | kept weights | note |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for layer in layout["layers"]:
-        lines.append(f"| `{layer['name']}` | {layer['op']} | {layer['shape']} | {100 * layer['macs'] / total:.2f} | "
+        lines.append(f"| `{layer['name']}` | `{layer['weight']}` | {layer['op']} | {layer['shape']} | "
+                     f"{100 * layer['macs'] / total:.2f} | "
                      f"{layer['layout']} | {layer['axis']} | {layer['kept']} | {layer['note']} |")
     lines += [""] + [f"- skipped `{layer['name']}` ({layer['op']}): {layer['reason']}" for layer in layout["skipped"]]
     return lines + [""]
