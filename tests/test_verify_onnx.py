@@ -129,7 +129,15 @@ BAD = {
     "weights flag": (lambda f, r: {"--weights": "random"}, "--weights has no meaning"),
     "only sparse": (lambda f, r: {"--dense": None}, "pass both --dense and --sparse"),
     "input size against the onnx": (lambda f, r: {"--input-size": "16"}, "does not fit"),
+    "float16 input": (lambda f, r: {"--dense": fx.save(_half_input(fx.classifier()), r / "d16.onnx"),
+                                    "--sparse": fx.save(_half_input(fx.pruned()), r / "s16.onnx")},
+                      "is not a float32 image batch"),
 }
+
+
+def _half_input(model):
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    return model
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -190,3 +198,13 @@ def test_plan_layers_map_sparse_tactics_to_macs(monkeypatch):
     engine.create_engine_inspector = lambda: types.SimpleNamespace(get_engine_information=lambda fmt: bare)
     unknown = plan_layers(types.SimpleNamespace(engine=engine), layout)
     assert unknown["sparse_kernel_mac_fraction"] is None and "DETAILED" in unknown["note"]
+
+
+def test_image_folder_with_a_val_split(files, tmp_path):
+    """DIR/val/<class>/ is used when DIR/val exists (an ImageNet-style folder with train/ and val/)."""
+    fx.image_folder(tmp_path / "data" / "val", classes=4, per_class=2)
+    (tmp_path / "data" / "train").mkdir()
+    assert _verify(files, files["tensorrt"], "--data", str(tmp_path / "data"), "--mean", "0.5", "--std", "0.25",
+                   "--max-top1-drop", "100", "--no-plots", out=tmp_path / "out") == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["accuracy"]["samples"] == 8 and report["data"]["preprocess"]["mean"] == [0.5]

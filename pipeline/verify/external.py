@@ -240,7 +240,8 @@ def measure_pair(pair: Pair, recipe: Recipe, runners, data) -> tuple[dict[str, A
                                              "accuracy and the 2:4 layout, not speed-up",
               "inputs": {"kind": pair.kind, "dense": str(pair.dense), "sparse": str(pair.sparse)},
               "data": {"kind": data.kind, "description": data.description, "samples": accuracy["samples"],
-                       "accuracy_meaningful": data.accuracy_meaningful, "batch_size": eval_batch},
+                       "accuracy_meaningful": data.accuracy_meaningful, "batch_size": eval_batch,
+                       "preprocess": dict(vars(recipe.preprocess))},
               "accuracy": accuracy, "latency": latency_section(by_batch, serving),
               "speedup": by_batch[str(serving)]["speedup"]["ratio"],
               "layer_times_ms": {variant: runner.layer_times() for variant, runner in runners.items()}}

@@ -115,8 +115,10 @@ def classifier_io(model, path: str, input_size: list[int] | None) -> tuple[list[
         raise PipelineError(f"{path} has {len(inputs)} input(s) and {len(outputs)} output(s); verify checks image "
                             "classifiers with one input [N, C, H, W] and one output [N, classes]")
     image, logits = inputs[0], outputs[0]
-    if len(image.shape) != 4 or image.dtype not in ("float32", "float16"):
-        raise PipelineError(f"{path} input {image} is not a float image batch [N, C, H, W]")
+    if len(image.shape) != 4 or image.dtype != "float32":
+        raise PipelineError(f"{path} input {image} is not a float32 image batch [N, C, H, W]; verify feeds float32 "
+                            "images (export FP16 models with float32 inputs and outputs, as the pipeline's FP16 "
+                            "graphs do)")
     shape = list(image.shape[1:])
     if input_size is not None:
         fixed = [(a, b) for a, b in zip(shape, input_size) if isinstance(a, int)]
