@@ -147,3 +147,15 @@ def test_two_of_four_share():
     assert L.two_of_four_share(np.array([[0, 0, 1, 1, 0, 1, 0, 1]], np.float32)) == 1.0
     assert L.two_of_four_share(np.array([[0, 1, 1, 1, 0, 0, 1, 1]], np.float32)) == 0.5
     assert L.two_of_four_share(np.zeros((2, 6), np.float32)) == 0.0  # not a multiple of 4
+
+
+def test_kept_weights_in_float16_count_as_masks_only():
+    dense_layers, _ = L.weighted_layers(fx.classifier(), [1, 8, 8])
+    half = {name: (w.astype(np.float16) if name.endswith("weight") else w)
+            for name, w in fx.weights().items()}
+    half["conv2.weight"] = fx.pruner().prune_conv(fx.weights()["conv2.weight"], "tensorrt").astype(np.float16)
+    sparse_layers, _ = L.weighted_layers(fx.classifier(half), [1, 8, 8])
+    report = L.layout_report(sparse_layers, [])
+    L.compare_kept(report, dense_layers, sparse_layers)
+    assert report.layers[1].kept == "masks only (within FP16 rounding)" and report.layers[1].layout == L.TENSORRT
+    assert report.layers[0].kept in ("unchanged", "unchanged (within FP16 rounding)")

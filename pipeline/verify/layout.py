@@ -364,6 +364,19 @@ def pair_layers(dense: list[WeightedLayer], sparse: list[WeightedLayer], dense_f
                                 f"{b.describe()}; the sparse model must be the dense model with zeros in its weights")
 
 
+def kept_tolerance(dense: WeightedLayer, sparse: WeightedLayer) -> tuple[float, str]:
+    """(largest change of a kept weight, relative to max |dense|, that still counts as equal; why).
+
+    Float32 against float32: 1e-5. A side stored in float16: its rounding (1e-3). A side read through
+    DequantizeLinear: one INT8 step (1/127), so a Q/DQ export of the same masked weights reads `masks only`."""
+    sources = (dense.source, sparse.source)
+    if any("DequantizeLinear" in source for source in sources):
+        return 1.0 / 127, " (within INT8 rounding)"
+    if np.float16 in (dense.weight.dtype, sparse.weight.dtype):
+        return 1e-3, " (within FP16 rounding)"
+    return 1e-5, ""
+
+
 def compare_kept(report: LayoutReport, dense: list[WeightedLayer], sparse: list[WeightedLayer]) -> None:
     """Per layer: are the sparse model's non-zero weights the dense model's (masks only) or changed?"""
     for entry, a, b in zip(report.layers, dense, sparse):
@@ -373,7 +386,8 @@ def compare_kept(report: LayoutReport, dense: list[WeightedLayer], sparse: list[
         change = float(np.abs(weights[kept] - reference[kept]).max()) / scale if kept.any() else 0.0
         new_zeros = int(((reference != 0) & ~kept).sum())
         entry.max_kept_change = change
-        if change > 1e-5:
+        tolerance, rounding = kept_tolerance(a, b)
+        if change > tolerance:
             entry.kept = "changed (fine-tuned)"
         else:
-            entry.kept = "masks only" if new_zeros else "unchanged"
+            entry.kept = ("masks only" if new_zeros else "unchanged") + (rounding if change else "")
