@@ -129,6 +129,7 @@ BAD = {
     "weights flag": (lambda f, r: {"--weights": "random"}, "--weights has no meaning"),
     "only sparse": (lambda f, r: {"--dense": None}, "pass both --dense and --sparse"),
     "input size against the onnx": (lambda f, r: {"--input-size": "16"}, "does not fit"),
+    "model source for preprocessing": (lambda f, r: {"--model": "torchvision:resnet18"}, "names a registered recipe"),
     "float16 input": (lambda f, r: {"--dense": fx.save(_half_input(fx.classifier()), r / "d16.onnx"),
                                     "--sparse": fx.save(_half_input(fx.pruned()), r / "s16.onnx")},
                       "is not a float32 image batch"),
@@ -208,3 +209,14 @@ def test_image_folder_with_a_val_split(files, tmp_path):
                    "--max-top1-drop", "100", "--no-plots", out=tmp_path / "out") == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["accuracy"]["samples"] == 8 and report["data"]["preprocess"]["mean"] == [0.5]
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(files, tmp_path):
+    """As a CI job runs it: `python -m pipeline verify ...` in a fresh process, one stderr line, exit 2."""
+    from nm_fixtures import cli
+
+    result = cli("verify", "--dense", str(files["dense"]), "--sparse", str(tmp_path / "missing.onnx"),
+                 "--data", "synthetic", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: --sparse {tmp_path / 'missing.onnx'}: no such file; pass the ONNX file"]
+    assert not (tmp_path / "out").exists()
