@@ -159,3 +159,21 @@ def test_kept_weights_in_float16_count_as_masks_only():
     L.compare_kept(report, dense_layers, sparse_layers)
     assert report.layers[1].kept == "masks only (within FP16 rounding)" and report.layers[1].layout == L.TENSORRT
     assert report.layers[0].kept in ("unchanged", "unchanged (within FP16 rounding)")
+
+
+def test_per_channel_dequantize_of_a_conv_weight():
+    """A Q/DQ conv (per-output-channel scales, axis 0) is read as its dequantized weights: layout and MACs as FP32."""
+    weight = fx.pruner().prune_conv(fx.weights()["conv2.weight"], "tensorrt")
+    scale = (np.abs(weight).reshape(8, -1).max(1) / 127).astype(np.float32)
+    quantized = np.clip(np.round(weight / scale[:, None, None, None]), -127, 127).astype(np.int8)
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["w"], axis=0),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="qconv", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [numpy_helper.from_array(quantized, "wq"), numpy_helper.from_array(scale, "s"),
+                               numpy_helper.from_array(np.zeros(8, np.int8), "z")])
+    layers, _ = L.weighted_layers(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), [8, 8, 8])
+    assert np.allclose(layers[0].weight, weight, atol=float(scale.max()))
+    layer = L.layout_report(layers, []).layers[0]
+    assert layer.layout == L.TENSORRT and layers[0].source == "DequantizeLinear(initializer)"
+    assert layer.macs == 8 * 8 * 9 * 64

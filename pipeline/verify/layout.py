@@ -155,20 +155,22 @@ def _attribute(node, name: str, default: Any) -> Any:
 
 
 def _dequantize(node, resolve) -> tuple[np.ndarray, str] | None:
+    """(x - zero_point) * scale, per tensor or along `axis`; None for blocked quantization or non-constant inputs."""
     if _attribute(node, "block_size", 0):
-        return None  # blocked quantization: not read here
+        return None
     found = [resolve(name) if name else None for name in list(node.input) + [""] * (3 - len(node.input))]
     if found[0] is None or found[1] is None:
         return None
     (x, via), (scale, _) = found[0], found[1]
     zero = found[2][0] if found[2] is not None else np.zeros((), dtype=x.dtype)
-    axis = _attribute(node, "axis", 1) % max(x.ndim, 1)
     shape = [1] * x.ndim
-    if scale.ndim == 1 and scale.size > 1:
-        shape[axis] = scale.size
-    as_float = (x.astype(np.float64) - zero.astype(np.float64).reshape(shape if zero.size > 1 else ()))
-    return (as_float * scale.astype(np.float64).reshape(shape if scale.size > 1 else ())).astype(np.float32), \
-        f"DequantizeLinear({via})"
+    if scale.size > 1:
+        shape[_attribute(node, "axis", 1) % max(x.ndim, 1)] = scale.size
+
+    def broadcast(values: np.ndarray) -> np.ndarray:
+        return values.astype(np.float64).reshape(shape if values.size > 1 else ())
+
+    return ((x.astype(np.float64) - broadcast(zero)) * broadcast(scale)).astype(np.float32), f"DequantizeLinear({via})"
 
 
 def resolve_constant(name: str, constants: dict[str, np.ndarray], producers: dict[str, Any],
