@@ -220,3 +220,12 @@ def test_bad_input_from_the_command_line_has_no_traceback(files, tmp_path):
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: --sparse {tmp_path / 'missing.onnx'}: no such file; pass the ONNX file"]
     assert not (tmp_path / "out").exists()
+
+
+def test_preprocessing_from_a_recipe_file(files, tmp_path):
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text((fx.REPO / "models" / "fmnist_resnet.toml").read_text().replace("[0.2860]", "[0.25]"))
+    assert _verify(files, files["tensorrt"], "--model", str(recipe), "--data", str(files["images"]),
+                   "--max-top1-drop", "100", "--no-plots", out=tmp_path / "out") == 0
+    preprocess = json.loads((tmp_path / "out" / "report.json").read_text())["data"]["preprocess"]
+    assert preprocess["mean"] == [0.25] and preprocess["crop"] == 8 and preprocess["color"] == "L"
