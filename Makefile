@@ -17,7 +17,7 @@ DATA_STAGES := pretrain train-masks verify compare certify
 # Fashion-MNIST models without DATA= read the Debian package: install it first (or say how, exit 2).
 DATASET := $(if $(DATA),,$(if $(filter fmnist_%,$(MODEL)),dataset))
 
-.PHONY: venv dataset engine masks updatable bench-train gpu-check test test-fast clean serve serve-check serve-env $(STAGES)
+.PHONY: venv dataset engine masks updatable bench-train gpu-check test test-fast clean serve serve-check serve-env verify-onnx $(STAGES)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,12 @@ serve: $(TRITON_STAMP)
 
 serve-check: $(TRITON_STAMP)
 	$(PY) -m pipeline serve-check $(ARGS) --triton-env $(TRITON_ENV)
+
+# Gate any sparse model against its dense model, no recipe (docs/ci-gate.md):
+#   make verify-onnx DENSE=dense.onnx SPARSE=sparse.onnx DATA=DIR|fashion_mnist|synthetic [VERIFY_ARGS="--mean 0.5 --std 0.25"]
+verify-onnx: $(STAMP)
+	@test -n "$(DENSE)" -a -n "$(SPARSE)" || { echo "error: make verify-onnx needs DENSE=dense.onnx SPARSE=sparse.onnx (and DATA=...)" >&2; exit 2; }
+	$(PY) -m pipeline verify --dense $(DENSE) --sparse $(SPARSE) $(if $(DATA),--data $(DATA)) $(VERIFY_ARGS)
 
 # the full suite (what CI runs); the server tests (marker `triton`) run on $(TRITON_ENV)
 test: dataset $(STAMP) $(TRITON_STAMP)

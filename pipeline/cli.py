@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.errors import GateFailed, Interrupted, PipelineError
 from pipeline.lock import run_lock
 from pipeline.paths import ArtifactPaths
-from pipeline.stages import STAGES, load_stage, needs_recipe, recipe_fields, run_stage
+from pipeline.stages import STAGES, load_stage, needs_recipe, recipe_fields, run_stage, runs_without_recipe
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -34,11 +34,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from pipeline.recipe.registry import list_models
 
     group = parser.add_argument_group("model and recipe")
-    group.add_argument("--model", default="fmnist_resnet",
+    group.add_argument("--model", default=None,
                        help=f"registered model name (default fmnist_resnet; one of: {', '.join(list_models())}), "
                             "a path to a recipe .toml file, or a model source: torchvision:NAME, timm:NAME, "
                             "python:PACKAGE.MODULE:FACTORY (your own nn.Module factory)")
-    group.add_argument("--out", default="engines", help="artifact root; files go to OUT/<model>/ (default engines)")
+    group.add_argument("--out", default=None, help="artifact root; files go to OUT/<model>/ (default engines)")
     group.add_argument("--weights", default=None,
                        help="dense weights: PATH to a saved state_dict (plain, or wrapped as training scripts save "
                             "it; its head sets --num-classes) | random | pretrain | torchvision | hub (download the "
@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def options_from(cls, args: argparse.Namespace):
-    return cls(**{item.name: getattr(args, item.name) for item in dataclasses.fields(cls)})
+def options_from(cls, args: argparse.Namespace, drop_none: bool = False):
+    """CLS from the parsed flags; with `drop_none`, flags not given take CLS's defaults (ModelOptions: --model, --out)."""
+    values = {item.name: getattr(args, item.name) for item in dataclasses.fields(cls)}
+    return cls(**{name: value for name, value in values.items() if not (drop_none and value is None)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,8 +107,11 @@ def _run(module, args: argparse.Namespace) -> int:
             return int(module.run(options) or 0)
         from pipeline.recipe.resolve import ModelOptions, resolve_recipe
 
-        recipe = resolve_recipe(options_from(ModelOptions, args), recipe_fields(options))
-        paths = ArtifactPaths.for_model(args.out, recipe.name)
+        if runs_without_recipe(module, options):  # e.g. verify --dense/--sparse: the model flags as given
+            return int(module.run_without_recipe(options, options_from(ModelOptions, args)) or 0)
+        model_options = options_from(ModelOptions, args, drop_none=True)
+        recipe = resolve_recipe(model_options, recipe_fields(options))
+        paths = ArtifactPaths.for_model(model_options.out, recipe.name)
         with run_lock(paths.root):  # one run per model folder; engine calls its stages inside this one lock
             return run_stage(module, recipe, paths, options)
     except PipelineError as exc:

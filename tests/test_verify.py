@@ -8,7 +8,8 @@ from nm_fixtures import MODEL, dense_weights_file, make_artifacts
 from pipeline.cli import main
 from pipeline.verify.report import latency_stats, speedup_stats
 from pipeline.backends.build_report import BuildReport
-from pipeline.stages.verify import measure_latency, sparse_kernel_coverage
+from pipeline.verify.engines import sparse_kernel_coverage
+from pipeline.verify.measure import measure_latency
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,23 @@ class EligibilityReport:
                      "time than of the MACs, so expect less end to end")
         return note
 
+    @classmethod
+    def load(cls, path) -> "EligibilityReport":
+        """layers.json as train-masks and the layers stage write it (to_dict)."""
+        from pipeline.errors import PipelineError
+        from pipeline.io import read_json
+
+        data = read_json(path)
+        try:
+            entries = list(data.get("masked", [])) + list(data.get("skipped", []))
+            layers = [LayerReport(e["name"], e["kind"], list(e.get("weight_shape", [])), int(e["macs"]),
+                                  bool(e["eligible"]), e.get("reason", "")) for e in entries]
+            total = int(data.get("total_macs") or sum(layer.macs for layer in layers))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise PipelineError(f"{path} is not a layers.json ({type(exc).__name__}: {exc}); re-run "
+                                "`python -m pipeline layers`") from None
+        return cls(layers, total)
+
     def to_dict(self) -> dict:
         return {
             "total_macs": self.total_macs,

@@ -6,6 +6,8 @@ A stage module has:
     validation (so config.json shows it) and the stage reads the recipe, not the option.
   * `add_arguments(parser)`: its own flags only (the CLI adds the shared model flags).
   * `run(recipe, paths, options) -> int` (exit code), or `run(options)` when `NEEDS_RECIPE = False`.
+  * optionally `without_recipe(options) -> bool` and `run_without_recipe(options, model_options) -> int`, for a
+    stage that some runs need no recipe for (verify --dense/--sparse).
 `run_stage` is the one place that runs a model-level stage (the CLI and `engine` call it): it records the
 resolved recipe in config.json and makes the stage's writes one set (pipeline/transaction.py), so a failed
 stage changes no artifact. A stage that only reads the model folder sets `RECORDS_CONFIG = False`; `engine`,
@@ -70,6 +72,13 @@ def load_stage(name: str) -> ModuleType:
 
 def needs_recipe(module: ModuleType) -> bool:
     return getattr(module, "NEEDS_RECIPE", True)
+
+
+def runs_without_recipe(module: ModuleType, options: Any) -> bool:
+    """Whether this run of a recipe stage takes no recipe: the stage's `without_recipe(options)` says so, and then
+    the CLI calls `run_without_recipe(options, model_options)` (the shared model flags as given, None if not)."""
+    check = getattr(module, "without_recipe", None)
+    return bool(check is not None and check(options))
 
 
 def recipe_fields(options: Any) -> dict[str, tuple[str, Any]]:

@@ -201,16 +201,22 @@ def _summary(gamma: torch.Tensor, bound: torch.Tensor, actual: torch.Tensor, agr
     }
 
 
-def certify_masks(build_model, dense_state: dict[str, torch.Tensor], artifact: MaskArtifact, dataset,
-                  batch_size: int, device: torch.device, updated_state: dict[str, torch.Tensor] | None = None,
-                  progress=None) -> dict:
-    """Share of `dataset` whose masked prediction is certified equal to the dense one (Lemmas 3.4, 3.5).
+@dataclass
+class _Networks:
+    """The dense reference with its bound propagator, the masked network, and (with an update) the same pair for
+    the updated weights."""
 
-    `build_model()` returns a fresh network of the recipe's architecture. With `updated_state`
-    (dense weights after an update) the masks are also certified on the updated network: Lemma
-    3.4 with the updated dense network as reference, and Lemma 3.6, whose reference is the
-    ORIGINAL dense network (the reused masked model predicts as the model the masks were made for)."""
-    from pipeline.data.datasets import make_loader
+    first: BoundPropagator
+    masked: nn.Module
+    second: BoundPropagator | None = None
+    updated_masked: nn.Module | None = None
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu() for key, value in state.items()}
+
+
+def _networks(build_model, dense_state, artifact: MaskArtifact, device, updated_state) -> _Networks:
     from pipeline.masks.artifact import apply_masks
 
     masks = {layer.name: layer.mask() for layer in artifact.layers}
@@ -220,56 +226,47 @@ def certify_masks(build_model, dense_state: dict[str, torch.Tensor], artifact: M
         model.load_state_dict(state)
         return model.to(device).eval()
 
-    def cpu(state):
-        return {key: value.detach().cpu() for key, value in state.items()}
-
     dense = network(dense_state)
-    modules = dict(dense.named_modules())
-    reference = cpu(dense_state)
+    modules, reference = dict(dense.named_modules()), _cpu(dense_state)
     bounds = {"lemma_3_4": lemma_terms(modules, reference, masks, "3.4"),
               "lemma_3_5": lemma_terms(modules, reference, masks, "3.5")}
-    masked = network(apply_masks(dense_state, artifact))
-    updated = updated_masked = second = None
-    if updated_state is not None:
-        bounds["lemma_3_6"] = lemma_terms(modules, reference, masks, "3.6", cpu(updated_state))
-        updated, updated_masked = network(updated_state), network(apply_masks(updated_state, artifact))
-        second = BoundPropagator(updated, {"lemma_3_4_updated": lemma_terms(modules, cpu(updated_state), masks, "3.4")})
-    first = BoundPropagator(dense, bounds)
-    columns: dict[str, list[torch.Tensor]] = {}
+    if updated_state is None:
+        return _Networks(BoundPropagator(dense, bounds), network(apply_masks(dense_state, artifact)))
+    bounds["lemma_3_6"] = lemma_terms(modules, reference, masks, "3.6", _cpu(updated_state))
+    second = BoundPropagator(network(updated_state),
+                             {"lemma_3_4_updated": lemma_terms(modules, _cpu(updated_state), masks, "3.4")})
+    return _Networks(BoundPropagator(dense, bounds), network(apply_masks(dense_state, artifact)), second,
+                     network(apply_masks(updated_state, artifact)))
 
-    def add(key: str, value: torch.Tensor) -> None:
-        columns.setdefault(key, []).append(value.detach().double().cpu())
 
-    def change(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (a.double() - b.double()).abs().amax(dim=1)
+def _change(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.double() - b.double()).abs().amax(dim=1)
 
-    loader = make_loader(dataset, batch_size=batch_size)
-    batches = progress(loader) if progress else loader
-    with torch.no_grad():
-        for images, _ in batches:
-            images = images.to(device)
-            logits, errors = first.run(images)
-            sparse_logits = masked(images)
-            prediction, gamma, margin, top = confidence(logits)
-            add("gamma", gamma)
-            add("margin", margin)
-            add("confidence", top)
-            add("agree", (sparse_logits.argmax(1) == prediction).double())
-            add("actual", change(sparse_logits, logits))
-            add("actual_probability", change(sparse_logits.softmax(1), logits.softmax(1)))
-            for kind, bound in errors.items():
-                add(kind, bound)
-            if second is not None:
-                logits2, errors2 = second.run(images)
-                sparse2 = updated_masked(images)
-                prediction2, gamma2, _, _ = confidence(logits2)
-                add("gamma_updated", gamma2)
-                add("agree_updated", (sparse2.argmax(1) == prediction2).double())
-                add("actual_updated", change(sparse2, logits2))
-                add("agree_reused", (sparse2.argmax(1) == prediction).double())
-                add("actual_reused", change(sparse2, logits))
-                add("lemma_3_4_updated", errors2["lemma_3_4_updated"])
-    data = {key: torch.cat(parts) for key, parts in columns.items()}
+
+def _batch_columns(nets: _Networks, images: torch.Tensor, add) -> None:
+    """Per-sample columns of one batch: confidence, agreement, measured change and every bound."""
+    logits, errors = nets.first.run(images)
+    sparse_logits = nets.masked(images)
+    prediction, gamma, margin, top = confidence(logits)
+    for key, value in (("gamma", gamma), ("margin", margin), ("confidence", top),
+                       ("agree", (sparse_logits.argmax(1) == prediction).double()),
+                       ("actual", _change(sparse_logits, logits)),
+                       ("actual_probability", _change(sparse_logits.softmax(1), logits.softmax(1))), *errors.items()):
+        add(key, value)
+    if nets.second is None:
+        return
+    logits2, errors2 = nets.second.run(images)
+    sparse2 = nets.updated_masked(images)
+    prediction2, gamma2, _, _ = confidence(logits2)
+    for key, value in (("gamma_updated", gamma2), ("agree_updated", (sparse2.argmax(1) == prediction2).double()),
+                       ("actual_updated", _change(sparse2, logits2)),
+                       ("agree_reused", (sparse2.argmax(1) == prediction).double()),
+                       ("actual_reused", _change(sparse2, logits)),
+                       ("lemma_3_4_updated", errors2["lemma_3_4_updated"])):
+        add(key, value)
+
+
+def _summarise(data: dict[str, torch.Tensor], updated: bool) -> dict:
     agree = data["agree"].bool()
     report = {
         "samples": int(len(data["margin"])),
@@ -280,7 +277,7 @@ def certify_masks(build_model, dense_state: dict[str, torch.Tensor], artifact: M
         "lemma_3_4": _summary(data["gamma"], data["lemma_3_4"], data["actual"], agree),
         "lemma_3_5": _summary(data["gamma"], data["lemma_3_5"], data["actual"], agree),
     }
-    if second is not None:
+    if updated:
         agree2, reused = data["agree_updated"].bool(), data["agree_reused"].bool()
         report["updated"] = {
             "prediction_unchanged_share": float(agree2.double().mean()),
@@ -290,3 +287,27 @@ def certify_masks(build_model, dense_state: dict[str, torch.Tensor], artifact: M
         }
     report["per_sample"] = data
     return report
+
+
+def certify_masks(build_model, dense_state: dict[str, torch.Tensor], artifact: MaskArtifact, dataset,
+                  batch_size: int, device: torch.device, updated_state: dict[str, torch.Tensor] | None = None,
+                  progress=None) -> dict:
+    """Share of `dataset` whose masked prediction is certified equal to the dense one (Lemmas 3.4, 3.5).
+
+    `build_model()` returns a fresh network of the recipe's architecture. With `updated_state`
+    (dense weights after an update) the masks are also certified on the updated network: Lemma
+    3.4 with the updated dense network as reference, and Lemma 3.6, whose reference is the
+    ORIGINAL dense network (the reused masked model predicts as the model the masks were made for)."""
+    from pipeline.data.datasets import make_loader
+
+    nets = _networks(build_model, dense_state, artifact, device, updated_state)
+    columns: dict[str, list[torch.Tensor]] = {}
+
+    def add(key: str, value: torch.Tensor) -> None:
+        columns.setdefault(key, []).append(value.detach().double().cpu())
+
+    loader = make_loader(dataset, batch_size=batch_size)
+    with torch.no_grad():
+        for images, _ in (progress(loader) if progress else loader):
+            _batch_columns(nets, images.to(device), add)
+    return _summarise({key: torch.cat(parts) for key, parts in columns.items()}, updated_state is not None)

@@ -13,19 +13,32 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, read_json, write_text
+from pipeline.io import atomic_path, read_json, write_json, write_text
 
 SCHEMA = "sparse-pipeline/report/v1"
 NOT_VERIFIED = "not verified"
+REQUIRED = ("model", "backend", "data", "accuracy", "latency", "coverage", "gates")
 
 
 @dataclass
 class VerificationReport:
-    """report.json as the package manifest reads it: the gates' verdict and the engines verify measured."""
+    """report.json: verify writes it (`from_content(...).save()`); package reads the gates' verdict and the engines
+    verify measured (`load`)."""
 
     path: Path
     passed: bool | None  # gates.passed; None when there is no report or it has no verdict
     engine_sha256: dict[str, str] = field(default_factory=dict)  # variant -> sha256 of the engine verified
+    content: dict[str, Any] = field(default_factory=dict)  # the whole report (schema SCHEMA)
+
+    @classmethod
+    def from_content(cls, path: Path, content: dict[str, Any]) -> "VerificationReport":
+        missing = [key for key in REQUIRED if key not in content]
+        if missing:
+            raise PipelineError(f"verification report for {path} lacks {', '.join(missing)} (a bug in verify)")
+        return cls(Path(path), content["gates"]["passed"], dict(content.get("engine_sha256") or {}), content)
+
+    def save(self) -> None:
+        write_json(self.path, {"schema": SCHEMA, **self.content})
 
     @classmethod
     def load(cls, path: Path) -> "VerificationReport":
@@ -36,7 +49,8 @@ class VerificationReport:
         gates = report.get("gates") if isinstance(report, dict) else None
         passed = gates.get("passed") if isinstance(gates, dict) else None
         engines = report.get("engine_sha256") if isinstance(report, dict) else None
-        return cls(path, passed if isinstance(passed, bool) else None, engines if isinstance(engines, dict) else {})
+        return cls(path, passed if isinstance(passed, bool) else None, engines if isinstance(engines, dict) else {},
+                   report if isinstance(report, dict) else {})
 
     @property
     def verdict(self) -> str:
@@ -87,31 +101,49 @@ def _fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    acc, lat, cov, gates = report["accuracy"], report["latency"], report["coverage"], report["gates"]
+    sections = (_header, _accuracy, _int8, _latency, _coverage, _layout, _layer_times, _gates, _plots)
+    return "\n".join(line for section in sections for line in section(report))
+
+
+def _header(report: dict[str, Any]) -> list[str]:
     lines = [f"# Verification report: {report['model']}", "",
              f"Backend **{report['backend']}** ({report['backend_reason']}).", ""]
+    if report.get("inputs"):
+        lines += [f"Dense model `{report['inputs']['dense']}`, sparse model `{report['inputs']['sparse']}`.", ""]
     if not report["has_sparse_kernels"]:
         lines += [f"> **{report['backend']} has no sparse kernels.** The engines here verify correctness and "
                   "accuracy; the speed-up below is measured but says nothing about 2:4 sparse kernels.", ""]
-    lines += ["## Accuracy (through the engines)", "",
-              f"Data: {report['data']['description']}, {report['data']['samples']} images"
-              + ("" if report["data"]["accuracy_meaningful"] else " — **accuracy means nothing on this data**"), "",
-              "| engine | top-1 % | top-5 % |", "|---|---|---|",
-              f"| dense | {_fmt(acc['dense']['top1'])} | {_fmt(acc['dense']['top5'])} |",
-              f"| sparse | {_fmt(acc['sparse']['top1'])} | {_fmt(acc['sparse']['top5'])} |", "",
-              f"Top-1 drop {_fmt(acc['top1_drop'])} pt; dense/sparse prediction agreement "
-              f"{_fmt(acc['agreement'] * 100)} %.", ""]
-    if acc.get("int8"):
-        int8 = acc["int8"]
-        lines += ["INT8 Q/DQ graphs through ONNX Runtime (CPU), same images:", "",
-                  "| graph | top-1 % |", "|---|---|",
-                  f"| {int8['dense_graph']} | {_fmt(int8['dense_top1'])} |",
-                  f"| {int8['sparse_graph']} | {_fmt(int8['sparse_top1'])} |", "",
-                  f"INT8 sparse vs FP32 dense engine: drop {_fmt(int8['sparse_drop_vs_fp32_dense'])} pt.", ""]
-    lines += [
-              "## Latency (dense and sparse interleaved in the same run)", "",
-              "| batch | engine | p50 ms | p90 ms | p99 ms | images/s | speed-up (paired) | per-round IQR |",
-              "|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _accuracy(report: dict[str, Any]) -> list[str]:
+    acc, data = report["accuracy"], report["data"]
+    return ["## Accuracy (through the engines)", "",
+            f"Data: {data['description']}, {data['samples']} images"
+            + ("" if data["accuracy_meaningful"] else " — **accuracy means nothing on this data**"), "",
+            "| engine | top-1 % | top-5 % |", "|---|---|---|",
+            f"| dense | {_fmt(acc['dense']['top1'])} | {_fmt(acc['dense']['top5'])} |",
+            f"| sparse | {_fmt(acc['sparse']['top1'])} | {_fmt(acc['sparse']['top5'])} |", "",
+            f"Top-1 drop {_fmt(acc['top1_drop'])} pt; dense/sparse prediction agreement "
+            f"{_fmt(acc['agreement'] * 100)} %; largest logit difference {_fmt(acc.get('max_abs_logit_diff'), 4)}.", ""]
+
+
+def _int8(report: dict[str, Any]) -> list[str]:
+    int8 = report["accuracy"].get("int8")
+    if not int8:
+        return []
+    return ["INT8 Q/DQ graphs through ONNX Runtime (CPU), same images:", "",
+            "| graph | top-1 % |", "|---|---|",
+            f"| {int8['dense_graph']} | {_fmt(int8['dense_top1'])} |",
+            f"| {int8['sparse_graph']} | {_fmt(int8['sparse_top1'])} |", "",
+            f"INT8 sparse vs FP32 dense engine: drop {_fmt(int8['sparse_drop_vs_fp32_dense'])} pt.", ""]
+
+
+def _latency(report: dict[str, Any]) -> list[str]:
+    lat = report["latency"]
+    lines = ["## Latency (dense and sparse interleaved in the same run)", "",
+             "| batch | engine | p50 ms | p90 ms | p99 ms | images/s | speed-up (paired) | per-round IQR |",
+             "|---|---|---|---|---|---|---|---|"]
     for batch, entry in lat["by_batch"].items():
         speed = entry["speedup"]
         for variant in ("dense", "sparse"):
@@ -120,34 +152,70 @@ def render_markdown(report: dict[str, Any]) -> str:
                      else " | ")
             lines.append(f"| {batch} | {variant} | {stats['p50_ms']:.3f} | {stats['p90_ms']:.3f} | "
                          f"{stats['p99_ms']:.3f} | {stats['images_per_s']:.1f} | {extra} |")
-    lines += ["", f"Speed-up at the serving batch ({lat['serving_batch']}): **{report['speedup']:.3f}x** "
-              f"(bootstrap 95% of the per-round median: {lat['speedup_spread']['bootstrap_95'][0]:.3f}-"
-              f"{lat['speedup_spread']['bootstrap_95'][1]:.3f}).", "",
-              "## Coverage", "",
-              f"Masked layers: {cov['masked_layers']} of {cov['masked_layers'] + cov['skipped_layers']}, "
-              f"holding {_fmt(cov['masked_mac_fraction'] * 100)} % of the MACs.",
-              f"Masked layers whose exported ONNX weights passed the N:M check: {cov['exported_nm_layers']}.",
-              "Share of MACs in layers that picked sparse kernels: " +
-              (f"{_fmt(cov['sparse_kernel_mac_fraction'] * 100)} %" if cov["sparse_kernel_mac_fraction"] is not None
-               else f"n/a ({cov['sparse_kernel_note']})"), ""]
+    spread = lat["speedup_spread"]["bootstrap_95"]
+    return lines + ["", f"Speed-up at the serving batch ({lat['serving_batch']}): **{report['speedup']:.3f}x** "
+                        f"(bootstrap 95% of the per-round median: {spread[0]:.3f}-{spread[1]:.3f}).", ""]
+
+
+def _coverage(report: dict[str, Any]) -> list[str]:
+    cov = report["coverage"]
+    kernels = cov["sparse_kernel_mac_fraction"]
+    masked = cov["masked_mac_fraction"]
+    lines = ["## Coverage", "",
+             f"Masked layers: {cov['masked_layers']} of {cov['masked_layers'] + cov['skipped_layers']}, "
+             f"holding {_fmt(None if masked is None else masked * 100)} % of the MACs.",
+             f"Masked layers whose exported ONNX weights passed the N:M check: {cov['exported_nm_layers']}.",
+             "Share of MACs in layers that picked sparse kernels: " +
+             (f"{_fmt(kernels * 100)} %" if kernels is not None else f"n/a ({cov['sparse_kernel_note']})"), ""]
     skipped = [layer for layer in cov["layers"] if not layer["masked"]]
-    if skipped:
+    if skipped and not report.get("layout"):
         lines += ["Skipped layers:", ""] + [f"- `{layer['name']}`: {layer['reason']}" for layer in skipped] + [""]
+    return lines
+
+
+def _layout(report: dict[str, Any]) -> list[str]:
+    layout = report.get("layout")
+    if not layout:
+        return []
+    total = max(layout["total_macs"], 1)
+    lines = ["## 2:4 layout of the sparse model (per layer)", "", f"Rule: {layout['rule']}.", "",
+             "| class | MACs % |", "|---|---|"]
+    lines += [f"| {name} | {100 * macs / total:.1f} |" for name, macs in layout["macs_by_class"].items()]
+    lines += ["", f"Accelerable (tensorrt 2:4): **{100 * layout['accelerable_mac_fraction']:.1f} %** of the MACs.", "",
+              "| layer | weight | op | shape | MACs % | layout | axis | kept weights | note |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for layer in layout["layers"]:
+        lines.append(f"| `{layer['name']}` | `{layer['weight']}` | {layer['op']} | {layer['shape']} | "
+                     f"{100 * layer['macs'] / total:.2f} | "
+                     f"{layer['layout']} | {layer['axis']} | {layer['kept']} | {layer['note']} |")
+    lines += [""] + [f"- skipped `{layer['name']}` ({layer['op']}): {layer['reason']}" for layer in layout["skipped"]]
+    return lines + [""]
+
+
+def _layer_times(report: dict[str, Any]) -> list[str]:
     times = report.get("layer_times_ms") or {}
-    if times.get("dense") and times.get("sparse"):
-        slowest = sorted(times["dense"].items(), key=lambda item: -item[1])[:10]
-        lines += [f"Slowest nodes of the dense engine (backend profiler, batch {report['latency']['serving_batch']}):",
-                  "", "| node | dense ms | sparse ms |", "|---|---|---|"]
-        lines += [f"| `{node}` | {ms:.3f} | {_fmt(times['sparse'].get(node), 3)} |" for node, ms in slowest] + [""]
-    lines += ["## Gates", "", "| gate | value | threshold | result |", "|---|---|---|---|"]
+    if not (times.get("dense") and times.get("sparse")):
+        return []
+    slowest = sorted(times["dense"].items(), key=lambda item: -item[1])[:10]
+    lines = [f"Slowest nodes of the dense engine (backend profiler, batch {report['latency']['serving_batch']}):",
+             "", "| node | dense ms | sparse ms |", "|---|---|---|"]
+    return lines + [f"| `{node}` | {ms:.3f} | {_fmt(times['sparse'].get(node), 3)} |" for node, ms in slowest] + [""]
+
+
+def _gates(report: dict[str, Any]) -> list[str]:
+    gates = report["gates"]
+    lines = ["## Gates", "", "| gate | value | threshold | result |", "|---|---|---|---|"]
     for gate in gates["checks"]:
         result = "pass" if gate["passed"] else ("skipped: " + gate["skipped"] if gate["passed"] is None else "FAIL")
         lines.append(f"| {gate['name']} | {_fmt(gate['value'], 3)} | {gate['comparison']} {gate['threshold']} | "
                      f"{result} |")
-    lines += ["", f"**{'PASSED' if gates['passed'] else 'FAILED'}**", ""]
-    if report.get("plots"):
-        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in report["plots"]] + [""]
-    return "\n".join(lines)
+    return lines + ["", f"**{'PASSED' if gates['passed'] else 'FAILED'}**", ""]
+
+
+def _plots(report: dict[str, Any]) -> list[str]:
+    if not report.get("plots"):
+        return []
+    return ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in report["plots"]] + [""]
 
 
 # --------------------------------------------------------------------------- plots
@@ -212,6 +280,23 @@ def plot_coverage(layers: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_xlabel("MMACs per image")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(handles, list(colours), fontsize=7, loc="lower right")
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_layout(layers: list[dict[str, Any]], path: Path, title: str) -> None:
+    """MACs per Conv/Gemm/MatMul of the sparse model, coloured by its 2:4 layout class."""
+    plt = _pyplot()
+    colours = {"tensorrt 2:4": "tab:green", "2:4 in another layout": "tab:red", "dense": "tab:grey",
+               "grouped/depthwise (never sparse)": "tab:purple", "too small to matter": "tab:olive"}
+    fig, ax = plt.subplots(figsize=(7.0, max(3.0, 0.18 * len(layers) + 1.0)))
+    for index, layer in enumerate(layers):
+        ax.barh(index, layer["macs"] / 1e6, color=colours.get(layer["layout"], "black"))
+    ax.set_yticks(range(len(layers)), [layer["name"] for layer in layers], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("MMACs per image")
+    present = [name for name in colours if any(layer["layout"] == name for layer in layers)]
+    ax.legend([plt.Rectangle((0, 0), 1, 1, color=colours[n]) for n in present], present, fontsize=7, loc="lower right")
     ax.set_title(title, fontsize=10)
     _save(fig, path)
 
