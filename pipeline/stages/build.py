@@ -9,6 +9,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.args import add_backend_argument
 from pipeline.backends import pick_backend
 from pipeline.backends.build_report import VARIANTS, BuildReport
 from pipeline.errors import PipelineError
@@ -24,8 +25,7 @@ class Options:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default=None,
-                        help="engine backend (default: recipe build.backend)")
+    add_backend_argument(parser)
 
 
 def engine_dir(root: Path, backend_name: str) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.args import add_device_argument
 from pipeline.verify.certify import certify_masks
 from pipeline.data.datasets import build_datasets
 from pipeline.errors import PipelineError
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--updated-weights", default=None, metavar="PTH",
                        help="dense weights after an update: also certify the reused masks on them (Lemma 3.6), e.g. "
                             "engines/<model>/dense_updated.pt from `updatable`")
-    group.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_device_argument(group)
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
