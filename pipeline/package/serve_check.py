@@ -94,18 +94,17 @@ def verify_engine_logits(recipe: Recipe, paths: ArtifactPaths, tensors: np.ndarr
                          ) -> tuple[dict[str, np.ndarray] | None, str]:
     """Logits of the engines verify ran (build.json), when they are ONNX Runtime engines; else None and why."""
     from pipeline.backends import get_backend
-    from pipeline.io import read_json
+    from pipeline.backends.build_report import BuildReport
 
     if not paths.build_report.is_file():
         return None, f"no {paths.build_report.name}: the build stage did not run"
-    build = read_json(paths.build_report)
-    if build.get("backend") != "onnxruntime":
-        return None, f"verify ran {build.get('backend')} engines, which this CPU machine cannot run"
+    build = BuildReport.load(paths.build_report, recipe.name)
+    if build.backend != "onnxruntime":
+        return None, f"verify ran {build.backend} engines, which this CPU machine cannot run"
     backend = get_backend("onnxruntime")
     logits = {}
     for variant in VARIANTS:
-        engine = Path(build["engines"][variant]["engine"])
-        runner = backend.load(engine if engine.is_absolute() else paths.root / engine, recipe)
+        runner = backend.load(build.checked_engine(variant, paths.root), recipe)
         logits[variant] = np.asarray(runner.infer(tensors), dtype=np.float32)
     return logits, "ONNX Runtime engines of build.json, as verify runs them"
 

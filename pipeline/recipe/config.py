@@ -28,6 +28,7 @@ class DataConfig:
     workers: int = 0
     eval_limit: int = 0  # 0 = the whole evaluation set
     synthetic_size: int = 256
+    skip_bad_images: bool = False  # damaged images: False = stop before any work naming them; True = skip and count
 
 
 @dataclass
@@ -35,6 +36,7 @@ class PreprocessConfig:
     """How raw images become the network input (also written for the inference server)."""
 
     resize: int = 0  # shorter side before crop; 0 = no resize
+    resize_mode: str = "auto"  # auto: fit an image folder for your own weights | fixed: resize as given (--resize)
     crop: int = 28
     mean: list[float] = field(default_factory=lambda: [0.2860])
     std: list[float] = field(default_factory=lambda: [0.3530])

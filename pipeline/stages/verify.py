@@ -14,19 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.backends import get_backend
 from pipeline.backends.build_report import BuildReport
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.export.report import ExportReport
-from pipeline.io import read_json, write_json, write_text
+from pipeline.io import write_json, write_text
 from pipeline.verify.report import (SCHEMA, latency_stats, plot_accuracy, plot_coverage, plot_latency, render_markdown,
                              speedup_stats, write_junit)
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.resolve import write_config
-from pipeline.training import progress_disabled
+from pipeline.progress import progress
+from pipeline.records import load_layer_table
 
 
 @dataclass
@@ -63,7 +63,7 @@ def load_engines(paths, recipe):
 def layer_table(paths, recipe) -> tuple[list[dict[str, Any]], int]:
     """Every Conv/Linear with MACs, masked or skipped (reason); from layers.json, else recomputed."""
     if paths.layers.is_file():
-        info = read_json(paths.layers)
+        info = load_layer_table(paths.layers, recipe.name)
     else:
         from pipeline.masks.eligibility import find_layers
         from pipeline.recipe.weights import build_network
@@ -95,8 +95,7 @@ def measure_accuracy(runners, dataset, batch_size: int) -> dict[str, Any]:
     counts = {variant: {"top1": 0, "top5": 0} for variant in runners}
     agree = total = 0
     max_diff = 0.0
-    for images, labels in tqdm(make_loader(dataset, batch_size=batch_size), desc="accuracy (engines)",
-                               disable=progress_disabled()):
+    for images, labels in progress(make_loader(dataset, batch_size=batch_size), desc="accuracy (engines)"):
         batch = images.numpy().astype(np.float32)
         labels = labels.numpy()
         predictions = {}
@@ -128,7 +127,7 @@ def measure_latency(runners, input_shape, batches: list[int], iterations: int, w
     raw: dict[str, dict[str, list[float]]] = {}
     by_batch: dict[str, Any] = {}
     rng = np.random.default_rng(0)
-    bar = tqdm(total=len(batches) * rounds, desc="latency (interleaved)", disable=progress_disabled())
+    bar = progress(total=len(batches) * rounds, desc="latency (interleaved)")
     for batch in batches:
         data = rng.standard_normal((batch, *input_shape)).astype(np.float32)
         for runner in runners.values():
