@@ -17,7 +17,7 @@ from pathlib import Path
 FILE_FAULTS = ("missing", "empty", "truncated", "random_bytes", "directory", "unreadable")
 JSON_FAULTS = FILE_FAULTS + ("json_null", "json_list", "json_number", "key_missing", "wrong_type")
 TENSOR_FAULTS = FILE_FAULTS + ("nan", "inf", "wrong_shape", "wrong_dtype")
-IMAGE_FAULTS = ("not_an_image", "truncated_image", "empty", "directory_named_like_an_image")
+IMAGE_FAULTS = ("not_an_image", "truncated_image", "empty", "random_bytes")
 RECORD_STAGES = {"train_masks.json": ("bake",), "bake.json": ("export", "verify", "package"),
                  "export.json": ("build", "verify", "package"), "build.json": ("verify", "package", "serve-check"),
                  "report.json": ("package",), "layers.json": ("verify",)}
@@ -63,11 +63,11 @@ INVENTORY: tuple[Reader, ...] = (
     # ---- records (JSON) the stages write and read
     Reader("config.json", "json", "pipeline.recipe.resolve:write_config", "every stage", (), (), paths=("config",),
            note="written for people and tools; no stage reads it"),
-    Reader("stages.json", "json", "pipeline.records:StageRecords.load", "engine", ("engine",), JSON_FAULTS,
+    Reader("stages.json", "json", "pipeline.records:StageRecords.load", "engine", ("engine",), JSON_FAULTS[1:],
            paths=("stages",), required=(("stages", "[]"), ("in_progress", "7")),
            sites=("pipeline.stages.engine:run_stage",),
-           note="a cache: damaged means rebuilt with one warning line, never refused; run_stage puts its bytes back "
-                "when a stage refuses its input"),
+           note="a cache: damaged means rebuilt with one warning line, never refused (missing: no record, every "
+                "stage runs); run_stage puts its bytes back when a stage refuses its input"),
     Reader("layers.json", "json", "pipeline.records:load_layer_table", "train-masks", RECORD_STAGES["layers.json"],
            JSON_FAULTS, paths=("layers",), required=(("masked", "7"), ("skipped", "\"x\""))),
     Reader("train_masks.json", "json", "pipeline.records:StageReport.load", "train-masks (TrainingRecord)",
@@ -83,8 +83,9 @@ INVENTORY: tuple[Reader, ...] = (
            sites=("pipeline.package.plans:find_plans",),
            note="plans.py still parses it raw (TensorRT engineer moves it to BuildReport)"),
     Reader("report.json", "json", "pipeline.verify.report:VerificationReport.load", "verify",
-           RECORD_STAGES["report.json"], JSON_FAULTS, paths=("report_json",),
-           required=(("gates", "[]"), ("engine_sha256", "1"))),
+           RECORD_STAGES["report.json"], JSON_FAULTS[1:], paths=("report_json",),
+           required=(("gates", "[]"), ("engine_sha256", "1")),
+           note="missing: verify did not run, the package says `not verified` (--require-verified refuses it)"),
     Reader("manifest.json", "json", "pipeline.package.manifest:check_manifest", "package",
            ("check-manifest",), JSON_FAULTS, paths=("manifest",), required=(("files", "{}"),)),
     Reader("serve_check.json", "json", "pipeline.package.serve_check:run_serve_check", "serve-check", (), (),

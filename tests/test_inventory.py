@@ -81,7 +81,7 @@ def test_every_artifact_path_has_exactly_one_owner():
 def test_the_inventory_is_a_table_of_known_faults():
     known = set(FILE_FAULTS + JSON_FAULTS + TENSOR_FAULTS) | {"toml_syntax", "wrong_type", "unknown_key",
                                                              "pickled_module", "text_file", "not_an_image",
-                                                             "truncated_image", "directory_named_like_an_image"}
+                                                             "truncated_image"}
     for reader in INVENTORY:
         assert set(reader.faults) <= known, reader.file
         assert reader.faults or reader.note, f"{reader.file}: no fault applies and no note says why"

@@ -191,6 +191,9 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.verify
     started = time.time()
     build, backend, runners = load_engines(paths, recipe)
+    # every record verify reads is checked before any measurement
+    layers, total_macs = layer_table(paths, recipe)
+    export_info = ExportReport.load(paths.export_report, recipe.name).details if paths.export_report.is_file() else {}
     from pipeline.data.datasets import build_datasets
 
     data = build_datasets(recipe)
@@ -204,10 +207,8 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     by_batch, raw = measure_latency(runners, recipe.input_shape, batches, cfg.latency_iters, cfg.warmup_iters)
     serving_entry = by_batch[str(serving)]
     layer_times = {variant: runner.layer_times() for variant, runner in runners.items()}
-    layers, total_macs = layer_table(paths, recipe)
     masked_fraction = sum(layer["macs"] for layer in layers if layer["masked"]) / max(total_macs, 1)
     kernel_fraction, kernel_note = sparse_kernel_coverage(build, layers, total_macs)
-    export_info = ExportReport.load(paths.export_report, recipe.name).details if paths.export_report.is_file() else {}
     export_checks = export_info.get("layers", {}).get("fp32", [])
     exported_ok = f"{sum(c['ok'] for c in export_checks)}/{len(export_checks)}" if export_checks else "n/a"
     for layer in layers:

@@ -31,7 +31,7 @@ class VerificationReport:
     @classmethod
     def load(cls, path: Path) -> "VerificationReport":
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():  # verify did not run: package says "not verified" (or refuses with --require-verified)
             return cls(path, None)
         fix = "re-run `python -m pipeline verify`"
         report = read_json(path, fix=fix)
