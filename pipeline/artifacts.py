@@ -69,7 +69,8 @@ INVENTORY: tuple[Reader, ...] = (
            note="a cache: damaged means rebuilt with one warning line, never refused (missing: no record, every "
                 "stage runs); run_stage puts its bytes back when a stage refuses its input"),
     Reader("layers.json", "json", "pipeline.records:load_layer_table", "train-masks", RECORD_STAGES["layers.json"],
-           JSON_FAULTS, paths=("layers",), required=(("masked", "7"), ("skipped", "\"x\""))),
+           JSON_FAULTS[1:], paths=("layers",), required=(("masked", "7"), ("skipped", "\"x\"")),
+           note="missing: verify recomputes the table from the network"),
     Reader("train_masks.json", "json", "pipeline.records:StageReport.load", "train-masks (TrainingRecord)",
            RECORD_STAGES["train_masks.json"], JSON_FAULTS, paths=("mask_training",),
            required=(("files", "[]"), ("model", "1"))),

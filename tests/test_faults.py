@@ -33,7 +33,7 @@ from pipeline.io import sha256_file
 
 FAST = ["--set", "masks.steps=1", "--set", "verify.latency_iters=2", "--set", "verify.warmup_iters=0"]
 FIX_WORDS = ("run", "rerun", "re-run", "pass", "remove", "delete", "check", "fix", "reinstall", "install", "use",
-             "save", "give", "put", "replace", "drop", "choose")
+             "save", "give", "put", "replace", "drop", "choose", "valid:")
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -48,7 +48,7 @@ def finished(tmp_path_factory):
     assert main(["engine", *common, *FAST]) == 0
     assert main(["package", *common, *FAST]) == 0
     shutil.copy(weights, out / MODEL / "dense.pt")  # what pretrain writes, for the --weights pretrain readers
-    write_imagefolder(root / "images", ["a", "b"], per_class=6, size=28, val_per_class=3)
+    write_imagefolder(root / "images", list("abcdefghij"), per_class=2, size=28, val_per_class=1)
     write_idx_folder(root / "idx")
     return root, weights
 
@@ -247,7 +247,8 @@ def _torch_owner(path: Path, case_dir: Path):
 def wiring() -> dict[str, Wiring]:
     m = model
     common = ["--model", MODEL, "--out", "{out}", "--weights", "{weights}", *FAST]
-    images = ["--model", MODEL, "--out", "{out}", "--weights", "{weights}", "--data", "{case}/images", *FAST]
+    images = ["--model", MODEL, "--out", "{out}", "--weights", "{weights}", "--data", "{case}/images", *FAST,
+              "--set", "masks.validation_images=0"]
     idx = ["--model", MODEL, "--out", "{out}", "--weights", "{weights}", "--data", "{case}/idx",
            "--set", "data.kind=fashion_mnist", *FAST]
     table = {
@@ -275,7 +276,7 @@ def wiring() -> dict[str, Wiring]:
                              [["verify", *common], ["package", *common]]),
         "report.json": Wiring(lambda c: m(c) / "report.json", owner_of("report.json"), [["package", *common]]),
         "manifest.json": Wiring(lambda c: m(c) / "manifest.json", owner_of("manifest.json"),
-                                [["check-manifest", "{out}/" + MODEL]]),
+                                [["check-manifest", "--model", MODEL, "--out", "{out}"]]),
         "masks.ckpt": Wiring(lambda c: m(c) / "masks.ckpt", owner_of("masks.ckpt"), [["bake", *common]]),
         "masks.pt": Wiring(lambda c: m(c) / "masks.pt", owner_of("masks.pt"),
                            [["export", *common], ["verify", *common], ["certify", *common], ["package", *common]]),

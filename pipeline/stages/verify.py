@@ -62,7 +62,7 @@ def load_engines(paths, recipe):
 
 def layer_table(paths, recipe) -> tuple[list[dict[str, Any]], int]:
     """Every Conv/Linear with MACs, masked or skipped (reason); from layers.json, else recomputed."""
-    if paths.layers.is_file():
+    if paths.layers.exists():
         info = load_layer_table(paths.layers, recipe.name)
     else:
         from pipeline.masks.eligibility import find_layers
