@@ -129,11 +129,11 @@ def torch_save(obj: Any, path: Path) -> None:
         tmp.write_bytes(buffer.getbuffer())
 
 
-def torch_load(path: Path, what: str = "checkpoint") -> Any:
-    """Load a torch file safely (weights_only=True) with a one-line error on failure."""
+def torch_load(path: Path, what: str = "checkpoint", fix: str = "re-run the stage that writes it") -> Any:
+    """Load a torch file safely (weights_only=True) with a one-line error naming it and FIX on failure."""
     import torch
 
-    path = readable_file(path, what, "check the path")
+    path = readable_file(path, what, fix)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
@@ -144,7 +144,8 @@ def torch_load(path: Path, what: str = "checkpoint") -> Any:
                                 "(weights_only) refuses, e.g. a whole nn.Module saved with torch.save(model); save "
                                 "tensors only, e.g. torch.save(model.state_dict(), PATH)") from None
         first = text.splitlines()[0] if text else type(exc).__name__
-        raise PipelineError(f"{what} {path} cannot be read ({first[:160]}); it is corrupt or not a PyTorch file") from None
+        raise PipelineError(f"{what} {path} cannot be read ({first[:160]}); it is corrupt or not a PyTorch file: "
+                            f"{fix}") from None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

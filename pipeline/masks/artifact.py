@@ -55,7 +55,7 @@ class MaskArtifact:
 
     @classmethod
     def load(cls, path: Path) -> "MaskArtifact":
-        payload = torch_load(path, "mask file")
+        payload = torch_load(path, "mask file", "re-run `python -m pipeline bake` (or pass the masks.pt it wrote)")
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise PipelineError(f"{path} is not a mask artifact (expected format {FORMAT!r}); "
                                 "pass the masks.pt written by `bake`")

@@ -45,7 +45,7 @@ class MaskCheckpoint:
 
     @classmethod
     def load(cls, path: Path, fix: str = "run train-masks first") -> "MaskCheckpoint":
-        saved = torch_load(path, "mask-training checkpoint")
+        saved = torch_load(path, "mask-training checkpoint", fix)
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise PipelineError(f"{path} is not a mask-training checkpoint; {fix}")
         if saved.get("version") != VERSION:

@@ -69,8 +69,14 @@ def write_recipe(request: RecipeRequest) -> WrittenRecipe:
     path = Path(request.out or f"{recipe.name}.toml")
     if path.exists() and not request.force:
         raise PipelineError(f"{path} already exists; pass --force to replace it or --out another file")
+    inferred = [note.removeprefix("preprocessing: ") for note in notes if note.startswith("preprocessing: ")]
+    if recipe.data.kind == "imagefolder":
+        recipe.preprocess.resize_mode = "fixed"  # the file states what was inferred from the folder
     content = recipe.to_dict()
-    text = to_toml(content)
+    header = [f"# preprocessing inferred by init-recipe: {line}" for line in inferred]
+    if header and recipe.data.kind == "imagefolder":
+        header.append('# (preprocess.resize_mode = "fixed" keeps it; "auto" infers it from the image folder again)')
+    text = "\n".join(header + [""] if header else []) + to_toml(content)
     if tomllib.loads(text) != content:
         raise PipelineError(f"cannot write {path}: a value does not survive TOML (labels with control characters?)")
     write_text(path, text)

@@ -85,7 +85,8 @@ def fit_to_folder(recipe: Recipe, own_weights: bool, ratio: tuple[int, int] | No
     RATIO: the source's resize/crop before --input-size changed it (None: no resize)."""
     pre, data = recipe.preprocess, recipe.data
     if data.kind != "imagefolder" or not data.root:
-        return (f"{data.kind} data: the recipe's transform", [])
+        return (f"{data.kind} data: the recipe's transform" if data.kind != "imagefolder" else
+                "no image folder given (--data DIR): the recipe's transform", [])
     sizes = probe_sizes(data.root, (data.train_split, data.eval_split))
     if sizes is None:
         return ("the recipe's transform (no image header of the folder could be read)", [])

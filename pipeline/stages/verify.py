@@ -72,7 +72,7 @@ def layer_table(paths, recipe) -> tuple[list[dict[str, Any]], int]:
         info = find_layers(build_network(recipe), recipe.input_shape, cfg.m, cfg.include, cfg.exclude,
                            recipe.classifier, cfg.include_classifier).to_dict()
     masked_names = None
-    if paths.masks.is_file():
+    if paths.masks.exists():
         from pipeline.masks.artifact import MaskArtifact
 
         from pipeline.masks.bake_report import BakeReport
@@ -193,7 +193,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     build, backend, runners = load_engines(paths, recipe)
     # every record verify reads is checked before any measurement
     layers, total_macs = layer_table(paths, recipe)
-    export_info = ExportReport.load(paths.export_report, recipe.name).details if paths.export_report.is_file() else {}
+    export_info = ExportReport.load(paths.export_report, recipe.name).details if paths.export_report.exists() else {}
     from pipeline.data.datasets import build_datasets
 
     data = build_datasets(recipe)
