@@ -85,9 +85,9 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def readable_file(path: Path, what: str, fix: str) -> Path:
+def readable_file(path: Path, what: str, fix: str, empty_fix: str = "") -> Path:
     """PATH, refused in one line when it is missing, a folder, unreadable or empty (WHAT names it, FIX says what
-    to do)."""
+    to do; EMPTY_FIX, when given, for an empty file)."""
     path = Path(path)
     if path.is_dir():
         raise PipelineError(f"{what} {path} is a folder, not a file; {fix}")
@@ -96,7 +96,7 @@ def readable_file(path: Path, what: str, fix: str) -> Path:
     if not os.access(path, os.R_OK):
         raise PipelineError(f"{what} {path} is not readable (permission denied); fix its permissions or {fix}")
     if path.stat().st_size == 0:
-        raise PipelineError(f"{what} {path} is empty; {fix}")
+        raise PipelineError(f"{what} {path} is empty; {empty_fix or fix}")
     return path
 
 

@@ -70,11 +70,12 @@ def write_recipe(request: RecipeRequest) -> WrittenRecipe:
     if path.exists() and not request.force:
         raise PipelineError(f"{path} already exists; pass --force to replace it or --out another file")
     inferred = [note.removeprefix("preprocessing: ") for note in notes if note.startswith("preprocessing: ")]
-    if recipe.data.kind == "imagefolder":
+    folder = recipe.data.kind == "imagefolder" and bool(recipe.data.root)
+    if folder:
         recipe.preprocess.resize_mode = "fixed"  # the file states what was inferred from the folder
     content = recipe.to_dict()
     header = [f"# preprocessing inferred by init-recipe: {line}" for line in inferred]
-    if header and recipe.data.kind == "imagefolder":
+    if header and folder:
         header.append('# (preprocess.resize_mode = "fixed" keeps it; "auto" infers it from the image folder again)')
     text = "\n".join(header + [""] if header else []) + to_toml(content)
     if tomllib.loads(text) != content:

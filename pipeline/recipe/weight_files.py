@@ -102,7 +102,7 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 # --------------------------------------------------------------------------- reading
 def _load_payload(path: Path):
-    readable_file(path, "weights file", f"check the path; {SAVE_HINT}")
+    readable_file(path, "weights file", "check the path", empty_fix=SAVE_HINT)
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(4096)

@@ -8,6 +8,7 @@ normalisation from the source's pretrained metadata unless --input-size / --mean
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pipeline.recipe.init_recipe import RecipeRequest, write_recipe
 from pipeline.recipe.sources import SPEC_FORMS
@@ -51,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(options: Options) -> int:
     written = write_recipe(options)
-    for note in written.notes:
-        print(note)
+    for note in written.notes:  # valid but probably wrong inputs go to stderr, as every stage prints them
+        print(note, file=sys.stderr if note.startswith("warning: ") else sys.stdout)
     print(f"wrote {written.path}")
     print(f"next: {written.next_command}")
     return 0
