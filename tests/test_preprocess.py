@@ -151,7 +151,7 @@ def test_dense_top1_through_engine_equals_the_model_s_own_evaluation(trained, tm
     code = main(["engine", "--model", "torchvision:resnet18", "--weights", str(weights), "--data", str(data),
                  "--input-size", "32", "--out", str(out), "--set", "masks.steps=1", "--set",
                  "masks.validation_images=0", "--set", "masks.batch_size=8", "--set", "export.fp16=false", "--set", "verify.latency_iters=2",
-                 "--set", "verify.warmup_iters=0", "--set", "verify.max_top1_drop=100", "--set", "build.max_batch=16", "--set", "build.opt_batch=8",
+                 "--set", "verify.warmup_iters=0", "--set", "verify.max_top1_drop=100", "--set", "data.workers=0", "--set", "build.max_batch=16", "--set", "build.opt_batch=8",
                  "--set", "serve.max_batch_size=16", "--set", "serve.preferred_batch_sizes=8"])
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
