@@ -148,11 +148,11 @@ def test_dense_top1_through_engine_equals_the_model_s_own_evaluation(trained, tm
     assert top1(model, torch.stack([old(Image.open(p).convert("RGB")) for p in files]), val_labels) < own
 
     out = tmp_path / "engines"
+    fast = ["masks.steps=1", "masks.validation_images=0", "masks.batch_size=8", "export.fp16=false",
+            "verify.latency_iters=2", "verify.warmup_iters=0", "verify.max_top1_drop=100", "data.workers=0",
+            "build.max_batch=16", "build.opt_batch=8", "serve.max_batch_size=16", "serve.preferred_batch_sizes=8"]
     code = main(["engine", "--model", "torchvision:resnet18", "--weights", str(weights), "--data", str(data),
-                 "--input-size", "32", "--out", str(out), "--set", "masks.steps=1", "--set",
-                 "masks.validation_images=0", "--set", "masks.batch_size=8", "--set", "export.fp16=false", "--set", "verify.latency_iters=2",
-                 "--set", "verify.warmup_iters=0", "--set", "verify.max_top1_drop=100", "--set", "data.workers=0", "--set", "build.max_batch=16", "--set", "build.opt_batch=8",
-                 "--set", "serve.max_batch_size=16", "--set", "serve.preferred_batch_sizes=8"])
+                 "--input-size", "32", "--out", str(out), *[arg for item in fast for arg in ("--set", item)]])
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
     assert "note: preprocessing: no resize" in printed.out

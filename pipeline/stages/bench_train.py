@@ -29,7 +29,6 @@ from pipeline.recipe.registry import get_recipe, list_models
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.gumbel import (attach_masks, mask_training_mode, masked_modules, prepare_step,
                                    set_kept_magnitude_weight)
-
 from pipeline.recipe.weights import build_network
 from pipeline.progress import progress
 

@@ -83,7 +83,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             model.train()
             sampler.set_epoch(state["epoch"], state["batch"])
             bar = progress(make_loader(data.train, sampler), total=steps_per_epoch, initial=state["batch"],
-                       desc=f"pretrain epoch {state['epoch'] + 1}/{cfg.epochs}")
+                           desc=f"pretrain epoch {state['epoch'] + 1}/{cfg.epochs}")
             correct = seen = 0
             for images, labels in bar:
                 images, labels = images.to(device), labels.to(device)
