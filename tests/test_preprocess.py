@@ -145,7 +145,8 @@ def test_dense_top1_through_engine_equals_the_model_s_own_evaluation(trained, tm
     old = transforms.Compose([transforms.Resize(37), transforms.CenterCrop(32), transforms.ToTensor(),
                               transforms.Normalize(MEAN, STD)])
     files = [p for name in ("blue", "red") for p in sorted((data / "val" / name).iterdir())]
-    assert top1(model, torch.stack([old(Image.open(p).convert("RGB")) for p in files]), val_labels) < own
+    old_top1 = top1(model, torch.stack([old(Image.open(p).convert("RGB")) for p in files]), val_labels)
+    assert old_top1 < own
 
     out = tmp_path / "engines"
     fast = ["masks.steps=1", "masks.validation_images=0", "masks.batch_size=8", "export.fp16=false",
@@ -157,4 +158,6 @@ def test_dense_top1_through_engine_equals_the_model_s_own_evaluation(trained, tm
     assert code == 0, printed.err[-3000:]
     assert "note: preprocessing: no resize" in printed.out
     report = json.loads((out / "torchvision_resnet18" / "report.json").read_text())
+    print(f"own evaluation {own:.2f}%, resize 37/crop 32 {old_top1:.2f}%, engine dense "
+          f"{report['accuracy']['dense']['top1']:.2f}%")
     assert report["accuracy"]["dense"]["top1"] == pytest.approx(own)

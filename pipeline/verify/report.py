@@ -37,9 +37,11 @@ class VerificationReport:
         report = read_json(path, fix=fix)
         if not isinstance(report, dict):
             raise PipelineError(f"{path} is not a verify report (JSON {type(report).__name__}); {fix}")
-        check_keys(report, {"gates": dict, "engine_sha256": dict}, path, "a verify report", fix)
+        check_keys(report, {"gates": dict}, path, "a verify report", fix)
         passed = report["gates"].get("passed")
-        engines = report["engine_sha256"]
+        engines = report.get("engine_sha256", {})
+        if not isinstance(engines, dict):
+            raise PipelineError(f"{path} is not a verify report (engine_sha256 is not a table); {fix}")
         if not isinstance(passed, bool) or not all(isinstance(value, str) for value in engines.values()):
             raise PipelineError(f"{path} is not a verify report (no verdict, or engine hashes of the wrong type); "
                                 f"{fix}")
