@@ -161,3 +161,11 @@ def test_dense_top1_through_engine_equals_the_model_s_own_evaluation(trained, tm
     print(f"own evaluation {own:.2f}%, resize 37/crop 32 {old_top1:.2f}%, engine dense "
           f"{report['accuracy']['dense']['top1']:.2f}%")
     assert report["accuracy"]["dense"]["top1"] == pytest.approx(own)
+
+
+def test_own_weights_on_images_smaller_than_the_input_size_warn_with_the_flag(trained):
+    data, weights, _ = trained
+    recipe, notes = recipe_with_flags(options(data, weights))  # no --input-size: the weights' metadata says 224
+    assert (recipe.preprocess.resize, recipe.preprocess.crop) == (0, 224)
+    assert any(note.startswith("warning: ") and "zero-padded" in note and "--input-size 32" in note
+               for note in notes), notes

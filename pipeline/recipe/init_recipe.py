@@ -34,6 +34,7 @@ class RecipeRequest:
     input_size: int | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
+    resize: str | None = None  # auto | none | N (default auto: fit the image folder)
     name: str | None = None
     out: str | None = None
     force: bool = False
@@ -57,6 +58,7 @@ def write_recipe(request: RecipeRequest) -> WrittenRecipe:
     options = ModelOptions(
         model=request.source, weights=weights, data=data, num_classes=request.num_classes,
         classifier=request.classifier, input_size=None if request.input_size is None else str(request.input_size),
+        resize=request.resize,
         **{key: None if values is None else ",".join(map(str, values)) for key, values in numbers.items()},
         overrides=[f"name={request.name or _default_name(request)}"])
     recipe, notes = recipe_with_flags(options)

@@ -96,8 +96,11 @@ def fit_to_folder(recipe: Recipe, own_weights: bool, ratio: tuple[int, int] | No
         return (f"fixed by the recipe or --resize ({seen})", _too_small_warning(recipe, sizes, seen))
     if own_weights and small:
         pre.resize = 0
+        padded = [] if max(sizes.largest) == pre.crop else [
+            f"{seen}, smaller than the input size {pre.crop}, so they are zero-padded to it: if the model was "
+            f"trained on images of their size, pass --input-size {max(sizes.largest)}"]
         return (f"{seen}, at most the input size {pre.crop}: whole images, no resize or crop (your own weights; "
-                "--resize N states another)", [])
+                "--resize N states another)", padded)
     if own_weights and not small and not pre.resize:
         pre.resize = pre.crop
         return (f"{seen}: the shorter side resized to the input size {pre.crop}, then centre-cropped "
