@@ -118,8 +118,10 @@ class StageRecords:
             return cls(), ""
         try:
             data = read_json(path, fix="")
-            check_keys(data if isinstance(data, dict) else {"": None}, {"stages": dict, "in_progress": dict}, path,
-                       "an engine record", "")
+            if not isinstance(data, dict):
+                raise PipelineError(f"{path} is not an engine record (JSON {type(data).__name__}, not an object)")
+            data.setdefault("in_progress", {})  # records written before runs could resume have none
+            check_keys(data, {"stages": dict, "in_progress": dict}, path, "an engine record", "")
             stages, in_progress = data["stages"], data["in_progress"]
             for name, record in stages.items():
                 check_keys(record if isinstance(record, dict) else {}, {"inputs": str, "outputs": dict}, path,
