@@ -428,3 +428,19 @@ def test_an_image_folder_with_gzip_idx_and_plain_idx_reads_alike(tmp_path):
     packed.write_bytes(packed.read_bytes()[:20])
     with pytest.raises(PipelineError, match="copy.gz"):
         read_idx(packed)
+
+
+def test_a_damaged_image_found_in_a_dataloader_worker_is_one_line(case, monkeypatch):
+    """An image that passes the scan but fails to decode while loading, in a worker process: one line."""
+    import pipeline.data.images
+    from pipeline.data.datasets import build_datasets, make_loader
+
+    bad = case / "images" / "val" / "c" / "0.png"
+    bad.write_bytes(bad.read_bytes()[:50])
+    monkeypatch.setattr(pipeline.data.images, "decode_error", lambda path, full: None)  # the scan passes it
+    bundle = build_datasets(_recipe(case, data__kind="imagefolder", data__root=str(case / "images")))
+    with pytest.raises(PipelineError) as raised:
+        for _ in make_loader(bundle.eval, batch_size=4, workers=1):
+            pass
+    message = str(raised.value)
+    assert "\n" not in message and str(bad) in message and "Traceback" not in message, message
