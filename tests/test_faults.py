@@ -239,6 +239,13 @@ def _pbtxt_owner(path: Path, case_dir: Path):
     return parse_config(path)
 
 
+def _curves_owner(path: Path, case_dir: Path):
+    from pipeline.paths import ArtifactPaths
+    from pipeline.stages import curves
+
+    return curves.run(_recipe(case_dir), ArtifactPaths(path.parent), curves.Options())
+
+
 def _torch_owner(path: Path, case_dir: Path):
     from pipeline.io import torch_load
 
@@ -267,6 +274,9 @@ def wiring() -> dict[str, Wiring]:
                                     [["train-masks", *idx]]),
         "stages.json": Wiring(lambda c: m(c) / "stages.json", _stages_json_owner, []),
         "layers.json": Wiring(lambda c: m(c) / "layers.json", owner_of("layers.json"), [["verify", *common]]),
+        "train_masks*.json as learning curves": Wiring(lambda c: m(c) / "train_masks.json",
+                                                       lambda p, c: _curves_owner(p, c),
+                                                       [["curves", "--model", MODEL, "--out", "{out}"]]),
         "train_masks.json": Wiring(lambda c: m(c) / "train_masks.json", owner_of("train_masks.json"),
                                    [["bake", *common]]),
         "bake.json": Wiring(lambda c: m(c) / "bake.json", owner_of("bake.json"),
@@ -444,3 +454,15 @@ def test_a_damaged_image_found_in_a_dataloader_worker_is_one_line(case, monkeypa
             pass
     message = str(raised.value)
     assert "\n" not in message and str(bad) in message and "Traceback" not in message, message
+
+
+@pytest.mark.parametrize("reader", [r for r in INVENTORY if r.faults], ids=lambda r: r.file.split(" ")[0])
+def test_owner_loads_the_intact_file(case, reader, monkeypatch):
+    """The control: each owner loads the unbroken file, so a refusal above is the fault's doing."""
+    if reader.kind == "toml":
+        shutil.copy(Path(__file__).resolve().parents[1] / "models" / f"{MODEL}.toml", case / "recipe.toml")
+    if reader.file.startswith("pretrain.ckpt"):
+        torch.save({"model": {}, "state": {"epoch": 0}}, model(case) / "pretrain.ckpt")
+    if reader.file.startswith("Fashion-MNIST"):
+        _offline_fashion_mnist(monkeypatch)
+    wiring_for(reader).owner(wiring_for(reader).target(case), case)
