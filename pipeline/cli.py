@@ -49,6 +49,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "folder) (default: recipe)")
     group.add_argument("--input-size", default=None, metavar="SIZE|C,H,W",
                        help="network input: 224 (square, the recipe's channels) or 3,224,224; crop and resize follow")
+    group.add_argument("--resize", default=None, metavar="auto|none|N",
+                       help="shorter side before the centre crop: auto (default: for your own weights on an image "
+                            "folder, whole images when they are the input size or smaller, else the source's "
+                            "ratio), none (no resize) or N pixels (recipe preprocess.resize / resize_mode)")
+    group.add_argument("--skip-bad-images", action="store_true",
+                       help="skip damaged images of an image folder and count them in the report (default: stop "
+                            "before any work, naming them; recipe data.skip_bad_images)")
     group.add_argument("--mean", default=None, metavar="M1,M2,M3", help="per-channel normalisation mean")
     group.add_argument("--std", default=None, metavar="S1,S2,S3", help="per-channel normalisation std")
     group.add_argument("--num-classes", type=int, default=None,

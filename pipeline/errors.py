@@ -6,7 +6,18 @@ exception is a bug and keeps its traceback.
 
 
 class PipelineError(Exception):
-    """Bad input or environment: message says what was wrong and how to fix it."""
+    """Bad input or environment: message says what was wrong and how to fix it.
+
+    Raised in a DataLoader worker (a damaged image found while loading), torch re-raises it in the main process
+    with the worker's traceback as its message; the message is cut back to the one line it was raised with."""
+
+    def __init__(self, message: str = "", *args) -> None:
+        text = str(message)
+        if text.startswith("Caught PipelineError in DataLoader worker"):
+            raised = [line for line in text.splitlines() if line.startswith(("PipelineError: ",
+                                                                             "pipeline.errors.PipelineError: "))]
+            text = raised[-1].split("PipelineError: ", 1)[1] if raised else text.splitlines()[0]
+        super().__init__(text, *args)
 
 
 class GateFailed(Exception):

@@ -21,8 +21,26 @@ from pipeline import transaction
 from pipeline.errors import PipelineError
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+def _normal_mode() -> int:
+    """0o666 less the process umask. Read from /proc (Linux) so nothing changes the umask, even for a moment;
+    elsewhere a file made with the default mode tells it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    fd, probe = tempfile.mkstemp()
+    os.close(fd)
+    try:
+        os.unlink(probe)
+        descriptor = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        os.close(descriptor)
+        return os.stat(probe).st_mode & 0o777
+    finally:
+        Path(probe).unlink(missing_ok=True)
 
 
 def ensure_dir(path: Path) -> Path:
@@ -48,7 +66,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get normal permissions
+        os.chmod(tmp_path, _normal_mode())  # mkstemp makes 0600 files; artifacts get normal permissions
         transaction.before_replace(path)  # inside a stage: keep the previous version until the stage succeeds
         os.replace(tmp_path, path)
     except BaseException as exc:
@@ -70,14 +88,35 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def read_json(path: Path) -> Any:
+def readable_file(path: Path, what: str, fix: str, empty_fix: str = "") -> Path:
+    """PATH, refused in one line when it is missing, a folder, unreadable or empty (WHAT names it, FIX says what
+    to do; EMPTY_FIX, when given, for an empty file)."""
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path} does not exist; run the stage that writes it first")
+    if path.is_dir():
+        raise PipelineError(f"{what} {path} is a folder, not a file; {fix}")
+    if not path.exists():
+        raise PipelineError(f"{what} {path} does not exist; {fix}")
+    if not os.access(path, os.R_OK):
+        raise PipelineError(f"{what} {path} is not readable (permission denied); fix its permissions or {fix}")
+    if path.stat().st_size == 0:
+        raise PipelineError(f"{what} {path} is empty; {empty_fix or fix}")
+    return path
+
+
+def read_json(path: Path, fix: str = "delete it and rerun the stage that writes it", what: str = "") -> Any:
+    """The JSON value in PATH, or one PipelineError naming the file and FIX. Callers check its shape."""
+    path = readable_file(path, what or "JSON file", fix or "delete it")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path} is not valid JSON ({exc}); delete it and rerun the stage that writes it") from None
+        return json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:120]
+        raise PipelineError(f"{path} is not valid JSON ({reason})" + (f"; {fix}" if fix else "")) from None
+    except OSError as exc:
+        raise PipelineError(f"cannot read {path} ({exc.strerror})" + (f"; {fix}" if fix else "")) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def torch_save(obj: Any, path: Path) -> None:
@@ -93,13 +132,11 @@ def torch_save(obj: Any, path: Path) -> None:
         tmp.write_bytes(buffer.getbuffer())
 
 
-def torch_load(path: Path, what: str = "checkpoint") -> Any:
-    """Load a torch file safely (weights_only=True) with a one-line error on failure."""
+def torch_load(path: Path, what: str = "checkpoint", fix: str = "re-run the stage that writes it") -> Any:
+    """Load a torch file safely (weights_only=True) with a one-line error naming it and FIX on failure."""
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{what} {path} does not exist; check the path")
+    path = readable_file(path, what, fix)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
@@ -110,7 +147,8 @@ def torch_load(path: Path, what: str = "checkpoint") -> Any:
                                 "(weights_only) refuses, e.g. a whole nn.Module saved with torch.save(model); save "
                                 "tensors only, e.g. torch.save(model.state_dict(), PATH)") from None
         first = text.splitlines()[0] if text else type(exc).__name__
-        raise PipelineError(f"{what} {path} cannot be read ({first[:160]}); it is corrupt or not a PyTorch file") from None
+        raise PipelineError(f"{what} {path} cannot be read ({first[:160]}); it is corrupt or not a PyTorch file: "
+                            f"{fix}") from None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

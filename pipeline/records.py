@@ -6,13 +6,12 @@ edited artifact is refused with the file and the stage to re-run, never used or 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pipeline.errors import PipelineError
-from pipeline.io import sha256_file, write_json
+from pipeline.io import read_json, sha256_file, write_json
 
 
 def rerun(stage: str, model: str) -> str:
@@ -39,18 +38,35 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": Path(path).stat().st_size}
 
 
-def load_report(path: Path, stage: str, model: str) -> dict[str, Any]:
-    """A stage's JSON report (a dict), or one error naming the stage that writes it."""
+def load_report(path: Path, stage: str, model: str, required: dict[str, type | tuple[type, ...]] | None = None
+                ) -> dict[str, Any]:
+    """A stage's JSON report (a dict whose REQUIRED keys hold values of their types), or one error naming the
+    file and the stage that writes it."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise PipelineError(f"{path} does not exist; run `python -m pipeline {stage} --model {model}` first")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PipelineError(f"{path} is not a {stage} report ({type(exc).__name__}); {rerun(stage, model)}") from None
+    data = read_json(path, fix=rerun(stage, model))
     if not isinstance(data, dict):
-        raise PipelineError(f"{path} is not a {stage} report (not a JSON object); {rerun(stage, model)}")
+        raise PipelineError(f"{path} is not a {stage} report (JSON {type(data).__name__}, not an object); "
+                            f"{rerun(stage, model)}")
+    check_keys(data, required or {}, path, f"a {stage} report", rerun(stage, model))
     return data
+
+
+def check_keys(data: dict[str, Any], required: dict[str, type | tuple[type, ...]], path: Path, what: str,
+               fix: str) -> None:
+    """Refuse DATA (read from PATH) unless each REQUIRED key is there with a value of its type."""
+    for key, kind in required.items():
+        if key not in data:
+            raise PipelineError(f"{path} is not {what} (no {key!r}); {fix}")
+        value = data[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _types(kind)):
+            names = "/".join(t.__name__ for t in _types(kind))
+            raise PipelineError(f"{path} is not {what} ({key!r} is {type(value).__name__}, expected {names}); {fix}")
+
+
+def _types(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
 
 
 @dataclass
@@ -59,6 +75,7 @@ class StageReport:
     (the JSON stays flat). Subclasses name their stage; each report file has one subclass, its owner."""
 
     STAGE: ClassVar[str] = ""
+    REQUIRED: ClassVar[dict[str, type | tuple[type, ...]]] = {"model": str, "files": dict}
     model: str
     files: dict[str, dict[str, Any]]  # file name -> sha256, bytes, and what the stage says about it
     details: dict[str, Any] = field(default_factory=dict)
@@ -68,12 +85,63 @@ class StageReport:
 
     @classmethod
     def load(cls, path: Path, model: str):
-        data = load_report(path, cls.STAGE, model)
-        files = data.pop("files", None)
-        if not isinstance(files, dict) or not all(isinstance(entry, dict) for entry in files.values()):
-            raise PipelineError(f"{path} records no files (no 'files' table); {rerun(cls.STAGE, model)}")
-        return cls(str(data.pop("model", model)), files, data)
+        data = load_report(path, cls.STAGE, model, cls.REQUIRED)
+        files = data.pop("files")
+        for name, entry in files.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+                raise PipelineError(f"{path} is not a {cls.STAGE} report (its entry for {name} has no sha256); "
+                                    f"{rerun(cls.STAGE, model)}")
+        return cls(data.pop("model"), files, data)
 
     def checked(self, path: Path) -> Path:
         """PATH (a file of this model folder), refused unless it is the file the stage wrote."""
         return verify_recorded(path, self.files.get(Path(path).name), self.STAGE, self.model)
+
+
+@dataclass
+class StageRecords:
+    """stages.json: what `engine` ran (per stage: the hash of its inputs, the sha256 of each output) and which
+    stage is under way. A cache, not a truth: a damaged file is dropped with a `warning:` line and rebuilt, so
+    every stage runs again (and it records afresh) instead of trusting or crashing on it."""
+
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    in_progress: dict[str, str] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        write_json(path, {"stages": self.stages, "in_progress": self.in_progress})
+
+    @classmethod
+    def load(cls, path: Path) -> tuple["StageRecords", str]:
+        """The records, and why they were dropped ('' when they were read as they are)."""
+        path = Path(path)
+        if not path.exists():
+            return cls(), ""
+        try:
+            data = read_json(path, fix="")
+            if not isinstance(data, dict):
+                raise PipelineError(f"{path} is not an engine record (JSON {type(data).__name__}, not an object)")
+            data.setdefault("in_progress", {})  # records written before runs could resume have none
+            check_keys(data, {"stages": dict, "in_progress": dict}, path, "an engine record", "")
+            stages, in_progress = data["stages"], data["in_progress"]
+            for name, record in stages.items():
+                check_keys(record if isinstance(record, dict) else {}, {"inputs": str, "outputs": dict}, path,
+                           f"an engine record (stage {name})", "")
+            if not all(isinstance(value, str) for value in in_progress.values()):
+                raise PipelineError(f"{path} is not an engine record (in_progress holds a non-string)")
+        except PipelineError as exc:
+            reason = str(exc).rstrip("; ")
+            return cls(), (f"{reason}; it is a cache of what engine ran, so it is rebuilt: every stage runs again "
+                           f"(delete {path} to silence this)")
+        return cls(stages, in_progress), ""
+
+
+def load_layer_table(path: Path, model: str) -> dict[str, Any]:
+    """layers.json (written by train-masks: every Conv/Linear, masked or skipped with its reason, and MACs),
+    refused in one line unless its lists and entries have the types verify reads."""
+    data = load_report(path, "train-masks", model, {"masked": list, "skipped": list})
+    for entry in data["masked"] + data["skipped"]:
+        check_keys(entry if isinstance(entry, dict) else {}, {"name": str, "kind": str, "macs": int, "eligible": bool}, path,
+                   "a layer table (an entry lacks name, kind, macs or eligible)", rerun("train-masks", model))
+    if not isinstance(data.get("total_macs", 0), (int, float)):
+        raise PipelineError(f"{path} is not a layer table (total_macs is not a number); {rerun('train-masks', model)}")
+    return data

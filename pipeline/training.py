@@ -1,7 +1,6 @@
 """Shared pieces of the training loops: device choice, evaluation, seeding, signals."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 from contextlib import contextmanager
@@ -9,10 +8,10 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline.data.datasets import make_loader
 from pipeline.errors import PipelineError
+from pipeline.progress import progress
 
 
 def check_device(requested: str) -> str:
@@ -29,17 +28,13 @@ def select_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def progress_disabled() -> bool:
-    return os.environ.get("PIPELINE_NO_PROGRESS", "") not in ("", "0")
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, desc: str = "eval",
              workers: int = 0) -> dict[str, float]:
     """Top-1/top-5 accuracy (percent) of `model` in its current mode on `dataset`."""
     loader = make_loader(dataset, batch_size=batch_size, workers=workers)
     correct1 = correct5 = total = 0
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=progress_disabled()):
+    for images, labels in progress(loader, desc=desc, leave=False):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(images)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices

@@ -47,12 +47,15 @@ def test_recipe_from_torchvision_weights_and_data(tmp_path, folder, weights):
     assert recipe["input_shape"] == [3, 64, 64] and recipe["weights"] == str(weights.resolve())
     assert (recipe["data"]["kind"], recipe["data"]["root"]) == ("imagefolder", str(folder.resolve()))
     assert get_recipe(str(out)).to_dict() == recipe  # the whole resolved recipe, loadable as written
-    # resize keeps torchvision's 256/224 ratio at the requested input size: floor(64 * 256 / 224) = 73
-    assert recipe["preprocess"] == {"resize": 73, "crop": 64, "mean": [0.485, 0.456, 0.406],
+    # own weights on 8x8 images, at most the input size: whole images, neither resized nor cropped (issue 22;
+    # before, torchvision's 256/224 ratio resized them to 73 and cropped 64); the file states it
+    assert recipe["preprocess"] == {"resize": 0, "resize_mode": "fixed", "crop": 64, "mean": [0.485, 0.456, 0.406],
                                     "std": [0.229, 0.224, 0.225], "color": "RGB"}
-    assert written.notes == [f"weights: file {weights} (entry 'model')",
-                             "num_classes: 3, from fc.weight in the weights file",
-                             f"labels: 3 class folders of {folder}"]
+    assert out.read_text().startswith("# preprocessing inferred by init-recipe: no resize")
+    assert written.notes[:3] == [f"weights: file {weights} (entry 'model')",
+                                 "num_classes: 3, from fc.weight in the weights file",
+                                 f"labels: 3 class folders of {folder}"]
+    assert written.notes[3].startswith("preprocessing: no resize") and "8x8" in written.notes[3]
 
 
 def test_recipe_keys_are_config_fields(tmp_path, folder, weights):
@@ -114,7 +117,8 @@ def test_python_factory_needs_the_flags_the_source_cannot_know(tmp_path, user_mo
                                out=str(out)))
     recipe = tomllib.loads(out.read_text())
     assert recipe["input_shape"] == [1, 28, 28] and recipe["num_classes"] == 4 and recipe["name"] == "own"
-    assert recipe["preprocess"] == {"resize": 28, "crop": 28, "mean": [0.5], "std": [0.25], "color": "L"}
+    assert recipe["preprocess"] == {"resize": 28, "resize_mode": "auto", "crop": 28, "mean": [0.5], "std": [0.25],
+                                    "color": "L"}
 
 
 def bad(request: RecipeRequest) -> str:

@@ -70,8 +70,7 @@ def test_manifest_lists_every_artifact_with_hash_and_size(packaged):
         assert manifest["gpu"] == "none"
 
 
-@pytest.mark.parametrize("report,verdict", [(None, "not verified"), ({"gates": {"passed": False}}, "failed"),
-                                            ({"summary": "no gates"}, "not verified")])
+@pytest.mark.parametrize("report,verdict", [(None, "not verified"), ({"gates": {"passed": False}}, "failed")])
 def test_verdict_comes_from_report_gates(tmp_path, onnx_file, report, verdict, capsys):
     folder = tmp_path / MODEL
     folder.mkdir()
@@ -139,3 +138,16 @@ def test_malformed_manifest_is_a_clear_error(tmp_path, content, message, capsys)
 def test_missing_manifest_says_how_to_make_one(tmp_path, capsys):
     assert main(["check-manifest", "--dir", str(tmp_path)]) == 2
     assert "run `python -m pipeline package`" in capsys.readouterr().err
+
+
+def test_a_report_without_gates_is_refused_as_damaged(tmp_path, onnx_file, capsys):
+    """A report.json verify did not write (no gates) is a damaged record: one error line, nothing packaged."""
+    folder = tmp_path / MODEL
+    folder.mkdir()
+    shutil.copyfile(onnx_file, folder / "dense.onnx")
+    shutil.copyfile(onnx_file, folder / "sparse.onnx")
+    record_export(folder)
+    (folder / "report.json").write_text(json.dumps({"summary": "no gates"}))
+    assert main(["package", "--model", MODEL, "--out", str(tmp_path)]) == 2
+    assert "report.json is not a verify report (no 'gates')" in capsys.readouterr().err
+    assert not (folder / "manifest.json").exists()

@@ -284,3 +284,39 @@ def test_a_full_disk_is_one_error_line_and_damages_nothing(run_copy, monkeypatch
     assert "MB free" in lines[0]
     assert snapshot(folder) == before
     assert not [path.name for path in folder.iterdir() if path.name.endswith(".tmp")]  # no temporary left
+
+
+# --------------------------------------------------------------------------- progress in log files
+def test_progress_off_a_terminal_is_plain_lines(capsys, monkeypatch):
+    from pipeline.progress import progress
+
+    monkeypatch.delenv("PIPELINE_NO_PROGRESS", raising=False)
+    bar = progress(total=20, desc="work")
+    for _ in range(20):
+        bar.update(1)
+        bar.set_postfix(loss="0.5")
+    bar.close()
+    assert list(progress(range(3), desc="loop")) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err
+    assert err.splitlines()[0] == "work: 2/20 (10%) loss=0.5" and "work: 20/20 (100%) loss=0.5" in err
+    assert "loop: 3/3 (100%)" in err
+
+
+@pytest.mark.slow
+def test_a_log_file_of_a_real_run_holds_no_escape_codes(tmp_path):
+    import os
+    import subprocess
+
+    from nm_fixtures import REPO
+
+    env = {key: value for key, value in os.environ.items() if key != "PIPELINE_NO_PROGRESS"}
+    log = tmp_path / "run.log"
+    with open(log, "wb") as handle:
+        code = subprocess.run([sys.executable, "-m", "pipeline", "train-masks", "--model", MODEL, "--out",
+                               str(tmp_path / "engines"), "--steps", "3"], cwd=REPO, env=env, stdout=handle,
+                              stderr=subprocess.STDOUT, timeout=600).returncode
+    text = log.read_bytes()
+    assert code == 0, text[-2000:]
+    assert b"train masks: 3/3 (100%)" in text  # progress was written, as plain lines
+    assert b"\x1b[" not in text and b"\r" not in text

@@ -39,10 +39,13 @@ def test_registered_imagenet_recipe_takes_head_and_labels_from_the_inputs(inputs
     weights, three, _ = inputs
     recipe = resolve(model="resnet18", weights=str(weights), data=str(three), input_size="32")
     assert (recipe.num_classes, recipe.labels, recipe.input_shape) == (3, CLASSES, [3, 32, 32])
-    assert capsys.readouterr().out.splitlines() == [
+    printed = capsys.readouterr()
+    assert printed.out.splitlines()[:3] == [
         f"note: weights: file {weights} (entry 'state_dict')",
         "note: num_classes: 3, from fc.weight in the weights file",
         f"note: labels: 3 class folders of {three}"]
+    assert printed.out.splitlines()[3].startswith("note: preprocessing: ")  # every stage says its preprocessing
+    assert all(line.startswith("warning: ") for line in printed.err.splitlines())
     random_head = resolve(model="resnet18", weights="random", data=str(three))  # nothing fixes the head
     assert random_head.num_classes == 3 and random_head.labels == CLASSES
 

@@ -5,16 +5,16 @@ Engine paths are stored relative to the model folder, so the folder can be moved
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.io import write_json
-from pipeline.records import verify_recorded
+from pipeline.records import load_report, verify_recorded
 
 VARIANTS = ("dense", "sparse")
+REQUIRED = {"model": str, "backend": str, "has_sparse_kernels": bool, "batch_range": list, "engines": dict}
 
 
 @dataclass
@@ -39,15 +39,14 @@ class BuildReport:
     @classmethod
     def load(cls, path: Path, model: str) -> "BuildReport":
         rebuild = f"re-run `python -m pipeline build --model {model}`"
-        if not path.is_file():
-            raise PipelineError(f"{path} does not exist; run `python -m pipeline build --model {model}` first")
+        data = load_report(path, "build", model, REQUIRED)
         try:
-            data = json.loads(path.read_text())
             report = cls(**data)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
-            raise PipelineError(f"{path} is not a build report ({type(exc).__name__}); {rebuild}") from None
+        except TypeError as exc:
+            raise PipelineError(f"{path} is not a build report ({exc}); {rebuild}") from None
         for variant in VARIANTS:
-            if not isinstance(report.engines.get(variant), dict) or "engine" not in report.engines[variant]:
+            entry = report.engines.get(variant)
+            if not isinstance(entry, dict) or not isinstance(entry.get("engine"), str):
                 raise PipelineError(f"{path} has no {variant} engine; {rebuild}")
         return report
 

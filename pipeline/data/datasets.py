@@ -5,6 +5,7 @@ import copy
 import gzip
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
 from pipeline.recipe.labels import check_same_classes
+from pipeline.data.images import checked_loader, drop_bad_images
 from pipeline.io import sha256_file
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -37,6 +39,7 @@ class DataBundle:
     # The training images, in the same order, with the evaluation transform (no augmentation): for
     # validation splits held out of them, calibration and BatchNorm statistics. Not given: `train` itself.
     plain_train: Dataset | None = None
+    skipped_images: int = 0  # damaged images left out (data.skip_bad_images); reported with the description
 
     def __post_init__(self) -> None:
         if self.plain_train is None:
@@ -208,16 +211,24 @@ def _unknown_kind(kind: str) -> PipelineError:
 
 
 def _image_folder(recipe: Recipe, split: str, train: bool) -> Dataset:
+    """ImageFolder of ROOT/SPLIT whose images were all checked to decode (pipeline/data/images.py); damaged ones
+    stop the run here, before any work, or are left out with data.skip_bad_images (`skipped` lists them)."""
     from torchvision.datasets import ImageFolder
 
     folder = _split_folder(recipe.data.root, split)
     try:
-        dataset = ImageFolder(str(folder), transform=_folder_transforms(recipe, train))
+        dataset = ImageFolder(str(folder), transform=_folder_transforms(recipe, train), loader=checked_loader)
     except (FileNotFoundError, RuntimeError) as exc:
         raise PipelineError(f"image folder {folder}: {exc}") from None
     if len(dataset.classes) > recipe.num_classes:
         raise PipelineError(f"image folder {folder} has {len(dataset.classes)} classes but the model has "
                             f"{recipe.num_classes}; use a matching dataset or recipe")
+    dataset.skipped = drop_bad_images(dataset, folder, recipe.data.skip_bad_images)
+    if dataset.skipped:
+        print(f"warning: {len(dataset.skipped)} damaged image(s) of {folder} skipped (--skip-bad-images), e.g. "
+              f"{dataset.skipped[0]}", file=sys.stderr, flush=True)
+    if not dataset.samples:
+        raise PipelineError(f"image folder {folder} has no image that decodes; pass a folder of images")
     return dataset
 
 
@@ -240,8 +251,10 @@ def build_datasets(recipe: Recipe, augment_train: bool = False) -> DataBundle:
         if augment_train:  # the same file list (no second scan of the folder) with the evaluation transform
             plain = copy.copy(train)
             plain.transform = evaluation.transform
-        return DataBundle(train, _limit(evaluation, data.eval_limit), "imagefolder",
-                          f"image folder {data.root}", True, plain)
+        skipped = len(train.skipped) + len(evaluation.skipped)
+        description = f"image folder {data.root}" + (f" ({skipped} damaged images skipped)" if skipped else "")
+        return DataBundle(train, _limit(evaluation, data.eval_limit), "imagefolder", description, True, plain,
+                          skipped)
     if data.kind == "synthetic":
         shape = recipe.input_shape
         train = SyntheticDataset(data.synthetic_size, shape, recipe.num_classes, seed=1)

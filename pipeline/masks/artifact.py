@@ -55,23 +55,46 @@ class MaskArtifact:
 
     @classmethod
     def load(cls, path: Path) -> "MaskArtifact":
-        payload = torch_load(path, "mask file")
+        payload = torch_load(path, "mask file", "re-run `python -m pipeline bake` (or pass the masks.pt it wrote)")
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise PipelineError(f"{path} is not a mask artifact (expected format {FORMAT!r}); "
                                 "pass the masks.pt written by `bake`")
         if payload.get("version") != VERSION:
             raise PipelineError(f"{path} has mask format version {payload.get('version')}, this tool reads "
                                 f"version {VERSION}; re-run `bake` to rewrite it")
-        layers = []
-        for entry in payload["layers"]:
-            layer = LayerMask(entry["name"], list(entry["shape"]), int(entry["n"]), int(entry["m"]),
-                              entry["indices"].long())
-            expected = blocks_shape(tuple(layer.shape), layer.m)
-            largest = int(layer.indices.max()) if layer.indices.numel() else 0
-            if tuple(layer.indices.shape) != expected or largest >= num_patterns(layer.n, layer.m):
-                raise PipelineError(f"{path}: layer {layer.name} has malformed pattern indices; the file is damaged")
-            layers.append(layer)
-        return cls(payload["model"], payload["arch"], payload["method"], layers, payload.get("meta", {}))
+        entries = payload.get("layers")
+        if not isinstance(entries, list) or not all(isinstance(payload.get(key), str) for key in ("model", "arch",
+                                                                                              "method")):
+            raise PipelineError(f"{path} is a damaged mask artifact (no layer list or model names); re-run `bake`")
+        layers = [layer_from(entry, path) for entry in entries]
+        meta = payload.get("meta", {})
+        return cls(payload["model"], payload["arch"], payload["method"], layers, meta if isinstance(meta, dict) else {})
+
+
+def layer_from(entry: Any, path: Path) -> LayerMask:
+    """One layer of a mask artifact, refused unless its pattern indices are integers of the recorded shape."""
+    fields = {"name": str, "shape": list, "n": int, "m": int, "indices": torch.Tensor}
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(key), kind) for key, kind in fields.items()):
+        raise PipelineError(f"{path}: a layer entry is malformed (needs name, shape, n, m, indices); the file is "
+                            "damaged: re-run `bake`")
+    indices = entry["indices"]
+    name = entry["name"]
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise PipelineError(f"{path}: layer {name} has pattern indices of dtype {indices.dtype} (integers "
+                            "expected); the file is damaged: re-run `bake`")
+    if not (2 <= entry["m"] and 0 < entry["n"] < entry["m"]) or not all(isinstance(x, int) for x in entry["shape"]):
+        raise PipelineError(f"{path}: layer {name} has a malformed N:M or shape; the file is damaged: re-run `bake`")
+    layer = LayerMask(name, list(entry["shape"]), int(entry["n"]), int(entry["m"]), indices.long())
+    try:
+        expected = blocks_shape(tuple(layer.shape), layer.m)
+    except Exception:  # noqa: BLE001 - a shape no layer has
+        expected = None
+    smallest = int(layer.indices.min()) if layer.indices.numel() else 0
+    largest = int(layer.indices.max()) if layer.indices.numel() else 0
+    if tuple(layer.indices.shape) != expected or smallest < 0 or largest >= num_patterns(layer.n, layer.m):
+        raise PipelineError(f"{path}: layer {layer.name} has malformed pattern indices; the file is damaged: "
+                            "re-run `bake`")
+    return layer
 
 
 def apply_masks(state_dict: dict[str, torch.Tensor], artifact: MaskArtifact,

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
-from tqdm import tqdm
 
 from pipeline.data.datasets import make_loader
 from pipeline.errors import PipelineError
-from pipeline.training import progress_disabled
+from pipeline.progress import progress
+
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -47,8 +47,7 @@ def reestimate_batchnorm(model: nn.Module, dataset: Dataset, images: int, batch_
         module.momentum = None  # cumulative moving average: every batch weighs the same
         module.train()
     try:
-        for batch, _ in tqdm(make_loader(subset, batch_size=batch_size), desc="re-estimate BatchNorm",
-                             disable=progress_disabled()):
+        for batch, _ in progress(make_loader(subset, batch_size=batch_size), desc="re-estimate BatchNorm"):
             model(batch.to(device))
     finally:
         for name in names:

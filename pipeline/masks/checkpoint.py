@@ -13,7 +13,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.io import torch_load, torch_save
-from pipeline.masks.artifact import LayerMask, MaskArtifact
+from pipeline.masks.artifact import MaskArtifact, layer_from
 from pipeline.records import StageReport
 
 FORMAT = "mask-training-checkpoint"
@@ -45,24 +45,44 @@ class MaskCheckpoint:
 
     @classmethod
     def load(cls, path: Path, fix: str = "run train-masks first") -> "MaskCheckpoint":
-        saved = torch_load(path, "mask-training checkpoint")
+        saved = torch_load(path, "mask-training checkpoint", fix)
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise PipelineError(f"{path} is not a mask-training checkpoint; {fix}")
         if saved.get("version") != VERSION:
             raise PipelineError(f"{path} has checkpoint version {saved.get('version')!r}, this pipeline reads "
                                 f"{VERSION}; {fix}")
         try:
-            return cls(**{key: value for key, value in saved.items() if key not in ("format", "version")})
+            checkpoint = cls(**{key: value for key, value in saved.items() if key not in ("format", "version")})
         except TypeError as exc:
             raise PipelineError(f"{path} is a damaged mask-training checkpoint ({exc}); {fix}") from None
+        checkpoint.check(path, fix)
+        return checkpoint
+
+    def check(self, path: Path, fix: str) -> None:
+        """Refuse a checkpoint whose tables are not what train-masks writes (wrong types, non-finite logits)."""
+        tables = ("logits", "indices", "shapes", "state")
+        if not all(isinstance(getattr(self, name), dict) for name in tables) or "step" not in self.state:
+            raise PipelineError(f"{path} is a damaged mask-training checkpoint (a table is missing or of the wrong "
+                                f"type); {fix}")
+        for name, tensor in {**self.logits, **self.indices}.items():
+            if not isinstance(tensor, torch.Tensor) or name not in self.shapes:
+                raise PipelineError(f"{path} is a damaged mask-training checkpoint (layer {name}); {fix}")
+        for name, tensor in self.indices.items():
+            if tensor.is_floating_point() or tensor.dtype == torch.bool:
+                raise PipelineError(f"{path}: the masks of layer {name} are {tensor.dtype}, not integers; the "
+                                    f"checkpoint is damaged; {fix}")
+        for name, tensor in self.logits.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise PipelineError(f"{path}: the logits of layer {name} hold NaN or Inf; the checkpoint is damaged "
+                                    f"or the run diverged; {fix}")
 
     def to_artifact(self, path: Path, model: str, arch: str, prior: str) -> MaskArtifact:
         """The learned (best) masks of a finished run as a mask artifact (what bake writes to masks.pt)."""
         if not self.final:
             raise PipelineError(f"{path} is from an unfinished run (step {self.state['step']}); "
                                 "finish it with `train-masks --resume`")
-        layers = [LayerMask(name, self.shapes[name], self.n, self.m, indices.long())
-                  for name, indices in self.indices.items()]
+        layers = [layer_from({"name": name, "shape": self.shapes[name], "n": self.n, "m": self.m, "indices": indices},
+                             path) for name, indices in self.indices.items()]
         best = self.state.get("best") or {}
         return MaskArtifact(model, arch, "learned", layers,
                             {"prior": prior, "steps": self.state["step"], "best_step": best.get("step"),

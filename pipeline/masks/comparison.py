@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipeline.recipe.config import Recipe
 from pipeline.data.datasets import DataBundle, ResumableBatchSampler, build_datasets, make_loader
@@ -30,8 +29,9 @@ from pipeline.masks.diversity import diversity_bits
 from pipeline.masks.eligibility import EligibilityReport, find_layers
 from pipeline.masks.methods import (CHANGES_WEIGHTS, CONSTRAINT, METHODS, MaskResult, MethodContext, compute_masks,
                                        dense_for_artifact, kept_share)
-from pipeline.training import evaluate, progress_disabled
+from pipeline.training import evaluate
 from pipeline.recipe.weights import build_network, load_dense_model, load_state_dict_strict
+from pipeline.progress import progress
 
 DEFAULT_METHODS = "magnitude,permuted,transposable,transposable-greedy,wanda,sparsegpt,adaprune,learned"
 # The learned masks are judged against the heuristics that, like them, keep the weights frozen.
@@ -246,7 +246,7 @@ def finetune(model: torch.nn.Module, data: DataBundle, steps: int, lr: float, ba
     if len(sampler) == 0:
         raise PipelineError(f"training set has {len(data.train)} images, fewer than one batch of {batch_size}")
     step, epoch = 0, 0
-    bar = tqdm(total=steps, desc="fine-tune dense", disable=progress_disabled())
+    bar = progress(total=steps, desc="fine-tune dense")
     while step < steps:
         sampler.set_epoch(epoch)
         for images, labels in make_loader(data.train, sampler):

@@ -55,21 +55,15 @@ class EligibilityReport:
         return note
 
     @classmethod
-    def load(cls, path) -> "EligibilityReport":
-        """layers.json as train-masks and the layers stage write it (to_dict)."""
-        from pipeline.errors import PipelineError
-        from pipeline.io import read_json
+    def load(cls, path, model: str = "") -> "EligibilityReport":
+        """layers.json as train-masks and the layers stage write it (to_dict), read and checked by its owner
+        (pipeline.records.load_layer_table: one `error:` line unless every entry has the types read here)."""
+        from pipeline.records import load_layer_table
 
-        data = read_json(path)
-        try:
-            entries = list(data.get("masked", [])) + list(data.get("skipped", []))
-            layers = [LayerReport(e["name"], e["kind"], list(e.get("weight_shape", [])), int(e["macs"]),
-                                  bool(e["eligible"]), e.get("reason", "")) for e in entries]
-            total = int(data.get("total_macs") or sum(layer.macs for layer in layers))
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise PipelineError(f"{path} is not a layers.json ({type(exc).__name__}: {exc}); re-run "
-                                "`python -m pipeline layers`") from None
-        return cls(layers, total)
+        data = load_layer_table(path, model)
+        layers = [LayerReport(e["name"], e["kind"], list(e.get("weight_shape", [])), int(e["macs"]),
+                              bool(e["eligible"]), e.get("reason", "")) for e in data["masked"] + data["skipped"]]
+        return cls(layers, int(data.get("total_macs") or sum(layer.macs for layer in layers)))
 
     def to_dict(self) -> dict:
         return {

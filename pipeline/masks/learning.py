@@ -25,7 +25,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
-from tqdm import tqdm
 
 from pipeline.data.datasets import DataBundle, ResumableBatchSampler, make_loader
 from pipeline.errors import PipelineError
@@ -37,7 +36,8 @@ from pipeline.masks.schedules import (ArgmaxStopTracker, BestMasks, distillation
                                       holdout_split, steps_per_epoch, temperature, warmup_cosine_factor,
                                       warmup_steps)
 from pipeline.recipe.config import MaskConfig, Recipe
-from pipeline.training import evaluate, progress_disabled, stop_on_signals
+from pipeline.training import evaluate, stop_on_signals
+from pipeline.progress import progress
 
 EVALUATIONS_PER_RUN = 20  # masks.eval_every = 0 evaluates this many times over the budget
 VALIDATION_SHARE_LIMIT = 5  # the validation split takes at most 1/5 of the training images
@@ -349,7 +349,7 @@ def _learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, da
     if not state["history"]:
         previous, _ = run_evaluation(None)
     stopped = False
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train masks", disable=progress_disabled() or rank)
+    bar = progress(total=total_steps, initial=state["step"], desc="train masks", enabled=not rank)
     while state["step"] < total_steps and not stopped and not state["stopped_early"]:
         sampler.set_epoch(state["epoch"], state["batch"])
         for images, labels in make_loader(train, sampler, workers=recipe.data.workers):

@@ -122,7 +122,8 @@ class ManifestCheck:
 def _entries(manifest: Any, path: Path) -> list[dict[str, Any]]:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, list):
-        raise PipelineError(f"{path} has no 'files' list; it is not a manifest written by the package stage")
+        raise PipelineError(f"{path} has no 'files' list; it is not a manifest written by the package stage: "
+                            "rerun `python -m pipeline package`")
     for entry in files:
         if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("sha256"), str)
                 and isinstance(entry.get("size"), int)):
@@ -138,9 +139,9 @@ def check_manifest(root: Path) -> ManifestCheck:
     path = root / MANIFEST_NAME
     if not root.is_dir():
         raise PipelineError(f"{root} is not a folder; pass the artifact folder (engines/<model>) or --model NAME")
-    if not path.is_file():
+    if not path.exists():
         raise PipelineError(f"{path} does not exist; run `python -m pipeline package` to write it")
-    entries = _entries(read_json(path), path)
+    entries = _entries(read_json(path, fix="rerun `python -m pipeline package` to rewrite it"), path)
     result = ManifestCheck()
     listed = set()
     for entry in entries:

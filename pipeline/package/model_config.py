@@ -133,13 +133,19 @@ def parse_config(path: Path) -> Any:
     from google.protobuf import text_format
 
     pb2 = model_config_pb2()
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path} does not exist; rerun `python -m pipeline package`")
+    from pipeline.io import readable_file
+
+    path = readable_file(path, "Triton config", "rerun `python -m pipeline package`")
     try:
-        return text_format.Parse(path.read_text(), pb2.ModelConfig())
-    except text_format.ParseError as exc:
-        raise PipelineError(f"{path} is not a valid Triton ModelConfig: {exc}") from None
+        config = text_format.Parse(path.read_bytes().decode("utf-8"), pb2.ModelConfig())
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0][:160]
+        raise PipelineError(f"{path} is not a valid Triton ModelConfig ({reason}); rerun `python -m pipeline "
+                            "package`") from None
+    if not config.name or not (config.platform or config.backend):
+        raise PipelineError(f"{path} is not a complete Triton ModelConfig (no name, platform or backend); rerun "
+                            "`python -m pipeline package`")
+    return config
 
 
 def _type_name(value: int) -> str:

@@ -104,20 +104,6 @@ def _label_output(recipe: Recipe, outputs: list[TensorSpec], source: str) -> Ten
     return output
 
 
-def _check_serving(recipe: Recipe) -> None:
-    serve = recipe.serve
-    if serve.max_batch_size < 1:
-        raise PipelineError(f"serve.max_batch_size {serve.max_batch_size}: must be >= 1 (the models batch)")
-    bad = [size for size in serve.preferred_batch_sizes if size < 1 or size > serve.max_batch_size]
-    if bad:
-        raise PipelineError(f"serve.preferred_batch_sizes {bad} must lie in 1..serve.max_batch_size "
-                            f"({serve.max_batch_size}); fix the recipe or --set serve.preferred_batch_sizes=...")
-    if serve.instance_count < 1:
-        raise PipelineError(f"serve.instance_count {serve.instance_count}: must be >= 1")
-    if serve.max_queue_delay_us < 0:
-        raise PipelineError(f"serve.max_queue_delay_us {serve.max_queue_delay_us}: must be >= 0")
-
-
 def _write_onnx_model(model_dir: Path, source: Path) -> tuple[list[TensorSpec], list[TensorSpec], list[str]]:
     inputs, outputs = specs_from_onnx(source)
     version_dir = model_dir / VERSION
@@ -192,7 +178,6 @@ def _stage_repository(recipe: Recipe, paths: ArtifactPaths, fmt: str, onnx_devic
     if onnx_device not in ("cpu", "gpu"):
         raise PipelineError(f"--onnx-device {onnx_device}: expected cpu or gpu")
     target = repository_dir(paths, flavour)
-    _check_serving(recipe)
     sources = choose_sources(recipe, paths, fmt if flavour == "production" else "onnx")
     kind = sources.kind if flavour == "production" else "python"
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=paths.root))

@@ -48,6 +48,9 @@ def preprocessing(recipe: Recipe, model_input: TensorSpec, model_output: TensorS
     steps = [f"decode the image and convert it to PIL mode {pre.color}"]
     if pre.resize:
         steps.append(f"resize so the shorter side is {pre.resize} px (bilinear, antialiased; torchvision Resize)")
+    else:
+        steps.append(f"no resize (preprocess.resize = 0): images of {pre.crop}x{pre.crop} pass whole, as the model "
+                     "was evaluated")
     steps += [f"center-crop {pre.crop}x{pre.crop} (torchvision CenterCrop, zero-pads smaller images)",
               "convert to float32 and divide by 255 (values in [0, 1])",
               "per channel: (x - mean) / std",

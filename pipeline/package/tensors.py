@@ -61,13 +61,15 @@ def specs_from_onnx(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Graph inputs (minus initializers) and outputs of an ONNX file, without loading its weights."""
     import onnx
 
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path} does not exist; run `python -m pipeline export` first")
+    from pipeline.io import readable_file
+
+    path = readable_file(path, "ONNX file", "run `python -m pipeline export` first")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and friends for corrupt files
         raise PipelineError(f"{path} is not a readable ONNX file ({type(exc).__name__}); rerun the export stage") from None
+    if not model.graph.input or not model.graph.output:
+        raise PipelineError(f"{path} is not a complete ONNX graph (no inputs or outputs); rerun the export stage")
     initializers = {init.name for init in model.graph.initializer}
 
     def spec(value) -> TensorSpec:

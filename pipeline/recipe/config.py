@@ -1,8 +1,9 @@
-"""Typed recipe configuration and its validation: the one place that says which values are valid.
+"""Typed recipe configuration: each field carries its default, what it means and its validator.
 
 A recipe file (`models/<name>.toml`) becomes a `Recipe` through `recipe_from_dict`; CLI flags and
-`--set section.field=value` overrides are applied on top (`apply_override`), `validate` checks every
-field, and the resolved config is written next to the artifacts as `config.json`.
+`--set section.field=value` overrides are applied on top (`apply_override`), `validate` runs every field's own
+check (declared next to the field with `rule`, as ModelOpt's configs do), and the resolved config is written next
+to the artifacts as `config.json`. Rules are checked here once; no later step checks them again.
 """
 from __future__ import annotations
 
@@ -11,46 +12,122 @@ import hashlib
 import json
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.errors import PipelineError
 from pipeline.triton_releases import TRITON_TENSORRT
 
+MASK_PRIORS = ("magnitude", "wanda", "sparsegpt", "uniform")
+TAU_SCHEDULES = ("constant", "linear", "exponential", "cosine")
+# masks.loss: auto, or distinct terms joined by "+" in this order (e.g. ce+distill)
+MASK_LOSS_TERMS = ("ce", "pseudo", "distill", "features")
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
+TRITON_RELEASES = tuple(TRITON_TENSORRT)
+DATA_KINDS = ("fashion_mnist", "imagefolder", "synthetic")
+COLORS = ("L", "RGB")
+CHANNELS = {"L": 1, "RGB": 3}
+RESIZE_MODES = ("auto", "fixed")
+
+Check = Callable[[Any, "Recipe", bool], bool]  # (value, recipe, resolved) -> valid
+
+
+def rule(default: Any = dataclasses.MISSING, *, check: Check, valid: str | Callable[["Recipe"], str],
+         factory: Callable[[], Any] | None = None, message: Callable[[Any, "Recipe"], str] | None = None) -> Any:
+    """A dataclass field with its validator: CHECK(value, recipe, resolved), VALID says (or computes from the
+    recipe) what is valid, MESSAGE replaces the default `key = value is not valid` when given."""
+    metadata = {"check": check, "valid": valid, "message": message}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def at_least(low: float, default: Any, valid: str = "") -> Any:
+    return rule(default, check=lambda v, r, _: v >= low, valid=valid or f"at least {low}")
+
+
+def above(low: float, default: Any, valid: str = "") -> Any:
+    return rule(default, check=lambda v, r, _: v > low, valid=valid or f"greater than {low}")
+
+
+def within(low: float, high: float, default: Any, valid: str, high_open: bool = False) -> Any:
+    return rule(default, check=lambda v, r, _: low <= v < high if high_open else low <= v <= high, valid=valid)
+
+
+def choice(choices: tuple[str, ...], default: str) -> Any:
+    return rule(default, check=lambda v, r, _: v in choices, valid="one of " + ", ".join(choices))
+
+
+def _channels(recipe: "Recipe") -> int:
+    return (recipe.input_shape or [0])[0]
+
+
+def _colour_fits(value: str, recipe: "Recipe", _: bool) -> bool:
+    return len(recipe.input_shape) != 3 or recipe.input_shape[0] == CHANNELS.get(value, recipe.input_shape[0])
+
+
+def _loss_ok(value: str, recipe: "Recipe", _: bool) -> bool:
+    terms = value.split("+")
+    return value == "auto" or (len(set(terms)) == len(terms) and set(terms) <= set(MASK_LOSS_TERMS)
+                               and sorted(terms, key=MASK_LOSS_TERMS.index) == terms)
+
+
+def _batch_order(value: int, recipe: "Recipe", _: bool) -> bool:
+    return recipe.build.min_batch <= value <= recipe.build.max_batch
+
+
+def _preferred_outside(value: list[int], recipe: "Recipe") -> list[int]:
+    return [x for x in value if not 1 <= x <= recipe.serve.max_batch_size]
+
 
 @dataclass
 class DataConfig:
-    kind: str = "fashion_mnist"  # fashion_mnist | imagefolder | synthetic
+    kind: str = choice(DATA_KINDS, "fashion_mnist")  # imagefolder needs root
     root: str = ""  # dataset folder; empty = search the default places
     train_split: str = "train"
     eval_split: str = "val"
-    batch_size: int = 128
-    eval_batch_size: int = 512
-    workers: int = 0
-    eval_limit: int = 0  # 0 = the whole evaluation set
-    synthetic_size: int = 256
+    batch_size: int = at_least(1, 128)
+    eval_batch_size: int = at_least(1, 512)
+    workers: int = at_least(0, 0, "0 or more")
+    eval_limit: int = at_least(0, 0, "0 (the whole set) or more")  # 0 = the whole evaluation set
+    synthetic_size: int = at_least(1, 256)
+    # damaged images: false = stop before any work naming them; true = skip them and count them in the report
+    skip_bad_images: bool = False
 
 
 @dataclass
 class PreprocessConfig:
     """How raw images become the network input (also written for the inference server)."""
 
-    resize: int = 0  # shorter side before crop; 0 = no resize
-    crop: int = 28
-    mean: list[float] = field(default_factory=lambda: [0.2860])
-    std: list[float] = field(default_factory=lambda: [0.3530])
-    color: str = "L"  # L (grayscale) or RGB
+    # shorter side before the centre crop; 0 = no resize
+    resize: int = rule(0, check=lambda v, r, _: v == 0 or v >= r.preprocess.crop,
+                       valid=lambda r: f"0 (no resize) or at least the crop {r.preprocess.crop}")
+    # auto: fit an image folder for your own weights (pipeline/recipe/preprocessing.py) | fixed: resize as given
+    resize_mode: str = choice(RESIZE_MODES, "auto")
+    crop: int = rule(28, check=lambda v, r, _: len(r.input_shape) != 3 or v == r.input_shape[1] == r.input_shape[2],
+                     valid=lambda r: f"the crop is the input size: input_shape is {r.input_shape} (set both with "
+                                     "--input-size)")
+    mean: list[float] = rule(check=lambda v, r, _: len(v) == _channels(r), valid="one value per input channel",
+                             factory=lambda: [0.2860])
+    std: list[float] = rule(check=lambda v, r, _: len(v) == _channels(r) and all(x > 0 for x in v),
+                            valid="one positive value per input channel", factory=lambda: [0.3530])
+    color: str = rule("L", check=lambda v, r, resolved: v in COLORS and _colour_fits(v, r, resolved),
+                      valid=lambda r: "one of L, RGB" if r.preprocess.color not in COLORS else
+                      f"{r.preprocess.color} images have {CHANNELS[r.preprocess.color]} channel(s), input_shape has "
+                      f"{_channels(r)}")
 
 
 @dataclass
 class PretrainConfig:
     """Dense training of the demo network (only recipes whose weights come from `pretrain`)."""
 
-    epochs: int = 4
-    lr: float = 0.2
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    label_smoothing: float = 0.0
+    epochs: int = at_least(1, 4)
+    lr: float = above(0, 0.2)
+    momentum: float = within(0, 1, 0.9, "in [0, 1)", high_open=True)
+    weight_decay: float = at_least(0, 5e-4, "0 or more")
+    batch_size: int = at_least(1, 128)
+    label_smoothing: float = within(0, 1, 0.0, "in [0, 1)", high_open=True)
     seed: int = 0
 
 
@@ -59,92 +136,121 @@ class MaskConfig:
     """Mask learning. The budget is in optimizer steps, never epochs, so the defaults fit a 1k-image
     folder and ImageNet alike; every schedule runs over `steps` (epochs are reported, not chosen)."""
 
-    n: int = 2
-    m: int = 4
+    n: int = rule(2, check=lambda v, r, _: 0 < v < r.masks.m,
+                  valid=lambda r: f"between 1 and masks.m - 1 = {r.masks.m - 1} (n = m would prune nothing)")
+    m: int = at_least(2, 4, "at least 2 (2:4 is n=2, m=4)")
     include: list[str] = field(default_factory=list)  # fnmatch patterns; empty = all eligible
     exclude: list[str] = field(default_factory=list)
     include_classifier: bool = False
-    method: str = "learned"  # learned | magnitude (others come with the baselines)
-    prior: str = "magnitude"  # heuristic the logits start from: magnitude | wanda | sparsegpt | uniform
-    prior_strength: float = 20.0  # logits = strength x share of the block's heuristic score a pattern keeps
-    logit_scale: float = 1.0  # MaskLLM's logit scaling: sampling uses scale x logits + Gumbel noise
-    bn_reestimate_images: int = 0  # bake: re-estimate BatchNorm statistics of the sparse model on this many
-    # training images (changes running statistics, never weights; reported apart); 0 = off
-    kept_magnitude_weight: float = 5.0  # MaskLLM's regulariser: loss -= weight x expected kept share of |w|; 0 = off
-    # (README "Harder demo": it is what brings the 1,500-image run within 1 pt)
-    steps: int = 1000  # the budget
-    lr: float = 0.1  # AdamW on the logits (README "Harder demo" has the measurements)
-    lr_final: float = 0.0  # share of lr the cosine decays to at the last step
-    warmup_share: float = 0.05  # share of the budget spent warming the learning rate up
-    weight_decay: float = 0.0
-    tau_start: float = 1.0
-    tau_end: float = 0.1
-    tau_schedule: str = "exponential"  # constant | linear | exponential | cosine
-    loss: str = "auto"  # auto (ce+distill with labels, distill without), or terms joined by "+": ce (labels),
-    # pseudo (ce on the dense model's classes),
-    # distill (KL of the dense model's logits), features (the masked layers' outputs)
-    distill_temperature: float = 1.0
-    feature_weight: float = 1.0  # weight of the features term (mean relative squared error over masked layers)
-    batch_size: int = 128
+    prior: str = choice(MASK_PRIORS, "magnitude")  # heuristic the logits start from
+    # logits = strength x share of the block's heuristic score a pattern keeps
+    prior_strength: float = at_least(0, 20.0, "0 (a uniform start) or more")
+    logit_scale: float = above(0, 1.0)  # MaskLLM's logit scaling: sampling uses scale x logits + Gumbel noise
+    # bake: re-estimate BatchNorm statistics of the sparse model on this many training images (changes running
+    # statistics, never weights; reported apart); 0 = off
+    bn_reestimate_images: int = at_least(0, 0, "0 (off) or a number of training images")
+    # MaskLLM's regulariser: loss -= weight x expected kept share of |w|; 0 = off (README "Harder demo": it is
+    # what brings the 1,500-image run within 1 pt)
+    kept_magnitude_weight: float = at_least(0, 5.0, "0 (off) or more")
+    steps: int = at_least(1, 1000, "at least 1 optimizer step")  # the budget
+    lr: float = above(0, 0.1)  # AdamW on the logits (README "Harder demo" has the measurements)
+    lr_final: float = within(0, 1, 0.0, "a share of masks.lr in [0, 1]")  # share of lr the cosine decays to
+    warmup_share: float = within(0, 1, 0.05, "a share of the budget in [0, 1)", high_open=True)
+    weight_decay: float = at_least(0, 0.0, "0 or more")
+    tau_start: float = above(0, 1.0)
+    tau_end: float = above(0, 0.1)
+    tau_schedule: str = choice(TAU_SCHEDULES, "exponential")
+    # auto (ce+distill with labels, distill without), or terms joined by "+": ce (labels), pseudo (ce on the
+    # dense model's classes), distill (KL of the dense model's logits), features (the masked layers' outputs)
+    loss: str = rule("auto", check=_loss_ok, valid="auto, or distinct terms of " + ", ".join(MASK_LOSS_TERMS)
+                     + " joined by '+' in that order (e.g. ce+distill)")
+    distill_temperature: float = above(0, 1.0)
+    # weight of the features term (mean relative squared error over masked layers)
+    feature_weight: float = above(0, 1.0, "greater than 0 (leave features out of masks.loss to turn the term off)")
+    batch_size: int = at_least(1, 128)
     augment: bool = False  # random crop and flip of the training images (the validation split never is)
-    train_images: int = 0  # learn from a seeded subset of this many training images; 0 = all
-    validation_images: int = 1000  # held out from the training images (at most a fifth of them); 0 = none
-    eval_every: int = 0  # steps between validation evaluations; 0 = a twentieth of the budget
-    stop_patience: int = 0  # stop after this many evaluations in a row with at most stop_changed; 0 = never
-    stop_changed: float = 0.001  # share of blocks whose argmax changed that counts as "stopped changing"
-    checkpoint_every: int = 200  # steps; a checkpoint is also written on SIGTERM
+    # learn from a seeded subset of this many training images; 0 = all
+    train_images: int = at_least(0, 0, "0 (all training images) or more")
+    # held out from the training images (at most a fifth of them); 0 = none
+    validation_images: int = at_least(0, 1000, "0 (no validation split) or more")
+    # steps between validation evaluations; 0 = a twentieth of the budget
+    eval_every: int = at_least(0, 0, "0 (a twentieth of masks.steps) or more steps")
+    # stop after this many evaluations in a row with at most stop_changed; 0 = never
+    stop_patience: int = at_least(0, 0, "0 (never stop early) or more evaluations")
+    # share of blocks whose argmax changed that counts as "stopped changing"
+    stop_changed: float = within(0, 1, 0.001, "a share of blocks in [0, 1)", high_open=True)
+    # steps; a checkpoint is also written on SIGTERM
+    checkpoint_every: int = at_least(0, 200, "0 (only on SIGTERM) or more steps")
     seed: int = 0
 
 
 @dataclass
 class ExportConfig:
-    opset: int = 18  # the torch.export-based ONNX exporter writes opset 18 or newer
+    opset: int = at_least(18, 18, "18 or newer (the torch.export-based exporter)")
     fp16: bool = True
-    input_name: str = "input"
-    output_name: str = "logits"
-    int8_calibration_images: int = 512  # training images that set the Q/DQ activation ranges (build.precision=int8)
+    input_name: str = rule("input", check=lambda v, r, _: bool(v), valid="a non-empty tensor name")
+    output_name: str = rule("logits", check=lambda v, r, _: bool(v) and v != r.export.input_name,
+                            valid="two different, non-empty tensor names")
+    # training images that set the Q/DQ activation ranges (build.precision=int8)
+    int8_calibration_images: int = at_least(1, 512)
 
 
 @dataclass
 class BuildConfig:
-    backend: str = "auto"  # auto | onnxruntime | tensorrt
-    precision: str = "fp16"  # for tensorrt: fp32 | fp16 | int8
-    min_batch: int = 1
-    opt_batch: int = 32
-    max_batch: int = 64
-    workspace_mib: int = 2048
-    hardware_compatibility: str = "none"  # tensorrt: none | ampere_plus | same_compute_capability (docs/tensorrt.md)
+    backend: str = choice(BACKENDS, "auto")
+    precision: str = choice(PRECISIONS, "fp16")  # for tensorrt
+    min_batch: int = at_least(1, 1)
+    opt_batch: int = rule(32, check=_batch_order, valid=lambda r: f"min_batch <= opt_batch <= max_batch (here "
+                          f"{r.build.min_batch}, {r.build.opt_batch}, {r.build.max_batch})")
+    max_batch: int = at_least(1, 64)
+    workspace_mib: int = at_least(1, 2048)
+    hardware_compatibility: str = choice(HARDWARE_COMPATIBILITY, "none")  # tensorrt (docs/tensorrt.md)
 
 
 @dataclass
 class VerifyConfig:
-    serving_batch: int = 32
-    latency_iters: int = 50
-    warmup_iters: int = 5
+    serving_batch: int = at_least(1, 32)
+    latency_iters: int = at_least(1, 50)
+    warmup_iters: int = at_least(0, 5, "0 or more")
     max_top1_drop: float = 0.5  # points
-    min_speedup: float = 2.0  # only gated on backends with sparse kernels
-    min_coverage: float = 0.5  # share of MACs in masked layers
+    min_speedup: float = above(0, 2.0)  # only gated on backends with sparse kernels
+    min_coverage: float = within(0, 1, 0.5, "a share of MACs in [0, 1]")  # share of MACs in masked layers
 
 
 @dataclass
 class ServeConfig:
-    max_batch_size: int = 64
-    preferred_batch_sizes: list[int] = field(default_factory=lambda: [8, 32])
-    max_queue_delay_us: int = 500
-    instance_count: int = 1
-    triton_release: str = ""  # e.g. "24.05": refuse TensorRT plans built by another TensorRT than it ships
+    max_batch_size: int = at_least(1, 64)
+    preferred_batch_sizes: list[int] = rule(
+        check=lambda v, r, _: not _preferred_outside(v, r), factory=lambda: [8, 32],
+        valid=lambda r: f"sizes between 1 and {r.serve.max_batch_size}",
+        message=lambda v, r: f"serve.preferred_batch_sizes {_preferred_outside(v, r)} must lie in "
+                             f"1..serve.max_batch_size ({r.serve.max_batch_size})")
+    max_queue_delay_us: int = at_least(0, 500, "0 or more")
+    instance_count: int = at_least(1, 1)
+    # e.g. "24.05": refuse TensorRT plans built by another TensorRT than it ships
+    triton_release: str = rule("", check=lambda v, r, _: not v or v in TRITON_RELEASES,
+                               valid=f"empty (no check) or a release of the table in docs/tensorrt.md "
+                                     f"({', '.join(TRITON_RELEASES)})")
 
 
 @dataclass
 class Recipe:
-    name: str
-    arch: str  # source spec: builtin:NAME | torchvision:NAME | timm:NAME | python:MODULE:FACTORY
-    num_classes: int  # 0 = from the weights file's head (or the image folder's classes)
-    input_shape: list[int]  # C, H, W
-    weights: str  # random | pretrain | torchvision | hub | path to a weights file
+    name: str = rule(check=lambda v, r, _: bool(v), valid="a recipe needs a name")
+    # source spec: builtin:NAME | torchvision:NAME | timm:NAME | python:MODULE:FACTORY
+    arch: str = rule(check=lambda v, r, _: ":" in v and all(v.split(":", 1)),
+                     valid="a source spec such as builtin:tiny_resnet or torchvision:resnet18")
+    # 0 = from the weights file's head (or the image folder's classes); a resolved recipe needs at least 1
+    num_classes: int = rule(check=lambda v, r, resolved: v >= 1 or (v == 0 and not resolved),
+                            valid="at least 1, or 0 in a recipe file to take it from the weights file")
+    input_shape: list[int] = rule(check=lambda v, r, _: len(v) == 3 and all(x >= 1 for x in v),
+                                  valid="three positive integers C,H,W, e.g. 3,224,224")  # C, H, W
+    weights: str = rule(check=lambda v, r, _: bool(v),
+                        valid="random, pretrain, torchvision, hub or a path to a weights file")
     description: str = ""
     classifier: str = "fc"  # module name of the classification head
-    labels: list[str] = field(default_factory=list)
+    labels: list[str] = rule(check=lambda v, r, _: not v or not r.num_classes or len(v) == r.num_classes,
+                             valid=lambda r: f"{len(r.labels)} labels for {r.num_classes} classes; give one label "
+                                             "per class or none", factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -243,10 +349,6 @@ def recipe_from_dict(data: dict[str, Any], origin: str = "config") -> Recipe:
 
 
 # --------------------------------------------------------------------------- validation
-MASK_PRIORS = ("magnitude", "wanda", "sparsegpt", "uniform")
-TAU_SCHEDULES = ("constant", "linear", "exponential", "cosine")
-# masks.loss: auto, or distinct terms joined by "+" in this order (e.g. ce+distill)
-MASK_LOSS_TERMS = ("ce", "pseudo", "distill", "features")
 # Fields that were removed, with what replaces them (a recipe or --set naming one gets this as its error).
 RENAMED = {
     "masks.epochs": "masks.steps (the budget is in optimizer steps; epochs are derived from it)",
@@ -255,126 +357,28 @@ RENAMED = {
     "masks.lr_gamma": "masks.lr_final (warm-up then cosine decay over masks.steps)",
     "masks.init": "masks.prior (magnitude, wanda, sparsegpt or uniform)",
     "masks.init_scale": "masks.prior_strength",
+    "masks.method": "nothing: train-masks learns masks, `compare --methods` runs the other methods",
 }
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
-HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
-TRITON_RELEASES = tuple(TRITON_TENSORRT)
-DATA_KINDS = ("fashion_mnist", "imagefolder", "synthetic")
-COLORS = ("L", "RGB")
-CHANNELS = {"L": 1, "RGB": 3}
 
 
 def validate(recipe: Recipe, origin: str = "recipe", resolved: bool = True) -> Recipe:
-    """Every value is usable, else a PipelineError naming the key, the value and what is valid.
-
-    A recipe file may leave num_classes at 0 (from the weights file); a resolved recipe (`resolved`) may not.
-    """
-    from pipeline.masks.methods import METHODS
-
-    problems: list[str] = []
-
-    def check(ok: bool, key: str, valid: str, what: str = "") -> None:
-        if not ok and not problems:
-            value = recipe
-            for part in key.split("."):
-                value = getattr(value, part)
-            problems.append(f"{origin}: {what or f'{key} = {value!r} is not valid'}; valid: {valid}")
-
-    def one_of(key: str, choices) -> None:
-        value = recipe
-        for part in key.split("."):
-            value = getattr(value, part)
-        check(value in choices, key, "one of " + ", ".join(choices))
-
-    d, p, t, m, e, b, v, s = (recipe.data, recipe.preprocess, recipe.pretrain, recipe.masks, recipe.export,
-                              recipe.build, recipe.verify, recipe.serve)
-    check(bool(recipe.name), "name", "a recipe needs a name")
-    check(":" in recipe.arch and all(recipe.arch.split(":", 1)), "arch",
-          "a source spec such as builtin:tiny_resnet or torchvision:resnet18")
-    check(recipe.num_classes >= 1 or (recipe.num_classes == 0 and not resolved), "num_classes",
-          "at least 1, or 0 in a recipe file to take it from the weights file")
-    check(len(recipe.input_shape) == 3 and all(x >= 1 for x in recipe.input_shape), "input_shape",
-          "three positive integers C,H,W, e.g. 3,224,224")
-    check(bool(recipe.weights), "weights", "random, pretrain, torchvision, hub or a path to a weights file")
-    check(not recipe.labels or not recipe.num_classes or len(recipe.labels) == recipe.num_classes, "labels",
-          f"{len(recipe.labels)} labels for {recipe.num_classes} classes; give one label per class or none")
-    one_of("data.kind", DATA_KINDS)
-    for key in ("batch_size", "eval_batch_size", "synthetic_size"):
-        check(getattr(d, key) >= 1, f"data.{key}", "at least 1")
-    check(d.workers >= 0, "data.workers", "0 or more")
-    check(d.eval_limit >= 0, "data.eval_limit", "0 (the whole set) or more")
-    one_of("preprocess.color", COLORS)
-    if len(recipe.input_shape) == 3 and p.color in CHANNELS:
-        check(recipe.input_shape[0] == CHANNELS[p.color], "preprocess.color",
-              f"{p.color} images have {CHANNELS[p.color]} channel(s), input_shape has {recipe.input_shape[0]}")
-        check(p.crop == recipe.input_shape[1] == recipe.input_shape[2], "preprocess.crop",
-              f"the crop is the input size: input_shape is {recipe.input_shape} (set both with --input-size)")
-    check(p.resize == 0 or p.resize >= p.crop, "preprocess.resize", f"0 (no resize) or at least the crop {p.crop}")
-    check(len(p.mean) == (recipe.input_shape or [0])[0], "preprocess.mean", "one value per input channel")
-    check(len(p.std) == (recipe.input_shape or [0])[0] and all(x > 0 for x in p.std), "preprocess.std",
-          "one positive value per input channel")
-    check(t.epochs >= 1, "pretrain.epochs", "at least 1")
-    check(t.lr > 0, "pretrain.lr", "greater than 0")
-    check(t.batch_size >= 1, "pretrain.batch_size", "at least 1")
-    check(0 <= t.momentum < 1, "pretrain.momentum", "in [0, 1)")
-    check(t.weight_decay >= 0, "pretrain.weight_decay", "0 or more")
-    check(0 <= t.label_smoothing < 1, "pretrain.label_smoothing", "in [0, 1)")
-    check(m.m >= 2, "masks.m", "at least 2 (2:4 is n=2, m=4)")
-    check(0 < m.n < m.m, "masks.n", f"between 1 and masks.m - 1 = {m.m - 1} (n = m would prune nothing)")
-    one_of("masks.method", tuple(METHODS))
-    one_of("masks.prior", MASK_PRIORS)
-    one_of("masks.tau_schedule", TAU_SCHEDULES)
-    loss_terms = m.loss.split("+")
-    check(m.loss == "auto" or (len(set(loss_terms)) == len(loss_terms) and set(loss_terms) <= set(MASK_LOSS_TERMS)
-                               and sorted(loss_terms, key=MASK_LOSS_TERMS.index) == loss_terms),
-          "masks.loss", "auto, or distinct terms of " + ", ".join(MASK_LOSS_TERMS) + " joined by '+' in that order "
-          "(e.g. ce+distill)")
-    check(m.prior_strength >= 0, "masks.prior_strength", "0 (a uniform start) or more")
-    check(m.logit_scale > 0, "masks.logit_scale", "greater than 0")
-    check(m.bn_reestimate_images >= 0, "masks.bn_reestimate_images", "0 (off) or a number of training images")
-    check(m.kept_magnitude_weight >= 0, "masks.kept_magnitude_weight", "0 (off) or more")
-    check(m.steps >= 1, "masks.steps", "at least 1 optimizer step")
-    check(m.lr > 0, "masks.lr", "greater than 0")
-    check(0 <= m.lr_final <= 1, "masks.lr_final", "a share of masks.lr in [0, 1]")
-    check(0 <= m.warmup_share < 1, "masks.warmup_share", "a share of the budget in [0, 1)")
-    check(m.weight_decay >= 0, "masks.weight_decay", "0 or more")
-    check(m.tau_start > 0, "masks.tau_start", "greater than 0")
-    check(m.tau_end > 0, "masks.tau_end", "greater than 0")
-    check(m.distill_temperature > 0, "masks.distill_temperature", "greater than 0")
-    check(m.feature_weight > 0, "masks.feature_weight", "greater than 0 (leave features out of masks.loss to turn "
-                                                        "the term off)")
-    check(m.batch_size >= 1, "masks.batch_size", "at least 1")
-    check(m.train_images >= 0, "masks.train_images", "0 (all training images) or more")
-    check(m.validation_images >= 0, "masks.validation_images", "0 (no validation split) or more")
-    check(m.checkpoint_every >= 0, "masks.checkpoint_every", "0 (only on SIGTERM) or more steps")
-    check(m.eval_every >= 0, "masks.eval_every", "0 (a twentieth of masks.steps) or more steps")
-    check(m.stop_patience >= 0, "masks.stop_patience", "0 (never stop early) or more evaluations")
-    check(0 <= m.stop_changed < 1, "masks.stop_changed", "a share of blocks in [0, 1)")
-    check(e.opset >= 18, "export.opset", "18 or newer (the torch.export-based exporter)")
-    check(bool(e.input_name) and bool(e.output_name) and e.input_name != e.output_name, "export.output_name",
-          "two different, non-empty tensor names")
-    one_of("build.backend", BACKENDS)
-    one_of("build.precision", PRECISIONS)
-    one_of("build.hardware_compatibility", HARDWARE_COMPATIBILITY)
-    check(e.int8_calibration_images >= 1, "export.int8_calibration_images", "at least 1")
-    check(not s.triton_release or s.triton_release in TRITON_RELEASES, "serve.triton_release",
-          f"empty (no check) or a release of the table in docs/tensorrt.md ({', '.join(TRITON_RELEASES)})")
-    check(b.min_batch >= 1, "build.min_batch", "at least 1")
-    check(b.min_batch <= b.opt_batch <= b.max_batch, "build.opt_batch",
-          f"min_batch <= opt_batch <= max_batch (here {b.min_batch}, {b.opt_batch}, {b.max_batch})")
-    check(b.workspace_mib >= 1, "build.workspace_mib", "at least 1")
-    check(v.serving_batch >= 1, "verify.serving_batch", "at least 1")
-    check(v.latency_iters >= 1, "verify.latency_iters", "at least 1")
-    check(v.warmup_iters >= 0, "verify.warmup_iters", "0 or more")
-    check(v.min_speedup > 0, "verify.min_speedup", "greater than 0")
-    check(0 <= v.min_coverage <= 1, "verify.min_coverage", "a share of MACs in [0, 1]")
-    check(s.max_batch_size >= 1, "serve.max_batch_size", "at least 1")
-    outside = [x for x in s.preferred_batch_sizes if not 1 <= x <= s.max_batch_size]
-    check(not outside, "serve.preferred_batch_sizes", f"sizes between 1 and {s.max_batch_size}",
-          f"serve.preferred_batch_sizes {outside} must lie in 1..serve.max_batch_size ({s.max_batch_size})")
-    check(s.max_queue_delay_us >= 0, "serve.max_queue_delay_us", "0 or more")
-    check(s.instance_count >= 1, "serve.instance_count", "at least 1")
-    if problems:
-        raise PipelineError(problems[0])
+    """Run every field's own check (in declaration order); the first failure is one PipelineError naming the key,
+    the value and what is valid. A recipe file may leave num_classes at 0; a resolved recipe (`resolved`) may not."""
+    for key, value, meta in _rules(recipe):
+        if not meta["check"](value, recipe, resolved):
+            valid = meta["valid"](recipe) if callable(meta["valid"]) else meta["valid"]
+            what = meta["message"](value, recipe) if meta["message"] else f"{key} = {value!r} is not valid"
+            raise PipelineError(f"{origin}: {what}; valid: {valid}")
     return recipe
+
+
+def _rules(recipe: Recipe):
+    """(key, value, rule metadata) of every field that declares a rule, sections included, in order."""
+    for item in dataclasses.fields(recipe):
+        value = getattr(recipe, item.name)
+        if dataclasses.is_dataclass(value):
+            for leaf in dataclasses.fields(value):
+                if "check" in leaf.metadata:
+                    yield f"{item.name}.{leaf.name}", getattr(value, leaf.name), leaf.metadata
+        elif "check" in item.metadata:
+            yield item.name, value, item.metadata

@@ -34,6 +34,7 @@ class RecipeRequest:
     input_size: int | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
+    resize: str | None = None  # auto | none | N (default auto: fit the image folder)
     name: str | None = None
     out: str | None = None
     force: bool = False
@@ -57,6 +58,7 @@ def write_recipe(request: RecipeRequest) -> WrittenRecipe:
     options = ModelOptions(
         model=request.source, weights=weights, data=data, num_classes=request.num_classes,
         classifier=request.classifier, input_size=None if request.input_size is None else str(request.input_size),
+        resize=request.resize,
         **{key: None if values is None else ",".join(map(str, values)) for key, values in numbers.items()},
         overrides=[f"name={request.name or _default_name(request)}"])
     recipe, notes = recipe_with_flags(options)
@@ -69,8 +71,15 @@ def write_recipe(request: RecipeRequest) -> WrittenRecipe:
     path = Path(request.out or f"{recipe.name}.toml")
     if path.exists() and not request.force:
         raise PipelineError(f"{path} already exists; pass --force to replace it or --out another file")
+    inferred = [note.removeprefix("preprocessing: ") for note in notes if note.startswith("preprocessing: ")]
+    folder = recipe.data.kind == "imagefolder" and bool(recipe.data.root)
+    if folder:
+        recipe.preprocess.resize_mode = "fixed"  # the file states what was inferred from the folder
     content = recipe.to_dict()
-    text = to_toml(content)
+    header = [f"# preprocessing inferred by init-recipe: {line}" for line in inferred]
+    if header and folder:
+        header.append('# (preprocess.resize_mode = "fixed" keeps it; "auto" infers it from the image folder again)')
+    text = "\n".join(header + [""] if header else []) + to_toml(content)
     if tomllib.loads(text) != content:
         raise PipelineError(f"cannot write {path}: a value does not survive TOML (labels with control characters?)")
     write_text(path, text)

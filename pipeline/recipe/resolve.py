@@ -9,6 +9,7 @@ folder's class names. The result is validated before any stage does work.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,15 @@ from pipeline.io import ensure_dir, write_json
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import CHANNELS, Recipe, apply_override, recipe_from_dict, set_field, validate
 from pipeline.recipe.labels import imagefolder_labels
+from pipeline.recipe.preprocessing import describe as describe_preprocessing
+from pipeline.recipe.preprocessing import fit_to_folder, parse_resize, validation_warning
 from pipeline.recipe.registry import get_recipe, is_recipe_path, read_recipe_data, recipes_dir
 from pipeline.recipe.sources import PythonSource, is_source_spec, resolve_source
 from pipeline.recipe.weight_files import infer_num_classes, read_weight_file
 from pipeline.recipe.weights import NAMED_WEIGHTS, head_size
 
-USER_BASE = "_user"  # models/_user.toml: the settings around a model given as a source spec
+USER_BASE = "_user"
+WARNING = "warning: "  # notes starting with it are valid but probably wrong inputs, printed on stderr  # models/_user.toml: the settings around a model given as a source spec
 
 
 @dataclass
@@ -40,6 +44,8 @@ class ModelOptions:
     std: str | None = None
     num_classes: int | None = None
     classifier: str | None = None
+    resize: str | None = None  # --resize auto | none | N
+    skip_bad_images: bool = False
 
 
 def resolve_recipe(options: ModelOptions, stage_fields: dict[str, tuple[str, Any]] | None = None) -> Recipe:
@@ -52,7 +58,10 @@ def resolve_recipe(options: ModelOptions, stage_fields: dict[str, tuple[str, Any
         notes.append(f"{recipe.name} with random weights and no --data: using synthetic data (accuracy means nothing)")
         recipe.data.kind = "synthetic"
     for note in notes:  # on stdout: stderr carries the one `error:` line of a run a later check rejects
-        print(f"note: {note}")
+        if note.startswith(WARNING):
+            print(note, file=sys.stderr, flush=True)
+        else:
+            print(f"note: {note}", flush=True)
     return recipe
 
 
@@ -66,6 +75,7 @@ def recipe_with_flags(options: ModelOptions, stage_fields: dict[str, tuple[str, 
         origin = (f"recipe {options.model} (with flags)" if is_recipe_path(options.model)
                   else f"model {recipe.name} (recipe and flags)")
     explicit: dict[str, tuple[str, str]] = {}  # recipe key -> (flag, value) the user set it with
+    ratio = (recipe.preprocess.resize, recipe.preprocess.crop) if recipe.preprocess.resize else None
     if options.weights:
         recipe.weights = options.weights
     if options.data:
@@ -79,6 +89,12 @@ def recipe_with_flags(options: ModelOptions, stage_fields: dict[str, tuple[str, 
                 recipe.data.kind = "imagefolder"
     if options.input_size is not None:
         apply_input_size(recipe, options.input_size)
+    if options.resize is not None:
+        mode, resize = parse_resize(options.resize)
+        recipe.preprocess.resize_mode = mode
+        recipe.preprocess.resize = recipe.preprocess.resize if resize < 0 else resize
+    if options.skip_bad_images:
+        recipe.data.skip_bad_images = True
     for flag, key, value in (("--mean", "preprocess.mean", options.mean), ("--std", "preprocess.std", options.std),
                              ("--num-classes", "num_classes", options.num_classes),
                              ("--classifier", "classifier", options.classifier)):
@@ -91,7 +107,13 @@ def recipe_with_flags(options: ModelOptions, stage_fields: dict[str, tuple[str, 
     for key, (flag, value) in (stage_fields or {}).items():  # a stage's own flag beats a general --set
         set_field(recipe, key, value, f"{flag} {value}")
     notes = complete_from_inputs(recipe, explicit, origin)
+    if "preprocess.resize" in explicit:
+        recipe.preprocess.resize_mode = "fixed"
     validate(recipe, origin=origin)
+    why, warnings = fit_to_folder(recipe, recipe.weights not in NAMED_WEIGHTS, ratio)
+    validate(recipe, origin=origin)
+    notes.append(f"preprocessing: {describe_preprocessing(recipe)} ({why})")
+    notes += [WARNING + text for text in warnings + validation_warning(recipe)]
     return recipe, notes
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.io import readable_file
 
 SAVE_HINT = "save the weights with torch.save(model.state_dict(), PATH)"
 PLAIN_ENTRIES = ("model", "state_dict", "model_state_dict")
@@ -57,7 +58,21 @@ def read_weight_file(path: str | Path, prefer_ema: bool = False) -> WeightFile:
     path = Path(path)
     payload = _load_payload(path)
     state, entry, ignored = _unwrap(payload, path, prefer_ema)
+    check_finite(state, f"weights file {path}")
     return WeightFile(strip_wrapper_prefixes(state), entry, ignored)
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or Inf (a diverged run, a damaged copy) where they are loaded, before any work."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+                raise PipelineError(f"{source}: tensor {key!r} holds {kind} ({bad} of {tensor.numel()} values not "
+                                    "finite); the weights are damaged or from a diverged run: pass weights with "
+                                    "finite values")
 
 
 def infer_num_classes(state_dict: dict[str, torch.Tensor], classifier: str | None) -> int | None:
@@ -87,11 +102,8 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 # --------------------------------------------------------------------------- reading
 def _load_payload(path: Path):
-    if not path.is_file():
-        raise PipelineError(f"weights file {path} does not exist; check the path")
+    readable_file(path, "weights file", "check the path", empty_fix=SAVE_HINT)
     size = path.stat().st_size
-    if size == 0:
-        raise PipelineError(f"weights file {path} is empty; {SAVE_HINT}")
     with open(path, "rb") as handle:
         head = handle.read(4096)
     if head.startswith(b"PK\x03\x04"):  # torch's zip format (or a damaged copy of it)

@@ -10,7 +10,7 @@ from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.sources import TorchvisionSource, resolve_source
-from pipeline.recipe.weight_files import read_state_dict, read_weight_file
+from pipeline.recipe.weight_files import check_finite, read_state_dict, read_weight_file
 
 # `weights = ...` values that are not a file: `torchvision` and `hub` download the source's published weights.
 NAMED_WEIGHTS = ("random", "pretrain", "torchvision", "hub")
@@ -47,9 +47,16 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise PipelineError(f"{source} does not fit this architecture ({detail}); pass weights of the same model")
     for key, tensor in expected.items():
-        if tuple(state_dict[key].shape) != tuple(tensor.shape):
-            raise PipelineError(f"{source}: {key} has shape {list(state_dict[key].shape)}, the model expects "
+        given = state_dict[key]
+        if not isinstance(given, torch.Tensor):
+            raise PipelineError(f"{source}: {key} is a {type(given).__name__}, not a tensor; pass a state_dict")
+        if tuple(given.shape) != tuple(tensor.shape):
+            raise PipelineError(f"{source}: {key} has shape {list(given.shape)}, the model expects "
                                 f"{list(tensor.shape)}; pass weights of the same architecture")
+        if given.is_floating_point() != tensor.is_floating_point() or given.dtype == torch.bool != tensor.dtype:
+            raise PipelineError(f"{source}: {key} has dtype {str(given.dtype).removeprefix('torch.')}, the model "
+                                f"expects {str(tensor.dtype).removeprefix('torch.')}; pass weights of the same model")
+    check_finite(state_dict, source)
     model.load_state_dict(state_dict)
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.io import write_json
@@ -30,8 +29,8 @@ from pipeline.recipe.registry import get_recipe, list_models
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.gumbel import (attach_masks, mask_training_mode, masked_modules, prepare_step,
                                    set_kept_magnitude_weight)
-from pipeline.training import progress_disabled
 from pipeline.recipe.weights import build_network
+from pipeline.progress import progress
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "convnext_t", "fmnist_resnet"]
 NEEDS_RECIPE = False  # its own --models list
@@ -130,7 +129,7 @@ def bench_model(name: str, size: int, batch: int, reps: int, warmup: int) -> dic
         for step in kinds.values():
             step()
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
-    for rep in tqdm(range(reps), desc=f"bench {name}", leave=False, disable=progress_disabled()):
+    for rep in progress(range(reps), desc=f"bench {name}", leave=False):
         order = list(kinds) if rep % 2 == 0 else list(reversed(kinds))
         for kind in order:
             times[kind].append(timed(kinds[kind]))

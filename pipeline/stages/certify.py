@@ -10,7 +10,6 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
 
 from pipeline.args import add_device_argument
 from pipeline.verify.certify import certify_masks
@@ -21,9 +20,10 @@ from pipeline.masks.artifact import MaskArtifact
 from pipeline.masks.methods import dense_for_artifact
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-from pipeline.training import check_device, progress_disabled, select_device
+from pipeline.training import check_device, select_device
 from pipeline.recipe.weight_files import read_state_dict
 from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict
+from pipeline.progress import progress
 
 
 @dataclass
@@ -65,7 +65,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     data = build_datasets(recipe)
     report = certify_masks(lambda: build_network(recipe), dense, artifact, data.eval, recipe.data.eval_batch_size,
                            device, updated_state=updated,
-                           progress=lambda it: tqdm(it, desc="certify", leave=False, disable=progress_disabled()))
+                           progress=lambda it: progress(it, desc="certify", leave=False))
     report.pop("per_sample")
     summary = {"model": recipe.name, "weights": source, "masks": str(masks_path), "method": artifact.method,
                "updated_weights": options.updated_weights, "data": data.description,

@@ -5,10 +5,10 @@ import argparse
 from dataclasses import dataclass
 
 from pipeline.errors import PipelineError
-from pipeline.io import read_json
 from pipeline.plots import learning_curves
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
+from pipeline.records import load_report
 
 
 RECORDS_CONFIG = False  # plots the runs already made
@@ -23,19 +23,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pass
 
 
+CURVE_KEYS = {"history": list, "prior": str, "loss": str, "steps": int, "test": dict}  # what the plot reads
+
+
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     runs = {}
     for log in sorted(paths.root.glob("train_masks*.json")):
-        summary = read_json(log)
+        summary = load_report(log, "train-masks", recipe.name, CURVE_KEYS)
         tag = log.stem.removeprefix("train_masks").lstrip(".") or "main"
-        history = [point for point in summary["history"] if "top1" in point]
+        history = [point for point in summary["history"] if isinstance(point, dict) and "top1" in point]
+        if not all(isinstance(point["top1"], (int, float)) for point in history) or "top1" not in summary["test"]:
+            raise PipelineError(f"{log} is not a train-masks report (its history or test holds no numbers); "
+                                f"re-run `python -m pipeline train-masks --model {recipe.name}`")
         if not history:
             print(f"{tag:12s} has no validation evaluations (masks.validation_images = 0); not plotted")
             continue
         runs[f"{tag} (prior {summary['prior']}, {summary['loss']})"] = history
         best = max(point["top1"] for point in history)
         print(f"{tag:12s} prior {summary['prior']:9s} loss {summary['loss']:10s} steps {summary['steps']:5d}  "
-              f"validation: prior {history[0]['top1']:.2f}%  best {best:.2f}% (step {summary['best_step']})  "
+              f"validation: prior {history[0]['top1']:.2f}%  best {best:.2f}% (step {summary.get('best_step')})  "
               f"test of the best masks {summary['test']['top1']:.2f}%")
     if not runs:
         raise PipelineError(f"no train_masks*.json with validation evaluations in {paths.root}; run train-masks first")

@@ -15,13 +15,16 @@ import copy
 import functools
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.backends.build_report import VARIANTS, BuildReport
-from pipeline.io import read_json, sha256_file, write_json
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, sha256_file
+from pipeline.records import StageRecords
 from pipeline.paths import ArtifactPaths, relative_to_root
 from pipeline.recipe.config import Recipe
 from pipeline.stages import load_stage, run_stage
@@ -137,21 +140,27 @@ def up_to_date(record: dict[str, Any] | None, input_hash: str, root: Path) -> bo
     if not record or record.get("inputs") != input_hash:
         return False
     outputs = record.get("outputs") or {}
-    return bool(outputs) and all((root / path).is_file() and sha256_file(root / path) == digest
-                                 for path, digest in outputs.items())
+    return bool(outputs) and all(isinstance(digest, str) and (root / path).is_file()
+                                 and sha256_file(root / path) == digest for path, digest in outputs.items())
+
+
+def load_records(paths: ArtifactPaths) -> StageRecords:
+    """stages.json, or empty records when it is damaged (said in one `warning:` line: it is rebuilt)."""
+    records, dropped = StageRecords.load(paths.stages)
+    if dropped:
+        print(f"warning: {dropped}", file=sys.stderr, flush=True)
+    return records
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
-    state = read_json(paths.stages) if paths.stages.is_file() else {}
-    state.setdefault("stages", {})
-    in_progress = state.setdefault("in_progress", {})
+    records = load_records(paths)
     # A stage killed mid-run left its checkpoint behind: rerun with the same inputs resumes it.
     checkpoints = {"pretrain": paths.pretrain_checkpoint, "train-masks": paths.mask_checkpoint}
     started = time.time()
     for stage in stage_plan(recipe, paths, options):
         parts = stage.inputs()
         input_hash = combine(parts)
-        record = state["stages"].get(stage.name)
+        record = records.stages.get(stage.name)
         if not options.force and up_to_date(record, input_hash, paths.root):
             print(f"== {stage.name}: up to date (inputs unchanged, outputs intact), skipped", flush=True)
             continue
@@ -159,34 +168,61 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
                                              "inputs changed" if record.get("inputs") != input_hash else
                                              "outputs missing or changed")
         resume = (not options.force and stage.name in checkpoints and checkpoints[stage.name].is_file()
-                  and in_progress.get(stage.name) == input_hash)
+                  and records.in_progress.get(stage.name) == input_hash)
         print(f"== {stage.name}: {'resuming' if resume else 'running'} ({why})", flush=True)
-        in_progress[stage.name] = input_hash
-        write_json(paths.stages, state)
         stage_started = time.time()
-        module = load_stage(stage.name)
-        stage_options = module.Options(**stage.extra(record is not None or options.force),
-                                       **({"resume": True} if resume else {}))
-        try:
-            code = run_stage(module, copy.deepcopy(recipe), paths, stage_options)
-        except BaseException as exc:
-            code = exc
+        code = run_planned_stage(stage, recipe, paths, records, input_hash, record is not None or options.force, resume)
         if code != 0:
-            # A failed stage changed no artifact: the previous record (if any) still describes them. Its inputs
-            # differ from this run's unless --force, so the next run repeats the stage either way.
-            write_json(paths.stages, state)
-            if isinstance(code, BaseException):
-                print(f"== {stage.name} failed; stopping", flush=True)
-                raise code
             print(f"== {stage.name} exited with {code}; stopping", flush=True)
             return code
-        in_progress.pop(stage.name, None)
-        state["stages"][stage.name] = {
+        records.stages[stage.name] = {
             "inputs": input_hash, "input_parts": parts,
             "outputs": {relative_to_root(path, paths.root): sha256_file(path)
                         for path in stage.outputs() if Path(path).is_file()},
-            "seconds": round(time.time() - stage_started, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "seconds": round(time.time() - stage_started, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        write_json(paths.stages, state)
+        records.save(paths.stages)
     print(f"engine: all stages done in {time.time() - started:.0f}s; report {paths.report_md}")
     return 0
+
+
+def run_planned_stage(stage: Stage, recipe: Recipe, paths: ArtifactPaths, records: StageRecords, input_hash: str,
+                      rerun: bool, resume: bool) -> int:
+    """Run one stage with its in-progress mark in stages.json (so a killed run resumes). A stage refusing its
+    input (PipelineError) ran no work: stages.json is put back as it was, byte for byte."""
+    before = paths.stages.read_bytes() if paths.stages.is_file() else None
+    previous = records.in_progress.get(stage.name)
+    records.in_progress[stage.name] = input_hash
+    records.save(paths.stages)
+    module = load_stage(stage.name)
+    stage_options = module.Options(**stage.extra(rerun), **({"resume": True} if resume else {}))
+    try:
+        code = run_stage(module, copy.deepcopy(recipe), paths, stage_options)
+    except PipelineError:
+        restore_records(paths, records, stage.name, previous, before)
+        raise
+    except BaseException:
+        # A failed stage changed no artifact: the previous record (if any) still describes them. Its inputs
+        # differ from this run's unless --force, so the next run repeats the stage either way.
+        records.save(paths.stages)
+        print(f"== {stage.name} failed; stopping", flush=True)
+        raise
+    if code != 0:
+        records.save(paths.stages)
+    else:
+        records.in_progress.pop(stage.name, None)
+    return code
+
+
+def restore_records(paths: ArtifactPaths, records: StageRecords, name: str, previous: str | None,
+                    before: bytes | None) -> None:
+    if previous is None:
+        records.in_progress.pop(name, None)
+    else:
+        records.in_progress[name] = previous
+    if before is None:
+        paths.stages.unlink(missing_ok=True)
+    else:
+        with atomic_path(paths.stages) as tmp:
+            tmp.write_bytes(before)

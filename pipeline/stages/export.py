@@ -42,11 +42,22 @@ def running_statistics_of(state: dict, model) -> dict:
     return {key: state[key] for key in running_statistics_keys(model) if key in state}
 
 
-def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
-    cfg = recipe.export
-    if options.no_fp16:
-        cfg.fp16 = False
-    started = time.time()
+@dataclass
+class Inputs:
+    """What export reads, each checked where it is loaded (records, sha256, shapes, finite values)."""
+
+    dense_state: dict
+    source: str
+    dense_model: torch.nn.Module
+    sparse_state: dict
+    sparse_model: torch.nn.Module
+    baked: BakeReport
+    masked: list[str]
+    n: int
+    m: int
+
+
+def load_inputs(recipe: Recipe, paths: ArtifactPaths) -> Inputs:
     dense_state, source = dense_state_dict(recipe, paths)
     dense_model = build_network(recipe)
     load_state_dict_strict(dense_model, dense_state, source)
@@ -56,7 +67,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     sparse_state = read_state_dict(paths.sparse_weights)
     sparse_model = build_network(recipe)
     load_state_dict_strict(sparse_model, sparse_state, f"sparse weights {paths.sparse_weights}")
-    sparse_model.eval()
     artifact = MaskArtifact.load(paths.masks)
     if artifact.meta.get("permutations"):
         from pipeline.masks.methods import dense_for_artifact
@@ -65,46 +75,39 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         # the dense graph from them too, so dense and sparse graphs differ only in the pruned weights
         dense_model.load_state_dict(dense_for_artifact(dense_state, artifact))
         source += " (channel-permuted as recorded in masks.pt)"
-    dense_model.eval()
-    masked = [layer.name for layer in artifact.layers]
     n, m = (artifact.layers[0].n, artifact.layers[0].m) if artifact.layers else (recipe.masks.n, recipe.masks.m)
+    return Inputs(dense_state, source, dense_model.eval(), sparse_state, sparse_model.eval(), baked,
+                  [layer.name for layer in artifact.layers], n, m)
 
-    opset = effective_opset(cfg.opset)
-    if opset != cfg.opset:
-        print(f"note: export.opset={cfg.opset} raised to {opset} (the torch.export-based exporter starts at {opset})")
-    variants = [("dense", "fp32", dense_model, paths.dense_onnx), ("sparse", "fp32", sparse_model, paths.sparse_onnx)]
-    if cfg.fp16:
-        variants += [("dense", "fp16", dense_model, paths.dense_onnx_fp16),
-                     ("sparse", "fp16", sparse_model, paths.sparse_onnx_fp16)]
-    protos = {}
-    for kind, precision, model, path in variants:
-        print(f"exporting {path.name} ...", flush=True)
-        proto = ModelProtoFromTorch(model, recipe.input_shape, opset, cfg.input_name, cfg.output_name,
-                                    fp16=precision == "fp16")
-        check_model(proto)
-        protos[(kind, precision)] = proto
-    # What the sparse graphs are checked against: the dense graph, or, when bake re-estimated the BatchNorm
-    # statistics (folded into the conv weights and biases by the exporter), a dense graph carrying those same
-    # statistics, written nowhere; so the checks below stay bit-exact in both cases.
-    references_for_check = {precision: protos[("dense", precision)] for _, precision, _, _ in variants}
-    if baked.details.get("batchnorm_reestimated"):
+
+def check_references(recipe: Recipe, inputs: Inputs, protos: dict, opset: int) -> dict:
+    """What the sparse graphs are checked against: the dense graph, or, when bake re-estimated the BatchNorm
+    statistics (folded into the conv weights and biases by the exporter), a dense graph carrying those same
+    statistics, written nowhere; so the checks stay bit-exact in both cases."""
+    cfg = recipe.export
+    references = {precision: protos[("dense", precision)] for _, precision in protos}
+    if inputs.baked.details.get("batchnorm_reestimated"):
         reference_model = build_network(recipe)
-        reference_model.load_state_dict(dense_model.state_dict())
-        reference_model.load_state_dict(running_statistics_of(sparse_state, reference_model), strict=False)
+        reference_model.load_state_dict(inputs.dense_model.state_dict())
+        reference_model.load_state_dict(running_statistics_of(inputs.sparse_state, reference_model), strict=False)
         reference_model.eval()
-        for precision in references_for_check:
-            references_for_check[precision] = ModelProtoFromTorch(
+        for precision in references:
+            references[precision] = ModelProtoFromTorch(
                 reference_model, recipe.input_shape, opset, cfg.input_name, cfg.output_name, fp16=precision == "fp16")
         print("note: bake re-estimated the BatchNorm statistics (masks.bn_reestimate_images): the sparse graphs are "
               "checked against the dense weights with those statistics")
+    return references
 
-    generator = torch.Generator().manual_seed(0)
-    batch = torch.randn(4, *recipe.input_shape, generator=generator)
+
+def check_graphs(recipe: Recipe, inputs: Inputs, protos: dict, variants: list, opset: int
+                 ) -> tuple[dict, dict, list[str]]:
+    """Every graph against PyTorch, and the sparse ones' N:M and kept weights: (files, layer checks, problems)."""
+    cfg = recipe.export
+    references_for_check = check_references(recipe, inputs, protos, opset)
+    batch = torch.randn(4, *recipe.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        references = {"dense": dense_model(batch).numpy(), "sparse": sparse_model(batch).numpy()}
-    problems = []
-    files = {}
-    layer_checks = {}
+        references = {"dense": inputs.dense_model(batch).numpy(), "sparse": inputs.sparse_model(batch).numpy()}
+    problems, files, layer_checks = [], {}, {}
     for (kind, precision), proto in protos.items():
         comparison = compare_with_torch(proto, references[kind], batch.numpy(), precision)
         path = next(p for k, pr, _, p in variants if k == kind and pr == precision)
@@ -117,22 +120,66 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             problems.append(f"{path.name}: ONNX Runtime differs from PyTorch by {comparison['max_abs_diff']:.3g} "
                             f"(allowed {comparison['allowed']:.3g})")
         if kind == "sparse":
-            checks = check_sparse_layers(references_for_check[precision], proto, masked, sparse_state, n, m)
+            checks = check_sparse_layers(references_for_check[precision], proto, inputs.masked, inputs.sparse_state,
+                                         inputs.n, inputs.m)
             layer_checks[precision] = checks
             masked_inits = {check.get("initializer") for check in checks}
             differ = other_initializers_differ(references_for_check[precision], proto, masked_inits)
             files[path.name]["unmasked_initializers_differing"] = differ
-            for check in checks:
-                if not check["ok"]:
-                    problems.append(f"{path.name} layer {check['layer']}: {check['problem']}")
+            problems += [f"{path.name} layer {check['layer']}: {check['problem']}" for check in checks
+                         if not check["ok"]]
             if differ:
                 problems.append(f"{path.name}: {len(differ)} unmasked initializers differ from the dense graph "
                                 f"(e.g. {differ[0]}); sparse.pt and the dense weights do not belong together")
+    return files, layer_checks, problems
+
+
+def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
+    cfg = recipe.export
+    if options.no_fp16:
+        cfg.fp16 = False
+    started = time.time()
+    inputs = load_inputs(recipe, paths)
+    opset = effective_opset(cfg.opset)
+    if opset != cfg.opset:
+        print(f"note: export.opset={cfg.opset} raised to {opset} (the torch.export-based exporter starts at {opset})")
+    variants = [("dense", "fp32", inputs.dense_model, paths.dense_onnx),
+                ("sparse", "fp32", inputs.sparse_model, paths.sparse_onnx)]
+    if cfg.fp16:
+        variants += [("dense", "fp16", inputs.dense_model, paths.dense_onnx_fp16),
+                     ("sparse", "fp16", inputs.sparse_model, paths.sparse_onnx_fp16)]
+    protos = {}
+    for kind, precision, model, path in variants:
+        print(f"exporting {path.name} ...", flush=True)
+        proto = ModelProtoFromTorch(model, recipe.input_shape, opset, cfg.input_name, cfg.output_name,
+                                    fp16=precision == "fp16")
+        check_model(proto)
+        protos[(kind, precision)] = proto
+    files, layer_checks, problems = check_graphs(recipe, inputs, protos, variants, opset)
     if problems:
         raise PipelineError(f"export check failed: {problems[0]}" +
                             (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") +
                             "; nothing written; re-run bake for these dense weights")
+    write_outputs(recipe, paths, inputs, protos, variants, files)
+    summary = {precision: {"layers": len(checks), "ok": sum(c["ok"] for c in checks)}
+               for precision, checks in layer_checks.items()}
+    ExportReport(recipe.name, files, {
+        "dense_weights": inputs.source, "sparse_weights": str(paths.sparse_weights),
+        "masks": str(paths.masks), "exporter": f"torch.onnx.export(dynamo=True, optimize=True) torch {torch.__version__}",
+        "opset": opset, "opset_requested": cfg.opset, "n": inputs.n, "m": inputs.m,
+        "io": {"input_name": cfg.input_name, "output_name": cfg.output_name, "dtype": "float32",
+               "note": "FP16 graphs keep FP32 input/output; Cast nodes at the graph edges convert"},
+        "batchnorm": "folded into Conv by the exporter's optimiser (per-output-channel scale keeps zeros)",
+        "tolerances": TOLERANCES, "nm_check": summary, "layers": layer_checks,
+        "seconds": round(time.time() - started, 2),
+    }).save(paths.export_report)
+    print_summary(summary, files, inputs.n, inputs.m)
+    print(f"export report: {paths.export_report}")
+    return 0
 
+
+def write_outputs(recipe: Recipe, paths: ArtifactPaths, inputs: Inputs, protos: dict, variants: list,
+                  files: dict) -> None:
     import onnx
 
     for (kind, precision), proto in protos.items():
@@ -141,22 +188,11 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             onnx.save(proto, str(tmp))
         files[path.name].update(file_record(path))
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-
     if recipe.build.precision == "int8":
-        files.update(export_int8(recipe, paths, masked, n, m))
+        files.update(export_int8(recipe, paths, inputs.masked, inputs.n, inputs.m))
 
-    summary = {precision: {"layers": len(checks), "ok": sum(c["ok"] for c in checks)}
-               for precision, checks in layer_checks.items()}
-    ExportReport(recipe.name, files, {
-        "dense_weights": source, "sparse_weights": str(paths.sparse_weights),
-        "masks": str(paths.masks), "exporter": f"torch.onnx.export(dynamo=True, optimize=True) torch {torch.__version__}",
-        "opset": opset, "opset_requested": cfg.opset, "n": n, "m": m,
-        "io": {"input_name": cfg.input_name, "output_name": cfg.output_name, "dtype": "float32",
-               "note": "FP16 graphs keep FP32 input/output; Cast nodes at the graph edges convert"},
-        "batchnorm": "folded into Conv by the exporter's optimiser (per-output-channel scale keeps zeros)",
-        "tolerances": TOLERANCES, "nm_check": summary, "layers": layer_checks,
-        "seconds": round(time.time() - started, 2),
-    }).save(paths.export_report)
+
+def print_summary(summary: dict, files: dict, n: int, m: int) -> None:
     for precision, counts in summary.items():
         print(f"sparse {precision}: {counts['ok']}/{counts['layers']} masked layers hold {n}:{m} in TensorRT layout, "
               f"kept weights equal the dense export")
@@ -165,8 +201,6 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             continue
         diff = info["ort_vs_torch"]
         print(f"{name}: ONNX Runtime vs PyTorch max|diff| {diff['max_abs_diff']:.2e} (allowed {diff['allowed']:.2e})")
-    print(f"export report: {paths.export_report}")
-    return 0
 
 
 def export_int8(recipe: Recipe, paths: ArtifactPaths, masked: list[str], n: int, m: int) -> dict[str, dict]:

@@ -8,6 +8,7 @@ normalisation from the source's pretrained metadata unless --input-size / --mean
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pipeline.recipe.init_recipe import RecipeRequest, write_recipe
 from pipeline.recipe.sources import SPEC_FORMS
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "python: factories)")
     parser.add_argument("--input-size", type=int, default=None, metavar="PIXELS",
                         help="square input side (default: the source's pretrained size)")
+    parser.add_argument("--resize", default=None, metavar="auto|none|N",
+                        help="shorter side before the centre crop (default auto: whole images when the folder's "
+                             "images are the input size or smaller, else the source's ratio)")
     parser.add_argument("--mean", type=float_list, default=None, help="per-channel mean, e.g. 0.485,0.456,0.406")
     parser.add_argument("--std", type=float_list, default=None, help="per-channel std, e.g. 0.229,0.224,0.225")
     parser.add_argument("--name", default=None, help="recipe name, also the artifact folder (default: the --out "
@@ -51,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(options: Options) -> int:
     written = write_recipe(options)
-    for note in written.notes:
-        print(note)
+    for note in written.notes:  # valid but probably wrong inputs go to stderr, as every stage prints them
+        print(note, file=sys.stderr if note.startswith("warning: ") else sys.stdout)
     print(f"wrote {written.path}")
     print(f"next: {written.next_command}")
     return 0

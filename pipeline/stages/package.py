@@ -54,7 +54,7 @@ def checked_verdict(recipe: Recipe, paths: ArtifactPaths) -> str:
     for path in [paths.dense_onnx, paths.sparse_onnx] + [paths.root / name for name in exported.files]:
         if path.is_file() or path in (paths.dense_onnx, paths.sparse_onnx):
             exported.checked(path)
-    baked = [path for path in (paths.masks, paths.sparse_weights) if path.is_file()]
+    baked = [path for path in (paths.masks, paths.sparse_weights) if path.exists()]
     if baked:
         bake = BakeReport.load(paths.bake_report, recipe.name)
         for path in baked:

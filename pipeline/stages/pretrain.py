@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipeline.data.datasets import ResumableBatchSampler, build_datasets, make_loader
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.io import torch_load, torch_save, write_json
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-from pipeline.training import check_device, evaluate, progress_disabled, select_device, stop_on_signals
+from pipeline.training import check_device, evaluate, select_device, stop_on_signals
 from pipeline.recipe.weights import build_network
+from pipeline.progress import progress
 
 
 @dataclass
@@ -81,8 +81,8 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         while state["epoch"] < cfg.epochs:
             model.train()
             sampler.set_epoch(state["epoch"], state["batch"])
-            bar = tqdm(make_loader(data.train, sampler), total=steps_per_epoch, initial=state["batch"],
-                       desc=f"pretrain epoch {state['epoch'] + 1}/{cfg.epochs}", disable=progress_disabled())
+            bar = progress(make_loader(data.train, sampler), total=steps_per_epoch, initial=state["batch"],
+                           desc=f"pretrain epoch {state['epoch'] + 1}/{cfg.epochs}")
             correct = seen = 0
             for images, labels in bar:
                 images, labels = images.to(device), labels.to(device)

@@ -29,7 +29,7 @@ def _eligibility(paths: ArtifactPaths, recipe: Recipe):
     from pipeline.masks.eligibility import EligibilityReport
 
     if paths.layers.is_file():
-        return EligibilityReport.load(paths.layers)
+        return EligibilityReport.load(paths.layers, recipe.name)
     from pipeline.masks.eligibility import find_layers
     from pipeline.recipe.weights import build_network
 
@@ -124,9 +124,9 @@ def verify_built_engines(recipe: Recipe, paths: ArtifactPaths) -> tuple[dict[str
 
     started = time.time()
     build, backend, runners = load_engines(paths, recipe)
+    coverage = coverage_section(paths, recipe, build)  # every record verify reads is checked before measuring
     data = build_datasets(recipe)
     accuracy, sections, raw = _measure(recipe, paths, runners, data)
-    coverage = coverage_section(paths, recipe, build)
     cfg, speedup = recipe.verify, sections["latency"]["speedup_spread"]["ratio"]
     checks = [gate("top1_drop", accuracy["top1_drop"], cfg.max_top1_drop, "<=",
                    "" if data.accuracy_meaningful else f"{data.kind} data: accuracy means nothing"),

@@ -21,7 +21,7 @@ from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import PreprocessConfig, Recipe, apply_override, set_field, validate
 from pipeline.verify import layout as layouts
 from pipeline.verify.measure import gate, gates_section, latency_section, measure_accuracy, measure_latency
-from pipeline.verify.onnx_files import check_file, check_pairing, classifier_io, load_onnx
+from pipeline.verify.onnx_files import check_pairing, classifier_io, load_onnx
 from pipeline.verify.report import SCHEMA
 
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")

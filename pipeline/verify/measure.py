@@ -9,10 +9,9 @@ import math
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.training import progress_disabled
+from pipeline.progress import progress
 from pipeline.verify.report import latency_stats, speedup_stats
 
 
@@ -31,8 +30,7 @@ def measure_accuracy(runners, dataset, batch_size: int) -> dict[str, Any]:
     counts = {variant: {"top1": 0, "top5": 0} for variant in runners}
     agree = total = 0
     max_diff = 0.0
-    for images, labels in tqdm(make_loader(dataset, batch_size=batch_size), desc="accuracy (engines)",
-                               disable=progress_disabled()):
+    for images, labels in progress(make_loader(dataset, batch_size=batch_size), desc="accuracy (engines)"):
         batch, labels = images.numpy().astype(np.float32), labels.numpy()
         logits = {variant: np.asarray(runner.infer(batch), dtype=np.float32) for variant, runner in runners.items()}
         predictions = {variant: _count(logits[variant], labels, counts[variant]) for variant in runners}
@@ -55,7 +53,7 @@ def measure_latency(runners, input_shape, batches: list[int], iterations: int, w
     raw: dict[str, dict[str, list[float]]] = {}
     by_batch: dict[str, Any] = {}
     rng = np.random.default_rng(0)
-    bar = tqdm(total=len(batches) * rounds, desc="latency (interleaved)", disable=progress_disabled())
+    bar = progress(total=len(batches) * rounds, desc="latency (interleaved)")
     for batch in batches:
         data = rng.standard_normal((batch, *input_shape)).astype(np.float32)
         for runner in runners.values():

@@ -14,6 +14,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, read_json, write_json, write_text
+from pipeline.records import check_keys
 
 SCHEMA = "sparse-pipeline/report/v1"
 NOT_VERIFIED = "not verified"
@@ -43,14 +44,21 @@ class VerificationReport:
     @classmethod
     def load(cls, path: Path) -> "VerificationReport":
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():  # verify did not run: package says "not verified" (or refuses with --require-verified)
             return cls(path, None)
-        report = read_json(path)
-        gates = report.get("gates") if isinstance(report, dict) else None
-        passed = gates.get("passed") if isinstance(gates, dict) else None
-        engines = report.get("engine_sha256") if isinstance(report, dict) else None
-        return cls(path, passed if isinstance(passed, bool) else None, engines if isinstance(engines, dict) else {},
-                   report if isinstance(report, dict) else {})
+        fix = "re-run `python -m pipeline verify`"
+        report = read_json(path, fix=fix)
+        if not isinstance(report, dict):
+            raise PipelineError(f"{path} is not a verify report (JSON {type(report).__name__}); {fix}")
+        check_keys(report, {"gates": dict}, path, "a verify report", fix)
+        passed = report["gates"].get("passed")
+        engines = report.get("engine_sha256", {})
+        if not isinstance(engines, dict):
+            raise PipelineError(f"{path} is not a verify report (engine_sha256 is not a table); {fix}")
+        if not isinstance(passed, bool) or not all(isinstance(value, str) for value in engines.values()):
+            raise PipelineError(f"{path} is not a verify report (no verdict, or engine hashes of the wrong type); "
+                                f"{fix}")
+        return cls(path, passed, engines, report)
 
     @property
     def verdict(self) -> str:

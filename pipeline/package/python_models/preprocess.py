@@ -51,6 +51,9 @@ class TritonPythonModel:
         self.output_name = config["output"][0]["name"]
         model_dir = Path(args["model_repository"])
         self.spec = json.loads((model_dir / "preprocessing.json").read_text())
+        missing = [key for key in ("color", "resize", "crop", "mean", "std", "input") if key not in self.spec]
+        if missing:  # the model refuses to load (Triton logs it) rather than serve another transform
+            raise ValueError(f"{model_dir / 'preprocessing.json'} lacks {', '.join(missing)}; rerun package")
 
     def execute(self, requests):
         pb_utils = self.pb_utils

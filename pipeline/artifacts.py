@@ -1,0 +1,245 @@
+"""The inventory of every file the pipeline reads: one table, in code.
+
+Each `Reader` is a file a user or an earlier stage can hand the pipeline: its owner (the one function that loads
+it; the owner's module also writes it, where the pipeline writes it), the stages that read it and the faults that
+apply to it. tests/test_faults.py breaks each file in each of its ways and runs it through its stages;
+tests/test_inventory.py fails when a function under pipeline/ reads a file (json.load, torch.load, onnx.load,
+Image.open, tomllib, open(..., 'r'), read_text/read_bytes, ...) without being named here, as an owner, a
+`site` of an entry, a primitive helper or a read of something that is not a handed-in file.
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+# Ways a file can be broken (tests/test_faults.py applies each).
+FILE_FAULTS = ("missing", "empty", "truncated", "random_bytes", "directory", "unreadable")
+JSON_FAULTS = FILE_FAULTS + ("json_null", "json_list", "json_number", "key_missing", "wrong_type")
+TENSOR_FAULTS = FILE_FAULTS + ("nan", "inf", "wrong_shape", "wrong_dtype")
+IMAGE_FAULTS = ("not_an_image", "truncated_image", "empty", "random_bytes")
+RECORD_STAGES = {"train_masks.json": ("bake",), "bake.json": ("export", "verify", "package"),
+                 "export.json": ("build", "verify", "package"), "build.json": ("verify", "package", "serve-check"),
+                 "report.json": ("package",), "layers.json": ("verify",)}
+DATA_STAGES = ("train-masks", "pretrain", "verify", "compare", "certify", "updatable", "serve-check", "engine")
+
+
+@dataclass(frozen=True)
+class Reader:
+    file: str  # the file (its name in the model folder, or what the user hands in)
+    kind: str  # json | torch | onnx | toml | image | idx | plan | pbtxt | text
+    owner: str  # module:function that loads it (its module owns the format)
+    writer: str  # who writes it: a stage, or "user"
+    stages: tuple[str, ...]  # stages that read it
+    faults: tuple[str, ...]  # the ways tests/test_faults.py breaks it (empty: not tested, see `note`)
+    paths: tuple[str, ...] = ()  # the ArtifactPaths attributes naming it
+    required: tuple[tuple[str, str], ...] = ()  # JSON: required key -> a wrong value for wrong_type
+    sites: tuple[str, ...] = ()  # other functions reading it (helpers of the owner; readers being moved)
+    note: str = ""
+
+
+INVENTORY: tuple[Reader, ...] = (
+    # ---- what the user hands in
+    Reader("recipe TOML (models/<name>.toml, --model FILE.toml)", "toml", "pipeline.recipe.registry:_read_with_bases",
+           "user / init-recipe", ("every recipe stage", "init-recipe"),
+           FILE_FAULTS + ("toml_syntax", "wrong_type", "unknown_key"),
+           sites=("pipeline.recipe.init_recipe:write_recipe",),
+           note="init-recipe reads its own TOML back before the rename"),
+    Reader("weights file (--weights PATH: state_dict plain/wrapped/EMA/prefixed, safetensors)", "torch",
+           "pipeline.recipe.weight_files:_load_payload", "user",
+           ("every recipe stage (head size)", "train-masks", "bake", "export", "compare", "certify", "updatable",
+            "init-recipe"),
+           TENSOR_FAULTS + ("pickled_module", "text_file"),
+           sites=("pipeline.recipe.weight_files:_is_zip_header", "pipeline.recipe.weight_files:_pickled_objects")),
+    Reader("image folder and its images (--data DIR: train/<class>/, val/<class>/)", "image",
+           "pipeline.data.images:decode_error", "user", DATA_STAGES + ("bake (BatchNorm)", "export (int8)"),
+           IMAGE_FAULTS, sites=("pipeline.data.datasets:_image_folder", "pipeline.data.images:checked_loader",
+                                "pipeline.recipe.preprocessing:probe_sizes",
+                                "pipeline.package.serve_check:evaluation_images"),
+           note="header probe for the preprocessing; full scan before work (pipeline/data/images.py)"),
+    Reader("Fashion-MNIST IDX files (train/t10k images and labels, optionally .gz)", "idx",
+           "pipeline.data.datasets:read_idx", "user (dataset-fashion-mnist)", DATA_STAGES,
+           ("empty", "truncated", "random_bytes", "directory")),
+    # ---- records (JSON) the stages write and read
+    Reader("config.json", "json", "pipeline.recipe.resolve:write_config", "every stage", (), (), paths=("config",),
+           note="written for people and tools; no stage reads it"),
+    Reader("stages.json", "json", "pipeline.records:StageRecords.load", "engine", ("engine",), JSON_FAULTS[1:],
+           paths=("stages",), required=(("stages", "[]"), ("in_progress", "7")),
+           sites=("pipeline.stages.engine:run_stage",),
+           note="a cache: damaged means rebuilt with one warning line, never refused (missing: no record, every "
+                "stage runs); run_stage puts its bytes back when a stage refuses its input"),
+    Reader("layers.json", "json", "pipeline.records:load_layer_table", "train-masks", RECORD_STAGES["layers.json"],
+           JSON_FAULTS[1:], paths=("layers",), required=(("masked", "7"), ("skipped", "\"x\"")),
+           note="missing: verify recomputes the table from the network"),
+    Reader("train_masks.json", "json", "pipeline.records:StageReport.load", "train-masks (TrainingRecord)",
+           RECORD_STAGES["train_masks.json"], JSON_FAULTS, paths=("mask_training",),
+           required=(("files", "[]"), ("model", "1"))),
+    Reader("bake.json", "json", "pipeline.records:StageReport.load", "bake (BakeReport)", RECORD_STAGES["bake.json"],
+           JSON_FAULTS, paths=("bake_report",), required=(("files", "\"x\""), ("model", "null"))),
+    Reader("export.json", "json", "pipeline.records:StageReport.load", "export (ExportReport)",
+           RECORD_STAGES["export.json"], JSON_FAULTS, paths=("export_report",), required=(("files", "[]"),)),
+    Reader("build.json", "json", "pipeline.backends.build_report:BuildReport.load", "build",
+           RECORD_STAGES["build.json"], JSON_FAULTS, paths=("build_report",),
+           required=(("engines", "[]"), ("backend", "3"), ("has_sparse_kernels", "\"yes\"")),
+           sites=("pipeline.package.plans:find_plans",),
+           note="plans.py still parses it raw (TensorRT engineer moves it to BuildReport)"),
+    Reader("report.json", "json", "pipeline.verify.report:VerificationReport.load", "verify",
+           RECORD_STAGES["report.json"], JSON_FAULTS[1:], paths=("report_json",),
+           required=(("gates", "[]"), ("engine_sha256", "1")),
+           note="missing: verify did not run, the package says `not verified` (--require-verified refuses it)"),
+    Reader("manifest.json", "json", "pipeline.package.manifest:check_manifest", "package",
+           ("check-manifest",), JSON_FAULTS, paths=("manifest",), required=(("files", "{}"),)),
+    Reader("serve_check.json", "json", "pipeline.package.serve_check:run_serve_check", "serve-check", (), (),
+           note="the serve-check report; no stage reads it"),
+    Reader("train_masks*.json as learning curves", "json", "pipeline.stages.curves:run", "train-masks",
+           ("curves",), JSON_FAULTS, required=(("history", "7"), ("test", "[]")),
+           note="curves plots every train_masks*.json it finds (tagged runs too)"),
+    Reader("pretrain.json", "json", "pipeline.stages.pretrain:run", "pretrain", (), (), paths=("pretrain_log",),
+           note="the pretrain summary; no stage reads it"),
+    # ---- tensors
+    Reader("masks.ckpt", "torch", "pipeline.masks.checkpoint:MaskCheckpoint.load", "train-masks",
+           ("bake", "train-masks --resume", "compare"), TENSOR_FAULTS, paths=("mask_checkpoint",)),
+    Reader("masks.pt", "torch", "pipeline.masks.artifact:MaskArtifact.load", "bake",
+           ("export", "verify", "certify", "updatable", "train-masks --masks-from", "package (sha256)"),
+           TENSOR_FAULTS, paths=("masks",)),
+    Reader("sparse.pt", "torch", "pipeline.recipe.weight_files:_load_payload", "bake", ("export", "package (sha256)"),
+           TENSOR_FAULTS, paths=("sparse_weights",)),
+    Reader("dense.pt", "torch", "pipeline.recipe.weight_files:_load_payload", "pretrain",
+           ("train-masks", "bake", "export", "verify", "compare", "certify"), TENSOR_FAULTS, paths=("dense_weights",),
+           note="the demo's pretrained weights; read as a weights file"),
+    Reader("pretrain.ckpt", "torch", "pipeline.stages.pretrain:run", "pretrain", ("pretrain --resume",),
+           FILE_FAULTS, paths=("pretrain_checkpoint",),
+           note="read through pipeline.io.torch_load; its owner class is the mask-learning engineer's"),
+    # ---- graphs, engines, serving
+    Reader("ONNX graphs (dense/sparse .onnx, .fp16.onnx, .int8.onnx Q/DQ)", "onnx",
+           "pipeline.package.tensors:specs_from_onnx", "export", ("build", "verify", "package"),
+           FILE_FAULTS, paths=("dense_onnx", "sparse_onnx", "dense_onnx_fp16", "sparse_onnx_fp16"),
+           sites=("pipeline.package.tensors:onnx_external_files", "pipeline.backends.onnxruntime:_graph_precision",
+                  "pipeline.backends.tensorrt.engine:_has_op", "pipeline.backends.tensorrt.engine:_has_fp16_tensors",
+                  "pipeline.backends.tensorrt.sparsity:OnnxNameMap.from_onnx", "pipeline.export.int8:quantize_qdq",
+                  "pipeline.stages.export:export_int8"),
+           note="every reader checks the sha256 export.json records first (ExportReport.checked)"),
+    Reader("TensorRT plans (*.plan)", "plan", "pipeline.backends.tensorrt.engine:TensorRTBackend.load", "build",
+           ("verify", "package"), (),
+           sites=("pipeline.backends.tensorrt.engine:_inspect",
+                  "pipeline.backends.tensorrt.engine:_attach_timing_cache"),
+           note="needs TensorRT and a GPU; the sha256 in build.json is checked first (BuildReport.checked_engine)"),
+    Reader("TensorRT plan metadata (*.plan.json)", "json", "pipeline.package.model_config:model_file_specs",
+           "build / package", ("package", "serve-check"), (), sites=("pipeline.package.plans:_metadata_file",),
+           note="needs TensorRT plans; plans.py is the TensorRT engineer's"),
+    Reader("Triton configs (config.pbtxt)", "pbtxt", "pipeline.package.model_config:parse_config", "package",
+           ("package", "serve-check"), ("missing", "empty", "truncated", "random_bytes", "directory", "unreadable"),
+           note="package writes and re-reads them in its staging folder; faults tested on the owner"),
+    Reader("labels files (labels.txt)", "text", "pipeline.package.model_config:check_model_dir", "package",
+           ("package", "serve-check"), (), sites=("pipeline.package.serve_check:read_labels",),
+           note="written by package from the recipe's labels and checked against the head there (line count)"),
+    Reader("preprocessing.json (Triton preprocess model)", "json",
+           "pipeline.package.python_models.preprocess:TritonPythonModel.initialize", "package", ("tritonserver",),
+           (), note="read inside tritonserver's Python backend (serve-check runs it)"),
+)
+
+# ArtifactPaths entries no stage reads back (their writer is their one owner module).
+WRITTEN_ONLY = {
+    "report_md": "pipeline.verify.report", "triton": "pipeline.package.repository (configs, labels, plans above)",
+    "compare_json": "pipeline.masks.comparison", "compare_md": "pipeline.masks.comparison",
+    "compare_png": "pipeline.masks.comparison", "compare_masks": "pipeline.masks.comparison",
+    "certify_json": "pipeline.stages.certify", "certify_md": "pipeline.stages.certify",
+    "updatable_json": "pipeline.masks.comparison", "updatable_md": "pipeline.masks.comparison",
+    "updated_weights": "pipeline.masks.comparison (certify --updated-weights reads it as a weights file)",
+}
+
+# Helpers that read for an owner: their callers must be owners or sites.
+PRIMITIVES = {
+    "pipeline.io:read_json": "JSON with one-line errors",
+    "pipeline.io:torch_load": "torch.load(weights_only=True) with one-line errors",
+    "pipeline.io:sha256_file": "hashes, does not parse",
+    "pipeline.io:_normal_mode": "/proc/self/status (the umask)",
+    "pipeline.records:load_report": "a stage report's JSON object",
+}
+# Reads of things no user or stage hands in: subprocess output, logs, temporary files, Triton's arguments.
+NOT_HANDED_IN = {
+    "pipeline.backends.onnxruntime:OrtRunner.layer_times": "ONNX Runtime's own profile file",
+    "pipeline.backends.tensorrt.sparsity:parse_inspector_json": "TensorRT's engine inspector output (a string)",
+    "pipeline.package.perf:run_perf_analyzer": "perf_analyzer's CSV output",
+    "pipeline.package.python_models.onnx_model:TritonPythonModel.initialize": "Triton's model_config argument",
+    "pipeline.package.python_models.preprocess:preprocess_image": "a request's image bytes (bad ones: error response)",
+    "pipeline.package.serve_check:run_serve_check": "the server's own log",
+    "pipeline.package.server:TritonServer.log_tail": "the server's own log",
+    "pipeline.package.triton_runtime:find_environment": "a probe subprocess's stdout",
+    "pipeline.artifacts:unregistered_reads": "the pipeline's own source (this scan)",
+}
+
+# Calls that read a file. Calls of PRIMITIVES count too; calls of an owner (e.g. read_state_dict) do not.
+READ_CALLS = {"json.load", "json.loads", "torch.load", "onnx.load", "Image.open", "tomllib.load", "tomllib.loads",
+              "np.load", "numpy.load", "np.fromfile", "text_format.Parse", "pickle.load", "pickle.loads",
+              "ImageFolder", "default_loader", "read_image", "decode_image"}
+READ_METHODS = {"read_text", "read_bytes", "deserialize_cuda_engine"}
+OPENERS = {"open", "gzip.open", "opener", "io.open"}
+
+
+def allowed_sites() -> set[str]:
+    """Every function allowed to read a file directly."""
+    allowed = set(PRIMITIVES) | set(NOT_HANDED_IN)
+    for reader in INVENTORY:
+        allowed.add(reader.owner)
+        allowed.update(reader.sites)
+    return allowed
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return f"{base}.{node.attr}" if base else ""
+    return ""
+
+
+def _reads(call: ast.Call) -> str:
+    """What CALL reads with ('' when it reads nothing)."""
+    name = _dotted(call.func)
+    short = name.rsplit(".", 1)[-1]
+    if name in READ_CALLS or short in {"ImageFolder", "default_loader"}:
+        return name
+    if f"pipeline.io:{short}" in PRIMITIVES or short == "load_report":
+        return short if short in ("read_json", "torch_load", "load_report") else ""
+    if isinstance(call.func, ast.Attribute) and call.func.attr in READ_METHODS:
+        return call.func.attr
+    if name in OPENERS:
+        mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"), None)
+        text = mode.value if isinstance(mode, ast.Constant) else ("r" if mode is None else "?")
+        return name if ("r" in str(text) or text == "?") else ""
+    return ""
+
+
+def read_sites(source: str, module: str) -> list[tuple[str, str, int]]:
+    """(module:function, what it calls, line) of every call in SOURCE that reads a file."""
+    found: list[tuple[str, str, int]] = []
+
+    def visit(node: ast.AST, scope: list[str]) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                visit(child, scope + [child.name])
+                continue
+            if isinstance(child, ast.Call) and _reads(child):
+                found.append((f"{module}:{'.'.join(scope) or '<module>'}", _reads(child), child.lineno))
+            visit(child, scope)
+
+    visit(ast.parse(source), [])
+    return found
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def unregistered_reads(root: Path) -> list[str]:
+    """Read sites under ROOT/pipeline in no registered function: 'module:function (call, line N)'."""
+    allowed = allowed_sites()
+    problems = []
+    for path in sorted((Path(root) / "pipeline").rglob("*.py")):
+        for site, call, line in read_sites(path.read_text(), module_name(path, Path(root))):
+            if site not in allowed:
+                problems.append(f"{site} ({call}, line {line})")
+    return problems
