@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import PreprocessConfig, Recipe, apply_override, set_field, validate
 from pipeline.verify import layout as layouts
+from pipeline.verify.pair import Pair
 from pipeline.verify.measure import gate, gates_section, latency_section, measure_accuracy, measure_latency
 from pipeline.verify.onnx_files import check_pairing, classifier_io, load_onnx
 from pipeline.verify.report import SCHEMA
@@ -45,20 +46,6 @@ class FileOptions:
     min_speedup: float | None = None
     min_coverage: float | None = None
     iters: int | None = None
-
-
-@dataclass
-class Pair:
-    """The dense and sparse model, checked: their input shape, classes, and the sparse model's layout."""
-
-    kind: str  # "onnx" | "tensorrt plan"
-    dense: Path
-    sparse: Path
-    input_shape: list[int]
-    num_classes: int
-    layout: layouts.LayoutReport | None
-    runners: dict[str, Any] | None = None  # plans are loaded while checking them
-    plan_layers: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- checking the inputs

@@ -21,11 +21,11 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.verify import layout as layouts
 from pipeline.verify.onnx_files import check_file, load_onnx
+from pipeline.verify.pair import Pair
 
 
 def load_plan_pair(dense: Path, sparse: Path, options) -> Any:
     from pipeline.backends import get_backend
-    from pipeline.verify.external import Pair
 
     for flag, path in (("--dense", dense), ("--sparse", sparse)):
         check_file(path, flag, "TensorRT plan")
