@@ -28,7 +28,7 @@ def load_engines(paths, recipe):
 def _eligibility(paths: ArtifactPaths, recipe: Recipe):
     from pipeline.masks.eligibility import EligibilityReport
 
-    if paths.layers.is_file():
+    if paths.layers.exists():  # a folder in its place is refused by the owner, not skipped
         return EligibilityReport.load(paths.layers, recipe.name)
     from pipeline.masks.eligibility import find_layers
     from pipeline.recipe.weights import build_network
@@ -42,7 +42,7 @@ def layer_table(paths, recipe) -> tuple[list[dict[str, Any]], int]:
     """Every Conv/Linear with MACs, masked or skipped (reason); from layers.json, else recomputed."""
     info = _eligibility(paths, recipe)
     masked_names = None
-    if paths.masks.is_file():
+    if paths.masks.exists():
         from pipeline.masks.artifact import MaskArtifact
         from pipeline.masks.bake_report import BakeReport
 
@@ -92,7 +92,7 @@ def coverage_section(paths: ArtifactPaths, recipe: Recipe, build: BuildReport) -
     layers, total_macs = layer_table(paths, recipe)
     masked_fraction = sum(layer["macs"] for layer in layers if layer["masked"]) / max(total_macs, 1)
     kernel_fraction, kernel_note = sparse_kernel_coverage(build, layers, total_macs)
-    export_info = ExportReport.load(paths.export_report, recipe.name).details if paths.export_report.is_file() else {}
+    export_info = ExportReport.load(paths.export_report, recipe.name).details if paths.export_report.exists() else {}
     export_checks = export_info.get("layers", {}).get("fp32", [])
     for layer in layers:
         layer["mac_fraction"] = layer["macs"] / max(total_macs, 1)
