@@ -12,6 +12,8 @@ import pytest
 
 from nm_fixtures import HOLDER, MODEL, REPO, BackgroundRun, assert_one_error_line, cli, snapshot, stage_lines
 
+pytestmark = pytest.mark.slow  # every test runs the CLI end to end (two processes for the lock)
+
 LONG_TRAINING = ["--set", "data.synthetic_size=2048", "--set", "masks.checkpoint_every=0", "--steps", "100000"]
 
 

@@ -62,6 +62,7 @@ def no_shared_memory_left(server: TritonServer) -> bool:
     return not list(SHM_DIR.glob(server.shm_prefix + "*"))
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 def test_ensembles_serve_raw_images_over_http_and_grpc(runtime, packaged, tmp_path):
     repository = packaged / MODEL / "triton_cpu"
@@ -87,6 +88,7 @@ def test_ensembles_serve_raw_images_over_http_and_grpc(runtime, packaged, tmp_pa
     assert no_shared_memory_left(server)
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 def test_server_is_stopped_when_the_caller_fails(runtime, packaged, tmp_path):
     with pytest.raises(RuntimeError, match="a check blew up"):
@@ -96,6 +98,7 @@ def test_server_is_stopped_when_the_caller_fails(runtime, packaged, tmp_path):
     assert not server.group_alive() and no_shared_memory_left(server)
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 def test_server_that_cannot_load_a_model_is_reported_and_reaped(runtime, packaged, tmp_path):
     repository = tmp_path / "repository"
@@ -111,6 +114,7 @@ def test_server_that_cannot_load_a_model_is_reported_and_reaped(runtime, package
     assert not server.group_alive()
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 def test_serve_check_passes_and_writes_its_report(runtime, packaged, capsys):
     code = main(["serve-check", "--model", MODEL, "--out", str(packaged), "--triton-env",
@@ -142,6 +146,7 @@ def test_missing_triton_environment_is_bad_input(packaged, tmp_path, capsys):
     assert err.count("\n") == 0 and "has no bin/python" in err and "make serve-env" in err
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 def test_serve_check_fails_when_the_server_answers_wrongly(runtime, packaged, tmp_path, capsys):
     """The sparse repository model swapped for the dense ONNX: the predictions check fails, exit 1, nothing left."""
