@@ -32,15 +32,18 @@ class GumbelNoisePool:
     layer, sliced at a uniformly random offset per layer and step, gives i.i.d. Gumbel
     values within a draw and independent offsets across draws (the noise-table trick of
     evolution strategies). The pool is redrawn every `refresh_steps` steps from a generator
-    seeded by (seed, step // refresh_steps), so a resumed run sees the same noise.
+    seeded by (seed, step // refresh_steps), so a resumed run sees the same noise. The offsets come from the
+    pool's own generator (seeded by seed and `stream`, one stream per rank; its state is checkpointed), never
+    from torch's global RNG.
     """
 
-    def __init__(self, largest: int, seed: int, refresh_steps: int = 100) -> None:
+    def __init__(self, largest: int, seed: int, refresh_steps: int = 100, stream: int = 0) -> None:
         self.size = max(2 * largest, 1 << 16)
         self.seed = seed
         self.refresh_steps = refresh_steps
         self.generation = -1
         self.pool: torch.Tensor | None = None
+        self.offsets = torch.Generator().manual_seed(seed * 1000 + stream)
 
     def set_step(self, step: int, device: torch.device) -> None:
         generation = step // self.refresh_steps
@@ -52,7 +55,7 @@ class GumbelNoisePool:
     def draw(self, numel: int, device: torch.device) -> torch.Tensor:
         if self.pool is None or self.pool.device != device:
             self.set_step(max(self.generation, 0) * self.refresh_steps, device)
-        offset = int(torch.randint(0, self.size - numel + 1, (1,)))
+        offset = int(torch.randint(0, self.size - numel + 1, (1,), generator=self.offsets))
         return self.pool[offset: offset + numel]
 
 
@@ -86,9 +89,19 @@ def to_position_major(weight: torch.Tensor, m: int) -> torch.Tensor:
     return to_blocks(weight, m).movedim(-1, 0)
 
 
-def from_position_major(blocks_pm: torch.Tensor) -> torch.Tensor:
-    """Inverse of `to_position_major`, as a contiguous weight."""
-    return from_blocks(blocks_pm.movedim(0, -1)).contiguous()
+def from_position_major(blocks_pm: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
+                        ) -> torch.Tensor:
+    """Inverse of `to_position_major`, as a weight in `memory_format` (channels_last costs no copy: the
+    position-major buffer already holds a conv weight in that order)."""
+    return from_blocks(blocks_pm.movedim(0, -1)).contiguous(memory_format=memory_format)
+
+
+def weight_format(weight: torch.Tensor) -> torch.memory_format:
+    """The memory format a masked weight is built in: channels_last for a conv weight stored so
+    (`StepSettings.channels_last`), else contiguous."""
+    if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -108,7 +121,8 @@ class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, gumbel: torch.Tensor | None, tau: float, weight_pm: torch.Tensor,
                 table: torch.Tensor, codes: list[int], scale: float = 1.0, kept_coefficient: float = 0.0,
-                total_abs: float = 1.0) -> torch.Tensor:
+                total_abs: float = 1.0, memory_format: torch.memory_format = torch.contiguous_format
+                ) -> torch.Tensor:
         m = weight_pm.shape[0]
         flat = logits.reshape(logits.shape[0], -1)
         if scale != 1.0:
@@ -121,7 +135,7 @@ class _MaskedWeight(torch.autograd.Function):
         ctx.scale = scale
         ctx.kept_step = kept_coefficient / max(total_abs, 1e-12)
         ctx.logits_shape = logits.shape
-        return from_position_major(effective)
+        return from_position_major(effective, memory_format)
 
     @staticmethod
     def backward(ctx, grad_weight: torch.Tensor):
@@ -135,7 +149,7 @@ class _MaskedWeight(torch.autograd.Function):
         soft = torch.softmax(perturbed / ctx.tau, dim=0)
         dot = (soft * grad).sum(0)
         grad.sub_(dot).mul_(soft)
-        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None
+        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None, None
 
 
 def straight_through_reference(logits: torch.Tensor, gumbel: torch.Tensor, tau: float, table: torch.Tensor,
@@ -188,7 +202,7 @@ class GumbelMask(nn.Module):
             weight_pm = self._position_major(weight)
             kept, total_abs = (self.kept_coefficient if self.training else 0.0), self._weight_pm[2]
         return _MaskedWeight.apply(self.logits, gumbel, self.tau, weight_pm, self.table, self.codes, self.scale,
-                                   kept, total_abs)
+                                   kept, total_abs, weight_format(weight))
 
     def forward(self) -> torch.Tensor:
         """The 0/1 mask in weight layout (sampled while training, argmax otherwise)."""
@@ -230,7 +244,8 @@ def initial_logits(weight: torch.Tensor, n: int, m: int, prior: str, strength: f
 
 def attach_masks(model: nn.Module, report: EligibilityReport, n: int, m: int, prior: str = "magnitude",
                  strength: float = 20.0, seed: int = 0, initial_indices: dict[str, torch.Tensor] | None = None,
-                 scores: dict[str, torch.Tensor] | None = None, logit_scale: float = 1.0) -> list[str]:
+                 scores: dict[str, torch.Tensor] | None = None, logit_scale: float = 1.0,
+                 noise_stream: int = 0) -> list[str]:
     """Turn every eligible layer into a masked layer and freeze everything but the logits.
 
     `scores` (per layer, weight layout) are the heuristic's importances for a wanda/sparsegpt prior;
@@ -242,7 +257,7 @@ def attach_masks(model: nn.Module, report: EligibilityReport, n: int, m: int, pr
     for param in model.parameters():
         param.requires_grad_(False)
     largest = max((math.prod(layer.weight_shape) // m * num_patterns(n, m) for layer in report.masked), default=1)
-    noise = GumbelNoisePool(largest, seed)
+    noise = GumbelNoisePool(largest, seed, stream=noise_stream)
     names = []
     for layer in report.masked:
         module = model.get_submodule(layer.name)
@@ -259,6 +274,11 @@ def attach_masks(model: nn.Module, report: EligibilityReport, n: int, m: int, pr
 def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name.removeprefix("module."): module for name, module in model.named_modules()
             if isinstance(module, (MaskedConv2d, MaskedLinear))}
+
+
+def noise_pool(model: nn.Module) -> GumbelNoisePool | None:
+    """The Gumbel noise pool the masked layers of `model` share (None before `attach_masks`)."""
+    return next((module.noise for module in model.modules() if isinstance(module, GumbelMask)), None)
 
 
 def prepare_step(model: nn.Module, step: int, tau: float) -> None:
