@@ -52,6 +52,7 @@ class PretrainConfig:
     batch_size: int = 128
     label_smoothing: float = 0.0
     warmup_share: float = 0.25  # share of the one-cycle schedule spent raising the learning rate
+    augment: bool = True  # random crop and flip of the training images
     seed: int = 0
 
 

@@ -1,7 +1,7 @@
 """Dense training of the demo network (recipes whose weights are `pretrain`), cached.
 
 A plain loop in the spirit of torchvision's references: SGD with Nesterov momentum, one-cycle learning rate
-(`pretrain.warmup_share` of it rising), random crop + flip, every step through `pipeline.training.train_step`;
+(`pretrain.warmup_share` of it rising), random crop + flip (`pretrain.augment`), every step through `pipeline.training.train_step`;
 a checkpoint (`PretrainCheckpoint`) every epoch and on SIGTERM, dense.pt written through `DenseWeights`.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     started = time.time()
     with torch.random.fork_rng(devices=[]), stop_on_signals() as stop:
         torch.manual_seed(recipe.pretrain.seed)  # initialisation and augmentation, in a fork of torch's RNG
-        data = build_datasets(recipe, augment_train=True)
+        data = build_datasets(recipe, augment_train=recipe.pretrain.augment)
         run_ = setup(recipe, data, device)
         if options.resume:
             run_.resume(paths.pretrain_checkpoint)
