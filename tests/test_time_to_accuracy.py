@@ -1,9 +1,7 @@
 """Issue 21: the plateau rule (on by default, read off one run), the one training step and its CUDA settings
 run on CPU, the RNG left alone, and DataLoader workers sized to the machine."""
 import json
-import os
 
-import pytest
 import torch
 
 from pipeline.cli import main

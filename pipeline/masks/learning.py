@@ -34,9 +34,7 @@ from pipeline.errors import PipelineError
 from pipeline.masks.checkpoint import MaskCheckpoint
 from pipeline.masks.eligibility import EligibilityReport
 from pipeline.masks.gumbel import current_indices, load_mask_logits, mask_logits, masked_modules, noise_pool
-from pipeline.masks.mask_step import (AUTO_LOSS_LABELED, AUTO_LOSS_UNLABELED, LayerOutputs, MaskStep,  # noqa: F401
-                                      build_mask_step, loss_terms, mask_loss, mask_optimizer, needs_teacher,
-                                      resolve_loss)
+from pipeline.masks.mask_step import MaskStep, build_mask_step, resolve_loss
 from pipeline.masks.schedules import BestMasks, PlateauRule, holdout_split, steps_per_epoch
 from pipeline.recipe.config import MaskConfig, Recipe
 from pipeline.training import StepSettings, evaluate, progress_disabled, stop_on_signals

@@ -12,7 +12,8 @@ import torch
 from pipeline.io import write_json
 from pipeline.masks.gumbel import use_argmax_masks
 from pipeline.masks.checkpoint import TrainingRecord
-from pipeline.masks.learning import LearnResult, learn_masks, resolve_loss
+from pipeline.masks.learning import LearnResult, learn_masks
+from pipeline.masks.mask_step import resolve_loss
 from pipeline.masks.schedules import steps_per_epoch
 from pipeline.plots import learning_curves
 from pipeline.masks.artifact import MaskArtifact
