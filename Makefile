@@ -17,7 +17,7 @@ DATA_STAGES := pretrain train-masks verify compare certify
 # Fashion-MNIST models without DATA= read the Debian package: install it first (or say how, exit 2).
 DATASET := $(if $(DATA),,$(if $(filter fmnist_%,$(MODEL)),dataset))
 
-.PHONY: venv dataset engine masks updatable bench-train gpu-check test test-fast clean serve serve-check serve-env verify-onnx $(STAGES)
+.PHONY: venv dataset engine masks updatable bench-train bench-masks gpu-check test test-fast clean serve serve-check serve-env verify-onnx $(STAGES)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,16 @@ bench-train: $(STAMP)
 # when tensorrt imports; writes $(OUT)/gpu_check.json (docs/tensorrt.md). Elsewhere it says so and exits 2.
 gpu-check: $(STAMP)
 	$(PY) -m pipeline gpu-check --out $(OUT) $(EXTRA)
+
+# time to accuracy of mask training (docs/time-to-accuracy.md): per model one full-budget run, the plateau
+# rule's stop read off it. The demo models are pretrained first (cached once dense.pt exists); other models:
+# `python -m pipeline bench-masks --model M --out OUT` (their weights, --data DIR).
+BENCH_MODELS ?= fmnist_resnet fmnist_resnet18
+bench-masks: dataset $(STAMP)
+	for model in $(BENCH_MODELS); do \
+	  $(PY) -m pipeline pretrain --model $$model --out $(OUT) && \
+	  $(PY) -m pipeline bench-masks --model $$model --out $(OUT) $(EXTRA) || exit $$?; \
+	done
 
 # Triton on CPU machines (docs/triton.md): tritonserver 2.51 from the nvidia-pytriton wheel, Python backend only.
 # Its Python-backend stub needs numpy<2 and perf_analyzer comes with tritonclient 2.51, so they live in

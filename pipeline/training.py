@@ -1,12 +1,14 @@
-"""Shared pieces of the training loops: device choice, evaluation, seeding, signals."""
+"""Shared pieces of the training loops: device choice, evaluation, signals, and the one training step."""
 from __future__ import annotations
 
 import re
 import signal
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.datasets import make_loader
@@ -79,3 +81,63 @@ def stop_on_signals() -> Iterator[StopRequested]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+# --------------------------------------------------------------------------- the training step
+@dataclass(frozen=True)
+class StepSettings:
+    """How a training step runs: bfloat16 autocast and channels_last memory format, on for CUDA devices.
+
+    `StepSettings.for_device(device, cuda_path=True)` turns the CUDA settings on for any device, so a CPU test
+    runs the code a GPU runs (bfloat16 autocast on CPU is slower than float32: for tests, not for speed)."""
+
+    autocast: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def for_device(cls, device: torch.device, cuda_path: bool = False) -> "StepSettings":
+        on = device.type == "cuda" or cuda_path
+        return cls(autocast=on, channels_last=on)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Conv weights in channels_last (only they: a masked layer's 5-D pattern logits have no such format)."""
+        if self.channels_last:
+            for module in model.modules():
+                if isinstance(module, nn.Conv2d):
+                    module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+        return model
+
+    def prepare_images(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        images = images.to(device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def autocast_context(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+
+# loss_fn(model, images, targets) -> (loss, model output)
+LossFn = Callable[[nn.Module, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+def train_step(model: nn.Module, images: torch.Tensor, targets: Any, loss_fn: LossFn,
+               optimizer: torch.optim.Optimizer, scheduler=None, settings: StepSettings = StepSettings()
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step, the only one in the pipeline: pretrain, the updatable demo's fine-tuning, mask
+    training and bench-train call it. `images` are on the device already (`settings.prepare_images`); the
+    loss runs under the settings' autocast. Returns the loss (detached) and the model's output."""
+    with settings.autocast_context(images.device):
+        loss, output = loss_fn(model, images, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach(), output.detach()
+
+
+def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
+    """The dense models' loss: cross-entropy of the output against the labels."""
+    def loss_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        output = model(images)
+        return F.cross_entropy(output.float(), labels, label_smoothing=label_smoothing), output
+    return loss_fn

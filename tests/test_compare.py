@@ -86,7 +86,7 @@ def test_permuted_masks_are_evaluated_on_singly_permuted_weights():
     from pipeline.masks.artifact import apply_masks
     from pipeline.masks.eligibility import find_layers
     from pipeline.masks.methods import MethodContext, compute_masks
-    from pipeline.masks.comparison import masked_model, method_model
+    from pipeline.compare.models import masked_model, method_model
     from pipeline.recipe.weights import build_network
 
     recipe = get_recipe("tiny_resnet")

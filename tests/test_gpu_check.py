@@ -99,18 +99,14 @@ def test_options_are_checked():
         gpu_check.Options(reps=1)
 
 
-@pytest.fixture
-def cuda_settings_on_cpu(monkeypatch):
-    monkeypatch.setattr(learning, "CUDA_SETTINGS_ON_CPU", True)
-
-
-def test_mask_training_step_runs_with_the_cuda_settings_on_cpu(cuda_settings_on_cpu):
+def test_mask_training_step_runs_with_the_cuda_settings_on_cpu():
     """The code a CUDA run executes (channels_last model and images, bfloat16 autocast) runs here first."""
     from pipeline.data.datasets import build_datasets
     from pipeline.masks.eligibility import find_layers
     from pipeline.recipe.config import apply_override
     from pipeline.recipe.registry import get_recipe
     from pipeline.recipe.weights import build_network
+    from pipeline.training import StepSettings
 
     recipe = get_recipe("tiny_resnet")
     for assignment in ("data.synthetic_size=128", "masks.checkpoint_every=0", "masks.steps=3", "masks.eval_every=3"):
@@ -127,13 +123,13 @@ def test_mask_training_step_runs_with_the_cuda_settings_on_cpu(cuda_settings_on_
     first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     first_conv.register_forward_hook(record)
     result = learning.learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"),
-                                  log=lambda _: None)
+                                  log=lambda _: None, settings=StepSettings.for_device(torch.device("cpu"), True))
     assert result.steps == 3 and len(seen) >= 3 and set(seen) == {(True, torch.bfloat16)}
     assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(torch.isfinite(logits).all() for logits in result.logits.values())
 
 
-def test_demo_mask_training_report_with_the_cuda_settings_on_cpu(cuda_settings_on_cpu):
+def test_demo_mask_training_report_with_the_cuda_settings_on_cpu():
     """gpu_check.train_demo, the step it times on CUDA, on CPU for two steps."""
     row = gpu_check.train_demo(2, device="cpu")
     assert row["model"] == gpu_check.DEMO and row["steps"] == 2 and row["steps_per_second"] > 0

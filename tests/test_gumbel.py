@@ -153,7 +153,7 @@ def test_convnext_mlp_linear_layers_are_masked_and_depthwise_skipped():
 
 def test_eval_mask_follows_every_optimizer_update():
     """Regression: the fused AdamW kernel does not bump the logits' version counter."""
-    from pipeline.masks.learning import mask_optimizer
+    from pipeline.masks.mask_step import mask_optimizer
 
     model, _ = masked_tiny(init="uniform")
     module = next(iter(masked_modules(model).values()))

@@ -6,8 +6,8 @@ import torch
 
 from pipeline.data.datasets import DataBundle, SyntheticDataset, build_datasets
 from pipeline.masks.eligibility import find_layers
-from pipeline.masks.learning import (AUTO_LOSS_UNLABELED, LayerOutputs, learn_masks, loss_terms, mask_loss,
-                                     split_training_images)
+from pipeline.masks.learning import learn_masks, split_training_images
+from pipeline.masks.mask_step import AUTO_LOSS_UNLABELED, LayerOutputs, loss_terms, mask_loss
 from pipeline.masks.patterns import magnitude_indices
 from pipeline.recipe.config import apply_override
 from pipeline.recipe.registry import get_recipe

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.masks.patterns import magnitude_indices, pattern_table, to_blocks
-from pipeline.masks.schedules import (ArgmaxStopTracker, BestMasks, distillation_loss, epochs_for_budget,
+from pipeline.masks.schedules import (BestMasks, PlateauRule, distillation_loss, epochs_for_budget,
                                          feature_distillation_loss, holdout_split, prior_logits, sampling_probabilities,
                                          steps_per_epoch, temperature, warmup_cosine_factor, warmup_steps)
 
@@ -47,16 +47,39 @@ def test_temperature_runs_from_start_to_end_over_the_budget(schedule):
         temperature(0, 5, 1.0, 0.1, "bogus")
 
 
-def test_argmax_stop_needs_patience_consecutive_quiet_evaluations():
-    tracker = ArgmaxStopTracker(patience=3, threshold=0.001)
-    assert [tracker.update(share) for share in [0.2, 0.0005, 0.0, 0.01, 0.0, 0.001]] == [False] * 6
-    assert tracker.update(0.0) is True
-    resumed = ArgmaxStopTracker(**{"patience": 3, "threshold": 0.001, "quiet": tracker.quiet})
-    assert resumed.update(0.0) is True
-    with pytest.raises(PipelineError):
-        ArgmaxStopTracker(patience=0, threshold=0.1)
-    with pytest.raises(PipelineError):
-        ArgmaxStopTracker(patience=2, threshold=1.5)
+def _history(scores, changed):
+    return [{"step": 10 * i, "top1": score, "changed": share} for i, (score, share) in enumerate(zip(scores, changed))]
+
+
+def test_plateau_rule_needs_no_rise_beyond_one_image_and_a_settled_argmax():
+    rule = PlateauRule(patience=3, changed=0.001, validation_images=1000)  # one image = 0.1 pt
+    assert rule.resolution == pytest.approx(0.1)
+    # +0.1 pt (one image) is within the split's resolution: not a rise; +0.2 pt is
+    history = _history([50.0, 60.0, 60.1, 60.0, 60.1, 60.3, 60.4, 60.3, 60.4],
+                       [0.0, 0.2, 0.01, 0.0005, 0.0002, 0.0001, 0.0, 0.0, 0.0])
+    assert rule.stale(history[:5]) == 3
+    assert rule.reason(history[:4]) is None  # 2 stale evaluations only
+    assert "plateau" in rule.reason(history[:5])  # 3 stale, argmax settled
+    assert rule.first_stop(history) == 4
+    # the same scores while the argmax still moves: no stop
+    moving = _history([50.0, 60.0, 60.1, 60.0, 60.1], [0.0, 0.2, 0.01, 0.01, 0.01])
+    assert rule.first_stop(moving) is None
+    # a rise of two images restarts the count
+    assert rule.stale(history) == 3  # 60.3 at index 5 rose 0.2 over 60.1's reference 60.0
+    assert rule.first_stop(history[5:]) == 3
+
+
+def test_plateau_rule_resolution_follows_the_validation_split():
+    small = PlateauRule(patience=2, changed=0.01, validation_images=200)  # one image = 0.5 pt
+    history = _history([80.0, 80.5, 81.0, 81.0, 81.5], [0.0] * 5)
+    assert small.first_stop(history) == 4  # 81.0 rose beyond one image (0.5 pt) over 80.0; 81.5 does not over 81.0
+    large = PlateauRule(patience=2, changed=0.01, validation_images=10000)
+    assert large.first_stop(history) is None
+    for bad in ({"patience": 0, "changed": 0.1, "validation_images": 10},
+                {"patience": 2, "changed": 1.5, "validation_images": 10},
+                {"patience": 2, "changed": 0.1, "validation_images": 0}):
+        with pytest.raises(PipelineError):
+            PlateauRule(**bad)
 
 
 def test_best_masks_never_fall_below_the_start():

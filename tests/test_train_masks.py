@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = PIPELINE_ENV
 
 
+# the plateau rule off: resume must reproduce a run over the whole budget (test_learning checks the rule)
 LONG_RUN = ["--model", "tiny_resnet", "--set", "data.synthetic_size=2048", "--set", "masks.checkpoint_every=5",
-            "--steps", "120"]
+            "--set", "masks.stop_patience=0", "--steps", "120"]
 
 
 def final_logits(out: Path):
@@ -48,7 +49,8 @@ def test_resume_after_kill_9_continues_to_the_same_masks(tmp_path):
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path):
     args = ["train-masks", "--model", "tiny_resnet", "--set", "data.synthetic_size=2048",
-            "--set", "masks.checkpoint_every=0", "--steps", "60", "--out", str(tmp_path)]
+            "--set", "masks.checkpoint_every=0", "--set", "masks.stop_patience=0", "--steps", "60",
+            "--out", str(tmp_path)]
     run = BackgroundRun(args)
     run.wait_for_line("SIGTERM or Ctrl-C now stops at the next step")
     run.process.send_signal(signal.SIGTERM)
@@ -70,7 +72,8 @@ def test_two_process_ddp_gives_identical_masks_on_every_rank(tmp_path):
         pytest.skip("torchrun is not installed")
     # --standalone: torchrun's rendezvous store listens on a free port, so parallel runs never collide
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "train-masks",
-                             "--model", "tiny_resnet", "--steps", "6", "--out", str(tmp_path)],
+                             "--model", "tiny_resnet", "--steps", "6", "--set", "masks.stop_patience=0",
+                             "--out", str(tmp_path)],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "tiny_resnet" / "train_masks.json").read_text())

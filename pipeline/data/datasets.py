@@ -342,14 +342,33 @@ def _batch_collate(batch):
     return batch
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(dataset: Dataset, requested: int) -> int:
+    """DataLoader workers for `dataset`: none when it serves whole batches from memory (Fashion-MNIST and
+    synthetic tensors: a worker would only copy them between processes), else `requested` but at most one per
+    core besides the training process's own (a 4-worker recipe on 2 cores gets 1)."""
+    if requested <= 0 or hasattr(_unwrap(dataset), "__getitems__"):
+        return 0
+    return max(0, min(requested, usable_cores() - 1))
+
+
 def make_loader(dataset: Dataset, batch_sampler: Sampler | None = None, batch_size: int = 256,
                 workers: int = 0) -> DataLoader:
-    """DataLoader that uses a dataset's batched `__getitems__` when it has one."""
+    """DataLoader that uses a dataset's batched `__getitems__` when it has one. Its workers (`loader_workers`)
+    persist across epochs: build the loader once and iterate it every epoch (the batch sampler runs in this
+    process, so `set_epoch` on it takes effect at the next iteration)."""
     if batch_sampler is None:
         batch_sampler = ResumableBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
     # torch's Subset forwards __getitems__ to the dataset it wraps, so whole batches come back as one tuple
     batched = hasattr(_unwrap(dataset), "__getitems__")
-    # Its own generator: creating an iterator must not consume the global RNG, which drives the
-    # Gumbel noise and has to continue unchanged when a run resumes mid-epoch.
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+    workers = loader_workers(dataset, workers)
+    # Its own generator: creating an iterator must not consume the global RNG.
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, persistent_workers=workers > 0,
                       collate_fn=_batch_collate if batched else None, generator=torch.Generator())

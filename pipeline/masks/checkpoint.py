@@ -17,7 +17,7 @@ from pipeline.masks.artifact import MaskArtifact, layer_from
 from pipeline.records import StageReport
 
 FORMAT = "mask-training-checkpoint"
-VERSION = 2  # 2: best masks and early-stop count in `state`; `indices` are the best masks
+VERSION = 3  # 3: the stop rule reads the evaluation history; rng holds the noise generator too
 
 
 class TrainingRecord(StageReport):
@@ -37,8 +37,8 @@ class MaskCheckpoint:
     shapes: dict[str, list[int]]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
-    state: dict[str, Any]  # step, epoch, batch, history, seconds, best (score, step, indices), quiet
-    rng: list[torch.Tensor]  # one CPU RNG state per rank
+    state: dict[str, Any]  # LoopState.to_dict(): step, epoch, batch, history, seconds, best, stop_reason
+    rng: list[torch.Tensor]  # per rank: CPU RNG state + Gumbel offset generator state
 
     def save(self, path: Path) -> None:
         torch_save({"format": FORMAT, "version": VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}, path)

@@ -32,15 +32,18 @@ class GumbelNoisePool:
     layer, sliced at a uniformly random offset per layer and step, gives i.i.d. Gumbel
     values within a draw and independent offsets across draws (the noise-table trick of
     evolution strategies). The pool is redrawn every `refresh_steps` steps from a generator
-    seeded by (seed, step // refresh_steps), so a resumed run sees the same noise.
+    seeded by (seed, step // refresh_steps), so a resumed run sees the same noise. The offsets come from the
+    pool's own generator (seeded by seed and `stream`, one stream per rank; its state is checkpointed), never
+    from torch's global RNG.
     """
 
-    def __init__(self, largest: int, seed: int, refresh_steps: int = 100) -> None:
+    def __init__(self, largest: int, seed: int, refresh_steps: int = 100, stream: int = 0) -> None:
         self.size = max(2 * largest, 1 << 16)
         self.seed = seed
         self.refresh_steps = refresh_steps
         self.generation = -1
         self.pool: torch.Tensor | None = None
+        self.offsets = torch.Generator().manual_seed(seed * 1000 + stream)
 
     def set_step(self, step: int, device: torch.device) -> None:
         generation = step // self.refresh_steps
@@ -52,7 +55,7 @@ class GumbelNoisePool:
     def draw(self, numel: int, device: torch.device) -> torch.Tensor:
         if self.pool is None or self.pool.device != device:
             self.set_step(max(self.generation, 0) * self.refresh_steps, device)
-        offset = int(torch.randint(0, self.size - numel + 1, (1,)))
+        offset = int(torch.randint(0, self.size - numel + 1, (1,), generator=self.offsets))
         return self.pool[offset: offset + numel]
 
 
@@ -67,13 +70,17 @@ def _code_dtype(m: int) -> torch.dtype:
 
 def first_argmax_codes(scores: torch.Tensor, codes: list[int], m: int) -> torch.Tensor:
     """Bit code of the first maximal pattern per block (torch.argmax's tie rule), from `[P, Nb]`."""
-    best = scores[0].clone()
-    code = torch.full(best.shape, codes[0], dtype=_code_dtype(m), device=scores.device)
-    for p in range(1, scores.shape[0]):
-        better = scores[p] > best
-        code.masked_fill_(better, codes[p])
-        torch.maximum(best, scores[p], out=best)
-    return code
+    return argmax_codes_and_max(scores, codes, m)[0]
+
+
+def argmax_codes_and_max(scores: torch.Tensor, codes: list[int], m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bit code of the first maximal pattern, the maximum) per block: one vectorised max over the P slabs,
+    then the patterns from last to first mark where they reach it, so the first one wins ties."""
+    best = scores.amax(0)
+    code = torch.full(best.shape, codes[-1], dtype=_code_dtype(m), device=scores.device)
+    for p in range(scores.shape[0] - 2, -1, -1):
+        code.masked_fill_(scores[p] == best, codes[p])
+    return code, best
 
 
 def keep_from_codes(code: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
@@ -91,6 +98,11 @@ def from_position_major(blocks_pm: torch.Tensor) -> torch.Tensor:
     return from_blocks(blocks_pm.movedim(0, -1)).contiguous()
 
 
+def from_position_major_view(blocks_pm: torch.Tensor) -> torch.Tensor:
+    """`[M, K, *kernel, C // M]` seen in weight layout `[K, C, *kernel]` (a strided view, no copy)."""
+    return from_blocks(blocks_pm.movedim(0, -1))
+
+
 class _MaskedWeight(torch.autograd.Function):
     """weight * mask, with the mask sampled from the pattern logits.
 
@@ -99,42 +111,54 @@ class _MaskedWeight(torch.autograd.Function):
     i.e. d/dlogits = scale * soft * (g - <soft, g>) / tau with g_p = sum over kept j of dL/dmask_j
     and dL/dmask = dL/dW_eff * W. `scale` is MaskLLM's logit scaling (1 = none).
 
-    `kept_coefficient` c > 0 adds MaskLLM's kept-magnitude regulariser -c * sum(mask * |W|) / sum(|W|) to
-    the loss through the same estimator: dL/dmask gains -c * |W| / sum(|W|) before the pattern sums, one
-    pass over the weights instead of a softmax over every logit (which took resnet18's mask step from about
-    1.01x to 1.13x a dense step in `bench-train`).
+    `kept_term` (None: off) is -c * |W| / sum(|W|) in position-major layout, MaskLLM's kept-magnitude regulariser
+    -c * sum(mask * |W|) / sum(|W|) through the same estimator: it is added to dL/dmask before the pattern sums
+    (one fused multiply-add over the weights instead of a softmax over every logit). `GumbelMask` computes it
+    once per layer (the weight is frozen).
+
+    Cost (the per-weight work dominates on small inputs, `make bench-train`): the maximum over the P pattern
+    slabs is one vectorised reduction, kept for the backward's softmax; the 0/1 mask stays uint8 and is applied
+    to the frozen weight in its own layout and memory format in one pass (no position-major product copied
+    back); the backward makes one pass fewer over the logits by forming soft * g first
+    (soft * (g - <soft, g>) = soft * g - soft * sum(soft * g)).
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, gumbel: torch.Tensor | None, tau: float, weight_pm: torch.Tensor,
-                table: torch.Tensor, codes: list[int], scale: float = 1.0, kept_coefficient: float = 0.0,
-                total_abs: float = 1.0) -> torch.Tensor:
+                table: torch.Tensor, codes: list[int], scale: float = 1.0, kept_term: torch.Tensor | None = None,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
         m = weight_pm.shape[0]
         flat = logits.reshape(logits.shape[0], -1)
         if scale != 1.0:
             flat = flat * scale
         perturbed = flat + gumbel.view_as(flat) if gumbel is not None else flat
-        keep = keep_from_codes(first_argmax_codes(perturbed, codes, m), m, weight_pm.dtype)
-        effective = weight_pm * keep.view_as(weight_pm)
-        ctx.save_for_backward(perturbed, weight_pm, table)
+        code, best = argmax_codes_and_max(perturbed, codes, m)
+        keep = from_position_major_view(keep_from_codes(code, m, torch.uint8).view_as(weight_pm))
+        if weight is None:  # the weight in its own layout (and memory format)
+            weight = from_position_major(weight_pm)
+        effective = torch.empty_like(weight)
+        torch.mul(weight, keep, out=effective)  # mask and layout in one pass
+        ctx.save_for_backward(perturbed, best, weight_pm, table, kept_term)
         ctx.tau = tau
         ctx.scale = scale
-        ctx.kept_step = kept_coefficient / max(total_abs, 1e-12)
         ctx.logits_shape = logits.shape
-        return from_position_major(effective)
+        return effective
 
     @staticmethod
     def backward(ctx, grad_weight: torch.Tensor):
-        perturbed, weight_pm, table = ctx.saved_tensors
+        perturbed, best, weight_pm, table, kept_term = ctx.saved_tensors
         m = weight_pm.shape[0]
-        grad_mask = torch.empty_like(weight_pm)
-        torch.mul(to_position_major(grad_weight, m), weight_pm, out=grad_mask)
-        if ctx.kept_step:
-            grad_mask.sub_(weight_pm.abs(), alpha=ctx.kept_step)
+        grad_pm = to_position_major(grad_weight, m)
+        grad_mask = torch.empty_like(weight_pm)  # contiguous, position-major
+        if kept_term is not None:
+            torch.addcmul(kept_term, grad_pm, weight_pm, out=grad_mask)
+        else:
+            torch.mul(grad_pm, weight_pm, out=grad_mask)
         grad = (table * (ctx.scale / ctx.tau)).to(grad_mask.dtype) @ grad_mask.view(m, -1)  # [P, Nb]
-        soft = torch.softmax(perturbed / ctx.tau, dim=0)
-        dot = (soft * grad).sum(0)
-        grad.sub_(dot).mul_(soft)
+        soft = torch.sub(perturbed, best).div_(ctx.tau).exp_()  # softmax((x + g) / tau) over P, max from forward
+        soft.div_(soft.sum(0))
+        grad.mul_(soft)
+        grad.sub_(soft.mul_(grad.sum(0)))
         return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None
 
 
@@ -165,6 +189,7 @@ class GumbelMask(nn.Module):
         self.noise = noise
         self.kept_coefficient = 0.0  # MaskLLM's kept-magnitude regulariser (set_kept_magnitude_weight)
         self._weight_pm: tuple[tuple, torch.Tensor, float] | None = None
+        self._kept_term: tuple[tuple, float, torch.Tensor] | None = None
 
     def indices(self) -> torch.Tensor:
         """Argmax pattern index per block, `[K, *kernel, C // M]` (what bake and export use)."""
@@ -177,18 +202,28 @@ class GumbelMask(nn.Module):
                                float(weight.detach().abs().sum()))
         return self._weight_pm[1]
 
+    def _kept(self) -> torch.Tensor | None:
+        """-c |W| / sum(|W|), position-major, for the current weight and coefficient (None when c = 0)."""
+        if not (self.training and self.kept_coefficient):
+            return None
+        key, weight_pm, total_abs = self._weight_pm
+        if self._kept_term is None or self._kept_term[:2] != (key, self.kept_coefficient):
+            term = weight_pm.abs().mul_(-self.kept_coefficient / max(total_abs, 1e-12))
+            self._kept_term = (key, self.kept_coefficient, term)
+        return self._kept_term[2]
+
     def masked_weight(self, weight: torch.Tensor, weight_pm: torch.Tensor | None = None) -> torch.Tensor:
         gumbel = None
         if self.training:
             if self.noise is None:
                 self.noise = GumbelNoisePool(self.logits.numel(), seed=0)
             gumbel = self.noise.draw(self.logits.numel(), self.logits.device)
-        kept, total_abs = 0.0, 1.0
+        kept, real = None, None
         if weight_pm is None:  # a real weight (not the all-ones mask of forward()): the regulariser applies
             weight_pm = self._position_major(weight)
-            kept, total_abs = (self.kept_coefficient if self.training else 0.0), self._weight_pm[2]
+            kept, real = self._kept(), weight.detach()
         return _MaskedWeight.apply(self.logits, gumbel, self.tau, weight_pm, self.table, self.codes, self.scale,
-                                   kept, total_abs)
+                                   kept, real)
 
     def forward(self) -> torch.Tensor:
         """The 0/1 mask in weight layout (sampled while training, argmax otherwise)."""
@@ -230,7 +265,8 @@ def initial_logits(weight: torch.Tensor, n: int, m: int, prior: str, strength: f
 
 def attach_masks(model: nn.Module, report: EligibilityReport, n: int, m: int, prior: str = "magnitude",
                  strength: float = 20.0, seed: int = 0, initial_indices: dict[str, torch.Tensor] | None = None,
-                 scores: dict[str, torch.Tensor] | None = None, logit_scale: float = 1.0) -> list[str]:
+                 scores: dict[str, torch.Tensor] | None = None, logit_scale: float = 1.0,
+                 noise_stream: int = 0) -> list[str]:
     """Turn every eligible layer into a masked layer and freeze everything but the logits.
 
     `scores` (per layer, weight layout) are the heuristic's importances for a wanda/sparsegpt prior;
@@ -242,7 +278,7 @@ def attach_masks(model: nn.Module, report: EligibilityReport, n: int, m: int, pr
     for param in model.parameters():
         param.requires_grad_(False)
     largest = max((math.prod(layer.weight_shape) // m * num_patterns(n, m) for layer in report.masked), default=1)
-    noise = GumbelNoisePool(largest, seed)
+    noise = GumbelNoisePool(largest, seed, stream=noise_stream)
     names = []
     for layer in report.masked:
         module = model.get_submodule(layer.name)
@@ -259,6 +295,11 @@ def attach_masks(model: nn.Module, report: EligibilityReport, n: int, m: int, pr
 def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name.removeprefix("module."): module for name, module in model.named_modules()
             if isinstance(module, (MaskedConv2d, MaskedLinear))}
+
+
+def noise_pool(model: nn.Module) -> GumbelNoisePool | None:
+    """The Gumbel noise pool the masked layers of `model` share (None before `attach_masks`)."""
+    return next((module.noise for module in model.modules() if isinstance(module, GumbelMask)), None)
 
 
 def prepare_step(model: nn.Module, step: int, tau: float) -> None:

@@ -1,28 +1,30 @@
 """The mask-training loop: AdamW on the pattern logits only, warm-up + cosine learning rate and an
-annealed Gumbel temperature over a budget of `masks.steps` optimizer steps.
+annealed Gumbel temperature over a budget of `masks.steps` optimizer steps, stopped at the plateau.
 
-`learn_masks` is one plain function (torchvision-references style) used by the `train-masks`
-stage, by `compare` and by tests. It holds out a validation split from the training images, judges
-every evaluation on it (never on the test set), and returns the best argmax masks seen, the
-heuristic prior's masks at step 0 included, so the result is never worse than its start. The loss
-is cross-entropy, distillation from the frozen dense model, or both; without labels
-(`unlabeled=True`) distillation is the only loss and the validation score is the agreement with
-the dense model. It checkpoints every `masks.checkpoint_every` steps and on SIGTERM, and resumes
-exactly: batch order, Gumbel noise, optimiser state, best masks and early-stop count continue.
+`learn_masks` is the entry point used by the `train-masks` stage, by `compare`, `bench-masks` and by tests; a
+`MaskTraining` (explicit state in `LoopState`) runs it. It holds out a validation split from the training
+images, judges every evaluation on it (never on the test set), and returns the best argmax masks seen, the
+heuristic prior's masks at step 0 included, so the result is never worse than its start. The step itself
+(`pipeline.masks.mask_step`) is the one bench-train times. Training stops at the plateau (`PlateauRule`,
+masks.stop_patience / stop_changed; masks.steps is the ceiling). It checkpoints every
+`masks.checkpoint_every` steps and on SIGTERM (outside the step, timm's CheckpointSaver spirit), and resumes
+exactly: batch order, Gumbel noise, optimiser state, best masks and evaluation history continue.
+
+Randomness: the Gumbel noise comes from the noise pool's own generators; torch's global RNG drives only data
+augmentation (masks.augment), and the loop runs in a fork of it seeded from masks.seed and the rank, so the
+caller's global RNG is left as it was and a fixed seed gives the same masks.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
@@ -30,14 +32,12 @@ from pipeline.data.datasets import DataBundle, ResumableBatchSampler, make_loade
 from pipeline.errors import PipelineError
 from pipeline.masks.checkpoint import MaskCheckpoint
 from pipeline.masks.eligibility import EligibilityReport
-from pipeline.masks.gumbel import (attach_masks, current_indices, load_mask_logits, mask_logits,
-                                   mask_training_mode, masked_modules, prepare_step, set_kept_magnitude_weight)
-from pipeline.masks.schedules import (ArgmaxStopTracker, BestMasks, distillation_loss, feature_distillation_loss,
-                                      holdout_split, steps_per_epoch, temperature, warmup_cosine_factor,
-                                      warmup_steps)
+from pipeline.masks.gumbel import current_indices, load_mask_logits, mask_logits, masked_modules, noise_pool
+from pipeline.masks.mask_step import MaskStep, build_mask_step, resolve_loss
+from pipeline.masks.schedules import BestMasks, PlateauRule, holdout_split, steps_per_epoch
 from pipeline.recipe.config import MaskConfig, Recipe
-from pipeline.training import evaluate, stop_on_signals
 from pipeline.progress import progress
+from pipeline.training import StepSettings, evaluate, stop_on_signals
 
 EVALUATIONS_PER_RUN = 20  # masks.eval_every = 0 evaluates this many times over the budget
 VALIDATION_SHARE_LIMIT = 5  # the validation split takes at most 1/5 of the training images
@@ -56,15 +56,10 @@ class LearnResult:
     best_score: float | None = None  # validation top-1 (agreement with the dense model when unlabeled)
     start_score: float | None = None  # the same for the prior's masks at step 0
     beat_prior: bool = False
-    stopped_early: bool = False  # the argmax masks stopped changing (masks.stop_patience)
+    stop_reason: str | None = None  # why training stopped before masks.steps (the plateau rule); None: it did not
     loss: str = "ce"
     validation_images: int = 0
     train_images: int = 0
-
-
-# The settings a CUDA run trains with (channels_last, bfloat16 autocast), also on CPU when True: the tests set it so
-# that the code a GPU runs has run before (tests/test_gpu_check.py).
-CUDA_SETTINGS_ON_CPU = False
 
 
 def indices_checksum(indices: dict[str, torch.Tensor]) -> str:
@@ -79,100 +74,6 @@ def changed_share(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
     changed = sum(int((before[name] != after[name]).sum()) for name in after)
     total = sum(tensor.numel() for tensor in after.values())
     return changed / max(total, 1)
-
-
-def mask_optimizer(logits: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW on the logits only (as the paper); the fused kernel makes it one pass over them."""
-    try:
-        return torch.optim.AdamW(logits, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError):  # devices without a fused implementation
-        return torch.optim.AdamW(logits, lr=lr, weight_decay=weight_decay)
-
-
-AUTO_LOSS_LABELED = "ce+distill"
-AUTO_LOSS_UNLABELED = "distill"
-
-
-def loss_terms(loss: str) -> set[str]:
-    """The terms of a resolved loss such as `ce+distill+features`."""
-    return set(loss.split("+"))
-
-
-def resolve_loss(cfg: MaskConfig, unlabeled: bool) -> str:
-    """The loss a run uses. `auto` is AUTO_LOSS_LABELED with labels and AUTO_LOSS_UNLABELED without
-    (README "Harder demo" has the measurements behind both)."""
-    if unlabeled:
-        if cfg.loss == "auto":
-            return AUTO_LOSS_UNLABELED
-        if "ce" in loss_terms(cfg.loss):
-            raise PipelineError(f"masks.loss = {cfg.loss!r} reads labels, but --unlabeled has none; "
-                                f"use masks.loss=auto ({AUTO_LOSS_UNLABELED}) or terms of pseudo, distill and "
-                                "features (e.g. pseudo+distill)")
-        return cfg.loss
-    return AUTO_LOSS_LABELED if cfg.loss == "auto" else cfg.loss
-
-
-def needs_teacher(loss: str) -> bool:
-    return bool(loss_terms(loss) & {"pseudo", "distill", "features"})
-
-
-def mask_loss(logits: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None, loss: str,
-              distill_temperature: float, features: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
-              feature_weight: float = 1.0) -> torch.Tensor:
-    """The training loss of one batch: the sum of its terms, cross-entropy on the labels (`ce`) or on the
-    dense model's predicted classes (`pseudo`, no label read), distillation of the dense model's logits
-    (`distill`) and, weighted by `feature_weight`, of the masked layers' outputs (`features`, given as
-    (student outputs, dense outputs))."""
-    terms = loss_terms(loss)
-    total = logits.new_zeros((), dtype=torch.float32)
-    if "ce" in terms:
-        total = total + F.cross_entropy(logits.float(), labels)
-    if "pseudo" in terms:
-        total = total + F.cross_entropy(logits.float(), teacher_logits.detach().argmax(1))
-    if "distill" in terms:
-        total = total + distillation_loss(logits, teacher_logits, distill_temperature)
-    if "features" in terms:
-        if features is None:
-            raise ValueError("the features term needs the student's and the dense model's layer outputs")
-        total = total + feature_weight * feature_distillation_loss(*features)
-    return total
-
-
-class LayerOutputs:
-    """Forward hooks keeping the outputs of the named layers of the student and of the dense model
-    while `recording` (training steps only, so evaluations hold no activations)."""
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, names: list[str]) -> None:
-        self.names = list(names)
-        self.active = False
-        self.outputs: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
-        self.handles = [model.get_submodule(name).register_forward_hook(self._keeper(side, name))
-                        for side, model in enumerate((student, teacher)) for name in self.names]
-
-    def _keeper(self, side: int, name: str):
-        def keep(module: nn.Module, inputs, output: torch.Tensor) -> None:
-            if self.active:
-                self.outputs[side][name] = output
-        return keep
-
-    @contextlib.contextmanager
-    def recording(self):
-        self.active = True
-        try:
-            yield
-        finally:
-            self.active = False
-
-    def take(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(student outputs, dense outputs) of the last recorded forward passes, in the order of `names`."""
-        taken = tuple([outputs[name] for name in self.names] for outputs in self.outputs)
-        self.outputs = ({}, {})
-        return taken
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
 
 
 class TeacherLabels(Dataset):
@@ -222,204 +123,275 @@ def prior_scores(model: nn.Module, report: EligibilityReport, cfg: MaskConfig, t
                         cfg.prior, device)
 
 
-def learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, data: DataBundle,
-                device: torch.device, *, checkpoint: Path | None = None, resume: bool = False,
-                initial_indices: dict[str, torch.Tensor] | None = None, unlabeled: bool = False, rank: int = 0,
-                world_size: int = 1, log: Callable[[str], None] = print) -> LearnResult:
-    """Learn N:M masks for `report.masked` layers of `model` (weights stay frozen). A SIGTERM from
-    the start on (set-up included) ends the run with a checkpoint at the next step."""
-    with stop_on_signals() as stop:
-        if rank == 0:  # also the readiness signal the tests wait for before sending SIGTERM
-            log("SIGTERM or Ctrl-C now stops at the next step" +
-                (f" and saves {checkpoint} (continue with --resume)" if checkpoint is not None else ""))
-        return _learn_masks(model, report, recipe, data, device, checkpoint, resume, initial_indices, unlabeled,
-                            rank, world_size, log, stop)
+@dataclass
+class LoopState:
+    """Everything the loop changes, as plain data: checkpointed (`to_dict`) and restored (`from_dict`)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of the current epoch already trained
+    seconds: float = 0.0  # training time (evaluation hooks of benchmarks excluded)
+    history: list[dict] = field(default_factory=list)  # one point per evaluation
+    best: BestMasks = field(default_factory=BestMasks)
+    stop_reason: str | None = None  # set by the plateau rule before the budget ran out
+    stop_step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.best
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "seconds": self.seconds,
+                "history": self.history, "stop_reason": self.stop_reason, "stop_step": self.stop_step,
+                "best": {"score": None if best.step < 0 else best.score, "step": best.step,
+                         "start_score": best.start_score,
+                         "indices": {name: idx.to(torch.int16) for name, idx in best.indices.items()}}}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> "LoopState":
+        best = saved["best"]
+        return cls(saved["step"], saved["epoch"], saved["batch"], saved["seconds"], saved["history"],
+                   BestMasks(-float("inf") if best["score"] is None else best["score"], best["step"],
+                             best["indices"], best["start_score"]),
+                   saved.get("stop_reason"), saved.get("stop_step"))
 
 
-def _learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, data: DataBundle,
-                 device: torch.device, checkpoint: Path | None, resume: bool,
-                 initial_indices: dict[str, torch.Tensor] | None, unlabeled: bool, rank: int, world_size: int,
-                 log: Callable[[str], None], stop) -> LearnResult:
+@dataclass
+class RunContext:
+    """Where a run stands in the job: its checkpoint, its rank, its log and the signal flag."""
+
+    checkpoint: Path | None = None
+    recipe_key: str = ""
+    rank: int = 0
+    world_size: int = 1
+    log: Callable[[str], None] = print
+    stop: Any = None  # StopRequested
+    on_evaluation: Callable[["MaskTraining", dict], None] | None = None  # benchmarks: extra fields per point
+
+
+class MaskTraining:
+    """One mask-training run: the step (`MaskStep`), the data, the state (`LoopState`) and the rule that ends
+    it (`PlateauRule`, None: the whole budget)."""
+
+    def __init__(self, step: MaskStep, train: Dataset, validation: Dataset | None, recipe: Recipe,
+                 rule: PlateauRule | None, unlabeled: bool, run: RunContext) -> None:
+        self.step_fn, self.train, self.validation, self.rule, self.unlabeled = step, train, validation, rule, unlabeled
+        self.cfg, self.run_ctx = recipe.masks, run
+        self.eval_batch, self.workers = recipe.data.eval_batch_size, recipe.data.workers
+        self.per_epoch = steps_per_epoch(len(train), self.cfg.batch_size, run.world_size)
+        self.eval_every = self.cfg.eval_every or max(1, -(-self.cfg.steps // EVALUATIONS_PER_RUN))
+        self.sampler = ResumableBatchSampler(len(train), self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
+                                             rank=run.rank, world_size=run.world_size)
+        self.state = LoopState()
+        self.previous: dict[str, torch.Tensor] = {}
+        self.interrupted = 0  # the signal number that ended the run
+        self.started = 0.0
+
+    @property
+    def model(self) -> nn.Module:
+        return self.step_fn.model
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> LearnResult:
+        self.started = time.time() - self.state.seconds
+        self.previous = current_indices(self.model)
+        if not self.state.history:
+            self.evaluate()
+        loader = make_loader(self.train, self.sampler, workers=self.workers)  # built once: workers persist
+        bar = progress(total=self.cfg.steps, initial=self.state.step, desc="train masks",
+                       enabled=not self.run_ctx.rank)
+        while not self.finished():
+            self.sampler.set_epoch(self.state.epoch, self.state.batch)
+            for images, labels in loader:
+                loss = self.step_fn.step(images, None if self.unlabeled else labels, self.state.step)
+                self.state.step += 1
+                self.state.batch += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if self.after_step():
+                    break
+            else:
+                self.state.epoch, self.state.batch = self.state.epoch + 1, 0
+        bar.close()
+        self.step_fn.close()
+        if not self.interrupted:
+            self.state.seconds = time.time() - self.started
+            self.save(final=True)
+        return self.result()
+
+    def finished(self) -> bool:
+        return bool(self.state.step >= self.cfg.steps or self.interrupted or self.state.stop_reason)
+
+    def after_step(self) -> bool:
+        """Evaluate, checkpoint or stop after a step; True to leave the epoch."""
+        state = self.state
+        if state.step % self.eval_every == 0 or state.step >= self.cfg.steps:
+            self.evaluate()
+        state.seconds = time.time() - self.started
+        signalled = self.stop_requested()  # every rank, every step: they stop together
+        if state.stop_reason:
+            self.run_ctx.log(f"stopping at step {state.step} of {self.cfg.steps}: {state.stop_reason}; keeping the "
+                             f"best masks (step {state.best.step})")
+            return True
+        if signalled:
+            self.save()
+            self.run_ctx.log(f"stopped at step {state.step}; checkpoint {self.run_ctx.checkpoint} (continue with "
+                             "--resume)")
+            self.interrupted = self.run_ctx.stop.signal_number
+            return True
+        if state.step >= self.cfg.steps:
+            return True
+        if self.cfg.checkpoint_every and state.step % self.cfg.checkpoint_every == 0:
+            self.save()
+        return False
+
+    def stop_requested(self) -> bool:
+        stop_now = bool(self.run_ctx.stop)
+        if self.run_ctx.world_size > 1:
+            flag = torch.tensor([int(stop_now)])
+            dist.all_reduce(flag)
+            stop_now = bool(flag.item())
+        return stop_now
+
+    # ------------------------------------------------------------------ evaluation and the plateau rule
+    def evaluate(self) -> None:
+        """Score the argmax masks on the validation split, keep the best, and apply the plateau rule."""
+        state = self.state
+        indices = current_indices(self.model)
+        point = {"step": state.step, "epoch": round(state.step / self.per_epoch, 3),
+                 "lr": self.step_fn.optimizer.param_groups[0]["lr"], "tau": self.step_fn.tau(state.step),
+                 "changed": changed_share(self.previous, indices) if state.history else 0.0}
+        if self.validation is not None:
+            point.update(self.validation_metrics())
+            if state.best.update(point["top1"], state.step, indices):
+                point["best"] = True
+        point["seconds"] = round(time.time() - self.started, 2)  # training time up to this evaluation's end
+        self.previous = indices
+        state.history.append(point)
+        if self.run_ctx.on_evaluation is not None:  # its time is not training time
+            hook_started = time.time()
+            self.run_ctx.on_evaluation(self, point)
+            self.started += time.time() - hook_started
+        if self.rule is not None and state.step < self.cfg.steps:
+            state.stop_reason = self.rule.reason(state.history)
+            state.stop_step = state.step if state.stop_reason else None
+        if self.run_ctx.rank == 0:
+            shown = f"validation top1 {point['top1']:.2f}% " if "top1" in point else ""
+            self.run_ctx.log(f"step {point['step']} (epoch {point['epoch']:.2f}): {shown}argmax changed "
+                             f"{100 * point['changed']:.2f}% of blocks")
+
+    def validation_metrics(self) -> dict[str, float]:
+        """Top-1/top-5 on the validation split, computed by rank 0; every rank gets the same top-1."""
+        score = torch.tensor([float("nan")], dtype=torch.float64)
+        metrics: dict[str, float] = {}
+        if self.run_ctx.rank == 0:
+            self.model.eval()
+            metrics = evaluate(self.model, self.validation, self.eval_batch, self.step_fn.device,
+                               desc="validate (argmax masks)")
+            score[0] = metrics["top1"]
+        if self.run_ctx.world_size > 1:
+            dist.broadcast(score, 0)
+        return {**metrics, "top1": float(score[0])}
+
+    # ------------------------------------------------------------------ checkpoints (outside the step)
+    def rng_states(self) -> list[torch.Tensor]:
+        """Per rank: torch's (forked) CPU RNG state followed by the noise pool's offset generator state."""
+        mine = torch.cat([torch.get_rng_state(), noise_pool(self.model).offsets.get_state()])
+        if self.run_ctx.world_size == 1:
+            return [mine]
+        gathered = [torch.empty_like(mine) for _ in range(self.run_ctx.world_size)]
+        dist.all_gather(gathered, mine)
+        return gathered
+
+    def save(self, final: bool = False) -> None:
+        rng = self.rng_states()  # a collective: every rank takes part
+        if self.run_ctx.rank != 0 or self.run_ctx.checkpoint is None:
+            return
+        best = self.state.best
+        indices = best.indices if final and best.indices else current_indices(self.model)
+        MaskCheckpoint(
+            recipe_key=self.run_ctx.recipe_key, final=final, n=self.cfg.n, m=self.cfg.m,
+            logits=mask_logits(self.model), indices={name: idx.to(torch.int16) for name, idx in indices.items()},
+            shapes={name: list(mod.weight.shape) for name, mod in masked_modules(self.model).items()},
+            optimizer=self.step_fn.optimizer.state_dict(), scheduler=self.step_fn.scheduler.state_dict(),
+            state=self.state.to_dict(), rng=rng,
+        ).save(self.run_ctx.checkpoint)
+
+    def resume(self) -> None:
+        path = self.run_ctx.checkpoint
+        saved = MaskCheckpoint.load(path, fix="delete it or drop --resume")
+        if saved.recipe_key != self.run_ctx.recipe_key:
+            raise PipelineError(f"{path} was written with other mask settings; drop --resume to start over")
+        load_mask_logits(self.model, saved.logits)
+        self.step_fn.optimizer.load_state_dict(saved.optimizer)
+        self.step_fn.scheduler.load_state_dict(saved.scheduler)
+        self.state = LoopState.from_dict(saved.state)
+        rng = saved.rng[self.run_ctx.rank] if self.run_ctx.rank < len(saved.rng) else saved.rng[0]
+        half = rng.numel() // 2
+        torch.set_rng_state(rng[:half].clone())
+        noise_pool(self.model).offsets.set_state(rng[half:].clone())
+        self.run_ctx.log(f"resumed mask training at step {self.state.step} (epoch {self.state.epoch}, batch "
+                         f"{self.state.batch})")
+
+    # ------------------------------------------------------------------ result
+    def result(self) -> LearnResult:
+        state, best = self.state, self.state.best
+        indices = best.indices if best.indices else current_indices(self.model)
+        checksums = [indices_checksum(indices)]
+        if self.run_ctx.world_size > 1:
+            checksums = [None] * self.run_ctx.world_size
+            dist.all_gather_object(checksums, indices_checksum(indices))
+            if len(set(checksums)) != 1:
+                raise RuntimeError(f"ranks disagree on the learned masks: {checksums}")
+        return LearnResult(indices, mask_logits(self.model), state.history, state.step, state.seconds,
+                           self.interrupted, checksums,
+                           best_step=max(best.step, 0) if best.indices else state.step,
+                           best_score=best.score if best.indices else None, start_score=best.start_score,
+                           beat_prior=best.beat_start, stop_reason=state.stop_reason, loss=self.step_fn.loss.kind,
+                           validation_images=len(self.validation) if self.validation is not None else 0,
+                           train_images=len(self.train))
+
+
+def plateau_rule(cfg: MaskConfig, validation: Dataset | None, log: Callable[[str], None]) -> PlateauRule | None:
+    """The recipe's plateau rule; None when it is off (masks.stop_patience = 0) or there is no validation split."""
+    if not cfg.stop_patience:
+        return None
+    if validation is None:
+        log("no validation split (masks.validation_images = 0): training runs the whole budget of masks.steps")
+        return None
+    return PlateauRule(cfg.stop_patience, cfg.stop_changed, len(validation))
+
+
+def prepare_training(model: nn.Module, report: EligibilityReport, recipe: Recipe, data: DataBundle,
+                     device: torch.device, settings: StepSettings, unlabeled: bool, run: RunContext,
+                     initial_indices: dict[str, torch.Tensor] | None) -> MaskTraining:
     cfg = recipe.masks
-    loss_kind = resolve_loss(cfg, unlabeled)
+    loss = resolve_loss(cfg, unlabeled)
     train, validation = split_training_images(data, cfg)
-    total_steps = cfg.steps
-    per_epoch = steps_per_epoch(len(train), cfg.batch_size, world_size)
-    eval_every = cfg.eval_every or max(1, -(-total_steps // EVALUATIONS_PER_RUN))
     model.eval()
-    teacher = copy.deepcopy(model).to(device).eval() if needs_teacher(loss_kind) else None
     if validation is not None and unlabeled:
         validation = TeacherLabels(validation, predictions(model.to(device), validation,
                                                            recipe.data.eval_batch_size, device))
     scores = prior_scores(model, report, cfg, train, device)
-    use_cuda = device.type == "cuda"
-    cuda_settings = use_cuda or CUDA_SETTINGS_ON_CPU  # channels_last + bfloat16 autocast
-    if cuda_settings:  # before the masks: their logits are 5-D, which channels_last cannot hold
-        model.to(memory_format=torch.channels_last)
-    attach_masks(model, report, cfg.n, cfg.m, cfg.prior, cfg.prior_strength, cfg.seed, initial_indices, scores,
-                 cfg.logit_scale)
-    set_kept_magnitude_weight(model, cfg.kept_magnitude_weight)
-    model.to(device)
-    trainable = [module.sparse_mask.logits for module in masked_modules(model).values()]
-    if not trainable:
-        raise PipelineError(f"model {recipe.name} has no eligible layers to mask; check masks.include/exclude")
-    wrapped: nn.Module = model
-    if world_size > 1:
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None,
-                                                      broadcast_buffers=False)
+    step = build_mask_step(model, report, recipe, device, loss, settings, rank=run.rank, world_size=run.world_size,
+                           initial_indices=initial_indices, scores=scores)
+    run.recipe_key = recipe.digest("masks", "arch", "num_classes") + (":unlabeled" if unlabeled else "")
+    return MaskTraining(step, train, validation, recipe, plateau_rule(cfg, validation, run.log), unlabeled, run)
 
-    layer_outputs = (LayerOutputs(model, teacher, [layer.name for layer in report.masked])
-                     if "features" in loss_terms(loss_kind) else None)
-    sampler = ResumableBatchSampler(len(train), cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank,
-                                    world_size=world_size)
-    optimizer = mask_optimizer(trainable, cfg.lr, cfg.weight_decay)
-    warmup = warmup_steps(total_steps, cfg.warmup_share)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine_factor(step, total_steps, warmup, cfg.lr_final))
-    # The RNG drives the Gumbel noise: offset per rank so ranks sample different noise.
-    torch.manual_seed(cfg.seed * 1000 + rank)
-    state = {"step": 0, "epoch": 0, "batch": 0, "history": [], "seconds": 0.0, "quiet": 0,
-             "best": {"score": None, "step": -1, "start_score": None, "indices": {}}, "stopped_early": False}
-    recipe_key = recipe.digest("masks", "arch", "num_classes") + (":unlabeled" if unlabeled else "")
 
-    if resume and checkpoint is not None and checkpoint.is_file():
-        saved = MaskCheckpoint.load(checkpoint, fix="delete it or drop --resume")
-        if saved.recipe_key != recipe_key:
-            raise PipelineError(f"{checkpoint} was written with other mask settings; drop --resume to start over")
-        load_mask_logits(model, saved.logits)
-        optimizer.load_state_dict(saved.optimizer)
-        scheduler.load_state_dict(saved.scheduler)
-        state = saved.state
-        torch.set_rng_state(saved.rng[rank] if rank < len(saved.rng) else saved.rng[0])
-        log(f"resumed mask training at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
-    saved_best = state["best"]
-    best = BestMasks(score=-float("inf") if saved_best["score"] is None else saved_best["score"],
-                     step=saved_best["step"], indices=saved_best["indices"], start_score=saved_best["start_score"])
-    tracker = ArgmaxStopTracker(cfg.stop_patience, cfg.stop_changed, state["quiet"]) if cfg.stop_patience else None
-
-    def sync_state() -> None:
-        state["best"] = {"score": None if best.step < 0 else best.score, "step": best.step,
-                         "start_score": best.start_score,
-                         "indices": {name: idx.to(torch.int16) for name, idx in best.indices.items()}}
-        state["quiet"] = tracker.quiet if tracker else 0
-
-    def save_checkpoint(final: bool = False) -> None:
-        sync_state()
-        rng_states = [torch.get_rng_state()]
-        if world_size > 1:
-            rng_states = [torch.empty_like(rng_states[0]) for _ in range(world_size)]
-            dist.all_gather(rng_states, torch.get_rng_state())
-        if rank == 0 and checkpoint is not None:
-            indices = best.indices if final and best.indices else current_indices(model)
-            MaskCheckpoint(
-                recipe_key=recipe_key, final=final, n=cfg.n, m=cfg.m, logits=mask_logits(model),
-                indices={name: idx.to(torch.int16) for name, idx in indices.items()},
-                shapes={name: list(mod.weight.shape) for name, mod in masked_modules(model).items()},
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), state=state, rng=rng_states,
-            ).save(checkpoint)
-
-    def run_evaluation(previous: dict[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], bool]:
-        """Evaluate the argmax masks on the validation split; (their indices, whether to stop early)."""
-        indices = current_indices(model)
-        changed = changed_share(previous, indices) if previous is not None else 0.0
-        score = torch.tensor([float("nan")], dtype=torch.float64)
-        if rank == 0:
-            point = {"step": state["step"], "epoch": round(state["step"] / per_epoch, 3),
-                     "lr": optimizer.param_groups[0]["lr"],
-                     "tau": temperature(state["step"], total_steps, cfg.tau_start, cfg.tau_end, cfg.tau_schedule)}
-            if validation is not None:
-                model.eval()
-                point.update(evaluate(model, validation, recipe.data.eval_batch_size, device,
-                                      desc="validate (argmax masks)"))
-                score[0] = point["top1"]
-            point["changed"] = changed
-            state["history"].append(point)
-            shown = f"validation top1 {point['top1']:.2f}% " if validation is not None else ""
-            log(f"step {point['step']} (epoch {point['epoch']:.2f}): {shown}argmax changed "
-                f"{100 * changed:.2f}% of blocks")
-        if world_size > 1:  # every rank keeps the same best masks
-            dist.broadcast(score, 0)
-        if validation is not None and best.update(float(score[0]), state["step"], indices) and rank == 0:
-            state["history"][-1]["best"] = True
-        stop_now = tracker is not None and previous is not None and tracker.update(changed)
-        return indices, stop_now
-
-    started = time.time() - state["seconds"]
-    previous = current_indices(model)
-    if not state["history"]:
-        previous, _ = run_evaluation(None)
-    stopped = False
-    bar = progress(total=total_steps, initial=state["step"], desc="train masks", enabled=not rank)
-    while state["step"] < total_steps and not stopped and not state["stopped_early"]:
-        sampler.set_epoch(state["epoch"], state["batch"])
-        for images, labels in make_loader(train, sampler, workers=recipe.data.workers):
-            mask_training_mode(model)
-            prepare_step(model, state["step"], temperature(state["step"], total_steps, cfg.tau_start,
-                                                           cfg.tau_end, cfg.tau_schedule))
-            images = images.to(device, non_blocking=True)
-            labels = None if unlabeled else labels.to(device, non_blocking=True)
-            if cuda_settings:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with (torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda_settings),
-                  layer_outputs.recording() if layer_outputs else contextlib.nullcontext()):
-                teacher_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(images)
-                logits = wrapped(images)
-                loss = mask_loss(logits, labels, teacher_logits, loss_kind, cfg.distill_temperature,
-                                 layer_outputs.take() if layer_outputs else None, cfg.feature_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            state["step"] += 1
-            state["batch"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            early = False
-            if state["step"] % eval_every == 0 or state["step"] >= total_steps:
-                previous, early = run_evaluation(previous)
-            state["seconds"] = time.time() - started
-            stop_now = bool(stop)
-            if world_size > 1:  # all ranks must stop together
-                flag = torch.tensor([int(stop_now)])
-                dist.all_reduce(flag)
-                stop_now = bool(flag.item())
-            if early:
-                state["stopped_early"] = True
-                log(f"argmax masks changed at most {100 * cfg.stop_changed:.2f}% of blocks in "
-                    f"{cfg.stop_patience} evaluations in a row: stopping at step {state['step']}")
-                break
-            if stop_now:
-                save_checkpoint()
-                log(f"stopped at step {state['step']}; checkpoint {checkpoint} (continue with --resume)")
-                stopped = stop.signal_number
-                break
-            if state["step"] >= total_steps:
-                break
-            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                save_checkpoint()
-        else:
-            state["epoch"] += 1
-            state["batch"] = 0
-    bar.close()
-    if layer_outputs:
-        layer_outputs.remove()
-    if not stopped:
-        state["seconds"] = time.time() - started
-        save_checkpoint(final=True)
-    last = current_indices(model)
-    indices = best.indices if best.indices else last
-    checksums = [indices_checksum(indices)]
-    if world_size > 1:
-        gathered: list = [None] * world_size
-        dist.all_gather_object(gathered, checksums[0])
-        checksums = list(gathered)
-        if len(set(checksums)) != 1:
-            raise RuntimeError(f"ranks disagree on the learned masks: {checksums}")
-    return LearnResult(indices, mask_logits(model), state["history"], state["step"], state["seconds"], stopped,
-                       checksums, best_step=max(best.step, 0) if best.indices else state["step"],
-                       best_score=best.score if best.indices else None, start_score=best.start_score,
-                       beat_prior=best.beat_start, stopped_early=state["stopped_early"], loss=loss_kind,
-                       validation_images=len(validation) if validation is not None else 0, train_images=len(train))
+def learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, data: DataBundle,
+                device: torch.device, *, checkpoint: Path | None = None, resume: bool = False,
+                initial_indices: dict[str, torch.Tensor] | None = None, unlabeled: bool = False, rank: int = 0,
+                world_size: int = 1, log: Callable[[str], None] = print, settings: StepSettings | None = None,
+                on_evaluation: Callable[[MaskTraining, dict], None] | None = None) -> LearnResult:
+    """Learn N:M masks for `report.masked` layers of `model` (weights stay frozen). A SIGTERM from
+    the start on (set-up included) ends the run with a checkpoint at the next step. `settings`: the step's
+    autocast and memory format (default: those of `device`)."""
+    settings = settings or StepSettings.for_device(device)
+    with stop_on_signals() as stop, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.masks.seed * 1000 + rank)  # augmentation only, in a fork: the caller's RNG is kept
+        if rank == 0:  # also the readiness signal the tests wait for before sending SIGTERM
+            log("SIGTERM or Ctrl-C now stops at the next step" +
+                (f" and saves {checkpoint} (continue with --resume)" if checkpoint is not None else ""))
+        run = RunContext(checkpoint, "", rank, world_size, log, stop, on_evaluation)
+        training = prepare_training(model, report, recipe, data, device, settings, unlabeled, run, initial_indices)
+        if resume and checkpoint is not None and checkpoint.is_file():
+            training.resume()
+        return training.run()

@@ -1,7 +1,7 @@
 """Pure building blocks of the mask-training loop: step budget, schedules, early stop, losses, priors.
 
 Nothing here touches a model or a data loader, so each piece is tested on its own; the loop in
-`pipeline.masks.learning` (to become `pipeline.masks.learning`) composes them. Every schedule is a
+`pipeline.masks.learning` composes them. Every schedule is a
 function of (step, total steps), where the total comes from a step budget that does not depend on
 the dataset's size: epochs are derived from the budget, never the other way round.
 """
@@ -70,25 +70,58 @@ def temperature(step: int, total: int, start: float, end: float, schedule: str) 
 
 
 # --------------------------------------------------------------------------- early stop and best masks
-@dataclass
-class ArgmaxStopTracker:
-    """Stop once the argmax masks stopped changing: `patience` evaluations in a row changed at most
-    `threshold` of all blocks. State is plain data, so a resumed run continues the count."""
+@dataclass(frozen=True)
+class PlateauRule:
+    """Stop mask training at the plateau: the validation score has not improved by more than the validation
+    split's resolution (one image, 100 / `validation_images` points) for `patience` evaluations in a row, and
+    at the latest evaluation the argmax changed on at most `changed` of the blocks.
+
+    The rule reads the evaluation history only (each point's `top1` and `changed`), never the clock or the
+    optimiser, so a resumed run stops where it would have, and a run over the whole budget (rule off) shows
+    where the rule would have stopped it: `first_stop(history)` (what `bench-masks` reads off one run)."""
 
     patience: int
-    threshold: float
-    quiet: int = 0  # consecutive evaluations at or below the threshold
+    changed: float
+    validation_images: int
 
     def __post_init__(self) -> None:
         if self.patience < 1:
-            raise PipelineError(f"early-stop patience must be at least 1 evaluation, got {self.patience}")
-        if not 0.0 <= self.threshold < 1.0:
-            raise PipelineError(f"early-stop threshold is a share of blocks in [0, 1), got {self.threshold}")
+            raise PipelineError(f"masks.stop_patience {self.patience}: the plateau rule needs at least 1 evaluation")
+        if not 0.0 <= self.changed < 1.0:
+            raise PipelineError(f"masks.stop_changed {self.changed}: a share of blocks in [0, 1)")
+        if self.validation_images < 1:
+            raise PipelineError("the plateau rule needs a validation split (masks.validation_images > 0)")
 
-    def update(self, changed_share: float) -> bool:
-        """Record one evaluation's share of changed blocks; True when training should stop."""
-        self.quiet = self.quiet + 1 if changed_share <= self.threshold else 0
-        return self.quiet >= self.patience
+    @property
+    def resolution(self) -> float:
+        """One validation image, in points of top-1."""
+        return 100.0 / self.validation_images
+
+    def stale(self, history: list[dict]) -> int:
+        """Evaluations since the score last rose more than one image above the reference (the score at the
+        previous such rise; the first evaluation at the start)."""
+        reference, since = None, 0
+        for point in history:
+            if reference is None or point["top1"] > reference + self.resolution + 1e-9:
+                reference, since = point["top1"], 0
+            else:
+                since += 1
+        return since
+
+    def reason(self, history: list[dict]) -> str | None:
+        """Why training stops after the last evaluation of `history`; None to go on."""
+        if len(history) < 2:
+            return None
+        stale, changed = self.stale(history), history[-1]["changed"]
+        if stale < self.patience or changed > self.changed:
+            return None
+        return (f"plateau: validation top-1 not above {history[-1 - stale]['top1']:.2f}% + one image "
+                f"({self.resolution:.2f} pt) for {stale} evaluations and the argmax changed on "
+                f"{100 * changed:.3f}% of blocks (at most {100 * self.changed:.3f}%)")
+
+    def first_stop(self, history: list[dict]) -> int | None:
+        """Index of the evaluation after which the rule stops a run with this history; None: never."""
+        return next((i for i in range(1, len(history)) if self.reason(history[:i + 1])), None)
 
 
 @dataclass

@@ -8,9 +8,10 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
+from pipeline.pretrain.artifacts import DenseWeights
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.sources import TorchvisionSource, resolve_source
-from pipeline.recipe.weight_files import check_finite, read_state_dict, read_weight_file
+from pipeline.recipe.weight_files import check_finite, read_weight_file
 
 # `weights = ...` values that are not a file: `torchvision` and `hub` download the source's published weights.
 NAMED_WEIGHTS = ("random", "pretrain", "torchvision", "hub")
@@ -72,14 +73,16 @@ def published_state_dict(recipe: Recipe) -> tuple[dict[str, torch.Tensor], str]:
 def dense_state_dict(recipe: Recipe, paths: ArtifactPaths) -> tuple[dict[str, torch.Tensor], str]:
     """The recipe's dense weights and a one-line description of where they came from."""
     if recipe.weights == "random":
-        torch.manual_seed(0)
-        return build_network(recipe).state_dict(), "random initialisation (smoke run: accuracy means nothing)"
+        with torch.random.fork_rng(devices=[]):  # seed 0 for the initialisation; the caller's RNG is left as it was
+            torch.manual_seed(0)
+            state = build_network(recipe).state_dict()
+        return state, "random initialisation (smoke run: accuracy means nothing)"
     if recipe.weights == "pretrain":
         path = paths.dense_weights
         if not path.is_file():
             raise PipelineError(f"dense weights {path} do not exist yet; run `python -m pipeline pretrain "
                                 f"--model {recipe.name}` (make engine does it)")
-        return read_state_dict(path), f"pretrained by the pretrain stage ({path})"
+        return DenseWeights.load(path).state_dict, f"pretrained by the pretrain stage ({path})"
     if recipe.weights in ("torchvision", "hub"):
         return published_state_dict(recipe)
     weight_file = read_weight_file(recipe.weights)

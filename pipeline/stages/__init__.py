@@ -40,6 +40,8 @@ STAGES = {
     "certify": ("pipeline.stages.certify", "stability bounds of the masked classifier (paper, sec. 3.2)"),
     "bench-train": ("pipeline.stages.bench_train", "time a mask-training step against a dense training step"),
     "gpu-check": ("pipeline.stages.gpu_check", "CUDA mask training, cuSPARSELt 2:4 GEMMs and TensorRT engines (GPU)"),
+    "bench-masks": ("pipeline.stages.bench_masks", "time to accuracy of mask training: full budget against the "
+                                                   "plateau rule, read off one run"),
     "curves": ("pipeline.stages.curves", "plot top-1 against mask-training steps for every run of a model"),
     "layers": ("pipeline.stages.layers", "list masked and skipped layers with reasons and MAC shares"),
     "init-recipe": ("pipeline.stages.init_recipe", "write a recipe file for your own model and print the next command"),

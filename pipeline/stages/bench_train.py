@@ -1,15 +1,18 @@
 """`bench-train`: cost of a mask-training step next to an ordinary dense training step.
 
-Both steps run on the same model (random weights: speed does not depend on values) and
-the same batch, interleaved (dense, masked, masked, dense, ...) so that machine noise
-hits both alike. The mask step samples Gumbel noise, builds every mask, runs forward and
-backward and updates the logits with AdamW (with the recipe's kept-magnitude regulariser when it has
-one, as train-masks); the dense step updates every weight with SGD.
+All steps run on the same model (random weights: speed does not depend on values) and the same batch,
+interleaved (dense, mask, distill, distill, mask, dense, ...) so that machine noise hits them alike. Every
+step is `pipeline.training.train_step`; the mask steps are the ones train-masks runs, built by
+`pipeline.masks.mask_step.build_mask_step` (Gumbel noise, every mask, the recipe's kept-magnitude
+regulariser, AdamW and its schedules, feature hooks when the loss has them, the step settings; `--cuda-path`
+times the CUDA settings, bfloat16 autocast and channels_last, on this CPU). The dense step updates every
+weight with SGD. CPU only.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import os
 import platform
@@ -18,21 +21,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.io import write_json
-from pipeline.masks.learning import mask_loss, mask_optimizer
-from pipeline.recipe.registry import get_recipe, list_models
 from pipeline.masks.eligibility import find_layers
-from pipeline.masks.gumbel import (attach_masks, mask_training_mode, masked_modules, prepare_step,
-                                   set_kept_magnitude_weight)
-from pipeline.recipe.weights import build_network
+from pipeline.masks.gumbel import masked_modules
+from pipeline.masks.mask_step import build_mask_step
+from pipeline.recipe.config import Recipe
+from pipeline.recipe.registry import get_recipe, list_models
 from pipeline.progress import progress
+from pipeline.training import StepSettings, cross_entropy_loss, train_step
+from pipeline.recipe.weights import build_network
 
-DEFAULT_MODELS = ["resnet18", "resnet50", "convnext_t", "fmnist_resnet"]
+DEFAULT_MODELS = ["resnet18", "resnet50", "convnext_t", "fmnist_resnet", "fmnist_resnet18"]
 NEEDS_RECIPE = False  # its own --models list
 
 
@@ -47,12 +51,16 @@ class Options:
     max_ratio: float = 1.15
     max_distill_ratio: float = 1.5
     out: str = "engines"
+    cuda_path: bool = False
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
         for flag, value, low in (("--size", self.size, 1), ("--batch", self.batch, 1), ("--reps", self.reps, 1),
                                  ("--warmup", self.warmup, 0), ("--demo-batch", self.demo_batch or 1, 1)):
             if value < low:
                 raise PipelineError(f"{flag} {value}: not valid; valid: at least {low}")
+        if self.clock not in CLOCKS:
+            raise PipelineError(f"--clock {self.clock}: not valid; valid: {', '.join(CLOCKS)}")
         for flag, value in (("--max-ratio", self.max_ratio), ("--max-distill-ratio", self.max_distill_ratio)):
             if value <= 0:
                 raise PipelineError(f"{flag} {value}: not valid; valid: greater than 0")
@@ -70,73 +78,87 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-distill-ratio", type=float, default=1.5,
                         help="gate: distillation mask step (dense teacher forward included) / dense step (default 1.5)")
     parser.add_argument("--out", default="engines", help="writes OUT/bench-train.json")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall seconds (default), or this process's CPU seconds: on a shared machine run it with "
+                             "OMP_NUM_THREADS=1 so waiting for a core does not count")
+    parser.add_argument("--cuda-path", action="store_true",
+                        help="time the CUDA step settings (bfloat16 autocast, channels_last) on this CPU")
 
 
-def bench_model(name: str, size: int, batch: int, reps: int, warmup: int) -> dict:
+def bench_recipe(name: str, loss: str) -> Recipe:
+    """The registered recipe with the given mask loss and the magnitude prior (a prior sets starting values
+    only; wanda and sparsegpt would need calibration data, which speed does not depend on)."""
     recipe = get_recipe(name)
-    shape = list(recipe.input_shape)
-    if shape[1] >= 64:
-        shape = [shape[0], size, size]
-    torch.manual_seed(0)
-    dense = build_network(recipe)
-    masked = copy.deepcopy(dense)
-    report = find_layers(masked, shape, recipe.masks.m, recipe.masks.include, recipe.masks.exclude,
+    return dataclasses.replace(recipe, masks=dataclasses.replace(recipe.masks, prior="magnitude", loss=loss))
+
+
+def bench_steps(name: str, shape: list[int], batch: int, settings: StepSettings
+                ) -> tuple[dict[str, Callable[[], None]], dict]:
+    """The three steps timed, all through `pipeline.training.train_step`: a dense SGD step, and the mask step
+    train-masks runs (`build_mask_step`: masks, AdamW, schedules, feature hooks when the loss has them, the
+    step settings) with cross-entropy (`mask`) and with cross-entropy + distillation (`distill`)."""
+    device = torch.device("cpu")
+    recipe = get_recipe(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        dense = build_network(recipe)
+        images, labels = torch.randn(batch, *shape), torch.randint(0, recipe.num_classes, (batch,))
+    report = find_layers(copy.deepcopy(dense), shape, recipe.masks.m, recipe.masks.include, recipe.masks.exclude,
                          recipe.classifier, recipe.masks.include_classifier)
-    attach_masks(masked, report, recipe.masks.n, recipe.masks.m, "magnitude", recipe.masks.prior_strength)
+    mask_steps = {kind: build_mask_step(copy.deepcopy(dense), report, bench_recipe(name, loss), device, loss,
+                                        settings) for kind, loss in (("mask", "ce"), ("distill", "ce+distill"))}
+    settings.prepare_model(dense)
     dense_optimizer = torch.optim.SGD(dense.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    logits = [module.sparse_mask.logits for module in masked_modules(masked).values()]
-    optimizer = mask_optimizer(logits, 1e-3, recipe.masks.weight_decay)
-    images = torch.randn(batch, *shape)
-    labels = torch.randint(0, recipe.num_classes, (batch,))
+    dense_loss = cross_entropy_loss()
+    counter = itertools.count()
 
     def dense_step() -> None:
         dense.train()
-        loss = F.cross_entropy(dense(images), labels)
-        dense_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        dense_optimizer.step()
+        train_step(dense, settings.prepare_images(images, device), labels, dense_loss, dense_optimizer,
+                   settings=settings)
 
-    steps = itertools.count()
-    set_kept_magnitude_weight(masked, recipe.masks.kept_magnitude_weight)  # as train-masks
-
-    def mask_step() -> None:
-        mask_training_mode(masked)
-        prepare_step(masked, next(steps), 0.5)
-        loss = F.cross_entropy(masked(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    teacher = copy.deepcopy(dense).eval()
-
-    def distill_step() -> None:
-        mask_training_mode(masked)
-        prepare_step(masked, next(steps), 0.5)
-        with torch.no_grad():
-            teacher_logits = teacher(images)
-        loss = mask_loss(masked(images), labels, teacher_logits, "ce+distill", 1.0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def timed(step) -> float:
-        start = time.perf_counter()
-        step()
-        return time.perf_counter() - start
-
-    kinds = {"dense": dense_step, "mask": mask_step, "distill": distill_step}
-    for _ in range(warmup):
-        for step in kinds.values():
-            step()
-    times: dict[str, list[float]] = {kind: [] for kind in kinds}
-    for rep in progress(range(reps), desc=f"bench {name}", leave=False):
-        order = list(kinds) if rep % 2 == 0 else list(reversed(kinds))
-        for kind in order:
-            times[kind].append(timed(kinds[kind]))
-    dense_median, mask_median, distill_median = (statistics.median(times[kind]) for kind in kinds)
-    return {"input": shape, "batch": batch, "masked_layers": len(report.masked),
+    steps = {"dense": dense_step}
+    for kind, mask_step in mask_steps.items():
+        steps[kind] = lambda mask_step=mask_step: mask_step.step(images, labels, next(counter))
+    logits = [module.sparse_mask.logits for module in masked_modules(mask_steps["mask"].model).values()]
+    info = {"input": shape, "batch": batch, "masked_layers": len(report.masked),
             "mask_logits": sum(p.numel() for p in logits), "dense_params": sum(p.numel() for p in dense.parameters()),
-            "dense_median_s": dense_median, "mask_median_s": mask_median, "ratio": mask_median / dense_median,
+            "autocast_bf16": settings.autocast, "channels_last": settings.channels_last}
+    return steps, info
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_steps(steps: dict[str, Callable[[], None]], reps: int, warmup: int, name: str, clock: str = "wall"
+               ) -> dict[str, list[float]]:
+    """Seconds of each step kind, interleaved (dense, mask, distill, then reversed) so load hits all alike.
+    `clock` "cpu" counts this process's CPU seconds instead of wall seconds: on a machine shared with other
+    work (and with torch.set_num_threads(1), OMP_NUM_THREADS=1) it measures the step's own work, which waiting
+    for a core does not inflate."""
+    now = CLOCKS[clock]
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {kind: [] for kind in steps}
+    for rep in progress(range(reps), desc=f"bench {name}", leave=False):
+        for kind in (list(steps) if rep % 2 == 0 else list(reversed(steps))):
+            start = now()
+            steps[kind]()
+            times[kind].append(now() - start)
+    return times
+
+
+def bench_model(name: str, size: int, batch: int, reps: int, warmup: int,
+                settings: StepSettings = StepSettings(), clock: str = "wall") -> dict:
+    shape = list(get_recipe(name).input_shape)
+    if shape[1] >= 64:
+        shape = [shape[0], size, size]
+    steps, info = bench_steps(name, shape, batch, settings)
+    times = time_steps(steps, reps, warmup, name, clock)
+    dense_median, mask_median, distill_median = (statistics.median(times[kind]) for kind in ("dense", "mask",
+                                                                                              "distill"))
+    return {**info, "dense_median_s": dense_median, "mask_median_s": mask_median, "ratio": mask_median / dense_median,
             "distill_median_s": distill_median, "distill_ratio": distill_median / dense_median,
             "dense_s": times["dense"], "mask_s": times["mask"], "distill_s": times["distill"]}
 
@@ -150,7 +172,8 @@ def run(options: Options) -> int:
     for name in names:
         recipe = get_recipe(name)
         batch = (options.demo_batch or recipe.masks.batch_size) if recipe.input_shape[1] < 64 else options.batch
-        results[name] = bench_model(name, options.size, batch, options.reps, options.warmup)
+        results[name] = bench_model(name, options.size, batch, options.reps, options.warmup,
+                                    StepSettings.for_device(torch.device("cpu"), options.cuda_path), options.clock)
         r = results[name]
         print(f"{name:14s} batch {batch:4d}  dense {r['dense_median_s'] * 1000:8.1f} ms  "
               f"mask {r['mask_median_s'] * 1000:8.1f} ms  ratio {r['ratio']:.3f}  "
@@ -165,7 +188,7 @@ def run(options: Options) -> int:
               f"{r['mask_median_s']:.3f} | {r['ratio']:.3f} | {r['distill_median_s']:.3f} | {r['distill_ratio']:.3f} |")
     out = Path(options.out) / "bench-train.json"
     write_json(out, {"command": "python -m pipeline bench-train " + " ".join(sys.argv[2:]),
-                     "device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                     "device": "cpu", "clock": options.clock, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                      "cores": os.cpu_count(), "torch": torch.__version__, "max_ratio": options.max_ratio, "max_distill_ratio": options.max_distill_ratio,
                      "passed": passed, "models": results})
     print(f"wrote {out}")

@@ -1,14 +1,14 @@
 """`compare`: every mask method against the dense model on the recipe's evaluation set, weights frozen.
 
 Writes engines/<model>/compare.json, compare.md, compare.png and compare/masks.<method>.pt
-(pipeline/masks/comparison.py does the work; docs/baselines.md explains the methods).
+(pipeline/compare/ does the work; docs/baselines.md explains the methods).
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 
-from pipeline.masks.comparison import DEFAULT_METHODS, compare, parse_methods
+from pipeline.compare.methods_table import DEFAULT_METHODS, compare, parse_methods
 from pipeline.masks.methods import METHODS
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe

@@ -186,16 +186,19 @@ def gemm_rows(name: str, batch: int, reps: int, warmup: int) -> list[dict[str, A
 
 
 def train_demo(steps: int, device: str = "cuda") -> dict[str, Any]:
-    """The demo's mask training (synthetic images of its shape) for `steps` steps on `device` (CUDA here)."""
+    """The demo's mask training (synthetic images of its shape) for `steps` steps on `device` (CUDA here), with
+    the CUDA path's settings (channels_last, bfloat16 autocast) on whatever the device, so a CPU test runs it."""
     from pipeline.data.datasets import build_datasets
     from pipeline.masks.learning import learn_masks
     from pipeline.recipe.config import apply_override
+    from pipeline.training import StepSettings
 
     recipe, model, _, report = masked_model(DEMO)
     for assignment in ("data.kind=synthetic", f"masks.steps={steps}", "masks.checkpoint_every=0"):
         apply_override(recipe, assignment)
     start = time.perf_counter()
-    result = learn_masks(model, report, recipe, build_datasets(recipe), torch.device(device), log=lambda _: None)
+    result = learn_masks(model, report, recipe, build_datasets(recipe), torch.device(device), log=lambda _: None,
+                         settings=StepSettings.for_device(torch.device(device), cuda_path=True))
     seconds = time.perf_counter() - start
     return {"model": DEMO, "steps": result.steps, "seconds": round(seconds, 2),
             "steps_per_second": round(result.steps / seconds, 2), "data": "synthetic", "history": result.history}

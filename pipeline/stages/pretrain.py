@@ -1,7 +1,8 @@
 """Dense training of the demo network (recipes whose weights are `pretrain`), cached.
 
-A plain loop in the spirit of torchvision's references: SGD with Nesterov momentum,
-one-cycle learning rate, random crop + flip; a checkpoint every epoch and on SIGTERM.
+A plain loop in the spirit of torchvision's references: SGD with Nesterov momentum, one-cycle learning rate
+(`pretrain.warmup_share` of it rising), random crop + flip (`pretrain.augment`), every step through `pipeline.training.train_step`;
+a checkpoint (`PretrainCheckpoint`) every epoch and on SIGTERM, dense.pt written through `DenseWeights`.
 """
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.data.datasets import ResumableBatchSampler, build_datasets, make_loader
 from pipeline.errors import Interrupted, PipelineError
-from pipeline.io import torch_load, torch_save, write_json
+from pipeline.io import write_json
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-from pipeline.training import check_device, evaluate, select_device, stop_on_signals
+from pipeline.pretrain.artifacts import DenseWeights, PretrainCheckpoint
+from pipeline.training import (LossFn, StepSettings, check_device, cross_entropy_loss, evaluate,
+                               select_device, stop_on_signals, train_step)
 from pipeline.recipe.weights import build_network
 from pipeline.progress import progress
 
@@ -41,77 +43,110 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
-    if recipe.weights != "pretrain":
-        raise PipelineError(f"model {recipe.name} takes weights from {recipe.weights!r}; pretrain only applies to "
-                            "recipes with weights=pretrain (the demo)")
-    cfg = recipe.pretrain
-    if options.resume and not paths.pretrain_checkpoint.is_file():
-        raise PipelineError(f"--resume: there is no checkpoint {paths.pretrain_checkpoint} to continue; drop "
-                            "--resume to start a new run")
-    if paths.dense_weights.is_file() and not options.force and not options.resume:
+    if cached(recipe, paths, options):
         print(f"dense weights exist: {paths.dense_weights} (use --force to retrain)")
         return 0
     device = select_device(options.device)
-    torch.manual_seed(cfg.seed)
-    data = build_datasets(recipe, augment_train=True)
-    model = build_network(recipe).to(device)
+    started = time.time()
+    with torch.random.fork_rng(devices=[]), stop_on_signals() as stop:
+        torch.manual_seed(recipe.pretrain.seed)  # initialisation and augmentation, in a fork of torch's RNG
+        data = build_datasets(recipe, augment_train=recipe.pretrain.augment)
+        run_ = setup(recipe, data, device)
+        if options.resume:
+            run_.resume(paths.pretrain_checkpoint)
+        while run_.state["epoch"] < recipe.pretrain.epochs:
+            run_.train_epoch(stop, paths.pretrain_checkpoint)
+            run_.test_epoch(data.eval, recipe.data.eval_batch_size)
+            run_.checkpoint().save(paths.pretrain_checkpoint)  # outside the step, once per epoch
+    finish(recipe, paths, run_, data.description, time.time() - started)
+    return 0
+
+
+def cached(recipe: Recipe, paths: ArtifactPaths, options: Options) -> bool:
+    """True when dense.pt exists and no retraining was asked for; refuses what pretrain cannot do."""
+    if recipe.weights != "pretrain":
+        raise PipelineError(f"model {recipe.name} takes weights from {recipe.weights!r}; pretrain only applies to "
+                            "recipes with weights=pretrain (the demo)")
+    if options.resume and not paths.pretrain_checkpoint.is_file():
+        raise PipelineError(f"--resume: there is no checkpoint {paths.pretrain_checkpoint} to continue; drop "
+                            "--resume to start a new run")
+    return paths.dense_weights.is_file() and not options.force and not options.resume
+
+
+@dataclass
+class DenseRun:
+    """One pretraining run: SGD with Nesterov momentum and a one-cycle learning rate, through `train_step`."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: torch.utils.data.DataLoader  # built once: its workers (if any) persist across epochs
+    sampler: ResumableBatchSampler
+    loss: LossFn
+    settings: StepSettings
+    device: torch.device
+    epochs: int
+    state: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0, "history": []})
+
+    def train_epoch(self, stop, checkpoint_path) -> None:
+        self.model.train()
+        self.sampler.set_epoch(self.state["epoch"], self.state["batch"])
+        bar = progress(self.loader, total=len(self.sampler), initial=self.state["batch"],
+                       desc=f"pretrain epoch {self.state['epoch'] + 1}/{self.epochs}")
+        correct = seen = 0
+        for images, labels in bar:
+            images, labels = self.settings.prepare_images(images, self.device), labels.to(self.device)
+            loss, logits = train_step(self.model, images, labels, self.loss, self.optimizer, self.scheduler,
+                                      self.settings)
+            self.state["batch"] += 1
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += labels.numel()
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}")
+            if stop:
+                self.checkpoint().save(checkpoint_path)
+                raise Interrupted(stop.signal_number, f"checkpoint {checkpoint_path} at epoch {self.state['epoch']} "
+                                  f"batch {self.state['batch']} saved; continue with --resume")
+
+    def test_epoch(self, dataset, batch_size: int) -> None:
+        metrics = evaluate(self.model.eval(), dataset, batch_size, self.device, desc="test")
+        self.state["history"].append({"epoch": self.state["epoch"] + 1, **metrics})
+        print(f"epoch {self.state['epoch'] + 1}: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%",
+              flush=True)
+        self.state["epoch"] += 1
+        self.state["batch"] = 0
+
+    def checkpoint(self) -> PretrainCheckpoint:
+        return PretrainCheckpoint(self.model.state_dict(), self.optimizer.state_dict(), self.scheduler.state_dict(),
+                                  self.state, torch.get_rng_state())
+
+    def resume(self, path) -> None:
+        saved = PretrainCheckpoint.load(path)
+        self.model.load_state_dict(saved.model)
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.scheduler.load_state_dict(saved.scheduler)
+        self.state = saved.state
+        torch.set_rng_state(saved.rng)
+        print(f"resumed pretraining at epoch {self.state['epoch']} batch {self.state['batch']}")
+
+
+def setup(recipe: Recipe, data, device: torch.device) -> DenseRun:
+    cfg = recipe.pretrain
+    settings = StepSettings.for_device(device)
+    model = settings.prepare_model(build_network(recipe).to(device))
     sampler = ResumableBatchSampler(len(data.train), cfg.batch_size, shuffle=True, seed=cfg.seed)
-    steps_per_epoch = len(sampler)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                 weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                    pct_start=0.25)
-    state = {"epoch": 0, "batch": 0, "history": []}
-    if options.resume and paths.pretrain_checkpoint.is_file():
-        ckpt = torch_load(paths.pretrain_checkpoint, "pretrain checkpoint")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = ckpt["state"]
-        torch.set_rng_state(ckpt["rng"])
-        print(f"resumed pretraining at epoch {state['epoch']} batch {state['batch']}")
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(sampler),
+                                                    pct_start=cfg.warmup_share)
+    return DenseRun(model, optimizer, scheduler, make_loader(data.train, sampler, workers=recipe.data.workers),
+                    sampler, cross_entropy_loss(cfg.label_smoothing), settings, device, cfg.epochs)
 
-    def save_checkpoint() -> None:
-        torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "state": state, "rng": torch.get_rng_state()},
-                   paths.pretrain_checkpoint)
 
-    started = time.time()
-    with stop_on_signals() as stop:
-        while state["epoch"] < cfg.epochs:
-            model.train()
-            sampler.set_epoch(state["epoch"], state["batch"])
-            bar = progress(make_loader(data.train, sampler), total=steps_per_epoch, initial=state["batch"],
-                           desc=f"pretrain epoch {state['epoch'] + 1}/{cfg.epochs}")
-            correct = seen = 0
-            for images, labels in bar:
-                images, labels = images.to(device), labels.to(device)
-                logits = model(images)
-                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                state["batch"] += 1
-                correct += int((logits.argmax(1) == labels).sum())
-                seen += labels.numel()
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}")
-                if stop:
-                    save_checkpoint()
-                    raise Interrupted(stop.signal_number, f"checkpoint {paths.pretrain_checkpoint} at epoch "
-                                      f"{state['epoch']} batch {state['batch']} saved; continue with --resume")
-            model.eval()
-            metrics = evaluate(model, data.eval, recipe.data.eval_batch_size, device, desc="test")
-            state["history"].append({"epoch": state["epoch"] + 1, **metrics})
-            print(f"epoch {state['epoch'] + 1}: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%")
-            state["epoch"] += 1
-            state["batch"] = 0
-            save_checkpoint()
-    model = model.cpu().eval()
-    torch_save(model.state_dict(), paths.dense_weights)
-    final = state["history"][-1] if state["history"] else {}
-    write_json(paths.pretrain_log, {"model": recipe.name, "epochs": cfg.epochs, "seconds": time.time() - started,
-                                    "test": final, "history": state["history"], "data": data.description})
+def finish(recipe: Recipe, paths: ArtifactPaths, run_: DenseRun, description: str, seconds: float) -> None:
+    DenseWeights({key: value.contiguous() for key, value in run_.model.cpu().eval().state_dict().items()}
+                 ).save(paths.dense_weights)
+    final = run_.state["history"][-1] if run_.state["history"] else {}
+    write_json(paths.pretrain_log, {"model": recipe.name, "epochs": recipe.pretrain.epochs, "seconds": seconds,
+                                    "test": final, "history": run_.state["history"], "data": description})
     paths.pretrain_checkpoint.unlink(missing_ok=True)
     print(f"dense weights: {paths.dense_weights} (test top1 {final.get('top1', float('nan')):.2f}%)")
-    return 0

@@ -7,9 +7,13 @@ from dataclasses import dataclass, field
 from pipeline.data.datasets import build_datasets
 from pipeline.distributed import init_distributed, shutdown
 from pipeline.errors import Interrupted, PipelineError
+import torch
+
 from pipeline.io import write_json
 from pipeline.masks.gumbel import use_argmax_masks
-from pipeline.masks.learning import learn_masks, resolve_loss
+from pipeline.masks.checkpoint import TrainingRecord
+from pipeline.masks.learning import LearnResult, learn_masks
+from pipeline.masks.mask_step import resolve_loss
 from pipeline.masks.schedules import steps_per_epoch
 from pipeline.plots import learning_curves
 from pipeline.masks.artifact import MaskArtifact
@@ -17,7 +21,7 @@ from pipeline.masks.eligibility import find_layers
 from pipeline.recipe.config import MASK_PRIORS, Recipe
 from pipeline.records import file_record
 from pipeline.paths import ArtifactPaths, checked_name
-from pipeline.training import check_device, evaluate, select_device
+from pipeline.training import StepSettings, check_device, evaluate, select_device
 from pipeline.recipe.weights import load_dense_model
 
 
@@ -30,6 +34,7 @@ class Options:
     resume: bool = False
     device: str = "auto"
     tag: str = ""
+    cuda_path: bool = False
 
     def __post_init__(self) -> None:
         check_device(self.device)
@@ -50,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true",
                        help="continue from engines/<model>/masks.ckpt (after a kill or SIGTERM)")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    group.add_argument("--cuda-path", action="store_true",
+                       help="run the CUDA step settings (bfloat16 autocast, channels_last) on any device, e.g. to "
+                            "test that code on CPU (slow there)")
     group.add_argument("--tag", default="", help="side run: writes masks.TAG.ckpt, train_masks.TAG.json/png "
                                                   "instead of the main files (e.g. one run per prior)")
 
@@ -61,62 +69,86 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     if options.resume and not checkpoint.is_file():
         raise PipelineError(f"--resume: there is no checkpoint {checkpoint} to continue; drop --resume to start "
                             "a new run")
-    context = init_distributed(select_device(options.device))
+    device = select_device(options.device)
+    context = init_distributed(device)
     try:
         model, source = load_dense_model(recipe, paths)
         report = find_layers(model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier,
                              cfg.include_classifier)
         data = build_datasets(recipe, augment_train=cfg.augment)
-        dense_metrics = None
-        if context.is_main:
-            print(f"{len(report.masked)} layers masked ({100 * report.masked_mac_fraction:.1f}% of MACs), "
-                  f"{len(report.skipped)} skipped:")
-            for layer in report.skipped:
-                print(f"  skip {layer.name}: {layer.reason}")
-            dense_metrics = evaluate(model.to(context.device), data.eval, recipe.data.eval_batch_size,
-                                     context.device, desc="eval dense")
-            print(f"dense: top1 {dense_metrics['top1']:.2f}% top5 {dense_metrics['top5']:.2f}% ({data.description})")
+        dense_metrics = describe_start(model, report, recipe, data, context) if context.is_main else None
         initial = None
         if options.masks_from:
-            artifact = MaskArtifact.load(options.masks_from)
-            initial = {layer.name: layer.indices for layer in artifact.layers}
+            initial = {layer.name: layer.indices for layer in MaskArtifact.load(options.masks_from).layers}
         result = learn_masks(model, report, recipe, data, context.device, checkpoint=checkpoint,
                              resume=options.resume, initial_indices=initial, unlabeled=options.unlabeled,
-                             rank=context.rank, world_size=context.world_size)
+                             rank=context.rank, world_size=context.world_size,
+                             settings=StepSettings.for_device(context.device, options.cuda_path))
         if context.is_main and not result.stopped:
-            use_argmax_masks(model, result.indices)
-            test = evaluate(model.eval(), data.eval, recipe.data.eval_batch_size, context.device,
-                            desc="test (best masks)")
-            write_json(paths.layers, report.to_dict())
-            log_path = paths.root / f"train_masks.{options.tag}.json" if options.tag else paths.mask_training
-            summary = {
-                "model": recipe.name, "weights": source, "data": data.description,
-                "accuracy_meaningful": data.accuracy_meaningful, "prior": cfg.prior, "n": cfg.n, "m": cfg.m,
-                "loss": result.loss, "unlabeled": options.unlabeled, "train_images": result.train_images,
-                "validation_images": result.validation_images,
-                "validation_score": "agreement with the dense model (%)" if options.unlabeled else "top-1 (%)",
-                "steps": result.steps, "epochs": round(result.steps / steps_per_epoch(
-                    result.train_images, cfg.batch_size, context.world_size), 3),
-                "stopped_early": result.stopped_early, "seconds": round(result.seconds, 1),
-                "world_size": context.world_size, "rank_mask_checksums": result.rank_checksums,
-                "dense": dense_metrics, "best_step": result.best_step, "best_validation": result.best_score,
-                "prior_validation": result.start_score, "beat_prior": result.beat_prior,
-                "test": test, "history": result.history,
-                "masked_mac_fraction": report.masked_mac_fraction, "config": recipe.to_dict()["masks"],
-                "files": {checkpoint.name: file_record(checkpoint)},  # what bake checks masks.ckpt against
-            }
-            write_json(log_path, summary)
-            if result.validation_images:
-                learning_curves({cfg.prior: result.history}, None, log_path.with_suffix(".png"),
-                                f"{recipe.name}: learned {cfg.n}:{cfg.m} masks (validation split)")
-            print(f"learned masks: test top1 {test['top1']:.2f}% (dense {dense_metrics['top1']:.2f}%, "
-                  f"drop {dense_metrics['top1'] - test['top1']:.2f} pt); best masks at step {result.best_step} of "
-                  f"{result.steps}, {result.seconds:.0f}s; checkpoint {checkpoint}")
-            if not result.beat_prior:
-                print(f"training did not beat its prior: the result is the {cfg.prior} prior's masks "
-                      f"(validation {result.start_score})")
+            record = finish(model, report, recipe, paths, options, data, result, dense_metrics, source, checkpoint,
+                            context.world_size)
+            summarise(record, recipe, result)
         if result.stopped:
             raise Interrupted(result.stopped, f"checkpoint {checkpoint} saved; continue with --resume")
         return 0
     finally:
         shutdown(context)
+
+
+def describe_start(model, report, recipe: Recipe, data, context) -> dict:
+    """Print the masked and skipped layers (each skip with its reason) and the dense model's test accuracy."""
+    print(f"{len(report.masked)} layers masked ({100 * report.masked_mac_fraction:.1f}% of MACs), "
+          f"{len(report.skipped)} skipped:")
+    for layer in report.skipped:
+        print(f"  skip {layer.name}: {layer.reason}")
+    dense_metrics = evaluate(model.to(context.device), data.eval, recipe.data.eval_batch_size, context.device,
+                             desc="eval dense")
+    print(f"dense: top1 {dense_metrics['top1']:.2f}% top5 {dense_metrics['top5']:.2f}% ({data.description})")
+    return dense_metrics
+
+
+def finish(model, report, recipe: Recipe, paths: ArtifactPaths, options: Options, data, result: LearnResult,
+           dense_metrics: dict, source: str, checkpoint, world_size: int) -> TrainingRecord:
+    """Test the best masks and write config.json, layers.json and train_masks.json (through its owner)."""
+    cfg = recipe.masks
+    use_argmax_masks(model, result.indices)
+    test = evaluate(model.eval(), data.eval, recipe.data.eval_batch_size, model_device(model), desc="test (best masks)")
+    write_json(paths.layers, report.to_dict())
+    log_path = paths.root / f"train_masks.{options.tag}.json" if options.tag else paths.mask_training
+    details = {
+        "weights": source, "data": data.description, "accuracy_meaningful": data.accuracy_meaningful,
+        "prior": cfg.prior, "n": cfg.n, "m": cfg.m, "loss": result.loss, "unlabeled": options.unlabeled,
+        "train_images": result.train_images, "validation_images": result.validation_images,
+        "validation_score": "agreement with the dense model (%)" if options.unlabeled else "top-1 (%)",
+        "steps": result.steps, "budget_steps": cfg.steps,
+        "epochs": round(result.steps / steps_per_epoch(result.train_images, cfg.batch_size, world_size), 3),
+        "stopped_early": result.stop_reason is not None, "stop_reason": result.stop_reason,
+        "stop_step": result.steps if result.stop_reason else None, "seconds": round(result.seconds, 1),
+        "world_size": world_size, "rank_mask_checksums": result.rank_checksums, "dense": dense_metrics,
+        "best_step": result.best_step, "best_validation": result.best_score, "prior_validation": result.start_score,
+        "beat_prior": result.beat_prior, "test": test, "history": result.history,
+        "masked_mac_fraction": report.masked_mac_fraction, "config": recipe.to_dict()["masks"],
+    }
+    record = TrainingRecord(recipe.name, {checkpoint.name: file_record(checkpoint)}, details)  # bake checks masks.ckpt
+    record.save(log_path)
+    if result.validation_images:
+        learning_curves({cfg.prior: result.history}, None, log_path.with_suffix(".png"),
+                        f"{recipe.name}: learned {cfg.n}:{cfg.m} masks (validation split)")
+    return record
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def summarise(record: TrainingRecord, recipe: Recipe, result: LearnResult) -> None:
+    details = record.details
+    test, dense = details["test"], details["dense"]
+    if result.stop_reason:
+        print(f"stopped at step {result.steps} of {recipe.masks.steps} ({result.stop_reason})")
+    print(f"learned masks: test top1 {test['top1']:.2f}% (dense {dense['top1']:.2f}%, drop "
+          f"{dense['top1'] - test['top1']:.2f} pt); best masks at step {result.best_step} of {result.steps}, "
+          f"{result.seconds:.0f}s")
+    if not result.beat_prior:
+        print(f"training did not beat its prior: the result is the {recipe.masks.prior} prior's masks "
+              f"(validation {result.start_score})")

@@ -9,7 +9,7 @@ import argparse
 from dataclasses import dataclass
 
 from pipeline.errors import PipelineError
-from pipeline.masks.comparison import updatable_demo
+from pipeline.updatable.demo import updatable_demo
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.training import check_device, select_device

@@ -1,0 +1,1 @@
+"""The pretrain step's artifacts: dense.pt (`DenseWeights`) and pretrain.ckpt (`PretrainCheckpoint`)."""

@@ -1,0 +1,159 @@
+"""`bench-masks`: time to accuracy of mask training, today's full budget against the plateau rule, in one run.
+
+One `train-masks` run over the whole budget (masks.stop_patience = 0), with the test top-1 of the best masks so
+far recorded at every evaluation (outside the clock). The plateau rule (`PlateauRule`, the recipe's
+masks.stop_patience / stop_changed) reads the evaluation history only, so where it would have stopped this
+run is read off the same run (`first_stop`): a run with the rule on is this run's prefix, up to the stop.
+
+Writes OUT/<model>/bench_masks.json and adds the model to OUT/bench-masks.json, bench-masks.md (table) and
+bench-masks.png (validation and test top-1 of the best masks against seconds, the rule's stop marked).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.data.datasets import DataBundle, build_datasets
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, read_json, write_json, write_text
+from pipeline.masks.eligibility import find_layers
+from pipeline.masks.gumbel import load_mask_logits, mask_logits, use_argmax_masks
+from pipeline.masks.learning import MaskTraining, learn_masks
+from pipeline.masks.schedules import PlateauRule
+from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import Recipe
+from pipeline.recipe.weights import load_dense_model
+from pipeline.training import check_device, evaluate, select_device
+
+
+@dataclass
+class Options:
+    steps: int | None = None  # the ceiling of the full-budget run (default masks.steps)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        if self.steps is not None and self.steps < 2:
+            raise PipelineError(f"--steps {self.steps}: not valid; valid: at least 2")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("time to accuracy")
+    group.add_argument("--steps", type=int, default=None, help="budget of the full run (default masks.steps)")
+    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
+class TestOfBest:
+    """Evaluation hook: the test top-1 of the best masks so far, recomputed only when they change."""
+
+    def __init__(self, data: DataBundle, batch_size: int, device: torch.device) -> None:
+        self.data, self.batch_size, self.device = data, batch_size, device
+        self.top1: float | None = None
+
+    def __call__(self, training: MaskTraining, point: dict) -> None:
+        if point.get("best") or self.top1 is None:
+            model = training.model
+            logits = mask_logits(model)
+            use_argmax_masks(model, training.state.best.indices)
+            self.top1 = evaluate(model.eval(), self.data.eval, self.batch_size, self.device, desc="test (best)")["top1"]
+            load_mask_logits(model, logits)
+        point["best_validation_top1"] = training.state.best.score
+        point["best_test_top1"] = self.top1
+
+
+def read_off(history: list[dict], rule: PlateauRule) -> dict:
+    """Today's rule (the last evaluation) and the plateau rule (its first stop) on one full-budget history."""
+    def at(point: dict) -> dict:
+        return {"step": point["step"], "seconds": point["seconds"], "validation_top1": point["best_validation_top1"],
+                "test_top1": point["best_test_top1"]}
+
+    stop = rule.first_stop(history)
+    plateau = at(history[stop] if stop is not None else history[-1])
+    plateau["reason"] = rule.reason(history[:stop + 1]) if stop is not None else "never: ran the whole budget"
+    full = at(history[-1])
+    return {"full_budget": full, "plateau": plateau,
+            "time_ratio": plateau["seconds"] / full["seconds"] if full["seconds"] else None,
+            "validation_difference": plateau["validation_top1"] - full["validation_top1"],
+            "test_difference": plateau["test_top1"] - full["test_top1"], "resolution": rule.resolution}
+
+
+def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
+    cfg = recipe.masks
+    if not cfg.stop_patience or not cfg.validation_images:
+        raise PipelineError("bench-masks needs the plateau rule and a validation split: set masks.stop_patience "
+                            "and masks.validation_images above 0")
+    device = select_device(options.device)
+    model, source = load_dense_model(recipe, paths)
+    report = find_layers(model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier,
+                         cfg.include_classifier)
+    data = build_datasets(recipe, augment_train=cfg.augment)
+    dense = evaluate(model, data.eval, recipe.data.eval_batch_size, device, desc="eval dense")
+    full = dataclasses.replace(recipe, masks=dataclasses.replace(cfg, stop_patience=0,
+                                                                 steps=options.steps or cfg.steps))
+    started = time.time()
+    result = learn_masks(model, report, full, data, device, on_evaluation=TestOfBest(
+        data, recipe.data.eval_batch_size, device))
+    rule = PlateauRule(cfg.stop_patience, cfg.stop_changed, result.validation_images)
+    entry = {"model": recipe.name, "weights": source, "data": data.description, "dense_test_top1": dense["top1"],
+             "budget_steps": full.masks.steps, "loss": result.loss, "stop_patience": cfg.stop_patience,
+             "stop_changed": cfg.stop_changed, "validation_images": result.validation_images,
+             "wall_seconds": round(time.time() - started, 1), **read_off(result.history, rule),
+             "history": result.history, "command": "python -m pipeline " + " ".join(sys.argv[1:])}
+    write_json(paths.root / "bench_masks.json", entry)
+    combined = record(paths.root.parent / "bench-masks.json", entry)
+    write_text(paths.root.parent / "bench-masks.md", table(combined))
+    plot(combined, paths.root.parent / "bench-masks.png")
+    print(table({recipe.name: entry}), end="")
+    print(f"wrote {paths.root / 'bench_masks.json'}, {paths.root.parent / 'bench-masks.md'} and .png")
+    return 0
+
+
+def record(path: Path, entry: dict) -> dict:
+    combined = read_json(path) if path.is_file() else {}
+    combined[entry["model"]] = entry
+    write_json(path, combined)
+    return combined
+
+
+def table(entries: dict) -> str:
+    lines = ["| model | budget | rule | steps | seconds | validation top-1 % (best masks) | test top-1 % | "
+             "time vs full |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for name, entry in entries.items():
+        for label, key in (("full budget", "full_budget"), ("plateau", "plateau")):
+            point = entry[key]
+            ratio = "1.00" if key == "full_budget" else f"{entry['time_ratio']:.2f}"
+            lines.append(f"| {name} | {entry['budget_steps']} | {label} | {point['step']} | {point['seconds']:.1f} | "
+                         f"{point['validation_top1']:.2f} | {point['test_top1']:.2f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(entries: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(entries), figsize=(4.6 * len(entries), 3.8), squeeze=False)
+    for ax, (name, entry) in zip(axes[0], entries.items()):
+        history = entry["history"]
+        seconds = [point["seconds"] for point in history]
+        ax.plot(seconds, [point["best_validation_top1"] for point in history], marker="o", ms=3,
+                label="validation (best masks)")
+        ax.plot(seconds, [point["best_test_top1"] for point in history], marker="s", ms=3, label="test (best masks)")
+        stop = entry["plateau"]
+        ax.axvline(stop["seconds"], color="black", ls="--", lw=1, label=f"plateau rule: step {stop['step']}")
+        ax.set_title(f"{name} ({entry['budget_steps']} steps)", fontsize=9)
+        ax.set_xlabel("mask-training seconds")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

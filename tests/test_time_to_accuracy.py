@@ -1,0 +1,131 @@
+"""Issue 21: the plateau rule (on by default, read off one run), the one training step and its CUDA settings
+run on CPU, the RNG left alone, and DataLoader workers sized to the machine."""
+import json
+
+import torch
+
+from pipeline.cli import main
+from pipeline.data.datasets import TensorImageDataset, build_datasets, loader_workers, make_loader, usable_cores
+from pipeline.masks.eligibility import find_layers
+from pipeline.masks.gumbel import masked_modules
+from pipeline.masks.learning import learn_masks
+from pipeline.masks.schedules import PlateauRule
+from pipeline.recipe.config import MaskConfig, apply_override
+from pipeline.recipe.registry import get_recipe
+from pipeline.recipe.weights import build_network
+from pipeline.training import StepSettings, cross_entropy_loss, train_step
+
+
+def tiny(*overrides):
+    recipe = get_recipe("tiny_resnet")
+    for assignment in ("data.synthetic_size=256", "masks.checkpoint_every=0", *overrides):
+        apply_override(recipe, assignment)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_network(recipe).eval()
+    report = find_layers(model, recipe.input_shape, 4, [], [], recipe.classifier, False)
+    return recipe, model, report
+
+
+def quiet(_):
+    pass
+
+
+def test_the_plateau_rule_is_on_by_default():
+    assert MaskConfig().stop_patience > 0 and 0 < MaskConfig().stop_changed < 1
+
+
+def test_a_run_with_the_rule_is_the_prefix_of_the_full_run_up_to_its_stop():
+    """The rule reads the evaluation history only: where it stops a run is where `first_stop` says it would
+    have stopped the full-budget run, with the same masks (what bench-masks reads off one run)."""
+    common = ("masks.steps=40", "masks.eval_every=2", "masks.stop_changed=0.5")
+    recipe, model, report = tiny(*common, "masks.stop_patience=3")
+    data = build_datasets(recipe)
+    stopped = learn_masks(model, report, recipe, data, torch.device("cpu"), log=quiet)
+    full_recipe, full_model, _ = tiny(*common, "masks.stop_patience=0")
+    full = learn_masks(full_model, report, full_recipe, data, torch.device("cpu"), log=quiet)
+    assert full.steps == 40 and full.stop_reason is None
+    assert stopped.stop_reason and stopped.stop_reason.startswith("plateau") and stopped.steps < 40
+    keys = ("step", "top1", "changed")
+    assert [{k: p[k] for k in keys} for p in stopped.history] == \
+        [{k: p[k] for k in keys} for p in full.history[:len(stopped.history)]]
+    rule = PlateauRule(3, 0.5, full.validation_images)
+    assert full.history[rule.first_stop(full.history)]["step"] == stopped.steps
+    assert stopped.best_step <= stopped.steps and stopped.best_score == max(p["top1"] for p in stopped.history)
+
+
+def test_learning_leaves_the_global_rng_alone_and_is_deterministic():
+    recipe, model, report = tiny("masks.steps=4", "masks.eval_every=2")
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    first = learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=quiet)
+    assert torch.equal(torch.get_rng_state(), before)
+    _, model2, _ = tiny("masks.steps=4", "masks.eval_every=2")
+    torch.manual_seed(99)  # another global state: same masks and logits
+    second = learn_masks(model2, report, recipe, build_datasets(recipe), torch.device("cpu"), log=quiet)
+    assert all(torch.equal(first.logits[name], second.logits[name]) for name in first.logits)
+
+
+def test_the_cuda_step_settings_run_on_cpu():
+    """bfloat16 autocast and channels_last, forced on CPU: the code a GPU runs, run here first."""
+    settings = StepSettings.for_device(torch.device("cpu"), cuda_path=True)
+    assert settings.autocast and settings.channels_last and not StepSettings.for_device(torch.device("cpu")).autocast
+    recipe, model, report = tiny("masks.steps=3", "masks.eval_every=3")
+    start = {name: module.weight.detach().clone() for name, module in model.named_modules()
+             if name in {layer.name for layer in report.masked}}
+    result = learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=quiet,
+                         settings=settings)
+    assert result.steps == 3 and all(torch.isfinite(logits).all() for logits in result.logits.values())
+    conv = next(module for module in masked_modules(model).values() if module.weight.dim() == 4)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(module.weight, start[name]) for name, module in masked_modules(model).items())
+    # the step itself: under autocast the model's output is bfloat16, and the loss still trains
+    dense = settings.prepare_model(build_network(recipe))
+    optimizer = torch.optim.SGD(dense.parameters(), lr=0.1)
+    images = settings.prepare_images(torch.randn(8, *recipe.input_shape), torch.device("cpu"))
+    loss, output = train_step(dense.train(), images, torch.randint(0, 10, (8,)), cross_entropy_loss(), optimizer,
+                              settings=settings)
+    assert output.dtype == torch.bfloat16 and torch.isfinite(loss)
+
+
+def test_train_masks_cuda_path_flag_and_record(tmp_path):
+    code = main(["train-masks", "--model", "tiny_resnet", "--out", str(tmp_path), "--steps", "2", "--cuda-path",
+                 "--set", "data.synthetic_size=128"])
+    assert code == 0
+    summary = json.loads((tmp_path / "tiny_resnet" / "train_masks.json").read_text())
+    assert summary["steps"] == 2 and summary["budget_steps"] == 2 and summary["stop_reason"] is None
+    assert "masks.ckpt" in summary["files"]
+
+
+def test_loader_workers_fit_the_machine():
+    in_memory = TensorImageDataset(torch.zeros(8, 1, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long),
+                                   [0.5], [0.5])
+    assert loader_workers(in_memory, 4) == 0  # whole batches from memory: workers would only copy them
+
+    class Files(torch.utils.data.Dataset):  # no __getitems__: one file per item, as an image folder
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            return torch.zeros(1), 0
+
+    assert loader_workers(Files(), 4) == min(4, usable_cores() - 1)
+    assert loader_workers(Files(), 0) == 0
+    loader = make_loader(Files(), batch_size=4, workers=4)
+    assert loader.num_workers == loader_workers(Files(), 4)
+    assert loader.persistent_workers == (loader.num_workers > 0)
+
+
+def test_bench_masks_reads_both_rules_off_one_run(tmp_path):
+    code = main(["bench-masks", "--model", "tiny_resnet", "--out", str(tmp_path), "--set", "masks.steps=20",
+                 "--set", "masks.eval_every=2", "--set", "masks.stop_changed=0.5", "--set", "masks.stop_patience=3",
+                 "--set", "data.synthetic_size=128"])
+    assert code == 0
+    entry = json.loads((tmp_path / "tiny_resnet" / "bench_masks.json").read_text())
+    assert entry["full_budget"]["step"] == 20 and entry["plateau"]["step"] < 20
+    assert entry["plateau"]["seconds"] < entry["full_budget"]["seconds"]
+    stop = PlateauRule(3, 0.5, entry["validation_images"]).first_stop(entry["history"])
+    assert entry["history"][stop]["step"] == entry["plateau"]["step"]
+    assert all("best_test_top1" in point for point in entry["history"])
+    assert "| tiny_resnet | 20 | plateau |" in (tmp_path / "bench-masks.md").read_text()
+    assert (tmp_path / "bench-masks.png").read_bytes()[:4] == b"\x89PNG"
