@@ -71,7 +71,7 @@ INVENTORY: tuple[Reader, ...] = (
     Reader("layers.json", "json", "pipeline.records:load_layer_table", "train-masks", RECORD_STAGES["layers.json"],
            JSON_FAULTS[1:], paths=("layers",), required=(("masked", "7"), ("skipped", "\"x\"")),
            note="missing: verify recomputes the table from the network"),
-    Reader("train_masks.json", "json", "pipeline.records:StageReport.load", "train-masks (TrainingRecord)",
+    Reader("train_masks.json", "json", "pipeline.records:StageReport.load", "train-masks (masks.checkpoint.TrainingRecord)",
            RECORD_STAGES["train_masks.json"], JSON_FAULTS, paths=("mask_training",),
            required=(("files", "[]"), ("model", "1"))),
     Reader("bake.json", "json", "pipeline.records:StageReport.load", "bake (BakeReport)", RECORD_STAGES["bake.json"],
@@ -107,12 +107,16 @@ INVENTORY: tuple[Reader, ...] = (
            TENSOR_FAULTS, paths=("masks",)),
     Reader("sparse.pt", "torch", "pipeline.recipe.weight_files:_load_payload", "bake", ("export", "package (sha256)"),
            TENSOR_FAULTS, paths=("sparse_weights",)),
-    Reader("dense.pt", "torch", "pipeline.recipe.weight_files:_load_payload", "pretrain",
+    Reader("dense.pt", "torch", "pipeline.pretrain.artifacts:DenseWeights.load", "pretrain",
            ("train-masks", "bake", "export", "verify", "compare", "certify"), TENSOR_FAULTS, paths=("dense_weights",),
-           note="the demo's pretrained weights; read as a weights file"),
-    Reader("pretrain.ckpt", "torch", "pipeline.stages.pretrain:run", "pretrain", ("pretrain --resume",),
-           FILE_FAULTS, paths=("pretrain_checkpoint",),
-           note="read through pipeline.io.torch_load; its owner class is the mask-learning engineer's"),
+           note="the demo's pretrained weights (the updatable demo's dense_updated.pt too); every load goes on "
+                "through recipe.weights.load_state_dict_strict: shapes, dtypes, NaN/Inf refused before any work"),
+    Reader("pretrain.ckpt", "torch", "pipeline.pretrain.artifacts:PretrainCheckpoint.load", "pretrain",
+           ("pretrain --resume",), FILE_FAULTS, paths=("pretrain_checkpoint",),
+           note="format and version keys checked; a damaged one says to delete it or drop --resume"),
+    Reader("bench-masks.json (the time-to-accuracy table across models)", "json",
+           "pipeline.stages.bench_masks:record", "bench-masks", ("bench-masks",), (),
+           note="each run adds its model's row; a damaged table is refused in one line naming it"),
     # ---- graphs, engines, serving
     Reader("ONNX graphs (dense/sparse .onnx, .fp16.onnx, .int8.onnx Q/DQ)", "onnx",
            "pipeline.package.tensors:specs_from_onnx", "export", ("build", "verify", "package"),
@@ -147,11 +151,12 @@ INVENTORY: tuple[Reader, ...] = (
 # ArtifactPaths entries no stage reads back (their writer is their one owner module).
 WRITTEN_ONLY = {
     "report_md": "pipeline.verify.report", "triton": "pipeline.package.repository (configs, labels, plans above)",
-    "compare_json": "pipeline.masks.comparison", "compare_md": "pipeline.masks.comparison",
-    "compare_png": "pipeline.masks.comparison", "compare_masks": "pipeline.masks.comparison",
+    "compare_json": "pipeline.compare.methods_table", "compare_md": "pipeline.compare.methods_table",
+    "compare_png": "pipeline.compare.methods_table", "compare_masks": "pipeline.compare.methods_table",
     "certify_json": "pipeline.stages.certify", "certify_md": "pipeline.stages.certify",
-    "updatable_json": "pipeline.masks.comparison", "updatable_md": "pipeline.masks.comparison",
-    "updated_weights": "pipeline.masks.comparison (certify --updated-weights reads it as a weights file)",
+    "updatable_json": "pipeline.updatable.demo", "updatable_md": "pipeline.updatable.demo",
+    "updated_weights": "pipeline.updatable.demo (a DenseWeights file; certify --updated-weights reads it as a "
+                       "weights file)",
 }
 
 # Helpers that read for an owner: their callers must be owners or sites.

@@ -115,7 +115,11 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
 
 
 def record(path: Path, entry: dict) -> dict:
-    combined = read_json(path) if path.is_file() else {}
+    """bench-masks.json, the table of every model measured so far, with ENTRY's model (re)placed."""
+    combined = read_json(path) if path.exists() else {}
+    if not isinstance(combined, dict) or not all(isinstance(row, dict) for row in combined.values()):
+        raise PipelineError(f"{path} is not a bench-masks table (a JSON object of one entry per model); delete it "
+                            "and run bench-masks again for every model it should list")
     combined[entry["model"]] = entry
     write_json(path, combined)
     return combined
