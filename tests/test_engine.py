@@ -83,7 +83,7 @@ def test_engine_killed_during_mask_training_resumes_it(tmp_path):
 
     out = tmp_path / "engines"
     args = ["engine", "--model", MODEL, "--out", str(out), "--set", "data.synthetic_size=2048",
-            "--set", "masks.checkpoint_every=5", "--set", "masks.steps=120",
+            "--set", "masks.checkpoint_every=5", "--set", "masks.steps=120", "--set", "masks.stop_patience=0",
             "--set", "verify.latency_iters=2"]
     checkpoint = out / MODEL / "masks.ckpt"
     killed_at = kill_at_first_checkpoint(args, checkpoint)

@@ -94,7 +94,7 @@ class MaskConfig:
     eval_every: int = 0  # steps between validation evaluations; 0 = a twentieth of the budget
     stop_patience: int = 4  # plateau rule: stop once validation top-1 has not risen by more than one image for this
     # many evaluations and the argmax changed on at most stop_changed of the blocks; 0 = run all masks.steps
-    stop_changed: float = 0.01  # (docs/time-to-accuracy.md has the measurements behind both defaults)
+    stop_changed: float = 0.005  # (docs/time-to-accuracy.md has the measurements behind both defaults)
     checkpoint_every: int = 200  # steps; a checkpoint is also written on SIGTERM
     seed: int = 0
 
