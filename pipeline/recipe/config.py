@@ -182,7 +182,7 @@ class MaskConfig:
     # the argmax changed on at most stop_changed of the blocks; 0 = run all masks.steps
     # (docs/time-to-accuracy.md has the measurements behind both defaults)
     stop_patience: int = at_least(0, 4, "0 (run all masks.steps) or more evaluations")
-    stop_changed: float = within(0, 1, 0.01, "a share of blocks in [0, 1)", high_open=True)
+    stop_changed: float = within(0, 1, 0.005, "a share of blocks in [0, 1)", high_open=True)
     # steps; a checkpoint is also written on SIGTERM
     checkpoint_every: int = at_least(0, 200, "0 (only on SIGTERM) or more steps")
     seed: int = 0

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
-class TestOfBest:
+class BestMasksOnTest:
     """Evaluation hook: the test top-1 of the best masks so far, recomputed only when they change."""
 
     def __init__(self, data: DataBundle, batch_size: int, device: torch.device) -> None:
@@ -97,7 +97,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     full = dataclasses.replace(recipe, masks=dataclasses.replace(cfg, stop_patience=0,
                                                                  steps=options.steps or cfg.steps))
     started = time.time()
-    result = learn_masks(model, report, full, data, device, on_evaluation=TestOfBest(
+    result = learn_masks(model, report, full, data, device, on_evaluation=BestMasksOnTest(
         data, recipe.data.eval_batch_size, device))
     rule = PlateauRule(cfg.stop_patience, cfg.stop_changed, result.validation_images)
     entry = {"model": recipe.name, "weights": source, "data": data.description, "dense_test_top1": dense["top1"],
