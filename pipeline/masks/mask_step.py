@@ -41,7 +41,7 @@ def loss_terms(loss: str) -> set[str]:
 
 def resolve_loss(cfg: MaskConfig, unlabeled: bool) -> str:
     """The loss a run uses. `auto` is AUTO_LOSS_LABELED with labels and AUTO_LOSS_UNLABELED without
-    (README "Harder demo" has the measurements behind both)."""
+    (docs/results.md "Harder demo" has the measurements behind both)."""
     if unlabeled:
         if cfg.loss == "auto":
             return AUTO_LOSS_UNLABELED

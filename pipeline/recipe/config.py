@@ -152,11 +152,11 @@ class MaskConfig:
     # bake: re-estimate BatchNorm statistics of the sparse model on this many training images (changes running
     # statistics, never weights; reported apart); 0 = off
     bn_reestimate_images: int = at_least(0, 0, "0 (off) or a number of training images")
-    # MaskLLM's regulariser: loss -= weight x expected kept share of |w|; 0 = off (README "Harder demo": it is
+    # MaskLLM's regulariser: loss -= weight x expected kept share of |w|; 0 = off (docs/results.md "Harder demo": it is
     # what brings the 1,500-image run within 1 pt)
     kept_magnitude_weight: float = at_least(0, 5.0, "0 (off) or more")
     steps: int = at_least(1, 1000, "at least 1 optimizer step")  # the budget
-    lr: float = above(0, 0.1)  # AdamW on the logits (README "Harder demo" has the measurements)
+    lr: float = above(0, 0.1)  # AdamW on the logits (docs/results.md "Harder demo" has the measurements)
     lr_final: float = within(0, 1, 0.0, "a share of masks.lr in [0, 1]")  # share of lr the cosine decays to
     warmup_share: float = within(0, 1, 0.05, "a share of the budget in [0, 1)", high_open=True)
     weight_decay: float = at_least(0, 0.0, "0 or more")
