@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.args import add_device_argument
 from pipeline.data.datasets import DataBundle, build_datasets
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, read_json, write_json, write_text
@@ -46,7 +47,7 @@ class Options:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("time to accuracy")
     group.add_argument("--steps", type=int, default=None, help="budget of the full run (default masks.steps)")
-    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_device_argument(group)
 
 
 class BestMasksOnTest:

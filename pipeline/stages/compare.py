@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from pipeline.args import add_device_argument, add_learned_argument
 from pipeline.compare.methods_table import DEFAULT_METHODS, compare, parse_methods
 from pipeline.masks.methods import METHODS
 from pipeline.paths import ArtifactPaths
@@ -30,12 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("compare")
     group.add_argument("--methods", default=DEFAULT_METHODS,
                        help=f"comma-separated mask methods (default {DEFAULT_METHODS}); valid: {', '.join(METHODS)}")
-    group.add_argument("--learned", choices=["auto", "reuse", "train"], default="auto",
-                       help="learned masks: reuse engines/<model>/masks.ckpt when it is a finished run with the "
-                            "same mask settings (auto, the default), require it (reuse) or always learn afresh (train)")
+    add_learned_argument(group, "learned masks: reuse engines/<model>/masks.ckpt when it is a finished run with the "
+                                "same mask settings (auto, the default), require it (reuse) or always learn afresh (train)")
     group.add_argument("--learned-init-from", default=None, metavar="METHOD",
                        help="start the learned logits from this compared method's masks (e.g. magnitude)")
-    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_device_argument(group)
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:

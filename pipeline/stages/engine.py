@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.args import add_backend_argument, add_junit_argument
 from pipeline.backends.build_report import VARIANTS, BuildReport
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, sha256_file
@@ -46,9 +47,8 @@ class Options:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="rerun every stage even when its inputs did not change")
-    parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default=None,
-                        help="passed to build (default: recipe build.backend)")
-    parser.add_argument("--junit", default=None, metavar="FILE", help="passed to verify")
+    add_backend_argument(parser, "passed to build")
+    add_junit_argument(parser, "passed to verify")
 
 
 def file_digest(path: Path) -> str:

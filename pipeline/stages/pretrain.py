@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.args import add_device_argument
 from pipeline.data.datasets import ResumableBatchSampler, build_datasets, make_loader
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.io import write_json
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override pretrain.epochs")
     parser.add_argument("--resume", action="store_true", help="continue from pretrain.ckpt")
     parser.add_argument("--force", action="store_true", help="retrain even when dense.pt exists")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_device_argument(parser)
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from pipeline.args import add_device_argument
 from pipeline.data.datasets import build_datasets
 from pipeline.distributed import init_distributed, shutdown
 from pipeline.errors import Interrupted, PipelineError
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "best masks are those agreeing most with it on the validation split")
     group.add_argument("--resume", action="store_true",
                        help="continue from engines/<model>/masks.ckpt (after a kill or SIGTERM)")
-    group.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_device_argument(group)
     group.add_argument("--cuda-path", action="store_true",
                        help="run the CUDA step settings (bfloat16 autocast, channels_last) on any device, e.g. to "
                             "test that code on CPU (slow there)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from pipeline.args import add_device_argument, add_learned_argument
 from pipeline.errors import PipelineError
 from pipeline.updatable.demo import updatable_demo
 from pipeline.paths import ArtifactPaths
@@ -37,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the old masks (default engines/<model>/masks.pt, else learned now)")
     group.add_argument("--finetune-steps", type=int, default=300, help="fine-tuning steps of all weights (default 300)")
     group.add_argument("--finetune-lr", type=float, default=1e-3, help="SGD learning rate (default 1e-3)")
-    group.add_argument("--learned", choices=["auto", "reuse", "train"], default="auto",
-                       help="when no old masks exist: reuse engines/<model>/masks.ckpt (auto, reuse) or learn (train)")
-    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_learned_argument(group, "when no old masks exist: reuse engines/<model>/masks.ckpt (auto, reuse) or learn "
+                                "(train)")
+    add_device_argument(group)
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:

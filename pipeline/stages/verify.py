@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from pipeline.args import add_junit_argument
 from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "TensorRT accelerates")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations per engine and batch "
                                                                 "(verify.latency_iters)")
-    parser.add_argument("--junit", default=None, metavar="FILE", help="also write the gates as JUnit XML")
+    add_junit_argument(parser, "also write the gates as JUnit XML")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     files = parser.add_argument_group(
         "any sparse model (no recipe): --dense and --sparse; preprocessing from --input-size/--mean/--std or "
