@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from nm_fixtures import MODEL, dense_weights_file, make_artifacts
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.export.onnx import (_scope_from_torchscript_name, check_sparse_layers, nm_violations_np,
+from pipeline.export.onnx import (scope_from_torchscript_name, check_sparse_layers, nm_violations_np,
                              onnx_layer_weights)
 from pipeline.recipe.registry import get_recipe
 from pipeline.masks.artifact import MaskArtifact
@@ -168,8 +168,8 @@ def test_names_map_back_for_the_torchscript_exporter_too(tmp_path):
     assert set(found) == set(names)
     assert found["layer2.0.downsample.0"].array.shape == (16, 8, 1, 1)
     assert found["layer2.0.downsample.0"].mapped_by == "scope"  # TorchScript names initializers onnx::Conv_N
-    assert _scope_from_torchscript_name("/layer2/layer2.0/downsample/downsample.0/Conv") == "layer2.0.downsample.0"
-    assert _scope_from_torchscript_name("/features/features.1/features.1.0/block/block.3/MatMul") == \
+    assert scope_from_torchscript_name("/layer2/layer2.0/downsample/downsample.0/Conv") == "layer2.0.downsample.0"
+    assert scope_from_torchscript_name("/features/features.1/features.1.0/block/block.3/MatMul") == \
         "features.1.0.block.3"
 
 

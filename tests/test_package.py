@@ -102,7 +102,7 @@ def test_served_preprocessing_equals_eval_transform(tmp_path, color, size, resiz
     """The preprocess model's code against torchvision's eval transform of pipeline/data.py (image folders)."""
     from PIL import Image
 
-    from pipeline.data.datasets import _folder_transforms
+    from pipeline.data.datasets import folder_transforms
     from pipeline.package.serving import preprocessing
     from pipeline.package.tensors import TensorSpec
 
@@ -115,7 +115,7 @@ def test_served_preprocessing_equals_eval_transform(tmp_path, color, size, resiz
                                                TensorSpec("logits", "TYPE_FP32", (-1, 10)))))
     path = tmp_path / "photo.jpg"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    expected = _folder_transforms(recipe, train=False)(Image.open(path).convert("RGB")).numpy()
+    expected = folder_transforms(recipe, train=False)(Image.open(path).convert("RGB")).numpy()
     got = preprocess_image(path.read_bytes(), spec)
     assert got.shape == expected.shape == (recipe.input_shape[0], crop, crop)
     np.testing.assert_allclose(got, expected, atol=1e-5)

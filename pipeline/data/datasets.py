@@ -182,7 +182,7 @@ class SyntheticDataset(TensorImageDataset):
         super().__init__(images, labels, mean=[0.5], std=[0.25])
 
 
-def _folder_transforms(recipe: Recipe, train: bool):
+def folder_transforms(recipe: Recipe, train: bool):
     from torchvision import transforms
 
     pre = recipe.preprocess
@@ -217,7 +217,7 @@ def _image_folder(recipe: Recipe, split: str, train: bool) -> Dataset:
 
     folder = _split_folder(recipe.data.root, split)
     try:
-        dataset = ImageFolder(str(folder), transform=_folder_transforms(recipe, train), loader=checked_loader)
+        dataset = ImageFolder(str(folder), transform=folder_transforms(recipe, train), loader=checked_loader)
     except (FileNotFoundError, RuntimeError) as exc:
         raise PipelineError(f"image folder {folder}: {exc}") from None
     if len(dataset.classes) > recipe.num_classes:

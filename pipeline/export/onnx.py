@@ -103,7 +103,7 @@ def _scope_from_metadata(node) -> str | None:
     return None
 
 
-def _scope_from_torchscript_name(node_name: str) -> str | None:
+def scope_from_torchscript_name(node_name: str) -> str | None:
     """'/layer2/layer2.0/downsample/downsample.0/Conv' -> 'layer2.0.downsample.0'."""
     parts = [part for part in node_name.split("/") if part][:-1]
     if not parts:
@@ -138,7 +138,7 @@ def onnx_layer_weights(proto, layer_names: list[str], prefix: str = "") -> dict[
         weight_name = node.input[1]
         candidates = [(_scope_from_metadata(node), "name_scopes"),
                       (weight_name.removesuffix(".weight") if weight_name.endswith(".weight") else None, "initializer"),
-                      (_scope_from_torchscript_name(node.name), "scope")]
+                      (scope_from_torchscript_name(node.name), "scope")]
         for candidate, how in candidates:
             if candidate is not None and prefix and candidate.startswith(prefix):
                 candidate = candidate[len(prefix):]
