@@ -163,6 +163,7 @@ WRITTEN_ONLY = {
 PRIMITIVES = {
     "pipeline.io:read_json": "JSON with one-line errors",
     "pipeline.io:torch_load": "torch.load(weights_only=True) with one-line errors",
+    "pipeline.io:load_versioned": "a versioned dataclass file through torch_load",
     "pipeline.io:sha256_file": "hashes, does not parse",
     "pipeline.io:_normal_mode": "/proc/self/status (the umask)",
     "pipeline.records:load_report": "a stage report's JSON object",
@@ -214,7 +215,7 @@ def _reads(call: ast.Call) -> str:
     if name in READ_CALLS or short in {"ImageFolder", "default_loader"}:
         return name
     if f"pipeline.io:{short}" in PRIMITIVES or short == "load_report":
-        return short if short in ("read_json", "torch_load", "load_report") else ""
+        return short if short in ("read_json", "torch_load", "load_report", "load_versioned") else ""
     if isinstance(call.func, ast.Attribute) and call.func.attr in READ_METHODS:
         return call.func.attr
     if name in OPENERS:

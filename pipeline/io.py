@@ -151,6 +151,20 @@ def torch_load(path: Path, what: str = "checkpoint", fix: str = "re-run the stag
                             f"{fix}") from None
 
 
+def load_versioned(cls, path: Path, what: str, format_name: str, version: int, fix: str):
+    """A dataclass saved with torch_save as {"format": FORMAT_NAME, "version": VERSION, **fields}: refused in one
+    line (naming WHAT and FIX) unless the file is one, of this version, with exactly the fields of CLS."""
+    saved = torch_load(path, what, fix)
+    if not isinstance(saved, dict) or saved.get("format") != format_name:
+        raise PipelineError(f"{path} is not a {what}; {fix}")
+    if saved.get("version") != version:
+        raise PipelineError(f"{path} has {what} version {saved.get('version')!r}, this pipeline reads {version}; {fix}")
+    try:
+        return cls(**{key: value for key, value in saved.items() if key not in ("format", "version")})
+    except TypeError as exc:
+        raise PipelineError(f"{path} is a damaged {what} ({exc}); {fix}") from None
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

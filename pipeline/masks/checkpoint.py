@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.io import torch_load, torch_save
+from pipeline.io import load_versioned, torch_save
 from pipeline.masks.artifact import MaskArtifact, layer_from
 from pipeline.records import StageReport
 
@@ -45,16 +45,7 @@ class MaskCheckpoint:
 
     @classmethod
     def load(cls, path: Path, fix: str = "run train-masks first") -> "MaskCheckpoint":
-        saved = torch_load(path, "mask-training checkpoint", fix)
-        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-            raise PipelineError(f"{path} is not a mask-training checkpoint; {fix}")
-        if saved.get("version") != VERSION:
-            raise PipelineError(f"{path} has checkpoint version {saved.get('version')!r}, this pipeline reads "
-                                f"{VERSION}; {fix}")
-        try:
-            checkpoint = cls(**{key: value for key, value in saved.items() if key not in ("format", "version")})
-        except TypeError as exc:
-            raise PipelineError(f"{path} is a damaged mask-training checkpoint ({exc}); {fix}") from None
+        checkpoint = load_versioned(cls, path, "mask-training checkpoint", FORMAT, VERSION, fix)
         checkpoint.check(path, fix)
         return checkpoint
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.io import torch_load, torch_save
+from pipeline.io import load_versioned, torch_load, torch_save
 
 CHECKPOINT_FORMAT = "pretrain-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -52,13 +52,5 @@ class PretrainCheckpoint:
 
     @classmethod
     def load(cls, path: Path) -> "PretrainCheckpoint":
-        saved = torch_load(path, "pretrain checkpoint")
-        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
-            raise PipelineError(f"{path} is not a pretrain checkpoint; delete it or drop --resume")
-        if saved.get("version") != CHECKPOINT_VERSION:
-            raise PipelineError(f"{path} has pretrain checkpoint version {saved.get('version')!r}, this pipeline "
-                                f"reads {CHECKPOINT_VERSION}; delete it or drop --resume")
-        try:
-            return cls(**{key: value for key, value in saved.items() if key not in ("format", "version")})
-        except TypeError as exc:
-            raise PipelineError(f"{path} is a damaged pretrain checkpoint ({exc}); delete it or drop --resume") from None
+        return load_versioned(cls, path, "pretrain checkpoint", CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
+                              "delete it or drop --resume")
