@@ -118,10 +118,13 @@ def scope_from_torchscript_name(node_name: str) -> str | None:
     return current
 
 
-def _attribute(node, name: str, default: int = 0) -> int:
+def node_attribute(node, name: str, default: Any = 0) -> Any:
+    """The value of an ONNX node's attribute NAME (int, ints, float, ...), DEFAULT when the node has none."""
+    from onnx import helper
+
     for attr in node.attribute:
         if attr.name == name:
-            return attr.i
+            return helper.get_attribute_value(attr)
     return default
 
 
@@ -145,7 +148,7 @@ def onnx_layer_weights(proto, layer_names: list[str], prefix: str = "") -> dict[
             if candidate in wanted and candidate not in found:
                 array = numpy_helper.to_array(initializers[weight_name])
                 # Gemm(transB=0) and MatMul hold [in, out]; bring them to PyTorch's [out, in]
-                if (node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attribute(node, "transB"))) \
+                if (node.op_type == "MatMul" or (node.op_type == "Gemm" and not node_attribute(node, "transB"))) \
                         and array.ndim == 2:
                     array = array.T
                 found[candidate] = OnnxWeight(candidate, node.name, node.op_type, weight_name, array, how)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.export.onnx import node_attribute
 
 TENSORRT = "tensorrt 2:4"
 OTHER_LAYOUT = "2:4 in another layout"
@@ -145,18 +146,9 @@ def constant_tensors(model) -> dict[str, np.ndarray]:
     return values
 
 
-def _attribute(node, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
 def _dequantize(node, resolve) -> tuple[np.ndarray, str] | None:
     """(x - zero_point) * scale, per tensor or along `axis`; None for blocked quantization or non-constant inputs."""
-    if _attribute(node, "block_size", 0):
+    if node_attribute(node, "block_size", 0):
         return None
     found = [resolve(name) if name else None for name in list(node.input) + [""] * (3 - len(node.input))]
     if found[0] is None or found[1] is None:
@@ -165,7 +157,7 @@ def _dequantize(node, resolve) -> tuple[np.ndarray, str] | None:
     zero = found[2][0] if found[2] is not None else np.zeros((), dtype=x.dtype)
     shape = [1] * x.ndim
     if scale.size > 1:
-        shape[_attribute(node, "axis", 1) % max(x.ndim, 1)] = scale.size
+        shape[node_attribute(node, "axis", 1) % max(x.ndim, 1)] = scale.size
 
     def broadcast(values: np.ndarray) -> np.ndarray:
         return values.astype(np.float64).reshape(shape if values.size > 1 else ())
@@ -192,7 +184,7 @@ def resolve_constant(name: str, constants: dict[str, np.ndarray], producers: dic
         found = resolve(node.input[0])
         if found is None:
             return None
-        perm = _attribute(node, "perm", None)
+        perm = node_attribute(node, "perm", None)
         return np.transpose(found[0], perm), f"Transpose({found[1]})"
     if node.op_type == "DequantizeLinear":
         return _dequantize(node, resolve)
@@ -207,10 +199,10 @@ def _canonical(node, inputs: list[tuple[np.ndarray, str] | None]) -> tuple[np.nd
     if node.op_type == "Gemm":
         if inputs[1] is not None and inputs[1][0].ndim == 2:  # B: [N, K] with transB, else [K, N]
             b = inputs[1][0]
-            return (b if _attribute(node, "transB", 0) else b.T), 1, inputs[1][1], list(b.shape)
+            return (b if node_attribute(node, "transB", 0) else b.T), 1, inputs[1][1], list(b.shape)
         if inputs[0] is not None and inputs[0][0].ndim == 2:  # A: [M, K], or [K, M] with transA
             a = inputs[0][0]
-            return (a.T if _attribute(node, "transA", 0) else a), 0, inputs[0][1], list(a.shape)
+            return (a.T if node_attribute(node, "transA", 0) else a), 0, inputs[0][1], list(a.shape)
         return None
     if inputs[1] is not None and inputs[1][0].ndim >= 2:  # MatMul B: [..., K, N] -> [N', K]
         b = inputs[1][0]
@@ -247,7 +239,7 @@ def weighted_layers(model, input_shape: list[int] | None = None) -> tuple[list[W
                                                             "also through Cast/Transpose/DequantizeLinear)"))
             continue
         weight, position, source, onnx_shape = found
-        groups = int(_attribute(node, "group", 1)) if node.op_type == "Conv" else 1
+        groups = int(node_attribute(node, "group", 1)) if node.op_type == "Conv" else 1
         layer = WeightedLayer(name, node.op_type, node.input[position], weight, onnx_shape, groups, source=source)
         layer.macs = _macs(layer, shapes.get(node.output[0]))
         layers.append(layer)
