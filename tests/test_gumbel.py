@@ -46,12 +46,25 @@ def test_fast_straight_through_matches_textbook_gradient(shape):
 
     logits = logits_last.detach().movedim(-1, 0).contiguous().requires_grad_(True)
     gumbel = gumbel_last.movedim(-1, 0).contiguous()
-    fast = _MaskedWeight.apply(logits, gumbel, 0.7, to_position_major(weight, 4).contiguous(), table,
+    fast = _MaskedWeight.apply(logits, gumbel / 0.7, 0.7, to_position_major(weight, 4).contiguous(), table,
                                pattern_codes(2, 4))
     (grad_fast,) = torch.autograd.grad((fast * upstream).sum(), logits)
     assert torch.allclose(fast, reference.detach(), atol=1e-12)
     assert torch.allclose(grad_fast, grad_ref.movedim(-1, 0), atol=1e-12)
     assert is_nm(fast.detach(), 2, 4)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (1, 2), (3, 6)])
+def test_first_argmax_keep_is_the_keep_row_of_torch_argmax(n, m):
+    """The table path (P <= 9) and the fallback give the keep row of torch.argmax's pattern, ties included."""
+    from pipeline.masks.gumbel import first_argmax_keep, pattern_codes
+
+    count = pattern_table(n, m).shape[0]
+    generator = torch.Generator().manual_seed(n * 10 + m)
+    scores = torch.randint(-2, 3, (count, 4000), generator=generator).float()  # many ties
+    scores[:, :2000] += torch.randn(count, 2000, generator=generator)
+    expected = pattern_table(n, m)[scores.argmax(0)].to(torch.uint8)
+    assert torch.equal(first_argmax_keep(scores, pattern_codes(n, m), m), expected)
 
 
 def test_first_argmax_codes_follow_torch_argmax_ties():
@@ -177,7 +190,7 @@ def test_kept_magnitude_regulariser_is_the_straight_through_gradient_of_the_kept
     mask = GumbelMask(logits.clone(), 2, 4)
     mask.kept_coefficient, mask.tau = 3.0, 0.7
     mask.train()
-    mask.noise = type("FixedNoise", (), {"draw": lambda self, numel, device: gumbel.reshape(-1)})()
+    mask.noise = type("FixedNoise", (), {"draw": lambda self, numel, device, tau: gumbel.reshape(-1) / tau})()
     mask.masked_weight(weight).sum().mul(0.0).backward()  # no task loss: the gradient is the regulariser's
     fused = mask.logits.grad.clone()
 

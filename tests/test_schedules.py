@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.masks.patterns import magnitude_indices, pattern_table, to_blocks
+from pipeline.data.splits import holdout_split
 from pipeline.masks.schedules import (BestMasks, PlateauRule, distillation_loss, epochs_for_budget,
-                                         feature_distillation_loss, holdout_split, prior_logits, sampling_probabilities,
+                                         feature_distillation_loss, prior_logits, sampling_probabilities,
                                          steps_per_epoch, temperature, warmup_cosine_factor, warmup_steps)
 
 

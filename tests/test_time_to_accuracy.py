@@ -2,9 +2,11 @@
 run on CPU, the RNG left alone, and DataLoader workers sized to the machine."""
 import json
 
+import pytest
 import torch
 
 from pipeline.cli import main
+from pipeline.errors import PipelineError
 from pipeline.data.datasets import TensorImageDataset, build_datasets, loader_workers, make_loader, usable_cores
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.gumbel import masked_modules
@@ -69,7 +71,8 @@ def test_learning_leaves_the_global_rng_alone_and_is_deterministic():
 def test_the_cuda_step_settings_run_on_cpu():
     """bfloat16 autocast and channels_last, forced on CPU: the code a GPU runs, run here first."""
     settings = StepSettings.for_device(torch.device("cpu"), cuda_path=True)
-    assert settings.autocast and settings.channels_last and not StepSettings.for_device(torch.device("cpu")).autocast
+    assert settings.autocast and settings.channels_last
+    assert not StepSettings.for_device(torch.device("cpu"), precision="float32").autocast
     recipe, model, report = tiny("masks.steps=3", "masks.eval_every=3")
     start = {name: module.weight.detach().clone() for name, module in model.named_modules()
              if name in {layer.name for layer in report.masked}}
@@ -86,6 +89,52 @@ def test_the_cuda_step_settings_run_on_cpu():
     loss, output = train_step(dense.train(), images, torch.randint(0, 10, (8,)), cross_entropy_loss(), optimizer,
                               settings=settings)
     assert output.dtype == torch.bfloat16 and torch.isfinite(loss)
+
+
+def test_precision_auto_is_bfloat16_only_where_it_is_faster(monkeypatch):
+    """auto: bfloat16 autocast on CUDA and on CPUs whose flags name AMX bf16 tiles, float32 elsewhere; an
+    explicit precision wins; a wrong one is refused in one line."""
+    import pipeline.training as training
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(training, "cpu_has_amx_bf16", lambda: False)
+    assert not StepSettings.for_device(cpu).autocast and StepSettings.for_device(cuda).autocast
+    assert StepSettings.for_device(cpu, precision="bfloat16").autocast
+    assert StepSettings.for_device(cpu).describe() == "float32"
+    monkeypatch.setattr(training, "cpu_has_amx_bf16", lambda: True)
+    assert StepSettings.for_device(cpu).autocast and StepSettings.for_device(cpu).channels_last
+    assert not StepSettings.for_device(cuda, precision="float32").autocast
+    with pytest.raises(PipelineError, match="training precision 'fp16'"):
+        StepSettings.for_device(cpu, precision="fp16")
+
+
+def test_amx_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
+    import builtins
+
+    import pipeline.training as training
+
+    real_open = builtins.open
+    for flags, expected in (("fpu avx512f amx_bf16 amx_tile amx_int8", True), ("fpu avx512f avx512_bf16", False)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda path, *a, _f=cpuinfo, **k: real_open(
+            _f if path == "/proc/cpuinfo" else path, *a, **k))
+        assert training.cpu_has_amx_bf16() is expected
+        monkeypatch.setattr(builtins, "open", real_open)
+
+
+def test_pretraining_leaves_the_mask_validation_split_out():
+    """The demo's dense model never trains on the images mask training validates on."""
+    from pipeline.data.splits import mask_split, split_training_images, without_mask_validation
+
+    recipe, _, _ = tiny()
+    data = build_datasets(recipe)
+    pretrain_images = without_mask_validation(data, recipe.masks)
+    _, validation = split_training_images(data, recipe.masks)
+    held_out = mask_split(len(data.train), recipe.masks)[1]
+    assert validation is not None and len(validation) == len(held_out) > 0
+    assert set(pretrain_images.indices).isdisjoint(held_out)
+    assert len(pretrain_images) + len(held_out) == len(data.train)
 
 
 def test_train_masks_cuda_path_flag_and_record(tmp_path):

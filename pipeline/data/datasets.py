@@ -160,16 +160,16 @@ class TensorImageDataset(Dataset):
 
 
 def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """Per-sample random crop after zero padding (in normalised space) and horizontal flip."""
-    n, _, h, w = x.shape
+    """Per-sample random crop after zero padding (in normalised space) and horizontal flip: two gathers over
+    the batch (rows, then columns, a flipped image reading its columns backwards), no per-image loop."""
+    n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    out = torch.empty_like(x)
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2)).tolist()
-    flips = (torch.rand(n) < 0.5).tolist()
-    for i, ((dy, dx), flip) in enumerate(zip(offsets, flips)):
-        crop = padded[i, :, dy: dy + h, dx: dx + w]
-        out[i] = crop.flip(-1) if flip else crop
-    return out
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2))
+    flips = torch.rand(n) < 0.5
+    rows = offsets[:, :1] + torch.arange(h)  # [n, h]
+    cols = offsets[:, 1:] + torch.where(flips[:, None], torch.arange(w - 1, -1, -1), torch.arange(w))  # [n, w]
+    picked = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * pad))
+    return picked.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
 class SyntheticDataset(TensorImageDataset):

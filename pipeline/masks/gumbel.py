@@ -14,6 +14,7 @@ which PyTorch's CPU kernels handle an order of magnitude slower.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,6 +44,7 @@ class GumbelNoisePool:
         self.refresh_steps = refresh_steps
         self.generation = -1
         self.pool: torch.Tensor | None = None
+        self._scaled: tuple[int, float, torch.Tensor] | None = None  # (generation, tau, pool / tau)
         self.offsets = torch.Generator().manual_seed(seed * 1000 + stream)
 
     def set_step(self, step: int, device: torch.device) -> None:
@@ -52,11 +54,22 @@ class GumbelNoisePool:
             pool = torch.empty(self.size).exponential_(generator=generator).log_().neg_()
             self.pool, self.generation = pool.to(device), generation
 
-    def draw(self, numel: int, device: torch.device) -> torch.Tensor:
+    def draw(self, numel: int, device: torch.device, tau: float = 1.0) -> torch.Tensor:
+        """`numel` Gumbel values divided by `tau`: the division runs once per pool and temperature (once a step,
+        over twice the largest layer), not once per layer over all its logits."""
         if self.pool is None or self.pool.device != device:
             self.set_step(max(self.generation, 0) * self.refresh_steps, device)
         offset = int(torch.randint(0, self.size - numel + 1, (1,), generator=self.offsets))
-        return self.pool[offset: offset + numel]
+        return self._over(tau)[offset: offset + numel]
+
+    def _over(self, tau: float) -> torch.Tensor:
+        if tau == 1.0:
+            return self.pool
+        if self._scaled is None or self._scaled[2].device != self.pool.device:
+            self._scaled = (-1, 0.0, torch.empty_like(self.pool))
+        if self._scaled[:2] != (self.generation, tau):  # into the same buffer every step
+            self._scaled = (self.generation, tau, torch.mul(self.pool, 1.0 / tau, out=self._scaled[2]))
+        return self._scaled[2]
 
 
 def pattern_codes(n: int, m: int) -> list[int]:
@@ -83,9 +96,38 @@ def argmax_codes_and_max(scores: torch.Tensor, codes: list[int], m: int) -> tupl
     return code, best
 
 
-def keep_from_codes(code: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
-    """`[M, Nb]` 0/1 mask from the bit codes."""
-    return torch.stack([(code >> j) & 1 for j in range(m)]).to(dtype)
+_PACKED = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # m keep bytes read as one integer
+
+
+@functools.lru_cache(maxsize=None)
+def _first_max_keep_table(codes: tuple[int, ...], m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For at most 9 patterns: the priority bit of each pattern but the last (`[P-1, 1]` uint8, the first one the
+    highest), and the keep row (`[2**(P-1), m]` uint8) of the first pattern whose bit is set (none: the last)."""
+    count = len(codes)
+    priority = torch.tensor([1 << (count - 2 - p) for p in range(count - 1)], dtype=torch.uint8)[:, None]
+    rows = torch.zeros(1 << (count - 1), m, dtype=torch.uint8)
+    for bits in range(1 << (count - 1)):
+        first = next((p for p in range(count - 1) if bits & (1 << (count - 2 - p))), count - 1)
+        rows[bits] = torch.tensor([(codes[first] >> j) & 1 for j in range(m)], dtype=torch.uint8)
+    return priority.to(device), rows.to(device)
+
+
+def first_argmax_keep(scores: torch.Tensor, codes: list[int], m: int) -> torch.Tensor:
+    """The 0/1 keep row `[Nb, m]` (uint8, block-last: the memory order of a channels_last weight) of the first
+    maximal pattern per block, from `[P, Nb]`; ties go to the first pattern, as torch.argmax.
+
+    For P <= 9 (2:4 has 6): one vectorised max over the P slabs, which of the first P-1 patterns reach it as the
+    bits of one byte per block, and a table from that byte to the keep row (read as one integer when m is 2, 4
+    or 8): four passes, no per-pattern masked fill. Otherwise through `argmax_codes_and_max`."""
+    if len(codes) > 9:
+        code = argmax_codes_and_max(scores, codes, m)[0]
+        return torch.stack([(code >> j) & 1 for j in range(m)], dim=-1).to(torch.uint8)
+    priority, rows = _first_max_keep_table(tuple(codes), m, scores.device)
+    best = scores.amax(0)
+    reached = torch.eq(scores[:-1], best).view(torch.uint8).mul_(priority).sum(0, dtype=torch.uint8).long()
+    if m in _PACKED:
+        return torch.take(rows.view(_PACKED[m]).view(-1), reached).view(torch.uint8).view(-1, m)
+    return rows[reached]
 
 
 def to_position_major(weight: torch.Tensor, m: int) -> torch.Tensor:
@@ -98,15 +140,12 @@ def from_position_major(blocks_pm: torch.Tensor) -> torch.Tensor:
     return from_blocks(blocks_pm.movedim(0, -1)).contiguous()
 
 
-def from_position_major_view(blocks_pm: torch.Tensor) -> torch.Tensor:
-    """`[M, K, *kernel, C // M]` seen in weight layout `[K, C, *kernel]` (a strided view, no copy)."""
-    return from_blocks(blocks_pm.movedim(0, -1))
-
-
 class _MaskedWeight(torch.autograd.Function):
     """weight * mask, with the mask sampled from the pattern logits.
 
-    Forward: the pattern argmax(scale * logits + gumbel) per block (gumbel = None: plain argmax).
+    Forward: the pattern argmax(scale * logits + gumbel) per block, `gumbel` given already divided by tau
+    (`GumbelNoisePool.draw`; None: plain argmax). The effective weight is written in `out_dtype` (autocast's
+    dtype when the layer runs under autocast, so autocast has no copy to make).
     Backward (straight-through): the gradient of softmax((scale * logits + gumbel) / tau) @ table,
     i.e. d/dlogits = scale * soft * (g - <soft, g>) / tau with g_p = sum over kept j of dL/dmask_j
     and dL/dmask = dL/dW_eff * W. `scale` is MaskLLM's logit scaling (1 = none).
@@ -116,50 +155,49 @@ class _MaskedWeight(torch.autograd.Function):
     (one fused multiply-add over the weights instead of a softmax over every logit). `GumbelMask` computes it
     once per layer (the weight is frozen).
 
-    Cost (the per-weight work dominates on small inputs, `make bench-train`): the maximum over the P pattern
-    slabs is one vectorised reduction, kept for the backward's softmax; the 0/1 mask stays uint8 and is applied
-    to the frozen weight in its own layout and memory format in one pass (no position-major product copied
-    back); the backward makes one pass fewer over the logits by forming soft * g first
-    (soft * (g - <soft, g>) = soft * g - soft * sum(soft * g)).
+    Cost (the per-weight work dominates on small inputs, `make bench-train`): the noise comes divided by tau
+    and is added in one pass; the first argmax over the P pattern slabs is a vectorised max and one byte of
+    "which patterns reach it" per block looked up in a table straight to the block's 0/1 keep row
+    (`first_argmax_keep`, uint8, block-last = a channels_last weight's memory order); under autocast that mask
+    multiplies a bfloat16 copy of the frozen weight kept by `GumbelMask`; the backward converts the incoming
+    gradient to float32 position-major in one copy and uses PyTorch's fused softmax over the P slabs and its
+    fused backward (`_softmax_backward_data`: soft * (g - <soft, g>)), two passes over the logits instead of eight.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, gumbel: torch.Tensor | None, tau: float, weight_pm: torch.Tensor,
                 table: torch.Tensor, codes: list[int], scale: float = 1.0, kept_term: torch.Tensor | None = None,
-                weight: torch.Tensor | None = None) -> torch.Tensor:
+                weight: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         m = weight_pm.shape[0]
         flat = logits.reshape(logits.shape[0], -1)
-        if scale != 1.0:
-            flat = flat * scale
-        perturbed = flat + gumbel.view_as(flat) if gumbel is not None else flat
-        code, best = argmax_codes_and_max(perturbed, codes, m)
-        keep = from_position_major_view(keep_from_codes(code, m, torch.uint8).view_as(weight_pm))
+        if gumbel is not None:  # (scale * logits + gumbel) / tau in one pass; the argmax ignores the division
+            perturbed, divided = torch.add(gumbel.view_as(flat), flat, alpha=scale / tau), True
+        else:  # no noise: the argmax of the logits themselves (exact ties, as torch.argmax)
+            perturbed, divided = (flat * scale if scale != 1.0 else flat), False
+        keep = from_blocks(first_argmax_keep(perturbed, codes, m).view(*weight_pm.shape[1:], m))  # weight-shaped
         if weight is None:  # the weight in its own layout (and memory format)
             weight = from_position_major(weight_pm)
-        effective = torch.empty_like(weight)
-        torch.mul(weight, keep, out=effective)  # mask and layout in one pass
-        ctx.save_for_backward(perturbed, best, weight_pm, table, kept_term)
-        ctx.tau = tau
-        ctx.scale = scale
+        effective = torch.empty_like(weight, dtype=out_dtype or weight.dtype)
+        torch.mul(weight, keep, out=effective)  # mask, layout and autocast's dtype in one pass
+        ctx.save_for_backward(perturbed, weight_pm, table, kept_term)
+        ctx.tau, ctx.scale, ctx.divided = tau, scale, divided
         ctx.logits_shape = logits.shape
         return effective
 
     @staticmethod
     def backward(ctx, grad_weight: torch.Tensor):
-        perturbed, best, weight_pm, table, kept_term = ctx.saved_tensors
+        perturbed, weight_pm, table, kept_term = ctx.saved_tensors
         m = weight_pm.shape[0]
-        grad_pm = to_position_major(grad_weight, m)
-        grad_mask = torch.empty_like(weight_pm)  # contiguous, position-major
+        grad_mask = torch.empty_like(weight_pm)  # contiguous, position-major, float32
+        grad_mask.copy_(to_position_major(grad_weight, m))  # layout and dtype (bfloat16 under autocast) in one pass
         if kept_term is not None:
-            torch.addcmul(kept_term, grad_pm, weight_pm, out=grad_mask)
+            torch.addcmul(kept_term, grad_mask, weight_pm, out=grad_mask)
         else:
-            torch.mul(grad_pm, weight_pm, out=grad_mask)
+            grad_mask.mul_(weight_pm)
         grad = (table * (ctx.scale / ctx.tau)).to(grad_mask.dtype) @ grad_mask.view(m, -1)  # [P, Nb]
-        soft = torch.sub(perturbed, best).div_(ctx.tau).exp_()  # softmax((x + g) / tau) over P, max from forward
-        soft.div_(soft.sum(0))
-        grad.mul_(soft)
-        grad.sub_(soft.mul_(grad.sum(0)))
-        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None
+        soft = torch.softmax(perturbed if ctx.divided else perturbed.mul(1.0 / ctx.tau), 0)  # over the P slabs
+        grad = torch.ops.aten._softmax_backward_data(grad, soft, 0, soft.dtype)  # soft * (grad - <soft, grad>)
+        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None, None
 
 
 def straight_through_reference(logits: torch.Tensor, gumbel: torch.Tensor, tau: float, table: torch.Tensor,
@@ -189,6 +227,7 @@ class GumbelMask(nn.Module):
         self.noise = noise
         self.kept_coefficient = 0.0  # MaskLLM's kept-magnitude regulariser (set_kept_magnitude_weight)
         self._weight_pm: tuple[tuple, torch.Tensor, float] | None = None
+        self._weight_cast: tuple[tuple, torch.Tensor] | None = None  # (key + dtype, the frozen weight in it)
         self._kept_term: tuple[tuple, float, torch.Tensor] | None = None
 
     def indices(self) -> torch.Tensor:
@@ -202,6 +241,16 @@ class GumbelMask(nn.Module):
                                float(weight.detach().abs().sum()))
         return self._weight_pm[1]
 
+    def _cast(self, weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """The frozen weight in `dtype` (autocast's), cast once and kept with its memory format: masking a
+        bfloat16 copy is a tenth of the cost of masking the float32 weight into a bfloat16 output."""
+        if dtype is None or dtype == weight.dtype:
+            return weight
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, tuple(weight.shape), dtype)
+        if self._weight_cast is None or self._weight_cast[0] != key:
+            self._weight_cast = (key, weight.to(dtype))
+        return self._weight_cast[1]
+
     def _kept(self) -> torch.Tensor | None:
         """-c |W| / sum(|W|), position-major, for the current weight and coefficient (None when c = 0)."""
         if not (self.training and self.kept_coefficient):
@@ -212,18 +261,19 @@ class GumbelMask(nn.Module):
             self._kept_term = (key, self.kept_coefficient, term)
         return self._kept_term[2]
 
-    def masked_weight(self, weight: torch.Tensor, weight_pm: torch.Tensor | None = None) -> torch.Tensor:
+    def masked_weight(self, weight: torch.Tensor, weight_pm: torch.Tensor | None = None,
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
         gumbel = None
         if self.training:
             if self.noise is None:
                 self.noise = GumbelNoisePool(self.logits.numel(), seed=0)
-            gumbel = self.noise.draw(self.logits.numel(), self.logits.device)
+            gumbel = self.noise.draw(self.logits.numel(), self.logits.device, self.tau)
         kept, real = None, None
         if weight_pm is None:  # a real weight (not the all-ones mask of forward()): the regulariser applies
             weight_pm = self._position_major(weight)
-            kept, real = self._kept(), weight.detach()
+            kept, real = self._kept(), self._cast(weight.detach(), out_dtype)
         return _MaskedWeight.apply(self.logits, gumbel, self.tau, weight_pm, self.table, self.codes, self.scale,
-                                   kept, real)
+                                   kept, real, out_dtype)
 
     def forward(self) -> torch.Tensor:
         """The 0/1 mask in weight layout (sampled while training, argmax otherwise)."""
@@ -232,20 +282,27 @@ class GumbelMask(nn.Module):
         return self.masked_weight(ones, weight_pm=ones)
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives a convolution's or linear layer's weight here (None outside autocast)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 class MaskedConv2d(nn.Conv2d):
     """A Conv2d computing with `weight * mask` (its own weight is untouched)."""
 
     sparse_mask: GumbelMask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.sparse_mask.masked_weight(self.weight), self.bias)
+        return self._conv_forward(x, self.sparse_mask.masked_weight(self.weight, out_dtype=autocast_dtype(x)),
+                                  self.bias)
 
 
 class MaskedLinear(nn.Linear):
     sparse_mask: GumbelMask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.sparse_mask.masked_weight(self.weight), self.bias)
+        return F.linear(x, self.sparse_mask.masked_weight(self.weight, out_dtype=autocast_dtype(x)), self.bias)
 
 
 def initial_logits(weight: torch.Tensor, n: int, m: int, prior: str, strength: float,

@@ -34,13 +34,13 @@ from pipeline.masks.checkpoint import MaskCheckpoint
 from pipeline.masks.eligibility import EligibilityReport
 from pipeline.masks.gumbel import current_indices, load_mask_logits, mask_logits, masked_modules, noise_pool
 from pipeline.masks.mask_step import MaskStep, build_mask_step, resolve_loss
-from pipeline.masks.schedules import BestMasks, PlateauRule, holdout_split, steps_per_epoch
+from pipeline.data.splits import split_training_images
+from pipeline.masks.schedules import BestMasks, PlateauRule, steps_per_epoch
 from pipeline.recipe.config import MaskConfig, Recipe
 from pipeline.progress import progress
 from pipeline.training import StepSettings, evaluate, stop_on_signals
 
 EVALUATIONS_PER_RUN = 20  # masks.eval_every = 0 evaluates this many times over the budget
-VALIDATION_SHARE_LIMIT = 5  # the validation split takes at most 1/5 of the training images
 
 
 @dataclass
@@ -95,20 +95,6 @@ def predictions(model: nn.Module, dataset: Dataset, batch_size: int, device: tor
     model.eval()
     return torch.cat([model(images.to(device)).argmax(1).cpu()
                       for images, _ in make_loader(dataset, batch_size=batch_size)])
-
-
-def split_training_images(data: DataBundle, cfg: MaskConfig) -> tuple[Dataset, Dataset | None]:
-    """(training subset, validation split) of the recipe's training images; the test set is never touched.
-    The validation split is served without augmentation (`data.plain_train`), so its score is stable."""
-    images = list(range(len(data.train)))
-    if cfg.train_images and cfg.train_images < len(images):
-        chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed + 17))
-        images = sorted(chosen[:cfg.train_images].tolist())
-    validation = min(cfg.validation_images, len(images) // VALIDATION_SHARE_LIMIT)
-    if validation < 1:
-        return (Subset(data.train, images) if len(images) < len(data.train) else data.train), None
-    kept, held_out = holdout_split(len(images), validation, cfg.seed)
-    return Subset(data.train, [images[i] for i in kept]), Subset(data.plain_train, [images[i] for i in held_out])
 
 
 def prior_scores(model: nn.Module, report: EligibilityReport, cfg: MaskConfig, train: Dataset,
@@ -364,6 +350,8 @@ def prepare_training(model: nn.Module, report: EligibilityReport, recipe: Recipe
                      initial_indices: dict[str, torch.Tensor] | None) -> MaskTraining:
     cfg = recipe.masks
     loss = resolve_loss(cfg, unlabeled)
+    if run.rank == 0:
+        run.log(f"mask training precision: {settings.describe()} (masks.precision = {cfg.precision})")
     train, validation = split_training_images(data, cfg)
     model.eval()
     if validation is not None and unlabeled:
@@ -384,7 +372,7 @@ def learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, dat
     """Learn N:M masks for `report.masked` layers of `model` (weights stay frozen). A SIGTERM from
     the start on (set-up included) ends the run with a checkpoint at the next step. `settings`: the step's
     autocast and memory format (default: those of `device`)."""
-    settings = settings or StepSettings.for_device(device)
+    settings = settings or StepSettings.for_device(device, precision=recipe.masks.precision)
     with stop_on_signals() as stop, torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.masks.seed * 1000 + rank)  # augmentation only, in a fork: the caller's RNG is kept
         if rank == 0:  # also the readiness signal the tests wait for before sending SIGTERM

@@ -150,15 +150,6 @@ class BestMasks:
         return self.start_score is not None and self.step > 0 and self.score > self.start_score
 
 
-def holdout_split(size: int, validation: int, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split of `size` training images into (train, validation) index lists (never the test set)."""
-    if not 0 < validation < size:
-        raise PipelineError(f"a validation split of {validation} images needs between 1 and {size - 1} "
-                            f"of the {size} training images")
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
-    return sorted(order[validation:].tolist()), sorted(order[:validation].tolist())
-
-
 # --------------------------------------------------------------------------- losses
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
                       ) -> torch.Tensor:

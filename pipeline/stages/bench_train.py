@@ -4,9 +4,10 @@ All steps run on the same model (random weights: speed does not depend on values
 interleaved (dense, mask, distill, distill, mask, dense, ...) so that machine noise hits them alike. Every
 step is `pipeline.training.train_step`; the mask steps are the ones train-masks runs, built by
 `pipeline.masks.mask_step.build_mask_step` (Gumbel noise, every mask, the recipe's kept-magnitude
-regulariser, AdamW and its schedules, feature hooks when the loss has them, the step settings; `--cuda-path`
-times the CUDA settings, bfloat16 autocast and channels_last, on this CPU). The dense step updates every
-weight with SGD. CPU only.
+regulariser, AdamW and its schedules, feature hooks when the loss has them, the step settings train-masks
+uses here: the recipe's `masks.precision`, whose `auto` is bfloat16 autocast and channels_last on CPUs with AMX
+bf16 and float32 elsewhere; `--cuda-path` forces the bfloat16 settings). The dense step updates every weight
+with SGD under the same settings. CPU only.
 """
 from __future__ import annotations
 
@@ -173,7 +174,8 @@ def run(options: Options) -> int:
         recipe = get_recipe(name)
         batch = (options.demo_batch or recipe.masks.batch_size) if recipe.input_shape[1] < 64 else options.batch
         results[name] = bench_model(name, options.size, batch, options.reps, options.warmup,
-                                    StepSettings.for_device(torch.device("cpu"), options.cuda_path), options.clock)
+                                    StepSettings.for_device(torch.device("cpu"), options.cuda_path, recipe.masks.precision),
+                                    options.clock)
         r = results[name]
         print(f"{name:14s} batch {batch:4d}  dense {r['dense_median_s'] * 1000:8.1f} ms  "
               f"mask {r['mask_median_s'] * 1000:8.1f} ms  ratio {r['ratio']:.3f}  "

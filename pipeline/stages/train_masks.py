@@ -84,7 +84,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         result = learn_masks(model, report, recipe, data, context.device, checkpoint=checkpoint,
                              resume=options.resume, initial_indices=initial, unlabeled=options.unlabeled,
                              rank=context.rank, world_size=context.world_size,
-                             settings=StepSettings.for_device(context.device, options.cuda_path))
+                             settings=StepSettings.for_device(context.device, options.cuda_path, cfg.precision))
         if context.is_main and not result.stopped:
             record = finish(model, report, recipe, paths, options, data, result, dense_metrics, source, checkpoint,
                             context.world_size)
