@@ -67,6 +67,20 @@ def test_first_argmax_keep_is_the_keep_row_of_torch_argmax(n, m):
     assert torch.equal(first_argmax_keep(scores, pattern_codes(n, m), m), expected)
 
 
+def test_in_place_softmax_and_its_backward_are_bit_exact_on_cpu():
+    """The masked weight's CPU backward runs softmax and its backward in place; they equal the out-of-place ops."""
+    generator = torch.Generator().manual_seed(3)
+    for count in (6, 28):
+        z, g = torch.randn(count, 5000, generator=generator) * 5, torch.randn(count, 5000, generator=generator)
+        soft = torch.softmax(z, 0)
+        expected = torch.ops.aten._softmax_backward_data(g, soft, 0, torch.float32)
+        in_place = z.clone()
+        assert torch.equal(torch.ops.aten._softmax.out(in_place, 0, False, out=in_place), soft)
+        grad = g.clone()
+        assert torch.equal(torch.ops.aten._softmax_backward_data.out(grad, soft, 0, torch.float32, grad_input=grad),
+                           expected)
+
+
 def test_first_argmax_codes_follow_torch_argmax_ties():
     from pipeline.masks.gumbel import first_argmax_codes, pattern_codes
 

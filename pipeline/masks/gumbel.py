@@ -161,13 +161,16 @@ class _MaskedWeight(torch.autograd.Function):
     (`first_argmax_keep`, uint8, block-last = a channels_last weight's memory order); under autocast that mask
     multiplies a bfloat16 copy of the frozen weight kept by `GumbelMask`; the backward converts the incoming
     gradient to float32 position-major in one copy and uses PyTorch's fused softmax over the P slabs and its
-    fused backward (`_softmax_backward_data`: soft * (g - <soft, g>)), two passes over the logits instead of eight.
+    fused backward (`_softmax_backward_data`: soft * (g - <soft, g>)), two passes over the logits instead of eight,
+    on CPU in place (bit-exact there, `tests/test_gumbel.py`): the backward consumes the forward's perturbed
+    logits, so a graph through this Function is backpropagated once (mask training never retains it).
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, gumbel: torch.Tensor | None, tau: float, weight_pm: torch.Tensor,
                 table: torch.Tensor, codes: list[int], scale: float = 1.0, kept_term: torch.Tensor | None = None,
-                weight: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                weight: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                workspace: torch.Tensor | None = None) -> torch.Tensor:
         m = weight_pm.shape[0]
         flat = logits.reshape(logits.shape[0], -1)
         if gumbel is not None:  # (scale * logits + gumbel) / tau in one pass; the argmax ignores the division
@@ -180,7 +183,7 @@ class _MaskedWeight(torch.autograd.Function):
         effective = torch.empty_like(weight, dtype=out_dtype or weight.dtype)
         torch.mul(weight, keep, out=effective)  # mask, layout and autocast's dtype in one pass
         ctx.save_for_backward(perturbed, weight_pm, table, kept_term)
-        ctx.tau, ctx.scale, ctx.divided = tau, scale, divided
+        ctx.tau, ctx.scale, ctx.divided, ctx.workspace = tau, scale, divided, workspace
         ctx.logits_shape = logits.shape
         return effective
 
@@ -188,16 +191,20 @@ class _MaskedWeight(torch.autograd.Function):
     def backward(ctx, grad_weight: torch.Tensor):
         perturbed, weight_pm, table, kept_term = ctx.saved_tensors
         m = weight_pm.shape[0]
-        grad_mask = torch.empty_like(weight_pm)  # contiguous, position-major, float32
+        grad_mask = ctx.workspace if ctx.workspace is not None else torch.empty_like(weight_pm)  # position-major
         grad_mask.copy_(to_position_major(grad_weight, m))  # layout and dtype (bfloat16 under autocast) in one pass
         if kept_term is not None:
             torch.addcmul(kept_term, grad_mask, weight_pm, out=grad_mask)
         else:
             grad_mask.mul_(weight_pm)
         grad = (table * (ctx.scale / ctx.tau)).to(grad_mask.dtype) @ grad_mask.view(m, -1)  # [P, Nb]
-        soft = torch.softmax(perturbed if ctx.divided else perturbed.mul(1.0 / ctx.tau), 0)  # over the P slabs
-        grad = torch.ops.aten._softmax_backward_data(grad, soft, 0, soft.dtype)  # soft * (grad - <soft, grad>)
-        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None, None
+        if ctx.divided and perturbed.device.type == "cpu":  # its own buffer: softmax over the P slabs in place
+            soft = torch.ops.aten._softmax.out(perturbed, 0, False, out=perturbed)
+            grad = torch.ops.aten._softmax_backward_data.out(grad, soft, 0, soft.dtype, grad_input=grad)
+        else:
+            soft = torch.softmax(perturbed if ctx.divided else perturbed.mul(1.0 / ctx.tau), 0)
+            grad = torch.ops.aten._softmax_backward_data(grad, soft, 0, soft.dtype)  # soft * (grad - <soft, grad>)
+        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None, None, None
 
 
 def straight_through_reference(logits: torch.Tensor, gumbel: torch.Tensor, tau: float, table: torch.Tensor,
@@ -228,6 +235,7 @@ class GumbelMask(nn.Module):
         self.kept_coefficient = 0.0  # MaskLLM's kept-magnitude regulariser (set_kept_magnitude_weight)
         self._weight_pm: tuple[tuple, torch.Tensor, float] | None = None
         self._weight_cast: tuple[tuple, torch.Tensor] | None = None  # (key + dtype, the frozen weight in it)
+        self._grad_workspace: torch.Tensor | None = None  # dL/dmask of the backward, position-major
         self._kept_term: tuple[tuple, float, torch.Tensor] | None = None
 
     def indices(self) -> torch.Tensor:
@@ -251,6 +259,16 @@ class GumbelMask(nn.Module):
             self._weight_cast = (key, weight.to(dtype))
         return self._weight_cast[1]
 
+    def _workspace(self, weight_pm: torch.Tensor) -> torch.Tensor | None:
+        """A float32 buffer shaped like `weight_pm` that the backward fills with dL/dmask (kept across steps, so
+        no step allocates it afresh); None outside training."""
+        if not (self.training and torch.is_grad_enabled()):
+            return None
+        if (self._grad_workspace is None or self._grad_workspace.shape != weight_pm.shape
+                or self._grad_workspace.device != weight_pm.device or self._grad_workspace.dtype != weight_pm.dtype):
+            self._grad_workspace = torch.empty_like(weight_pm)
+        return self._grad_workspace
+
     def _kept(self) -> torch.Tensor | None:
         """-c |W| / sum(|W|), position-major, for the current weight and coefficient (None when c = 0)."""
         if not (self.training and self.kept_coefficient):
@@ -273,7 +291,7 @@ class GumbelMask(nn.Module):
             weight_pm = self._position_major(weight)
             kept, real = self._kept(), self._cast(weight.detach(), out_dtype)
         return _MaskedWeight.apply(self.logits, gumbel, self.tau, weight_pm, self.table, self.codes, self.scale,
-                                   kept, real, out_dtype)
+                                   kept, real, out_dtype, self._workspace(weight_pm))
 
     def forward(self) -> torch.Tensor:
         """The 0/1 mask in weight layout (sampled while training, argmax otherwise)."""
