@@ -124,10 +124,10 @@ def first_argmax_keep(scores: torch.Tensor, codes: list[int], m: int) -> torch.T
         return torch.stack([(code >> j) & 1 for j in range(m)], dim=-1).to(torch.uint8)
     priority, rows = _first_max_keep_table(tuple(codes), m, scores.device)
     best = scores.amax(0)
-    reached = torch.eq(scores[:-1], best).view(torch.uint8).mul_(priority).sum(0, dtype=torch.uint8).long()
+    reached = torch.eq(scores[:-1], best).view(torch.uint8).mul_(priority).sum(0, dtype=torch.uint8).int()
     if m in _PACKED:
-        return torch.take(rows.view(_PACKED[m]).view(-1), reached).view(torch.uint8).view(-1, m)
-    return rows[reached]
+        return rows.view(_PACKED[m]).view(-1).index_select(0, reached).view(torch.uint8).view(-1, m)
+    return rows.index_select(0, reached)
 
 
 def to_position_major(weight: torch.Tensor, m: int) -> torch.Tensor:
