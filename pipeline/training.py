@@ -85,12 +85,12 @@ def stop_on_signals() -> Iterator[StopRequested]:
 
 
 # --------------------------------------------------------------------------- the training step
-def cpu_has_amx_bf16() -> bool:
+def cpu_has_amx_bf16(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
     """True on CPUs with AMX bfloat16 tiles (Intel Sapphire Rapids and newer), where oneDNN's bfloat16
     convolutions are about twice as fast as float32 (measured on this project's machines:
     docs/time-to-accuracy.md); on other CPUs bfloat16 autocast is emulated and slower."""
     try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+        with open(cpuinfo_path, encoding="ascii", errors="replace") as cpuinfo:
             flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
     except OSError:
         return False
@@ -118,7 +118,8 @@ class StepSettings:
     @classmethod
     def for_device(cls, device: torch.device, cuda_path: bool = False, precision: str = "auto") -> "StepSettings":
         if precision not in TRAINING_PRECISIONS:
-            raise PipelineError(f"training precision {precision!r}: not valid; valid: {', '.join(TRAINING_PRECISIONS)}")
+            raise PipelineError(f"training precision {precision!r}: not valid; valid: "
+                                f"{', '.join(TRAINING_PRECISIONS)}")
         on = cuda_path or precision == "bfloat16" or (precision == "auto" and bfloat16_is_faster(device))
         return cls(autocast=on, channels_last=on)
 

@@ -108,19 +108,14 @@ def test_precision_auto_is_bfloat16_only_where_it_is_faster(monkeypatch):
         StepSettings.for_device(cpu, precision="fp16")
 
 
-def test_amx_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
-    import builtins
+def test_amx_detection_reads_the_cpu_flags(tmp_path):
+    from pipeline.training import cpu_has_amx_bf16
 
-    import pipeline.training as training
-
-    real_open = builtins.open
     for flags, expected in (("fpu avx512f amx_bf16 amx_tile amx_int8", True), ("fpu avx512f avx512_bf16", False)):
         cpuinfo = tmp_path / "cpuinfo"
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        monkeypatch.setattr(builtins, "open", lambda path, *a, _f=cpuinfo, **k: real_open(
-            _f if path == "/proc/cpuinfo" else path, *a, **k))
-        assert training.cpu_has_amx_bf16() is expected
-        monkeypatch.setattr(builtins, "open", real_open)
+        assert cpu_has_amx_bf16(str(cpuinfo)) is expected
+    assert cpu_has_amx_bf16(str(tmp_path / "missing")) is False
 
 
 def test_pretraining_leaves_the_mask_validation_split_out():

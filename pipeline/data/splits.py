@@ -26,7 +26,6 @@ def holdout_split(size: int, validation: int, seed: int) -> tuple[list[int], lis
     return sorted(order[validation:].tolist()), sorted(order[:validation].tolist())
 
 
-
 def mask_split(size: int, cfg: "MaskConfig") -> tuple[list[int], list[int]]:
     """(indices mask training learns from, indices of its validation split) among `size` training images:
     `masks.train_images` of them when set (seeded), of which `masks.validation_images` (at most a fifth) held out."""

@@ -82,18 +82,13 @@ def _code_dtype(m: int) -> torch.dtype:
 
 
 def first_argmax_codes(scores: torch.Tensor, codes: list[int], m: int) -> torch.Tensor:
-    """Bit code of the first maximal pattern per block (torch.argmax's tie rule), from `[P, Nb]`."""
-    return argmax_codes_and_max(scores, codes, m)[0]
-
-
-def argmax_codes_and_max(scores: torch.Tensor, codes: list[int], m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bit code of the first maximal pattern, the maximum) per block: one vectorised max over the P slabs,
-    then the patterns from last to first mark where they reach it, so the first one wins ties."""
+    """Bit code of the first maximal pattern per block (torch.argmax's tie rule), from `[P, Nb]`: one vectorised
+    max over the P slabs, then the patterns from last to first mark where they reach it."""
     best = scores.amax(0)
     code = torch.full(best.shape, codes[-1], dtype=_code_dtype(m), device=scores.device)
     for p in range(scores.shape[0] - 2, -1, -1):
         code.masked_fill_(scores[p] == best, codes[p])
-    return code, best
+    return code
 
 
 _PACKED = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # m keep bytes read as one integer
@@ -118,9 +113,9 @@ def first_argmax_keep(scores: torch.Tensor, codes: list[int], m: int) -> torch.T
 
     For P <= 9 (2:4 has 6): one vectorised max over the P slabs, which of the first P-1 patterns reach it as the
     bits of one byte per block, and a table from that byte to the keep row (read as one integer when m is 2, 4
-    or 8): four passes, no per-pattern masked fill. Otherwise through `argmax_codes_and_max`."""
+    or 8): four passes, no per-pattern masked fill. Otherwise from `first_argmax_codes`."""
     if len(codes) > 9:
-        code = argmax_codes_and_max(scores, codes, m)[0]
+        code = first_argmax_codes(scores, codes, m)
         return torch.stack([(code >> j) & 1 for j in range(m)], dim=-1).to(torch.uint8)
     priority, rows = _first_max_keep_table(tuple(codes), m, scores.device)
     best = scores.amax(0)
@@ -219,6 +214,11 @@ def straight_through_reference(logits: torch.Tensor, gumbel: torch.Tensor, tau: 
     return weight * from_blocks(mask.view(*to_blocks(weight, m).shape))
 
 
+def _frozen_key(weight: torch.Tensor) -> tuple:
+    """What identifies a frozen weight's storage and contents, for the copies `GumbelMask` keeps of it."""
+    return weight.data_ptr(), weight._version, weight.device, weight.dtype, tuple(weight.shape)
+
+
 class GumbelMask(nn.Module):
     """Pattern logits `[P, K, *kernel, C // M]` of one layer."""
 
@@ -243,7 +243,7 @@ class GumbelMask(nn.Module):
         return self.logits.detach().argmax(0)
 
     def _position_major(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, tuple(weight.shape))
+        key = _frozen_key(weight)
         if self._weight_pm is None or self._weight_pm[0] != key:  # the weight is frozen: computed once
             self._weight_pm = (key, to_position_major(weight.detach(), self.m).contiguous(),
                                float(weight.detach().abs().sum()))
@@ -254,7 +254,7 @@ class GumbelMask(nn.Module):
         bfloat16 copy is a tenth of the cost of masking the float32 weight into a bfloat16 output."""
         if dtype is None or dtype == weight.dtype:
             return weight
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, tuple(weight.shape), dtype)
+        key = (*_frozen_key(weight), dtype)
         if self._weight_cast is None or self._weight_cast[0] != key:
             self._weight_cast = (key, weight.to(dtype))
         return self._weight_cast[1]

@@ -173,9 +173,8 @@ def run(options: Options) -> int:
     for name in names:
         recipe = get_recipe(name)
         batch = (options.demo_batch or recipe.masks.batch_size) if recipe.input_shape[1] < 64 else options.batch
-        results[name] = bench_model(name, options.size, batch, options.reps, options.warmup,
-                                    StepSettings.for_device(torch.device("cpu"), options.cuda_path, recipe.masks.precision),
-                                    options.clock)
+        settings = StepSettings.for_device(torch.device("cpu"), options.cuda_path, recipe.masks.precision)
+        results[name] = bench_model(name, options.size, batch, options.reps, options.warmup, settings, options.clock)
         r = results[name]
         print(f"{name:14s} batch {batch:4d}  dense {r['dense_median_s'] * 1000:8.1f} ms  "
               f"mask {r['mask_median_s'] * 1000:8.1f} ms  ratio {r['ratio']:.3f}  "

@@ -7,7 +7,6 @@ a checkpoint (`PretrainCheckpoint`) every epoch and on SIGTERM, dense.pt written
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -113,9 +112,9 @@ class DenseRun:
     def test_epoch(self, dataset, batch_size: int) -> None:
         """Test top-1 after the epoch: in the training step's precision (bfloat16 autocast is 4.5x faster than
         float32 here), the last epoch in float32, which is the figure dense.pt is reported with."""
-        last = self.state["epoch"] + 1 == self.epochs
-        precision = "float32" if last or not self.settings.autocast else "bfloat16 autocast"
-        with self.settings.autocast_context(self.device) if not last else contextlib.nullcontext():
+        bfloat16 = self.settings.autocast and self.state["epoch"] + 1 < self.epochs
+        precision = "bfloat16 autocast" if bfloat16 else "float32"
+        with StepSettings(autocast=bfloat16).autocast_context(self.device):
             metrics = evaluate(self.model.eval(), dataset, batch_size, self.device, desc="test")
         self.state["history"].append({"epoch": self.state["epoch"] + 1, "precision": precision, **metrics})
         print(f"epoch {self.state['epoch'] + 1}: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%"
