@@ -172,7 +172,7 @@ PRIMITIVES = {
 NOT_HANDED_IN = {
     "pipeline.backends.onnxruntime:OrtRunner.layer_times": "ONNX Runtime's own profile file",
     "pipeline.backends.tensorrt.sparsity:parse_inspector_json": "TensorRT's engine inspector output (a string)",
-    "pipeline.serve.perf:run_perf_analyzer": "perf_analyzer's CSV output",
+    "pipeline.serve.perf:_perf_once": "perf_analyzer's CSV output",
     "pipeline.package.python_models.onnx_model:TritonPythonModel.initialize": "Triton's model_config argument",
     "pipeline.package.python_models.preprocess:preprocess_image": "a request's image bytes (bad ones: error response)",
     "pipeline.serve.serve_check:_ServerSession.close": "the server's own log",

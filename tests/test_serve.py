@@ -162,3 +162,43 @@ def test_serve_check_fails_when_the_server_answers_wrongly(runtime, packaged, tm
     results = report["checks"][0]["results"]
     assert results["dense/http"]["passed"] and not results["sparse/http"]["passed"]
     assert not report["passed"] and not report["processes_left"]
+
+
+def test_a_window_perf_analyzer_rejects_as_unstable_is_retried_doubled(tmp_path):
+    """perf_analyzer gives up on a window with too few requests (busy machine): the run is repeated with the
+    window doubled, at most `window_retries` times, and the result names the window used; other failures are
+    not retried."""
+    import os
+    import stat
+    from types import SimpleNamespace
+
+    from pipeline.serve.perf import LoadTest, run_perf_analyzer
+
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "perf_analyzer"
+    fake.write_text(f"""#!/usr/bin/env bash
+interval=""; csv=""
+while [ $# -gt 0 ]; do
+  case "$1" in --measurement-interval=*) interval="${{1#*=}}";; -f) shift; csv="$1";; esac; shift
+done
+echo "$interval" >> {calls}
+if [ "$interval" -lt "$NEEDS_MS" ]; then echo "Failed to obtain stable measurement within 3 measurement windows"; exit 2; fi
+printf 'Concurrency,Inferences/Second,p50 latency,p99 latency\\n1,12.5,4000,9000\\n' > "$csv"
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    runtime = SimpleNamespace(process_env=lambda: {**os.environ})
+    for needs, expected_ok, tried in (("1200", True, ["300", "600", "1200"]), ("5000", False, ["300", "600", "1200"])):
+        os.environ["NEEDS_MS"] = needs
+        calls.unlink(missing_ok=True)
+        try:
+            result = run_perf_analyzer(runtime, fake, "m", "localhost:1", tmp_path / "in.json", 1,
+                                       LoadTest(measurement_interval_ms=300), tmp_path)
+        finally:
+            del os.environ["NEEDS_MS"]
+        assert result["ok"] is expected_ok and calls.read_text().split() == tried
+        assert result["measurement_interval_ms"] == 1200
+    assert result["error"].startswith("perf_analyzer exited 2") and "stable" in result["error"]
+    fake.write_text("#!/usr/bin/env bash\necho refused; exit 1\n")
+    calls.unlink(missing_ok=True)
+    result = run_perf_analyzer(runtime, fake, "m", "localhost:1", tmp_path / "in.json", 1, LoadTest(), tmp_path)
+    assert not result["ok"] and "refused" in result["error"] and not calls.exists()

@@ -31,6 +31,7 @@ class LoadTest:
     max_trials: int = 3  # perf_analyzer's minimum: it compares the last three windows
     stability_percentage: int = 1000
     timeout_s: float = 120.0
+    window_retries: int = 2  # a window perf_analyzer rejects as unstable is doubled, at most this many times
 
 
 def write_input_data(path: Path, images: list[bytes]) -> Path:
@@ -45,14 +46,33 @@ def write_input_data(path: Path, images: list[bytes]) -> Path:
     return path
 
 
+UNSTABLE = "Failed to obtain stable measurement"  # perf_analyzer's words when a window held too few requests
+
+
 def run_perf_analyzer(runtime: Runtime, perf_analyzer: Path, model: str, url: str, input_data: Path,
                       concurrency: int, settings: LoadTest, work_dir: Path) -> dict[str, Any]:
-    """One perf_analyzer run over gRPC at one concurrency; returns throughput and latency percentiles."""
+    """One perf_analyzer run over gRPC at one concurrency; returns throughput and latency percentiles.
+
+    On a busy machine a short window can complete too few requests for perf_analyzer to accept it (it then
+    exits with UNSTABLE whatever the stability percentage); the run is repeated with the window doubled, at
+    most `settings.window_retries` times, and the result names the window it was measured with."""
+    interval = settings.measurement_interval_ms
+    for attempt in range(settings.window_retries + 1):
+        result = _perf_once(runtime, perf_analyzer, model, url, input_data, concurrency, settings, interval,
+                            work_dir)
+        if result["ok"] or UNSTABLE not in result["error"] or attempt == settings.window_retries:
+            return {**result, "measurement_interval_ms": interval}
+        interval *= 2
+
+
+def _perf_once(runtime: Runtime, perf_analyzer: Path, model: str, url: str, input_data: Path, concurrency: int,
+               settings: LoadTest, interval_ms: int, work_dir: Path) -> dict[str, Any]:
     csv_path = work_dir / f"{model}.c{concurrency}.csv"
+    csv_path.unlink(missing_ok=True)
     command = [str(perf_analyzer), "-m", model, "-u", url, "-i", "grpc", "-b", "1",
                f"--concurrency-range={concurrency}:{concurrency}", f"--input-data={input_data}",
                f"--shape={IMAGE_INPUT}:1", "--measurement-mode=time_windows",
-               f"--measurement-interval={settings.measurement_interval_ms}", f"--max-trials={settings.max_trials}",
+               f"--measurement-interval={interval_ms}", f"--max-trials={settings.max_trials}",
                f"--stability-percentage={settings.stability_percentage}", "--percentile=99", "-f", str(csv_path)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=settings.timeout_s,
@@ -91,5 +111,6 @@ def load_test(runtime: Runtime, models: dict[str, str], url: str, images: list[b
     return {"ok": all(row[variant]["ok"] for row in rows for variant in VARIANTS), "rows": rows,
             "protocol": "grpc", "batch_per_request": 1,
             "settings": {"measurement_interval_ms": settings.measurement_interval_ms,
+                         "window_retries": settings.window_retries,
                          "max_trials": settings.max_trials, "stability_percentage": settings.stability_percentage},
             "perf_analyzer": str(perf_analyzer)}
