@@ -20,10 +20,7 @@ DATASET := $(if $(DATA),,$(if $(filter fmnist_%,$(MODEL)),dataset))
 .PHONY: venv dataset engine masks updatable bench-train bench-masks gpu-check test test-fast clean serve serve-check serve-env verify-onnx $(STAGES)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip >/dev/null
-	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install torch torchvision
-	$(PY) -m pip install -e '.[test]'
+	$(PYTHON) tools/install-venv.py $(VENV) --extras test
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -100,7 +100,8 @@ def test_precision_auto_is_bfloat16_only_where_it_is_faster(monkeypatch):
     monkeypatch.setattr(training, "cpu_has_amx_bf16", lambda: False)
     assert not StepSettings.for_device(cpu).autocast and StepSettings.for_device(cuda).autocast
     assert StepSettings.for_device(cpu, precision="bfloat16").autocast
-    assert StepSettings.for_device(cpu).describe() == "float32"
+    assert StepSettings.for_device(cpu).describe() == "float32, channels_last"  # channels_last: faster on CPUs
+    assert StepSettings.for_device(cuda, precision="float32").describe() == "float32"
     monkeypatch.setattr(training, "cpu_has_amx_bf16", lambda: True)
     assert StepSettings.for_device(cpu).autocast and StepSettings.for_device(cpu).channels_last
     assert not StepSettings.for_device(cuda, precision="float32").autocast
