@@ -229,3 +229,24 @@ def test_preprocessing_from_a_recipe_file(files, tmp_path):
                    "--max-top1-drop", "100", "--no-plots", out=tmp_path / "out") == 0
     preprocess = json.loads((tmp_path / "out" / "report.json").read_text())["data"]["preprocess"]
     assert preprocess["mean"] == [0.25] and preprocess["crop"] == 8 and preprocess["color"] == "L"
+
+
+def test_a_failed_write_leaves_the_last_report_whole(files, tmp_path, monkeypatch, capsys):
+    """verify --dense/--sparse writes its report's files as one set, as a recipe stage does: when a later write
+    fails (here the JUnit file), the plots and report.md it had replaced are put back."""
+    import pipeline.verify.output as output
+    from pipeline.errors import PipelineError
+
+    out = tmp_path / "out"
+    assert _verify(files, files["tensorrt"], "--data", "synthetic", "--max-top1-drop", "100", out=out) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert {"report.json", "report.md", "verify_latency.png"} <= set(before)
+
+    def failing_junit(path, report):
+        raise PipelineError(f"--junit {path}: cannot write it")
+    monkeypatch.setattr(output, "write_junit", failing_junit)
+    code = _verify(files, files["tensorrt"], "--data", "synthetic", "--max-top1-drop", "50",
+                   "--junit", str(tmp_path / "gate.xml"), out=out)
+    assert code == 2 and "error: --junit" in capsys.readouterr().err
+    after = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert after == before  # report.md (which names the new threshold) and the plots were put back

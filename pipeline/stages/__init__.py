@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 # stage name -> (module, one-line help)
 STAGES = {
@@ -51,21 +51,41 @@ STAGES = {
 def run_stage(module: ModuleType, recipe: Any, paths: Any, options: Any) -> int:
     """Run a model-level stage: config.json and every file the stage writes stay only if it succeeds (or fails a
     gate, whose report must stay); training checkpoints always stay, for --resume."""
-    from pipeline.errors import GateFailed
     from pipeline.lock import is_main_process
     from pipeline.recipe.resolve import write_config
-    from pipeline.transaction import Transaction, recover
 
-    restored = recover(paths.root) if is_main_process() else []
-    if restored:
-        print(f"note: an earlier run in {paths.root} was killed mid-stage; put back its files as they were before "
-              f"it: {', '.join(restored)}", flush=True)
-    if not getattr(module, "GROUPS_WRITES", True) or not is_main_process():
+    if not is_main_process():
         return int(module.run(recipe, paths, options) or 0)  # under torchrun, rank 0 writes the artifacts
-    with Transaction(paths.root, commit_on=(GateFailed,)):
+    if not getattr(module, "GROUPS_WRITES", True):
+        recover_folder(paths.root)
+        return int(module.run(recipe, paths, options) or 0)
+
+    def stage() -> int:
         if getattr(module, "RECORDS_CONFIG", True):
             write_config(recipe, paths)
         return int(module.run(recipe, paths, options) or 0)
+    return as_one_set(paths.root, stage)
+
+
+def recover_folder(root: Any) -> None:
+    """Put back what a run killed mid-stage in `root` had half written (pipeline/transaction.py), and say so."""
+    from pipeline.transaction import recover
+
+    restored = recover(root)
+    if restored:
+        print(f"note: an earlier run in {root} was killed mid-stage; put back its files as they were before "
+              f"it: {', '.join(restored)}", flush=True)
+
+
+def as_one_set(root: Any, write: Callable[[], int]) -> int:
+    """`write()` with every file it writes as one set under `root`: kept when it returns or fails a gate (whose
+    report must stay), all put back when it raises anything else. Also for stages that run without a recipe."""
+    from pipeline.errors import GateFailed
+    from pipeline.transaction import Transaction
+
+    recover_folder(root)
+    with Transaction(root, commit_on=(GateFailed,)):
+        return write()
 
 
 def load_stage(name: str) -> ModuleType:

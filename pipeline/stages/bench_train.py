@@ -7,7 +7,8 @@ step is `pipeline.training.train_step`; the mask steps are the ones train-masks 
 regulariser, AdamW and its schedules, feature hooks when the loss has them, the step settings train-masks
 uses here: the recipe's `masks.precision`, whose `auto` is bfloat16 autocast and channels_last on CPUs with AMX
 bf16 and float32 elsewhere; `--cuda-path` forces the bfloat16 settings). The dense step updates every weight
-with SGD under the same settings. CPU only.
+with SGD under the same settings. `--set SECTION.FIELD=VALUE` changes every timed model's recipe (e.g.
+`masks.precision=float32`, `masks.batch_size=64`), checked before anything is timed. CPU only.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from pipeline.io import write_json
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.gumbel import masked_modules
 from pipeline.masks.mask_step import build_mask_step
-from pipeline.recipe.config import Recipe
+from pipeline.recipe.config import Recipe, apply_override, validate
 from pipeline.recipe.registry import get_recipe, list_models
 from pipeline.progress import progress
 from pipeline.training import StepSettings, cross_entropy_loss, train_step
@@ -54,6 +55,7 @@ class Options:
     out: str = "engines"
     cuda_path: bool = False
     clock: str = "wall"
+    overrides: list[str] = dataclasses.field(default_factory=list)  # --set, applied to every model's recipe
 
     def __post_init__(self) -> None:
         for flag, value, low in (("--size", self.size, 1), ("--batch", self.batch, 1), ("--reps", self.reps, 1),
@@ -84,29 +86,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "OMP_NUM_THREADS=1 so waiting for a core does not count")
     parser.add_argument("--cuda-path", action="store_true",
                         help="time the CUDA step settings (bfloat16 autocast, channels_last) on this CPU")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a recipe field of every model timed, e.g. --set masks.precision=float32 "
+                             "(repeatable)")
 
 
-def bench_recipe(name: str, loss: str) -> Recipe:
-    """The registered recipe with the given mask loss and the magnitude prior (a prior sets starting values
-    only; wanda and sparsegpt would need calibration data, which speed does not depend on)."""
+def model_recipe(name: str, overrides: list[str] = ()) -> Recipe:
+    """The registered recipe with the `--set` overrides applied and checked."""
     recipe = get_recipe(name)
+    for assignment in overrides:
+        apply_override(recipe, assignment)
+    return validate(recipe, origin=f"model {name} with --set")
+
+
+def bench_recipe(recipe: Recipe, loss: str) -> Recipe:
+    """The recipe with the given mask loss and the magnitude prior (a prior sets starting values only; wanda
+    and sparsegpt would need calibration data, which speed does not depend on)."""
     return dataclasses.replace(recipe, masks=dataclasses.replace(recipe.masks, prior="magnitude", loss=loss))
 
 
-def bench_steps(name: str, shape: list[int], batch: int, settings: StepSettings
+def bench_steps(recipe: Recipe, shape: list[int], batch: int, settings: StepSettings
                 ) -> tuple[dict[str, Callable[[], None]], dict]:
     """The three steps timed, all through `pipeline.training.train_step`: a dense SGD step, and the mask step
     train-masks runs (`build_mask_step`: masks, AdamW, schedules, feature hooks when the loss has them, the
     step settings) with cross-entropy (`mask`) and with cross-entropy + distillation (`distill`)."""
     device = torch.device("cpu")
-    recipe = get_recipe(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         dense = build_network(recipe)
         images, labels = torch.randn(batch, *shape), torch.randint(0, recipe.num_classes, (batch,))
     report = find_layers(copy.deepcopy(dense), shape, recipe.masks.m, recipe.masks.include, recipe.masks.exclude,
                          recipe.classifier, recipe.masks.include_classifier)
-    mask_steps = {kind: build_mask_step(copy.deepcopy(dense), report, bench_recipe(name, loss), device, loss,
+    mask_steps = {kind: build_mask_step(copy.deepcopy(dense), report, bench_recipe(recipe, loss), device, loss,
                                         settings) for kind, loss in (("mask", "ce"), ("distill", "ce+distill"))}
     settings.prepare_model(dense)
     dense_optimizer = torch.optim.SGD(dense.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
@@ -150,13 +161,13 @@ def time_steps(steps: dict[str, Callable[[], None]], reps: int, warmup: int, nam
     return times
 
 
-def bench_model(name: str, size: int, batch: int, reps: int, warmup: int,
+def bench_model(recipe: Recipe, size: int, batch: int, reps: int, warmup: int,
                 settings: StepSettings = StepSettings(), clock: str = "wall") -> dict:
-    shape = list(get_recipe(name).input_shape)
+    shape = list(recipe.input_shape)
     if shape[1] >= 64:
         shape = [shape[0], size, size]
-    steps, info = bench_steps(name, shape, batch, settings)
-    times = time_steps(steps, reps, warmup, name, clock)
+    steps, info = bench_steps(recipe, shape, batch, settings)
+    times = time_steps(steps, reps, warmup, recipe.name, clock)
     dense_median, mask_median, distill_median = (statistics.median(times[kind]) for kind in ("dense", "mask",
                                                                                               "distill"))
     return {**info, "dense_median_s": dense_median, "mask_median_s": mask_median, "ratio": mask_median / dense_median,
@@ -169,12 +180,12 @@ def run(options: Options) -> int:
     unknown = [name for name in names if name not in list_models()]
     if unknown:
         raise PipelineError(f"unknown model(s) {', '.join(unknown)}; valid models: {', '.join(list_models())}")
+    recipes = {name: model_recipe(name, options.overrides) for name in names}  # every --set checked first
     results = {}
-    for name in names:
-        recipe = get_recipe(name)
+    for name, recipe in recipes.items():
         batch = (options.demo_batch or recipe.masks.batch_size) if recipe.input_shape[1] < 64 else options.batch
         settings = StepSettings.for_device(torch.device("cpu"), options.cuda_path, recipe.masks.precision)
-        results[name] = bench_model(name, options.size, batch, options.reps, options.warmup, settings, options.clock)
+        results[name] = bench_model(recipe, options.size, batch, options.reps, options.warmup, settings, options.clock)
         r = results[name]
         print(f"{name:14s} batch {batch:4d}  dense {r['dense_median_s'] * 1000:8.1f} ms  "
               f"mask {r['mask_median_s'] * 1000:8.1f} ms  ratio {r['ratio']:.3f}  "
@@ -191,7 +202,7 @@ def run(options: Options) -> int:
     write_json(out, {"command": "python -m pipeline bench-train " + " ".join(sys.argv[2:]),
                      "device": "cpu", "clock": options.clock, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                      "cores": os.cpu_count(), "torch": torch.__version__, "max_ratio": options.max_ratio, "max_distill_ratio": options.max_distill_ratio,
-                     "passed": passed, "models": results})
+                     "overrides": options.overrides, "passed": passed, "models": results})
     print(f"wrote {out}")
     if not passed:
         for kind, key, limit in (("mask", "ratio", options.max_ratio),

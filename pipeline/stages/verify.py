@@ -17,6 +17,7 @@ from pipeline.args import add_junit_argument
 from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
+from pipeline.stages import as_one_set
 from pipeline.verify.output import print_summary, raise_if_failed, write_report
 
 
@@ -85,6 +86,9 @@ def run_without_recipe(options: Options, model) -> int:
         data=model.data, input_size=model.input_size, mean=model.mean, std=model.std, out=model.out,
         overrides=list(model.overrides), max_top1_drop=options.max_top1_drop, min_speedup=options.min_speedup,
         min_coverage=options.min_coverage, iters=options.iters))
-    write_report(report, raw, paths, options.junit, not options.no_plots)
-    print_summary(report, paths)
-    return raise_if_failed(report)
+
+    def write() -> int:  # the report's files as one set, as a recipe stage's (a failed write leaves none)
+        write_report(report, raw, paths, options.junit, not options.no_plots)
+        print_summary(report, paths)
+        return raise_if_failed(report)
+    return as_one_set(paths.root, write)
