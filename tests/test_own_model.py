@@ -82,9 +82,12 @@ def test_finetuned_resnet18_runs_every_stage_and_labels_reach_triton(tmp_path):
 
     weights, out = tmp_path / "plain.pth", tmp_path / "engines"
     # The recipe's mask budget (masks.steps) is the same for 1k-image folders and ImageNet; one --set keeps this
-    # test's CPU time to about a minute (the user's command needs no flag beyond --input-size).
+    # test's CPU time to about a minute (the user's command needs no flag beyond --input-size). On 40 test images
+    # one image is 2.5 pt, so the recipe's 2-pt gate would allow none: which images 12-30 mask steps on 64
+    # images lose depends on the CPU's kernels (0 on a Xeon, 4 on an AVX2 EPYC), so the gate is set to 25 pt
+    # and the sparse model's accuracy is asserted below, well above chance.
     flags = ["--model", "resnet18", "--weights", str(weights), "--data", str(data), "--input-size", str(SIZE),
-             "--out", str(out), "--set", "masks.steps=30"]
+             "--out", str(out), "--set", "masks.steps=30", "--set", "verify.max_top1_drop=25"]
     engine = cli("engine", *flags)
     assert engine.returncode == 0, engine.stdout[-3000:] + engine.stderr[-3000:]
     stages = json.loads((out / "resnet18" / "stages.json").read_text())["stages"]
@@ -94,8 +97,10 @@ def test_finetuned_resnet18_runs_every_stage_and_labels_reach_triton(tmp_path):
     config = json.loads((out / "resnet18" / "config.json").read_text())
     assert config["num_classes"] == len(CLASSES) and config["input_shape"] == [3, SIZE, SIZE]
     assert config["labels"] == CLASSES
-    dense = json.loads((out / "resnet18" / "report.json").read_text())["accuracy"]["dense"]
+    accuracy = json.loads((out / "resnet18" / "report.json").read_text())["accuracy"]
+    dense, sparse = accuracy["dense"], accuracy["sparse"]
     assert dense["top1"] >= 50, dense  # chance is 10%: the engine runs the fine-tuned head with the folders' order
+    assert sparse["top1"] >= 50 and accuracy["samples"] == 40, accuracy
 
     package = cli("package", *flags)
     assert package.returncode == 0, package.stdout[-3000:] + package.stderr[-3000:]
