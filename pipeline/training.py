@@ -31,14 +31,28 @@ def select_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def has_channels_last_convs(model: nn.Module) -> bool:
+    """Whether the model's convolutions hold channels_last weights (`StepSettings.prepare_model`), judged on the
+    first one whose layout tells (more than one input channel and a kernel larger than 1x1)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels // module.groups > 1 and \
+                module.kernel_size[0] * module.kernel_size[1] > 1:
+            weight = module.weight
+            return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    return False
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, desc: str = "eval",
              workers: int = 0) -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) of `model` in its current mode on `dataset`."""
+    """Top-1/top-5 accuracy (percent) of `model` in its current mode on `dataset`. Batches take the memory format
+    of the model's convolutions (channels_last images for a channels_last model: 1,000 Fashion-MNIST images
+    0.44 -> 0.37 s on the EPYC, docs/time-to-accuracy.md)."""
     loader = make_loader(dataset, batch_size=batch_size, workers=workers)
+    layout = StepSettings(channels_last=has_channels_last_convs(model))
     correct1 = correct5 = total = 0
     for images, labels in progress(loader, desc=desc, leave=False):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = layout.prepare_images(images, device), labels.to(device, non_blocking=True)
         logits = model(images)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += int((top[:, 0] == labels).sum())

@@ -174,3 +174,25 @@ def test_bench_masks_reads_both_rules_off_one_run(tmp_path):
     assert all("best_test_top1" in point for point in entry["history"])
     assert "| tiny_resnet | 20 | plateau |" in (tmp_path / "bench-masks.md").read_text()
     assert (tmp_path / "bench-masks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluation_batches_take_the_models_memory_format():
+    """evaluate() feeds channels_last batches to a channels_last model (faster on CPUs) and NCHW batches to an
+    NCHW one, with the same accuracy either way."""
+    from pipeline.recipe.nets import SmallResNet
+    from pipeline.training import evaluate, has_channels_last_convs
+
+    torch.manual_seed(0)
+    model = SmallResNet(10, widths=(8, 16, 32), stem_stride=2).eval()
+    data = torch.utils.data.TensorDataset(torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,)))
+    seen = []
+    model.conv1.register_forward_pre_hook(lambda module, args: seen.append(args[0].stride(1) == 1))
+    assert not has_channels_last_convs(model)
+    plain = evaluate(model, data, 16, torch.device("cpu"))
+    assert seen and not any(seen)
+    StepSettings(channels_last=True).prepare_model(model)
+    assert has_channels_last_convs(model)
+    seen.clear()
+    channels_last = evaluate(model, data, 16, torch.device("cpu"))
+    assert seen and all(seen)
+    assert abs(channels_last["top1"] - plain["top1"]) <= 2.5  # one image of 40: only a near tie may flip

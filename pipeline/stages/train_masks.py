@@ -77,6 +77,8 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         report = find_layers(model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier,
                              cfg.include_classifier)
         data = build_datasets(recipe, augment_train=cfg.augment)
+        settings = StepSettings.for_device(context.device, options.cuda_path, cfg.precision)
+        settings.prepare_model(model.to(context.device))  # as the mask step will: its evaluations run alike
         dense_metrics = describe_start(model, report, recipe, data, context) if context.is_main else None
         initial = None
         if options.masks_from:
@@ -84,7 +86,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         result = learn_masks(model, report, recipe, data, context.device, checkpoint=checkpoint,
                              resume=options.resume, initial_indices=initial, unlabeled=options.unlabeled,
                              rank=context.rank, world_size=context.world_size,
-                             settings=StepSettings.for_device(context.device, options.cuda_path, cfg.precision))
+                             settings=settings)
         if context.is_main and not result.stopped:
             record = finish(model, report, recipe, paths, options, data, result, dense_metrics, source, checkpoint,
                             context.world_size)
