@@ -129,6 +129,7 @@ def test_mask_training_step_runs_with_the_cuda_settings_on_cpu():
     assert all(torch.isfinite(logits).all() for logits in result.logits.values())
 
 
+@pytest.mark.slow  # the demo network (7 s on an EPYC); the CUDA step settings on CPU have the fast test above
 def test_demo_mask_training_report_with_the_cuda_settings_on_cpu():
     """gpu_check.train_demo, the step it times on CUDA, on CPU for two steps."""
     row = gpu_check.train_demo(2, device="cpu")

@@ -123,6 +123,7 @@ def test_onnxruntime_top1_counts_correct_labels(graphs):
     assert onnxruntime_top1(paths["dense"][0], wrong) == 0.0
 
 
+@pytest.mark.slow  # a whole engine run (about 10 s); the Q/DQ writers have fast tests above
 def test_engine_with_int8_precision_writes_qdq_graphs_and_reports_their_accuracy(tmp_path):
     """build.precision=int8 through the stages: export writes both Q/DQ graphs, polygraphy finds every
     masked layer sparse in sparse.int8.onnx, and verify reports INT8 accuracy next to the FP32 engines."""
