@@ -133,7 +133,8 @@ class PretrainConfig:
     # share of the one-cycle schedule spent raising the learning rate
     warmup_share: float = rule(0.25, check=lambda v, r, _: 0 < v < 1, valid="in (0, 1)")
     augment: bool = True  # random crop and flip of the training images
-    # auto: bfloat16 autocast + channels_last on CUDA and on CPUs with AMX bf16 (2.3x faster here), else float32
+    # auto: bfloat16 autocast + channels_last on CUDA and on CPUs with AMX bf16 (2.3x faster there), else float32
+    # (channels_last on CPUs)
     precision: str = choice(TRAINING_PRECISIONS, "auto")
     seed: int = 0
 
@@ -189,8 +190,8 @@ class MaskConfig:
     stop_changed: float = within(0, 1, 0.005, "a share of blocks in [0, 1)", high_open=True)
     # steps; a checkpoint is also written on SIGTERM
     checkpoint_every: int = at_least(0, 200, "0 (only on SIGTERM) or more steps")
-    # auto: bfloat16 autocast + channels_last on CUDA and on CPUs with AMX bf16, else float32 (the logits, their
-    # optimiser and every evaluation stay float32)
+    # auto: bfloat16 autocast + channels_last on CUDA and on CPUs with AMX bf16, else float32 (channels_last on
+    # CPUs); the logits, their optimiser and every evaluation stay float32
     precision: str = choice(TRAINING_PRECISIONS, "auto")
     seed: int = 0
 
