@@ -180,7 +180,7 @@ NOT_HANDED_IN = {
     "pipeline.serve.triton_runtime:find_environment": "a probe subprocess's stdout",
     "pipeline.backends.tensorrt.parser_support:_table": "onnx-tensorrt's operator table shipped in the package",
     "pipeline.artifacts:unregistered_reads": "the pipeline's own source (this scan)",
-    "pipeline.training:cpu_has_amx_bf16": "/proc/cpuinfo's flags (unreadable or odd: float32 training)",
+    "pipeline.training:cpu_has_bf16_units": "/proc/cpuinfo's flags (unreadable or odd: float32 training)",
 }
 
 # Calls that read a file. Calls of PRIMITIVES count too; calls of an owner (e.g. read_state_dict) do not.

@@ -92,31 +92,32 @@ def test_the_cuda_step_settings_run_on_cpu():
 
 
 def test_precision_auto_is_bfloat16_only_where_it_is_faster(monkeypatch):
-    """auto: bfloat16 autocast on CUDA and on CPUs whose flags name AMX bf16 tiles, float32 elsewhere; an
-    explicit precision wins; a wrong one is refused in one line."""
+    """auto: bfloat16 autocast on CUDA and on CPUs whose flags name AMX bf16 tiles or AVX512-BF16, float32
+    elsewhere; an explicit precision wins; a wrong one is refused in one line."""
     import pipeline.training as training
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(training, "cpu_has_amx_bf16", lambda: False)
+    monkeypatch.setattr(training, "cpu_has_bf16_units", lambda: False)
     assert not StepSettings.for_device(cpu).autocast and StepSettings.for_device(cuda).autocast
     assert StepSettings.for_device(cpu, precision="bfloat16").autocast
     assert StepSettings.for_device(cpu).describe() == "float32, channels_last"  # channels_last: faster on CPUs
     assert StepSettings.for_device(cuda, precision="float32").describe() == "float32"
-    monkeypatch.setattr(training, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(training, "cpu_has_bf16_units", lambda: True)
     assert StepSettings.for_device(cpu).autocast and StepSettings.for_device(cpu).channels_last
     assert not StepSettings.for_device(cuda, precision="float32").autocast
     with pytest.raises(PipelineError, match="training precision 'fp16'"):
         StepSettings.for_device(cpu, precision="fp16")
 
 
-def test_amx_detection_reads_the_cpu_flags(tmp_path):
-    from pipeline.training import cpu_has_amx_bf16
+def test_bf16_detection_reads_the_cpu_flags(tmp_path):
+    from pipeline.training import cpu_has_bf16_units
 
-    for flags, expected in (("fpu avx512f amx_bf16 amx_tile amx_int8", True), ("fpu avx512f avx512_bf16", False)):
+    for flags, expected in (("fpu avx512f amx_bf16 amx_tile amx_int8", True), ("fpu avx512f avx512_bf16", True),
+                            ("fpu avx2 fma", False), ("fpu avx512f avx512bw", False)):
         cpuinfo = tmp_path / "cpuinfo"
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        assert cpu_has_amx_bf16(str(cpuinfo)) is expected
-    assert cpu_has_amx_bf16(str(tmp_path / "missing")) is False
+        assert cpu_has_bf16_units(str(cpuinfo)) is expected
+    assert cpu_has_bf16_units(str(tmp_path / "missing")) is False
 
 
 def test_pretraining_leaves_the_mask_validation_split_out():
