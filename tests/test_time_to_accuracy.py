@@ -11,7 +11,7 @@ from pipeline.data.datasets import TensorImageDataset, build_datasets, loader_wo
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.gumbel import masked_modules
 from pipeline.masks.learning import learn_masks
-from pipeline.masks.schedules import PlateauRule
+from pipeline.masks.schedules import Cooldown, MaskSchedule, PlateauRule
 from pipeline.recipe.config import MaskConfig, apply_override
 from pipeline.recipe.registry import get_recipe
 from pipeline.recipe.weights import build_network
@@ -40,7 +40,7 @@ def test_the_plateau_rule_is_on_by_default():
 def test_a_run_with_the_rule_is_the_prefix_of_the_full_run_up_to_its_stop():
     """The rule reads the evaluation history only: where it stops a run is where `first_stop` says it would
     have stopped the full-budget run, with the same masks (what bench-masks reads off one run)."""
-    common = ("masks.steps=40", "masks.eval_every=2", "masks.stop_changed=0.5")
+    common = ("masks.steps=40", "masks.eval_every=2", "masks.stop_changed=0.5", "masks.cooldown=0")
     recipe, model, report = tiny(*common, "masks.stop_patience=3")
     data = build_datasets(recipe)
     stopped = learn_masks(model, report, recipe, data, torch.device("cpu"), log=quiet)
@@ -54,6 +54,59 @@ def test_a_run_with_the_rule_is_the_prefix_of_the_full_run_up_to_its_stop():
     rule = PlateauRule(3, 0.5, full.validation_images)
     assert full.history[rule.first_stop(full.history)]["step"] == stopped.steps
     assert stopped.best_step <= stopped.steps and stopped.best_score == max(p["top1"] for p in stopped.history)
+
+
+def test_the_cooldown_anneals_from_where_it_starts_to_the_final_values():
+    schedule = MaskSchedule(100, 5, 0.0, 1.0, 0.1, "exponential")
+    before = schedule.lr_factor(40), schedule.tau(40)
+    schedule.cooldown = Cooldown(40, 20)
+    assert (schedule.lr_factor(40), schedule.tau(40)) == before  # continuous where it starts
+    assert schedule.lr_factor(60) == 0.0 and schedule.tau(60) == pytest.approx(0.1)
+    factors, taus = [schedule.lr_factor(s) for s in range(40, 70)], [schedule.tau(s) for s in range(40, 70)]
+    assert all(a > b for a, b in zip(factors[:20], factors[1:21])) and all(a > b for a, b in zip(taus[:20], taus[1:21]))
+    assert schedule.base_factor(60) > 0.3 and schedule.base_tau(60) > 0.2  # the budget's schedules, still high there
+    with pytest.raises(PipelineError, match="at least 1 step"):
+        Cooldown(10, 0)
+
+
+def test_a_plateau_with_a_moving_argmax_cools_down_then_stops_and_resumes_exactly(tmp_path):
+    """The score plateaus while the argmax still moves (stop_changed 0 is never met while it moves): the rule
+    anneals the learning rate and the temperature over masks.cooldown of the budget and stops at its end. Up
+    to the cooldown the run is the full run; killed inside the cooldown and resumed, it ends the same."""
+    import shutil
+
+    common = ("masks.steps=80", "masks.eval_every=2", "masks.stop_changed=0", "masks.lr=0.5", "masks.cooldown=0.2",
+              "masks.checkpoint_every=2")
+    recipe, model, report = tiny(*common, "masks.stop_patience=2")
+    data = build_datasets(recipe)
+    checkpoint, inside = tmp_path / "masks.ckpt", tmp_path / "inside.ckpt"
+
+    def keep_a_checkpoint_inside_the_cooldown(training, point):
+        cooldown = training.state.cooldown
+        if cooldown and point["step"] == cooldown[0] + 6 and not inside.exists():
+            shutil.copy(checkpoint, inside)  # written at step cooldown[0] + 4
+
+    ruled = learn_masks(model, report, recipe, data, torch.device("cpu"), log=quiet, checkpoint=checkpoint,
+                        on_evaluation=keep_a_checkpoint_inside_the_cooldown)
+    assert ruled.cooldown_start is not None, [(p["step"], p["top1"], p["changed"]) for p in ruled.history]
+    assert ruled.steps == ruled.cooldown_start + 16 < 80  # 0.2 x 80 steps
+    assert "annealed over 16 steps (masks.cooldown)" in ruled.stop_reason
+    last = ruled.history[-1]
+    assert last["lr"] == pytest.approx(0.0, abs=1e-9) and last["tau"] == pytest.approx(0.1)
+    full_recipe, full_model, _ = tiny(*common, "masks.stop_patience=0")
+    full = learn_masks(full_model, report, full_recipe, data, torch.device("cpu"), log=quiet)
+    keys = ("step", "top1", "changed", "lr")
+    until = [p for p in ruled.history if p["step"] <= ruled.cooldown_start]
+    assert [{k: p[k] for k in keys} for p in until] == [{k: p[k] for k in keys} for p in full.history[:len(until)]]
+    assert full.history[len(until)]["lr"] > ruled.history[len(until)]["lr"]  # the schedules part there
+
+    assert inside.exists()
+    _, again, _ = tiny(*common, "masks.stop_patience=2")
+    resumed = learn_masks(again, report, recipe, data, torch.device("cpu"), log=quiet, checkpoint=inside,
+                          resume=True)
+    assert [{k: p[k] for k in keys} for p in resumed.history] == [{k: p[k] for k in keys} for p in ruled.history]
+    assert resumed.stop_reason == ruled.stop_reason and resumed.cooldown_start == ruled.cooldown_start
+    assert all(torch.equal(resumed.logits[name], ruled.logits[name]) for name in ruled.logits)
 
 
 def test_learning_leaves_the_global_rng_alone_and_is_deterministic():
@@ -162,19 +215,34 @@ def test_loader_workers_fit_the_machine():
     assert loader.persistent_workers == (loader.num_workers > 0)
 
 
-def test_bench_masks_reads_both_rules_off_one_run(tmp_path):
+def test_bench_masks_reads_the_rule_without_cooldown_off_one_run(tmp_path):
     code = main(["bench-masks", "--model", "tiny_resnet", "--out", str(tmp_path), "--set", "masks.steps=20",
                  "--set", "masks.eval_every=2", "--set", "masks.stop_changed=0.5", "--set", "masks.stop_patience=3",
-                 "--set", "data.synthetic_size=128"])
+                 "--set", "masks.cooldown=0", "--set", "data.synthetic_size=128"])
     assert code == 0
     entry = json.loads((tmp_path / "tiny_resnet" / "bench_masks.json").read_text())
     assert entry["full_budget"]["step"] == 20 and entry["plateau"]["step"] < 20
     assert entry["plateau"]["seconds"] < entry["full_budget"]["seconds"]
     stop = PlateauRule(3, 0.5, entry["validation_images"]).first_stop(entry["history"])
-    assert entry["history"][stop]["step"] == entry["plateau"]["step"]
-    assert all("best_test_top1" in point for point in entry["history"])
-    assert "| tiny_resnet | 20 | plateau |" in (tmp_path / "bench-masks.md").read_text()
+    assert entry["history"][stop]["step"] == entry["plateau"]["step"] == entry["settled"]["step"]
+    assert all("best_test_top1" in point for point in entry["history"]) and "plateau_history" not in entry
+    assert "| tiny_resnet | 20 | plateau, no cooldown (read off) |" in (tmp_path / "bench-masks.md").read_text()
     assert (tmp_path / "bench-masks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_masks_runs_the_rule_with_its_cooldown_beside_the_full_budget(tmp_path):
+    code = main(["bench-masks", "--model", "tiny_resnet", "--out", str(tmp_path), "--set", "masks.steps=60",
+                 "--set", "masks.eval_every=2", "--set", "masks.stop_changed=0", "--set", "masks.stop_patience=2",
+                 "--set", "masks.lr=0.5", "--set", "masks.cooldown=0.2", "--set", "data.synthetic_size=256"])
+    assert code == 0
+    entry = json.loads((tmp_path / "tiny_resnet" / "bench_masks.json").read_text())
+    plateau = entry["plateau"]
+    assert entry["full_budget"]["step"] == 60 and plateau["cooldown_start"] is not None
+    assert plateau["step"] == plateau["cooldown_start"] + 12 and "annealed" in plateau["reason"]
+    assert entry["prefix_matches"] is True and entry["plateau_history"][-1]["step"] == plateau["step"]
+    assert plateau["time_ratio"] == pytest.approx(plateau["seconds"] / entry["full_budget"]["seconds"])
+    table = (tmp_path / "bench-masks.md").read_text()
+    assert "| tiny_resnet | 60 | plateau + cooldown (the recipe's rule) |" in table and "no cooldown" in table
 
 
 def test_evaluation_batches_take_the_models_memory_format():

@@ -6,7 +6,9 @@ annealed Gumbel temperature over a budget of `masks.steps` optimizer steps, stop
 images, judges every evaluation on it (never on the test set), and returns the best argmax masks seen, the
 heuristic prior's masks at step 0 included, so the result is never worse than its start. The step itself
 (`pipeline.masks.mask_step`) is the one bench-train times. Training stops at the plateau (`PlateauRule`,
-masks.stop_patience / stop_changed; masks.steps is the ceiling). It checkpoints every
+masks.stop_patience / stop_changed): at once when the argmax has settled by itself, else after a cooldown that
+anneals the learning rate and the temperature over masks.cooldown of the budget (`Cooldown`); masks.steps is
+the ceiling. It checkpoints every
 `masks.checkpoint_every` steps and on SIGTERM (outside the step, timm's CheckpointSaver spirit), and resumes
 exactly: batch order, Gumbel noise, optimiser state, best masks and evaluation history continue.
 
@@ -35,7 +37,7 @@ from pipeline.masks.eligibility import EligibilityReport
 from pipeline.masks.gumbel import current_indices, load_mask_logits, mask_logits, masked_modules, noise_pool
 from pipeline.masks.mask_step import MaskStep, build_mask_step, resolve_loss
 from pipeline.data.splits import split_training_images
-from pipeline.masks.schedules import BestMasks, PlateauRule, steps_per_epoch
+from pipeline.masks.schedules import BestMasks, Cooldown, PlateauRule, steps_per_epoch
 from pipeline.recipe.config import MaskConfig, Recipe
 from pipeline.progress import progress
 from pipeline.training import StepSettings, evaluate, stop_on_signals
@@ -57,6 +59,7 @@ class LearnResult:
     start_score: float | None = None  # the same for the prior's masks at step 0
     beat_prior: bool = False
     stop_reason: str | None = None  # why training stopped before masks.steps (the plateau rule); None: it did not
+    cooldown_start: int | None = None  # the step where the plateau started the cooldown; None: no cooldown
     loss: str = "ce"
     validation_images: int = 0
     train_images: int = 0
@@ -121,11 +124,14 @@ class LoopState:
     best: BestMasks = field(default_factory=BestMasks)
     stop_reason: str | None = None  # set by the plateau rule before the budget ran out
     stop_step: int | None = None
+    cooldown: list[int] | None = None  # [start, length] once the plateau started the cooldown
+    plateau: str | None = None  # why the cooldown started
 
     def to_dict(self) -> dict[str, Any]:
         best = self.best
         return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "seconds": self.seconds,
                 "history": self.history, "stop_reason": self.stop_reason, "stop_step": self.stop_step,
+                "cooldown": self.cooldown, "plateau": self.plateau,
                 "best": {"score": None if best.step < 0 else best.score, "step": best.step,
                          "start_score": best.start_score,
                          "indices": {name: idx.to(torch.int16) for name, idx in best.indices.items()}}}
@@ -136,7 +142,7 @@ class LoopState:
         return cls(saved["step"], saved["epoch"], saved["batch"], saved["seconds"], saved["history"],
                    BestMasks(-float("inf") if best["score"] is None else best["score"], best["step"],
                              best["indices"], best["start_score"]),
-                   saved.get("stop_reason"), saved.get("stop_step"))
+                   saved.get("stop_reason"), saved.get("stop_step"), saved.get("cooldown"), saved.get("plateau"))
 
 
 @dataclass
@@ -163,6 +169,8 @@ class MaskTraining:
         self.eval_batch, self.workers = recipe.data.eval_batch_size, recipe.data.workers
         self.per_epoch = steps_per_epoch(len(train), self.cfg.batch_size, run.world_size)
         self.eval_every = self.cfg.eval_every or max(1, -(-self.cfg.steps // EVALUATIONS_PER_RUN))
+        # whole evaluation intervals, so that the cooldown ends on an evaluation of the annealed masks
+        self.cooldown_steps = -(-round(self.cfg.cooldown * self.cfg.steps) // self.eval_every) * self.eval_every
         self.sampler = ResumableBatchSampler(len(train), self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
                                              rank=run.rank, world_size=run.world_size)
         self.state = LoopState()
@@ -256,12 +264,33 @@ class MaskTraining:
             self.run_ctx.on_evaluation(self, point)
             self.started += time.time() - hook_started
         if self.rule is not None and state.step < self.cfg.steps:
-            state.stop_reason = self.rule.reason(state.history)
-            state.stop_step = state.step if state.stop_reason else None
+            self.apply_rule()
         if self.run_ctx.rank == 0:
             shown = f"validation top1 {point['top1']:.2f}% " if "top1" in point else ""
             self.run_ctx.log(f"step {point['step']} (epoch {point['epoch']:.2f}): {shown}argmax changed "
                              f"{100 * point['changed']:.2f}% of blocks")
+
+    def apply_rule(self) -> None:
+        """The plateau rule after an evaluation: stop now (the argmax has settled by itself, or the cooldown is
+        over), start the cooldown (the score has plateaued, the argmax still moves), or go on."""
+        state = self.state
+        if state.cooldown is not None:
+            start, length = state.cooldown
+            if state.step >= start + length:
+                state.stop_reason = (f"{state.plateau} at step {start}, then the learning rate and the temperature "
+                                     f"annealed over {length} steps (masks.cooldown); the argmax changed on "
+                                     f"{100 * state.history[-1]['changed']:.3f}% of blocks in the last evaluation")
+                state.stop_step = state.step
+            return
+        state.stop_reason = self.rule.reason(state.history)
+        state.stop_step = state.step if state.stop_reason else None
+        plateau = None if state.stop_reason or not self.cooldown_steps else self.rule.plateau(state.history)
+        if plateau:
+            length = min(self.cooldown_steps, self.cfg.steps - state.step)
+            state.cooldown, state.plateau = [state.step, length], plateau
+            self.step_fn.schedule.cooldown = Cooldown(state.step, length)
+            self.run_ctx.log(f"step {state.step}: {plateau}; annealing the learning rate and the temperature over "
+                             f"the next {length} steps (masks.cooldown), then stopping")
 
     def validation_metrics(self) -> dict[str, float]:
         """Top-1/top-5 on the validation split, computed by rank 0; every rank gets the same top-1."""
@@ -309,6 +338,8 @@ class MaskTraining:
         self.step_fn.optimizer.load_state_dict(saved.optimizer)
         self.step_fn.scheduler.load_state_dict(saved.scheduler)
         self.state = LoopState.from_dict(saved.state)
+        if self.state.cooldown is not None:
+            self.step_fn.schedule.cooldown = Cooldown(*self.state.cooldown)
         rng = saved.rng[self.run_ctx.rank] if self.run_ctx.rank < len(saved.rng) else saved.rng[0]
         half = rng.numel() // 2
         torch.set_rng_state(rng[:half].clone())
@@ -330,7 +361,8 @@ class MaskTraining:
                            self.interrupted, checksums,
                            best_step=max(best.step, 0) if best.indices else state.step,
                            best_score=best.score if best.indices else None, start_score=best.start_score,
-                           beat_prior=best.beat_start, stop_reason=state.stop_reason, loss=self.step_fn.loss.kind,
+                           beat_prior=best.beat_start, stop_reason=state.stop_reason,
+                           cooldown_start=state.cooldown[0] if state.cooldown else None, loss=self.step_fn.loss.kind,
                            validation_images=len(self.validation) if self.validation is not None else 0,
                            train_images=len(self.train))
 

@@ -16,8 +16,7 @@ from torch import nn
 from pipeline.errors import PipelineError
 from pipeline.masks.eligibility import EligibilityReport
 from pipeline.masks.gumbel import attach_masks, mask_training_mode, masked_modules, prepare_step, set_kept_magnitude_weight
-from pipeline.masks.schedules import (distillation_loss, feature_distillation_loss, temperature, warmup_cosine_factor,
-                                      warmup_steps)
+from pipeline.masks.schedules import MaskSchedule, distillation_loss, feature_distillation_loss, warmup_steps
 from pipeline.recipe.config import MaskConfig, Recipe
 from pipeline.training import StepSettings, train_step
 
@@ -150,9 +149,10 @@ class MaskStep:
     settings: StepSettings
     device: torch.device
     cfg: MaskConfig
+    schedule: MaskSchedule  # the learning-rate factor (the scheduler's) and the temperature, cooldown included
 
     def tau(self, index: int) -> float:
-        return temperature(index, self.cfg.steps, self.cfg.tau_start, self.cfg.tau_end, self.cfg.tau_schedule)
+        return self.schedule.tau(index)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor | None, index: int) -> torch.Tensor:
         mask_training_mode(self.model)
@@ -189,8 +189,8 @@ def build_mask_step(model: nn.Module, report: EligibilityReport, recipe: Recipe,
     layer_outputs = (LayerOutputs(model, teacher, [layer.name for layer in report.masked])
                      if "features" in loss_terms(loss) else None)
     optimizer = mask_optimizer(trainable, cfg.lr, cfg.weight_decay)
-    warmup = warmup_steps(cfg.steps, cfg.warmup_share)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda index: warmup_cosine_factor(index, cfg.steps, warmup, cfg.lr_final))
+    schedule = MaskSchedule(cfg.steps, warmup_steps(cfg.steps, cfg.warmup_share), cfg.lr_final, cfg.tau_start,
+                            cfg.tau_end, cfg.tau_schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: schedule.lr_factor(index))
     return MaskStep(model, wrapped, MaskLoss(loss, teacher, layer_outputs, cfg.distill_temperature,
-                                             cfg.feature_weight), optimizer, scheduler, settings, device, cfg)
+                                             cfg.feature_weight), optimizer, scheduler, settings, device, cfg, schedule)

@@ -69,6 +69,60 @@ def temperature(step: int, total: int, start: float, end: float, schedule: str) 
     raise PipelineError(f"unknown masks.tau_schedule {schedule!r}; use constant, linear, exponential or cosine")
 
 
+class MaskSchedule:
+    """The learning-rate factor and the Gumbel temperature at each step of a run: warm-up + cosine and the
+    recipe's temperature schedule over the budget (`masks.steps`), until a `Cooldown` (set when the
+    validation score plateaus) takes both to their final values early."""
+
+    def __init__(self, steps: int, warmup: int, lr_final: float, tau_start: float, tau_end: float,
+                 tau_schedule: str) -> None:
+        self.steps, self.warmup, self.lr_final = steps, warmup, lr_final
+        self.tau_start, self.tau_end, self.tau_schedule = tau_start, tau_end, tau_schedule
+        self.cooldown: Cooldown | None = None
+
+    def base_factor(self, step: int) -> float:
+        return warmup_cosine_factor(step, self.steps, self.warmup, self.lr_final)
+
+    def base_tau(self, step: int) -> float:
+        return temperature(step, self.steps, self.tau_start, self.tau_end, self.tau_schedule)
+
+    def lr_factor(self, step: int) -> float:
+        if self.cooldown is None or step <= self.cooldown.start:
+            return self.base_factor(step)
+        return self.cooldown.blend(self.base_factor(self.cooldown.start), self.lr_final, step)
+
+    def tau(self, step: int) -> float:
+        if self.cooldown is None or step <= self.cooldown.start:
+            return self.base_tau(step)
+        return self.cooldown.blend(self.base_tau(self.cooldown.start), self.tau_end, step)
+
+
+@dataclass(frozen=True)
+class Cooldown:
+    """The anneal that ends a run once its validation score has plateaued: from step `start` the learning-rate
+    factor and the Gumbel temperature go from their values at `start` to their final ones along half a cosine
+    over `length` steps (the decay phase of a warmup-stable-decay schedule, started when it is needed rather
+    than at a fixed step: Hu et al., MiniCPM, 2024; Haegele et al., "Scaling Laws and Compute-Optimal Training
+    Beyond Fixed Training Durations", 2024). At its end the argmax has settled (the logits no longer move) and
+    training stops."""
+
+    start: int
+    length: int
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.length < 1:
+            raise PipelineError(f"cooldown from step {self.start} over {self.length} steps: needs a start >= 0 "
+                                "and at least 1 step")
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    def blend(self, at_start: float, final: float, step: int) -> float:
+        progress = min(max(step - self.start, 0) / self.length, 1.0)
+        return final + (at_start - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 # --------------------------------------------------------------------------- early stop and best masks
 @dataclass(frozen=True)
 class PlateauRule:
@@ -108,16 +162,25 @@ class PlateauRule:
                 since += 1
         return since
 
-    def reason(self, history: list[dict]) -> str | None:
-        """Why training stops after the last evaluation of `history`; None to go on."""
+    def plateau(self, history: list[dict]) -> str | None:
+        """The validation half of the rule: why the score has plateaued after the last evaluation; None if not."""
         if len(history) < 2:
             return None
-        stale, changed = self.stale(history), history[-1]["changed"]
-        if stale < self.patience or changed > self.changed:
+        stale = self.stale(history)
+        if stale < self.patience:
             return None
         return (f"plateau: validation top-1 not above {history[-1 - stale]['top1']:.2f}% + one image "
-                f"({self.resolution:.2f} pt) for {stale} evaluations and the argmax changed on "
-                f"{100 * changed:.3f}% of blocks (at most {100 * self.changed:.3f}%)")
+                f"({self.resolution:.2f} pt) for {stale} evaluations")
+
+    def reason(self, history: list[dict]) -> str | None:
+        """Why training stops after the last evaluation of `history` without a cooldown (the plateau, and the
+        argmax settled by itself); None to go on."""
+        plateau = self.plateau(history)
+        changed = history[-1]["changed"] if history else 1.0
+        if plateau is None or changed > self.changed:
+            return None
+        return (f"{plateau} and the argmax changed on {100 * changed:.3f}% of blocks (at most "
+                f"{100 * self.changed:.3f}%)")
 
     def first_stop(self, history: list[dict]) -> int | None:
         """Index of the evaluation after which the rule stops a run with this history; None: never."""

@@ -183,11 +183,14 @@ class MaskConfig:
     validation_images: int = at_least(0, 1000, "0 (no validation split) or more")
     # steps between validation evaluations; 0 = a twentieth of the budget
     eval_every: int = at_least(0, 0, "0 (a twentieth of masks.steps) or more steps")
-    # plateau rule: stop once validation top-1 has not risen by more than one image for this many evaluations and
-    # the argmax changed on at most stop_changed of the blocks; 0 = run all masks.steps
-    # (docs/time-to-accuracy.md has the measurements behind both defaults)
+    # plateau rule: once validation top-1 has not risen by more than one image for stop_patience evaluations, stop
+    # at once if the argmax changed on at most stop_changed of the blocks, else anneal the learning rate and the
+    # temperature to their final values over `cooldown` of the budget and stop then; 0 = run all masks.steps
+    # (docs/time-to-accuracy.md has the measurements behind the defaults)
     stop_patience: int = at_least(0, 4, "0 (run all masks.steps) or more evaluations")
     stop_changed: float = within(0, 1, 0.005, "a share of blocks in [0, 1)", high_open=True)
+    cooldown: float = within(0, 1, 0.1, "a share of masks.steps in [0, 1) (0: no cooldown, stop only once the "
+                             "argmax has settled by itself)", high_open=True)
     # steps; a checkpoint is also written on SIGTERM
     checkpoint_every: int = at_least(0, 200, "0 (only on SIGTERM) or more steps")
     # auto: bfloat16 autocast + channels_last on CUDA and on CPUs with AMX bf16, else float32 (channels_last on

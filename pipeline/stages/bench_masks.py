@@ -1,9 +1,11 @@
 """`bench-masks`: time to accuracy of mask training, today's full budget against the plateau rule, in one run.
 
 One `train-masks` run over the whole budget (masks.stop_patience = 0), with the test top-1 of the best masks so
-far recorded at every evaluation (outside the clock). The plateau rule (`PlateauRule`, the recipe's
-masks.stop_patience / stop_changed) reads the evaluation history only, so where it would have stopped this
-run is read off the same run (`first_stop`): a run with the rule on is this run's prefix, up to the stop.
+far recorded at every evaluation (outside the clock). The plateau rule without a cooldown (`PlateauRule`,
+masks.stop_patience / stop_changed) reads the evaluation history only, so where it would have stopped this run is
+read off the same run (`first_stop`). The recipe's rule with its cooldown (masks.cooldown) changes the schedules
+after the plateau, so it is a second run from the same start (identical to the first up to the cooldown: checked
+and recorded as `prefix_matches`).
 
 Writes OUT/<model>/bench_masks.json and adds the model to OUT/bench-masks.json, bench-masks.md (table) and
 bench-masks.png (validation and test top-1 of the best masks against seconds, the rule's stop marked).
@@ -11,6 +13,7 @@ bench-masks.png (validation and test top-1 of the best masks against seconds, th
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
 import time
@@ -25,7 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, read_json, write_json, write_text
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.gumbel import load_mask_logits, mask_logits, use_argmax_masks
-from pipeline.masks.learning import MaskTraining, learn_masks
+from pipeline.masks.learning import LearnResult, MaskTraining, learn_masks
 from pipeline.masks.schedules import PlateauRule
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
@@ -68,20 +71,43 @@ class BestMasksOnTest:
         point["best_test_top1"] = self.top1
 
 
-def read_off(history: list[dict], rule: PlateauRule) -> dict:
-    """Today's rule (the last evaluation) and the plateau rule (its first stop) on one full-budget history."""
-    def at(point: dict) -> dict:
-        return {"step": point["step"], "seconds": point["seconds"], "validation_top1": point["best_validation_top1"],
-                "test_top1": point["best_test_top1"]}
+def at(point: dict) -> dict:
+    return {"step": point["step"], "seconds": point["seconds"], "validation_top1": point["best_validation_top1"],
+            "test_top1": point["best_test_top1"]}
 
-    stop = rule.first_stop(history)
-    plateau = at(history[stop] if stop is not None else history[-1])
-    plateau["reason"] = rule.reason(history[:stop + 1]) if stop is not None else "never: ran the whole budget"
-    full = at(history[-1])
-    return {"full_budget": full, "plateau": plateau,
-            "time_ratio": plateau["seconds"] / full["seconds"] if full["seconds"] else None,
-            "validation_difference": plateau["validation_top1"] - full["validation_top1"],
-            "test_difference": plateau["test_top1"] - full["test_top1"], "resolution": rule.resolution}
+
+def compared(point: dict, full: dict) -> dict:
+    return {**point, "time_ratio": point["seconds"] / full["seconds"] if full["seconds"] else None,
+            "validation_difference": point["validation_top1"] - full["validation_top1"],
+            "test_difference": point["test_top1"] - full["test_top1"]}
+
+
+def read_off(full_history: list[dict], rule: PlateauRule, rule_run: LearnResult | None) -> dict:
+    """The whole budget (today's rule: the last evaluation of the full run), the plateau rule without a cooldown
+    (where it would have stopped the full run: `first_stop`) and the recipe's rule (the run made with it; without
+    a cooldown, that read-off again)."""
+    full = at(full_history[-1])
+    stop = rule.first_stop(full_history)
+    settled = at(full_history[stop] if stop is not None else full_history[-1])
+    settled["reason"] = rule.reason(full_history[:stop + 1]) if stop is not None else "never: ran the whole budget"
+    entry = {"full_budget": full, "settled": compared(settled, full), "resolution": rule.resolution}
+    if rule_run is None:
+        entry["plateau"] = entry["settled"]
+        return entry
+    plateau = at(rule_run.history[-1])
+    plateau["reason"] = rule_run.stop_reason or "never: ran the whole budget"
+    plateau["cooldown_start"] = rule_run.cooldown_start
+    entry["plateau"] = compared(plateau, full)
+    entry["plateau_history"] = rule_run.history
+    entry["prefix_matches"] = same_prefix(full_history, rule_run.history, rule_run.cooldown_start)
+    return entry
+
+
+def same_prefix(full: list[dict], ruled: list[dict], until: int | None) -> bool:
+    """Whether the rule's run evaluated exactly as the full run up to the start of its cooldown."""
+    keys = ("step", "top1", "changed")
+    common = [point for point in ruled if until is None or point["step"] <= until]
+    return len(full) >= len(common) and all(all(a[k] == b[k] for k in keys) for a, b in zip(full, common))
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
@@ -95,17 +121,23 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
                          cfg.include_classifier)
     data = build_datasets(recipe, augment_train=cfg.augment)
     dense = evaluate(model, data.eval, recipe.data.eval_batch_size, device, desc="eval dense")
-    full = dataclasses.replace(recipe, masks=dataclasses.replace(cfg, stop_patience=0,
-                                                                 steps=options.steps or cfg.steps))
+    budget = dataclasses.replace(cfg, steps=options.steps or cfg.steps)
     started = time.time()
-    result = learn_masks(model, report, full, data, device, on_evaluation=BestMasksOnTest(
-        data, recipe.data.eval_batch_size, device))
-    rule = PlateauRule(cfg.stop_patience, cfg.stop_changed, result.validation_images)
+    print(f"bench-masks: the whole budget ({budget.steps} steps, rule off)")
+    full = learn_masks(copy.deepcopy(model), report, dataclasses.replace(
+        recipe, masks=dataclasses.replace(budget, stop_patience=0)), data, device,
+        on_evaluation=BestMasksOnTest(data, recipe.data.eval_batch_size, device))
+    ruled = None
+    if cfg.cooldown:  # the cooldown changes the run after the plateau: it is measured, not read off
+        print(f"bench-masks: the plateau rule with its cooldown (masks.cooldown = {cfg.cooldown})")
+        ruled = learn_masks(copy.deepcopy(model), report, dataclasses.replace(recipe, masks=budget), data, device,
+                            on_evaluation=BestMasksOnTest(data, recipe.data.eval_batch_size, device))
+    rule = PlateauRule(cfg.stop_patience, cfg.stop_changed, full.validation_images)
     entry = {"model": recipe.name, "weights": source, "data": data.description, "dense_test_top1": dense["top1"],
-             "budget_steps": full.masks.steps, "loss": result.loss, "stop_patience": cfg.stop_patience,
-             "stop_changed": cfg.stop_changed, "validation_images": result.validation_images,
-             "wall_seconds": round(time.time() - started, 1), **read_off(result.history, rule),
-             "history": result.history, "command": "python -m pipeline " + " ".join(sys.argv[1:])}
+             "budget_steps": budget.steps, "loss": full.loss, "stop_patience": cfg.stop_patience,
+             "stop_changed": cfg.stop_changed, "cooldown": cfg.cooldown, "validation_images": full.validation_images,
+             "wall_seconds": round(time.time() - started, 1), **read_off(full.history, rule, ruled),
+             "history": full.history, "command": "python -m pipeline " + " ".join(sys.argv[1:])}
     write_json(paths.root / "bench_masks.json", entry)
     combined = record(paths.root.parent / "bench-masks.json", entry)
     write_text(paths.root.parent / "bench-masks.md", table(combined))
@@ -126,13 +158,19 @@ def record(path: Path, entry: dict) -> dict:
     return combined
 
 
+ROWS = (("full budget", "full_budget"), ("plateau, no cooldown (read off)", "settled"),
+        ("plateau + cooldown (the recipe's rule)", "plateau"))
+
+
 def table(entries: dict) -> str:
     lines = ["| model | budget | rule | steps | seconds | validation top-1 % (best masks) | test top-1 % | "
              "time vs full |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     for name, entry in entries.items():
-        for label, key in (("full budget", "full_budget"), ("plateau", "plateau")):
+        for label, key in ROWS:
+            if key not in entry or (key == "plateau" and "plateau_history" not in entry):
+                continue  # without a cooldown the recipe's rule is the read-off row
             point = entry[key]
-            ratio = "1.00" if key == "full_budget" else f"{entry['time_ratio']:.2f}"
+            ratio = "1.00" if key == "full_budget" else f"{point['time_ratio']:.2f}"
             lines.append(f"| {name} | {entry['budget_steps']} | {label} | {point['step']} | {point['seconds']:.1f} | "
                          f"{point['validation_top1']:.2f} | {point['test_top1']:.2f} | {ratio} |")
     return "\n".join(lines) + "\n"
@@ -151,6 +189,10 @@ def plot(entries: dict, path: Path) -> None:
         ax.plot(seconds, [point["best_validation_top1"] for point in history], marker="o", ms=3,
                 label="validation (best masks)")
         ax.plot(seconds, [point["best_test_top1"] for point in history], marker="s", ms=3, label="test (best masks)")
+        ruled = entry.get("plateau_history")
+        if ruled:
+            ax.plot([point["seconds"] for point in ruled], [point["best_test_top1"] for point in ruled], ls=":",
+                    marker="^", ms=3, label="test (best masks), rule's run")
         stop = entry["plateau"]
         ax.axvline(stop["seconds"], color="black", ls="--", lw=1, label=f"plateau rule: step {stop['step']}")
         ax.set_title(f"{name} ({entry['budget_steps']} steps)", fontsize=9)
