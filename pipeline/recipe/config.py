@@ -189,7 +189,7 @@ class MaskConfig:
     # (docs/time-to-accuracy.md has the measurements behind the defaults)
     stop_patience: int = at_least(0, 4, "0 (run all masks.steps) or more evaluations")
     stop_changed: float = within(0, 1, 0.005, "a share of blocks in [0, 1)", high_open=True)
-    cooldown: float = within(0, 1, 0.1, "a share of masks.steps in [0, 1) (0: no cooldown, stop only once the "
+    cooldown: float = within(0, 1, 0.2, "a share of masks.steps in [0, 1) (0: no cooldown, stop only once the "
                              "argmax has settled by itself)", high_open=True)
     # steps; a checkpoint is also written on SIGTERM
     checkpoint_every: int = at_least(0, 200, "0 (only on SIGTERM) or more steps")
