@@ -23,7 +23,7 @@ TAU_SCHEDULES = ("constant", "linear", "exponential", "cosine")
 MASK_LOSS_TERMS = ("ce", "pseudo", "distill", "features")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
-# training steps (pretrain, masks): auto = bfloat16 autocast where it is faster (CUDA, CPUs with AMX bf16)
+# training steps (pretrain, masks): auto = bfloat16 autocast where it is faster (CUDA, CPUs with AMX or AVX512-BF16)
 TRAINING_PRECISIONS = ("auto", "float32", "bfloat16")
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
 TRITON_RELEASES = tuple(TRITON_TENSORRT)
@@ -133,8 +133,8 @@ class PretrainConfig:
     # share of the one-cycle schedule spent raising the learning rate
     warmup_share: float = rule(0.25, check=lambda v, r, _: 0 < v < 1, valid="in (0, 1)")
     augment: bool = True  # random crop and flip of the training images
-    # auto: bfloat16 autocast + channels_last on CUDA and on CPUs with AMX bf16 (2.3x faster there), else float32
-    # (channels_last on CPUs)
+    # auto: bfloat16 autocast + channels_last on CUDA and on CPUs with AMX or AVX512-BF16 (1.5-2.3x faster there),
+    # else float32 (channels_last on CPUs)
     precision: str = choice(TRAINING_PRECISIONS, "auto")
     seed: int = 0
 
@@ -193,8 +193,8 @@ class MaskConfig:
                              "argmax has settled by itself)", high_open=True)
     # steps; a checkpoint is also written on SIGTERM
     checkpoint_every: int = at_least(0, 200, "0 (only on SIGTERM) or more steps")
-    # auto: bfloat16 autocast + channels_last on CUDA and on CPUs with AMX bf16, else float32 (channels_last on
-    # CPUs); the logits, their optimiser and every evaluation stay float32
+    # auto: bfloat16 autocast + channels_last on CUDA and on CPUs with AMX or AVX512-BF16, else float32
+    # (channels_last on CPUs); the logits, their optimiser and every evaluation stay float32
     precision: str = choice(TRAINING_PRECISIONS, "auto")
     seed: int = 0
 
