@@ -45,6 +45,8 @@ BAD_SETTINGS = [  # (--set assignment, text the error must contain)
     ("masks.feature_weight=0", "masks.feature_weight = 0.0"),
     ("masks.lr_final=2", "masks.lr_final = 2.0"),
     ("masks.stop_changed=1", "masks.stop_changed = 1.0"),
+    ("masks.cooldown=1", "masks.cooldown = 1.0"),
+    ("masks.cooldown=-0.1", "masks.cooldown = -0.1"),
     ("masks.lr=fast", "masks.lr = 'fast'"),
     ("masks.lrr=0.1", "unknown field 'lrr'"),
     ("num_classes=0", "num_classes = 0"),
