@@ -289,8 +289,9 @@ class MaskTraining:
             length = min(self.cooldown_steps, self.cfg.steps - state.step)
             state.cooldown, state.plateau = [state.step, length], plateau
             self.step_fn.schedule.cooldown = Cooldown(state.step, length)
-            self.run_ctx.log(f"step {state.step}: {plateau}; annealing the learning rate and the temperature over "
-                             f"the next {length} steps (masks.cooldown), then stopping")
+            if self.run_ctx.rank == 0:
+                self.run_ctx.log(f"step {state.step}: {plateau}; annealing the learning rate and the temperature "
+                                 f"over the next {length} steps (masks.cooldown), then stopping")
 
     def validation_metrics(self) -> dict[str, float]:
         """Top-1/top-5 on the validation split, computed by rank 0; every rank gets the same top-1."""
