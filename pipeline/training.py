@@ -125,8 +125,8 @@ class StepSettings:
     Precision `auto` (the recipes' `pretrain.precision` and `masks.precision`) turns them on where they are
     faster: CUDA devices and CPUs with bfloat16 units, AMX or AVX512-BF16 (`bfloat16_is_faster`). Weights, mask
     logits, optimiser state and every evaluation stay float32; autocast only runs the convolutions and matrix
-    products in bfloat16. On CPUs the memory format is channels_last in float32 too (oneDNN's preferred layout: the demo's
-    float32 step 17% faster on a 2-core AVX2 EPYC, docs/time-to-accuracy.md). `for_device(device,
+    products in bfloat16. On CPUs the memory format is channels_last in float32 too (oneDNN's preferred layout:
+    the demo's float32 step 17% faster on a 2-core AVX2 EPYC, docs/time-to-accuracy.md). `for_device(device,
     cuda_path=True)` turns both on for any device, so a CPU test runs the code a GPU runs."""
 
     autocast: bool = False

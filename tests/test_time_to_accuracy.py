@@ -245,6 +245,19 @@ def test_bench_masks_runs_the_rule_with_its_cooldown_beside_the_full_budget(tmp_
     assert "| tiny_resnet | 60 | plateau + cooldown (the recipe's rule) |" in table and "no cooldown" in table
 
 
+def test_bench_masks_labels_a_rule_run_that_stopped_without_its_cooldown(tmp_path):
+    """With a cooldown configured, a run whose argmax settles by itself stops at the plateau: the table says so
+    instead of naming a cooldown that never ran."""
+    code = main(["bench-masks", "--model", "tiny_resnet", "--out", str(tmp_path), "--set", "masks.steps=20",
+                 "--set", "masks.eval_every=2", "--set", "masks.stop_changed=0.5", "--set", "masks.stop_patience=3",
+                 "--set", "masks.cooldown=0.2", "--set", "data.synthetic_size=128"])
+    assert code == 0
+    entry = json.loads((tmp_path / "tiny_resnet" / "bench_masks.json").read_text())
+    assert entry["plateau"]["cooldown_start"] is None and entry["plateau"]["step"] == entry["settled"]["step"]
+    table = (tmp_path / "bench-masks.md").read_text()
+    assert "plateau, settled (the recipe's rule)" in table and "plateau + cooldown" not in table
+
+
 def test_evaluation_batches_take_the_models_memory_format():
     """evaluate() feeds channels_last batches to a channels_last model (faster on CPUs) and NCHW batches to an
     NCHW one, with the same accuracy either way."""

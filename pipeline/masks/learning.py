@@ -276,7 +276,7 @@ class MaskTraining:
         state = self.state
         if state.cooldown is not None:
             start, length = state.cooldown
-            if state.step >= Cooldown(start, length).end:
+            if state.step >= start + length:
                 state.stop_reason = (f"{state.plateau} at step {start}, then the learning rate and the temperature "
                                      f"annealed over {length} steps (masks.cooldown); the argmax changed on "
                                      f"{100 * state.history[-1]['changed']:.3f}% of blocks in the last evaluation")

@@ -114,10 +114,6 @@ class Cooldown:
             raise PipelineError(f"cooldown from step {self.start} over {self.length} steps: needs a start >= 0 "
                                 "and at least 1 step")
 
-    @property
-    def end(self) -> int:
-        return self.start + self.length
-
     def blend(self, at_start: float, final: float, step: int) -> float:
         progress = min(max(step - self.start, 0) / self.length, 1.0)
         return final + (at_start - final) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -159,7 +159,7 @@ def record(path: Path, entry: dict) -> dict:
 
 
 ROWS = (("full budget", "full_budget"), ("plateau, no cooldown (read off)", "settled"),
-        ("plateau + cooldown (the recipe's rule)", "plateau"))
+        ("the recipe's rule", "plateau"))
 
 
 def table(entries: dict) -> str:
@@ -170,6 +170,9 @@ def table(entries: dict) -> str:
             if key not in entry or (key == "plateau" and "plateau_history" not in entry):
                 continue  # without a cooldown the recipe's rule is the read-off row
             point = entry[key]
+            if key == "plateau":  # its run may have stopped without a cooldown (the argmax settled by itself)
+                label = ("plateau + cooldown (the recipe's rule)" if point.get("cooldown_start") is not None
+                         else "plateau, settled (the recipe's rule)")
             ratio = "1.00" if key == "full_budget" else f"{point['time_ratio']:.2f}"
             lines.append(f"| {name} | {entry['budget_steps']} | {label} | {point['step']} | {point['seconds']:.1f} | "
                          f"{point['validation_top1']:.2f} | {point['test_top1']:.2f} | {ratio} |")

@@ -6,9 +6,9 @@ step is `pipeline.training.train_step`; the mask steps are the ones train-masks 
 `pipeline.masks.mask_step.build_mask_step` (Gumbel noise, every mask, the recipe's kept-magnitude
 regulariser, AdamW and its schedules, feature hooks when the loss has them, the step settings train-masks
 uses here: the recipe's `masks.precision`, whose `auto` is bfloat16 autocast and channels_last on CPUs with AMX
-or AVX512-BF16 and float32 with channels_last on other CPUs; `--cuda-path` forces the bfloat16 settings). The dense step updates every weight
-with SGD under the same settings. `--set SECTION.FIELD=VALUE` changes every timed model's recipe (e.g.
-`masks.precision=float32`, `masks.batch_size=64`), checked before anything is timed. CPU only.
+or AVX512-BF16 and float32 with channels_last on other CPUs; `--cuda-path` forces the bfloat16 settings). The
+dense step updates every weight with SGD under the same settings. `--set SECTION.FIELD=VALUE` changes every timed
+model's recipe (e.g. `masks.precision=float32`, `masks.batch_size=64`), checked before anything is timed. CPU only.
 """
 from __future__ import annotations
 
