@@ -86,6 +86,7 @@ def test_weights_of_another_architecture(tmp_path):
     assert not files_in(tmp_path / "out") & ARTIFACTS
 
 
+@pytest.mark.slow  # a CLI run of 5-12 s: the whole suite keeps it, the fast subset leaves it out
 def test_truncated_onnx_for_build(built, tmp_path):
     out, weights = copy_of(built, tmp_path)
     folder = out / MODEL
@@ -102,6 +103,7 @@ def test_truncated_onnx_for_build(built, tmp_path):
     assert not (folder / "build.json").exists() and not files_in(folder / "onnxruntime")
 
 
+@pytest.mark.slow  # a CLI run of 5-12 s: the whole suite keeps it, the fast subset leaves it out
 def test_truncated_engine_for_verify(built, tmp_path):
     out, weights = copy_of(built, tmp_path)
     folder = out / MODEL

@@ -36,6 +36,7 @@ def test_bench_train_gate_fails_with_exit_1(tmp_path):
     assert "gate failed" in result.stderr and json.loads((tmp_path / "bench-train.json").read_text())["passed"] is False
 
 
+@pytest.mark.slow  # a CLI run of 5-12 s: the whole suite keeps it, the fast subset leaves it out
 def test_bench_train_distillation_gate_fails_with_exit_1(tmp_path):
     result = bench(tmp_path, "--max-ratio", "100", "--max-distill-ratio", "0.01")
     assert result.returncode == 1 and "distillation step costs" in result.stderr

@@ -73,6 +73,7 @@ def test_augmented_training_images_keep_a_plain_view_for_validation_and_calibrat
     assert torch.equal(first, second) and fashion.plain_train.images is fashion.train.images  # shared, not copied
 
 
+@pytest.mark.slow  # a CLI run of 5-12 s: the whole suite keeps it, the fast subset leaves it out
 def test_mismatched_classes_through_the_cli_are_one_error_line(tmp_path):
     make_image_folder(tmp_path / "data", {"train": ["cat", "dog"], "val": ["cat"]})
     out = tmp_path / "out"
