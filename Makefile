@@ -98,7 +98,7 @@ verify-onnx: $(STAMP)
 BYTECODE_STAMP := $(VENV)/.bytecode
 $(BYTECODE_STAMP): $(STAMP)
 	$(if $(PYTHONDONTWRITEBYTECODE),$(PY) -m compileall -q -j 0 "$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")" \
-	  > /dev/null || echo "note: some files in .venv are not Python $$($(PY) -c 'import sys; print(sys.version[:4])') source (torch ships one for 3.12); the rest is compiled")
+	  > /dev/null || echo "note: compileall could not compile every file in .venv (torch ships one written for Python 3.12); the rest is compiled")
 	touch $(BYTECODE_STAMP)
 
 bytecode: $(BYTECODE_STAMP)

@@ -158,24 +158,31 @@ def record(path: Path, entry: dict) -> dict:
     return combined
 
 
-ROWS = (("full budget", "full_budget"), ("plateau, no cooldown (read off)", "settled"),
-        ("the recipe's rule", "plateau"))
+ROWS = ("full_budget", "settled", "plateau")
+
+
+def row_label(key: str, point: dict) -> str:
+    """The table's name for a run; the rule's own run may have stopped without a cooldown (the argmax settled)."""
+    if key == "full_budget":
+        return "full budget"
+    if key == "settled":
+        return "plateau, no cooldown (read off)"
+    cooled = point.get("cooldown_start") is not None
+    return "plateau + cooldown (the recipe's rule)" if cooled else "plateau, settled (the recipe's rule)"
 
 
 def table(entries: dict) -> str:
     lines = ["| model | budget | rule | steps | seconds | validation top-1 % (best masks) | test top-1 % | "
              "time vs full |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     for name, entry in entries.items():
-        for label, key in ROWS:
+        for key in ROWS:
             if key not in entry or (key == "plateau" and "plateau_history" not in entry):
                 continue  # without a cooldown the recipe's rule is the read-off row
             point = entry[key]
-            if key == "plateau":  # its run may have stopped without a cooldown (the argmax settled by itself)
-                label = ("plateau + cooldown (the recipe's rule)" if point.get("cooldown_start") is not None
-                         else "plateau, settled (the recipe's rule)")
             ratio = "1.00" if key == "full_budget" else f"{point['time_ratio']:.2f}"
-            lines.append(f"| {name} | {entry['budget_steps']} | {label} | {point['step']} | {point['seconds']:.1f} | "
-                         f"{point['validation_top1']:.2f} | {point['test_top1']:.2f} | {ratio} |")
+            lines.append(f"| {name} | {entry['budget_steps']} | {row_label(key, point)} | {point['step']} | "
+                         f"{point['seconds']:.1f} | {point['validation_top1']:.2f} | {point['test_top1']:.2f} | "
+                         f"{ratio} |")
     return "\n".join(lines) + "\n"
 
 
