@@ -187,7 +187,7 @@ class MaskConfig:
     # at once if the argmax changed on at most stop_changed of the blocks, else anneal the learning rate and the
     # temperature to their final values over `cooldown` of the budget and stop then; 0 = run all masks.steps
     # (docs/time-to-accuracy.md has the measurements behind the defaults)
-    stop_patience: int = at_least(0, 4, "0 (run all masks.steps) or more evaluations")
+    stop_patience: int = at_least(0, 3, "0 (run all masks.steps) or more evaluations")
     stop_changed: float = within(0, 1, 0.005, "a share of blocks in [0, 1)", high_open=True)
     cooldown: float = within(0, 1, 0.2, "a share of masks.steps in [0, 1) (0: no cooldown, stop only once the "
                              "argmax has settled by itself)", high_open=True)
