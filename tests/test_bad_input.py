@@ -45,7 +45,15 @@ def test_missing_image_folder(tmp_path):
     empty.mkdir()
     result = cli("train-masks", "--model", MODEL, "--data", str(empty), "--out", str(tmp_path / "out"))
     assert_one_error_line(result, f"{empty}/train does not exist")
-    assert not files_in(tmp_path / "out") & ARTIFACTS
+    assert not (tmp_path / "out").exists()  # found inside the stage: the folders the run made are removed
+
+
+@pytest.mark.parametrize("setting", ["masks.stop_patience=0", "masks.validation_images=0"])
+def test_bench_masks_without_the_rule_leaves_no_out_folder(tmp_path, capsys, setting):
+    out = tmp_path / "new" / "engines"
+    assert main(["bench-masks", "--model", MODEL, "--out", str(out), "--set", setting]) == 2
+    assert "bench-masks needs the plateau rule and a validation split" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_missing_fashion_mnist(tmp_path, monkeypatch, capsys):
