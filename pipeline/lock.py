@@ -27,7 +27,7 @@ def model_folder_lock(folder: Path) -> Iterator[None]:
 
     Not reentrant (a second `with` in the same process is refused like another run): take it once per run.
     """
-    created = first_missing(Path(folder))
+    created = missing_folders(Path(folder))
     folder = ensure_dir(Path(folder))
     path = folder / LOCK_NAME
     fd = locked_file(path, folder)
@@ -38,7 +38,7 @@ def model_folder_lock(folder: Path) -> Iterator[None]:
             yield
         finally:
             os.ftruncate(fd, 0)  # an empty file: nobody holds the folder
-            if created is not None:
+            if created:
                 remove_if_unused(folder, created)
     finally:
         os.close(fd)  # releases the flock
@@ -70,26 +70,24 @@ def is_current(fd: int, path: Path) -> bool:
         return False
 
 
-def first_missing(folder: Path) -> Path | None:
-    """The topmost folder of FOLDER's path that does not exist yet (what this run will create), or None."""
-    missing = None
+def missing_folders(folder: Path) -> list[Path]:
+    """FOLDER and those of its parents that do not exist yet, innermost first: what this run will create."""
+    missing = []
     for candidate in (folder, *folder.parents):
         if candidate.exists():
             break
-        missing = candidate
+        missing.append(candidate)
     return missing
 
 
-def remove_if_unused(folder: Path, top: Path) -> None:
-    """Remove FOLDER's lock file, FOLDER and its parents up to TOP when the run wrote nothing into them."""
+def remove_if_unused(folder: Path, created: list[Path]) -> None:
+    """Remove FOLDER's lock file and the CREATED folders (innermost first) when the run wrote nothing into them."""
     try:
         if os.listdir(folder) != [LOCK_NAME]:
             return
         os.unlink(folder / LOCK_NAME)  # still held: a run that opened it meanwhile retries on a new file
-        for candidate in (folder, *folder.parents):
+        for candidate in created:
             os.rmdir(candidate)  # OSError once a folder holds anything else
-            if candidate == top:
-                return
     except OSError:
         return
 
