@@ -56,6 +56,17 @@ def test_bench_masks_without_the_rule_leaves_no_out_folder(tmp_path, capsys, set
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("setting, pattern", [("masks.exclude=layer9.*", "layer9.*"),
+                                              ('masks.exclude=["layer1.*", "Layer2*"]', "Layer2*"),
+                                              ("masks.include=layer1.0.conv,layer2.*", "layer1.0.conv")])
+@pytest.mark.parametrize("stage", ["layers", "train-masks"])
+def test_layer_pattern_that_matches_nothing(tmp_path, stage, setting, pattern):
+    """A typo in masks.include/exclude would mask (or keep dense) other layers than meant, without a word."""
+    result = cli(stage, "--model", MODEL, "--out", str(tmp_path / "out"), "--set", setting)
+    assert_one_error_line(result, f"pattern '{pattern}' matches no Conv2d/Linear layer", "layer1.0.conv1")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_fashion_mnist(tmp_path, monkeypatch, capsys):
     import torchvision
 

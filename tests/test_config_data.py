@@ -32,6 +32,27 @@ def test_overrides_are_typed_and_checked():
     assert recipe_from_dict(recipe.to_dict()) == recipe
 
 
+@pytest.mark.parametrize("text, expected", [
+    ('["layer1.*"]', ["layer1.*"]), ('["layer1.*", "layer2.0.conv1"]', ["layer1.*", "layer2.0.conv1"]),
+    (" layer1.* , layer2.0.conv1 ", ["layer1.*", "layer2.0.conv1"]), ("[]", []), ("", [])])
+def test_list_overrides_take_a_list_written_either_way(text, expected):
+    """A bracketed list on the command line is a list, never one pattern `["layer1.*"]` that matches nothing."""
+    recipe = get_recipe("fmnist_resnet")
+    apply_override(recipe, f"masks.exclude={text}")
+    assert recipe.masks.exclude == expected
+    apply_override(recipe, "serve.preferred_batch_sizes=[4, 8]")
+    assert recipe.serve.preferred_batch_sizes == [4, 8]
+
+
+@pytest.mark.parametrize("bad, message", [("masks.exclude=['layer1.*']", "double quotes"),
+                                          ('masks.exclude=["layer1.*"', "double quotes"),
+                                          ("masks.exclude=[1]", "expected str"),
+                                          ('serve.preferred_batch_sizes=["x"]', "expected int")])
+def test_malformed_list_overrides_are_refused(bad, message):
+    with pytest.raises(PipelineError, match=message):
+        apply_override(get_recipe("fmnist_resnet"), bad)
+
+
 def write_idx(path, array):
     header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
     with gzip.open(path, "wb") as handle:

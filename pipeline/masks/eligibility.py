@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pipeline.errors import PipelineError
+
 GROUPED_REASON = "conv: TensorRT has no sparse kernels for groups > 1"
 
 
@@ -109,6 +111,7 @@ def find_layers(model: nn.Module, input_shape: list[int], m: int = 4, include: l
                 exclude: list[str] | None = None, classifier: str = "fc",
                 include_classifier: bool = False) -> EligibilityReport:
     """Decide for every Conv2d/Linear whether it gets a mask; skipped ones carry their reason."""
+    check_patterns(model, include or [], exclude or [])
     macs = count_macs(model, input_shape)
     report = EligibilityReport(total_macs=sum(macs.values()))
     for name, module in model.named_modules():
@@ -134,3 +137,16 @@ def find_layers(model: nn.Module, input_shape: list[int], m: int = 4, include: l
             reason = reason or "not reached by a forward pass"
         report.layers.append(LayerReport(name, kind, list(module.weight.shape), macs.get(name, 0), not reason, reason))
     return report
+
+
+def check_patterns(model: nn.Module, include: list[str], exclude: list[str]) -> None:
+    """Refuse an include/exclude pattern that matches no Conv2d/Linear layer: a typo would otherwise mask (or
+    keep dense) layers the user meant otherwise, without a word."""
+    names = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    for field_name, patterns in (("masks.include", include), ("masks.exclude", exclude)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatch(name, pattern) for name in names):
+                shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+                raise PipelineError(f"{field_name} pattern {pattern!r} matches no Conv2d/Linear layer of this model "
+                                    f"(fnmatch patterns on module names such as: {shown}); fix the pattern (`python -m "
+                                    "pipeline layers --set masks.include= --set masks.exclude=` lists every layer)")

@@ -286,6 +286,21 @@ class Recipe:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _list_from_text(text: str, key: str, origin: str) -> list[Any]:
+    """A list field's command-line text: `a,b` (items stripped, empty ones dropped) or a TOML/JSON-style list
+    `["a", "b"]`, never the bracketed text taken as one item."""
+    if not text.strip().startswith("["):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list):
+        raise PipelineError(f"{origin}: {key} = {text!r} is not valid: write a list as a,b or as [\"a\", \"b\"] "
+                            "(double quotes)")
+    return value
+
+
 def _convert(value: Any, target: Any, key: str, origin: str) -> Any:
     """`value` (a command-line string, or a value read from a recipe file) as the field's type."""
     kind = typing.get_origin(target)
@@ -293,7 +308,7 @@ def _convert(value: Any, target: Any, key: str, origin: str) -> Any:
     if kind is list:
         (item,) = typing.get_args(target)
         if isinstance(value, str):
-            value = [part for part in value.split(",") if part != ""]
+            value = _list_from_text(value, key, origin)
         if not isinstance(value, list):
             raise PipelineError(f"{origin}: {key} = {value!r} is not valid: expected a list of {item.__name__}")
         return [_convert(part, item, key, origin) for part in value]
