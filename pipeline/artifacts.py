@@ -181,6 +181,8 @@ NOT_HANDED_IN = {
     "pipeline.backends.tensorrt.parser_support:_table": "onnx-tensorrt's operator table shipped in the package",
     "pipeline.artifacts:unregistered_reads": "the pipeline's own source (this scan)",
     "pipeline.training:cpu_has_bf16_units": "/proc/cpuinfo's flags (unreadable or odd: float32 training)",
+    "pipeline.masks.fused:_cpu_flags": "/proc/cpuinfo's flags, hashed into the compiled kernel's cache key",
+    "pipeline.masks.fused:_build": "the fused kernel's C source shipped in the package (hashed, then compiled)",
 }
 
 # Parsers of text that is not a file at all (a command-line value), caught by the scan because they call json.loads.

@@ -24,10 +24,10 @@ def tiny(*overrides):
     return recipe, model, report
 
 
-def test_a_destructive_run_returns_the_prior_masks_and_says_so():
-    """lr 50 scrambles the logits; the best masks on the validation split are the step-0 magnitude ones
-    unless training found strictly better ones, and `beat_prior` tells which."""
-    recipe, model, report = tiny("masks.steps=6", "masks.lr=50", "masks.eval_every=2")
+def test_a_destructive_run_keeping_the_best_masks_returns_the_prior_masks_and_says_so():
+    """lr 50 scrambles the logits; with masks.keep = best the masks returned are the step-0 magnitude ones
+    unless training found strictly better ones on the validation split, and `beat_prior` tells which."""
+    recipe, model, report = tiny("masks.steps=6", "masks.lr=50", "masks.eval_every=2", "masks.keep=best")
     dense = {name: module.weight.detach().clone() for name, module in model.named_modules()
              if name in {layer.name for layer in report.masked}}
     result = learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=lambda _: None)
@@ -35,10 +35,34 @@ def test_a_destructive_run_returns_the_prior_masks_and_says_so():
     scores = [point["top1"] for point in result.history]
     assert result.start_score == scores[0] and result.best_score == max(scores)
     assert result.best_step == result.history[scores.index(max(scores))]["step"]  # ties keep the older
+    assert (result.kept_step, result.kept_score) == (result.best_step, result.best_score)
     assert result.beat_prior == (result.best_step > 0)
     if not result.beat_prior:
         assert all(torch.equal(result.indices[name], magnitude_indices(weight, 2, 4)) for name, weight in dense.items())
     assert any(point["changed"] > 0 for point in result.history[1:])  # the run did move the masks
+
+
+@pytest.mark.parametrize("scores, kept_step", [([50.0, 60.0, 45.0, 55.0], 6),  # final above the prior: final
+                                               ([50.0, 60.0, 45.0, 40.0], 2)])  # below it: the best masks (step 2)
+def test_the_final_masks_are_kept_unless_they_score_below_the_prior(monkeypatch, scores, kept_step):
+    """masks.keep = final (the default) returns the argmax of the last logits, scored by the last evaluation;
+    when that score is below the prior's at step 0, the best masks seen instead. The validation scores are
+    scripted so that both branches are taken whatever the tiny model learns."""
+    from pipeline.masks.gumbel import current_indices
+    from pipeline.masks.learning import MaskTraining
+
+    recipe, model, report = tiny("masks.steps=6", "masks.lr=50", "masks.eval_every=2", "masks.stop_patience=0")
+    script = iter(scores)
+    monkeypatch.setattr(MaskTraining, "validation_metrics", lambda self: {"top1": next(script)})
+    seen = {}
+    result = learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=lambda _: None,
+                         on_evaluation=lambda training, point: seen.update({point["step"]:
+                                                                            current_indices(training.model)}))
+    assert [point["top1"] for point in result.history] == scores and result.best_step == 2
+    assert result.kept_step == kept_step and result.kept_score == scores[kept_step // 2]
+    assert any(not torch.equal(seen[2][name], seen[6][name]) for name in seen[6])  # the two candidates differ
+    assert all(torch.equal(result.indices[name], seen[kept_step][name]) for name in seen[6])
+    assert result.beat_prior and result.kept_why.startswith("final" if kept_step == 6 else "best: the final masks")
 
 
 def test_validation_split_is_held_out_from_the_training_images_only():

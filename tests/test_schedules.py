@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from pipeline.errors import PipelineError
 from pipeline.masks.patterns import magnitude_indices, pattern_table, to_blocks
 from pipeline.data.splits import holdout_split
-from pipeline.masks.schedules import (BestMasks, PlateauRule, distillation_loss, epochs_for_budget,
+from pipeline.masks.schedules import (BestMasks, PlateauRule, keep_masks, distillation_loss, epochs_for_budget,
                                          feature_distillation_loss, prior_logits, sampling_probabilities,
                                          steps_per_epoch, temperature, warmup_cosine_factor, warmup_steps)
 
@@ -91,6 +91,21 @@ def test_best_masks_never_fall_below_the_start():
     assert not best.update(80.0, 200, {"a": torch.tensor([4, 4])})  # a tie keeps the older masks
     assert torch.equal(best.indices["a"], start["a"]) and not best.beat_start
     assert best.update(81.5, 300, {"a": torch.tensor([5, 5])}) and best.beat_start and best.step == 300
+
+
+def test_kept_masks_are_the_final_ones_unless_they_fall_below_the_prior():
+    best = BestMasks()
+    start, better, final = {"a": torch.tensor([1, 2])}, {"a": torch.tensor([5, 5])}, {"a": torch.tensor([0, 4])}
+    best.update(80.0, 0, start)
+    best.update(81.5, 300, better)
+    kept = keep_masks("final", best, final, 900, 80.0)  # a tie with the prior keeps the final masks
+    assert kept.indices is final and (kept.step, kept.score, kept.why) == (900, 80.0, "final")
+    kept = keep_masks("final", best, final, 900, 79.9)
+    assert kept.indices is best.indices and (kept.step, kept.score) == (300, 81.5) and "below the prior" in kept.why
+    kept = keep_masks("best", best, final, 900, 85.0)
+    assert kept.indices is best.indices and (kept.step, kept.score) == (300, 81.5)
+    kept = keep_masks("final", BestMasks(), final, 900, None)  # no validation split: nothing to choose with
+    assert kept.indices is final and kept.score is None and kept.step == 900
 
 
 def test_holdout_split_is_disjoint_seeded_and_complete():

@@ -225,7 +225,7 @@ def test_bench_masks_reads_the_rule_without_cooldown_off_one_run(tmp_path):
     assert entry["plateau"]["seconds"] < entry["full_budget"]["seconds"]
     stop = PlateauRule(3, 0.5, entry["validation_images"]).first_stop(entry["history"])
     assert entry["history"][stop]["step"] == entry["plateau"]["step"] == entry["settled"]["step"]
-    assert all("best_test_top1" in point for point in entry["history"]) and "plateau_history" not in entry
+    assert all("kept_test_top1" in point for point in entry["history"]) and "plateau_history" not in entry
     assert "| tiny_resnet | 20 | plateau, no cooldown (read off) |" in (tmp_path / "bench-masks.md").read_text()
     assert (tmp_path / "bench-masks.png").read_bytes()[:4] == b"\x89PNG"
 

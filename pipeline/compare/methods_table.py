@@ -116,7 +116,8 @@ def method_row(method: str, result: MaskResult, evaluated: dict, dense: dict, pa
            "changes_weights": method in CHANGES_WEIGHTS,
            "masks": str(paths.compare_masks / f"masks.{method}.pt")}
     if method == "learned":
-        row.update({"best_step": meta.get("best_step"), "beat_prior": meta.get("beat_prior")})
+        row.update({"kept": meta.get("kept"), "kept_step": meta.get("kept_step"), "best_step": meta.get("best_step"),
+                    "beat_prior": meta.get("beat_prior")})
         if meta.get("prior"):
             row["prior"] = meta["prior"]
     if method == "permuted":

@@ -68,13 +68,15 @@ class MaskCheckpoint:
                                     f"or the run diverged; {fix}")
 
     def to_artifact(self, path: Path, model: str, arch: str, prior: str) -> MaskArtifact:
-        """The learned (best) masks of a finished run as a mask artifact (what bake writes to masks.pt)."""
+        """The learned masks (those masks.keep kept) of a finished run as a mask artifact (what bake writes to masks.pt)."""
         if not self.final:
             raise PipelineError(f"{path} is from an unfinished run (step {self.state['step']}); "
                                 "finish it with `train-masks --resume`")
         layers = [layer_from({"name": name, "shape": self.shapes[name], "n": self.n, "m": self.m, "indices": indices},
                              path) for name, indices in self.indices.items()]
         best = self.state.get("best") or {}
+        kept = self.state.get("kept") or {"step": best.get("step"), "score": best.get("score"), "why": "best"}
         return MaskArtifact(model, arch, "learned", layers,
-                            {"prior": prior, "steps": self.state["step"], "best_step": best.get("step"),
-                             "validation_top1": best.get("score")})
+                            {"prior": prior, "steps": self.state["step"], "kept": kept["why"],
+                             "kept_step": kept["step"], "validation_top1": kept["score"],
+                             "best_step": best.get("step"), "best_validation_top1": best.get("score")})

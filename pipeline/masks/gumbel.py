@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.masks import fused as fused_kernel
 from pipeline.masks.eligibility import EligibilityReport
 from pipeline.masks.patterns import from_blocks, num_patterns, pattern_scores, pattern_table, to_blocks
 
@@ -165,8 +166,17 @@ class _MaskedWeight(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, gumbel: torch.Tensor | None, tau: float, weight_pm: torch.Tensor,
                 table: torch.Tensor, codes: list[int], scale: float = 1.0, kept_term: torch.Tensor | None = None,
                 weight: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                workspace: torch.Tensor | None = None) -> torch.Tensor:
+                workspace: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
         m = weight_pm.shape[0]
+        if fused and weight is not None and weight.dtype == (out_dtype or weight.dtype):  # `fused.usable` held
+            effective = torch.empty_like(weight)
+            if fused_kernel.block_last(effective, m):
+                alpha = scale / tau
+                fused_kernel.forward(logits, gumbel, alpha, _keep_rows(table), weight, effective)
+                ctx.save_for_backward(logits, gumbel, weight_pm, table, kept_term)
+                ctx.fused, ctx.alpha = True, alpha
+                return effective
+        ctx.fused = False
         flat = logits.reshape(logits.shape[0], -1)
         if gumbel is not None:  # (scale * logits + gumbel) / tau in one pass; the argmax ignores the division
             perturbed, divided = torch.add(gumbel.view_as(flat), flat, alpha=scale / tau), True
@@ -184,6 +194,15 @@ class _MaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_weight: torch.Tensor):
+        if ctx.fused:
+            logits, gumbel, weight_pm, table, kept_term = ctx.saved_tensors
+            m = weight_pm.shape[0]
+            if not fused_kernel.block_last(grad_weight, m):
+                grad_weight = grad_weight.contiguous(memory_format=torch.channels_last) if grad_weight.dim() == 4 \
+                    else grad_weight.contiguous()
+            grad = fused_kernel.backward(logits, gumbel, ctx.alpha, _scaled_table(table, ctx.alpha), grad_weight,
+                                         weight_pm, kept_term)
+            return grad, None, None, None, None, None, None, None, None, None, None, None
         perturbed, weight_pm, table, kept_term = ctx.saved_tensors
         m = weight_pm.shape[0]
         grad_mask = ctx.workspace if ctx.workspace is not None else torch.empty_like(weight_pm)  # position-major
@@ -199,7 +218,16 @@ class _MaskedWeight(torch.autograd.Function):
         else:
             soft = torch.softmax(perturbed if ctx.divided else perturbed.mul(1.0 / ctx.tau), 0)
             grad = torch.ops.aten._softmax_backward_data(grad, soft, 0, soft.dtype)  # soft * (grad - <soft, grad>)
-        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None, None, None
+        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None, None, None, None
+
+
+def _keep_rows(table: torch.Tensor) -> torch.Tensor:
+    """The 0/1 keep row of each pattern as uint8 `[P, m]` (the fused kernel's)."""
+    return table.to(torch.uint8).contiguous()
+
+
+def _scaled_table(table: torch.Tensor, alpha: float) -> torch.Tensor:
+    return (table * alpha).float().contiguous()
 
 
 def straight_through_reference(logits: torch.Tensor, gumbel: torch.Tensor, tau: float, table: torch.Tensor,
@@ -233,6 +261,7 @@ class GumbelMask(nn.Module):
         self.tau = 1.0
         self.noise = noise
         self.kept_coefficient = 0.0  # MaskLLM's kept-magnitude regulariser (set_kept_magnitude_weight)
+        self.kernel = "torch"  # masks.kernel: auto = the fused C kernel where it builds (`set_mask_kernel`)
         self._weight_pm: tuple[tuple, torch.Tensor, float] | None = None
         self._weight_cast: tuple[tuple, torch.Tensor] | None = None  # (key + dtype, the frozen weight in it)
         self._grad_workspace: torch.Tensor | None = None  # dL/dmask of the backward, position-major
@@ -290,8 +319,10 @@ class GumbelMask(nn.Module):
         if weight_pm is None:  # a real weight (not the all-ones mask of forward()): the regulariser applies
             weight_pm = self._position_major(weight)
             kept, real = self._kept(), self._cast(weight.detach(), out_dtype)
+        fused = (self.kernel == "auto" and real is not None and torch.is_grad_enabled()
+                 and fused_kernel.usable(self.logits, gumbel, real, self.m))
         return _MaskedWeight.apply(self.logits, gumbel, self.tau, weight_pm, self.table, self.codes, self.scale,
-                                   kept, real, out_dtype, self._workspace(weight_pm))
+                                   kept, real, out_dtype, None if fused else self._workspace(weight_pm), fused)
 
     def forward(self) -> torch.Tensor:
         """The 0/1 mask in weight layout (sampled while training, argmax otherwise)."""
@@ -392,6 +423,14 @@ def mask_training_mode(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, GumbelMask):
             module.train()
+
+
+def set_mask_kernel(model: nn.Module, kernel: str) -> None:
+    """masks.kernel for every mask layer: auto (the fused C kernel of `pipeline.masks.fused` where it builds and
+    the layer suits it) or torch (PyTorch ops only)."""
+    for module in model.modules():
+        if isinstance(module, GumbelMask):
+            module.kernel = kernel
 
 
 def set_kept_magnitude_weight(model: nn.Module, weight: float) -> None:

@@ -3,8 +3,10 @@ annealed Gumbel temperature over a budget of `masks.steps` optimizer steps, stop
 
 `learn_masks` is the entry point used by the `train-masks` stage, by `compare`, `bench-masks` and by tests; a
 `MaskTraining` (explicit state in `LoopState`) runs it. It holds out a validation split from the training
-images, judges every evaluation on it (never on the test set), and returns the best argmax masks seen, the
-heuristic prior's masks at step 0 included, so the result is never worse than its start. The step itself
+images, judges every evaluation on it (never on the test set), and returns the argmax masks that masks.keep
+names (`keep_masks`): by default the final ones (after the cooldown), or the best ones seen when the final ones
+score below the heuristic prior's masks at step 0, so the result is never worse than its start on the validation
+split. The step itself
 (`pipeline.masks.mask_step`) is the one bench-train times. Training stops at the plateau (`PlateauRule`,
 masks.stop_patience / stop_changed): at once when the argmax has settled by itself, else after a cooldown that
 anneals the learning rate and the temperature over masks.cooldown of the budget (`Cooldown`); masks.steps is
@@ -34,10 +36,11 @@ from pipeline.data.datasets import DataBundle, ResumableBatchSampler, make_loade
 from pipeline.errors import PipelineError
 from pipeline.masks.checkpoint import MaskCheckpoint
 from pipeline.masks.eligibility import EligibilityReport
+from pipeline.masks.fused import status as fused_status
 from pipeline.masks.gumbel import current_indices, load_mask_logits, mask_logits, masked_modules, noise_pool
 from pipeline.masks.mask_step import MaskStep, build_mask_step, resolve_loss
 from pipeline.data.splits import split_training_images
-from pipeline.masks.schedules import BestMasks, Cooldown, PlateauRule, steps_per_epoch
+from pipeline.masks.schedules import BestMasks, Cooldown, KeptMasks, PlateauRule, keep_masks, steps_per_epoch
 from pipeline.recipe.config import MaskConfig, Recipe
 from pipeline.progress import progress
 from pipeline.training import StepSettings, evaluate, stop_on_signals
@@ -47,17 +50,20 @@ EVALUATIONS_PER_RUN = 20  # masks.eval_every = 0 evaluates this many times over 
 
 @dataclass
 class LearnResult:
-    indices: dict[str, torch.Tensor]  # the best argmax masks on the validation split
+    indices: dict[str, torch.Tensor]  # the argmax masks kept (masks.keep): kept_step, kept_score, kept_why
     logits: dict[str, torch.Tensor]  # the logits at the last step
     history: list[dict] = field(default_factory=list)  # evaluations: step, epoch, top1, top5, changed, lr, tau
     steps: int = 0
     seconds: float = 0.0
     stopped: int = 0  # the signal number that ended the run early (resume to continue); 0 when it finished
     rank_checksums: list[str] = field(default_factory=list)
-    best_step: int = 0
+    best_step: int = 0  # the best masks seen on the validation split (kept with masks.keep = best)
     best_score: float | None = None  # validation top-1 (agreement with the dense model when unlabeled)
+    kept_step: int = 0  # the masks returned: their step, validation score and why these (`keep_masks`)
+    kept_score: float | None = None
+    kept_why: str = "final"
     start_score: float | None = None  # the same for the prior's masks at step 0
-    beat_prior: bool = False
+    beat_prior: bool = False  # the kept masks scored above the prior's masks at step 0 on the validation split
     stop_reason: str | None = None  # why training stopped before masks.steps (the plateau rule); None: it did not
     cooldown_start: int | None = None  # the step where the plateau started the cooldown; None: no cooldown
     loss: str = "ce"
@@ -126,12 +132,13 @@ class LoopState:
     stop_step: int | None = None
     cooldown: list[int] | None = None  # [start, length] once the plateau started the cooldown
     plateau: str | None = None  # why the cooldown started
+    kept: dict[str, Any] | None = None  # step, score, why of the masks a finished run returned
 
     def to_dict(self) -> dict[str, Any]:
         best = self.best
         return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "seconds": self.seconds,
                 "history": self.history, "stop_reason": self.stop_reason, "stop_step": self.stop_step,
-                "cooldown": self.cooldown, "plateau": self.plateau,
+                "cooldown": self.cooldown, "plateau": self.plateau, "kept": self.kept,
                 "best": {"score": None if best.step < 0 else best.score, "step": best.step,
                          "start_score": best.start_score,
                          "indices": {name: idx.to(torch.int16) for name, idx in best.indices.items()}}}
@@ -142,7 +149,8 @@ class LoopState:
         return cls(saved["step"], saved["epoch"], saved["batch"], saved["seconds"], saved["history"],
                    BestMasks(-float("inf") if best["score"] is None else best["score"], best["step"],
                              best["indices"], best["start_score"]),
-                   saved.get("stop_reason"), saved.get("stop_step"), saved.get("cooldown"), saved.get("plateau"))
+                   saved.get("stop_reason"), saved.get("stop_step"), saved.get("cooldown"), saved.get("plateau"),
+                   saved.get("kept"))
 
 
 @dataclass
@@ -221,8 +229,9 @@ class MaskTraining:
         state.seconds = time.time() - self.started
         signalled = self.stop_requested()  # every rank, every step: they stop together
         if state.stop_reason:
+            kept = self.kept()
             self.run_ctx.log(f"stopping at step {state.step} of {self.cfg.steps}: {state.stop_reason}; keeping the "
-                             f"best masks (step {state.best.step})")
+                             f"{kept.why} masks (step {kept.step})")
             return True
         if signalled:
             self.save()
@@ -320,8 +329,11 @@ class MaskTraining:
         rng = self.rng_states()  # a collective: every rank takes part
         if self.run_ctx.rank != 0 or self.run_ctx.checkpoint is None:
             return
-        best = self.state.best
-        indices = best.indices if final and best.indices else current_indices(self.model)
+        indices = current_indices(self.model)
+        if final:
+            kept = self.kept()
+            indices = kept.indices
+            self.state.kept = {"step": kept.step, "score": kept.score, "why": kept.why}
         MaskCheckpoint(
             recipe_key=self.run_ctx.recipe_key, final=final, n=self.cfg.n, m=self.cfg.m,
             logits=mask_logits(self.model), indices={name: idx.to(torch.int16) for name, idx in indices.items()},
@@ -349,9 +361,17 @@ class MaskTraining:
                          f"{self.state.batch})")
 
     # ------------------------------------------------------------------ result
+    def kept(self) -> KeptMasks:
+        """The masks the run returns if it ends now (masks.keep): the argmax now, scored by the last evaluation
+        when that was at this step, or the best masks seen."""
+        last = self.state.history[-1] if self.state.history else {}
+        score = last.get("top1") if last.get("step") == self.state.step else None
+        return keep_masks(self.cfg.keep, self.state.best, current_indices(self.model), self.state.step, score)
+
     def result(self) -> LearnResult:
         state, best = self.state, self.state.best
-        indices = best.indices if best.indices else current_indices(self.model)
+        kept = self.kept()
+        indices = kept.indices
         checksums = [indices_checksum(indices)]
         if self.run_ctx.world_size > 1:
             checksums = [None] * self.run_ctx.world_size
@@ -361,8 +381,10 @@ class MaskTraining:
         return LearnResult(indices, mask_logits(self.model), state.history, state.step, state.seconds,
                            self.interrupted, checksums,
                            best_step=max(best.step, 0) if best.indices else state.step,
-                           best_score=best.score if best.indices else None, start_score=best.start_score,
-                           beat_prior=best.beat_start, stop_reason=state.stop_reason,
+                           best_score=best.score if best.indices else None, kept_step=kept.step,
+                           kept_score=kept.score, kept_why=kept.why, start_score=best.start_score,
+                           beat_prior=bool(kept.step > 0 and kept.score is not None and best.start_score is not None
+                                           and kept.score > best.start_score), stop_reason=state.stop_reason,
                            cooldown_start=state.cooldown[0] if state.cooldown else None, loss=self.step_fn.loss.kind,
                            validation_images=len(self.validation) if self.validation is not None else 0,
                            train_images=len(self.train))
@@ -385,6 +407,9 @@ def prepare_training(model: nn.Module, report: EligibilityReport, recipe: Recipe
     loss = resolve_loss(cfg, unlabeled)
     if run.rank == 0:
         run.log(f"mask training precision: {settings.describe()} (masks.precision = {cfg.precision})")
+        if device.type == "cpu":
+            run.log(f"mask layers' per-block work: {fused_status() if cfg.kernel == 'auto' else 'PyTorch ops'} "
+                    f"(masks.kernel = {cfg.kernel})")
     train, validation = split_training_images(data, cfg)
     model.eval()
     if validation is not None and unlabeled:

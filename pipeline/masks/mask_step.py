@@ -15,7 +15,8 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.masks.eligibility import EligibilityReport
-from pipeline.masks.gumbel import attach_masks, mask_training_mode, masked_modules, prepare_step, set_kept_magnitude_weight
+from pipeline.masks.gumbel import (attach_masks, mask_training_mode, masked_modules, prepare_step, set_kept_magnitude_weight,
+                                   set_mask_kernel)
 from pipeline.masks.schedules import MaskSchedule, distillation_loss, feature_distillation_loss, warmup_steps
 from pipeline.recipe.config import MaskConfig, Recipe
 from pipeline.training import StepSettings, train_step
@@ -178,6 +179,7 @@ def build_mask_step(model: nn.Module, report: EligibilityReport, recipe: Recipe,
     attach_masks(model, report, cfg.n, cfg.m, cfg.prior, cfg.prior_strength, cfg.seed, initial_indices, scores,
                  cfg.logit_scale, noise_stream=rank)
     set_kept_magnitude_weight(model, cfg.kept_magnitude_weight)
+    set_mask_kernel(model, cfg.kernel)
     settings.prepare_model(model.to(device))
     trainable = [module.sparse_mask.logits for module in masked_modules(model).values()]
     if not trainable:

@@ -236,8 +236,8 @@ def learned(ctx: MethodContext) -> MaskResult:
     if result.stopped:
         raise Interrupted(result.stopped, "mask learning stopped; nothing compared")
     meta = {"prior": ctx.recipe.masks.prior, "init_from": ctx.initial.method if ctx.initial else None,
-            "steps": result.steps, "best_step": result.best_step, "validation_top1": result.best_score,
-            "beat_prior": result.beat_prior}
+            "steps": result.steps, "kept": result.kept_why, "kept_step": result.kept_step,
+            "validation_top1": result.kept_score, "best_step": result.best_step, "beat_prior": result.beat_prior}
     return MaskResult(_artifact(ctx, "learned", result.indices, meta), state,
                       info={"steps": result.steps, "history": result.history, "beat_prior": result.beat_prior})
 

@@ -209,6 +209,34 @@ class BestMasks:
         return self.start_score is not None and self.step > 0 and self.score > self.start_score
 
 
+@dataclass
+class KeptMasks:
+    """The argmax masks a run returns (masks.keep), the step they come from, their validation score (None
+    without a validation split) and why these."""
+
+    indices: dict[str, torch.Tensor]
+    step: int
+    score: float | None
+    why: str
+
+
+def keep_masks(keep: str, best: BestMasks, final: dict[str, torch.Tensor], step: int,
+               score: float | None) -> KeptMasks:
+    """Which masks a run that ends now returns. `final`: the argmax at `step`, scoring `score` on the validation
+    split. keep = "best": the best masks seen. keep = "final": the final masks, unless they score below the prior's
+    masks at step 0 (then the best ones, never worse than the start). Without a validation split (no best masks),
+    the final masks."""
+    if not best.indices:
+        return KeptMasks(final, step, None, "final (no validation split to choose with)")
+    if keep == "best":
+        return KeptMasks(best.indices, max(best.step, 0), best.score, "best (masks.keep = best)")
+    if score is not None and best.start_score is not None and score < best.start_score:
+        return KeptMasks(best.indices, max(best.step, 0), best.score,
+                         f"best: the final masks scored {score:.2f} on the validation split, below the prior's "
+                         f"{best.start_score:.2f}")
+    return KeptMasks(final, step, score, "final")
+
+
 # --------------------------------------------------------------------------- losses
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
                       ) -> torch.Tensor:

@@ -19,6 +19,8 @@ from pipeline.triton_releases import TRITON_TENSORRT
 
 MASK_PRIORS = ("magnitude", "wanda", "sparsegpt", "uniform")
 TAU_SCHEDULES = ("constant", "linear", "exponential", "cosine")
+MASK_KERNELS = ("auto", "torch")  # masks.kernel: the per-block mask work in a fused C kernel (auto) or PyTorch ops
+MASK_SELECTIONS = ("final", "best")  # masks.keep: which argmax masks a mask-training run returns
 # masks.loss: auto, or distinct terms joined by "+" in this order (e.g. ce+distill)
 MASK_LOSS_TERMS = ("ce", "pseudo", "distill", "features")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -191,11 +193,19 @@ class MaskConfig:
     stop_changed: float = within(0, 1, 0.005, "a share of blocks in [0, 1)", high_open=True)
     cooldown: float = within(0, 1, 0.2, "a share of masks.steps in [0, 1) (0: no cooldown, stop only once the "
                              "argmax has settled by itself)", high_open=True)
+    # which argmax masks a run returns: final (at its last step, after the cooldown; the best ones seen instead
+    # if the final ones score below the prior's on the validation split) or best (the highest validation top-1
+    # of any evaluation; with a 1,000-image split that choice is mostly luck: docs/time-to-accuracy.md)
+    keep: str = choice(MASK_SELECTIONS, "final")
     # steps; a checkpoint is also written on SIGTERM
     checkpoint_every: int = at_least(0, 200, "0 (only on SIGTERM) or more steps")
     # auto: bfloat16 autocast + channels_last on CUDA and on CPUs with AMX or AVX512-BF16, else float32
     # (channels_last on CPUs); the logits, their optimiser and every evaluation stay float32
     precision: str = choice(TRAINING_PRECISIONS, "auto")
+    # auto: sample, mask and differentiate each layer's blocks in the fused C kernel of pipeline/masks/fused.py on
+    # CPU (compiled with the system's cc on first use; PyTorch ops where it cannot be built, said in the log);
+    # torch: PyTorch ops only. Same computation up to float rounding
+    kernel: str = choice(MASK_KERNELS, "auto")
     seed: int = 0
 
 

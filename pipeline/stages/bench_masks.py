@@ -1,14 +1,15 @@
 """`bench-masks`: time to accuracy of mask training, today's full budget against the plateau rule, in one run.
 
-One `train-masks` run over the whole budget (masks.stop_patience = 0), with the test top-1 of the best masks so
-far recorded at every evaluation (outside the clock). The plateau rule without a cooldown (`PlateauRule`,
+One `train-masks` run over the whole budget (masks.stop_patience = 0), with the test top-1 of the masks the run
+would return if it ended there (masks.keep: the final masks by default, or the best so far) recorded at every
+evaluation (outside the clock). The plateau rule without a cooldown (`PlateauRule`,
 masks.stop_patience / stop_changed) reads the evaluation history only, so where it would have stopped this run is
 read off the same run (`first_stop`). The recipe's rule with its cooldown (masks.cooldown) changes the schedules
 after the plateau, so it is a second run from the same start (identical to the first up to the cooldown: checked
 and recorded as `prefix_matches`).
 
 Writes OUT/<model>/bench_masks.json and adds the model to OUT/bench-masks.json, bench-masks.md (table) and
-bench-masks.png (validation and test top-1 of the best masks against seconds, the rule's stop marked).
+bench-masks.png (validation and test top-1 of the kept masks against seconds, the rule's stop marked).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, read_json, write_json, write_text
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.gumbel import load_mask_logits, mask_logits, use_argmax_masks
-from pipeline.masks.learning import LearnResult, MaskTraining, learn_masks
+from pipeline.masks.learning import LearnResult, MaskTraining, indices_checksum, learn_masks
 from pipeline.masks.schedules import PlateauRule
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
@@ -53,27 +54,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(group)
 
 
-class BestMasksOnTest:
-    """Evaluation hook: the test top-1 of the best masks so far, recomputed only when they change."""
+class KeptMasksOnTest:
+    """Evaluation hook: the test top-1 of the masks the run would return if it ended at this evaluation
+    (`MaskTraining.kept`, masks.keep), recomputed only when they change."""
 
     def __init__(self, data: DataBundle, batch_size: int, device: torch.device) -> None:
         self.data, self.batch_size, self.device = data, batch_size, device
         self.top1: float | None = None
+        self.checksum = ""
 
     def __call__(self, training: MaskTraining, point: dict) -> None:
-        if point.get("best") or self.top1 is None:
+        kept = training.kept()
+        checksum = indices_checksum(kept.indices)
+        if checksum != self.checksum:
             model = training.model
             logits = mask_logits(model)
-            use_argmax_masks(model, training.state.best.indices)
-            self.top1 = evaluate(model.eval(), self.data.eval, self.batch_size, self.device, desc="test (best)")["top1"]
+            use_argmax_masks(model, kept.indices)
+            self.top1 = evaluate(model.eval(), self.data.eval, self.batch_size, self.device, desc="test (kept)")["top1"]
             load_mask_logits(model, logits)
-        point["best_validation_top1"] = training.state.best.score
-        point["best_test_top1"] = self.top1
+            self.checksum = checksum
+        point["kept"] = kept.why
+        point["kept_validation_top1"] = kept.score
+        point["kept_test_top1"] = self.top1
 
 
 def at(point: dict) -> dict:
-    return {"step": point["step"], "seconds": point["seconds"], "validation_top1": point["best_validation_top1"],
-            "test_top1": point["best_test_top1"]}
+    return {"step": point["step"], "seconds": point["seconds"], "validation_top1": point["kept_validation_top1"],
+            "test_top1": point["kept_test_top1"], "kept": point["kept"]}
 
 
 def compared(point: dict, full: dict) -> dict:
@@ -126,16 +133,16 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     print(f"bench-masks: the whole budget ({budget.steps} steps, rule off)")
     full = learn_masks(copy.deepcopy(model), report, dataclasses.replace(
         recipe, masks=dataclasses.replace(budget, stop_patience=0)), data, device,
-        on_evaluation=BestMasksOnTest(data, recipe.data.eval_batch_size, device))
+        on_evaluation=KeptMasksOnTest(data, recipe.data.eval_batch_size, device))
     ruled = None
     if cfg.cooldown:  # the cooldown changes the run after the plateau: it is measured, not read off
         print(f"bench-masks: the plateau rule with its cooldown (masks.cooldown = {cfg.cooldown})")
         ruled = learn_masks(copy.deepcopy(model), report, dataclasses.replace(recipe, masks=budget), data, device,
-                            on_evaluation=BestMasksOnTest(data, recipe.data.eval_batch_size, device))
+                            on_evaluation=KeptMasksOnTest(data, recipe.data.eval_batch_size, device))
     rule = PlateauRule(cfg.stop_patience, cfg.stop_changed, full.validation_images)
     entry = {"model": recipe.name, "weights": source, "data": data.description, "dense_test_top1": dense["top1"],
              "budget_steps": budget.steps, "loss": full.loss, "stop_patience": cfg.stop_patience,
-             "stop_changed": cfg.stop_changed, "cooldown": cfg.cooldown, "validation_images": full.validation_images,
+             "stop_changed": cfg.stop_changed, "cooldown": cfg.cooldown, "keep": cfg.keep, "validation_images": full.validation_images,
              "wall_seconds": round(time.time() - started, 1), **read_off(full.history, rule, ruled),
              "history": full.history, "command": "python -m pipeline " + " ".join(sys.argv[1:])}
     write_json(paths.root / "bench_masks.json", entry)
@@ -172,7 +179,7 @@ def row_label(key: str, point: dict) -> str:
 
 
 def table(entries: dict) -> str:
-    lines = ["| model | budget | rule | steps | seconds | validation top-1 % (best masks) | test top-1 % | "
+    lines = ["| model | budget | rule | steps | seconds | validation top-1 % (kept masks) | test top-1 % | "
              "time vs full |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     for name, entry in entries.items():
         for key in ROWS:
@@ -186,6 +193,11 @@ def table(entries: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kept_top1(point: dict, split: str) -> float:
+    """A history point's top-1 of the kept masks (entries written before masks.keep held the best masks')."""
+    return point.get(f"kept_{split}_top1", point.get(f"best_{split}_top1"))
+
+
 def plot(entries: dict, path: Path) -> None:
     import matplotlib
 
@@ -196,13 +208,13 @@ def plot(entries: dict, path: Path) -> None:
     for ax, (name, entry) in zip(axes[0], entries.items()):
         history = entry["history"]
         seconds = [point["seconds"] for point in history]
-        ax.plot(seconds, [point["best_validation_top1"] for point in history], marker="o", ms=3,
-                label="validation (best masks)")
-        ax.plot(seconds, [point["best_test_top1"] for point in history], marker="s", ms=3, label="test (best masks)")
+        ax.plot(seconds, [kept_top1(point, "validation") for point in history], marker="o", ms=3,
+                label="validation (kept masks)")
+        ax.plot(seconds, [kept_top1(point, "test") for point in history], marker="s", ms=3, label="test (kept masks)")
         ruled = entry.get("plateau_history")
         if ruled:
-            ax.plot([point["seconds"] for point in ruled], [point["best_test_top1"] for point in ruled], ls=":",
-                    marker="^", ms=3, label="test (best masks), rule's run")
+            ax.plot([point["seconds"] for point in ruled], [kept_top1(point, "test") for point in ruled], ls=":",
+                    marker="^", ms=3, label="test (kept masks), rule's run")
         stop = entry["plateau"]
         ax.axvline(stop["seconds"], color="black", ls="--", lw=1, label=f"plateau rule: step {stop['step']}")
         ax.set_title(f"{name} ({entry['budget_steps']} steps)", fontsize=9)

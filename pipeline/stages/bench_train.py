@@ -30,6 +30,7 @@ import torch
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.io import write_json
 from pipeline.masks.eligibility import find_layers
+from pipeline.masks.fused import status as fused_status
 from pipeline.masks.gumbel import masked_modules
 from pipeline.masks.mask_step import build_mask_step
 from pipeline.recipe.config import Recipe, apply_override, validate
@@ -190,6 +191,9 @@ def run(options: Options) -> int:
         print(f"{name:14s} batch {batch:4d}  dense {r['dense_median_s'] * 1000:8.1f} ms  "
               f"mask {r['mask_median_s'] * 1000:8.1f} ms  ratio {r['ratio']:.3f}  "
               f"distill {r['distill_median_s'] * 1000:8.1f} ms  ratio {r['distill_ratio']:.3f}", flush=True)
+    kernels = sorted({recipe.masks.kernel for recipe in recipes.values()})
+    kernel = fused_status() if kernels == ["auto"] else f"masks.kernel = {', '.join(kernels)}"
+    print(f"mask layers' per-block work: {kernel}")
     passed = all(r["ratio"] <= options.max_ratio and r["distill_ratio"] <= options.max_distill_ratio
                  for r in results.values())
     print("\n| model | input | batch | dense step (median s) | mask step (median s) | ratio "
@@ -202,7 +206,7 @@ def run(options: Options) -> int:
     write_json(out, {"command": "python -m pipeline bench-train " + " ".join(sys.argv[2:]),
                      "device": "cpu", "clock": options.clock, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                      "cores": os.cpu_count(), "torch": torch.__version__, "max_ratio": options.max_ratio, "max_distill_ratio": options.max_distill_ratio,
-                     "overrides": options.overrides, "passed": passed, "models": results})
+                     "overrides": options.overrides, "mask_kernel": kernel, "passed": passed, "models": results})
     print(f"wrote {out}")
     if not passed:
         for kind, key, limit in (("mask", "ratio", options.max_ratio),

@@ -42,7 +42,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         best = max(point["top1"] for point in history)
         print(f"{tag:12s} prior {summary['prior']:9s} loss {summary['loss']:10s} steps {summary['steps']:5d}  "
               f"validation: prior {history[0]['top1']:.2f}%  best {best:.2f}% (step {summary.get('best_step')})  "
-              f"test of the best masks {summary['test']['top1']:.2f}%")
+              f"test of the kept masks ({summary.get('kept', 'best')}) {summary['test']['top1']:.2f}%")
     if not runs:
         raise PipelineError(f"no train_masks*.json with validation evaluations in {paths.root}; run train-masks first")
     out = paths.root / "curves.png"

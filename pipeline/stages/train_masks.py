@@ -112,10 +112,10 @@ def describe_start(model, report, recipe: Recipe, data, context) -> dict:
 
 def finish(model, report, recipe: Recipe, paths: ArtifactPaths, options: Options, data, result: LearnResult,
            dense_metrics: dict, source: str, checkpoint, world_size: int) -> TrainingRecord:
-    """Test the best masks and write config.json, layers.json and train_masks.json (through its owner)."""
+    """Test the kept masks (masks.keep) and write config.json, layers.json and train_masks.json (through its owner)."""
     cfg = recipe.masks
     use_argmax_masks(model, result.indices)
-    test = evaluate(model.eval(), data.eval, recipe.data.eval_batch_size, model_device(model), desc="test (best masks)")
+    test = evaluate(model.eval(), data.eval, recipe.data.eval_batch_size, model_device(model), desc="test (kept masks)")
     write_json(paths.layers, report.to_dict())
     log_path = paths.root / f"train_masks.{options.tag}.json" if options.tag else paths.mask_training
     details = {
@@ -129,6 +129,7 @@ def finish(model, report, recipe: Recipe, paths: ArtifactPaths, options: Options
         "stop_step": result.steps if result.stop_reason else None, "cooldown_start": result.cooldown_start,
         "seconds": round(result.seconds, 1),
         "world_size": world_size, "rank_mask_checksums": result.rank_checksums, "dense": dense_metrics,
+        "keep": cfg.keep, "kept": result.kept_why, "kept_step": result.kept_step, "kept_validation": result.kept_score,
         "best_step": result.best_step, "best_validation": result.best_score, "prior_validation": result.start_score,
         "beat_prior": result.beat_prior, "test": test, "history": result.history,
         "masked_mac_fraction": report.masked_mac_fraction, "config": recipe.to_dict()["masks"],
@@ -151,8 +152,9 @@ def summarise(record: TrainingRecord, recipe: Recipe, result: LearnResult) -> No
     if result.stop_reason:
         print(f"stopped at step {result.steps} of {recipe.masks.steps} ({result.stop_reason})")
     print(f"learned masks: test top1 {test['top1']:.2f}% (dense {dense['top1']:.2f}%, drop "
-          f"{dense['top1'] - test['top1']:.2f} pt); best masks at step {result.best_step} of {result.steps}, "
-          f"{result.seconds:.0f}s")
-    if not result.beat_prior:
-        print(f"training did not beat its prior: the result is the {recipe.masks.prior} prior's masks "
-              f"(validation {result.start_score})")
+          f"{dense['top1'] - test['top1']:.2f} pt); kept the {result.kept_why} masks, step {result.kept_step} of "
+          f"{result.steps} (best on validation: step {result.best_step}), {result.seconds:.0f}s")
+    if not result.beat_prior and result.start_score is not None:
+        what = f"the {recipe.masks.prior} prior's masks" if result.kept_step == 0 else "masks that score no better"
+        print(f"training did not beat its prior on the validation split (prior {result.start_score:.2f}, kept "
+              f"{result.kept_score}): the result is {what}")
