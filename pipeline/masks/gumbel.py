@@ -160,6 +160,10 @@ class _MaskedWeight(torch.autograd.Function):
     fused backward (`_softmax_backward_data`: soft * (g - <soft, g>)), two passes over the logits instead of eight,
     on CPU in place (bit-exact there, `tests/test_gumbel.py`): the backward consumes the forward's perturbed
     logits, so a graph through this Function is backpropagated once (mask training never retains it).
+
+    `fused` (masks.kernel = auto, `pipeline.masks.fused.usable` checked by the caller): the forward and the backward
+    each run as one pass of the fused C kernel over the blocks instead (same masks, gradients equal up to float
+    rounding); it saves the logits and the noise view rather than the perturbed logits, and recomputes them.
     """
 
     @staticmethod
