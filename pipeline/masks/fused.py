@@ -79,7 +79,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     library.gm_limits.argtypes, library.gm_limits.restype = [i32, i32], i32
     library.gm_forward.argtypes = [pointer, pointer, f32, i64, i32, i32, pointer, pointer, pointer, i32]
     library.gm_forward.restype = None
-    library.gm_backward.argtypes = [pointer, pointer, f32, i64, i32, i32, pointer, pointer, i32, pointer, pointer,
+    library.gm_backward.argtypes = [pointer, pointer, f32, i64, i32, i32, pointer, pointer, i32, pointer, f32,
                                     pointer]
     library.gm_backward.restype = None
     return library
@@ -137,11 +137,12 @@ def forward(logits: torch.Tensor, noise: torch.Tensor, alpha: float, keep_rows: 
 
 
 def backward(logits: torch.Tensor, noise: torch.Tensor, alpha: float, table: torch.Tensor,
-             grad_weight: torch.Tensor, weight_pm: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
-    """The gradient of the logits (`[P, *blocks]` float32) for the block-last `grad_weight`."""
+             grad_weight: torch.Tensor, weight_pm: torch.Tensor, kept_scale: float) -> torch.Tensor:
+    """The gradient of the logits (`[P, *blocks]` float32) for the block-last `grad_weight`; `kept_scale`: the
+    kept-magnitude term's -c / sum|W| (0: off), applied to |W| inside the kernel rather than read as a tensor."""
     library, patterns, m = kernel(), logits.shape[0], table.shape[1]
     grad = torch.empty_like(logits)
     library.gm_backward(logits.data_ptr(), noise.data_ptr(), alpha, logits[0].numel(), patterns, m, table.data_ptr(),
                         grad_weight.data_ptr(), grad_weight.element_size(), weight_pm.data_ptr(),
-                        None if kept is None else kept.data_ptr(), grad.data_ptr())
+                        kept_scale, grad.data_ptr())
     return grad

@@ -170,16 +170,14 @@ class _MaskedWeight(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, gumbel: torch.Tensor | None, tau: float, weight_pm: torch.Tensor,
                 table: torch.Tensor, codes: list[int], scale: float = 1.0, kept_term: torch.Tensor | None = None,
                 weight: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                workspace: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+                workspace: torch.Tensor | None = None, fused: bool = False, kept_scale: float = 0.0) -> torch.Tensor:
         m = weight_pm.shape[0]
-        if fused and weight is not None and weight.dtype == (out_dtype or weight.dtype):  # `fused.usable` held
-            effective = torch.empty_like(weight)
-            if fused_kernel.block_last(effective, m):
-                alpha = scale / tau
-                fused_kernel.forward(logits, gumbel, alpha, _keep_rows(table), weight, effective)
-                ctx.save_for_backward(logits, gumbel, weight_pm, table, kept_term)
-                ctx.fused, ctx.alpha = True, alpha
-                return effective
+        if fused:  # the caller checked `fused.usable`: `weight` is block-last, in out_dtype, and so is empty_like's
+            effective, alpha = torch.empty_like(weight), scale / tau
+            fused_kernel.forward(logits, gumbel, alpha, _keep_rows(table), weight, effective)
+            ctx.save_for_backward(logits, gumbel, weight_pm, table)
+            ctx.fused, ctx.alpha, ctx.kept_scale = True, alpha, kept_scale
+            return effective
         ctx.fused = False
         flat = logits.reshape(logits.shape[0], -1)
         if gumbel is not None:  # (scale * logits + gumbel) / tau in one pass; the argmax ignores the division
@@ -199,14 +197,14 @@ class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weight: torch.Tensor):
         if ctx.fused:
-            logits, gumbel, weight_pm, table, kept_term = ctx.saved_tensors
+            logits, gumbel, weight_pm, table = ctx.saved_tensors
             m = weight_pm.shape[0]
             if not fused_kernel.block_last(grad_weight, m):
                 grad_weight = grad_weight.contiguous(memory_format=torch.channels_last) if grad_weight.dim() == 4 \
                     else grad_weight.contiguous()
             grad = fused_kernel.backward(logits, gumbel, ctx.alpha, _scaled_table(table, ctx.alpha), grad_weight,
-                                         weight_pm, kept_term)
-            return grad, None, None, None, None, None, None, None, None, None, None, None
+                                         weight_pm, ctx.kept_scale)
+            return grad, None, None, None, None, None, None, None, None, None, None, None, None
         perturbed, weight_pm, table, kept_term = ctx.saved_tensors
         m = weight_pm.shape[0]
         grad_mask = ctx.workspace if ctx.workspace is not None else torch.empty_like(weight_pm)  # position-major
@@ -222,7 +220,7 @@ class _MaskedWeight(torch.autograd.Function):
         else:
             soft = torch.softmax(perturbed if ctx.divided else perturbed.mul(1.0 / ctx.tau), 0)
             grad = torch.ops.aten._softmax_backward_data(grad, soft, 0, soft.dtype)  # soft * (grad - <soft, grad>)
-        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None, None, None, None
+        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _keep_rows(table: torch.Tensor) -> torch.Tensor:
@@ -325,8 +323,12 @@ class GumbelMask(nn.Module):
             kept, real = self._kept(), self._cast(weight.detach(), out_dtype)
         fused = (self.kernel == "auto" and real is not None and torch.is_grad_enabled()
                  and fused_kernel.usable(self.logits, gumbel, real, self.m))
+        kept_scale = 0.0
+        if fused and kept is not None:  # the kernel forms -c |W| / sum|W| itself from the weight it reads anyway
+            kept_scale, kept = -self.kept_coefficient / max(self._weight_pm[2], 1e-12), None
         return _MaskedWeight.apply(self.logits, gumbel, self.tau, weight_pm, self.table, self.codes, self.scale,
-                                   kept, real, out_dtype, None if fused else self._workspace(weight_pm), fused)
+                                   kept, real, out_dtype, None if fused else self._workspace(weight_pm), fused,
+                                   kept_scale)
 
     def forward(self) -> torch.Tensor:
         """The 0/1 mask in weight layout (sampled while training, argmax otherwise)."""

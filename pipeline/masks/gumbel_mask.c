@@ -6,7 +6,7 @@
  *   logits, noise:  [p][nb] float32, pattern-major slabs (noise already divided by tau);
  *   weight, out, grad_weight: block-last, block b's m weights at b*m .. b*m+m-1 (a channels_last conv
  *                   weight or a row-major linear one), float32 (elem 4) or bfloat16 (elem 2);
- *   weight_pm, kept: [m][nb] float32, position-major (kept: the kept-magnitude term, may be NULL);
+ *   weight_pm:      [m][nb] float32, position-major; kept_scale: the kept-magnitude term's -c / sum|W| (0: off);
  *   keep:           [p][m] uint8, the 0/1 keep row of each pattern; table: [p][m] float32 (table * scale / tau).
  * x_q = noise_q + alpha * logit_q (alpha = scale / tau) is recomputed by the backward rather than stored.
  * Ties go to the first maximal pattern, as torch.argmax.
@@ -76,11 +76,11 @@ static void forward_range(const float *logits, const float *noise, float alpha, 
 }
 
 /* grad_logits[q][b] = soft_q * (g_q - sum_r soft_r g_r), soft = softmax_q(x_q), g_q = sum_j table[q][j] * d_j,
- * d_j = grad_weight[b*m + j] * weight_pm[j][b] (+ kept[j][b]): the straight-through gradient of
+ * d_j = grad_weight[b*m + j] * w + kept_scale * |w|, w = weight_pm[j][b]: the straight-through gradient of
  * softmax(x) @ table, for blocks [begin, end). */
 static void backward_range(const float *logits, const float *noise, float alpha, int64_t nb, int p, int m,
                            const float *table, const void *grad_weight, int elem, const float *weight_pm,
-                           const float *kept, float *grad_logits, int64_t begin, int64_t end) {
+                           float kept_scale, float *grad_logits, int64_t begin, int64_t end) {
     float d[MAX_M][CHUNK], e[MAX_P][CHUNK], most[CHUNK], total[CHUNK], dot[CHUNK];
     for (int64_t b0 = begin; b0 < end; b0 += CHUNK) {
         int count = (int)((end - b0) < CHUNK ? (end - b0) : CHUNK);
@@ -88,23 +88,21 @@ static void backward_range(const float *logits, const float *noise, float alpha,
             const uint64_t *gw = (const uint64_t *)grad_weight + b0;
             for (int j = 0; j < 4; j++) {
                 const float *wj = weight_pm + (int64_t)j * nb + b0;
-                const float *kj = kept ? kept + (int64_t)j * nb + b0 : NULL;
                 for (int i = 0; i < count; i++) {
                     uint32_t bits = (uint32_t)((gw[i] >> (16 * j)) & 0xFFFF) << 16;
                     float g;
                     memcpy(&g, &bits, 4);
                     d[j][i] = g * wj[i];
                 }
-                if (kj)
-                    for (int i = 0; i < count; i++) d[j][i] += kj[i];
+                if (kept_scale != 0.0f)
+                    for (int i = 0; i < count; i++) d[j][i] += kept_scale * fabsf(wj[i]);
             }
         } else for (int j = 0; j < m; j++) {
             const float *wj = weight_pm + (int64_t)j * nb + b0;
-            const float *kj = kept ? kept + (int64_t)j * nb + b0 : NULL;
             for (int i = 0; i < count; i++) {
                 int64_t at = (b0 + i) * m + j;
                 float g = elem == 2 ? bf16_to_float(((const uint16_t *)grad_weight)[at]) : ((const float *)grad_weight)[at];
-                d[j][i] = kj ? kj[i] + g * wj[i] : g * wj[i];
+                d[j][i] = g * wj[i] + kept_scale * fabsf(wj[i]);
             }
         }
         for (int q = 0; q < p; q++) {
@@ -166,13 +164,13 @@ void gm_forward(const float *logits, const float *noise, float alpha, int64_t nb
 }
 
 void gm_backward(const float *logits, const float *noise, float alpha, int64_t nb, int p, int m,
-                 const float *table, const void *grad_weight, int elem, const float *weight_pm, const float *kept,
+                 const float *table, const void *grad_weight, int elem, const float *weight_pm, float kept_scale,
                  float *grad_logits) {
     int64_t chunks = (nb + CHUNK - 1) / CHUNK;
     #pragma omp parallel for schedule(static) if (nb >= SERIAL_BLOCKS)
     for (int64_t c = 0; c < chunks; c++) {
         int64_t end = (c + 1) * CHUNK < nb ? (c + 1) * CHUNK : nb;
-        backward_range(logits, noise, alpha, nb, p, m, table, grad_weight, elem, weight_pm, kept, grad_logits,
+        backward_range(logits, noise, alpha, nb, p, m, table, grad_weight, elem, weight_pm, kept_scale, grad_logits,
                        c * CHUNK, end);
     }
 }
