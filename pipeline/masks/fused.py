@@ -11,8 +11,8 @@ OpenMP threads: loaded after PyTorch, the library binds to PyTorch's own libgomp
 PyTorch's thread team and thread count instead of running beside threads that spin (Python threads here took twice
 the time). When no compiler builds it,
 `kernel()` returns None, `status()` says why, and the PyTorch path runs: masks.kernel = torch forces that path.
-Same computation as the PyTorch path up to float rounding (the softmax's exp; `tests/test_gumbel.py` compares
-both); the argmax ties go to the first pattern in both.
+Same computation as the PyTorch path up to float rounding (the softmax's exp; `tests/test_fused_mask_kernel.py`
+compares both); the argmax ties go to the first pattern in both.
 """
 from __future__ import annotations
 

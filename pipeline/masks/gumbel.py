@@ -300,14 +300,22 @@ class GumbelMask(nn.Module):
             self._grad_workspace = torch.empty_like(weight_pm)
         return self._grad_workspace
 
-    def _kept(self) -> torch.Tensor | None:
-        """-c |W| / sum(|W|), position-major, for the current weight and coefficient (None when c = 0)."""
+    def _kept_scale(self) -> float:
+        """-c / sum(|W|) for the current weight and coefficient (0 when c = 0 or outside training): the scale of
+        the kept-magnitude term, which the fused kernel applies to |W| itself."""
         if not (self.training and self.kept_coefficient):
+            return 0.0
+        return -self.kept_coefficient / max(self._weight_pm[2], 1e-12)
+
+    def _kept(self) -> torch.Tensor | None:
+        """-c |W| / sum(|W|), position-major, for the current weight and coefficient (None when c = 0): the
+        PyTorch path's kept-magnitude term, computed once per weight and coefficient."""
+        scale = self._kept_scale()
+        if not scale:
             return None
-        key, weight_pm, total_abs = self._weight_pm
+        key, weight_pm, _ = self._weight_pm
         if self._kept_term is None or self._kept_term[:2] != (key, self.kept_coefficient):
-            term = weight_pm.abs().mul_(-self.kept_coefficient / max(total_abs, 1e-12))
-            self._kept_term = (key, self.kept_coefficient, term)
+            self._kept_term = (key, self.kept_coefficient, weight_pm.abs().mul_(scale))
         return self._kept_term[2]
 
     def masked_weight(self, weight: torch.Tensor, weight_pm: torch.Tensor | None = None,
@@ -317,18 +325,18 @@ class GumbelMask(nn.Module):
             if self.noise is None:
                 self.noise = GumbelNoisePool(self.logits.numel(), seed=0)
             gumbel = self.noise.draw(self.logits.numel(), self.logits.device, self.tau)
-        kept, real = None, None
+        real = None
         if weight_pm is None:  # a real weight (not the all-ones mask of forward()): the regulariser applies
             weight_pm = self._position_major(weight)
-            kept, real = self._kept(), self._cast(weight.detach(), out_dtype)
+            real = self._cast(weight.detach(), out_dtype)
         fused = (self.kernel == "auto" and real is not None and torch.is_grad_enabled()
                  and fused_kernel.usable(self.logits, gumbel, real, self.m))
-        kept_scale = 0.0
-        if fused and kept is not None:  # the kernel forms -c |W| / sum|W| itself from the weight it reads anyway
-            kept_scale, kept = -self.kept_coefficient / max(self._weight_pm[2], 1e-12), None
+        if fused:  # the kernel forms the kept-magnitude term from the weight it reads anyway: a scale, no tensor
+            return _MaskedWeight.apply(self.logits, gumbel, self.tau, weight_pm, self.table, self.codes, self.scale,
+                                       None, real, out_dtype, None, True, self._kept_scale())
+        kept = self._kept() if real is not None else None
         return _MaskedWeight.apply(self.logits, gumbel, self.tau, weight_pm, self.table, self.codes, self.scale,
-                                   kept, real, out_dtype, None if fused else self._workspace(weight_pm), fused,
-                                   kept_scale)
+                                   kept, real, out_dtype, self._workspace(weight_pm))
 
     def forward(self) -> torch.Tensor:
         """The 0/1 mask in weight layout (sampled while training, argmax otherwise)."""

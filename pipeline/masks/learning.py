@@ -363,10 +363,11 @@ class MaskTraining:
     # ------------------------------------------------------------------ result
     def kept(self) -> KeptMasks:
         """The masks the run returns if it ends now (masks.keep): the argmax now, scored by the last evaluation
-        when that was at this step, or the best masks seen."""
+        when that was at this step (whose argmax `evaluate` kept in `previous`), or the best masks seen."""
         last = self.state.history[-1] if self.state.history else {}
-        score = last.get("top1") if last.get("step") == self.state.step else None
-        return keep_masks(self.cfg.keep, self.state.best, current_indices(self.model), self.state.step, score)
+        if last.get("step") == self.state.step:
+            return keep_masks(self.cfg.keep, self.state.best, self.previous, self.state.step, last.get("top1"))
+        return keep_masks(self.cfg.keep, self.state.best, current_indices(self.model), self.state.step, None)
 
     def result(self) -> LearnResult:
         state, best = self.state, self.state.best
