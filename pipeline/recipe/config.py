@@ -191,7 +191,7 @@ class MaskConfig:
     # (docs/time-to-accuracy.md has the measurements behind the defaults)
     stop_patience: int = at_least(0, 3, "0 (run all masks.steps) or more evaluations")
     stop_changed: float = within(0, 1, 0.005, "a share of blocks in [0, 1)", high_open=True)
-    cooldown: float = within(0, 1, 0.2, "a share of masks.steps in [0, 1) (0: no cooldown, stop only once the "
+    cooldown: float = within(0, 1, 0.15, "a share of masks.steps in [0, 1) (0: no cooldown, stop only once the "
                              "argmax has settled by itself)", high_open=True)
     # which argmax masks a run returns: final (at its last step, after the cooldown; the best ones seen instead
     # if the final ones score below the prior's on the validation split) or best (the highest validation top-1
