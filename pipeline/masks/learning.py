@@ -329,11 +329,12 @@ class MaskTraining:
         rng = self.rng_states()  # a collective: every rank takes part
         if self.run_ctx.rank != 0 or self.run_ctx.checkpoint is None:
             return
-        indices = current_indices(self.model)
         if final:
             kept = self.kept()
             indices = kept.indices
             self.state.kept = {"step": kept.step, "score": kept.score, "why": kept.why}
+        else:
+            indices = current_indices(self.model)
         MaskCheckpoint(
             recipe_key=self.run_ctx.recipe_key, final=final, n=self.cfg.n, m=self.cfg.m,
             logits=mask_logits(self.model), indices={name: idx.to(torch.int16) for name, idx in indices.items()},
@@ -384,8 +385,7 @@ class MaskTraining:
                            best_step=max(best.step, 0) if best.indices else state.step,
                            best_score=best.score if best.indices else None, kept_step=kept.step,
                            kept_score=kept.score, kept_why=kept.why, start_score=best.start_score,
-                           beat_prior=bool(kept.step > 0 and kept.score is not None and best.start_score is not None
-                                           and kept.score > best.start_score), stop_reason=state.stop_reason,
+                           beat_prior=kept.beat(best.start_score), stop_reason=state.stop_reason,
                            cooldown_start=state.cooldown[0] if state.cooldown else None, loss=self.step_fn.loss.kind,
                            validation_images=len(self.validation) if self.validation is not None else 0,
                            train_images=len(self.train))

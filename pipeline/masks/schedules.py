@@ -206,7 +206,12 @@ class BestMasks:
     @property
     def beat_start(self) -> bool:
         """Whether training found masks strictly better than the ones it started from."""
-        return self.start_score is not None and self.step > 0 and self.score > self.start_score
+        return above_start(self.step, self.score, self.start_score)
+
+
+def above_start(step: int, score: float | None, start_score: float | None) -> bool:
+    """Whether masks from a step after 0 scored strictly above the start's (the prior's) on the validation split."""
+    return start_score is not None and score is not None and step > 0 and score > start_score
 
 
 @dataclass
@@ -218,6 +223,10 @@ class KeptMasks:
     step: int
     score: float | None
     why: str
+
+    def beat(self, start_score: float | None) -> bool:
+        """Whether these masks scored strictly above the prior's at step 0 on the validation split."""
+        return above_start(self.step, self.score, start_score)
 
 
 def keep_masks(keep: str, best: BestMasks, final: dict[str, torch.Tensor], step: int,
