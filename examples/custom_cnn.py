@@ -6,12 +6,16 @@ from the weights file. A python: source knows neither the head nor the input, so
     python -m pipeline engine --model python:examples.custom_cnn:build --classifier head --input-size 224 \
         --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --weights my.pth --data /data/myset
 """
+
 from torch import nn
 
 
 def conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
 
 
 class CustomCNN(nn.Module):
@@ -19,10 +23,14 @@ class CustomCNN(nn.Module):
         super().__init__()
         self.features = nn.Sequential(
             conv_bn(in_channels, 32, stride=2),
-            conv_bn(32, 64, stride=2), conv_bn(64, 64),
-            conv_bn(64, 128, stride=2), conv_bn(128, 128),
-            conv_bn(128, 256, stride=2), conv_bn(256, 256),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            conv_bn(32, 64, stride=2),
+            conv_bn(64, 64),
+            conv_bn(64, 128, stride=2),
+            conv_bn(128, 128),
+            conv_bn(128, 256, stride=2),
+            conv_bn(256, 256),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(256, num_classes)
 

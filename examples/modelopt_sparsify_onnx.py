@@ -9,6 +9,7 @@ Writes OUT/dense.onnx and OUT/modelopt_<mode>.onnx with plain `torch.onnx.export
 have the demo model; ModelOpt does the pruning. ModelOpt is not a dependency of the project: install it in a
 separate venv that sees the project's packages (docs/ci-gate.md), so it cannot replace torch or onnx.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,16 @@ import torch
 
 
 def export(model: torch.nn.Module, input_shape: list[int], path: Path) -> None:
-    torch.onnx.export(model.eval(), (torch.randn(2, *input_shape),), str(path), dynamo=True, optimize=True,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    torch.onnx.export(
+        model.eval(),
+        (torch.randn(2, *input_shape),),
+        str(path),
+        dynamo=True,
+        optimize=True,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+    )
 
 
 def calibration_loader(recipe, images: int = 128):
@@ -56,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     sparse = mts.export(mts.sparsify(copy.deepcopy(model), args.mode, config=config))
     for name, parameter in sparse.named_parameters():
         if parameter.dim() > 1 and (parameter == 0).float().mean() > 0.4:
-            print(f"ModelOpt sparsified {name} {list(parameter.shape)}: {100 * float((parameter == 0).float().mean()):.0f}% zeros")
+            print(
+                f"ModelOpt sparsified {name} {list(parameter.shape)}: {100 * float((parameter == 0).float().mean()):.0f}% zeros"
+            )
     export(sparse, recipe.input_shape, out / f"modelopt_{args.mode}.onnx")
     print(f"wrote {out / 'dense.onnx'} and {out / f'modelopt_{args.mode}.onnx'}")
     return 0

@@ -10,6 +10,7 @@ magnitudes become 0. The groups run along
 Gemm layers (transB=1 or 0, along the reduction axis) only with --include-gemm. Layers that cannot be pruned
 (C not a multiple of 4, grouped, weights not an initializer) are listed with the reason. Only onnx and numpy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,10 +74,14 @@ def prune_model(model: onnx.ModelProto, layout: str = "tensorrt", include_gemm: 
         if reason:
             lines.append(f"skipped {node.name}: {reason}")
             continue
-        pruned = prune_conv(weight, layout) if node.op_type == "Conv" else prune_gemm(weight, _attribute(node, "transB", 0))
+        pruned = (
+            prune_conv(weight, layout) if node.op_type == "Conv" else prune_gemm(weight, _attribute(node, "transB", 0))
+        )
         init.CopyFrom(numpy_helper.from_array(pruned.astype(weight.dtype), init.name))
-        lines.append(f"pruned {node.name} {list(weight.shape)} 2:4 along "
-                     f"{'input channels' if layout == 'tensorrt' or node.op_type == 'Gemm' else 'flattened C*R*S'}")
+        lines.append(
+            f"pruned {node.name} {list(weight.shape)} 2:4 along "
+            f"{'input channels' if layout == 'tensorrt' or node.op_type == 'Gemm' else 'flattened C*R*S'}"
+        )
     return lines
 
 

@@ -6,6 +6,7 @@ A PipelineError prints as one line (exit 2), a failed gate exits 1, a signal end
 `interrupted by SIGTERM` line, exit 128 + the signal (143 for SIGTERM, 130 for SIGINT/Ctrl-C), no partial
 artifact (atomic writes), and the training stages save their checkpoint first (continue with --resume).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,38 +35,71 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from pipeline.recipe.registry import list_models
 
     group = parser.add_argument_group("model and recipe")
-    group.add_argument("--model", default=None,
-                       help=f"registered model name (default fmnist_resnet; one of: {', '.join(list_models())}), "
-                            "a path to a recipe .toml file, or a model source: torchvision:NAME, timm:NAME, "
-                            "python:PACKAGE.MODULE:FACTORY (your own nn.Module factory)")
+    group.add_argument(
+        "--model",
+        default=None,
+        help=f"registered model name (default fmnist_resnet; one of: {', '.join(list_models())}), "
+        "a path to a recipe .toml file, or a model source: torchvision:NAME, timm:NAME, "
+        "python:PACKAGE.MODULE:FACTORY (your own nn.Module factory)",
+    )
     group.add_argument("--out", default=None, help="artifact root; files go to OUT/<model>/ (default engines)")
-    group.add_argument("--weights", default=None,
-                       help="dense weights: PATH to a saved state_dict (plain, or wrapped as training scripts save "
-                            "it; its head sets --num-classes) | random | pretrain | torchvision | hub (download the "
-                            "source's published weights) (default: recipe)")
-    group.add_argument("--data", default=None,
-                       help="dataset: synthetic | fashion_mnist | DIR (ImageFolder with train/<class>/ and "
-                            "val/<class>/: the class folder names become the labels; or the Fashion-MNIST IDX "
-                            "folder) (default: recipe)")
-    group.add_argument("--input-size", default=None, metavar="SIZE|C,H,W",
-                       help="network input: 224 (square, the recipe's channels) or 3,224,224; crop and resize follow")
-    group.add_argument("--resize", default=None, metavar="auto|none|N",
-                       help="shorter side before the centre crop: auto (default: for your own weights on an image "
-                            "folder, whole images when they are the input size or smaller, else the source's "
-                            "ratio), none (no resize) or N pixels (recipe preprocess.resize / resize_mode)")
-    group.add_argument("--skip-bad-images", action="store_true",
-                       help="skip damaged images of an image folder and count them in the report (default: stop "
-                            "before any work, naming them; recipe data.skip_bad_images)")
+    group.add_argument(
+        "--weights",
+        default=None,
+        help="dense weights: PATH to a saved state_dict (plain, or wrapped as training scripts save "
+        "it; its head sets --num-classes) | random | pretrain | torchvision | hub (download the "
+        "source's published weights) (default: recipe)",
+    )
+    group.add_argument(
+        "--data",
+        default=None,
+        help="dataset: synthetic | fashion_mnist | DIR (ImageFolder with train/<class>/ and "
+        "val/<class>/: the class folder names become the labels; or the Fashion-MNIST IDX "
+        "folder) (default: recipe)",
+    )
+    group.add_argument(
+        "--input-size",
+        default=None,
+        metavar="SIZE|C,H,W",
+        help="network input: 224 (square, the recipe's channels) or 3,224,224; crop and resize follow",
+    )
+    group.add_argument(
+        "--resize",
+        default=None,
+        metavar="auto|none|N",
+        help="shorter side before the centre crop: auto (default: for your own weights on an image "
+        "folder, whole images when they are the input size or smaller, else the source's "
+        "ratio), none (no resize) or N pixels (recipe preprocess.resize / resize_mode)",
+    )
+    group.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip damaged images of an image folder and count them in the report (default: stop "
+        "before any work, naming them; recipe data.skip_bad_images)",
+    )
     group.add_argument("--mean", default=None, metavar="M1,M2,M3", help="per-channel normalisation mean")
     group.add_argument("--std", default=None, metavar="S1,S2,S3", help="per-channel normalisation std")
-    group.add_argument("--num-classes", type=int, default=None,
-                       help="classifier outputs (default: the weights file's head, else the data's class folders, "
-                            "else the recipe)")
-    group.add_argument("--classifier", default=None, metavar="MODULE",
-                       help="module name of the classification head, e.g. fc (default: the recipe, or found by "
-                            "the torchvision/timm source; needed for python: factories)")
-    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                       help="override any recipe field, e.g. --set masks.lr=0.1 (repeatable)")
+    group.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classifier outputs (default: the weights file's head, else the data's class folders, else the recipe)",
+    )
+    group.add_argument(
+        "--classifier",
+        default=None,
+        metavar="MODULE",
+        help="module name of the classification head, e.g. fc (default: the recipe, or found by "
+        "the torchvision/timm source; needed for python: factories)",
+    )
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override any recipe field, e.g. --set masks.lr=0.1 (repeatable)",
+    )
 
 
 def program_name() -> str:
@@ -75,8 +109,9 @@ def program_name() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=program_name(), description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(
+        prog=program_name(), description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="stage", metavar="STAGE", parser_class=OneLineParser)
     commands.required = True
     for name, (_, help_text) in STAGES.items():
@@ -142,6 +177,7 @@ def _interrupted(exc: Interrupted) -> int:
 @contextlib.contextmanager
 def _sigterm_raises():
     """SIGTERM unwinds the stage like Ctrl-C does (atomic writes drop their temporaries), instead of killing it."""
+
     def handler(signum, frame):
         raise Interrupted(signum)
 
@@ -163,6 +199,8 @@ def _import_stage(stage: str):
         if exc.name and exc.name.startswith("pipeline"):
             print(f"error: stage {stage} is not available in this build ({exc.name} missing)", file=sys.stderr)
             raise SystemExit(2) from None
-        print(f"error: stage {stage} needs the package {exc.name}; install it with `pip install {exc.name}`",
-              file=sys.stderr)
+        print(
+            f"error: stage {stage} needs the package {exc.name}; install it with `pip install {exc.name}`",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None

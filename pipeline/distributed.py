@@ -1,4 +1,5 @@
 """torchrun support: gloo on CPU, nccl on GPU; rank 0 writes the artifacts."""
+
 from __future__ import annotations
 
 import os

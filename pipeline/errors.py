@@ -14,8 +14,11 @@ class PipelineError(Exception):
     def __init__(self, message: str = "", *args) -> None:
         text = str(message)
         if text.startswith("Caught PipelineError in DataLoader worker"):
-            raised = [line for line in text.splitlines() if line.startswith(("PipelineError: ",
-                                                                             "pipeline.errors.PipelineError: "))]
+            raised = [
+                line
+                for line in text.splitlines()
+                if line.startswith(("PipelineError: ", "pipeline.errors.PipelineError: "))
+            ]
             text = raised[-1].split("PipelineError: ", 1)[1] if raised else text.splitlines()[0]
         super().__init__(text, *args)
 

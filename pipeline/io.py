@@ -4,6 +4,7 @@ Every artifact is written to a temporary file in the destination folder and rena
 into place, so a killed or failed stage never leaves a half-written file behind; inside a stage's
 `pipeline.transaction.Transaction` the previous version is kept until the whole stage succeeds.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline import transaction
 from pipeline.errors import PipelineError
@@ -73,9 +75,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(path.parent).free
-            raise PipelineError(f"cannot write {path}: {os.strerror(exc.errno).lower()} ({free / 1e6:.0f} MB free "
-                                f"in {path.parent}); free some space or choose another --out, then run again; "
-                                f"{path} was left as it was") from None
+            raise PipelineError(
+                f"cannot write {path}: {os.strerror(exc.errno).lower()} ({free / 1e6:.0f} MB free "
+                f"in {path.parent}); free some space or choose another --out, then run again; "
+                f"{path} was left as it was"
+            ) from None
         raise
 
 
@@ -143,12 +147,15 @@ def torch_load(path: Path, what: str = "checkpoint", fix: str = "re-run the stag
         text = ANSI_ESCAPE.sub("", str(exc)).strip()  # torch colours parts of its messages
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         if refused:
-            raise PipelineError(f"{what} {path} holds a pickled Python object ({refused.group(1)}) that safe loading "
-                                "(weights_only) refuses, e.g. a whole nn.Module saved with torch.save(model); save "
-                                "tensors only, e.g. torch.save(model.state_dict(), PATH)") from None
+            raise PipelineError(
+                f"{what} {path} holds a pickled Python object ({refused.group(1)}) that safe loading "
+                "(weights_only) refuses, e.g. a whole nn.Module saved with torch.save(model); save "
+                "tensors only, e.g. torch.save(model.state_dict(), PATH)"
+            ) from None
         first = text.splitlines()[0] if text else type(exc).__name__
-        raise PipelineError(f"{what} {path} cannot be read ({first[:160]}); it is corrupt or not a PyTorch file: "
-                            f"{fix}") from None
+        raise PipelineError(
+            f"{what} {path} cannot be read ({first[:160]}); it is corrupt or not a PyTorch file: {fix}"
+        ) from None
 
 
 def load_versioned(cls, path: Path, what: str, format_name: str, version: int, fix: str):

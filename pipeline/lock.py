@@ -7,13 +7,14 @@ a folder it created (bad input found inside the stage) removes the lock file and
 command leaves no `--out` behind; the lock file is unlinked while held, and a run that locked a file since
 unlinked locks the new one instead.
 """
+
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.errors import PipelineError
 from pipeline.io import ensure_dir
@@ -56,8 +57,9 @@ def locked_file(path: Path, folder: Path) -> int:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise PipelineError(f"{folder} is in use by another run (pid {holder}); wait for it to finish or stop "
-                                "it, then run again") from None
+            raise PipelineError(
+                f"{folder} is in use by another run (pid {holder}); wait for it to finish or stop it, then run again"
+            ) from None
         if is_current(fd, path):
             return fd
         os.close(fd)  # its holder unlinked the file before releasing it: lock the one at PATH now

@@ -1,4 +1,5 @@
 """Where each artifact of a model lives: engines/<model>/..."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,10 +11,17 @@ from pipeline.errors import PipelineError
 def checked_name(name: str, what: str) -> str:
     """A name the user chose that becomes a file or folder name (model, recipe, --tag): one plain path
     component, so whatever it is, the files stay inside the output folder."""
-    if (not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0")
-            or Path(name).is_absolute()):
-        raise PipelineError(f"{what} {name!r} cannot name files: use letters, digits, '_', '-' or '.' without a "
-                            "path separator and not starting with '.'")
+    if (
+        not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or any(c in name for c in "/\\\0")
+        or Path(name).is_absolute()
+    ):
+        raise PipelineError(
+            f"{what} {name!r} cannot name files: use letters, digits, '_', '-' or '.' without a "
+            "path separator and not starting with '.'"
+        )
     return name
 
 
@@ -31,7 +39,7 @@ class ArtifactPaths:
     root: Path
 
     @classmethod
-    def for_model(cls, out: str | Path, model: str) -> "ArtifactPaths":
+    def for_model(cls, out: str | Path, model: str) -> ArtifactPaths:
         return cls(Path(out) / checked_name(model, "model name"))
 
     config = property(lambda self: self.root / "config.json")
@@ -53,6 +61,7 @@ class ArtifactPaths:
     def int8_onnx(self, variant: str) -> Path:
         """`dense.int8.onnx` / `sparse.int8.onnx`: the Q/DQ graphs written for build.precision=int8."""
         return self.root / f"{variant}.int8.onnx"
+
     build_report = property(lambda self: self.root / "build.json")
     report_json = property(lambda self: self.root / "report.json")
     report_md = property(lambda self: self.root / "report.md")

@@ -1,4 +1,5 @@
 """Small matplotlib helpers (Agg backend, atomic PNG writes)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,12 +4,14 @@
 terminal (a log file, a pipe), progress is plain lines, one per tenth of the work (and at least every
 PLAIN_EVERY_S seconds), so a log holds no carriage returns or cursor-movement escape codes (ESC[A).
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 PLAIN_EVERY_S = 60.0
 
@@ -18,8 +20,14 @@ def progress_disabled() -> bool:
     return os.environ.get("PIPELINE_NO_PROGRESS", "") not in ("", "0")
 
 
-def progress(iterable: Iterable | None = None, desc: str = "", total: int | None = None, initial: int = 0,
-             leave: bool = True, enabled: bool = True):
+def progress(
+    iterable: Iterable | None = None,
+    desc: str = "",
+    total: int | None = None,
+    initial: int = 0,
+    leave: bool = True,
+    enabled: bool = True,
+):
     """A progress bar over ITERABLE (or updated by hand): tqdm on a terminal, plain lines elsewhere, nothing when
     progress is off or not ENABLED (e.g. ranks other than 0)."""
     if progress_disabled() or not enabled:

@@ -4,6 +4,7 @@ Every stage records the sha256 of what it writes (train_masks.json, bake.json, e
 report.json). A stage that reads an earlier stage's file checks it here first, so a replaced, truncated or
 edited artifact is refused with the file and the stage to re-run, never used or sealed into a package.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,11 +26,14 @@ def verify_recorded(path: Path, record: dict[str, Any] | None, stage: str, model
         raise PipelineError(f"{path} does not exist; {rerun(stage, model)}")
     expected = record.get("sha256") if isinstance(record, dict) else None
     if not isinstance(expected, str):
-        raise PipelineError(f"{path} is not recorded by the {stage} stage (no sha256 in its report); "
-                            f"{rerun(stage, model)}")
+        raise PipelineError(
+            f"{path} is not recorded by the {stage} stage (no sha256 in its report); {rerun(stage, model)}"
+        )
     if sha256_file(path) != expected:
-        raise PipelineError(f"{path} changed since {stage} wrote it (sha256 differs from its {stage} report); it "
-                            f"is damaged or replaced: {rerun(stage, model)}")
+        raise PipelineError(
+            f"{path} changed since {stage} wrote it (sha256 differs from its {stage} report); it "
+            f"is damaged or replaced: {rerun(stage, model)}"
+        )
     return path
 
 
@@ -38,8 +42,9 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": Path(path).stat().st_size}
 
 
-def load_report(path: Path, stage: str, model: str, required: dict[str, type | tuple[type, ...]] | None = None
-                ) -> dict[str, Any]:
+def load_report(
+    path: Path, stage: str, model: str, required: dict[str, type | tuple[type, ...]] | None = None
+) -> dict[str, Any]:
     """A stage's JSON report (a dict whose REQUIRED keys hold values of their types), or one error naming the
     file and the stage that writes it."""
     path = Path(path)
@@ -47,14 +52,16 @@ def load_report(path: Path, stage: str, model: str, required: dict[str, type | t
         raise PipelineError(f"{path} does not exist; run `python -m pipeline {stage} --model {model}` first")
     data = read_json(path, fix=rerun(stage, model))
     if not isinstance(data, dict):
-        raise PipelineError(f"{path} is not a {stage} report (JSON {type(data).__name__}, not an object); "
-                            f"{rerun(stage, model)}")
+        raise PipelineError(
+            f"{path} is not a {stage} report (JSON {type(data).__name__}, not an object); {rerun(stage, model)}"
+        )
     check_keys(data, required or {}, path, f"a {stage} report", rerun(stage, model))
     return data
 
 
-def check_keys(data: dict[str, Any], required: dict[str, type | tuple[type, ...]], path: Path, what: str,
-               fix: str) -> None:
+def check_keys(
+    data: dict[str, Any], required: dict[str, type | tuple[type, ...]], path: Path, what: str, fix: str
+) -> None:
     """Refuse DATA (read from PATH) unless each REQUIRED key is there with a value of its type."""
     for key, kind in required.items():
         if key not in data:
@@ -89,8 +96,10 @@ class StageReport:
         files = data.pop("files")
         for name, entry in files.items():
             if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-                raise PipelineError(f"{path} is not a {cls.STAGE} report (its entry for {name} has no sha256); "
-                                    f"{rerun(cls.STAGE, model)}")
+                raise PipelineError(
+                    f"{path} is not a {cls.STAGE} report (its entry for {name} has no sha256); "
+                    f"{rerun(cls.STAGE, model)}"
+                )
         return cls(data.pop("model"), files, data)
 
     def checked(self, path: Path) -> Path:
@@ -111,7 +120,7 @@ class StageRecords:
         write_json(path, {"stages": self.stages, "in_progress": self.in_progress})
 
     @classmethod
-    def load(cls, path: Path) -> tuple["StageRecords", str]:
+    def load(cls, path: Path) -> tuple[StageRecords, str]:
         """The records, and why they were dropped ('' when they were read as they are)."""
         path = Path(path)
         if not path.exists():
@@ -124,14 +133,21 @@ class StageRecords:
             check_keys(data, {"stages": dict, "in_progress": dict}, path, "an engine record", "")
             stages, in_progress = data["stages"], data["in_progress"]
             for name, record in stages.items():
-                check_keys(record if isinstance(record, dict) else {}, {"inputs": str, "outputs": dict}, path,
-                           f"an engine record (stage {name})", "")
+                check_keys(
+                    record if isinstance(record, dict) else {},
+                    {"inputs": str, "outputs": dict},
+                    path,
+                    f"an engine record (stage {name})",
+                    "",
+                )
             if not all(isinstance(value, str) for value in in_progress.values()):
                 raise PipelineError(f"{path} is not an engine record (in_progress holds a non-string)")
         except PipelineError as exc:
             reason = str(exc).rstrip("; ")
-            return cls(), (f"{reason}; it is a cache of what engine ran, so it is rebuilt: every stage runs again "
-                           f"(delete {path} to silence this)")
+            return cls(), (
+                f"{reason}; it is a cache of what engine ran, so it is rebuilt: every stage runs again "
+                f"(delete {path} to silence this)"
+            )
         return cls(stages, in_progress), ""
 
 
@@ -140,8 +156,13 @@ def load_layer_table(path: Path, model: str) -> dict[str, Any]:
     refused in one line unless its lists and entries have the types verify reads."""
     data = load_report(path, "train-masks", model, {"masked": list, "skipped": list})
     for entry in data["masked"] + data["skipped"]:
-        check_keys(entry if isinstance(entry, dict) else {}, {"name": str, "kind": str, "macs": int, "eligible": bool}, path,
-                   "a layer table (an entry lacks name, kind, macs or eligible)", rerun("train-masks", model))
+        check_keys(
+            entry if isinstance(entry, dict) else {},
+            {"name": str, "kind": str, "macs": int, "eligible": bool},
+            path,
+            "a layer table (an entry lacks name, kind, macs or eligible)",
+            rerun("train-masks", model),
+        )
     if not isinstance(data.get("total_macs", 0), (int, float)):
         raise PipelineError(f"{path} is not a layer table (total_macs is not a number); {rerun('train-masks', model)}")
     return data

@@ -1,11 +1,13 @@
 """Shared pieces of the training loops: device choice, evaluation, signals, and the one training step."""
+
 from __future__ import annotations
 
 import re
 import signal
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +37,20 @@ def has_channels_last_convs(model: nn.Module) -> bool:
     """Whether the model's convolutions hold channels_last weights (`StepSettings.prepare_model`), judged on the
     first one whose layout tells (more than one input channel and a kernel larger than 1x1)."""
     for module in model.modules():
-        if isinstance(module, nn.Conv2d) and module.in_channels // module.groups > 1 and \
-                module.kernel_size[0] * module.kernel_size[1] > 1:
+        if (
+            isinstance(module, nn.Conv2d)
+            and module.in_channels // module.groups > 1
+            and module.kernel_size[0] * module.kernel_size[1] > 1
+        ):
             weight = module.weight
             return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     return False
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, desc: str = "eval",
-             workers: int = 0) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, dataset, batch_size: int, device: torch.device, desc: str = "eval", workers: int = 0
+) -> dict[str, float]:
     """Top-1/top-5 accuracy (percent) of `model` in its current mode on `dataset`. Batches take the memory format
     of the model's convolutions (channels_last images for a channels_last model: the demo's 10,000 test images
     6.7-7.7 s in NCHW, 4.2-4.6 s in channels_last on the EPYC, docs/time-to-accuracy.md)."""
@@ -133,10 +139,9 @@ class StepSettings:
     channels_last: bool = False
 
     @classmethod
-    def for_device(cls, device: torch.device, cuda_path: bool = False, precision: str = "auto") -> "StepSettings":
+    def for_device(cls, device: torch.device, cuda_path: bool = False, precision: str = "auto") -> StepSettings:
         if precision not in TRAINING_PRECISIONS:
-            raise PipelineError(f"training precision {precision!r}: not valid; valid: "
-                                f"{', '.join(TRAINING_PRECISIONS)}")
+            raise PipelineError(f"training precision {precision!r}: not valid; valid: {', '.join(TRAINING_PRECISIONS)}")
         on = cuda_path or precision == "bfloat16" or (precision == "auto" and bfloat16_is_faster(device))
         return cls(autocast=on, channels_last=on or device.type == "cpu")
 
@@ -169,9 +174,15 @@ class StepSettings:
 LossFn = Callable[[nn.Module, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
-def train_step(model: nn.Module, images: torch.Tensor, targets: Any, loss_fn: LossFn,
-               optimizer: torch.optim.Optimizer, scheduler=None, settings: StepSettings = StepSettings()
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: Any,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    settings: StepSettings = StepSettings(),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step, the only one in the pipeline: pretrain, the updatable demo's fine-tuning, mask
     training and bench-train call it. `images` are on the device already (`settings.prepare_images`); the
     loss runs under the settings' autocast. Returns the loss (detached) and the model's output."""
@@ -187,7 +198,9 @@ def train_step(model: nn.Module, images: torch.Tensor, targets: Any, loss_fn: Lo
 
 def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
     """The dense models' loss: cross-entropy of the output against the labels."""
+
     def loss_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
         output = model(images)
         return F.cross_entropy(output.float(), labels, label_smoothing=label_smoothing), output
+
     return loss_fn

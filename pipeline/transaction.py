@@ -11,6 +11,7 @@ again holds what the last finished stage wrote.
 Training checkpoints (`*.ckpt`) are the exception the README promises: they must outlive a failed or
 interrupted run (`--resume` continues from them), so they are written straight through.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ import shutil
 from pathlib import Path
 
 JOURNAL = ".transaction.json"
-_active: list["Transaction"] = []
+_active: list[Transaction] = []
 
 
 class Transaction:
@@ -35,7 +36,7 @@ class Transaction:
         self.token = secrets.token_hex(4)
         self.saved: dict[Path, Path | None] = {}  # replaced file -> its previous version (None: it was new)
 
-    def __enter__(self) -> "Transaction":
+    def __enter__(self) -> Transaction:
         _active.append(self)
         return self
 

@@ -14,6 +14,7 @@ release is refused until someone adds the four-part version read in that contain
 (`dpkg -l | grep libnvinfer` inside nvcr.io/nvidia/tritonserver:<release>-py3) and its source.
 Releases after 25.07 are listed with no TensorRT version at all: none could be sourced here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,18 +34,45 @@ class TritonRelease:
 
 _ISSUES_8612 = "NVIDIA/TensorRT#3071, triton-inference-server/server#5975"
 _UNSOURCED = {
-    "23.01": "8.5.2", "23.02": "8.5.3", "23.03": "8.5.3", "23.06": "8.6.1", "23.07": "8.6.1", "23.08": "8.6.1",
-    "23.09": "8.6.1", "23.10": "8.6.1", "23.11": "8.6.1", "23.12": "8.6.1", "24.01": "8.6.1", "24.02": "8.6.3",
-    "24.03": "8.6.3", "24.04": "8.6.3", "24.05": "10.0.1", "24.06": "10.1.0", "24.07": "10.2.0", "24.08": "10.3.0",
-    "24.09": "10.4.0", "24.10": "10.5.0", "24.11": "10.6.0", "24.12": "10.7.0", "25.01": "10.8.0", "25.02": "10.8.0",
-    "25.03": "10.9.0", "25.04": "10.9.0", "25.05": "10.10.0", "25.06": "10.11.0", "25.07": "10.11.0",
+    "23.01": "8.5.2",
+    "23.02": "8.5.3",
+    "23.03": "8.5.3",
+    "23.06": "8.6.1",
+    "23.07": "8.6.1",
+    "23.08": "8.6.1",
+    "23.09": "8.6.1",
+    "23.10": "8.6.1",
+    "23.11": "8.6.1",
+    "23.12": "8.6.1",
+    "24.01": "8.6.1",
+    "24.02": "8.6.3",
+    "24.03": "8.6.3",
+    "24.04": "8.6.3",
+    "24.05": "10.0.1",
+    "24.06": "10.1.0",
+    "24.07": "10.2.0",
+    "24.08": "10.3.0",
+    "24.09": "10.4.0",
+    "24.10": "10.5.0",
+    "24.11": "10.6.0",
+    "24.12": "10.7.0",
+    "25.01": "10.8.0",
+    "25.02": "10.8.0",
+    "25.03": "10.9.0",
+    "25.04": "10.9.0",
+    "25.05": "10.10.0",
+    "25.06": "10.11.0",
+    "25.07": "10.11.0",
 }
 _UNKNOWN = ["25.08", "25.09", "25.10", "25.11", "25.12", "26.01", "26.02", "26.03", "26.04", "26.05"]
 
-RELEASES: dict[str, TritonRelease] = dict(sorted(
-    [(release, TritonRelease(version)) for release, version in _UNSOURCED.items()]
-    + [(release, TritonRelease("8.6.1.2", _ISSUES_8612)) for release in ("23.04", "23.05")]
-    + [(release, TritonRelease(None)) for release in _UNKNOWN]))
+RELEASES: dict[str, TritonRelease] = dict(
+    sorted(
+        [(release, TritonRelease(version)) for release, version in _UNSOURCED.items()]
+        + [(release, TritonRelease("8.6.1.2", _ISSUES_8612)) for release in ("23.04", "23.05")]
+        + [(release, TritonRelease(None)) for release in _UNKNOWN]
+    )
+)
 
 # release -> TensorRT version as recorded (the recipe validates serve.triton_release against its keys)
 TRITON_TENSORRT = {release: row.tensorrt or "unknown" for release, row in RELEASES.items()}

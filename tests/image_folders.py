@@ -1,4 +1,5 @@
 """Small ImageFolder datasets written by tests: train/<class>/ and val/<class>/ with PNG images."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,9 @@ import numpy as np
 from PIL import Image
 
 
-def write_imagefolder(root: Path, classes: list[str], per_class: int, size: int = 32, val_per_class: int = 2,
-                      seed: int = 0) -> Path:
+def write_imagefolder(
+    root: Path, classes: list[str], per_class: int, size: int = 32, val_per_class: int = 2, seed: int = 0
+) -> Path:
     """Images whose mean colour depends on the class, so a few training steps can learn something."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", per_class), ("val", val_per_class)):

@@ -3,6 +3,7 @@
 Random dense weights (as the recipe's `weights: random`) with BatchNorm statistics made
 non-trivial, so the exporter's BatchNorm folding really rescales channels; magnitude 2:4 masks.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,14 +18,14 @@ import torch
 
 from pipeline.export.report import ExportReport
 from pipeline.io import torch_save, write_json
-from pipeline.masks.bake_report import BakeReport
-from pipeline.records import file_record
-from pipeline.paths import ArtifactPaths
-from pipeline.recipe.registry import get_recipe
 from pipeline.masks.artifact import LayerMask, MaskArtifact, apply_masks
+from pipeline.masks.bake_report import BakeReport
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.patterns import magnitude_indices
+from pipeline.paths import ArtifactPaths
+from pipeline.recipe.registry import get_recipe
 from pipeline.recipe.weights import build_network
+from pipeline.records import file_record
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny_resnet"
@@ -56,14 +57,17 @@ def make_artifacts(out: Path, weights: Path) -> ArtifactPaths:
     model = build_network(recipe)
     model.load_state_dict(state)
     report = find_layers(model, recipe.input_shape, 4, classifier=recipe.classifier)
-    layers = [LayerMask(layer.name, layer.weight_shape, 2, 4, magnitude_indices(state[f"{layer.name}.weight"], 2, 4))
-              for layer in report.masked]
+    layers = [
+        LayerMask(layer.name, layer.weight_shape, 2, 4, magnitude_indices(state[f"{layer.name}.weight"], 2, 4))
+        for layer in report.masked
+    ]
     artifact = MaskArtifact(recipe.name, recipe.arch, "magnitude", layers)
     paths = ArtifactPaths.for_model(out, MODEL)
     artifact.save(paths.masks)
     torch_save(apply_masks(state, artifact), paths.sparse_weights)
     BakeReport(MODEL, {path.name: file_record(path) for path in (paths.masks, paths.sparse_weights)}).save(
-        paths.bake_report)
+        paths.bake_report
+    )
     write_json(paths.layers, report.to_dict())
     return paths
 
@@ -80,8 +84,14 @@ PIPELINE_ENV = {**os.environ, "PIPELINE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1
 def cli(*argv: str, check: bool = False, timeout: float = 1800) -> subprocess.CompletedProcess:
     """Run `python -m pipeline ...` as a user would (the one CLI runner of the tests). CHECK: fail the test,
     with the run's output, unless it exits 0."""
-    result = subprocess.run([sys.executable, "-m", "pipeline", *map(str, argv)], cwd=REPO, env=PIPELINE_ENV,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, argv)],
+        cwd=REPO,
+        env=PIPELINE_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{argv} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -118,8 +128,15 @@ class BackgroundRun:
 
     def __init__(self, args: list[str], command: list[str] | None = None) -> None:
         command = [sys.executable, "-m", "pipeline"] if command is None else command
-        self.process = subprocess.Popen([*command, *args], cwd=REPO, env=PIPELINE_ENV, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(
+            [*command, *args],
+            cwd=REPO,
+            env=PIPELINE_ENV,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.output: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -139,10 +156,11 @@ class BackgroundRun:
                 line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 self.process.kill()
-                raise AssertionError(f"no line with {fragment!r} within {timeout}s:\n{''.join(self.output)}")
+                raise AssertionError(f"no line with {fragment!r} within {timeout}s:\n{''.join(self.output)}") from None
             if line is None:
-                raise AssertionError(f"the run ended ({self.process.wait()}) before printing {fragment!r}:\n"
-                                     f"{''.join(self.output)}")
+                raise AssertionError(
+                    f"the run ended ({self.process.wait()}) before printing {fragment!r}:\n{''.join(self.output)}"
+                )
             if fragment in line:
                 return
 
@@ -175,9 +193,11 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
     folder = Path(folder)
     if not folder.exists():
         return {}
-    return {path.relative_to(folder).as_posix(): (sha256_file(path), path.stat().st_mtime_ns)
-            for path in sorted(folder.rglob("*"))
-            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)}
+    return {
+        path.relative_to(folder).as_posix(): (sha256_file(path), path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    }
 
 
 def tiny_magnitude_pair(seed: int = 0):
@@ -208,6 +228,13 @@ def export_tiny_onnx(path: Path, seed: int) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(2, 1, 28, 28),), str(path), input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            model,
+            (torch.randn(2, 1, 28, 28),),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )

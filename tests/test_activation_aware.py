@@ -5,12 +5,18 @@ from torch import nn
 
 from pipeline.data.datasets import SyntheticDataset, build_datasets
 from pipeline.errors import PipelineError
-from pipeline.recipe.registry import get_recipe
-from pipeline.masks.activation_aware import (calibration_batches, indices_from_scores, input_channel_norms,
-                                                input_hessians, obs_saliency, wanda_scores)
+from pipeline.masks.activation_aware import (
+    calibration_batches,
+    indices_from_scores,
+    input_channel_norms,
+    input_hessians,
+    obs_saliency,
+    wanda_scores,
+)
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.methods import CHANGES_WEIGHTS, MethodContext, compute_masks
 from pipeline.masks.patterns import magnitude_indices, mask_from_indices, to_blocks
+from pipeline.recipe.registry import get_recipe
 from pipeline.recipe.weights import build_network
 
 CPU = torch.device("cpu")
@@ -84,8 +90,9 @@ def test_sparsegpt_conv_saliency_reads_the_unfolded_axis_c_r_s():
 def test_input_hessian_gives_the_output_error_of_a_weight_change():
     """||conv(x, D)||^2 / rows == sum((D H) * D) with D the weight change flattened as [K, C*R*S]."""
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.Flatten(),
-                          nn.LazyLinear(5))
+    model = nn.Sequential(
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5)
+    )
     images = [torch.randn(3, 4, 9, 9), torch.randn(2, 4, 9, 9)]
     model(images[0])
     hessians = input_hessians(model, ["0", "3"], images, CPU)

@@ -2,13 +2,13 @@ import torch
 from torch import nn
 
 from pipeline.data.datasets import build_datasets
-from pipeline.recipe.registry import get_recipe
 from pipeline.masks.activation_aware import damped, input_hessians
 from pipeline.masks.adaprune import masked_least_squares, reconstruction_error, refit_kept_weights
 from pipeline.masks.artifact import LayerMask, MaskArtifact
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.methods import CHANGES_WEIGHTS, MethodContext, compute_masks, masked_state
 from pipeline.masks.patterns import magnitude_indices
+from pipeline.recipe.registry import get_recipe
 from pipeline.recipe.weights import build_network
 
 CPU = torch.device("cpu")

@@ -1,16 +1,30 @@
 """Bad input through the real CLI: one `error:` line on stderr, exit 2, no traceback, no partial artifact."""
+
 import shutil
 
 import pytest
 import torch
-
 from nm_fixtures import MODEL, assert_one_error_line, cli, dense_weights_file, make_artifacts
+
 from pipeline.cli import main
 from pipeline.recipe.registry import get_recipe
 from pipeline.recipe.weights import build_network
 
-ARTIFACTS = {"dense.onnx", "sparse.onnx", "dense.fp16.onnx", "sparse.fp16.onnx", "export.json", "build.json",
-             "report.json", "report.md", "masks.ckpt", "layers.json", "train_masks.json", "masks.pt", "sparse.pt"}
+ARTIFACTS = {
+    "dense.onnx",
+    "sparse.onnx",
+    "dense.fp16.onnx",
+    "sparse.fp16.onnx",
+    "export.json",
+    "build.json",
+    "report.json",
+    "report.md",
+    "masks.ckpt",
+    "layers.json",
+    "train_masks.json",
+    "masks.pt",
+    "sparse.pt",
+}
 
 
 def files_in(folder):
@@ -56,9 +70,14 @@ def test_bench_masks_without_the_rule_leaves_no_out_folder(tmp_path, capsys, set
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("setting, pattern", [("masks.exclude=layer9.*", "layer9.*"),
-                                              ('masks.exclude=["layer1.*", "Layer2*"]', "Layer2*"),
-                                              ("masks.include=layer1.0.conv,layer2.*", "layer1.0.conv")])
+@pytest.mark.parametrize(
+    "setting, pattern",
+    [
+        ("masks.exclude=layer9.*", "layer9.*"),
+        ('masks.exclude=["layer1.*", "Layer2*"]', "Layer2*"),
+        ("masks.include=layer1.0.conv,layer2.*", "layer1.0.conv"),
+    ],
+)
 @pytest.mark.parametrize("stage", ["layers", "train-masks"])
 def test_layer_pattern_that_matches_nothing(tmp_path, stage, setting, pattern):
     """A typo in masks.include/exclude would mask (or keep dense) other layers than meant, without a word."""
@@ -81,8 +100,19 @@ def test_missing_fashion_mnist(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     wrong = tmp_path / "wrong"
     wrong.mkdir()
-    code = main(["train-masks", "--model", "fmnist_resnet", "--weights", "random", "--data", str(wrong),
-                 "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "train-masks",
+            "--model",
+            "fmnist_resnet",
+            "--weights",
+            "random",
+            "--data",
+            str(wrong),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: Fashion-MNIST not found")
     assert str(wrong) in err[0] and "--data DIR" in err[0]

@@ -1,13 +1,14 @@
 """BatchNorm re-estimation (masks.bn_reestimate_images): running statistics only, recorded by bake."""
+
 import json
 
 import pytest
 import torch
+from nm_fixtures import cli
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipeline.masks.batchnorm import reestimate_batchnorm, running_statistics_keys
-from nm_fixtures import cli
 
 pytestmark = pytest.mark.slow  # bake and export through the CLI
 
@@ -41,8 +42,9 @@ def test_bake_records_reestimation_and_keeps_every_weight(tmp_path):
     assert report["kept_weights_bit_exact"] and report["all_nm_in_tensorrt_layout"]
     reestimated = torch.load(folder / "sparse.pt", weights_only=True)
     changed = {key for key in plain if not torch.equal(plain[key], reestimated[key])}
-    assert changed and all(key.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked")
-                           for key in changed)
+    assert changed and all(
+        key.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked") for key in changed
+    )
     # export folds the re-estimated statistics into the sparse graph's convs; its checks compare it with the
     # dense weights carrying the same statistics, so kept weights stay bit-exact and the export succeeds
     cli("export", "--model", "tiny_resnet", "--out", out, "--set", "masks.bn_reestimate_images=64", check=True)

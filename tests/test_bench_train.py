@@ -11,9 +11,28 @@ ENV = {**os.environ, "PIPELINE_NO_PROGRESS": "1"}
 
 
 def bench(tmp_path, *extra):
-    return subprocess.run([sys.executable, "-m", "pipeline", "bench-train", "--models", "tiny_resnet", "--reps", "2",
-                           "--warmup", "1", "--out", str(tmp_path), *extra], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=1200)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "bench-train",
+            "--models",
+            "tiny_resnet",
+            "--reps",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path),
+            *extra,
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
 
 
 @pytest.mark.slow
@@ -43,33 +62,55 @@ def test_bench_train_distillation_gate_fails_with_exit_1(tmp_path):
 
 
 def test_bench_train_unknown_model_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pipeline", "bench-train", "--models", "resnet51", "--out",
-                             str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 2 and result.stderr.startswith("error: unknown model") and "Traceback" not in result.stderr
-
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "bench-train", "--models", "resnet51", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert (
+        result.returncode == 2 and result.stderr.startswith("error: unknown model") and "Traceback" not in result.stderr
+    )
 
 
 def bench_here(tmp_path, *extra):
     """bench-train in this process (no interpreter start): its exit code."""
     from pipeline.cli import main
 
-    return main(["bench-train", "--models", "tiny_resnet", "--reps", "1", "--warmup", "0", "--out", str(tmp_path),
-                 *extra])
+    return main(
+        ["bench-train", "--models", "tiny_resnet", "--reps", "1", "--warmup", "0", "--out", str(tmp_path), *extra]
+    )
 
 
 def test_bench_train_set_reaches_every_recipe_timed(tmp_path, monkeypatch):
     """--set applies to each model's recipe: a batch size and a precision change what is timed."""
     monkeypatch.setenv("PIPELINE_NO_PROGRESS", "1")
-    assert bench_here(tmp_path, "--max-ratio", "100", "--max-distill-ratio", "100", "--set", "masks.batch_size=8",
-                      "--set", "masks.precision=bfloat16") == 0
+    assert (
+        bench_here(
+            tmp_path,
+            "--max-ratio",
+            "100",
+            "--max-distill-ratio",
+            "100",
+            "--set",
+            "masks.batch_size=8",
+            "--set",
+            "masks.precision=bfloat16",
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "bench-train.json").read_text())
     entry = report["models"]["tiny_resnet"]
     assert entry["batch"] == 8 and entry["autocast_bf16"] is True and entry["channels_last"] is True
     assert report["overrides"] == ["masks.batch_size=8", "masks.precision=bfloat16"]
 
 
-@pytest.mark.parametrize("assignment, named", [("masks.precision=fp8", "masks.precision"),
-                                               ("masks.nonsense=1", "masks.nonsense"), ("masks.lr", "masks.lr")])
+@pytest.mark.parametrize(
+    "assignment, named",
+    [("masks.precision=fp8", "masks.precision"), ("masks.nonsense=1", "masks.nonsense"), ("masks.lr", "masks.lr")],
+)
 def test_bench_train_bad_set_is_one_line_and_nothing_timed(tmp_path, capsys, assignment, named):
     assert bench_here(tmp_path, "--set", assignment) == 2
     lines = capsys.readouterr().err.strip().splitlines()

@@ -5,15 +5,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.verify.certify import BoundPropagator, certify_masks, infinity_norm, lemma_terms
 from pipeline.cli import main
 from pipeline.data.datasets import SyntheticDataset
-from pipeline.recipe.registry import get_recipe
 from pipeline.masks.artifact import LayerMask, MaskArtifact, apply_masks
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.methods import MethodContext, compute_masks
 from pipeline.masks.patterns import magnitude_indices
+from pipeline.recipe.registry import get_recipe
 from pipeline.recipe.weights import build_network
+from pipeline.verify.certify import BoundPropagator, certify_masks, infinity_norm, lemma_terms
 from tests.nm_fixtures import dense_weights_file
 
 DEVICE = torch.device("cpu")
@@ -40,8 +40,12 @@ def test_every_bound_holds_on_a_tiny_resnet_with_batchnorm_statistics(tmp_path):
     updated = {k: v + 0.02 * torch.randn_like(v) if k.endswith("weight") else v for k, v in state.items()}
     report = run(recipe, state, artifact, data, updated)
     per = report["per_sample"]
-    for part in (report["lemma_3_4"], report["lemma_3_5"], report["updated"]["lemma_3_4"],
-                 report["updated"]["lemma_3_6"]):
+    for part in (
+        report["lemma_3_4"],
+        report["lemma_3_5"],
+        report["updated"]["lemma_3_4"],
+        report["updated"]["lemma_3_6"],
+    ):
         assert 0.0 <= part["certified_share"] <= 1.0
         assert part["bound_holds_share"] == 1.0  # measured ||f~ - f||_inf of the logits never exceeds the bound
         assert part["violations"] == 0
@@ -65,8 +69,9 @@ def test_lemma_3_6_without_an_update_is_lemma_3_5():
 def chain(seed=0):
     """A bias-free chain f = L3 relu L2 relu L1: the paper's compositional classifier exactly."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(16, 12, bias=False), nn.ReLU(), nn.Linear(12, 8, bias=False), nn.ReLU(),
-                         nn.Linear(8, 5, bias=False)).eval()
+    return nn.Sequential(
+        nn.Linear(16, 12, bias=False), nn.ReLU(), nn.Linear(12, 8, bias=False), nn.ReLU(), nn.Linear(8, 5, bias=False)
+    ).eval()
 
 
 def test_single_masked_layer_gives_the_papers_formulas():
@@ -79,8 +84,7 @@ def test_single_masked_layer_gives_the_papers_formulas():
     x = torch.randn(32, 16)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     modules = dict(model.named_modules())
-    bounds = {name: lemma_terms(modules, state, {"2": mask}, lemma) for name, lemma in
-              [("3.4", "3.4"), ("3.5", "3.5")]}
+    bounds = {name: lemma_terms(modules, state, {"2": mask}, lemma) for name, lemma in [("3.4", "3.4"), ("3.5", "3.5")]}
     update = 0.05 * torch.randn(8, 12)
     updated = dict(state, **{"2.weight": state["2.weight"] + update})
     bounds["3.6"] = lemma_terms(modules, state, {"2": mask}, "3.6", updated)
@@ -93,8 +97,8 @@ def test_single_masked_layer_gives_the_papers_formulas():
     assert torch.allclose(errors["3.6"], (infinity_norm(weights[1]) + infinity_norm(update)) * size * after)
     closed = pruned * size_x * infinity_norm(weights[0]) * after
     assert bool((errors["3.4"] <= closed * (1 + 1e-9)).all())
-    masked = model[4](F.relu((hidden @ (weights[1] * mask).T)))
-    reused = model[4](F.relu((hidden @ ((weights[1] + update) * mask).T)))
+    masked = model[4](F.relu(hidden @ (weights[1] * mask).T))
+    reused = model[4](F.relu(hidden @ ((weights[1] + update) * mask).T))
     assert bool(((masked - logits).abs().amax(1) <= errors["3.4"]).all())
     assert bool(((reused - logits).abs().amax(1) <= errors["3.6"]).all())
 
@@ -121,8 +125,10 @@ def test_infinity_norm_of_a_convolution_is_its_unfolded_matrix_norm():
     torch.manual_seed(0)
     weight = torch.randn(6, 4, 3, 3, dtype=torch.float64)
     for stride, padding in [(1, 1), (2, 1), (1, 0)]:
-        def conv(x):
+
+        def conv(x, stride=stride, padding=padding):
             return F.conv2d(x, weight, stride=stride, padding=padding)
+
         matrix = torch.autograd.functional.jacobian(conv, torch.zeros(1, 4, 7, 7, dtype=torch.float64))
         exact = float(matrix.reshape(-1, 4 * 49).abs().sum(1).max())
         assert exact == pytest.approx(infinity_norm(weight), rel=1e-5)  # an interior output sees the whole kernel
@@ -136,8 +142,10 @@ def test_exactly_sparse_weights_are_certified_wherever_the_prediction_is_defined
     assert float(exact["per_sample"]["lemma_3_4"].max()) == 0.0
     assert exact["lemma_3_4"]["certified_share"] == float((exact["per_sample"]["gamma"] > 0).double().mean())
     assert exact["lemma_3_5"]["certified_share"] < exact["lemma_3_4"]["certified_share"]
-    noisy = {k: v + 1e-9 * torch.randn_like(v) * (v == 0) if k.endswith("weight") and v.dim() > 1 else v
-             for k, v in sparse.items()}
+    noisy = {
+        k: v + 1e-9 * torch.randn_like(v) * (v == 0) if k.endswith("weight") and v.dim() > 1 else v
+        for k, v in sparse.items()
+    }
     near = run(recipe, noisy, artifact, data)  # the bound is ~1e6 x the measured change on random weights
     assert 0.5 < near["lemma_3_4"]["certified_share"] <= 1.0
     assert near["lemma_3_4"]["violations"] == 0 and near["lemma_3_4"]["bound_holds_share"] == 1.0

@@ -1,12 +1,13 @@
 """The installed command `sparse-pipeline` (a console script) is the same CLI as `python -m pipeline`."""
+
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from nm_fixtures import PIPELINE_ENV
+
 from pipeline.stages import STAGES
 
 
@@ -18,16 +19,22 @@ def installed_command() -> str:
 
 
 def test_the_console_script_lists_every_stage_under_its_own_name():
-    result = subprocess.run([installed_command(), "--help"], env=PIPELINE_ENV, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [installed_command(), "--help"], env=PIPELINE_ENV, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: sparse-pipeline")
     assert all(stage in result.stdout for stage in STAGES)
 
 
 def test_the_console_script_refuses_bad_flags_in_one_line():
-    result = subprocess.run([installed_command(), "layers", "--no-such-flag"], env=PIPELINE_ENV,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [installed_command(), "layers", "--no-such-flag"], env=PIPELINE_ENV, capture_output=True, text=True, timeout=300
+    )
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and "--no-such-flag" in lines[0] and lines[0].startswith("error: sparse-pipeline"), \
-        result.stderr
+    assert (
+        result.returncode == 2
+        and len(lines) == 1
+        and "--no-such-flag" in lines[0]
+        and lines[0].startswith("error: sparse-pipeline")
+    ), result.stderr

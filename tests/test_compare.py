@@ -22,8 +22,16 @@ def test_compare_writes_every_method(compared):
     assert code == 0
     summary = json.loads((root / "compare.json").read_text())
     names = [row["method"] for row in summary["methods"]]
-    assert names == ["magnitude", "permuted", "transposable", "transposable-greedy", "wanda", "sparsegpt",
-                     "adaprune", "learned"]
+    assert names == [
+        "magnitude",
+        "permuted",
+        "transposable",
+        "transposable-greedy",
+        "wanda",
+        "sparsegpt",
+        "adaprune",
+        "learned",
+    ]
     assert [row["method"] for row in summary["methods"] if row["changes_weights"]] == ["adaprune"]
     for row in summary["methods"]:
         for key in ("method", "top1", "top5", "seconds", "diversity_bits"):
@@ -31,8 +39,11 @@ def test_compare_writes_every_method(compared):
         assert 0.0 <= row["top1"] <= row["top5"] <= 100.0
         assert row["seconds"] >= 0.0 and 0.0 < row["kept_magnitude"] < 1.0
     rows = {row["method"]: row for row in summary["methods"]}
-    assert rows["transposable"]["diversity_bits"] < rows["magnitude"]["diversity_bits"] \
+    assert (
+        rows["transposable"]["diversity_bits"]
+        < rows["magnitude"]["diversity_bits"]
         < rows["magnitude"]["unstructured_diversity_bits"]
+    )
     assert rows["permuted"]["kept_magnitude"] >= rows["magnitude"]["kept_magnitude"]
     assert rows["transposable"]["kept_magnitude"] >= rows["transposable-greedy"]["kept_magnitude"]
     assert rows["permuted"]["permuted_output_max_abs_difference"] <= 1e-5
@@ -59,8 +70,12 @@ def test_compared_masks_are_bakeable_artifacts(compared):
 def test_bad_method_names_and_missing_reuse(tmp_path, capsys):
     assert main(["compare", "--model", "tiny_resnet", "--out", str(tmp_path), "--methods", "magnitude,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
-    assert main(["compare", "--model", "tiny_resnet", "--out", str(tmp_path), "--methods", "learned",
-                 "--learned", "reuse"]) == 2
+    assert (
+        main(
+            ["compare", "--model", "tiny_resnet", "--out", str(tmp_path), "--methods", "learned", "--learned", "reuse"]
+        )
+        == 2
+    )
     assert "train-masks" in capsys.readouterr().err
 
 
@@ -68,11 +83,19 @@ def test_updatable_demo(compared):
     _, root = compared
     out = str(root.parent)
     masks = str(root / "compare" / "masks.magnitude.pt")
-    assert main(["updatable", "--model", "tiny_resnet", "--out", out, "--masks", masks,
-                 "--finetune-steps", "2", *SHORT]) == 0
+    assert (
+        main(["updatable", "--model", "tiny_resnet", "--out", out, "--masks", masks, "--finetune-steps", "2", *SHORT])
+        == 0
+    )
     summary = json.loads((root / "updatable.json").read_text())
-    assert set(summary["results"]) == {"dense_original", "dense_updated", "old_masks_on_original",
-                                       "old_masks_on_updated", "magnitude_on_updated", "learned_afresh_on_updated"}
+    assert set(summary["results"]) == {
+        "dense_original",
+        "dense_updated",
+        "old_masks_on_original",
+        "old_masks_on_updated",
+        "magnitude_on_updated",
+        "learned_afresh_on_updated",
+    }
     assert summary["finetune"]["relative_weight_change"] > 0
     assert (root / "dense_updated.pt").is_file()
     certificate = summary["certify_reused_masks"]["updated"]
@@ -82,11 +105,11 @@ def test_updatable_demo(compared):
 
 def test_permuted_masks_are_evaluated_on_singly_permuted_weights():
     """Regression: compare once applied the channel permutations twice when evaluating `permuted`."""
-    from pipeline.recipe.registry import get_recipe
+    from pipeline.compare.models import masked_model, method_model
     from pipeline.masks.artifact import apply_masks
     from pipeline.masks.eligibility import find_layers
     from pipeline.masks.methods import MethodContext, compute_masks
-    from pipeline.compare.models import masked_model, method_model
+    from pipeline.recipe.registry import get_recipe
     from pipeline.recipe.weights import build_network
 
     recipe = get_recipe("tiny_resnet")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.recipe.config import apply_override, recipe_from_dict
-from pipeline.data.datasets import (ResumableBatchSampler, build_datasets, load_fashion_mnist, make_loader, read_idx)
+from pipeline.data.datasets import ResumableBatchSampler, build_datasets, load_fashion_mnist, make_loader, read_idx
 from pipeline.errors import PipelineError
+from pipeline.recipe.config import apply_override, recipe_from_dict
 from pipeline.recipe.registry import get_recipe, list_models
 
 
@@ -25,16 +25,27 @@ def test_overrides_are_typed_and_checked():
     apply_override(recipe, "weights=random")
     assert recipe.masks.lr == 0.2 and recipe.masks.include_classifier is True
     assert recipe.masks.exclude == ["layer1.*", "layer2.0.conv1"] and recipe.weights == "random"
-    for bad, message in [("masks.lr=fast", "expected float"), ("masks.nope=1", "unknown field"),
-                         ("nosection.x=1", "unknown section"), ("masks", "KEY=VALUE")]:
+    for bad, message in [
+        ("masks.lr=fast", "expected float"),
+        ("masks.nope=1", "unknown field"),
+        ("nosection.x=1", "unknown section"),
+        ("masks", "KEY=VALUE"),
+    ]:
         with pytest.raises(PipelineError, match=message):
             apply_override(recipe, bad)
     assert recipe_from_dict(recipe.to_dict()) == recipe
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('["layer1.*"]', ["layer1.*"]), ('["layer1.*", "layer2.0.conv1"]', ["layer1.*", "layer2.0.conv1"]),
-    (" layer1.* , layer2.0.conv1 ", ["layer1.*", "layer2.0.conv1"]), ("[]", []), ("", [])])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('["layer1.*"]', ["layer1.*"]),
+        ('["layer1.*", "layer2.0.conv1"]', ["layer1.*", "layer2.0.conv1"]),
+        (" layer1.* , layer2.0.conv1 ", ["layer1.*", "layer2.0.conv1"]),
+        ("[]", []),
+        ("", []),
+    ],
+)
 def test_list_overrides_take_a_list_written_either_way(text, expected):
     """A bracketed list on the command line is a list, never one pattern `["layer1.*"]` that matches nothing."""
     recipe = get_recipe("fmnist_resnet")
@@ -44,10 +55,15 @@ def test_list_overrides_take_a_list_written_either_way(text, expected):
     assert recipe.serve.preferred_batch_sizes == [4, 8]
 
 
-@pytest.mark.parametrize("bad, message", [("masks.exclude=['layer1.*']", "double quotes"),
-                                          ('masks.exclude=["layer1.*"', "double quotes"),
-                                          ("masks.exclude=[1]", "expected str"),
-                                          ('serve.preferred_batch_sizes=["x"]', "expected int")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("masks.exclude=['layer1.*']", "double quotes"),
+        ('masks.exclude=["layer1.*"', "double quotes"),
+        ("masks.exclude=[1]", "expected str"),
+        ('serve.preferred_batch_sizes=["x"]', "expected int"),
+    ],
+)
 def test_malformed_list_overrides_are_refused(bad, message):
     with pytest.raises(PipelineError, match=message):
         apply_override(get_recipe("fmnist_resnet"), bad)

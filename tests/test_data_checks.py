@@ -1,17 +1,18 @@
 """Dataset checks: matching class folders, an explicit --data folder is never swapped, content fingerprints."""
+
 import os
 import shutil
 
 import numpy as np
 import pytest
+from nm_fixtures import MODEL, cli
+from test_bad_input import ARTIFACTS, assert_one_error_line, files_in
+from test_config_data import make_fake_fashion_mnist
 
 import pipeline.data.datasets as data
-from nm_fixtures import MODEL, cli
 from pipeline.data.datasets import build_datasets, dataset_fingerprint, fashion_mnist_candidates, locate_fashion_mnist
 from pipeline.errors import PipelineError
 from pipeline.recipe.registry import get_recipe
-from test_bad_input import ARTIFACTS, assert_one_error_line, files_in
-from test_config_data import make_fake_fashion_mnist
 
 
 def make_image_folder(root, classes_by_split, images=2):
@@ -90,8 +91,7 @@ def system_copy(tmp_path, monkeypatch):
     make_fake_fashion_mnist(system)
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", system)
     monkeypatch.delenv("TORCHVISION_DATASETS", raising=False)
-    monkeypatch.setattr("torchvision.datasets.FashionMNIST",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr("torchvision.datasets.FashionMNIST", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     return system
 
 

@@ -1,8 +1,8 @@
 """`engine`: every stage through the CLI, then skipping what did not change (stages.json)."""
+
 import json
 
 import pytest
-
 from nm_fixtures import MODEL, cli, stage_lines
 
 pytestmark = pytest.mark.slow  # every test runs the CLI end to end, several seconds each
@@ -26,8 +26,21 @@ def test_all_stages_run_and_produce_artifacts(first_run):
     assert list(lines) == ["train-masks", "bake", "export", "build", "verify"]
     assert all("running (no record)" in line for line in lines.values())
     folder = out / MODEL
-    for name in ("masks.ckpt", "masks.pt", "sparse.pt", "layers.json", "bake.json", "dense.onnx", "sparse.onnx",
-                 "dense.fp16.onnx", "sparse.fp16.onnx", "export.json", "build.json", "report.json", "report.md"):
+    for name in (
+        "masks.ckpt",
+        "masks.pt",
+        "sparse.pt",
+        "layers.json",
+        "bake.json",
+        "dense.onnx",
+        "sparse.onnx",
+        "dense.fp16.onnx",
+        "sparse.fp16.onnx",
+        "export.json",
+        "build.json",
+        "report.json",
+        "report.md",
+    ):
         assert (folder / name).is_file(), name
     report = json.loads((folder / "report.json").read_text())
     assert report["backend"] == "onnxruntime" and report["gates"]["passed"]
@@ -74,13 +87,26 @@ def test_failing_gate_stops_engine_with_exit_1(first_run):
 
 def test_engine_killed_during_mask_training_resumes_it(tmp_path):
     import torch
-
     from nm_fixtures import kill_at_first_checkpoint
 
     out = tmp_path / "engines"
-    args = ["engine", "--model", MODEL, "--out", str(out), "--set", "data.synthetic_size=2048",
-            "--set", "masks.checkpoint_every=5", "--set", "masks.steps=120", "--set", "masks.stop_patience=0",
-            "--set", "verify.latency_iters=2"]  # the plateau rule off: the resumed run must reach the budget
+    args = [
+        "engine",
+        "--model",
+        MODEL,
+        "--out",
+        str(out),
+        "--set",
+        "data.synthetic_size=2048",
+        "--set",
+        "masks.checkpoint_every=5",
+        "--set",
+        "masks.steps=120",
+        "--set",
+        "masks.stop_patience=0",
+        "--set",
+        "verify.latency_iters=2",
+    ]  # the plateau rule off: the resumed run must reach the budget
     checkpoint = out / MODEL / "masks.ckpt"
     killed_at = kill_at_first_checkpoint(args, checkpoint)
 

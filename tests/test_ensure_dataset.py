@@ -1,4 +1,5 @@
 """tools/ensure-dataset.sh: install Fashion-MNIST when missing and allowed, else print the command and exit 2."""
+
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,8 +24,10 @@ def fake_apt_get(tmp_path: Path, dataset_dir: Path, fills: bool = True, fails: b
     if not fills:
         fill = ":"
     script = tmp_path / "apt-get"
-    script.write_text(f'#!/bin/bash\necho "$@" >> "{calls}"\n{"exit 100" if fails else ""}\n'
-                      f'[ "$1" = install ] && {{ {fill}; }}\nexit 0\n')
+    script.write_text(
+        f'#!/bin/bash\necho "$@" >> "{calls}"\n{"exit 100" if fails else ""}\n'
+        f'[ "$1" = install ] && {{ {fill}; }}\nexit 0\n'
+    )
     script.chmod(0o755)
     return str(script), calls
 
@@ -58,8 +61,9 @@ def test_missing_with_permission_installs_the_debian_package(tmp_path):
     assert sorted(path.name for path in dataset.iterdir()) == sorted(f"{name}.gz" for name in FILES)
 
 
-@pytest.mark.parametrize("fills,fails,message", [(True, True, "installing dataset-fashion-mnist failed"),
-                                                 (False, False, "still lacks")])
+@pytest.mark.parametrize(
+    "fills,fails,message", [(True, True, "installing dataset-fashion-mnist failed"), (False, False, "still lacks")]
+)
 def test_failed_install_exits_2_with_the_command(tmp_path, fills, fails, message):
     apt_get, _ = fake_apt_get(tmp_path, tmp_path / "fashion-mnist", fills=fills, fails=fails)
     result = ensure(tmp_path / "fashion-mnist", apt_get)
@@ -68,9 +72,17 @@ def test_failed_install_exits_2_with_the_command(tmp_path, fills, fails, message
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-@pytest.mark.parametrize("goal,checks", [(["engine"], True), (["engine", "DATA=synthetic"], False),
-                                         (["engine", "MODEL=tiny_resnet"], False), (["train-masks"], True),
-                                         (["export"], False), (["test"], True)])
+@pytest.mark.parametrize(
+    "goal,checks",
+    [
+        (["engine"], True),
+        (["engine", "DATA=synthetic"], False),
+        (["engine", "MODEL=tiny_resnet"], False),
+        (["train-masks"], True),
+        (["export"], False),
+        (["test"], True),
+    ],
+)
 def test_make_checks_the_dataset_only_where_it_is_read(goal, checks):
     dry_run = subprocess.run(["make", "-n", *goal], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert dry_run.returncode == 0, dry_run.stderr

@@ -1,4 +1,5 @@
 """export: dense/sparse ONNX (FP32 and FP16) keep 2:4 in TensorRT layout, equal kept weights, match PyTorch."""
+
 import json
 import re
 import subprocess
@@ -11,15 +12,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from nm_fixtures import MODEL, dense_weights_file, make_artifacts
 from onnx import numpy_helper
 
-from nm_fixtures import MODEL, dense_weights_file, make_artifacts
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.export.onnx import (scope_from_torchscript_name, check_sparse_layers, nm_violations_np,
-                             onnx_layer_weights)
-from pipeline.recipe.registry import get_recipe
+from pipeline.export.onnx import check_sparse_layers, nm_violations_np, onnx_layer_weights, scope_from_torchscript_name
 from pipeline.masks.artifact import MaskArtifact
+from pipeline.recipe.registry import get_recipe
 from pipeline.recipe.weights import build_network
 
 POLYGRAPHY = Path(sys.executable).parent / "polygraphy"
@@ -41,8 +41,12 @@ def _initializers(path):
 
 def test_files_are_valid_onnx_with_named_io_and_dynamic_batch(exported):
     paths, _, report = exported
-    for path, elem in [(paths.dense_onnx, onnx.TensorProto.FLOAT), (paths.sparse_onnx, onnx.TensorProto.FLOAT),
-                       (paths.dense_onnx_fp16, onnx.TensorProto.FLOAT16), (paths.sparse_onnx_fp16, onnx.TensorProto.FLOAT16)]:
+    for path, elem in [
+        (paths.dense_onnx, onnx.TensorProto.FLOAT),
+        (paths.sparse_onnx, onnx.TensorProto.FLOAT),
+        (paths.dense_onnx_fp16, onnx.TensorProto.FLOAT16),
+        (paths.sparse_onnx_fp16, onnx.TensorProto.FLOAT16),
+    ]:
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=True)
         assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= 17
@@ -80,12 +84,15 @@ def test_polygraphy_agrees_masked_layers_are_sparse(exported):
     masked_inits = {check["initializer"] for check in report["layers"]["fp32"]}
 
     def sparse_tensors(path):
-        run = subprocess.run([str(POLYGRAPHY), "inspect", "sparsity", str(path)], capture_output=True, text=True,
-                             timeout=600)
+        run = subprocess.run(
+            [str(POLYGRAPHY), "inspect", "sparsity", str(path)], capture_output=True, text=True, timeout=600
+        )
         assert run.returncode == 0, run.stderr
         text = run.stdout + run.stderr
-        return (set(re.findall(r"Found sparse tensor: (\S+)", text)),
-                set(re.findall(r"Found non-sparse tensor: (\S+)", text)))
+        return (
+            set(re.findall(r"Found sparse tensor: (\S+)", text)),
+            set(re.findall(r"Found non-sparse tensor: (\S+)", text)),
+        )
 
     sparse, non_sparse = sparse_tensors(paths.sparse_onnx)
     assert masked_inits <= sparse and not masked_inits & non_sparse
@@ -99,7 +106,10 @@ def test_polygraphy_agrees_masked_layers_are_sparse(exported):
 def test_kept_weights_equal_dense_and_batchnorm_was_folded(exported):
     paths, weights, report = exported
     state = torch.load(paths.sparse_weights, weights_only=True)
-    for dense_file, sparse_file in [(paths.dense_onnx, paths.sparse_onnx), (paths.dense_onnx_fp16, paths.sparse_onnx_fp16)]:
+    for dense_file, sparse_file in [
+        (paths.dense_onnx, paths.sparse_onnx),
+        (paths.dense_onnx_fp16, paths.sparse_onnx_fp16),
+    ]:
         dense, sparse = _initializers(dense_file), _initializers(sparse_file)
         for check in report["layers"]["fp32"]:
             name = check["initializer"]
@@ -161,16 +171,24 @@ def test_names_map_back_for_the_torchscript_exporter_too(tmp_path):
     path = tmp_path / "ts.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, *recipe.input_shape),), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"])
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, *recipe.input_shape),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["logits"],
+        )
     names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     found = onnx_layer_weights(onnx.load(str(path)), names)
     assert set(found) == set(names)
     assert found["layer2.0.downsample.0"].array.shape == (16, 8, 1, 1)
     assert found["layer2.0.downsample.0"].mapped_by == "scope"  # TorchScript names initializers onnx::Conv_N
     assert scope_from_torchscript_name("/layer2/layer2.0/downsample/downsample.0/Conv") == "layer2.0.downsample.0"
-    assert scope_from_torchscript_name("/features/features.1/features.1.0/block/block.3/MatMul") == \
-        "features.1.0.block.3"
+    assert (
+        scope_from_torchscript_name("/features/features.1/features.1.0/block/block.3/MatMul") == "features.1.0.block.3"
+    )
 
 
 def test_export_without_bake_names_the_missing_step(tmp_path):

@@ -9,6 +9,7 @@ Two tiers over the same (file x fault) table:
 The first stage of each file runs in the fast subset; the other stages are marked slow.
 Count: `pytest tests/test_faults.py --collect-only -q` (docs/reliability.md has the figures).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -16,24 +17,42 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
-
 from image_folders import write_imagefolder
 from nm_fixtures import MODEL, dense_weights_file
+
 from pipeline.artifacts import INVENTORY, Reader
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_file
 
 FAST = ["--set", "masks.steps=1", "--set", "verify.latency_iters=2", "--set", "verify.warmup_iters=0"]
-FIX_WORDS = ("run", "rerun", "re-run", "pass", "remove", "delete", "check", "fix", "reinstall", "install", "use",
-             "save", "give", "put", "replace", "drop", "choose", "valid:")
+FIX_WORDS = (
+    "run",
+    "rerun",
+    "re-run",
+    "pass",
+    "remove",
+    "delete",
+    "check",
+    "fix",
+    "reinstall",
+    "install",
+    "use",
+    "save",
+    "give",
+    "put",
+    "replace",
+    "drop",
+    "choose",
+    "valid:",
+)
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -59,10 +78,12 @@ def write_idx_folder(folder: Path) -> None:
     for stem, count in (("train", 40), ("t10k", 20)):
         images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, (count,), dtype=np.uint8)
-        (folder / f"{stem}-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + b"".join(
-            int(n).to_bytes(4, "big") for n in images.shape) + images.tobytes())
-        (folder / f"{stem}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + count.to_bytes(4, "big")
-                                                           + labels.tobytes())
+        (folder / f"{stem}-images-idx3-ubyte").write_bytes(
+            bytes([0, 0, 8, 3]) + b"".join(int(n).to_bytes(4, "big") for n in images.shape) + images.tobytes()
+        )
+        (folder / f"{stem}-labels-idx1-ubyte").write_bytes(
+            bytes([0, 0, 8, 1]) + count.to_bytes(4, "big") + labels.tobytes()
+        )
 
 
 @pytest.fixture
@@ -185,10 +206,10 @@ def load_images(path: Path, case_dir: Path):
 
 def owner_of(name: str) -> Callable[[Path, Path], object]:
     from pipeline.backends.build_report import BuildReport
+    from pipeline.export.report import ExportReport
     from pipeline.masks.artifact import MaskArtifact
     from pipeline.masks.bake_report import BakeReport
     from pipeline.masks.checkpoint import MaskCheckpoint, TrainingRecord
-    from pipeline.export.report import ExportReport
     from pipeline.package.manifest import check_manifest
     from pipeline.records import load_layer_table
     from pipeline.verify.report import VerificationReport
@@ -255,51 +276,127 @@ def _torch_owner(path: Path, case_dir: Path):
 def wiring() -> dict[str, Wiring]:
     m = model
     common = ["--model", MODEL, "--out", "{out}", "--weights", "{weights}", *FAST]
-    images = ["--model", MODEL, "--out", "{out}", "--weights", "{weights}", "--data", "{case}/images", *FAST,
-              "--set", "masks.validation_images=0"]
-    idx = ["--model", MODEL, "--out", "{out}", "--weights", "{weights}", "--data", "{case}/idx",
-           "--set", "data.kind=fashion_mnist", *FAST]
+    images = [
+        "--model",
+        MODEL,
+        "--out",
+        "{out}",
+        "--weights",
+        "{weights}",
+        "--data",
+        "{case}/images",
+        *FAST,
+        "--set",
+        "masks.validation_images=0",
+    ]
+    idx = [
+        "--model",
+        MODEL,
+        "--out",
+        "{out}",
+        "--weights",
+        "{weights}",
+        "--data",
+        "{case}/idx",
+        "--set",
+        "data.kind=fashion_mnist",
+        *FAST,
+    ]
     table = {
-        "recipe TOML": Wiring(lambda c: c / "recipe.toml", _recipe_owner,
-                              [["layers", "--model", "{case}/recipe.toml", "--out", "{out}"],
-                               ["export", "--model", "{case}/recipe.toml", "--out", "{out}"]]),
-        "weights file": Wiring(lambda c: c / "tiny_dense.pth", load_weights_strict,
-                               [["bake", *common], ["export", *common], ["train-masks", *common],
-                                ["init-recipe", "--model", "builtin:tiny_resnet", "--weights", "{weights}",
-                                 "--input-size", "28", "--mean", "0.5", "--std", "0.25", "--out",
-                                 "{case}/written.toml"]]),
-        "image folder": Wiring(lambda c: c / "images" / "train" / "a" / "0.png", load_images,
-                               [["train-masks", *images], ["verify", *images]]),
-        "Fashion-MNIST IDX": Wiring(lambda c: c / "idx" / "train-images-idx3-ubyte", lambda p, c: _idx_owner(p, c),
-                                    [["train-masks", *idx]]),
+        "recipe TOML": Wiring(
+            lambda c: c / "recipe.toml",
+            _recipe_owner,
+            [
+                ["layers", "--model", "{case}/recipe.toml", "--out", "{out}"],
+                ["export", "--model", "{case}/recipe.toml", "--out", "{out}"],
+            ],
+        ),
+        "weights file": Wiring(
+            lambda c: c / "tiny_dense.pth",
+            load_weights_strict,
+            [
+                ["bake", *common],
+                ["export", *common],
+                ["train-masks", *common],
+                [
+                    "init-recipe",
+                    "--model",
+                    "builtin:tiny_resnet",
+                    "--weights",
+                    "{weights}",
+                    "--input-size",
+                    "28",
+                    "--mean",
+                    "0.5",
+                    "--std",
+                    "0.25",
+                    "--out",
+                    "{case}/written.toml",
+                ],
+            ],
+        ),
+        "image folder": Wiring(
+            lambda c: c / "images" / "train" / "a" / "0.png",
+            load_images,
+            [["train-masks", *images], ["verify", *images]],
+        ),
+        "Fashion-MNIST IDX": Wiring(
+            lambda c: c / "idx" / "train-images-idx3-ubyte", lambda p, c: _idx_owner(p, c), [["train-masks", *idx]]
+        ),
         "stages.json": Wiring(lambda c: m(c) / "stages.json", _stages_json_owner, []),
         "layers.json": Wiring(lambda c: m(c) / "layers.json", owner_of("layers.json"), [["verify", *common]]),
-        "train_masks*.json as learning curves": Wiring(lambda c: m(c) / "train_masks.json",
-                                                       lambda p, c: _curves_owner(p, c),
-                                                       [["curves", "--model", MODEL, "--out", "{out}"]]),
-        "train_masks.json": Wiring(lambda c: m(c) / "train_masks.json", owner_of("train_masks.json"),
-                                   [["bake", *common]]),
-        "bake.json": Wiring(lambda c: m(c) / "bake.json", owner_of("bake.json"),
-                            [["export", *common], ["verify", *common], ["package", *common]]),
-        "export.json": Wiring(lambda c: m(c) / "export.json", owner_of("export.json"),
-                              [["build", *common, "--backend", "onnxruntime"], ["verify", *common],
-                               ["package", *common]], {1: ("missing",)}),
-        "build.json": Wiring(lambda c: m(c) / "build.json", owner_of("build.json"),
-                             [["verify", *common], ["package", *common]]),
+        "train_masks*.json as learning curves": Wiring(
+            lambda c: m(c) / "train_masks.json",
+            lambda p, c: _curves_owner(p, c),
+            [["curves", "--model", MODEL, "--out", "{out}"]],
+        ),
+        "train_masks.json": Wiring(
+            lambda c: m(c) / "train_masks.json", owner_of("train_masks.json"), [["bake", *common]]
+        ),
+        "bake.json": Wiring(
+            lambda c: m(c) / "bake.json",
+            owner_of("bake.json"),
+            [["export", *common], ["verify", *common], ["package", *common]],
+        ),
+        "export.json": Wiring(
+            lambda c: m(c) / "export.json",
+            owner_of("export.json"),
+            [["build", *common, "--backend", "onnxruntime"], ["verify", *common], ["package", *common]],
+            {1: ("missing",)},
+        ),
+        "build.json": Wiring(
+            lambda c: m(c) / "build.json", owner_of("build.json"), [["verify", *common], ["package", *common]]
+        ),
         "report.json": Wiring(lambda c: m(c) / "report.json", owner_of("report.json"), [["package", *common]]),
-        "manifest.json": Wiring(lambda c: m(c) / "manifest.json", owner_of("manifest.json"),
-                                [["check-manifest", "--model", MODEL, "--out", "{out}"]]),
+        "manifest.json": Wiring(
+            lambda c: m(c) / "manifest.json",
+            owner_of("manifest.json"),
+            [["check-manifest", "--model", MODEL, "--out", "{out}"]],
+        ),
         "masks.ckpt": Wiring(lambda c: m(c) / "masks.ckpt", owner_of("masks.ckpt"), [["bake", *common]]),
-        "masks.pt": Wiring(lambda c: m(c) / "masks.pt", owner_of("masks.pt"),
-                           [["export", *common], ["verify", *common], ["certify", *common], ["package", *common]],
-                           {1: ("missing",), 3: ("missing",)}),
-        "sparse.pt": Wiring(lambda c: m(c) / "sparse.pt", load_weights_strict,
-                            [["export", *common], ["package", *common]], {1: ("missing",)}),
-        "dense.pt": Wiring(lambda c: m(c) / "dense.pt", load_weights_strict,
-                           [["bake", "--model", MODEL, "--out", "{out}", "--weights", "pretrain", *FAST]]),
+        "masks.pt": Wiring(
+            lambda c: m(c) / "masks.pt",
+            owner_of("masks.pt"),
+            [["export", *common], ["verify", *common], ["certify", *common], ["package", *common]],
+            {1: ("missing",), 3: ("missing",)},
+        ),
+        "sparse.pt": Wiring(
+            lambda c: m(c) / "sparse.pt",
+            load_weights_strict,
+            [["export", *common], ["package", *common]],
+            {1: ("missing",)},
+        ),
+        "dense.pt": Wiring(
+            lambda c: m(c) / "dense.pt",
+            load_weights_strict,
+            [["bake", "--model", MODEL, "--out", "{out}", "--weights", "pretrain", *FAST]],
+        ),
         "pretrain.ckpt": Wiring(lambda c: m(c) / "pretrain.ckpt", _torch_owner, []),
-        "ONNX graphs": Wiring(lambda c: m(c) / "sparse.onnx", _onnx_owner,
-                              [["build", *common, "--backend", "onnxruntime"], ["package", *common]]),
+        "ONNX graphs": Wiring(
+            lambda c: m(c) / "sparse.onnx",
+            _onnx_owner,
+            [["build", *common, "--backend", "onnxruntime"], ["package", *common]],
+        ),
         "Triton configs": Wiring(lambda c: m(c) / "triton_cpu" / f"{MODEL}_dense" / "config.pbtxt", _pbtxt_owner, []),
     }
     return table
@@ -337,17 +434,30 @@ def _prepare(case_dir: Path, reader: Reader, fault: str) -> Path:
 
 def contents(folder: Path) -> dict[str, str]:
     """Every file under FOLDER (dot-files aside: the run lock) -> sha256: equal means byte-identical."""
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-            and os.access(p, os.R_OK)}
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and os.access(p, os.R_OK)
+    }
 
 
 OWNER_CASES = [(reader, fault) for reader in INVENTORY for fault in reader.faults]
-STAGE_CASES = [pytest.param(reader, fault, index, id=f"{reader.file.split(' ')[0]}-{fault}-{index}",
-                            marks=[pytest.mark.slow] if index else [])
-               for reader in INVENTORY if wiring_for(reader) for fault in reader.faults
-               for index in range(len(wiring_for(reader).stages))
-               if fault not in wiring_for(reader).optional.get(index, ())]
+STAGE_CASES = [
+    pytest.param(
+        reader,
+        fault,
+        index,
+        id=f"{reader.file.split(' ')[0]}-{fault}-{index}",
+        marks=[pytest.mark.slow] if index else [],
+    )
+    for reader in INVENTORY
+    if wiring_for(reader)
+    for fault in reader.faults
+    for index in range(len(wiring_for(reader).stages))
+    if fault not in wiring_for(reader).optional.get(index, ())
+]
 
 
 @pytest.mark.parametrize("reader,fault", OWNER_CASES, ids=[f"{r.file.split(' ')[0]}-{f}" for r, f in OWNER_CASES])
@@ -365,8 +475,7 @@ def test_stage_refuses_the_broken_file_and_changes_nothing(case, reader, fault, 
     path = _prepare(case, reader, fault)
     _offline_fashion_mnist(monkeypatch)
     _, weights = case, case / "tiny_dense.pth"
-    argv = [arg.format(out=case / "engines", weights=weights, case=case)
-            for arg in wiring_for(reader).stages[index]]
+    argv = [arg.format(out=case / "engines", weights=weights, case=case) for arg in wiring_for(reader).stages[index]]
     before = contents(case)
     capsys.readouterr()
     code = main(argv)
@@ -393,8 +502,16 @@ def _offline_fashion_mnist(monkeypatch) -> None:
 def test_engine_rebuilds_a_damaged_stages_json_and_says_so(case, capsys):
     stages = model(case) / "stages.json"
     stages.write_text("null")
-    argv = ["engine", "--model", MODEL, "--out", str(case / "engines"), "--weights", str(case / "tiny_dense.pth"),
-            *FAST]
+    argv = [
+        "engine",
+        "--model",
+        MODEL,
+        "--out",
+        str(case / "engines"),
+        "--weights",
+        str(case / "tiny_dense.pth"),
+        *FAST,
+    ]
     capsys.readouterr()
     assert main(argv) == 0
     out, err = capsys.readouterr()
@@ -409,9 +526,22 @@ def test_engine_rebuilds_a_damaged_stages_json_and_says_so(case, capsys):
 def test_a_damaged_image_stops_the_run_before_training_or_is_skipped_and_counted(case, capsys):
     bad = case / "images" / "train" / "b" / "1.png"
     bad.write_bytes(bad.read_bytes()[:50])
-    argv = ["train-masks", "--model", MODEL, "--out", str(case / "engines"), "--weights",
-            str(case / "tiny_dense.pth"), "--data", str(case / "images"), *FAST, "--set", "masks.batch_size=8",
-            "--set", "masks.validation_images=0"]
+    argv = [
+        "train-masks",
+        "--model",
+        MODEL,
+        "--out",
+        str(case / "engines"),
+        "--weights",
+        str(case / "tiny_dense.pth"),
+        "--data",
+        str(case / "images"),
+        *FAST,
+        "--set",
+        "masks.batch_size=8",
+        "--set",
+        "masks.validation_images=0",
+    ]
     before = contents(case)
     capsys.readouterr()
     assert main(argv) == 2

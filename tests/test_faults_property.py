@@ -1,5 +1,6 @@
 """Property-based faults (hypothesis): whatever JSON a record holds, whatever bytes a file holds, its owner either
 loads it or raises one PipelineError naming the file; no other exception escapes (pipeline/artifacts.py owners)."""
+
 from __future__ import annotations
 
 import json
@@ -18,15 +19,36 @@ from pipeline.package.manifest import check_manifest
 from pipeline.records import StageRecords, load_layer_table
 from pipeline.verify.report import VerificationReport
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                    max_leaves=12)
-RECORD_KEYS = ["model", "files", "engines", "backend", "gates", "engine_sha256", "masked", "skipped", "stages",
-               "in_progress", "sha256", "engine", "dense", "sparse", "has_sparse_kernels", "batch_range", "passed"]
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+RECORD_KEYS = [
+    "model",
+    "files",
+    "engines",
+    "backend",
+    "gates",
+    "engine_sha256",
+    "masked",
+    "skipped",
+    "stages",
+    "in_progress",
+    "sha256",
+    "engine",
+    "dense",
+    "sparse",
+    "has_sparse_kernels",
+    "batch_range",
+    "passed",
+]
 # JSON objects shaped like the records: the keys the owners look for, with values of any type
-RECORD_LIKE = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=6),
-                           lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.sampled_from(RECORD_KEYS), inner, max_size=6), max_leaves=16)
+RECORD_LIKE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(RECORD_KEYS), inner, max_size=6),
+    max_leaves=16,
+)
 OWNERS = {
     "build.json": lambda p: BuildReport.load(p, "m"),
     "bake.json": lambda p: BakeReport.load(p, "m"),

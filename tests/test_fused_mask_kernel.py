@@ -1,6 +1,7 @@
 """The fused C kernel of the mask layers (`pipeline.masks.fused`, masks.kernel = auto) against the PyTorch path
 (masks.kernel = torch): the same sampled masks and the same logit gradients up to float rounding, and the PyTorch
 path whenever the kernel cannot run (no compiler, a layout it does not take), said by `status()`."""
+
 import pytest
 import torch
 

@@ -5,6 +5,7 @@ runs and why others are skipped, the paired A B B A timing order, the report fil
 CUDA-only timing replaced by CPU timing of the same callables), and the mask-training step with the
 settings a CUDA run uses (channels_last, bfloat16 autocast) running on CPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,22 +28,40 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_2():
 
 
 def test_layer_gemms_shapes_and_skip_reasons():
-    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 64, 1, stride=2),
-                          nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.Flatten(), nn.Linear(64 * 4 * 4, 24),
-                          nn.Linear(24, 32))
+    model = nn.Sequential(
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.Conv2d(32, 64, 1, stride=2),
+        nn.Conv2d(64, 64, 3, padding=1, groups=64),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 24),
+        nn.Linear(24, 32),
+    )
     gemms = {g.layer: g for g in gpu_check.layer_gemms(model, ["0", "1", "4", "5"], [16, 8, 8], batch=32)}
     rows, cols = gpu_check.sparse_min_shape()
     assert (rows, cols) == (16, 16)  # cuSPARSELt FP16, from torch's table
-    assert (gemms["1"].kind, gemms["1"].m, gemms["1"].n, gemms["1"].k, gemms["1"].skip) == ("conv1x1", 512, 64, 32, None)
+    assert (gemms["1"].kind, gemms["1"].m, gemms["1"].n, gemms["1"].k, gemms["1"].skip) == (
+        "conv1x1",
+        512,
+        64,
+        32,
+        None,
+    )
     assert gemms["0"].skip.startswith("3x3 conv: not one GEMM")
     assert "N=24, K=1024" in gemms["4"].skip and gemms["4"].m == 32
-    assert (gemms["5"].m, gemms["5"].n, gemms["5"].k, gemms["5"].skip) == (32, 32, 24, None) or "K=24" in gemms["5"].skip
+    assert (gemms["5"].m, gemms["5"].n, gemms["5"].k, gemms["5"].skip) == (32, 32, 24, None) or "K=24" in gemms[
+        "5"
+    ].skip
 
 
 def test_paired_times_interleave_abba_after_warmup():
     calls = []
-    times = gpu_check.paired_times(lambda: calls.append("a"), lambda: calls.append("b"), reps=4, warmup=2,
-                                   timer=lambda run: (run(), float(len(calls)))[1])
+    times = gpu_check.paired_times(
+        lambda: calls.append("a"),
+        lambda: calls.append("b"),
+        reps=4,
+        warmup=2,
+        timer=lambda run: (run(), float(len(calls)))[1],
+    )
     assert calls == ["a", "b", "a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert times == ([5.0, 8.0, 9.0, 12.0], [6.0, 7.0, 10.0, 11.0])
     row = gpu_check.ratio_row([2.0, 4.0, 3.0], [1.0, 2.0, 1.5])
@@ -122,8 +141,15 @@ def test_mask_training_step_runs_with_the_cuda_settings_on_cpu():
 
     first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     first_conv.register_forward_hook(record)
-    result = learning.learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"),
-                                  log=lambda _: None, settings=StepSettings.for_device(torch.device("cpu"), True))
+    result = learning.learn_masks(
+        model,
+        report,
+        recipe,
+        build_datasets(recipe),
+        torch.device("cpu"),
+        log=lambda _: None,
+        settings=StepSettings.for_device(torch.device("cpu"), True),
+    )
     assert result.steps == 3 and len(seen) >= 3 and set(seen) == {(True, torch.bfloat16)}
     assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(torch.isfinite(logits).all() for logits in result.logits.values())

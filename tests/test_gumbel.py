@@ -1,14 +1,19 @@
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.recipe.nets import SmallResNet
 from pipeline.masks.eligibility import find_layers
-from pipeline.masks.gumbel import (GumbelMask, _MaskedWeight, attach_masks, current_indices,
-                                      mask_training_mode, masked_modules, straight_through_reference)
+from pipeline.masks.gumbel import (
+    GumbelMask,
+    _MaskedWeight,
+    attach_masks,
+    current_indices,
+    mask_training_mode,
+    masked_modules,
+    straight_through_reference,
+)
 from pipeline.masks.patterns import is_nm, magnitude_indices, pattern_table, to_blocks
+from pipeline.recipe.nets import SmallResNet
 
 
 def tiny_model(seed=0):
@@ -46,8 +51,9 @@ def test_fast_straight_through_matches_textbook_gradient(shape):
 
     logits = logits_last.detach().movedim(-1, 0).contiguous().requires_grad_(True)
     gumbel = gumbel_last.movedim(-1, 0).contiguous()
-    fast = _MaskedWeight.apply(logits, gumbel / 0.7, 0.7, to_position_major(weight, 4).contiguous(), table,
-                               pattern_codes(2, 4))
+    fast = _MaskedWeight.apply(
+        logits, gumbel / 0.7, 0.7, to_position_major(weight, 4).contiguous(), table, pattern_codes(2, 4)
+    )
     (grad_fast,) = torch.autograd.grad((fast * upstream).sum(), logits)
     assert torch.allclose(fast, reference.detach(), atol=1e-12)
     assert torch.allclose(grad_fast, grad_ref.movedim(-1, 0), atol=1e-12)
@@ -77,8 +83,9 @@ def test_in_place_softmax_and_its_backward_are_bit_exact_on_cpu():
         in_place = z.clone()
         assert torch.equal(torch.ops.aten._softmax.out(in_place, 0, False, out=in_place), soft)
         grad = g.clone()
-        assert torch.equal(torch.ops.aten._softmax_backward_data.out(grad, soft, 0, torch.float32, grad_input=grad),
-                           expected)
+        assert torch.equal(
+            torch.ops.aten._softmax_backward_data.out(grad, soft, 0, torch.float32, grad_input=grad), expected
+        )
 
 
 def test_first_argmax_codes_follow_torch_argmax_ties():
@@ -195,7 +202,6 @@ def test_eval_mask_follows_every_optimizer_update():
 def test_kept_magnitude_regulariser_is_the_straight_through_gradient_of_the_kept_share():
     """The fused regulariser equals autograd through the textbook estimator of
     loss = -c * sum(mask * |W|) / sum(|W|), and its ascent alone pulls a uniform start to the magnitude mask."""
-    from pipeline.masks.gumbel import first_argmax_codes, pattern_codes, to_position_major
 
     torch.manual_seed(0)
     weight = torch.randn(8, 12, 3, 3)
@@ -224,4 +230,3 @@ def test_kept_magnitude_regulariser_is_the_straight_through_gradient_of_the_kept
     start = (torch.zeros(6, 8, 3, 3, 3).argmax(0) == magnitude_indices(weight, 2, 4)).float().mean()
     agreement = (ascent.indices() == magnitude_indices(weight, 2, 4)).float().mean()
     assert float(start) < 0.3 and float(agreement) > 0.9  # sampled noise leaves a few near-ties apart
-

@@ -1,5 +1,6 @@
 """House rules that keep the code readable for the next engineer, checked so they stay true:
 no function in pipeline/ over 80 lines, and no import cycle between pipeline's modules."""
+
 from __future__ import annotations
 
 import ast
@@ -50,8 +51,10 @@ def imported_modules(source: str, module: str, is_package: bool, known: set[str]
 def import_graph() -> dict[str, set[str]]:
     paths = {module_name(path): path for path in PACKAGE.rglob("*.py")}
     known = set(paths)
-    return {name: imported_modules(path.read_text(), name, path.name == "__init__.py", known)
-            for name, path in paths.items()}
+    return {
+        name: imported_modules(path.read_text(), name, path.name == "__init__.py", known)
+        for name, path in paths.items()
+    }
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -101,11 +104,13 @@ def test_no_import_cycle_in_pipeline():
 def test_the_checks_catch_what_they_are_for():
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
     assert long_functions(f"def long():\n{body}\n") == [("long", MAX_FUNCTION_LINES + 1)]
-    assert long_functions(f"def short():\n{body[:-len('    x79 = 79') - 1]}\n") == []
+    assert long_functions(f"def short():\n{body[: -len('    x79 = 79') - 1]}\n") == []
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
     known = {"pipeline.recipe.config", "pipeline.masks.methods", "pipeline.masks"}
-    assert imported_modules("def f():\n    from pipeline.masks.methods import METHODS\n", "pipeline.recipe.config",
-                            False, known) == {"pipeline.masks.methods"}
-    assert imported_modules("from ..masks import methods\n", "pipeline.recipe.config", False, known) == \
-        {"pipeline.masks.methods"}
+    assert imported_modules(
+        "def f():\n    from pipeline.masks.methods import METHODS\n", "pipeline.recipe.config", False, known
+    ) == {"pipeline.masks.methods"}
+    assert imported_modules("from ..masks import methods\n", "pipeline.recipe.config", False, known) == {
+        "pipeline.masks.methods"
+    }

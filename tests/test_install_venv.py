@@ -1,4 +1,5 @@
 """tools/install-venv.py: pip's index settings reach uv, and a failing uv falls back to pip."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,10 +25,12 @@ def fake_python(tmp_path: Path, config_lines: str, pip_install_rc: int = 0) -> P
     bin_dir = tmp_path / "venv" / "bin"
     bin_dir.mkdir(parents=True)
     python = bin_dir / "python"
-    python.write_text("#!/bin/sh\n"
-                      f'echo "$@" >> "{tmp_path}/calls"\n'
-                      'if [ "$3" = config ]; then cat <<"EOF"\n' + config_lines + "EOF\nexit 0\nfi\n"
-                      f"exit {pip_install_rc}\n")
+    python.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> "{tmp_path}/calls"\n'
+        'if [ "$3" = config ]; then cat <<"EOF"\n' + config_lines + "EOF\nexit 0\nfi\n"
+        f"exit {pip_install_rc}\n"
+    )
     python.chmod(python.stat().st_mode | stat.S_IEXEC)
     return python
 
@@ -54,9 +57,13 @@ def test_pip_settings_reach_uv(installer, tmp_path):
     joined = " ".join(command)
     assert command[:3] == ["/v/bin/uv", "pip", "install"] and f"--python {python}" in joined
     assert "--index-strategy unsafe-best-match" in joined
-    for flag in ("--extra-index-url file:///opt/a/simple", "--extra-index-url file:///opt/b/simple",
-                 "--find-links /opt/more-wheels", "--constraint /etc/pip/constraints.txt",
-                 "--index-url https://env.example/simple"):
+    for flag in (
+        "--extra-index-url file:///opt/a/simple",
+        "--extra-index-url file:///opt/b/simple",
+        "--find-links /opt/more-wheels",
+        "--constraint /etc/pip/constraints.txt",
+        "--index-url https://env.example/simple",
+    ):
         assert flag in joined
     assert "mirror.example" not in joined
 

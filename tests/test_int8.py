@@ -4,6 +4,7 @@ No stub and no fixture: real ONNX Runtime static quantization and the real polyg
 random-weight tiny_resnet whose maskable layers carry magnitude 2:4 masks. Calibration uses the
 recipe's own (synthetic) training data.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,19 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from pipeline.data.datasets import build_datasets
 from pipeline.errors import PipelineError
+from pipeline.export.int8 import (
+    calibration_batches,
+    polygraphy_sparsity,
+    qdq_problems,
+    quantize_qdq,
+    sparse_weights_survive,
+    weight_quantizations,
+)
 from pipeline.export.onnx import ModelProtoFromTorch
 from pipeline.paths import ArtifactPaths
-from pipeline.export.int8 import (calibration_batches, polygraphy_sparsity, qdq_problems, quantize_qdq,
-                           sparse_weights_survive, weight_quantizations)
 from tests.nm_fixtures import tiny_magnitude_pair
 
 
@@ -129,8 +135,19 @@ def test_engine_with_int8_precision_writes_qdq_graphs_and_reports_their_accuracy
     masked layer sparse in sparse.int8.onnx, and verify reports INT8 accuracy next to the FP32 engines."""
     from pipeline.cli import main
 
-    code = main(["engine", "--model", "tiny_resnet", "--out", str(tmp_path), "--set", "build.precision=int8",
-                 "--set", "masks.steps=2"])
+    code = main(
+        [
+            "engine",
+            "--model",
+            "tiny_resnet",
+            "--out",
+            str(tmp_path),
+            "--set",
+            "build.precision=int8",
+            "--set",
+            "masks.steps=2",
+        ]
+    )
     assert code == 0
     root = tmp_path / "tiny_resnet"
     export = json.loads((root / "export.json").read_text())

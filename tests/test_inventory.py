@@ -1,5 +1,6 @@
 """The inventory of readers (pipeline/artifacts.py) is complete: every read site under pipeline/ is registered,
 every artifact of ArtifactPaths has one owner, and every owner named exists."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import (FILE_FAULTS, INVENTORY, JSON_FAULTS, TENSOR_FAULTS, WRITTEN_ONLY, allowed_sites,
-                                read_sites, unregistered_reads)
+from pipeline.artifacts import (
+    FILE_FAULTS,
+    INVENTORY,
+    JSON_FAULTS,
+    TENSOR_FAULTS,
+    WRITTEN_ONLY,
+    allowed_sites,
+    read_sites,
+    unregistered_reads,
+)
 from pipeline.paths import ArtifactPaths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,14 +50,20 @@ def test_the_check_catches_a_planted_reader(tmp_path, kind):
 
 
 def test_writes_and_registered_owners_are_not_flagged():
-    source = ("import json\ndef save(path, obj):\n    with open(path, 'w') as f:\n        json.dump(obj, f)\n"
-              "def log(path):\n    open(path, 'ab').write(b'x')\n")
+    source = (
+        "import json\ndef save(path, obj):\n    with open(path, 'w') as f:\n        json.dump(obj, f)\n"
+        "def log(path):\n    open(path, 'ab').write(b'x')\n"
+    )
     assert read_sites(source, "pipeline.x") == []
     registered = next(iter(sorted(allowed_sites())))
     module, function = registered.split(":")
-    assert all(site == registered for site, _, _ in read_sites(
-        f"import json\ndef {function.split('.')[-1]}(p):\n    return json.loads(p.read_text())\n", module)
-        if "." not in function)
+    assert all(
+        site == registered
+        for site, _, _ in read_sites(
+            f"import json\ndef {function.split('.')[-1]}(p):\n    return json.loads(p.read_text())\n", module
+        )
+        if "." not in function
+    )
 
 
 def test_every_owner_and_site_named_exists():
@@ -79,9 +94,15 @@ def test_every_artifact_path_has_exactly_one_owner():
 
 
 def test_the_inventory_is_a_table_of_known_faults():
-    known = set(FILE_FAULTS + JSON_FAULTS + TENSOR_FAULTS) | {"toml_syntax", "wrong_type", "unknown_key",
-                                                             "pickled_module", "text_file", "not_an_image",
-                                                             "truncated_image"}
+    known = set(FILE_FAULTS + JSON_FAULTS + TENSOR_FAULTS) | {
+        "toml_syntax",
+        "wrong_type",
+        "unknown_key",
+        "pickled_module",
+        "text_file",
+        "not_an_image",
+        "truncated_image",
+    }
     for reader in INVENTORY:
         assert set(reader.faults) <= known, reader.file
         assert reader.faults or reader.note, f"{reader.file}: no fault applies and no note says why"

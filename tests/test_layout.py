@@ -1,9 +1,10 @@
 """pipeline/verify/layout.py: each layer's 2:4 layout class, the axis found, MACs, and kept weights vs the dense model."""
+
 import numpy as np
+import onnx_fixtures as fx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import onnx_fixtures as fx
 from pipeline.errors import PipelineError
 from pipeline.verify import layout as L
 
@@ -60,9 +61,13 @@ def _gemm_model(weight: np.ndarray, trans_b: int):
     k = weight.shape[1] if trans_b else weight.shape[0]
     n = weight.shape[0] if trans_b else weight.shape[1]
     node = helper.make_node("Gemm", ["x", "w"], ["y"], name="g", transB=trans_b)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-                              [numpy_helper.from_array(weight, "w")])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(weight, "w")],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -72,8 +77,10 @@ def test_gemm_reduction_axis_follows_transB(trans_b):
     out_by_in = rng.standard_normal((16, 32)).astype(np.float32)  # [N out, K in]
     along_reduction = fx.pruner().prune_last_axis(out_by_in)
     along_outputs = fx.pruner().prune_last_axis(out_by_in.T).T
-    for pruned, expected, axis in ((along_reduction, L.TENSORRT, "reduction axis"),
-                                   (along_outputs, L.OTHER_LAYOUT, "output axis")):
+    for pruned, expected, axis in (
+        (along_reduction, L.TENSORRT, "reduction axis"),
+        (along_outputs, L.OTHER_LAYOUT, "output axis"),
+    ):
         weight = pruned if trans_b else np.ascontiguousarray(pruned.T)
         layers, _ = L.weighted_layers(_gemm_model(weight, trans_b), [32])
         layer = L.layout_report(layers, []).layers[0]
@@ -91,12 +98,20 @@ def _matmul_through(weight_kn: np.ndarray, via: str):
     else:
         scale = np.float32(0.05)
         quantized = np.clip(np.round(weight_kn / scale), -127, 127).astype(np.int8)
-        inits += [numpy_helper.from_array(quantized, "wq"), numpy_helper.from_array(np.array(scale), "s"),
-                  numpy_helper.from_array(np.array(0, np.int8), "z")]
+        inits += [
+            numpy_helper.from_array(quantized, "wq"),
+            numpy_helper.from_array(np.array(scale), "s"),
+            numpy_helper.from_array(np.array(0, np.int8), "z"),
+        ]
         nodes.append(helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["w"]))
     nodes.append(helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"))
-    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -112,9 +127,15 @@ def test_matmul_weights_through_transpose_and_dequantize(via):
 
 def test_non_constant_weights_are_named_as_skipped():
     node = helper.make_node("MatMul", ["x", "w"], ["y"], name="attention")
-    graph = helper.make_graph([node], "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
-                                            helper.make_tensor_value_info("w", TensorProto.FLOAT, [8, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [node],
+        "m",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [8, 4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
     layers, skipped = L.weighted_layers(helper.make_model(graph), [8])
     assert layers == [] and skipped[0].name == "attention" and "not a constant" in skipped[0].reason
 
@@ -151,8 +172,7 @@ def test_two_of_four_share():
 
 def test_kept_weights_in_float16_count_as_masks_only():
     dense_layers, _ = L.weighted_layers(fx.classifier(), [1, 8, 8])
-    half = {name: (w.astype(np.float16) if name.endswith("weight") else w)
-            for name, w in fx.weights().items()}
+    half = {name: (w.astype(np.float16) if name.endswith("weight") else w) for name, w in fx.weights().items()}
     half["conv2.weight"] = fx.pruner().prune_conv(fx.weights()["conv2.weight"], "tensorrt").astype(np.float16)
     sparse_layers, _ = L.weighted_layers(fx.classifier(half), [1, 8, 8])
     report = L.layout_report(sparse_layers, [])
@@ -166,12 +186,21 @@ def test_per_channel_dequantize_of_a_conv_weight():
     weight = fx.pruner().prune_conv(fx.weights()["conv2.weight"], "tensorrt")
     scale = (np.abs(weight).reshape(8, -1).max(1) / 127).astype(np.float32)
     quantized = np.clip(np.round(weight / scale[:, None, None, None]), -127, 127).astype(np.int8)
-    nodes = [helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["w"], axis=0),
-             helper.make_node("Conv", ["x", "w"], ["y"], name="qconv", pads=[1, 1, 1, 1])]
-    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
-                              [numpy_helper.from_array(quantized, "wq"), numpy_helper.from_array(scale, "s"),
-                               numpy_helper.from_array(np.zeros(8, np.int8), "z")])
+    nodes = [
+        helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["w"], axis=0),
+        helper.make_node("Conv", ["x", "w"], ["y"], name="qconv", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "q",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [
+            numpy_helper.from_array(quantized, "wq"),
+            numpy_helper.from_array(scale, "s"),
+            numpy_helper.from_array(np.zeros(8, np.int8), "z"),
+        ],
+    )
     layers, _ = L.weighted_layers(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), [8, 8, 8])
     assert np.allclose(layers[0].weight, weight, atol=float(scale.max()))
     layer = L.layout_report(layers, []).layers[0]

@@ -1,4 +1,5 @@
 """learn_masks in-process on the tiny smoke model: best masks, prior, validation split, --unlabeled."""
+
 import copy
 
 import pytest
@@ -28,8 +29,11 @@ def test_a_destructive_run_keeping_the_best_masks_returns_the_prior_masks_and_sa
     """lr 50 scrambles the logits; with masks.keep = best the masks returned are the step-0 magnitude ones
     unless training found strictly better ones on the validation split, and `beat_prior` tells which."""
     recipe, model, report = tiny("masks.steps=6", "masks.lr=50", "masks.eval_every=2", "masks.keep=best")
-    dense = {name: module.weight.detach().clone() for name, module in model.named_modules()
-             if name in {layer.name for layer in report.masked}}
+    dense = {
+        name: module.weight.detach().clone()
+        for name, module in model.named_modules()
+        if name in {layer.name for layer in report.masked}
+    }
     result = learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=lambda _: None)
     assert [point["step"] for point in result.history] == [0, 2, 4, 6]
     scores = [point["top1"] for point in result.history]
@@ -42,8 +46,13 @@ def test_a_destructive_run_keeping_the_best_masks_returns_the_prior_masks_and_sa
     assert any(point["changed"] > 0 for point in result.history[1:])  # the run did move the masks
 
 
-@pytest.mark.parametrize("scores, kept_step", [([50.0, 60.0, 45.0, 55.0], 6),  # final above the prior: final
-                                               ([50.0, 60.0, 45.0, 40.0], 2)])  # below it: the best masks (step 2)
+@pytest.mark.parametrize(
+    "scores, kept_step",
+    [
+        ([50.0, 60.0, 45.0, 55.0], 6),  # final above the prior: final
+        ([50.0, 60.0, 45.0, 40.0], 2),
+    ],
+)  # below it: the best masks (step 2)
 def test_the_final_masks_are_kept_unless_they_score_below_the_prior(monkeypatch, scores, kept_step):
     """masks.keep = final (the default) returns the argmax of the last logits, scored by the last evaluation;
     when that score is below the prior's at step 0, the best masks seen instead. The validation scores are
@@ -55,9 +64,15 @@ def test_the_final_masks_are_kept_unless_they_score_below_the_prior(monkeypatch,
     script = iter(scores)
     monkeypatch.setattr(MaskTraining, "validation_metrics", lambda self: {"top1": next(script)})
     seen = {}
-    result = learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=lambda _: None,
-                         on_evaluation=lambda training, point: seen.update({point["step"]:
-                                                                            current_indices(training.model)}))
+    result = learn_masks(
+        model,
+        report,
+        recipe,
+        build_datasets(recipe),
+        torch.device("cpu"),
+        log=lambda _: None,
+        on_evaluation=lambda training, point: seen.update({point["step"]: current_indices(training.model)}),
+    )
     assert [point["top1"] for point in result.history] == scores and result.best_step == 2
     assert result.kept_step == kept_step and result.kept_score == scores[kept_step // 2]
     assert any(not torch.equal(seen[2][name], seen[6][name]) for name in seen[6])  # the two candidates differ
@@ -81,14 +96,15 @@ class NoLabels(SyntheticDataset):
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
-        self.labels = torch.full_like(self.labels, 10 ** 6)
+        self.labels = torch.full_like(self.labels, 10**6)
 
 
 def test_unlabeled_runs_distill_only_and_scores_agreement_with_the_dense_model():
     recipe, model, report = tiny("masks.steps=3", "masks.eval_every=3")
     data = build_datasets(recipe)
-    unlabeled = DataBundle(NoLabels(256, recipe.input_shape, recipe.num_classes, 1), data.eval, "synthetic",
-                           "no labels", False)
+    unlabeled = DataBundle(
+        NoLabels(256, recipe.input_shape, recipe.num_classes, 1), data.eval, "synthetic", "no labels", False
+    )
     result = learn_masks(model, report, recipe, unlabeled, torch.device("cpu"), unlabeled=True, log=lambda _: None)
     assert result.loss == AUTO_LOSS_UNLABELED and result.steps == 3
     assert "ce" not in loss_terms(result.loss)
@@ -107,8 +123,14 @@ def test_kept_magnitude_regulariser_is_wired_into_the_loss():
 
     shares = {}
     for weight in (0.0, 1000.0):
-        recipe, model, report = tiny("masks.steps=20", "masks.prior=uniform", "masks.lr=0.5", "masks.eval_every=20",
-                                     "masks.validation_images=0", f"masks.kept_magnitude_weight={weight}")
+        recipe, model, report = tiny(
+            "masks.steps=20",
+            "masks.prior=uniform",
+            "masks.lr=0.5",
+            "masks.eval_every=20",
+            "masks.validation_images=0",
+            f"masks.kept_magnitude_weight={weight}",
+        )
         dense = {layer.name: model.get_submodule(layer.name).weight.detach().clone() for layer in report.masked}
         result = learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=lambda _: None)
         shares[weight] = kept_share(dense, result.indices)
@@ -141,8 +163,14 @@ def test_features_term_pulls_the_masks_towards_the_dense_layer_outputs():
     feature error than the prior's masks had, and the loss refuses to run without the outputs."""
     from pipeline.masks.gumbel import attach_masks, current_indices, use_argmax_masks
 
-    recipe, model, report = tiny("masks.steps=30", "masks.prior=uniform", "masks.lr=0.3", "masks.eval_every=30",
-                                 "masks.validation_images=0", "masks.loss=features")
+    recipe, model, report = tiny(
+        "masks.steps=30",
+        "masks.prior=uniform",
+        "masks.lr=0.3",
+        "masks.eval_every=30",
+        "masks.validation_images=0",
+        "masks.loss=features",
+    )
     dense = copy.deepcopy(model)
     names = [layer.name for layer in report.masked]
     images = torch.stack([build_datasets(recipe).train[i][0] for i in range(64)])

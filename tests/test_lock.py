@@ -1,13 +1,15 @@
 """pipeline.lock: one run per model folder, between real processes."""
+
 import os
 import signal
 import sys
 
 import pytest
-
 from nm_fixtures import HOLDER, BackgroundRun
+
 from pipeline.errors import PipelineError
 from pipeline.lock import LOCK_NAME, model_folder_lock
+
 
 def hold(folder) -> BackgroundRun:
     holder = BackgroundRun([str(folder)], command=[sys.executable, "-c", HOLDER])

@@ -1,4 +1,5 @@
 """manifest.json written by package, and check-manifest against tampering and missing files."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from nm_fixtures import record_export
+
 from pipeline.cli import main
 from pipeline.io import sha256_file
 from pipeline.recipe.registry import get_recipe
@@ -53,9 +54,16 @@ def test_manifest_lists_every_artifact_with_hash_and_size(packaged):
     listed = {entry["path"]: entry for entry in manifest["files"]}
     on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     assert on_disk - set(listed) == {"manifest.json", "masks.ckpt", "stages.json", ".lock"}  # .lock: the run lock
-    assert {"dense.onnx", "sparse.onnx", "config.json", "report.json",
-            f"triton/{MODEL}_sparse/config.pbtxt", f"triton/{MODEL}_sparse/1/model.onnx",
-            f"triton/{MODEL}_dense/labels.txt", f"triton/{MODEL}_dense/preprocessing.json"} <= set(listed)
+    assert {
+        "dense.onnx",
+        "sparse.onnx",
+        "config.json",
+        "report.json",
+        f"triton/{MODEL}_sparse/config.pbtxt",
+        f"triton/{MODEL}_sparse/1/model.onnx",
+        f"triton/{MODEL}_dense/labels.txt",
+        f"triton/{MODEL}_dense/preprocessing.json",
+    } <= set(listed)
     for path, entry in listed.items():
         assert entry["sha256"] == sha256_file(folder / path)
         assert entry["size"] == (folder / path).stat().st_size
@@ -122,12 +130,15 @@ def test_unlisted_files_fail_only_with_strict(packaged, capsys):
     assert f"UNLISTED triton/{MODEL}_sparse/2/model.onnx" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("content,message", [
-    ("not json", "is not valid JSON"),
-    ('{"files": "x"}', "has no 'files' list"),
-    ('{"files": [{"path": "../secret", "sha256": "0", "size": 1}]}', "points outside the folder"),
-    ('{"files": [{"path": "a"}]}', "malformed entry"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("not json", "is not valid JSON"),
+        ('{"files": "x"}', "has no 'files' list"),
+        ('{"files": [{"path": "../secret", "sha256": "0", "size": 1}]}', "points outside the folder"),
+        ('{"files": [{"path": "a"}]}', "malformed entry"),
+    ],
+)
 def test_malformed_manifest_is_a_clear_error(tmp_path, content, message, capsys):
     (tmp_path / "manifest.json").write_text(content)
     assert main(["check-manifest", "--dir", str(tmp_path)]) == 2

@@ -1,4 +1,5 @@
 """ONNX Runtime backend: optimised engine + metadata, runner outputs and timings, auto selection."""
+
 import importlib
 import json
 

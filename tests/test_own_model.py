@@ -6,6 +6,7 @@ comes from the weights file, the labels from the class folders. The fine-tune (A
 model whose dense top-1 is far above chance, so the report shows that the engines run the user's head in the
 folders' class order; measured here: dense and sparse 90% on the 40 validation images, every prediction equal.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from torch import nn
-
 from image_folders import write_imagefolder
 from nm_fixtures import cli
+from torch import nn
+
 from pipeline.recipe.weight_files import infer_num_classes, read_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,8 @@ def fine_tune(data: Path, steps: int = 30) -> nn.Module:
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=len(CLASSES))
     dataset = torchvision.datasets.ImageFolder(
-        str(data / "train"), transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)]))
+        str(data / "train"), transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    )
     assert dataset.classes == CLASSES
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True, drop_last=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -86,8 +88,22 @@ def test_finetuned_resnet18_runs_every_stage_and_labels_reach_triton(tmp_path):
     # one image is 2.5 pt, so the recipe's 2-pt gate would allow none: which images 12-30 mask steps on 64
     # images lose depends on the CPU's kernels (0 on a Xeon, 4 on an AVX2 EPYC), so the gate is set to 25 pt
     # and the sparse model's accuracy is asserted below, well above chance.
-    flags = ["--model", "resnet18", "--weights", str(weights), "--data", str(data), "--input-size", str(SIZE),
-             "--out", str(out), "--set", "masks.steps=30", "--set", "verify.max_top1_drop=25"]
+    flags = [
+        "--model",
+        "resnet18",
+        "--weights",
+        str(weights),
+        "--data",
+        str(data),
+        "--input-size",
+        str(SIZE),
+        "--out",
+        str(out),
+        "--set",
+        "masks.steps=30",
+        "--set",
+        "verify.max_top1_drop=25",
+    ]
     engine = cli("engine", *flags)
     assert engine.returncode == 0, engine.stdout[-3000:] + engine.stderr[-3000:]
     stages = json.loads((out / "resnet18" / "stages.json").read_text())["stages"]
@@ -105,7 +121,11 @@ def test_finetuned_resnet18_runs_every_stage_and_labels_reach_triton(tmp_path):
     package = cli("package", *flags)
     assert package.returncode == 0, package.stdout[-3000:] + package.stderr[-3000:]
     label_files = sorted((out / "resnet18" / "triton").glob("*/labels.txt"))
-    assert {path.parent.name for path in label_files} == {"resnet18_dense", "resnet18_sparse", "resnet18_dense_e2e",
-                                                           "resnet18_sparse_e2e"}
+    assert {path.parent.name for path in label_files} == {
+        "resnet18_dense",
+        "resnet18_sparse",
+        "resnet18_dense_e2e",
+        "resnet18_sparse_e2e",
+    }
     for labels in label_files:
         assert labels.read_text().splitlines() == CLASSES

@@ -1,4 +1,5 @@
 """package stage: Triton repository from ONNX (and from faked plans), configs checked offline."""
+
 from __future__ import annotations
 
 import json
@@ -10,20 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from nm_fixtures import export_tiny_onnx, record_export
-from pipeline.lock import LOCK_NAME
+
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_file
+from pipeline.lock import LOCK_NAME
 from pipeline.package.model_config import check_model_dir, check_repository, model_config_pb2, parse_config
 from pipeline.package.python_models.preprocess import preprocess_image
 from pipeline.recipe.registry import get_recipe
 from pipeline.recipe.weights import build_network
 
 MODEL = "tiny_resnet"
-
-
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +52,13 @@ def test_onnx_repository_matches_recipe_and_model(out, capsys):
     assert package(out) == 0
     recipe = get_recipe(MODEL)
     repo = out / MODEL / "triton"
-    assert sorted(p.name for p in repo.iterdir()) == [f"{MODEL}_dense", f"{MODEL}_dense_e2e", f"{MODEL}_preprocess",
-                                                       f"{MODEL}_sparse", f"{MODEL}_sparse_e2e"]
+    assert sorted(p.name for p in repo.iterdir()) == [
+        f"{MODEL}_dense",
+        f"{MODEL}_dense_e2e",
+        f"{MODEL}_preprocess",
+        f"{MODEL}_sparse",
+        f"{MODEL}_sparse_e2e",
+    ]
     pb2 = model_config_pb2()
     for variant in ("dense", "sparse"):
         model_dir = repo / f"{MODEL}_{variant}"
@@ -76,8 +80,13 @@ def test_onnx_repository_matches_recipe_and_model(out, capsys):
         spec = json.loads((model_dir / "preprocessing.json").read_text())
         assert (spec["color"], spec["crop"], spec["mean"], spec["std"]) == ("L", 28, [0.5], [0.25])
         assert spec["input"] == {"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28], "layout": "NCHW"}
-    assert set(check_repository(repo)) == {f"{MODEL}_dense", f"{MODEL}_sparse", f"{MODEL}_preprocess",
-                                           f"{MODEL}_dense_e2e", f"{MODEL}_sparse_e2e"}
+    assert set(check_repository(repo)) == {
+        f"{MODEL}_dense",
+        f"{MODEL}_sparse",
+        f"{MODEL}_preprocess",
+        f"{MODEL}_dense_e2e",
+        f"{MODEL}_sparse_e2e",
+    }
     assert "no TensorRT plan found" in capsys.readouterr().out
 
 
@@ -108,11 +117,19 @@ def test_served_preprocessing_equals_eval_transform(tmp_path, color, size, resiz
 
     recipe = get_recipe(MODEL)
     recipe.preprocess.color, recipe.preprocess.resize, recipe.preprocess.crop = color, resize, crop
-    recipe.preprocess.mean, recipe.preprocess.std = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) \
-        if color == "RGB" else ([0.3], [0.2])
+    recipe.preprocess.mean, recipe.preprocess.std = (
+        ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) if color == "RGB" else ([0.3], [0.2])
+    )
     recipe.input_shape = [3 if color == "RGB" else 1, crop, crop]
-    spec = json.loads(json.dumps(preprocessing(recipe, TensorSpec("input", "TYPE_FP32", (-1, 3, crop, crop)),
-                                               TensorSpec("logits", "TYPE_FP32", (-1, 10)))))
+    spec = json.loads(
+        json.dumps(
+            preprocessing(
+                recipe,
+                TensorSpec("input", "TYPE_FP32", (-1, 3, crop, crop)),
+                TensorSpec("logits", "TYPE_FP32", (-1, 10)),
+            )
+        )
+    )
     path = tmp_path / "photo.jpg"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
     expected = folder_transforms(recipe, train=False)(Image.open(path).convert("RGB")).numpy()
@@ -124,14 +141,15 @@ def test_served_preprocessing_equals_eval_transform(tmp_path, color, size, resiz
 def test_served_preprocessing_of_png_equals_in_memory_dataset():
     """Fashion-MNIST-style datasets normalise uint8 arrays in memory; the PNG of such an image gives the same tensor."""
     from pipeline.data.datasets import SyntheticDataset
-    from pipeline.serve.serve_check import encode_png
     from pipeline.package.serving import preprocessing
     from pipeline.package.tensors import TensorSpec
+    from pipeline.serve.serve_check import encode_png
 
     recipe = get_recipe(MODEL)
     dataset = SyntheticDataset(4, recipe.input_shape, recipe.num_classes, seed=3)
-    spec = preprocessing(recipe, TensorSpec("input", "TYPE_FP32", (-1, 1, 28, 28)),
-                         TensorSpec("logits", "TYPE_FP32", (-1, 10)))
+    spec = preprocessing(
+        recipe, TensorSpec("input", "TYPE_FP32", (-1, 1, 28, 28)), TensorSpec("logits", "TYPE_FP32", (-1, 10))
+    )
     for index in range(4):
         got = preprocess_image(encode_png(dataset.images[index].numpy()), spec)
         np.testing.assert_allclose(got, dataset[index][0].numpy(), atol=1e-5)
@@ -151,7 +169,9 @@ def test_cpu_flavour_runs_the_onnx_in_python_models(out):
     for variant in ("dense", "sparse"):
         config = parse_config(repo / f"{MODEL}_{variant}" / "config.pbtxt")
         assert config.backend == "python" and config.max_batch_size == 16
-        assert sha256_file(repo / f"{MODEL}_{variant}" / "1" / "model.onnx") == sha256_file(out / MODEL / f"{variant}.onnx")
+        assert sha256_file(repo / f"{MODEL}_{variant}" / "1" / "model.onnx") == sha256_file(
+            out / MODEL / f"{variant}.onnx"
+        )
         assert (repo / f"{MODEL}_{variant}" / "1" / "model.py").read_text().startswith('"""Triton Python-backend model')
     manifest = json.loads((out / MODEL / "manifest.json").read_text())
     assert manifest["triton_cpu"]["format"] == "python"
@@ -164,16 +184,27 @@ def _edit(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
-@pytest.mark.parametrize("old,new,message", [
-    ("dims: [ 1, 28, 28 ]", "dims: [ 1, 28, 27 ]", r"input 'input' has dims \[1, 28, 27\], model.onnx has \[1, 28, 28\]"),
-    ('name: "input"', 'name: "image"', r"input names \['image'\] do not match model.onnx \(\['input'\]\)"),
-    ("dims: [ 10 ]", "dims: [ 11 ]", r"output 'logits' has dims \[11\], model.onnx has \[10\]"),
-    ("data_type: TYPE_FP32\n    format", "data_type: TYPE_FP16\n    format", r"input 'input' is TYPE_FP16, model.onnx has TYPE_FP32"),
-    ("max_batch_size: 16", "max_batch_size: 2", r"preferred_batch_size \[4, 8\] exceeds max_batch_size 2"),
-    ('name: "tiny_resnet_sparse"', 'name: "other"', r"name 'other' differs from its folder 'tiny_resnet_sparse'"),
-    ("dynamic_batching {", "dynamic_batching {{", r"is not a valid Triton ModelConfig"),
-    ("max_batch_size: 16", "max_batch_size: 16\nbogus_field: 1", r"is not a valid Triton ModelConfig"),
-])
+@pytest.mark.parametrize(
+    "old,new,message",
+    [
+        (
+            "dims: [ 1, 28, 28 ]",
+            "dims: [ 1, 28, 27 ]",
+            r"input 'input' has dims \[1, 28, 27\], model.onnx has \[1, 28, 28\]",
+        ),
+        ('name: "input"', 'name: "image"', r"input names \['image'\] do not match model.onnx \(\['input'\]\)"),
+        ("dims: [ 10 ]", "dims: [ 11 ]", r"output 'logits' has dims \[11\], model.onnx has \[10\]"),
+        (
+            "data_type: TYPE_FP32\n    format",
+            "data_type: TYPE_FP16\n    format",
+            r"input 'input' is TYPE_FP16, model.onnx has TYPE_FP32",
+        ),
+        ("max_batch_size: 16", "max_batch_size: 2", r"preferred_batch_size \[4, 8\] exceeds max_batch_size 2"),
+        ('name: "tiny_resnet_sparse"', 'name: "other"', r"name 'other' differs from its folder 'tiny_resnet_sparse'"),
+        ("dynamic_batching {", "dynamic_batching {{", r"is not a valid Triton ModelConfig"),
+        ("max_batch_size: 16", "max_batch_size: 16\nbogus_field: 1", r"is not a valid Triton ModelConfig"),
+    ],
+)
 def test_broken_config_is_a_clear_error(out, old, new, message):
     assert package(out) == 0
     model_dir = out / MODEL / "triton" / f"{MODEL}_sparse"
@@ -189,13 +220,24 @@ def test_static_batch_onnx_is_refused(out, tmp_path, capsys):
     model = build_network(get_recipe(MODEL)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(1, 1, 28, 28),), str(out / MODEL / "sparse.onnx"),
-                          input_names=["input"], output_names=["logits"], opset_version=17, dynamo=False)
+        torch.onnx.export(
+            model,
+            (torch.randn(1, 1, 28, 28),),
+            str(out / MODEL / "sparse.onnx"),
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=17,
+            dynamo=False,
+        )
     record_export(out / MODEL)  # as if export had written it: the repository checks must catch it
     assert package(out) == 2
     err = capsys.readouterr().err
     assert "needs a dynamic batch axis" in err and "[1, 1, 28, 28]" in err
-    assert not (out / MODEL / "triton").exists() and not (out / MODEL / "triton_cpu").exists() and not (out / MODEL / "manifest.json").exists()
+    assert (
+        not (out / MODEL / "triton").exists()
+        and not (out / MODEL / "triton_cpu").exists()
+        and not (out / MODEL / "manifest.json").exists()
+    )
 
 
 def test_missing_onnx_names_the_export_stage(out, capsys):
@@ -246,13 +288,28 @@ def write_build_stage_output(out: Path, cc: str | None = "8.9", hardware: str = 
     for variant in ("dense", "sparse"):
         engine = root / "tensorrt" / f"{variant}.engine"
         engine.write_bytes(b"serialized " + variant.encode())
-        info = EngineInfo.for_build(recipe, variant, root / f"{variant}.onnx", engine, "10.9.0.34",
-                                    {"gpu": "NVIDIA L4", "compute_capability": cc}, sparse=variant == "sparse",
-                                    input_name="input", strongly_typed=False, build_seconds=1.0, sparse_layers={})
+        info = EngineInfo.for_build(
+            recipe,
+            variant,
+            root / f"{variant}.onnx",
+            engine,
+            "10.9.0.34",
+            {"gpu": "NVIDIA L4", "compute_capability": cc},
+            sparse=variant == "sparse",
+            input_name="input",
+            strongly_typed=False,
+            build_seconds=1.0,
+            sparse_layers={},
+        )
         info.save(engine)
-        engines[variant] = {"engine": f"tensorrt/{variant}.engine", "sha256": sha256_file(engine),
-                            "onnx": f"{variant}.onnx", "onnx_sha256": sha256_file(root / f"{variant}.onnx"),
-                            "metadata": info.to_dict(), "sparse_layers": {}}
+        engines[variant] = {
+            "engine": f"tensorrt/{variant}.engine",
+            "sha256": sha256_file(engine),
+            "onnx": f"{variant}.onnx",
+            "onnx_sha256": sha256_file(root / f"{variant}.onnx"),
+            "metadata": info.to_dict(),
+            "sparse_layers": {},
+        }
     BuildReport(MODEL, "tensorrt", "tensorrt", "test", True, "", [1, 8, 16], "", engines).save(root / "build.json")
     return root
 
@@ -309,11 +366,14 @@ def test_stray_plans_without_a_tensorrt_build_are_not_packaged(out, capsys):
     assert "no TensorRT plan for dense, sparse" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("setting,message", [
-    ({"cc": None}, r"records no compute capability"),
-    ({"max_batch": 8, "opt_batch": 8}, r"serve.max_batch_size 16 exceeds the batch range"),
-    ({"min_batch": 4, "opt_batch": 8}, r"accepts batches from 4.*rebuild with build.min_batch=1"),
-])
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"cc": None}, r"records no compute capability"),
+        ({"max_batch": 8, "opt_batch": 8}, r"serve.max_batch_size 16 exceeds the batch range"),
+        ({"min_batch": 4, "opt_batch": 8}, r"accepts batches from 4.*rebuild with build.min_batch=1"),
+    ],
+)
 def test_unusable_plan_metadata_is_a_clear_error(out, capsys, setting, message):
     write_build_stage_output(out, **setting)
     assert package(out) == 2

@@ -1,8 +1,16 @@
 import pytest
 import torch
 
-from pipeline.masks.patterns import (from_blocks, is_nm, magnitude_indices, mask_from_indices, nm_violations,
-                                        num_patterns, pattern_table, to_blocks)
+from pipeline.masks.patterns import (
+    from_blocks,
+    is_nm,
+    magnitude_indices,
+    mask_from_indices,
+    nm_violations,
+    num_patterns,
+    pattern_table,
+    to_blocks,
+)
 
 
 def test_pattern_table_is_every_two_of_four():

@@ -3,12 +3,12 @@ import copy
 import torch
 from torch import nn
 
-from pipeline.recipe.registry import get_recipe
 from pipeline.masks.artifact import apply_masks
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.methods import MethodContext, compute_masks, dense_for_artifact, kept_share
 from pipeline.masks.patterns import is_nm
 from pipeline.masks.permutation import channel_spaces, kept_magnitude, output_difference, search_permutation
+from pipeline.recipe.registry import get_recipe
 from pipeline.recipe.weights import build_network
 
 
@@ -41,8 +41,9 @@ def test_permuted_model_computes_the_same_function_and_keeps_more():
     assert permuted.artifact.meta["permutations"], "nothing was permuted"
     assert output_difference(copy.deepcopy(model), original, permuted.dense_state_dict, recipe.input_shape) <= 1e-5
     assert any(not torch.equal(original[k], permuted.dense_state_dict[k]) for k in original)
-    assert kept_share(permuted.dense_state_dict, permuted.artifact) >= kept_share(magnitude.dense_state_dict,
-                                                                                   magnitude.artifact)
+    assert kept_share(permuted.dense_state_dict, permuted.artifact) >= kept_share(
+        magnitude.dense_state_dict, magnitude.artifact
+    )
     assert kept_share(permuted.dense_state_dict, permuted.artifact) > kept_share(original, magnitude.artifact) + 1e-3
     # the model itself is untouched, and bake can rebuild the permuted weights from the original ones
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())

@@ -3,6 +3,7 @@
 A model trained on whole 32x32 images: `--input-size 32` alone must neither resize nor crop them (before, the
 torchvision source's 256/224 ratio resized them to 37 and cropped 32, cutting off the border the model reads).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ from pipeline.recipe.resolve import ModelOptions, recipe_with_flags
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def write_border_folder(root: Path, size: int = 32, per_class: int = 12, val_per_class: int = 8, seed: int = 0,
-                        border: int = 2) -> Path:
+def write_border_folder(
+    root: Path, size: int = 32, per_class: int = 12, val_per_class: int = 8, seed: int = 0, border: int = 2
+) -> Path:
     """Two classes told apart only by a BORDER-pixel frame (red or blue) around the same kind of noise: a centre
     crop of an enlarged image cuts the frame off, so the wrong preprocessing shows in the accuracy."""
     rng = np.random.default_rng(seed)
@@ -30,8 +32,12 @@ def write_border_folder(root: Path, size: int = 32, per_class: int = 12, val_per
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(count):
                 pixels = rng.integers(60, 196, (size, size, 3), dtype=np.uint8)
-                pixels[:border], pixels[-border:], pixels[:, :border], pixels[:, -border:] = colour, colour, colour, \
-                    colour
+                pixels[:border], pixels[-border:], pixels[:, :border], pixels[:, -border:] = (
+                    colour,
+                    colour,
+                    colour,
+                    colour,
+                )
                 Image.fromarray(pixels).save(folder / f"{index}.png")
     return root
 
@@ -63,7 +69,7 @@ def trained(tmp_path_factory):
     model = torchvision.models.resnet18(num_classes=2)
     images, labels = whole_images(data, "train")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for step in range(40):
+    for _ in range(40):
         model.train()
         loss = torch.nn.functional.cross_entropy(model(images), labels)
         optimizer.zero_grad()
@@ -99,8 +105,9 @@ def test_resize_flag_states_it_and_larger_images_keep_the_source_ratio(trained, 
 
 def test_a_small_folder_with_the_recipe_s_resize_gets_one_warning_naming_the_flags(trained):
     data, _, _ = trained
-    recipe, notes = recipe_with_flags(ModelOptions(model="torchvision:resnet18", weights="random", data=str(data),
-                                                   num_classes=2))
+    recipe, notes = recipe_with_flags(
+        ModelOptions(model="torchvision:resnet18", weights="random", data=str(data), num_classes=2)
+    )
     assert (recipe.preprocess.resize, recipe.preprocess.crop) == (256, 224)  # published/random: the recipe's own
     warnings = [note for note in notes if note.startswith("warning: ")]
     assert any("32x32" in w and "--input-size 32 --resize none" in w for w in warnings), warnings
@@ -110,8 +117,24 @@ def test_a_small_folder_with_the_recipe_s_resize_gets_one_warning_naming_the_fla
 def test_init_recipe_writes_what_it_inferred_from_the_folder(trained, tmp_path, capsys):
     data, weights, _ = trained
     out = tmp_path / "mine.toml"
-    assert main(["init-recipe", "--model", "torchvision:resnet18", "--weights", str(weights), "--data", str(data),
-                 "--input-size", "32", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "init-recipe",
+                "--model",
+                "torchvision:resnet18",
+                "--weights",
+                str(weights),
+                "--data",
+                str(data),
+                "--input-size",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = out.read_text()
     assert text.startswith("# preprocessing inferred by init-recipe: no resize") and "32x32" in text.splitlines()[0]
     assert 'resize_mode = "fixed"' in text and "resize = 0" in text
@@ -142,24 +165,52 @@ def test_dense_top1_through_engine_equals_the_model_s_own_evaluation(trained, tm
     own = top1(model, val_images, val_labels)
     assert own >= 90.0, f"the model did not learn the frames ({own}%): the test would prove nothing"
     # the transform engine used before issue 22 (resize 37, crop 32) loses the frames: the check can fail
-    old = transforms.Compose([transforms.Resize(37), transforms.CenterCrop(32), transforms.ToTensor(),
-                              transforms.Normalize(MEAN, STD)])
+    old = transforms.Compose(
+        [transforms.Resize(37), transforms.CenterCrop(32), transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    )
     files = [p for name in ("blue", "red") for p in sorted((data / "val" / name).iterdir())]
     old_top1 = top1(model, torch.stack([old(Image.open(p).convert("RGB")) for p in files]), val_labels)
     assert old_top1 < own
 
     out = tmp_path / "engines"
-    fast = ["masks.steps=1", "masks.validation_images=0", "masks.batch_size=8", "export.fp16=false",
-            "verify.latency_iters=2", "verify.warmup_iters=0", "verify.max_top1_drop=100", "data.workers=0",
-            "build.max_batch=16", "build.opt_batch=8", "serve.max_batch_size=16", "serve.preferred_batch_sizes=8"]
-    code = main(["engine", "--model", "torchvision:resnet18", "--weights", str(weights), "--data", str(data),
-                 "--input-size", "32", "--out", str(out), *[arg for item in fast for arg in ("--set", item)]])
+    fast = [
+        "masks.steps=1",
+        "masks.validation_images=0",
+        "masks.batch_size=8",
+        "export.fp16=false",
+        "verify.latency_iters=2",
+        "verify.warmup_iters=0",
+        "verify.max_top1_drop=100",
+        "data.workers=0",
+        "build.max_batch=16",
+        "build.opt_batch=8",
+        "serve.max_batch_size=16",
+        "serve.preferred_batch_sizes=8",
+    ]
+    code = main(
+        [
+            "engine",
+            "--model",
+            "torchvision:resnet18",
+            "--weights",
+            str(weights),
+            "--data",
+            str(data),
+            "--input-size",
+            "32",
+            "--out",
+            str(out),
+            *[arg for item in fast for arg in ("--set", item)],
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
     assert "note: preprocessing: no resize" in printed.out
     report = json.loads((out / "torchvision_resnet18" / "report.json").read_text())
-    print(f"own evaluation {own:.2f}%, resize 37/crop 32 {old_top1:.2f}%, engine dense "
-          f"{report['accuracy']['dense']['top1']:.2f}%")
+    print(
+        f"own evaluation {own:.2f}%, resize 37/crop 32 {old_top1:.2f}%, engine dense "
+        f"{report['accuracy']['dense']['top1']:.2f}%"
+    )
     assert report["accuracy"]["dense"]["top1"] == pytest.approx(own)
 
 
@@ -167,5 +218,6 @@ def test_own_weights_on_images_smaller_than_the_input_size_warn_with_the_flag(tr
     data, weights, _ = trained
     recipe, notes = recipe_with_flags(options(data, weights))  # no --input-size: the weights' metadata says 224
     assert (recipe.preprocess.resize, recipe.preprocess.crop) == (0, 224)
-    assert any(note.startswith("warning: ") and "zero-padded" in note and "--input-size 32" in note
-               for note in notes), notes
+    assert any(
+        note.startswith("warning: ") and "zero-padded" in note and "--input-size 32" in note for note in notes
+    ), notes

@@ -3,6 +3,7 @@
 Recipes are validated when they are loaded and once more after every flag is applied, before a stage
 does any work, so a rejected run leaves the model folder (config.json included) exactly as it was.
 """
+
 from __future__ import annotations
 
 import os
@@ -130,15 +131,19 @@ def recipe_file(tmp_path: Path, replace: tuple[str, str] | None = None, append: 
     return path
 
 
-@pytest.mark.parametrize("replace, append, expected", [
-    (("lr = 0.05", "lr = -0.05"), "", "masks.lr = -0.05"),
-    (("lr = 0.05", 'lr = "fast"'), "", "masks.lr = 'fast'"),
-    (("lr = 0.05", "lrr = 0.05"), "", "unknown field 'lrr'"),
-    (("opt_batch = 8", "opt_batch = 32"), "", "build.opt_batch = 32"),
-    (("num_classes = 10", "num_classes = 0"), "", "num_classes = 0"),
-    (None, "\n[nonsense]\nx = 1\n", "unknown field 'nonsense'"),
-    (None, "\n[[broken", "not valid TOML"),
-], ids=["negative-lr", "string-lr", "unknown-key", "opt-above-max", "no-classes", "unknown-section", "syntax"])
+@pytest.mark.parametrize(
+    "replace, append, expected",
+    [
+        (("lr = 0.05", "lr = -0.05"), "", "masks.lr = -0.05"),
+        (("lr = 0.05", 'lr = "fast"'), "", "masks.lr = 'fast'"),
+        (("lr = 0.05", "lrr = 0.05"), "", "unknown field 'lrr'"),
+        (("opt_batch = 8", "opt_batch = 32"), "", "build.opt_batch = 32"),
+        (("num_classes = 10", "num_classes = 0"), "", "num_classes = 0"),
+        (None, "\n[nonsense]\nx = 1\n", "unknown field 'nonsense'"),
+        (None, "\n[[broken", "not valid TOML"),
+    ],
+    ids=["negative-lr", "string-lr", "unknown-key", "opt-above-max", "no-classes", "unknown-section", "syntax"],
+)
 def test_bad_value_in_a_recipe_file(out, tmp_path, capsys, replace, append, expected):
     path = recipe_file(tmp_path, replace, append)
     code, lines = run_in_process(out, "layers", ["--model", str(path)], capsys)
@@ -160,13 +165,24 @@ def test_unknown_model_lists_the_registered_recipes(capsys):
 
 
 def test_model_flags_override_the_recipe():
-    recipe = resolve_recipe(ModelOptions(model="resnet18", weights="random", data="synthetic", input_size="160",
-                                         num_classes=10, classifier="fc", mean="0.5,0.5,0.5", std="0.2,0.2,0.2"))
+    recipe = resolve_recipe(
+        ModelOptions(
+            model="resnet18",
+            weights="random",
+            data="synthetic",
+            input_size="160",
+            num_classes=10,
+            classifier="fc",
+            mean="0.5,0.5,0.5",
+            std="0.2,0.2,0.2",
+        )
+    )
     assert recipe.input_shape == [3, 160, 160] and recipe.preprocess.crop == 160
     assert recipe.preprocess.resize == round(160 * 256 / 224)  # the recipe's resize/crop ratio is kept
     assert recipe.num_classes == 10 and recipe.preprocess.mean == [0.5] * 3 and recipe.preprocess.std == [0.2] * 3
-    grey = resolve_recipe(ModelOptions(model="resnet18", weights="random", data="synthetic", input_size="1,64,64",
-                                       mean="0.5", std="0.25"))
+    grey = resolve_recipe(
+        ModelOptions(model="resnet18", weights="random", data="synthetic", input_size="1,64,64", mean="0.5", std="0.25")
+    )
     assert grey.input_shape == [1, 64, 64] and grey.preprocess.color == "L"
 
 
@@ -176,15 +192,24 @@ def test_every_registered_recipe_is_valid():
         assert recipe.name == name and recipe.arch.split(":")[0] in ("builtin", "torchvision")
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["train-masks", "--set", "masks.prior=foo"], "masks.prior = 'foo'"),
-    (["verify", "--min-coverage", "5"], "verify.min_coverage = 5.0"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train-masks", "--set", "masks.prior=foo"], "masks.prior = 'foo'"),
+        (["verify", "--min-coverage", "5"], "verify.min_coverage = 5.0"),
+    ],
+)
 def test_bad_value_from_the_command_line_has_no_traceback(out, argv, expected):
     before = snapshot(out)
     env = {**os.environ, "PIPELINE_NO_PROGRESS": "1"}
-    result = subprocess.run([sys.executable, "-m", "pipeline", *argv, "--model", MODEL, "--out", str(out)], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", *argv, "--model", MODEL, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert expected in lines[0] and "Traceback" not in result.stderr + result.stdout

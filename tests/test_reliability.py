@@ -3,13 +3,13 @@
 The lock (two real processes), inputs checked against the records of the stage that wrote them, failed stages
 that leave every artifact as it was, stage records, signals, and names and disk space.
 """
+
 import json
 import shutil
 import signal
 import sys
 
 import pytest
-
 from nm_fixtures import HOLDER, MODEL, REPO, BackgroundRun, assert_one_error_line, cli, snapshot, stage_lines
 
 pytestmark = pytest.mark.slow  # every test runs the CLI end to end (two processes for the lock)
@@ -76,8 +76,12 @@ def refused_without_change(out, argv, *fragments):
 def test_package_refuses_dense_onnx_in_place_of_sparse(run_copy):
     folder = run_copy / MODEL
     shutil.copyfile(folder / "dense.onnx", folder / "sparse.onnx")
-    refused_without_change(run_copy, ["package"], "sparse.onnx changed since export",
-                           "re-run `python -m pipeline export --model tiny_resnet`")
+    refused_without_change(
+        run_copy,
+        ["package"],
+        "sparse.onnx changed since export",
+        "re-run `python -m pipeline export --model tiny_resnet`",
+    )
     assert not (folder / "manifest.json").exists()
 
 
@@ -95,10 +99,16 @@ def test_package_refuses_a_verdict_about_other_engines(run_copy):
     refused_without_change(run_copy, ["package"], "verified another sparse engine", "pipeline verify")
 
 
-@pytest.mark.parametrize("stage,damaged,writer", [("export", "sparse.pt", "bake"), ("export", "masks.pt", "bake"),
-                                                  ("bake", "masks.ckpt", "train-masks"),
-                                                  ("build", "sparse.onnx", "export"),
-                                                  ("verify", "onnxruntime/sparse.ort.onnx", "build")])
+@pytest.mark.parametrize(
+    "stage,damaged,writer",
+    [
+        ("export", "sparse.pt", "bake"),
+        ("export", "masks.pt", "bake"),
+        ("bake", "masks.ckpt", "train-masks"),
+        ("build", "sparse.onnx", "export"),
+        ("verify", "onnxruntime/sparse.ort.onnx", "build"),
+    ],
+)
 def test_every_stage_checks_what_it_reads_against_its_writer(run_copy, stage, damaged, writer):
     path = run_copy / MODEL / damaged
     path.write_bytes(path.read_bytes()[:-10])
@@ -123,8 +133,7 @@ def other_architecture(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("argv", [["compare", "--methods", "magnitude"], ["updatable"], ["train-masks"],
-                                  ["engine"]])
+@pytest.mark.parametrize("argv", [["compare", "--methods", "magnitude"], ["updatable"], ["train-masks"], ["engine"]])
 def test_a_stage_failing_on_its_weights_changes_no_artifact(run_copy, other_architecture, argv):
     """config.json, layers.json and stages.json' records included (engine keeps only its in-progress note)."""
     folder = run_copy / MODEL
@@ -140,8 +149,9 @@ def test_a_stage_failing_on_its_weights_changes_no_artifact(run_copy, other_arch
 
 
 def test_train_masks_failing_after_finding_layers_keeps_layers_json(run_copy, tmp_path):
-    refused_without_change(run_copy, ["train-masks", "--masks-from", str(tmp_path / "missing.pt")],
-                           "missing.pt does not exist")
+    refused_without_change(
+        run_copy, ["train-masks", "--masks-from", str(tmp_path / "missing.pt")], "missing.pt does not exist"
+    )
 
 
 # --------------------------------------------------------------------------- stage records
@@ -172,10 +182,21 @@ def test_changed_images_rerun_the_stages_that_read_them(tmp_path):
     """Stage records hash the dataset: a changed validation image reruns train-masks and verify."""
     from image_folders import write_imagefolder
 
-    data = write_imagefolder(tmp_path / "images", [f"class{i}" for i in range(10)], per_class=2, size=28,
-                             val_per_class=1)
-    argv = ["engine", "--model", MODEL, "--out", str(tmp_path / "engines"), "--data", str(data), *FAST,
-            "--set", "masks.batch_size=8"]
+    data = write_imagefolder(
+        tmp_path / "images", [f"class{i}" for i in range(10)], per_class=2, size=28, val_per_class=1
+    )
+    argv = [
+        "engine",
+        "--model",
+        MODEL,
+        "--out",
+        str(tmp_path / "engines"),
+        "--data",
+        str(data),
+        *FAST,
+        "--set",
+        "masks.batch_size=8",
+    ]
     first = cli(*argv)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     image = data / "val" / "class3" / "0.png"
@@ -315,9 +336,25 @@ def test_a_log_file_of_a_real_run_holds_no_escape_codes(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "PIPELINE_NO_PROGRESS"}
     log = tmp_path / "run.log"
     with open(log, "wb") as handle:
-        code = subprocess.run([sys.executable, "-m", "pipeline", "train-masks", "--model", MODEL, "--out",
-                               str(tmp_path / "engines"), "--steps", "3"], cwd=REPO, env=env, stdout=handle,
-                              stderr=subprocess.STDOUT, timeout=600).returncode
+        code = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "train-masks",
+                "--model",
+                MODEL,
+                "--out",
+                str(tmp_path / "engines"),
+                "--steps",
+                "3",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        ).returncode
     text = log.read_bytes()
     assert code == 0, text[-2000:]
     assert b"train masks: 3/3 (100%)" in text  # progress was written, as plain lines

@@ -1,16 +1,26 @@
 import itertools
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import PipelineError
-from pipeline.masks.patterns import magnitude_indices, pattern_table, to_blocks
 from pipeline.data.splits import holdout_split
-from pipeline.masks.schedules import (BestMasks, PlateauRule, keep_masks, distillation_loss, epochs_for_budget,
-                                         feature_distillation_loss, prior_logits, sampling_probabilities,
-                                         steps_per_epoch, temperature, warmup_cosine_factor, warmup_steps)
+from pipeline.errors import PipelineError
+from pipeline.masks.patterns import magnitude_indices, pattern_table
+from pipeline.masks.schedules import (
+    BestMasks,
+    PlateauRule,
+    distillation_loss,
+    epochs_for_budget,
+    feature_distillation_loss,
+    keep_masks,
+    prior_logits,
+    sampling_probabilities,
+    steps_per_epoch,
+    temperature,
+    warmup_cosine_factor,
+    warmup_steps,
+)
 
 
 def test_budget_gives_epochs_for_any_dataset_size():
@@ -56,8 +66,9 @@ def test_plateau_rule_needs_no_rise_beyond_one_image_and_a_settled_argmax():
     rule = PlateauRule(patience=3, changed=0.001, validation_images=1000)  # one image = 0.1 pt
     assert rule.resolution == pytest.approx(0.1)
     # +0.1 pt (one image) is within the split's resolution: not a rise; +0.2 pt is
-    history = _history([50.0, 60.0, 60.1, 60.0, 60.1, 60.3, 60.4, 60.3, 60.4],
-                       [0.0, 0.2, 0.01, 0.0005, 0.0002, 0.0001, 0.0, 0.0, 0.0])
+    history = _history(
+        [50.0, 60.0, 60.1, 60.0, 60.1, 60.3, 60.4, 60.3, 60.4], [0.0, 0.2, 0.01, 0.0005, 0.0002, 0.0001, 0.0, 0.0, 0.0]
+    )
     assert rule.stale(history[:5]) == 3
     assert rule.reason(history[:4]) is None  # 2 stale evaluations only
     assert "plateau" in rule.reason(history[:5])  # 3 stale, argmax settled
@@ -76,9 +87,11 @@ def test_plateau_rule_resolution_follows_the_validation_split():
     assert small.first_stop(history) == 4  # 81.0 rose beyond one image (0.5 pt) over 80.0; 81.5 does not over 81.0
     large = PlateauRule(patience=2, changed=0.01, validation_images=10000)
     assert large.first_stop(history) is None
-    for bad in ({"patience": 0, "changed": 0.1, "validation_images": 10},
-                {"patience": 2, "changed": 1.5, "validation_images": 10},
-                {"patience": 2, "changed": 0.1, "validation_images": 0}):
+    for bad in (
+        {"patience": 0, "changed": 0.1, "validation_images": 10},
+        {"patience": 2, "changed": 1.5, "validation_images": 10},
+        {"patience": 2, "changed": 0.1, "validation_images": 0},
+    ):
         with pytest.raises(PipelineError):
             PlateauRule(**bad)
 

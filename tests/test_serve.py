@@ -2,6 +2,7 @@
 
 Skipped, with the reason, where the Triton environment of `make serve-env` is absent.
 """
+
 from __future__ import annotations
 
 import io
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from nm_fixtures import MODEL, export_tiny_onnx, record_export
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
@@ -19,7 +21,7 @@ from pipeline.package.python_models.preprocess import preprocess_image
 from pipeline.serve.serve_check import infer_images
 from pipeline.serve.server import SHM_DIR, Ports, TritonServer
 from pipeline.serve.triton_runtime import find_environment, prepare_runtime
-from nm_fixtures import MODEL, export_tiny_onnx, record_export
+
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
@@ -83,7 +85,10 @@ def test_ensembles_serve_raw_images_over_http_and_grpc(runtime, packaged, tmp_pa
         with pytest.raises(InferenceServerException, match="not a decodable image"):
             infer_images("http", server.http_url, ensemble_name(MODEL, "dense"), [b"not an image"], "logits")
         assert server.is_ready()  # still answering after the bad request
-        assert infer_images("grpc", server.grpc_url, ensemble_name(MODEL, "dense"), images[:1], "logits").shape == (1, 10)
+        assert infer_images("grpc", server.grpc_url, ensemble_name(MODEL, "dense"), images[:1], "logits").shape == (
+            1,
+            10,
+        )
     assert not server.group_alive() and server.process.returncode is not None
     assert no_shared_memory_left(server)
 
@@ -117,8 +122,23 @@ def test_server_that_cannot_load_a_model_is_reported_and_reaped(runtime, package
 @pytest.mark.slow
 @pytest.mark.triton
 def test_serve_check_passes_and_writes_its_report(runtime, packaged, capsys):
-    code = main(["serve-check", "--model", MODEL, "--out", str(packaged), "--triton-env",
-                 str(runtime.environment.prefix), "--images", "20", "--concurrency", "1", "--window-ms", "300"])
+    code = main(
+        [
+            "serve-check",
+            "--model",
+            MODEL,
+            "--out",
+            str(packaged),
+            "--triton-env",
+            str(runtime.environment.prefix),
+            "--images",
+            "20",
+            "--concurrency",
+            "1",
+            "--window-ms",
+            "300",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     report = json.loads((packaged / MODEL / "serve_check.json").read_text())
@@ -127,7 +147,12 @@ def test_serve_check_passes_and_writes_its_report(runtime, packaged, capsys):
     assert set(checks) == {"predictions", "bad_requests", "load_test", "crash"}
     assert all(result["same_top1"] == 20 for result in checks["predictions"]["results"].values())
     assert {key.split("/")[0] for key in checks["bad_requests"]["results"]} == {
-        "wrong_shape", "wrong_dtype", "corrupt_image", "batch_above_max", "unknown_model"}
+        "wrong_shape",
+        "wrong_dtype",
+        "corrupt_image",
+        "batch_above_max",
+        "unknown_model",
+    }
     [row] = checks["load_test"]["rows"]
     assert row["dense"]["throughput_infer_per_s"] > 0 and row["sparse"]["p99_ms"] >= row["sparse"]["p50_ms"] > 0
     assert checks["crash"]["clients_saw_the_crash"] and checks["crash"]["serving_after_restart"]
@@ -154,8 +179,21 @@ def test_serve_check_fails_when_the_server_answers_wrongly(runtime, packaged, tm
     shutil.copytree(packaged, out)
     served = out / MODEL / "triton_cpu" / f"{MODEL}_sparse" / "1" / "model.onnx"
     shutil.copyfile(out / MODEL / "dense.onnx", served)
-    code = main(["serve-check", "--model", MODEL, "--out", str(out), "--triton-env", str(runtime.environment.prefix),
-                 "--images", "20", "--no-load-test", "--no-crash-test"])
+    code = main(
+        [
+            "serve-check",
+            "--model",
+            MODEL,
+            "--out",
+            str(out),
+            "--triton-env",
+            str(runtime.environment.prefix),
+            "--images",
+            "20",
+            "--no-load-test",
+            "--no-crash-test",
+        ]
+    )
     assert code == 1
     assert "gate failed: serve-check failed: predictions" in capsys.readouterr().err
     report = json.loads((out / MODEL / "serve_check.json").read_text())
@@ -191,8 +229,16 @@ printf 'Concurrency,Inferences/Second,p50 latency,p99 latency\\n1,12.5,4000,9000
         os.environ["NEEDS_MS"] = needs
         calls.unlink(missing_ok=True)
         try:
-            result = run_perf_analyzer(runtime, fake, "m", "localhost:1", tmp_path / "in.json", 1,
-                                       LoadTest(measurement_interval_ms=300), tmp_path)
+            result = run_perf_analyzer(
+                runtime,
+                fake,
+                "m",
+                "localhost:1",
+                tmp_path / "in.json",
+                1,
+                LoadTest(measurement_interval_ms=300),
+                tmp_path,
+            )
         finally:
             del os.environ["NEEDS_MS"]
         assert result["ok"] is expected_ok and calls.read_text().split() == tried

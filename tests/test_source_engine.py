@@ -3,6 +3,7 @@
 Random or file weights, synthetic data, 32x32 input and two mask-training steps keep each run to seconds of work;
 the README's table holds the same runs at each model's own input size.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,28 @@ import torch
 from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--data", "synthetic", "--input-size", "32", "--set", "data.synthetic_size=32", "--set", "data.workers=0",
-        "--set", "data.batch_size=8", "--set", "masks.batch_size=8", "--set", "masks.steps=2",
-        "--set", "export.fp16=false", "--set", "verify.latency_iters=2", "--set", "verify.warmup_iters=0"]
+FAST = [
+    "--data",
+    "synthetic",
+    "--input-size",
+    "32",
+    "--set",
+    "data.synthetic_size=32",
+    "--set",
+    "data.workers=0",
+    "--set",
+    "data.batch_size=8",
+    "--set",
+    "masks.batch_size=8",
+    "--set",
+    "masks.steps=2",
+    "--set",
+    "export.fp16=false",
+    "--set",
+    "verify.latency_iters=2",
+    "--set",
+    "verify.warmup_iters=0",
+]
 OWN_NET = ["--classifier", "head", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"]
 
 
@@ -61,6 +81,7 @@ def test_python_factory_every_stage_with_its_weights_file(tmp_path, capsys, monk
 
     weights = tmp_path / "own.pth"
     torch.save({"model_state_dict": build(num_classes=7).state_dict()}, weights)
-    config, _ = run_every_stage("python:examples.custom_cnn:build", tmp_path / "engines", capsys, "--weights",
-                                str(weights), *OWN_NET)
+    config, _ = run_every_stage(
+        "python:examples.custom_cnn:build", tmp_path / "engines", capsys, "--weights", str(weights), *OWN_NET
+    )
     assert config["num_classes"] == 7 and config["weights"] == str(weights)  # the head size from the file

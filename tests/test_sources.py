@@ -1,4 +1,5 @@
 """Model sources: builtin:, torchvision:, timm:, python: specs, head detection and source defaults."""
+
 from __future__ import annotations
 
 import sys
@@ -17,18 +18,21 @@ def head(model: nn.Module, name: str) -> nn.Module:
     return dict(model.named_modules())[name]
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("resnet18", "fc"),
-    ("regnet_y_400mf", "fc"),
-    ("resnext50_32x4d", "fc"),
-    ("efficientnet_b0", "classifier.1"),
-    ("mobilenet_v3_large", "classifier.3"),
-    ("convnext_tiny", "classifier.2"),
-    ("densenet121", "classifier"),
-    ("vgg11_bn", "classifier.6"),
-    ("squeezenet1_0", "classifier.1"),  # a 1x1 conv head
-    ("googlenet", "fc"),  # not the auxiliary heads aux1.fc2 / aux2.fc2
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("resnet18", "fc"),
+        ("regnet_y_400mf", "fc"),
+        ("resnext50_32x4d", "fc"),
+        ("efficientnet_b0", "classifier.1"),
+        ("mobilenet_v3_large", "classifier.3"),
+        ("convnext_tiny", "classifier.2"),
+        ("densenet121", "classifier"),
+        ("vgg11_bn", "classifier.6"),
+        ("squeezenet1_0", "classifier.1"),  # a 1x1 conv head
+        ("googlenet", "fc"),  # not the auxiliary heads aux1.fc2 / aux2.fc2
+    ],
+)
 def test_torchvision_head_found_per_family(name, expected):
     source = resolve_source(f"torchvision:{name}")
     assert source.classifier_name() == expected
@@ -47,7 +51,9 @@ def test_torchvision_build_and_defaults_from_weight_metadata():
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
     defaults = source.defaults()
     assert (defaults.input_size, defaults.resize, defaults.interpolation) == (224, 232, "bilinear")
-    assert defaults.mean == pytest.approx([0.485, 0.456, 0.406]) and defaults.std == pytest.approx([0.229, 0.224, 0.225])
+    assert defaults.mean == pytest.approx([0.485, 0.456, 0.406]) and defaults.std == pytest.approx(
+        [0.229, 0.224, 0.225]
+    )
     assert defaults.color == "RGB" and defaults.num_classes == 1000 and len(defaults.labels) == 1000
     assert resolve_source("torchvision:efficientnet_b0").defaults().interpolation == "bicubic"
 
@@ -55,8 +61,10 @@ def test_torchvision_build_and_defaults_from_weight_metadata():
 def test_torchvision_unknown_names():
     with pytest.raises(PipelineError) as error:
         resolve_source("torchvision:resnet19")
-    assert str(error.value) == ("torchvision:resnet19: torchvision classification model 'resnet19' does not exist; "
-                                "closest: resnet18, resnet152, resnet101")
+    assert str(error.value) == (
+        "torchvision:resnet19: torchvision classification model 'resnet19' does not exist; "
+        "closest: resnet18, resnet152, resnet101"
+    )
     with pytest.raises(PipelineError, match="fasterrcnn_resnet50_fpn is a detection, segmentation or video model"):
         resolve_source("torchvision:fasterrcnn_resnet50_fpn")
 
@@ -68,8 +76,10 @@ def test_torchvision_hub_path_offline_says_use_weights_file(monkeypatch):
     monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
     with pytest.raises(PipelineError) as error:
         resolve_source("torchvision:resnet18").pretrained_state_dict()
-    assert str(error.value) == ("cannot download torchvision weights ResNet18_Weights.IMAGENET1K_V1 (URLError); "
-                                "pass --weights FILE with a saved state_dict")
+    assert str(error.value) == (
+        "cannot download torchvision weights ResNet18_Weights.IMAGENET1K_V1 (URLError); "
+        "pass --weights FILE with a saved state_dict"
+    )
 
 
 def test_builtin_sources():
@@ -77,21 +87,38 @@ def test_builtin_sources():
     assert tiny.spec == "builtin:tiny_resnet" and tiny.classifier_name() == "fc"
     assert tiny.defaults().color == "L" and tiny.defaults().input_size is None
     assert head(tiny.build(7), "fc").out_features == 7
-    with pytest.raises(PipelineError, match=r"built-in architecture 'smal_resnet' does not exist; closest: small_resnet"):
+    with pytest.raises(
+        PipelineError, match=r"built-in architecture 'smal_resnet' does not exist; closest: small_resnet"
+    ):
         resolve_source("builtin:smal_resnet")
     with pytest.raises(PipelineError, match=r"built-in architecture 'resnet18' does not exist.*torchvision:NAME"):
         resolve_source("builtin:resnet18")  # torchvision's networks are torchvision:NAME
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("foo:bar", "unknown model source 'foo:' in 'foo:bar'; use builtin:NAME, torchvision:NAME, timm:NAME or "
-                "python:PACKAGE.MODULE:FACTORY"),
-    ("torchvision:", "model source 'torchvision:' names no model; use builtin:NAME, torchvision:NAME, timm:NAME or "
-                     "python:PACKAGE.MODULE:FACTORY"),
-    ("resnet18", "model source 'resnet18' names no kind; use builtin:NAME, torchvision:NAME, timm:NAME or "
-                 "python:PACKAGE.MODULE:FACTORY"),
-    ("python:justamodule", "python:justamodule: expected python:PACKAGE.MODULE:FACTORY, e.g. python:mynets.cnn:build"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            "foo:bar",
+            "unknown model source 'foo:' in 'foo:bar'; use builtin:NAME, torchvision:NAME, timm:NAME or "
+            "python:PACKAGE.MODULE:FACTORY",
+        ),
+        (
+            "torchvision:",
+            "model source 'torchvision:' names no model; use builtin:NAME, torchvision:NAME, timm:NAME or "
+            "python:PACKAGE.MODULE:FACTORY",
+        ),
+        (
+            "resnet18",
+            "model source 'resnet18' names no kind; use builtin:NAME, torchvision:NAME, timm:NAME or "
+            "python:PACKAGE.MODULE:FACTORY",
+        ),
+        (
+            "python:justamodule",
+            "python:justamodule: expected python:PACKAGE.MODULE:FACTORY, e.g. python:mynets.cnn:build",
+        ),
+    ],
+)
 def test_malformed_specs(spec, message):
     with pytest.raises(PipelineError) as error:
         resolve_source(spec)
@@ -123,20 +150,23 @@ def test_timm_hub_path_failure_is_one_line(monkeypatch):
     source = resolve_source("timm:resnet10t")
     with pytest.raises(PipelineError) as error:
         source.pretrained_state_dict()
-    assert str(error.value) == ("cannot download timm weights for resnet10t (OSError); pass --weights FILE with a "
-                                "saved state_dict")
+    assert str(error.value) == (
+        "cannot download timm weights for resnet10t (OSError); pass --weights FILE with a saved state_dict"
+    )
 
 
 def test_timm_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
     with pytest.raises(PipelineError) as error:
         resolve_source("timm:resnet10t")
-    assert str(error.value) == ("timm: sources need the timm package; install it with "
-                                "`pip install 'sparse-pipeline[timm]'` (or `pip install timm`)")
+    assert str(error.value) == (
+        "timm: sources need the timm package; install it with "
+        "`pip install 'sparse-pipeline[timm]'` (or `pip install timm`)"
+    )
 
 
 # --------------------------------------------------------------------------- python:
-FACTORIES = '''
+FACTORIES = """
 from torch import nn
 
 def with_classes(num_classes=5):
@@ -156,7 +186,7 @@ class Nets:
     @staticmethod
     def small(**kwargs):
         return with_classes(**kwargs)
-'''
+"""
 
 
 @pytest.fixture
@@ -187,15 +217,26 @@ def test_python_factory_with_and_without_num_classes(factories):
     assert nested.takes_num_classes and nested.build(4)[-1].out_features == 4
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("python:usernets.missing:f", "python:usernets.missing:f: cannot import usernets.missing (No module named "
-                                  "'usernets.missing'); put its folder on PYTHONPATH or install its package"),
-    ("python:usernets.syntax:f", "python:usernets.syntax:f: importing usernets.syntax failed with SyntaxError: "),
-    ("python:usernets.raises:f", "python:usernets.raises:f: importing usernets.raises failed with RuntimeError: "
-                                 "needs a GPU"),
-    ("python:usernets.cnn:nope", "python:usernets.cnn:nope: usernets.cnn has no 'nope'; it defines: Nets, broken, "
-                                 "fixed_head, not_a_module, with_classes"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            "python:usernets.missing:f",
+            "python:usernets.missing:f: cannot import usernets.missing (No module named "
+            "'usernets.missing'); put its folder on PYTHONPATH or install its package",
+        ),
+        ("python:usernets.syntax:f", "python:usernets.syntax:f: importing usernets.syntax failed with SyntaxError: "),
+        (
+            "python:usernets.raises:f",
+            "python:usernets.raises:f: importing usernets.raises failed with RuntimeError: needs a GPU",
+        ),
+        (
+            "python:usernets.cnn:nope",
+            "python:usernets.cnn:nope: usernets.cnn has no 'nope'; it defines: Nets, broken, "
+            "fixed_head, not_a_module, with_classes",
+        ),
+    ],
+)
 def test_python_import_errors_are_one_line(factories, spec, message):
     with pytest.raises(PipelineError) as error:
         resolve_source(spec)
@@ -224,23 +265,35 @@ def test_layer_report_states_what_depthwise_layers_cost():
     model = source.build(10)
     report = find_layers(model, [3, 64, 64], 4, classifier=source.classifier_name())
     modules = dict(model.named_modules())
-    grouped = sum(layer.macs for layer in report.layers
-                  if isinstance(modules[layer.name], nn.Conv2d) and modules[layer.name].groups > 1)
+    grouped = sum(
+        layer.macs
+        for layer in report.layers
+        if isinstance(modules[layer.name], nn.Conv2d) and modules[layer.name].groups > 1
+    )
     assert grouped > 0 and report.grouped_mac_fraction == pytest.approx(grouped / report.total_macs)
     masked = report.masked_mac_fraction
     assert report.gain_note(2, 4) == (
         f"2:4 masks cover {100 * masked:.1f}% of the MACs: at best {1 / (1 - masked / 2):.2f}x fewer MACs per image; "
         f"depthwise/grouped convolutions hold {100 * grouped / report.total_macs:.1f}% of the MACs and never get "
         "sparse kernels, and being memory-bound they usually take a larger share of the run time than of the MACs, "
-        "so expect less end to end")
+        "so expect less end to end"
+    )
     dense_only = find_layers(resolve_source("builtin:tiny_resnet").build(10), [1, 28, 28], 4)
     assert "depthwise" not in dense_only.gain_note(2, 4)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("torchvision:resnet18", True), ("timm:resnet10t", True), ("python:pkg.mod:build", True),
-    ("builtin:tiny_resnet", True), ("resnet18", False), ("models/mine.toml", False), ("C:/recipes/mine.toml", False),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("torchvision:resnet18", True),
+        ("timm:resnet10t", True),
+        ("python:pkg.mod:build", True),
+        ("builtin:tiny_resnet", True),
+        ("resnet18", False),
+        ("models/mine.toml", False),
+        ("C:/recipes/mine.toml", False),
+    ],
+)
 def test_is_source_spec(text, expected):
     from pipeline.recipe.sources import is_source_spec
 

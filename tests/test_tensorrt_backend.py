@@ -9,6 +9,7 @@ That the TensorRT names used exist in each supported TensorRT is checked against
 tests/test_tensorrt_conformance.py. Builder log and inspector text come from tests/fixtures/tensorrt (its
 README says where each shape comes from). Tests named after a defect of issue 19 say which.
 """
+
 from __future__ import annotations
 
 import enum
@@ -26,9 +27,17 @@ from pipeline.backends.build_report import BuildReport
 from pipeline.backends.tensorrt import engine as trt_backend
 from pipeline.backends.tensorrt.info import EngineInfo
 from pipeline.backends.tensorrt.parser_support import parser_problems
-from pipeline.backends.tensorrt.sparsity import (QDQ_SPARSE_ISSUE, InspectedLayer, OnnxNameMap, module_from_scoped_name,
-                                                 module_layer_times, parse_inspector_json, parse_sparsity_log,
-                                                 sparse_layer_report, split_layer_list)
+from pipeline.backends.tensorrt.sparsity import (
+    QDQ_SPARSE_ISSUE,
+    InspectedLayer,
+    OnnxNameMap,
+    module_from_scoped_name,
+    module_layer_times,
+    parse_inspector_json,
+    parse_sparsity_log,
+    sparse_layer_report,
+    split_layer_list,
+)
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_file, write_json
 from pipeline.paths import ArtifactPaths
@@ -147,12 +156,16 @@ def _onnx(path: Path, elem: int = TensorProto.FLOAT, qdq: bool = False, opset: i
         return onnx.numpy_helper.from_array(np.zeros(shape, dtype), name)
 
     if qdq:
-        weight_path = [helper.make_node("QuantizeLinear", ["layer2.0.conv1.weight", "w_scale", "w_zero"], ["w_q"],
-                                        name="q_w", axis=0),
-                       helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_cast"], name="dq_w",
-                                        axis=0)]
-        extra_inits = [onnx.numpy_helper.from_array(np.ones(8, np.float32), "w_scale"),
-                       onnx.numpy_helper.from_array(np.zeros(8, np.int8), "w_zero")]
+        weight_path = [
+            helper.make_node(
+                "QuantizeLinear", ["layer2.0.conv1.weight", "w_scale", "w_zero"], ["w_q"], name="q_w", axis=0
+            ),
+            helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_cast"], name="dq_w", axis=0),
+        ]
+        extra_inits = [
+            onnx.numpy_helper.from_array(np.ones(8, np.float32), "w_scale"),
+            onnx.numpy_helper.from_array(np.zeros(8, np.int8), "w_zero"),
+        ]
     else:
         weight_path = [helper.make_node("Cast", ["layer2.0.conv1.weight"], ["w_cast"], name="cast_w", to=elem)]
         extra_inits = []
@@ -167,10 +180,17 @@ def _onnx(path: Path, elem: int = TensorProto.FLOAT, qdq: bool = False, opset: i
         *extra,
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("input", elem, ["batch", 1, 28, 28])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", elem, ["batch", 1, 28, 28])],
         [helper.make_tensor_value_info("logits", elem, ["batch", 10])],
-        [init("onnx::Conv_11", (8, 1, 3, 3)), init("layer2.0.conv1.weight", (8, 8, 3, 3)), init("fc.weight", (10, 8)),
-         *extra_inits])
+        [
+            init("onnx::Conv_11", (8, 1, 3, 3)),
+            init("layer2.0.conv1.weight", (8, 8, 3, 3)),
+            init("fc.weight", (10, 8)),
+            *extra_inits,
+        ],
+    )
     opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(n.domain, 1) for n in extra if n.domain]
     onnx.save(helper.make_model(graph, opset_imports=opsets), path)
     return path
@@ -198,8 +218,9 @@ def _recipe(precision="fp16", **build):
 def _build(paths, variant="sparse", precision="fp16", **build):
     recipe = _recipe(precision, **build)
     backend = trt_backend.TensorRTBackend()
-    return backend.build(backend.onnx_for(paths, variant, recipe), paths.root / "tensorrt", variant, recipe,
-                         sparse=variant == "sparse")
+    return backend.build(
+        backend.onnx_for(paths, variant, recipe), paths.root / "tensorrt", variant, recipe, sparse=variant == "sparse"
+    )
 
 
 # ----------------------------------------------------------------------------- build through Polygraphy
@@ -209,20 +230,26 @@ def test_sparse_weights_profile_and_workspace_reach_polygraphys_create_config(gp
     dense, sparse = (call["config"] for call in gpu.calls)
     assert (dense.sparse_weights, sparse.sparse_weights) == (False, True)
     [profile] = sparse.profiles
-    assert (list(profile["input"].min), list(profile["input"].opt), list(profile["input"].max)) == \
-        ([1, 1, 28, 28], [8, 1, 28, 28], [16, 1, 28, 28])
+    assert (list(profile["input"].min), list(profile["input"].opt), list(profile["input"].max)) == (
+        [1, 1, 28, 28],
+        [8, 1, 28, 28],
+        [16, 1, 28, 28],
+    )
     assert sparse.memory_pool_limits == {gpu.trt.MemoryPoolType.WORKSPACE: 64 << 20}
     assert sparse.profiling_verbosity == gpu.trt.ProfilingVerbosity.DETAILED and sparse.tf32 is True
     assert gpu.calls[1]["network"].path == str(model_dir.sparse_onnx)
 
 
-@pytest.mark.parametrize("version, precision, graph, flags, strongly_typed", [
-    ("10.9.0.34", "fp32", "sparse.onnx", (False, False), False),
-    ("10.9.0.34", "fp16", "sparse.onnx", (True, False), False),
-    ("10.9.0.34", "int8", "sparse.int8.onnx", (True, True), False),
-    ("11.4.0.106", "fp16", "sparse.fp16.onnx", (False, False), True),
-    ("11.4.0.106", "int8", "sparse.int8.onnx", (False, False), True),
-])
+@pytest.mark.parametrize(
+    "version, precision, graph, flags, strongly_typed",
+    [
+        ("10.9.0.34", "fp32", "sparse.onnx", (False, False), False),
+        ("10.9.0.34", "fp16", "sparse.onnx", (True, False), False),
+        ("10.9.0.34", "int8", "sparse.int8.onnx", (True, True), False),
+        ("11.4.0.106", "fp16", "sparse.fp16.onnx", (False, False), True),
+        ("11.4.0.106", "int8", "sparse.int8.onnx", (False, False), True),
+    ],
+)
 def test_precision_flags_and_graph_per_version(gpu, model_dir, version, precision, graph, flags, strongly_typed):
     """10 sets FP16/INT8 builder flags (deprecated since 10.12); 11 is strongly typed and builds from the graph."""
     gpu.trt.__version__ = version
@@ -259,8 +286,11 @@ def test_build_writes_engine_sidecar_log_and_inspector_json(gpu, model_dir, caps
     assert result.engine_path == folder / "sparse.engine" and result.engine_path.read_bytes() == b"serialized engine"
     info = EngineInfo.load(result.engine_path)
     assert info.engine_sha256 == sha256_file(result.engine_path) and info.compute_capability == "9.0"
-    assert (info.tensorrt_version, info.sparse_weights_flag, info.batch) == ("10.9.0.34", True,
-                                                                            {"min": 1, "opt": 8, "max": 16})
+    assert (info.tensorrt_version, info.sparse_weights_flag, info.batch) == (
+        "10.9.0.34",
+        True,
+        {"min": 1, "opt": 8, "max": 16},
+    )
     log = (folder / "sparse.trt.log").read_text()
     assert "(Sparsity) TRT inference plan picked" in log and "a VERBOSE line is kept" in log
     assert "Tactic timing detail" not in log and "\x1b" not in log
@@ -305,8 +335,9 @@ def test_opset_18_graph_is_refused_by_the_tensorrt_86_parser_table(tmp_path):
 
     from pipeline.export.onnx import ModelProtoFromTorch
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                torch.nn.Linear(8, 4))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)
+    )
     path = tmp_path / "m.onnx"
     onnx.save(ModelProtoFromTorch(model, [1, 8, 8], 18, "input", "logits"), path)
     problems = parser_problems(path, (8, 6))
@@ -315,11 +346,12 @@ def test_opset_18_graph_is_refused_by_the_tensorrt_86_parser_table(tmp_path):
 
 
 def test_unsupported_operators_are_named_with_their_node(tmp_path):
-    extra = [helper.make_node("Unique", ["logits"], ["u"], name="/head/Unique"),
-             helper.make_node("MyOp", ["logits"], ["v"], name="/head/custom", domain="com.example")]
+    extra = [
+        helper.make_node("Unique", ["logits"], ["u"], name="/head/Unique"),
+        helper.make_node("MyOp", ["logits"], ["v"], name="/head/custom", domain="com.example"),
+    ]
     path = _onnx(tmp_path / "m.onnx", extra=extra)
-    assert parser_problems(path, (10, 1)) == ["Unique (node '/head/Unique')",
-                                              "com.example::MyOp (node '/head/custom')"]
+    assert parser_problems(path, (10, 1)) == ["Unique (node '/head/Unique')", "com.example::MyOp (node '/head/custom')"]
 
 
 # ----------------------------------------------------------------------------- runner (defect 2)
@@ -328,16 +360,27 @@ def _sidecar(engine_file: Path, **batch) -> None:
     engine_file.write_bytes(b"serialized engine")
     recipe = _recipe(**batch)
     onnx_path = _onnx(engine_file.with_name("m.onnx"))
-    EngineInfo.for_build(recipe, "sparse", onnx_path, engine_file, "10.9.0.34", {"gpu": "x", "compute_capability": "9.0"},
-                         sparse=True, input_name="input", strongly_typed=False, build_seconds=1.0,
-                         sparse_layers={}).save(engine_file)
+    EngineInfo.for_build(
+        recipe,
+        "sparse",
+        onnx_path,
+        engine_file,
+        "10.9.0.34",
+        {"gpu": "x", "compute_capability": "9.0"},
+        sparse=True,
+        input_name="input",
+        strongly_typed=False,
+        build_seconds=1.0,
+        sparse_layers={},
+    ).save(engine_file)
 
 
 def test_runner_uses_one_execution_context_for_timing_and_layer_times(gpu, tmp_path, monkeypatch):
     """Defect 2: layer times come from the runner's own context (its profiler attached), never from a second
     execution context that would get no optimisation profile on TensorRT 8.x."""
-    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(
-        from_numpy=lambda a: types.SimpleNamespace(cuda=lambda: a)))
+    monkeypatch.setitem(
+        sys.modules, "torch", types.SimpleNamespace(from_numpy=lambda a: types.SimpleNamespace(cuda=lambda: a))
+    )
     engine_file = tmp_path / "sparse.engine"
     _sidecar(engine_file, min_batch=1, opt_batch=4, max_batch=8)
     runner = trt_backend.TensorRTBackend().load(engine_file, _recipe())
@@ -378,8 +421,11 @@ def test_sidecar_without_fields_is_one_line(tmp_path):
 # ----------------------------------------------------------------------------- log and inspector parsing
 def test_fused_names_with_commas_survive_the_split():
     """Fixture builder_log_trt86.txt: "PWN(PWN(a, b), c)" is one layer name, not three."""
-    assert split_layer_list("a + b, PWN(PWN(c, d), e), {ForeignNode[f...g]}") == \
-        ["a + b", "PWN(PWN(c, d), e)", "{ForeignNode[f...g]}"]
+    assert split_layer_list("a + b, PWN(PWN(c, d), e), {ForeignNode[f...g]}") == [
+        "a + b",
+        "PWN(PWN(c, d), e)",
+        "{ForeignNode[f...g]}",
+    ]
     log = parse_sparsity_log(fixture_lines("builder_log_trt86.txt"))
     fused = "PWN(PWN(node_Conv_7, /layer2/layer2.0/relu/Relu), /layer2/layer2.0/Add)"
     assert log["eligible"] == [f"{CONV_A} + /layer1/layer1.0/relu/Relu", fused, "/fc/Gemm"]
@@ -391,8 +437,9 @@ def test_fused_names_with_commas_survive_the_split():
 def test_metadata_separators_unit_and_record_and_local_function():
     """Defect 3: TensorRT joins a fused layer's ONNX nodes with \\x1f and sub-groups with \\x1e (NVIDIA
     Model-Optimizer fusion_grouping.py); onnx-tensorrt's processMetadata writes "| Local Function: fn"."""
-    layer = InspectedLayer("x", metadata="[ONNX Layer: /a/Conv]\x1f[ONNX Layer: /a/Relu]\x1e"
-                                         "[ONNX Layer: /b/Gemm | Local Function: head]")
+    layer = InspectedLayer(
+        "x", metadata="[ONNX Layer: /a/Conv]\x1f[ONNX Layer: /a/Relu]\x1e[ONNX Layer: /b/Gemm | Local Function: head]"
+    )
     assert layer.onnx_nodes == ["/a/Conv", "/a/Relu", "/b/Gemm"]
 
 
@@ -401,7 +448,9 @@ def test_inspector_metadata_beats_layer_names(tmp_path):
     range is named from CONV_A to /fc/Gemm but its Metadata (\\x1f, \\x1e, a Local Function record) holds the pool,
     flatten and fc nodes only. Reformat copy nodes belong to no module."""
     names = OnnxNameMap.from_onnx(_onnx(tmp_path / "m.onnx"))
-    layers = {layer.name: layer for layer in parse_inspector_json((FIXTURES / "inspector_fp16_sparse.json").read_text())}
+    layers = {
+        layer.name: layer for layer in parse_inspector_json((FIXTURES / "inspector_fp16_sparse.json").read_text())
+    }
     foreign = f"{{ForeignNode[{CONV_A}.../fc/Gemm]}}"
     assert names.modules_of(layers[foreign]) == ["fc"]
     assert names.modules_of(layers[f"{CONV_A} + /layer1/layer1.0/relu/Relu"]) == ["layer1.0.conv1"]
@@ -415,8 +464,9 @@ def test_inspector_only_report_maps_every_fused_layer(tmp_path):
     """Defect 3 end to end: with no "(Sparsity)" line (fixture builder_log_no_sparsity.txt) eligibility comes
     from HasSparseWeights, and per-layer rows exist for the fused conv and the ForeignNode, none unmapped."""
     names = OnnxNameMap.from_onnx(_onnx(tmp_path / "m.onnx"))
-    report = sparse_layer_report(fixture_lines("builder_log_no_sparsity.txt"),
-                                 (FIXTURES / "inspector_fp16_sparse.json").read_text(), names)
+    report = sparse_layer_report(
+        fixture_lines("builder_log_no_sparsity.txt"), (FIXTURES / "inspector_fp16_sparse.json").read_text(), names
+    )
     assert report["picked_sparse"] is None and "not known" in report["notes"][0]
     assert report["eligible"] == ["layer2.0.conv1"] and report["raw"]["unmapped"] == []
     assert [row["modules"] for row in report["layers"]] == [["layer1.0.conv1"], ["layer2.0.conv1"], ["fc"]]
@@ -433,40 +483,73 @@ def test_trt86_fixture_log_maps_to_modules(tmp_path):
 def test_reformat_time_is_not_charged_to_the_conv_it_feeds(tmp_path):
     names = OnnxNameMap.from_onnx(_onnx(tmp_path / "m.onnx"))
     inspector = (FIXTURES / "inspector_fp16_sparse.json").read_text()
-    times = {f"Reformatting CopyNode for Input Tensor 0 to {CONV_A} + /layer1/layer1.0/relu/Relu": 0.5,
-             f"{CONV_A} + /layer1/layer1.0/relu/Relu": 1.0, CONV_B: 2.0,
-             f"{{ForeignNode[{CONV_A}.../fc/Gemm]}}": 0.25, "(Unnamed Layer* 9) [Shuffle]": 0.125}
+    times = {
+        f"Reformatting CopyNode for Input Tensor 0 to {CONV_A} + /layer1/layer1.0/relu/Relu": 0.5,
+        f"{CONV_A} + /layer1/layer1.0/relu/Relu": 1.0,
+        CONV_B: 2.0,
+        f"{{ForeignNode[{CONV_A}.../fc/Gemm]}}": 0.25,
+        "(Unnamed Layer* 9) [Shuffle]": 0.125,
+    }
     assert module_layer_times(times, inspector, names) == {
-        "modules": {"layer1.0.conv1": 1.0, "layer2.0.conv1": 2.0, "fc": 0.25}, "reformat_ms": 0.5, "other_ms": 0.125}
+        "modules": {"layer1.0.conv1": 1.0, "layer2.0.conv1": 2.0, "fc": 0.25},
+        "reformat_ms": 0.5,
+        "other_ms": 0.125,
+    }
 
 
 def test_qdq_layers_marked_sparse_but_built_dense_are_reported(tmp_path):
     """Fixtures inspector_int8_qdq.json + builder_log_int8_qdq.txt: the known TensorRT behaviour."""
     names = OnnxNameMap.from_onnx(_onnx(tmp_path / "m.onnx", qdq=True))
     assert names.nodes[CONV_B] == "layer2.0.conv1"  # the weight name is found through Q/DQ
-    report = sparse_layer_report(fixture_lines("builder_log_int8_qdq.txt"),
-                                 (FIXTURES / "inspector_int8_qdq.json").read_text(), names, quantized=True)
+    report = sparse_layer_report(
+        fixture_lines("builder_log_int8_qdq.txt"),
+        (FIXTURES / "inspector_int8_qdq.json").read_text(),
+        names,
+        quantized=True,
+    )
     assert report["eligible"] == ["layer1.0.conv1", "layer2.0.conv1"] and report["picked_sparse"] == []
-    assert [(e["modules"], e["has_sparse_weights"], e["picked_sparse"]) for e in report["layers"]] == \
-        [(["layer1.0.conv1"], True, False), (["layer2.0.conv1"], True, False)]
+    assert [(e["modules"], e["has_sparse_weights"], e["picked_sparse"]) for e in report["layers"]] == [
+        (["layer1.0.conv1"], True, False),
+        (["layer2.0.conv1"], True, False),
+    ]
     assert any(QDQ_SPARSE_ISSUE in note for note in report["notes"])
 
 
 def test_parse_inspector_json_detailed_and_names_only():
-    detailed = json.dumps({"Layers": [{"Name": "a", "LayerType": "CaskConvolution", "HasSparseWeights": 1,
-                                       "TacticName": "sm86_xmma_fprop_sparse_conv_f16", "Metadata": "x"},
-                                      {"Name": "b", "TacticName": "sm86_xmma_fprop_implicit_gemm"}]})
-    assert [(layer.name, layer.has_sparse_weights) for layer in parse_inspector_json(detailed)] == \
-        [("a", True), ("b", None)]
+    detailed = json.dumps(
+        {
+            "Layers": [
+                {
+                    "Name": "a",
+                    "LayerType": "CaskConvolution",
+                    "HasSparseWeights": 1,
+                    "TacticName": "sm86_xmma_fprop_sparse_conv_f16",
+                    "Metadata": "x",
+                },
+                {"Name": "b", "TacticName": "sm86_xmma_fprop_implicit_gemm"},
+            ]
+        }
+    )
+    assert [(layer.name, layer.has_sparse_weights) for layer in parse_inspector_json(detailed)] == [
+        ("a", True),
+        ("b", None),
+    ]
     assert [layer.name for layer in parse_inspector_json(json.dumps({"Layers": ["a", "b"]}))] == ["a", "b"]
     assert parse_inspector_json("not json") == [] and parse_inspector_json(None) == []
 
 
-@pytest.mark.parametrize("node, module", [
-    ("/conv1/Conv", "conv1"), ("/layer1/layer1.0/conv1/Conv", "layer1.0.conv1"),
-    ("/layer2/layer2.0/downsample/downsample.0/Conv", "layer2.0.downsample.0"), ("/fc/Gemm", "fc"),
-    ("/a/Conv.../b/Gemm", None), ("node_Conv_7", None), ("/Conv", None),
-])
+@pytest.mark.parametrize(
+    "node, module",
+    [
+        ("/conv1/Conv", "conv1"),
+        ("/layer1/layer1.0/conv1/Conv", "layer1.0.conv1"),
+        ("/layer2/layer2.0/downsample/downsample.0/Conv", "layer2.0.downsample.0"),
+        ("/fc/Gemm", "fc"),
+        ("/a/Conv.../b/Gemm", None),
+        ("node_Conv_7", None),
+        ("/Conv", None),
+    ],
+)
 def test_module_from_scoped_name(node, module):
     assert module_from_scoped_name(node) == module
 
@@ -497,8 +580,13 @@ def _built_folder(root: Path, version="10.9.0.34", backend="tensorrt", hardware=
         info = EngineInfo.load(engine_file)
         info.tensorrt_version, info.variant, info.hardware_compatibility = version, variant, hardware
         info.save(engine_file)
-        engines[variant] = {"engine": f"tensorrt/{variant}.engine", "sha256": sha256_file(engine_file),
-                            "onnx": "tensorrt/m.onnx", "onnx_sha256": "", "metadata": info.to_dict()}
+        engines[variant] = {
+            "engine": f"tensorrt/{variant}.engine",
+            "sha256": sha256_file(engine_file),
+            "onnx": "tensorrt/m.onnx",
+            "onnx_sha256": "",
+            "metadata": info.to_dict(),
+        }
     BuildReport("tiny_resnet", backend, "tensorrt", "test", True, "", [1, 32, 64], "", engines).save(paths.build_report)
     return paths
 
@@ -510,14 +598,22 @@ def test_plans_are_read_through_build_json_only(tmp_path):
     paths = _built_folder(tmp_path)
     (paths.root / "old.sm80.plan").write_bytes(b"stray")
     plans = find_plans(paths.root, paths.build_report, "fp16")
-    assert {v: [p.path.name for p in found] for v, found in plans.items()} == \
-        {"dense": ["dense.engine"], "sparse": ["sparse.engine"]}
+    assert {v: [p.path.name for p in found] for v, found in plans.items()} == {
+        "dense": ["dense.engine"],
+        "sparse": ["sparse.engine"],
+    }
     assert plans["sparse"][0].compute_capability == "9.0"
     (paths.root / "tensorrt" / "sparse.engine").write_bytes(b"replaced")
     with pytest.raises(PipelineError, match="sha256 differs"):
         find_plans(paths.root, paths.build_report, "fp16")
-    assert find_plans(_built_folder(tmp_path / "ort", backend="onnxruntime").root,
-                      tmp_path / "ort" / "tiny_resnet" / "build.json", "fp16") == {}
+    assert (
+        find_plans(
+            _built_folder(tmp_path / "ort", backend="onnxruntime").root,
+            tmp_path / "ort" / "tiny_resnet" / "build.json",
+            "fp16",
+        )
+        == {}
+    )
 
 
 def test_triton_release_check_compares_four_parts(tmp_path):
@@ -527,8 +623,12 @@ def test_triton_release_check_compares_four_parts(tmp_path):
     paths = _built_folder(tmp_path, version="8.6.1.6")
     with pytest.raises(PipelineError, match=r"8\.6\.1\.6.*runs TensorRT 8\.6\.1\.2"):
         find_plans(paths.root, paths.build_report, "fp16", triton_release="23.04")
-    assert find_plans(_built_folder(tmp_path / "ok", version="8.6.1.2").root,
-                      tmp_path / "ok" / "tiny_resnet" / "build.json", "fp16", triton_release="23.04")
+    assert find_plans(
+        _built_folder(tmp_path / "ok", version="8.6.1.2").root,
+        tmp_path / "ok" / "tiny_resnet" / "build.json",
+        "fp16",
+        triton_release="23.04",
+    )
 
 
 def test_release_table_has_four_part_versions_with_sources_or_claims_none(tmp_path):
@@ -558,8 +658,10 @@ def test_ampere_plus_plans_are_served_on_every_ampere_gpu(tmp_path):
     text = render_config(ServedModel("m", "plan", [], [], 8, [], 0, 1, "KIND_GPU", by_cc, default))
     assert 'default_model_filename: "model.sm90.plan"' in text and 'key: "8.6"' in text
     plain = _built_folder(tmp_path / "plain")
-    assert served_filenames(find_plans(plain.root, plain.build_report, "fp16")["sparse"]) == \
-        ({"9.0": "model.sm90.plan"}, "")
+    assert served_filenames(find_plans(plain.root, plain.build_report, "fp16")["sparse"]) == (
+        {"9.0": "model.sm90.plan"},
+        "",
+    )
 
 
 def _exported(root: Path, extra=()) -> ArtifactPaths:
@@ -578,8 +680,17 @@ def test_cli_build_names_what_tensorrt_cannot_parse(tmp_path):
     from nm_fixtures import cli
 
     _exported(tmp_path, extra=[helper.make_node("Unique", ["logits"], ["u"], name="/head/Unique")])
-    result = cli("build", "--model", "tiny_resnet", "--out", str(tmp_path), "--backend", "tensorrt",
-                 "--set", "build.precision=fp16")
+    result = cli(
+        "build",
+        "--model",
+        "tiny_resnet",
+        "--out",
+        str(tmp_path),
+        "--backend",
+        "tensorrt",
+        "--set",
+        "build.precision=fp16",
+    )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: TensorRT cannot parse dense.onnx") and "Unique (node '/head/Unique')" in lines[0]

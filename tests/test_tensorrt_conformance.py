@@ -7,6 +7,7 @@ be imported here, but its names can be read. The wheels are fetched once with `p
 into ~/.cache/sparse-pipeline/trt-wheels (or $SPARSE_PIPELINE_TRT_WHEELS); a test skips, saying why,
 when the download fails (offline).
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,29 +25,80 @@ from pipeline.backends.tensorrt.parser_support import MIN_VERSION
 BACKEND = Path(__file__).resolve().parents[1] / "pipeline" / "backends" / "tensorrt"
 CACHE = Path(os.environ.get("SPARSE_PIPELINE_TRT_WHEELS", Path.home() / ".cache" / "sparse-pipeline" / "trt-wheels"))
 # supported versions: the oldest (the minimum), the newest 10.x and the newest 11.x on PyPI when this was written
-WHEELS = {"10.0.1": "tensorrt-cu12-bindings==10.0.1", "10.16.1.11": "tensorrt-cu12-bindings==10.16.1.11",
-          "11.4.0.106": "tensorrt-cu12-bindings==11.4.0.106"}
+WHEELS = {
+    "10.0.1": "tensorrt-cu12-bindings==10.0.1",
+    "10.16.1.11": "tensorrt-cu12-bindings==10.16.1.11",
+    "11.4.0.106": "tensorrt-cu12-bindings==11.4.0.106",
+}
 UNSUPPORTED = {"8.6.1": "tensorrt-bindings==8.6.1"}
 
 # What Polygraphy 0.53 calls on TensorRT for the loaders and runner this backend uses (read in its
 # backend/trt/{loader,config,profile,runner,util}.py): network + parser, builder config, build, runtime, runner.
 POLYGRAPHY_PATH = [
-    "Builder", "create_network", "NetworkDefinitionCreationFlag", "OnnxParser", "parse_from_file", "num_errors",
-    "get_error", "init_libnvinfer_plugins", "ILogger", "Logger", "INTERNAL_ERROR", "ERROR", "WARNING", "INFO",
-    "VERBOSE", "create_builder_config", "set_flag", "clear_flag", "BuilderFlag", "TF32", "SPARSE_WEIGHTS",
-    "create_optimization_profile", "add_optimization_profile", "set_shape", "profiling_verbosity",
-    "set_memory_pool_limit", "create_timing_cache", "set_timing_cache", "get_timing_cache", "combine", "serialize",
-    "hardware_compatibility_level", "build_serialized_network", "Runtime", "deserialize_cuda_engine", "ICudaEngine",
-    "IExecutionContext", "create_execution_context", "execute_async_v3", "set_input_shape", "get_tensor_shape",
-    "set_tensor_address", "get_tensor_address", "num_io_tensors", "get_tensor_name", "get_tensor_mode",
-    "TensorIOMode", "INPUT", "OUTPUT", "get_tensor_dtype", "get_tensor_profile_shape", "LayerType", "QUANTIZE",
+    "Builder",
+    "create_network",
+    "NetworkDefinitionCreationFlag",
+    "OnnxParser",
+    "parse_from_file",
+    "num_errors",
+    "get_error",
+    "init_libnvinfer_plugins",
+    "ILogger",
+    "Logger",
+    "INTERNAL_ERROR",
+    "ERROR",
+    "WARNING",
+    "INFO",
+    "VERBOSE",
+    "create_builder_config",
+    "set_flag",
+    "clear_flag",
+    "BuilderFlag",
+    "TF32",
+    "SPARSE_WEIGHTS",
+    "create_optimization_profile",
+    "add_optimization_profile",
+    "set_shape",
+    "profiling_verbosity",
+    "set_memory_pool_limit",
+    "create_timing_cache",
+    "set_timing_cache",
+    "get_timing_cache",
+    "combine",
+    "serialize",
+    "hardware_compatibility_level",
+    "build_serialized_network",
+    "Runtime",
+    "deserialize_cuda_engine",
+    "ICudaEngine",
+    "IExecutionContext",
+    "create_execution_context",
+    "execute_async_v3",
+    "set_input_shape",
+    "get_tensor_shape",
+    "set_tensor_address",
+    "get_tensor_address",
+    "num_io_tensors",
+    "get_tensor_name",
+    "get_tensor_mode",
+    "TensorIOMode",
+    "INPUT",
+    "OUTPUT",
+    "get_tensor_dtype",
+    "get_tensor_profile_shape",
+    "LayerType",
+    "QUANTIZE",
     "DEQUANTIZE",
 ]
 # What the backend calls on objects TensorRT hands it (not reachable as `trt.X` in its source).
 BACKEND_OBJECTS = ["create_engine_inspector", "get_engine_information", "profiler", "report_layer_time", "IProfiler"]
 # Names used only from some versions on, or only below some version: (first version, first version without)
-VERSIONED = {"STRONGLY_TYPED": ((11, 0), None), "FP16": ((10, 0), (11, 0)), "INT8": ((10, 0), (11, 0)),
-             "SAME_COMPUTE_CAPABILITY": ((10, 9), None)}
+VERSIONED = {
+    "STRONGLY_TYPED": ((11, 0), None),
+    "FP16": ((10, 0), (11, 0)),
+    "INT8": ((10, 0), (11, 0)),
+    "SAME_COMPUTE_CAPABILITY": ((10, 9), None),
+}
 
 
 def trt_names_in_source(folder: Path = BACKEND) -> set[str]:
@@ -65,7 +117,9 @@ def trt_names_in_source(folder: Path = BACKEND) -> set[str]:
 
 def names_for(version: tuple[int, ...]) -> set[str]:
     wanted = (trt_names_in_source() | set(POLYGRAPHY_PATH) | set(BACKEND_OBJECTS)) - set(VERSIONED)
-    wanted |= {name for name, (first, gone) in VERSIONED.items() if version >= first and (gone is None or version < gone)}
+    wanted |= {
+        name for name, (first, gone) in VERSIONED.items() if version >= first and (gone is None or version < gone)
+    }
     return wanted
 
 
@@ -83,8 +137,12 @@ def extension_module(spec: str) -> bytes:
     found = sorted(CACHE.glob(pattern))
     if not found:
         CACHE.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                               "-q", "-d", str(CACHE), spec], capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(CACHE), spec],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         found = sorted(CACHE.glob(pattern))
         if not found:
             pytest.skip(f"cannot fetch {spec} (offline?): {(done.stderr.strip().splitlines() or ['no wheel'])[-1]}")
@@ -105,8 +163,16 @@ def test_every_name_the_backend_and_polygraphy_use_is_in_the_bindings(version):
 
 def test_the_backend_source_names_are_found_by_the_scan():
     """The AST scan sees the backend's own TensorRT names (a scan that found none would check nothing)."""
-    assert {"HardwareCompatibilityLevel", "ProfilingVerbosity", "DETAILED", "MemoryPoolType", "WORKSPACE",
-            "LayerInformationFormat", "JSON", "IProfiler"} <= trt_names_in_source()
+    assert {
+        "HardwareCompatibilityLevel",
+        "ProfilingVerbosity",
+        "DETAILED",
+        "MemoryPoolType",
+        "WORKSPACE",
+        "LayerInformationFormat",
+        "JSON",
+        "IProfiler",
+    } <= trt_names_in_source()
 
 
 def test_the_checker_fails_on_a_misspelt_name():

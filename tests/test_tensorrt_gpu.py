@@ -7,6 +7,7 @@ own exporter writes (pipeline.export.onnx, torch.export-based, BatchNorm folded;
 I/O; the INT8 Q/DQ graph from pipeline.export.int8), and check the engine against PyTorch, the files
 written, the sparse-layer report and the runner's timing.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
 from tests.nm_fixtures import tiny_magnitude_pair
+
 
 def check_sparse_report(report: dict, masked: list[str]) -> None:
     """What a sparse build's report must say. TensorRT does not always print the "picked" line: then
@@ -36,10 +38,14 @@ def test_report_check_accepts_a_build_log_without_a_picked_line():
     from pipeline.backends.tensorrt.sparsity import OnnxNameMap, sparse_layer_report
 
     fixtures = Path(__file__).parent / "fixtures" / "tensorrt"
-    names = OnnxNameMap({"/layer1/layer1.0/conv1/Conv": "layer1.0.conv1", "node_Conv_7": "layer2.0.conv1",
-                         "/fc/Gemm": "fc"})
-    report = sparse_layer_report((fixtures / "builder_log_no_sparsity.txt").read_text().splitlines(),
-                                 (fixtures / "inspector_fp16_sparse.json").read_text(), names)
+    names = OnnxNameMap(
+        {"/layer1/layer1.0/conv1/Conv": "layer1.0.conv1", "node_Conv_7": "layer2.0.conv1", "/fc/Gemm": "fc"}
+    )
+    report = sparse_layer_report(
+        (fixtures / "builder_log_no_sparsity.txt").read_text().splitlines(),
+        (fixtures / "inspector_fp16_sparse.json").read_text(),
+        names,
+    )
     assert report["picked_sparse"] is None
     check_sparse_report(report, ["layer1.0.conv1", "layer2.0.conv1"])
 
@@ -49,23 +55,24 @@ def _export(model, path, recipe, half=False):
 
     from pipeline.export.onnx import ModelProtoFromTorch, check_model
 
-    proto = ModelProtoFromTorch(model, recipe.input_shape, recipe.export.opset, "input", "logits", fp16=half,
-                                max_batch=recipe.build.max_batch)
+    proto = ModelProtoFromTorch(
+        model, recipe.input_shape, recipe.export.opset, "input", "logits", fp16=half, max_batch=recipe.build.max_batch
+    )
     check_model(proto)
     onnx.save(proto, path)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import torch
 
     from pipeline.export.int8 import quantize_qdq
 
     recipe, dense, sparse, masked = tiny_magnitude_pair()
     paths = ArtifactPaths.for_model(tmp_path_factory.mktemp("engines"), recipe.name)
     paths.root.mkdir(parents=True)
-    calibration = [np.random.default_rng(seed).standard_normal((8, *recipe.input_shape)).astype(np.float32)
-                   for seed in range(4)]
+    calibration = [
+        np.random.default_rng(seed).standard_normal((8, *recipe.input_shape)).astype(np.float32) for seed in range(4)
+    ]
     for variant, model in (("dense", dense), ("sparse", sparse)):
         _export(model, getattr(paths, f"{variant}_onnx"), recipe)
         _export(model, getattr(paths, f"{variant}_onnx_fp16"), recipe, half=True)
@@ -105,7 +112,11 @@ def test_sparse_fp16_engine_report_and_timing(setup):
     backend = _backend()
     result = backend.build(backend.onnx_for(paths, "sparse", recipe), paths.root, "sparse", recipe, sparse=True)
     meta = json.loads((paths.root / "sparse.json").read_text())
-    assert meta["sparse_weights_flag"] is True and meta["compute_capability"] and len(meta["tensorrt_version"].split(".")) == 4
+    assert (
+        meta["sparse_weights_flag"] is True
+        and meta["compute_capability"]
+        and len(meta["tensorrt_version"].split(".")) == 4
+    )
     check_sparse_report(result.sparse_layers, masked)
     runner = backend.load(result.engine_path, recipe)
     batch = np.zeros((recipe.build.opt_batch, *recipe.input_shape), np.float32)

@@ -1,13 +1,14 @@
 """Issue 21: the plateau rule (on by default, read off one run), the one training step and its CUDA settings
 run on CPU, the RNG left alone, and DataLoader workers sized to the machine."""
+
 import json
 
 import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.errors import PipelineError
 from pipeline.data.datasets import TensorImageDataset, build_datasets, loader_workers, make_loader, usable_cores
+from pipeline.errors import PipelineError
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.gumbel import masked_modules
 from pipeline.masks.learning import learn_masks
@@ -49,8 +50,9 @@ def test_a_run_with_the_rule_is_the_prefix_of_the_full_run_up_to_its_stop():
     assert full.steps == 40 and full.stop_reason is None
     assert stopped.stop_reason and stopped.stop_reason.startswith("plateau") and stopped.steps < 40
     keys = ("step", "top1", "changed")
-    assert [{k: p[k] for k in keys} for p in stopped.history] == \
-        [{k: p[k] for k in keys} for p in full.history[:len(stopped.history)]]
+    assert [{k: p[k] for k in keys} for p in stopped.history] == [
+        {k: p[k] for k in keys} for p in full.history[: len(stopped.history)]
+    ]
     rule = PlateauRule(3, 0.5, full.validation_images)
     assert full.history[rule.first_stop(full.history)]["step"] == stopped.steps
     assert stopped.best_step <= stopped.steps and stopped.best_score == max(p["top1"] for p in stopped.history)
@@ -75,8 +77,14 @@ def test_a_plateau_with_a_moving_argmax_cools_down_then_stops_and_resumes_exactl
     to the cooldown the run is the full run; killed inside the cooldown and resumed, it ends the same."""
     import shutil
 
-    common = ("masks.steps=80", "masks.eval_every=2", "masks.stop_changed=0", "masks.lr=0.5", "masks.cooldown=0.2",
-              "masks.checkpoint_every=2")
+    common = (
+        "masks.steps=80",
+        "masks.eval_every=2",
+        "masks.stop_changed=0",
+        "masks.lr=0.5",
+        "masks.cooldown=0.2",
+        "masks.checkpoint_every=2",
+    )
     recipe, model, report = tiny(*common, "masks.stop_patience=2")
     data = build_datasets(recipe)
     checkpoint, inside = tmp_path / "masks.ckpt", tmp_path / "inside.ckpt"
@@ -86,8 +94,16 @@ def test_a_plateau_with_a_moving_argmax_cools_down_then_stops_and_resumes_exactl
         if cooldown and point["step"] == cooldown[0] + 6 and not inside.exists():
             shutil.copy(checkpoint, inside)  # written at step cooldown[0] + 4
 
-    ruled = learn_masks(model, report, recipe, data, torch.device("cpu"), log=quiet, checkpoint=checkpoint,
-                        on_evaluation=keep_a_checkpoint_inside_the_cooldown)
+    ruled = learn_masks(
+        model,
+        report,
+        recipe,
+        data,
+        torch.device("cpu"),
+        log=quiet,
+        checkpoint=checkpoint,
+        on_evaluation=keep_a_checkpoint_inside_the_cooldown,
+    )
     assert ruled.cooldown_start is not None, [(p["step"], p["top1"], p["changed"]) for p in ruled.history]
     assert ruled.steps == ruled.cooldown_start + 16 < 80  # 0.2 x 80 steps
     assert "annealed over 16 steps (masks.cooldown)" in ruled.stop_reason
@@ -97,13 +113,12 @@ def test_a_plateau_with_a_moving_argmax_cools_down_then_stops_and_resumes_exactl
     full = learn_masks(full_model, report, full_recipe, data, torch.device("cpu"), log=quiet)
     keys = ("step", "top1", "changed", "lr")
     until = [p for p in ruled.history if p["step"] <= ruled.cooldown_start]
-    assert [{k: p[k] for k in keys} for p in until] == [{k: p[k] for k in keys} for p in full.history[:len(until)]]
+    assert [{k: p[k] for k in keys} for p in until] == [{k: p[k] for k in keys} for p in full.history[: len(until)]]
     assert full.history[len(until)]["lr"] > ruled.history[len(until)]["lr"]  # the schedules part there
 
     assert inside.exists()
     _, again, _ = tiny(*common, "masks.stop_patience=2")
-    resumed = learn_masks(again, report, recipe, data, torch.device("cpu"), log=quiet, checkpoint=inside,
-                          resume=True)
+    resumed = learn_masks(again, report, recipe, data, torch.device("cpu"), log=quiet, checkpoint=inside, resume=True)
     assert [{k: p[k] for k in keys} for p in resumed.history] == [{k: p[k] for k in keys} for p in ruled.history]
     assert resumed.stop_reason == ruled.stop_reason and resumed.cooldown_start == ruled.cooldown_start
     assert all(torch.equal(resumed.logits[name], ruled.logits[name]) for name in ruled.logits)
@@ -127,10 +142,14 @@ def test_the_cuda_step_settings_run_on_cpu():
     assert settings.autocast and settings.channels_last
     assert not StepSettings.for_device(torch.device("cpu"), precision="float32").autocast
     recipe, model, report = tiny("masks.steps=3", "masks.eval_every=3")
-    start = {name: module.weight.detach().clone() for name, module in model.named_modules()
-             if name in {layer.name for layer in report.masked}}
-    result = learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=quiet,
-                         settings=settings)
+    start = {
+        name: module.weight.detach().clone()
+        for name, module in model.named_modules()
+        if name in {layer.name for layer in report.masked}
+    }
+    result = learn_masks(
+        model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=quiet, settings=settings
+    )
     assert result.steps == 3 and all(torch.isfinite(logits).all() for logits in result.logits.values())
     conv = next(module for module in masked_modules(model).values() if module.weight.dim() == 4)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -139,8 +158,9 @@ def test_the_cuda_step_settings_run_on_cpu():
     dense = settings.prepare_model(build_network(recipe))
     optimizer = torch.optim.SGD(dense.parameters(), lr=0.1)
     images = settings.prepare_images(torch.randn(8, *recipe.input_shape), torch.device("cpu"))
-    loss, output = train_step(dense.train(), images, torch.randint(0, 10, (8,)), cross_entropy_loss(), optimizer,
-                              settings=settings)
+    loss, output = train_step(
+        dense.train(), images, torch.randint(0, 10, (8,)), cross_entropy_loss(), optimizer, settings=settings
+    )
     assert output.dtype == torch.bfloat16 and torch.isfinite(loss)
 
 
@@ -165,8 +185,12 @@ def test_precision_auto_is_bfloat16_only_where_it_is_faster(monkeypatch):
 def test_bf16_detection_reads_the_cpu_flags(tmp_path):
     from pipeline.training import cpu_has_bf16_units
 
-    for flags, expected in (("fpu avx512f amx_bf16 amx_tile amx_int8", True), ("fpu avx512f avx512_bf16", True),
-                            ("fpu avx2 fma", False), ("fpu avx512f avx512bw", False)):
+    for flags, expected in (
+        ("fpu avx512f amx_bf16 amx_tile amx_int8", True),
+        ("fpu avx512f avx512_bf16", True),
+        ("fpu avx2 fma", False),
+        ("fpu avx512f avx512bw", False),
+    ):
         cpuinfo = tmp_path / "cpuinfo"
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
         assert cpu_has_bf16_units(str(cpuinfo)) is expected
@@ -188,8 +212,20 @@ def test_pretraining_leaves_the_mask_validation_split_out():
 
 
 def test_train_masks_cuda_path_flag_and_record(tmp_path):
-    code = main(["train-masks", "--model", "tiny_resnet", "--out", str(tmp_path), "--steps", "2", "--cuda-path",
-                 "--set", "data.synthetic_size=128"])
+    code = main(
+        [
+            "train-masks",
+            "--model",
+            "tiny_resnet",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "2",
+            "--cuda-path",
+            "--set",
+            "data.synthetic_size=128",
+        ]
+    )
     assert code == 0
     summary = json.loads((tmp_path / "tiny_resnet" / "train_masks.json").read_text())
     assert summary["steps"] == 2 and summary["budget_steps"] == 2 and summary["stop_reason"] is None
@@ -197,8 +233,9 @@ def test_train_masks_cuda_path_flag_and_record(tmp_path):
 
 
 def test_loader_workers_fit_the_machine():
-    in_memory = TensorImageDataset(torch.zeros(8, 1, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long),
-                                   [0.5], [0.5])
+    in_memory = TensorImageDataset(
+        torch.zeros(8, 1, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long), [0.5], [0.5]
+    )
     assert loader_workers(in_memory, 4) == 0  # whole batches from memory: workers would only copy them
 
     class Files(torch.utils.data.Dataset):  # no __getitems__: one file per item, as an image folder
@@ -216,9 +253,27 @@ def test_loader_workers_fit_the_machine():
 
 
 def test_bench_masks_reads_the_rule_without_cooldown_off_one_run(tmp_path):
-    code = main(["bench-masks", "--model", "tiny_resnet", "--out", str(tmp_path), "--set", "masks.steps=20",
-                 "--set", "masks.eval_every=2", "--set", "masks.stop_changed=0.5", "--set", "masks.stop_patience=3",
-                 "--set", "masks.cooldown=0", "--set", "data.synthetic_size=128"])
+    code = main(
+        [
+            "bench-masks",
+            "--model",
+            "tiny_resnet",
+            "--out",
+            str(tmp_path),
+            "--set",
+            "masks.steps=20",
+            "--set",
+            "masks.eval_every=2",
+            "--set",
+            "masks.stop_changed=0.5",
+            "--set",
+            "masks.stop_patience=3",
+            "--set",
+            "masks.cooldown=0",
+            "--set",
+            "data.synthetic_size=128",
+        ]
+    )
     assert code == 0
     entry = json.loads((tmp_path / "tiny_resnet" / "bench_masks.json").read_text())
     assert entry["full_budget"]["step"] == 20 and entry["plateau"]["step"] < 20
@@ -231,9 +286,29 @@ def test_bench_masks_reads_the_rule_without_cooldown_off_one_run(tmp_path):
 
 
 def test_bench_masks_runs_the_rule_with_its_cooldown_beside_the_full_budget(tmp_path):
-    code = main(["bench-masks", "--model", "tiny_resnet", "--out", str(tmp_path), "--set", "masks.steps=60",
-                 "--set", "masks.eval_every=2", "--set", "masks.stop_changed=0", "--set", "masks.stop_patience=2",
-                 "--set", "masks.lr=0.5", "--set", "masks.cooldown=0.2", "--set", "data.synthetic_size=256"])
+    code = main(
+        [
+            "bench-masks",
+            "--model",
+            "tiny_resnet",
+            "--out",
+            str(tmp_path),
+            "--set",
+            "masks.steps=60",
+            "--set",
+            "masks.eval_every=2",
+            "--set",
+            "masks.stop_changed=0",
+            "--set",
+            "masks.stop_patience=2",
+            "--set",
+            "masks.lr=0.5",
+            "--set",
+            "masks.cooldown=0.2",
+            "--set",
+            "data.synthetic_size=256",
+        ]
+    )
     assert code == 0
     entry = json.loads((tmp_path / "tiny_resnet" / "bench_masks.json").read_text())
     plateau = entry["plateau"]
@@ -248,9 +323,27 @@ def test_bench_masks_runs_the_rule_with_its_cooldown_beside_the_full_budget(tmp_
 def test_bench_masks_labels_a_rule_run_that_stopped_without_its_cooldown(tmp_path):
     """With a cooldown configured, a run whose argmax settles by itself stops at the plateau: the table says so
     instead of naming a cooldown that never ran."""
-    code = main(["bench-masks", "--model", "tiny_resnet", "--out", str(tmp_path), "--set", "masks.steps=20",
-                 "--set", "masks.eval_every=2", "--set", "masks.stop_changed=0.5", "--set", "masks.stop_patience=3",
-                 "--set", "masks.cooldown=0.2", "--set", "data.synthetic_size=128"])
+    code = main(
+        [
+            "bench-masks",
+            "--model",
+            "tiny_resnet",
+            "--out",
+            str(tmp_path),
+            "--set",
+            "masks.steps=20",
+            "--set",
+            "masks.eval_every=2",
+            "--set",
+            "masks.stop_changed=0.5",
+            "--set",
+            "masks.stop_patience=3",
+            "--set",
+            "masks.cooldown=0.2",
+            "--set",
+            "data.synthetic_size=128",
+        ]
+    )
     assert code == 0
     entry = json.loads((tmp_path / "tiny_resnet" / "bench_masks.json").read_text())
     assert entry["plateau"]["cooldown_start"] is None and entry["plateau"]["step"] == entry["settled"]["step"]

@@ -1,4 +1,5 @@
 """End-to-end behaviour of `train-masks` and `bake` on the tiny smoke model (subprocesses)."""
+
 import json
 import shutil
 import signal
@@ -8,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from nm_fixtures import PIPELINE_ENV, BackgroundRun, cli, kill_at_first_checkpoint
 
 pytestmark = pytest.mark.slow  # every test runs the CLI end to end, several seconds each
@@ -18,8 +18,18 @@ ENV = PIPELINE_ENV
 
 
 # the plateau rule off: resume must reproduce a run over the whole budget (test_learning checks the rule)
-LONG_RUN = ["--model", "tiny_resnet", "--set", "data.synthetic_size=2048", "--set", "masks.checkpoint_every=5",
-            "--set", "masks.stop_patience=0", "--steps", "120"]
+LONG_RUN = [
+    "--model",
+    "tiny_resnet",
+    "--set",
+    "data.synthetic_size=2048",
+    "--set",
+    "masks.checkpoint_every=5",
+    "--set",
+    "masks.stop_patience=0",
+    "--steps",
+    "120",
+]
 
 
 def final_logits(out: Path):
@@ -35,8 +45,9 @@ def test_resume_after_kill_9_continues_to_the_same_masks(tmp_path):
     assert steps == 120
 
     out = tmp_path / "killed"
-    killed_at = kill_at_first_checkpoint(["train-masks", *LONG_RUN, "--out", str(out)],
-                                         out / "tiny_resnet" / "masks.ckpt")
+    killed_at = kill_at_first_checkpoint(
+        ["train-masks", *LONG_RUN, "--out", str(out)], out / "tiny_resnet" / "masks.ckpt"
+    )
     assert killed_at["state"]["step"] < 120
 
     result = cli("train-masks", *LONG_RUN, "--out", str(out), "--resume", check=True)
@@ -48,9 +59,21 @@ def test_resume_after_kill_9_continues_to_the_same_masks(tmp_path):
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path):
-    args = ["train-masks", "--model", "tiny_resnet", "--set", "data.synthetic_size=2048",
-            "--set", "masks.checkpoint_every=0", "--set", "masks.stop_patience=0", "--steps", "60",
-            "--out", str(tmp_path)]
+    args = [
+        "train-masks",
+        "--model",
+        "tiny_resnet",
+        "--set",
+        "data.synthetic_size=2048",
+        "--set",
+        "masks.checkpoint_every=0",
+        "--set",
+        "masks.stop_patience=0",
+        "--steps",
+        "60",
+        "--out",
+        str(tmp_path),
+    ]
     run = BackgroundRun(args)
     run.wait_for_line("SIGTERM or Ctrl-C now stops at the next step")
     run.process.send_signal(signal.SIGTERM)
@@ -71,10 +94,30 @@ def test_two_process_ddp_gives_identical_masks_on_every_rank(tmp_path):
     if torchrun is None:
         pytest.skip("torchrun is not installed")
     # --standalone: torchrun's rendezvous store listens on a free port, so parallel runs never collide
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "train-masks",
-                             "--model", "tiny_resnet", "--steps", "6", "--set", "masks.stop_patience=0",
-                             "--out", str(tmp_path)],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "pipeline",
+            "train-masks",
+            "--model",
+            "tiny_resnet",
+            "--steps",
+            "6",
+            "--set",
+            "masks.stop_patience=0",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "tiny_resnet" / "train_masks.json").read_text())
     assert summary["world_size"] == 2
@@ -107,8 +150,18 @@ def test_bake_writes_nm_masks_with_bit_exact_kept_weights_and_reapplies(tmp_path
     updated = build_network(get_recipe("tiny_resnet")).state_dict()
     torch.save(updated, tmp_path / "updated.pt")
     shutil.copy(folder / "masks.pt", tmp_path / "saved_masks.pt")
-    cli("bake", "--model", "tiny_resnet", "--out", out, "--masks", str(tmp_path / "saved_masks.pt"),
-        "--weights", str(tmp_path / "updated.pt"), check=True)
+    cli(
+        "bake",
+        "--model",
+        "tiny_resnet",
+        "--out",
+        out,
+        "--masks",
+        str(tmp_path / "saved_masks.pt"),
+        "--weights",
+        str(tmp_path / "updated.pt"),
+        check=True,
+    )
     sparse = torch.load(folder / "sparse.pt", weights_only=True)
     for layer in artifact.layers:
         weight = sparse[f"{layer.name}.weight"]
@@ -121,8 +174,18 @@ def test_bake_writes_nm_masks_with_bit_exact_kept_weights_and_reapplies(tmp_path
     other["layer1.0.conv1.weight"] = torch.zeros(8, 12, 3, 3)
     torch.save(other, tmp_path / "other.pt")
     before = (folder / "sparse.pt").read_bytes()
-    result = cli("bake", "--model", "tiny_resnet", "--out", out, "--masks", str(tmp_path / "saved_masks.pt"),
-                 "--weights", str(tmp_path / "other.pt"), check=False)
+    result = cli(
+        "bake",
+        "--model",
+        "tiny_resnet",
+        "--out",
+        out,
+        "--masks",
+        str(tmp_path / "saved_masks.pt"),
+        "--weights",
+        str(tmp_path / "other.pt"),
+        check=False,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "shape" in result.stderr and "Traceback" not in result.stderr
     assert (folder / "sparse.pt").read_bytes() == before

@@ -1,13 +1,14 @@
 """A stage's writes are one set (pipeline/transaction.py): all stay, or none does; checkpoints always stay;
 a run killed mid-stage is rolled back by the next one."""
+
 import os
 import signal
 import subprocess
 import sys
 
 import pytest
-
 from nm_fixtures import PIPELINE_ENV, REPO, snapshot
+
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.io import write_text
 from pipeline.transaction import JOURNAL, Transaction, recover
@@ -67,8 +68,14 @@ with Transaction(root):
 def test_the_next_run_rolls_back_a_run_killed_mid_stage(tmp_path):
     write_text(tmp_path / "a.json", "old a")
     before = snapshot(tmp_path)
-    run = subprocess.Popen([sys.executable, "-c", KILLED_MID_STAGE, str(tmp_path)], cwd=REPO, env=PIPELINE_ENV,
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MID_STAGE, str(tmp_path)],
+        cwd=REPO,
+        env=PIPELINE_ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert run.stdout.readline().strip() == "written"  # readiness: both files are in place
     os.kill(run.pid, signal.SIGKILL)
     run.wait(timeout=300)

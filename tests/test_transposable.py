@@ -3,8 +3,16 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.masks.patterns import is_nm, mask_from_indices
-from pipeline.masks.transposable import (block_mask_flow, count_transposable, indices_from_mask, masks_enumerate,
-                                            masks_flow, masks_greedy, transposable_mask, transposable_table)
+from pipeline.masks.transposable import (
+    block_mask_flow,
+    count_transposable,
+    indices_from_mask,
+    masks_enumerate,
+    masks_flow,
+    masks_greedy,
+    transposable_mask,
+    transposable_table,
+)
 
 
 def kept(masks, scores):
@@ -29,7 +37,7 @@ def test_min_cost_flow_agrees_with_enumeration():
 
 
 def test_flow_on_a_known_block():
-    scores = torch.tensor([[9., 8., 0., 0.], [9., 8., 0., 0.], [0., 0., 7., 6.], [0., 0., 7., 6.]])
+    scores = torch.tensor([[9.0, 8.0, 0.0, 0.0], [9.0, 8.0, 0.0, 0.0], [0.0, 0.0, 7.0, 6.0], [0.0, 0.0, 7.0, 6.0]])
     mask = block_mask_flow(scores, 2)
     assert torch.equal(mask, (scores > 0).float())
 

@@ -1,15 +1,16 @@
 """build + verify on ONNX Runtime: report schema, plots, JUnit, gates and their exit codes, interleaved timing."""
+
 import json
 import xml.etree.ElementTree as ET
 
 import pytest
-
 from nm_fixtures import MODEL, dense_weights_file, make_artifacts
-from pipeline.cli import main
-from pipeline.verify.report import latency_stats, speedup_stats
+
 from pipeline.backends.build_report import BuildReport
+from pipeline.cli import main
 from pipeline.verify.engines import sparse_kernel_coverage
 from pipeline.verify.measure import measure_latency
+from pipeline.verify.report import latency_stats, speedup_stats
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +67,30 @@ def test_verify_writes_report_plots_and_junit(built):
 def test_failed_gate_exits_1_and_flags_override_set(built, capsys):
     paths, common, root = built
     junit = root / "failed.xml"
-    code = main(["verify", *common, "--set", "verify.min_coverage=0.99", "--iters", "2", "--no-plots",
-                 "--junit", str(junit)])
+    code = main(
+        ["verify", *common, "--set", "verify.min_coverage=0.99", "--iters", "2", "--no-plots", "--junit", str(junit)]
+    )
     assert code == 1
     assert "gate failed: masked_mac_fraction" in capsys.readouterr().err
     assert json.loads(paths.report_json.read_text())["gates"]["passed"] is False
     assert ET.parse(junit).getroot().find("testsuite").get("failures") == "1"
     # the flag beats --set
-    assert main(["verify", *common, "--set", "verify.min_coverage=0.99", "--min-coverage", "0.5", "--iters", "2",
-                 "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "verify",
+                *common,
+                "--set",
+                "verify.min_coverage=0.99",
+                "--min-coverage",
+                "0.5",
+                "--iters",
+                "2",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
 
 
 def test_top1_gate_applies_when_accuracy_is_meaningful(built, monkeypatch):
@@ -122,14 +138,34 @@ def test_statistics():
 
 
 def test_sparse_kernel_coverage_from_a_tensorrt_build_report():
-    layers = [{"name": "a", "macs": 60, "masked": True}, {"name": "b", "macs": 30, "masked": True},
-              {"name": "c", "macs": 10, "masked": False}]
-    def report(backend: str, has_sparse_kernels: bool, engines: dict) -> BuildReport:
-        return BuildReport(model="m", backend=backend, requested="auto", reason="", has_sparse_kernels=has_sparse_kernels,
-                           inputs="", batch_range=[1, 1, 1], note="", engines=engines)
+    layers = [
+        {"name": "a", "macs": 60, "masked": True},
+        {"name": "b", "macs": 30, "masked": True},
+        {"name": "c", "macs": 10, "masked": False},
+    ]
 
-    build = report("tensorrt", True, {"sparse": {"sparse_layers": {"eligible": ["a", "b"], "picked_sparse": ["a"],
-                                                                   "raw": {"source": "builder log"}}}})
+    def report(backend: str, has_sparse_kernels: bool, engines: dict) -> BuildReport:
+        return BuildReport(
+            model="m",
+            backend=backend,
+            requested="auto",
+            reason="",
+            has_sparse_kernels=has_sparse_kernels,
+            inputs="",
+            batch_range=[1, 1, 1],
+            note="",
+            engines=engines,
+        )
+
+    build = report(
+        "tensorrt",
+        True,
+        {
+            "sparse": {
+                "sparse_layers": {"eligible": ["a", "b"], "picked_sparse": ["a"], "raw": {"source": "builder log"}}
+            }
+        },
+    )
     share, note = sparse_kernel_coverage(build, layers, 100)
     assert share == pytest.approx(0.6) and "builder log" in note and layers[0]["sparse_kernel"]
     share, note = sparse_kernel_coverage(report("onnxruntime", False, {}), layers, 100)

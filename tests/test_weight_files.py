@@ -1,4 +1,5 @@
 """Weight files: every wrapped format and prefix users save, and one-line refusals that unpickle nothing."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,7 @@ UNPICKLED: list[str] = []  # filled by anything that gets unpickled; must stay e
 
 def small_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, 5))
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
 
 
 class RecordingNet(nn.Module):
@@ -72,11 +72,23 @@ def wrapped_formats(model: nn.Module) -> dict[str, object]:
         "ema": {"ema": state},
         "state_dict_ema": {"state_dict_ema": state},
         # torchvision references/classification/train.py: args is an argparse.Namespace
-        "torchvision_reference": {"model": state, "optimizer": optimizer.state_dict(), "lr_scheduler": {},
-                                  "epoch": 3, "args": args},
+        "torchvision_reference": {
+            "model": state,
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": {},
+            "epoch": 3,
+            "args": args,
+        },
         # timm's train.py (CheckpointSaver): arch, args, version, metric
-        "timm_train": {"epoch": 3, "arch": "small", "state_dict": state, "optimizer": optimizer.state_dict(),
-                       "version": 2, "args": args, "metric": 71.5},
+        "timm_train": {
+            "epoch": 3,
+            "arch": "small",
+            "state_dict": state,
+            "optimizer": optimizer.state_dict(),
+            "version": 2,
+            "args": args,
+            "metric": 71.5,
+        },
         "ddp": with_prefix(state, "module."),
         "ddp_in_model": {"model": with_prefix(state, "module.")},
         "compile": torch.compile(model).state_dict(),
@@ -146,8 +158,10 @@ def test_pickled_module_is_refused_without_unpickling(tmp_path):
     for legacy in (False, True):
         path = tmp_path / f"full_{legacy}.pt"
         torch.save(RecordingNet(), path, _use_new_zipfile_serialization=not legacy)
-        assert refusal(path) == (f"weights file {path} holds a whole pickled nn.Module (torch.save(model)), which "
-                                 f"cannot be loaded without running its code; {HINT}")
+        assert refusal(path) == (
+            f"weights file {path} holds a whole pickled nn.Module (torch.save(model)), which "
+            f"cannot be loaded without running its code; {HINT}"
+        )
 
 
 def test_pickled_torchvision_module_is_refused(tmp_path):
@@ -155,15 +169,19 @@ def test_pickled_torchvision_module_is_refused(tmp_path):
 
     path = tmp_path / "resnet.pt"
     torch.save(torchvision.models.resnet18(num_classes=10), path)
-    assert refusal(path) == (f"weights file {path} holds a whole pickled nn.Module (torch.save(model)), which "
-                             f"cannot be loaded without running its code; {HINT}")
+    assert refusal(path) == (
+        f"weights file {path} holds a whole pickled nn.Module (torch.save(model)), which "
+        f"cannot be loaded without running its code; {HINT}"
+    )
 
 
 def test_pickled_python_object_is_refused_without_unpickling(tmp_path):
     path = tmp_path / "object.pt"
     torch.save({"model": small_net().state_dict(), "extra": RecordingObject()}, path)
-    assert refusal(path) == (f"weights file {path} holds pickled Python objects (test_weight_files._record) that "
-                             f"cannot be loaded without running their code; {HINT}")
+    assert refusal(path) == (
+        f"weights file {path} holds pickled Python objects (test_weight_files._record) that "
+        f"cannot be loaded without running their code; {HINT}"
+    )
 
 
 @pytest.mark.parametrize("how", ["script", "trace"])
@@ -172,17 +190,24 @@ def test_torchscript_archive_is_refused(tmp_path, how):
     scripted = torch.jit.script(model) if how == "script" else torch.jit.trace(model, torch.zeros(1, 3, 8, 8))
     path = tmp_path / f"{how}.pt"
     torch.jit.save(scripted, str(path))
-    assert refusal(path) == (f"weights file {path} is a TorchScript archive (torch.jit.save), which cannot be loaded "
-                             f"without running its code; {HINT} before scripting")
+    assert refusal(path) == (
+        f"weights file {path} is a TorchScript archive (torch.jit.save), which cannot be loaded "
+        f"without running its code; {HINT} before scripting"
+    )
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "is empty; " + HINT),
-    (b"epoch,loss\n1,0.5\n", "is a text file ('epoch,loss'...), not PyTorch weights; " + HINT),
-    (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1\n",
-     "is a Git LFS pointer, not the weights (run `git lfs pull`); " + HINT),
-    (bytes(range(7, 250)), "is not a PyTorch file (no zip archive or pickle header); " + HINT),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty; " + HINT),
+        (b"epoch,loss\n1,0.5\n", "is a text file ('epoch,loss'...), not PyTorch weights; " + HINT),
+        (
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1\n",
+            "is a Git LFS pointer, not the weights (run `git lfs pull`); " + HINT,
+        ),
+        (bytes(range(7, 250)), "is not a PyTorch file (no zip archive or pickle header); " + HINT),
+    ],
+)
 def test_non_pytorch_files_are_refused(tmp_path, content, message):
     path = tmp_path / "weights.pth"
     path.write_bytes(content)
@@ -198,14 +223,21 @@ def test_truncated_file_says_corrupt(tmp_path):
     assert message.endswith(f"); it is truncated or corrupt, {HINT}")
 
 
-@pytest.mark.parametrize("payload, message", [
-    ([torch.ones(1)], "holds a list, not a state_dict; " + HINT),
-    ({"epoch": 3, "optimizer": {}},
-     "holds a dict ('epoch', 'optimizer') with no state_dict: expected tensors, or one under model, state_dict, "
-     "model_state_dict, model_ema, state_dict_ema, ema; " + HINT),
-    ({"model": {"fc.weight": torch.ones(1), "step": 3}},
-     ": entry 'model' is not a state_dict (non-tensor values at step); " + HINT),
-])
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ([torch.ones(1)], "holds a list, not a state_dict; " + HINT),
+        (
+            {"epoch": 3, "optimizer": {}},
+            "holds a dict ('epoch', 'optimizer') with no state_dict: expected tensors, or one under model, state_dict, "
+            "model_state_dict, model_ema, state_dict_ema, ema; " + HINT,
+        ),
+        (
+            {"model": {"fc.weight": torch.ones(1), "step": 3}},
+            ": entry 'model' is not a state_dict (non-tensor values at step); " + HINT,
+        ),
+    ],
+)
 def test_payloads_without_a_state_dict(tmp_path, payload, message):
     path = tmp_path / "weights.pth"
     torch.save(payload, path)
@@ -227,6 +259,8 @@ def test_infer_num_classes_from_the_head():
     assert infer_num_classes(state, None) is None
     with pytest.raises(PipelineError) as error:
         infer_num_classes(state, "classifier.1")
-    assert str(error.value) == ("the weights have no 'classifier.1.weight', so the classifier head 'classifier.1' is "
-                                "not in them; name the head with --classifier (the last layers in the file: "
-                                "layer4.1.conv1, layer4.1.conv2, fc)")
+    assert str(error.value) == (
+        "the weights have no 'classifier.1.weight', so the classifier head 'classifier.1' is "
+        "not in them; name the head with --classifier (the last layers in the file: "
+        "layer4.1.conv1, layer4.1.conv2, fc)"
+    )

@@ -13,6 +13,7 @@ When uv cannot be installed or fails, it says so and installs with pip as before
 torch==2.14.1 and torchvision==0.29.1 are tried first (the versions the project is tested with); where
 they cannot be installed, the newest the indexes offer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if install_with_pip(python, packages):
         return 0
-    print(f"error: could not install the project into {args.venv}; see pip's messages above, fix the package "
-          "index settings (pip config list) and run the command again", file=sys.stderr)
+    print(
+        f"error: could not install the project into {args.venv}; see pip's messages above, fix the package "
+        "index settings (pip config list) and run the command again",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -4,6 +4,7 @@ Every backend builds an engine file from an ONNX file and loads it as a `Runner`
 Backend modules import their optional libraries lazily (inside functions), so
 `pipeline.backends` itself imports with nothing but the core dependencies.
 """
+
 from __future__ import annotations
 
 import importlib

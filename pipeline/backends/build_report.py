@@ -3,6 +3,7 @@
 Written by the build stage; verify, engine and the Triton packaging read it through `BuildReport.load`.
 Engine paths are stored relative to the model folder, so the folder can be moved or copied whole.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,7 @@ class BuildReport:
         write_json(path, asdict(self))
 
     @classmethod
-    def load(cls, path: Path, model: str) -> "BuildReport":
+    def load(cls, path: Path, model: str) -> BuildReport:
         rebuild = f"re-run `python -m pipeline build --model {model}`"
         data = load_report(path, "build", model, REQUIRED)
         try:

@@ -4,6 +4,7 @@ Writes engines/<model>/compare.json (`methods`: method, top1, top5, seconds, div
 compare.md and compare.png, and each method's masks as compare/masks.<method>.pt (bake-able with
 `bake --masks`; permuted masks carry their channel permutations).
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,7 +16,15 @@ from pipeline.errors import PipelineError
 from pipeline.io import ensure_dir, write_json, write_text
 from pipeline.masks.diversity import diversity_bits
 from pipeline.masks.eligibility import EligibilityReport, find_layers
-from pipeline.masks.methods import CHANGES_WEIGHTS, CONSTRAINT, METHODS, MaskResult, MethodContext, compute_masks, kept_share
+from pipeline.masks.methods import (
+    CHANGES_WEIGHTS,
+    CONSTRAINT,
+    METHODS,
+    MaskResult,
+    MethodContext,
+    compute_masks,
+    kept_share,
+)
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.weights import load_dense_model
@@ -33,8 +42,10 @@ def _diversity(result: MaskResult, method: str) -> tuple[float, float]:
     n, m = artifact.layers[0].n, artifact.layers[0].m
     shapes = {layer.name: layer.shape for layer in artifact.layers}
     overrides = {name: "nm" for name in artifact.meta.get("fallback", {})}
-    return (diversity_bits(shapes, n, m, CONSTRAINT.get(method, "nm"), overrides),
-            diversity_bits(shapes, n, m, "unstructured"))
+    return (
+        diversity_bits(shapes, n, m, CONSTRAINT.get(method, "nm"), overrides),
+        diversity_bits(shapes, n, m, "unstructured"),
+    )
 
 
 def parse_methods(text: str) -> list[str]:
@@ -47,8 +58,9 @@ def parse_methods(text: str) -> list[str]:
 
 def eligible_layers(model: torch.nn.Module, recipe: Recipe) -> EligibilityReport:
     cfg = recipe.masks
-    report = find_layers(model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier,
-                         cfg.include_classifier)
+    report = find_layers(
+        model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier, cfg.include_classifier
+    )
     if not report.masked:
         raise PipelineError(f"model {recipe.name} has no eligible layers to mask; check masks.include/exclude")
     return report
@@ -63,8 +75,15 @@ def ordered_methods(methods: list[str], learned_init_from: str | None) -> list[s
     return methods
 
 
-def compare(recipe: Recipe, paths: ArtifactPaths, methods: list[str], device: torch.device,
-            learned_mode: str = "auto", learned_init_from: str | None = None, log=print) -> dict:
+def compare(
+    recipe: Recipe,
+    paths: ArtifactPaths,
+    methods: list[str],
+    device: torch.device,
+    learned_mode: str = "auto",
+    learned_init_from: str | None = None,
+    log=print,
+) -> dict:
     model, source = load_dense_model(recipe, paths)
     report = eligible_layers(model, recipe)
     methods = ordered_methods(methods, learned_init_from)
@@ -72,8 +91,9 @@ def compare(recipe: Recipe, paths: ArtifactPaths, methods: list[str], device: to
     dense = evaluate(model.to(device), data.eval, recipe.data.eval_batch_size, device, desc="eval dense")
     log(f"dense: top1 {dense['top1']:.2f}% top5 {dense['top5']:.2f}% ({data.description})")
     ensure_dir(paths.compare_masks)
-    rows = run_methods(recipe, paths, model.cpu().eval(), report, data, device, methods, dense, learned_mode,
-                       learned_init_from, log)
+    rows = run_methods(
+        recipe, paths, model.cpu().eval(), report, data, device, methods, dense, learned_mode, learned_init_from, log
+    )
     summary = summarise(recipe, source, data, dense, report, rows)
     write_json(paths.compare_json, summary)
     write_text(paths.compare_md, markdown(summary))
@@ -81,9 +101,19 @@ def compare(recipe: Recipe, paths: ArtifactPaths, methods: list[str], device: to
     return summary
 
 
-def run_methods(recipe: Recipe, paths: ArtifactPaths, model: torch.nn.Module, report: EligibilityReport,
-                data: DataBundle, device: torch.device, methods: list[str], dense: dict, learned_mode: str,
-                learned_init_from: str | None, log) -> list[dict]:
+def run_methods(
+    recipe: Recipe,
+    paths: ArtifactPaths,
+    model: torch.nn.Module,
+    report: EligibilityReport,
+    data: DataBundle,
+    device: torch.device,
+    methods: list[str],
+    dense: dict,
+    learned_mode: str,
+    learned_init_from: str | None,
+    log,
+) -> list[dict]:
     """Each method's masks, saved and evaluated: one row per method."""
     rows, artifacts = [], {}
     original = {key: value.detach().clone() for key, value in model.state_dict().items()}
@@ -93,31 +123,51 @@ def run_methods(recipe: Recipe, paths: ArtifactPaths, model: torch.nn.Module, re
         result = learned_result(ctx, paths, learned_mode) if method == "learned" else compute_masks(method, ctx)
         artifacts[method] = result.artifact
         result.artifact.save(paths.compare_masks / f"masks.{method}.pt")
-        evaluated = evaluate(method_model(recipe, original, result, device), data.eval,
-                             recipe.data.eval_batch_size, device, desc=f"eval {method}")
+        evaluated = evaluate(
+            method_model(recipe, original, result, device),
+            data.eval,
+            recipe.data.eval_batch_size,
+            device,
+            desc=f"eval {method}",
+        )
         row = method_row(method, result, evaluated, dense, paths)
         if method == "learned":
             row["init_from"] = learned_init_from
             row.setdefault("prior", recipe.masks.prior)
         rows.append(row)
-        log(f"{method}: top1 {row['top1']:.2f}% top5 {row['top5']:.2f}% in {row['seconds']:.1f}s, "
-            f"kept |w| {100 * row['kept_magnitude']:.1f}%, diversity {row['diversity_bits']:.0f} bits")
+        log(
+            f"{method}: top1 {row['top1']:.2f}% top5 {row['top5']:.2f}% in {row['seconds']:.1f}s, "
+            f"kept |w| {100 * row['kept_magnitude']:.1f}%, diversity {row['diversity_bits']:.0f} bits"
+        )
     return rows
 
 
 def method_row(method: str, result: MaskResult, evaluated: dict, dense: dict, paths: ArtifactPaths) -> dict:
     bits, unstructured = _diversity(result, method)
     meta = result.artifact.meta
-    row = {"method": method, "top1": evaluated["top1"], "top5": evaluated["top5"],
-           "top1_drop": dense["top1"] - evaluated["top1"], "seconds": round(result.seconds, 3),
-           "diversity_bits": bits, "unstructured_diversity_bits": unstructured,
-           "kept_magnitude": kept_share(result.dense_state_dict, result.artifact),
-           "layers": len(result.artifact.layers), "reused": bool(result.info.get("reused", False)),
-           "changes_weights": method in CHANGES_WEIGHTS,
-           "masks": str(paths.compare_masks / f"masks.{method}.pt")}
+    row = {
+        "method": method,
+        "top1": evaluated["top1"],
+        "top5": evaluated["top5"],
+        "top1_drop": dense["top1"] - evaluated["top1"],
+        "seconds": round(result.seconds, 3),
+        "diversity_bits": bits,
+        "unstructured_diversity_bits": unstructured,
+        "kept_magnitude": kept_share(result.dense_state_dict, result.artifact),
+        "layers": len(result.artifact.layers),
+        "reused": bool(result.info.get("reused", False)),
+        "changes_weights": method in CHANGES_WEIGHTS,
+        "masks": str(paths.compare_masks / f"masks.{method}.pt"),
+    }
     if method == "learned":
-        row.update({"kept": meta.get("kept"), "kept_step": meta.get("kept_step"), "best_step": meta.get("best_step"),
-                    "beat_prior": meta.get("beat_prior")})
+        row.update(
+            {
+                "kept": meta.get("kept"),
+                "kept_step": meta.get("kept_step"),
+                "best_step": meta.get("best_step"),
+                "beat_prior": meta.get("beat_prior"),
+            }
+        )
         if meta.get("prior"):
             row["prior"] = meta["prior"]
     if method == "permuted":
@@ -128,16 +178,23 @@ def method_row(method: str, result: MaskResult, evaluated: dict, dense: dict, pa
     return row
 
 
-def summarise(recipe: Recipe, source: str, data: DataBundle, dense: dict, report: EligibilityReport,
-              rows: list[dict]) -> dict:
+def summarise(
+    recipe: Recipe, source: str, data: DataBundle, dense: dict, report: EligibilityReport, rows: list[dict]
+) -> dict:
     cfg = recipe.masks
     heuristics = [row for row in rows if row["method"] in FROZEN_HEURISTICS]
     best = max(heuristics, key=lambda row: row["top1"]) if heuristics else None
     learned = next((row for row in rows if row["method"] == "learned"), None)
     return {
-        "model": recipe.name, "weights": source, "data": data.description,
-        "accuracy_meaningful": data.accuracy_meaningful, "samples": dense["samples"], "n": cfg.n, "m": cfg.m,
-        "masked_layers": len(report.masked), "masked_mac_fraction": report.masked_mac_fraction,
+        "model": recipe.name,
+        "weights": source,
+        "data": data.description,
+        "accuracy_meaningful": data.accuracy_meaningful,
+        "samples": dense["samples"],
+        "n": cfg.n,
+        "m": cfg.m,
+        "masked_layers": len(report.masked),
+        "masked_mac_fraction": report.masked_mac_fraction,
         "skipped_layers": {layer.name: layer.reason for layer in report.skipped},
         "dense": {"top1": dense["top1"], "top5": dense["top5"]},
         "methods": rows,

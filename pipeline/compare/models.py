@@ -2,6 +2,7 @@
 
 Shared by the compare step and the updatable-model demo (`pipeline.updatable`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,9 +59,9 @@ def learned_result(ctx: MethodContext, paths: ArtifactPaths, mode: str) -> MaskR
             ctx.log(f"learned: reusing {paths.mask_checkpoint} (same mask settings; trained in {seconds:.0f}s)")
             return MaskResult(artifact, state, seconds, {"reused": True})
         if mode == "reuse":
-            raise PipelineError(f"--learned reuse: {found}; run `python -m pipeline train-masks --model "
-                                f"{ctx.recipe.name}` first or use --learned train")
+            raise PipelineError(
+                f"--learned reuse: {found}; run `python -m pipeline train-masks --model "
+                f"{ctx.recipe.name}` first or use --learned train"
+            )
         ctx.log(f"learned: training afresh ({found})")
     return compute_masks("learned", ctx)
-
-

@@ -1,4 +1,5 @@
 """Datasets: Fashion-MNIST (IDX files), ImageNet-style folders, and synthetic smoke data."""
+
 from __future__ import annotations
 
 import copy
@@ -6,27 +7,37 @@ import gzip
 import hashlib
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.recipe.config import Recipe
-from pipeline.errors import PipelineError
-from pipeline.recipe.labels import check_same_classes
 from pipeline.data.images import checked_loader, drop_bad_images
+from pipeline.errors import PipelineError
 from pipeline.io import sha256_file
+from pipeline.recipe.config import Recipe
+from pipeline.recipe.labels import check_same_classes
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 @dataclass
@@ -58,7 +69,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise PipelineError(f"{path} is not an unsigned-byte IDX file; reinstall the dataset")
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims))
     if len(data) - offset != expected:
@@ -105,10 +116,12 @@ def locate_fashion_mnist(root: str) -> Path:
         raise PipelineError(
             f"Fashion-MNIST not found in --data {root} (searched {searched}) and it cannot be downloaded there; "
             "pass --data DIR holding the IDX files, or leave out --data to use the installed copy "
-            "(`apt-get install dataset-fashion-mnist`)")
+            "(`apt-get install dataset-fashion-mnist`)"
+        )
     raise PipelineError(
         f"Fashion-MNIST not found (searched {searched}) and it cannot be downloaded; "
-        "install it with `apt-get install dataset-fashion-mnist` or pass --data DIR holding the IDX files")
+        "install it with `apt-get install dataset-fashion-mnist` or pass --data DIR holding the IDX files"
+    )
 
 
 def load_fashion_mnist(root: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +138,14 @@ def load_fashion_mnist(root: str, split: str) -> tuple[torch.Tensor, torch.Tenso
 class TensorImageDataset(Dataset):
     """uint8 images held in memory, normalised on the fly; `__getitems__` serves whole batches."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                 augment: bool = False) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: bool = False,
+    ) -> None:
         if images.dim() == 3:
             images = images.unsqueeze(1)
         self.images = images
@@ -139,7 +158,7 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def without_augmentation(self) -> "TensorImageDataset":
+    def without_augmentation(self) -> TensorImageDataset:
         """The same images and labels (shared, not copied) served without augmentation."""
         plain = copy.copy(self)
         plain.augment = False
@@ -152,7 +171,7 @@ class TensorImageDataset(Dataset):
         return x
 
     def __getitem__(self, index: int):
-        return self._prepare(self.images[index: index + 1])[0], self.labels[index]
+        return self._prepare(self.images[index : index + 1])[0], self.labels[index]
 
     def __getitems__(self, indices: list[int]):
         index = torch.as_tensor(indices)
@@ -221,12 +240,18 @@ def _image_folder(recipe: Recipe, split: str, train: bool) -> Dataset:
     except (FileNotFoundError, RuntimeError) as exc:
         raise PipelineError(f"image folder {folder}: {exc}") from None
     if len(dataset.classes) > recipe.num_classes:
-        raise PipelineError(f"image folder {folder} has {len(dataset.classes)} classes but the model has "
-                            f"{recipe.num_classes}; use a matching dataset or recipe")
+        raise PipelineError(
+            f"image folder {folder} has {len(dataset.classes)} classes but the model has "
+            f"{recipe.num_classes}; use a matching dataset or recipe"
+        )
     dataset.skipped = drop_bad_images(dataset, folder, recipe.data.skip_bad_images)
     if dataset.skipped:
-        print(f"warning: {len(dataset.skipped)} damaged image(s) of {folder} skipped (--skip-bad-images), e.g. "
-              f"{dataset.skipped[0]}", file=sys.stderr, flush=True)
+        print(
+            f"warning: {len(dataset.skipped)} damaged image(s) of {folder} skipped (--skip-bad-images), e.g. "
+            f"{dataset.skipped[0]}",
+            file=sys.stderr,
+            flush=True,
+        )
     if not dataset.samples:
         raise PipelineError(f"image folder {folder} has no image that decodes; pass a folder of images")
     return dataset
@@ -235,12 +260,21 @@ def _image_folder(recipe: Recipe, split: str, train: bool) -> Dataset:
 def build_datasets(recipe: Recipe, augment_train: bool = False) -> DataBundle:
     data = recipe.data
     if data.kind == "fashion_mnist":
-        train = TensorImageDataset(*load_fashion_mnist(data.root, "train"), recipe.preprocess.mean,
-                                   recipe.preprocess.std, augment=augment_train)
-        test = TensorImageDataset(*load_fashion_mnist(data.root, "test"), recipe.preprocess.mean,
-                                  recipe.preprocess.std)
-        return DataBundle(train, _limit(test, data.eval_limit), "fashion_mnist",
-                          "Fashion-MNIST (60k train / 10k test)", True, train.without_augmentation())
+        train = TensorImageDataset(
+            *load_fashion_mnist(data.root, "train"),
+            recipe.preprocess.mean,
+            recipe.preprocess.std,
+            augment=augment_train,
+        )
+        test = TensorImageDataset(*load_fashion_mnist(data.root, "test"), recipe.preprocess.mean, recipe.preprocess.std)
+        return DataBundle(
+            train,
+            _limit(test, data.eval_limit),
+            "fashion_mnist",
+            "Fashion-MNIST (60k train / 10k test)",
+            True,
+            train.without_augmentation(),
+        )
     if data.kind == "imagefolder":
         if not data.root:
             raise PipelineError("data kind imagefolder needs a folder: pass --data DIR (with train/ and val/)")
@@ -253,14 +287,12 @@ def build_datasets(recipe: Recipe, augment_train: bool = False) -> DataBundle:
             plain.transform = evaluation.transform
         skipped = len(train.skipped) + len(evaluation.skipped)
         description = f"image folder {data.root}" + (f" ({skipped} damaged images skipped)" if skipped else "")
-        return DataBundle(train, _limit(evaluation, data.eval_limit), "imagefolder", description, True, plain,
-                          skipped)
+        return DataBundle(train, _limit(evaluation, data.eval_limit), "imagefolder", description, True, plain, skipped)
     if data.kind == "synthetic":
         shape = recipe.input_shape
         train = SyntheticDataset(data.synthetic_size, shape, recipe.num_classes, seed=1)
         evaluation = SyntheticDataset(max(data.synthetic_size // 4, 8), shape, recipe.num_classes, seed=2)
-        return DataBundle(train, evaluation, "synthetic",
-                          "synthetic random images (accuracy means nothing)", False)
+        return DataBundle(train, evaluation, "synthetic", "synthetic random images (accuracy means nothing)", False)
     raise _unknown_kind(data.kind)
 
 
@@ -303,8 +335,16 @@ class ResumableBatchSampler(Sampler[list[int]]):
     Resuming after a kill continues with exactly the batches the run had not seen yet.
     """
 
-    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+    ) -> None:
         self.size, self.batch_size, self.shuffle = size, batch_size, shuffle
         self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
         self.epoch = 0
@@ -320,7 +360,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         else:
             order = list(range(self.size))
         per_rank = len(order) // self.world_size
-        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return order[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     def __len__(self) -> int:
         per_rank = self.size // self.world_size
@@ -329,7 +369,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         indices = self._indices()
         for batch in range(self.start_batch, len(self)):
-            yield indices[batch * self.batch_size:(batch + 1) * self.batch_size]
+            yield indices[batch * self.batch_size : (batch + 1) * self.batch_size]
 
 
 def _unwrap(dataset: Dataset) -> Dataset:
@@ -359,8 +399,9 @@ def loader_workers(dataset: Dataset, requested: int) -> int:
     return max(0, min(requested, usable_cores() - 1))
 
 
-def make_loader(dataset: Dataset, batch_sampler: Sampler | None = None, batch_size: int = 256,
-                workers: int = 0) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_sampler: Sampler | None = None, batch_size: int = 256, workers: int = 0
+) -> DataLoader:
     """DataLoader that uses a dataset's batched `__getitems__` when it has one. Its workers (`loader_workers`)
     persist across epochs: build the loader once and iterate it every epoch (the batch sampler runs in this
     process, so `set_epoch` on it takes effect at the next iteration)."""
@@ -370,5 +411,11 @@ def make_loader(dataset: Dataset, batch_sampler: Sampler | None = None, batch_si
     batched = hasattr(_unwrap(dataset), "__getitems__")
     workers = loader_workers(dataset, workers)
     # Its own generator: creating an iterator must not consume the global RNG.
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, persistent_workers=workers > 0,
-                      collate_fn=_batch_collate if batched else None, generator=torch.Generator())
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        collate_fn=_batch_collate if batched else None,
+        generator=torch.Generator(),
+    )

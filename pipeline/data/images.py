@@ -7,6 +7,7 @@ FULL_DECODE_LIMIT of them (JPEGs in draft mode, at 1/8 scale: the whole entropy-
 truncation shows); larger splits get PIL's verify(), which reads headers and checksums. An image that passes the
 scan and still fails to decode later is named in one error line, never a traceback.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pipeline.errors import PipelineError
 from pipeline.progress import progress
 
 FULL_DECODE_LIMIT = 20000
-_SCANNED: dict[tuple, "ScanResult"] = {}  # (folder, files' sizes and mtimes) -> result: one scan per process
+_SCANNED: dict[tuple, ScanResult] = {}  # (folder, files' sizes and mtimes) -> result: one scan per process
 
 
 @dataclass
@@ -51,8 +52,7 @@ def scan_images(folder: Path, samples: list[tuple[str, int]]) -> ScanResult:
         return _SCANNED[key]
     full = len(samples) <= FULL_DECODE_LIMIT
     result = ScanResult(len(samples))
-    for path, _ in progress(samples, desc=f"check images of {folder}", total=len(samples),
-                            enabled=len(samples) > 2000):
+    for path, _ in progress(samples, desc=f"check images of {folder}", total=len(samples), enabled=len(samples) > 2000):
         why = decode_error(path, full)
         if why:
             result.bad.append((path, why))
@@ -68,8 +68,10 @@ def drop_bad_images(dataset, folder: Path, skip: bool) -> list[str]:
     if not skip:
         path, why = result.bad[0]
         more = f" and {len(result.bad) - 1} more" if len(result.bad) > 1 else ""
-        raise PipelineError(f"image {path} cannot be decoded ({why}){more}; remove or replace it, or pass "
-                            "--skip-bad-images (data.skip_bad_images) to leave damaged images out and count them")
+        raise PipelineError(
+            f"image {path} cannot be decoded ({why}){more}; remove or replace it, or pass "
+            "--skip-bad-images (data.skip_bad_images) to leave damaged images out and count them"
+        )
     bad = {path for path, _ in result.bad}
     dataset.samples = [sample for sample in dataset.samples if sample[0] not in bad]
     dataset.imgs = dataset.samples
@@ -84,5 +86,7 @@ def checked_loader(path: str):
     try:
         return default_loader(path)
     except Exception as exc:  # noqa: BLE001 - PIL raises many types
-        raise PipelineError(f"image {path} cannot be decoded ({type(exc).__name__}: {str(exc)[:100]}) although "
-                            "it passed the scan before training; remove or replace it and run again") from None
+        raise PipelineError(
+            f"image {path} cannot be decoded ({type(exc).__name__}: {str(exc)[:100]}) although "
+            "it passed the scan before training; remove or replace it and run again"
+        ) from None

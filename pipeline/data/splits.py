@@ -1,6 +1,7 @@
 """The split of the training images into what mask training learns from and the validation split it judges
 on. One function, used by train-masks and by the demo's pretraining, which leaves the validation split out of
 the dense model's training so the split measures the masks on images the model has never seen."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -20,19 +21,20 @@ VALIDATION_SHARE_LIMIT = 5  # the validation split takes at most 1/5 of the trai
 def holdout_split(size: int, validation: int, seed: int) -> tuple[list[int], list[int]]:
     """Seeded split of `size` training images into (train, validation) index lists (never the test set)."""
     if not 0 < validation < size:
-        raise PipelineError(f"a validation split of {validation} images needs between 1 and {size - 1} "
-                            f"of the {size} training images")
+        raise PipelineError(
+            f"a validation split of {validation} images needs between 1 and {size - 1} of the {size} training images"
+        )
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
     return sorted(order[validation:].tolist()), sorted(order[:validation].tolist())
 
 
-def mask_split(size: int, cfg: "MaskConfig") -> tuple[list[int], list[int]]:
+def mask_split(size: int, cfg: MaskConfig) -> tuple[list[int], list[int]]:
     """(indices mask training learns from, indices of its validation split) among `size` training images:
     `masks.train_images` of them when set (seeded), of which `masks.validation_images` (at most a fifth) held out."""
     images = list(range(size))
     if cfg.train_images and cfg.train_images < size:
         chosen = torch.randperm(size, generator=torch.Generator().manual_seed(cfg.seed + 17))
-        images = sorted(chosen[:cfg.train_images].tolist())
+        images = sorted(chosen[: cfg.train_images].tolist())
     validation = min(cfg.validation_images, len(images) // VALIDATION_SHARE_LIMIT)
     if validation < 1:
         return images, []
@@ -40,7 +42,7 @@ def mask_split(size: int, cfg: "MaskConfig") -> tuple[list[int], list[int]]:
     return [images[i] for i in kept], [images[i] for i in held_out]
 
 
-def split_training_images(data: "DataBundle", cfg: "MaskConfig") -> tuple[Dataset, Dataset | None]:
+def split_training_images(data: DataBundle, cfg: MaskConfig) -> tuple[Dataset, Dataset | None]:
     """(training subset, validation split) of the recipe's training images; the test set is never touched.
     The validation split is served without augmentation (`data.plain_train`), so its score is stable."""
     train, validation = mask_split(len(data.train), cfg)
@@ -48,7 +50,7 @@ def split_training_images(data: "DataBundle", cfg: "MaskConfig") -> tuple[Datase
     return training, (Subset(data.plain_train, validation) if validation else None)
 
 
-def without_mask_validation(data: "DataBundle", cfg: "MaskConfig") -> Dataset:
+def without_mask_validation(data: DataBundle, cfg: MaskConfig) -> Dataset:
     """The training images less mask training's validation split (what the demo's dense model trains on)."""
     held_out = set(mask_split(len(data.train), cfg)[1])
     if not held_out:

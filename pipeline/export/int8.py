@@ -11,6 +11,7 @@ The Q/DQ graph is made with ONNX Runtime's static quantization (onnxruntime is a
 dependency and runs on CPU). NVIDIA ModelOpt's ONNX PTQ would pull onnxruntime-gpu, cupy and an
 older onnx into the environment, which the CPU pipeline cannot take.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,9 +20,10 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +42,7 @@ def calibration_batches(dataset, count: int, batch_size: int = 64, seed: int = 0
     indices = np.random.default_rng(seed).permutation(len(dataset))[:count]
     batches = []
     for start in range(0, count, batch_size):
-        images = [dataset[int(i)][0] for i in indices[start:start + batch_size]]
+        images = [dataset[int(i)][0] for i in indices[start : start + batch_size]]
         batches.append(np.stack([np.asarray(image, dtype=np.float32) for image in images]))
     return batches
 
@@ -78,19 +80,34 @@ def quantize_qdq(fp32_onnx: Path, calibration: Iterable[np.ndarray], out: Path) 
     with atomic_path(out) as tmp, _quiet_root_logger():
         try:
             quantize_static(
-                model, str(tmp), _Batches(graph_inputs[0], batches), quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, reduce_range=False,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                model,
+                str(tmp),
+                _Batches(graph_inputs[0], batches),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OPS),
+                per_channel=True,
+                reduce_range=False,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "AddQDQPairToWeight": True,
-                               "QuantizeBias": False, "DedicatedQDQPair": True})
+                extra_options={
+                    "ActivationSymmetric": True,
+                    "WeightSymmetric": True,
+                    "AddQDQPairToWeight": True,
+                    "QuantizeBias": False,
+                    "DedicatedQDQPair": True,
+                },
+            )
         except Exception as exc:  # onnxruntime raises many types; keep it one line and name the model
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise PipelineError(f"INT8 quantization of {fp32_onnx} failed ({type(exc).__name__}: {first[:200]})") from None
+            raise PipelineError(
+                f"INT8 quantization of {fp32_onnx} failed ({type(exc).__name__}: {first[:200]})"
+            ) from None
         problems = qdq_problems(onnx.load(str(tmp)))
         if problems:
-            raise PipelineError(f"the Q/DQ graph of {fp32_onnx} is not in TensorRT's form: {problems[0]} "
-                                f"({len(problems)} problem(s))")
+            raise PipelineError(
+                f"the Q/DQ graph of {fp32_onnx} is not in TensorRT's form: {problems[0]} ({len(problems)} problem(s))"
+            )
     return out
 
 
@@ -140,9 +157,18 @@ def weight_quantizations(proto) -> list[WeightQuantization]:
         scale = numpy_helper.to_array(inits[q.input[1]])
         zero = numpy_helper.to_array(inits[q.input[2]]) if len(q.input) > 2 and q.input[2] else np.zeros_like(scale)
         trans_b = next((attr.i for attr in node.attribute if attr.name == "transB"), 0)
-        found.append(WeightQuantization(node.name, node.op_type, q.input[0], numpy_helper.to_array(inits[q.input[0]]),
-                                        scale, zero, axis if scale.ndim == 1 and scale.size > 1 else None,
-                                        0 if node.op_type == "Conv" or trans_b else 1))
+        found.append(
+            WeightQuantization(
+                node.name,
+                node.op_type,
+                q.input[0],
+                numpy_helper.to_array(inits[q.input[0]]),
+                scale,
+                zero,
+                axis if scale.ndim == 1 and scale.size > 1 else None,
+                0 if node.op_type == "Conv" or trans_b else 1,
+            )
+        )
     return found
 
 
@@ -159,8 +185,10 @@ def qdq_problems(proto) -> list[str]:
         if entry.axis is None and entry.weight.shape[entry.output_channel_axis] > 1:
             problems.append(f"weight {entry.initializer} of {entry.node} is quantized per tensor, not per channel")
         elif entry.axis is not None and entry.axis != entry.output_channel_axis:
-            problems.append(f"weight {entry.initializer} of {entry.node} is quantized along axis {entry.axis}, "
-                            f"not its output channels ({entry.output_channel_axis})")
+            problems.append(
+                f"weight {entry.initializer} of {entry.node} is quantized along axis {entry.axis}, "
+                f"not its output channels ({entry.output_channel_axis})"
+            )
         if np.any(entry.zero_point != 0):
             problems.append(f"weight {entry.initializer} of {entry.node} has a non-zero zero point")
     for node in proto.graph.node:
@@ -170,8 +198,9 @@ def qdq_problems(proto) -> list[str]:
         if zero is None:
             continue
         if zero.data_type != TensorProto.INT8:
-            problems.append(f"{node.op_type} {node.name} quantizes to {TensorProto.DataType.Name(zero.data_type)}, "
-                            "not INT8")
+            problems.append(
+                f"{node.op_type} {node.name} quantizes to {TensorProto.DataType.Name(zero.data_type)}, not INT8"
+            )
         elif np.any(numpy_helper.to_array(zero) != 0):
             problems.append(f"{node.op_type} {node.name} has a non-zero zero point (TensorRT is symmetric)")
     return problems
@@ -223,8 +252,10 @@ def polygraphy_sparsity(onnx_path: Path) -> dict[str, list[str]]:
     text = run.stdout + run.stderr
     if run.returncode != 0:
         raise PipelineError(f"polygraphy inspect sparsity {onnx_path} failed: {text.strip().splitlines()[-1:]}")
-    return {"sparse": re.findall(r"Found sparse tensor: (\S+)", text),
-            "not_sparse": re.findall(r"Found non-sparse tensor: (\S+)", text)}
+    return {
+        "sparse": re.findall(r"Found sparse tensor: (\S+)", text),
+        "not_sparse": re.findall(r"Found non-sparse tensor: (\S+)", text),
+    }
 
 
 def onnxruntime_top1(onnx_path: Path, dataset, batch_size: int = 500) -> float:

@@ -7,6 +7,7 @@ the N:M check and the "kept weights equal" check both run on the ONNX tensors th
 ONNX initializers are mapped back to PyTorch layer names from the exporter's metadata
 (`pkg.torch.onnx.name_scopes`), the initializer name, or the TorchScript node scope.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,15 @@ def effective_opset(requested: int) -> int:
     return max(int(requested), MIN_OPSET)
 
 
-def ModelProtoFromTorch(model: nn.Module, input_shape: list[int], opset: int, input_name: str, output_name: str,
-                        fp16: bool = False, max_batch: int = 4096):
+def ModelProtoFromTorch(
+    model: nn.Module,
+    input_shape: list[int],
+    opset: int,
+    input_name: str,
+    output_name: str,
+    fp16: bool = False,
+    max_batch: int = 4096,
+):
     """Export `model` (eval mode) with a dynamic batch axis; FP16 keeps FP32 input/output (Casts in the graph)."""
     import onnx
 
@@ -48,9 +56,18 @@ def ModelProtoFromTorch(model: nn.Module, input_shape: list[int], opset: int, in
     try:
         with warnings.catch_warnings(), redirect_stdout(log):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, (example,), None, dynamo=True, opset_version=opset, optimize=True,
-                                        verbose=False, input_names=[input_name], output_names=[output_name],
-                                        dynamic_shapes=({0: batch},))
+            program = torch.onnx.export(
+                model,
+                (example,),
+                None,
+                dynamo=True,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_shapes=({0: batch},),
+            )
     except Exception as exc:  # the exporter raises many types; name the failing model, keep it one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PipelineError(f"ONNX export failed ({type(exc).__name__}: {first[:200]})") from None
@@ -139,17 +156,20 @@ def onnx_layer_weights(proto, layer_names: list[str], prefix: str = "") -> dict[
         if node.op_type not in WEIGHT_OPS or len(node.input) < 2 or node.input[1] not in initializers:
             continue
         weight_name = node.input[1]
-        candidates = [(_scope_from_metadata(node), "name_scopes"),
-                      (weight_name.removesuffix(".weight") if weight_name.endswith(".weight") else None, "initializer"),
-                      (scope_from_torchscript_name(node.name), "scope")]
+        candidates = [
+            (_scope_from_metadata(node), "name_scopes"),
+            (weight_name.removesuffix(".weight") if weight_name.endswith(".weight") else None, "initializer"),
+            (scope_from_torchscript_name(node.name), "scope"),
+        ]
         for candidate, how in candidates:
             if candidate is not None and prefix and candidate.startswith(prefix):
-                candidate = candidate[len(prefix):]
+                candidate = candidate[len(prefix) :]
             if candidate in wanted and candidate not in found:
                 array = numpy_helper.to_array(initializers[weight_name])
                 # Gemm(transB=0) and MatMul hold [in, out]; bring them to PyTorch's [out, in]
-                if (node.op_type == "MatMul" or (node.op_type == "Gemm" and not node_attribute(node, "transB"))) \
-                        and array.ndim == 2:
+                if (
+                    node.op_type == "MatMul" or (node.op_type == "Gemm" and not node_attribute(node, "transB"))
+                ) and array.ndim == 2:
                     array = array.T
                 found[candidate] = OnnxWeight(candidate, node.name, node.op_type, weight_name, array, how)
                 break
@@ -166,8 +186,9 @@ def nm_violations_np(weight: np.ndarray, n: int, m: int) -> int:
     return int(((blocks != 0).sum(-1) > n).sum())
 
 
-def check_sparse_layers(dense_proto, sparse_proto, masked: list[str], sparse_state: dict[str, torch.Tensor],
-                        n: int, m: int) -> list[dict[str, Any]]:
+def check_sparse_layers(
+    dense_proto, sparse_proto, masked: list[str], sparse_state: dict[str, torch.Tensor], n: int, m: int
+) -> list[dict[str, Any]]:
     """Per masked layer: found in both graphs, N:M in TensorRT layout, pruned positions zero, kept == dense."""
     dense = onnx_layer_weights(dense_proto, masked)
     sparse = onnx_layer_weights(sparse_proto, masked)
@@ -181,8 +202,14 @@ def check_sparse_layers(dense_proto, sparse_proto, masked: list[str], sparse_sta
         s, d = sparse[name], dense[name]
         reference = sparse_state[f"{name}.weight"].float().numpy()
         kept = reference != 0
-        entry.update(onnx_node=s.node, initializer=s.initializer, op_type=s.op_type, mapped_by=s.mapped_by,
-                     shape=list(s.array.shape), dtype=str(s.array.dtype))
+        entry.update(
+            onnx_node=s.node,
+            initializer=s.initializer,
+            op_type=s.op_type,
+            mapped_by=s.mapped_by,
+            shape=list(s.array.shape),
+            dtype=str(s.array.dtype),
+        )
         if s.array.shape != reference.shape or d.array.shape != reference.shape:
             entry["problem"] = f"shape {list(s.array.shape)} differs from PyTorch {list(reference.shape)}"
             results.append(entry)
@@ -190,13 +217,21 @@ def check_sparse_layers(dense_proto, sparse_proto, masked: list[str], sparse_sta
         violations = nm_violations_np(s.array, n, m)
         pruned_nonzero = int(np.count_nonzero(s.array[~kept]))
         kept_mismatch = int(np.count_nonzero(s.array[kept] != d.array[kept]))
-        entry.update(nm_violations=violations, pruned_nonzero=pruned_nonzero, kept_mismatch=kept_mismatch,
-                     zero_fraction=float(np.mean(s.array == 0)))
+        entry.update(
+            nm_violations=violations,
+            pruned_nonzero=pruned_nonzero,
+            kept_mismatch=kept_mismatch,
+            zero_fraction=float(np.mean(s.array == 0)),
+        )
         entry["ok"] = violations == 0 and pruned_nonzero == 0 and kept_mismatch == 0
         if not entry["ok"]:
-            entry["problem"] = (f"{violations} blocks break {n}:{m}" if violations else
-                                f"{pruned_nonzero} pruned weights are non-zero" if pruned_nonzero else
-                                f"{kept_mismatch} kept weights differ from the dense export")
+            entry["problem"] = (
+                f"{violations} blocks break {n}:{m}"
+                if violations
+                else f"{pruned_nonzero} pruned weights are non-zero"
+                if pruned_nonzero
+                else f"{kept_mismatch} kept weights differ from the dense export"
+            )
         results.append(entry)
     return results
 
@@ -229,5 +264,12 @@ def compare_with_torch(proto, reference: np.ndarray, batch: np.ndarray, precisio
     scale = float(np.max(np.abs(reference)))
     allowed = tolerance["atol"] + tolerance["rtol"] * scale
     agree = float(np.mean(output.argmax(1) == reference.argmax(1))) if output.shape == reference.shape else 0.0
-    return {"precision": precision, "max_abs_diff": diff, "max_abs_reference": scale, "allowed": allowed,
-            **tolerance, "top1_agreement": agree, "ok": bool(diff <= allowed)}
+    return {
+        "precision": precision,
+        "max_abs_diff": diff,
+        "max_abs_reference": scale,
+        "allowed": allowed,
+        **tolerance,
+        "top1_agreement": agree,
+        "ok": bool(diff <= allowed),
+    }

@@ -3,6 +3,7 @@
 Written by export; build, verify and package read it through `ExportReport.load` and check the ONNX files they
 use with `ExportReport.checked`.
 """
+
 from __future__ import annotations
 
 from pipeline.records import StageReport

@@ -22,9 +22,10 @@ blocks `patterns.to_blocks` defines and TensorRT accelerates.
 `calibration_batches` draws the images (a seeded subset of the training set; never the test set),
 and `input_hessians` is shared with `adaprune`.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,9 @@ CALIBRATION_BATCH = 32
 HESSIAN_DAMPING = 0.01  # share of the mean diagonal added to H (SparseGPT's default)
 
 
-def calibration_batches(dataset: Dataset, images: int = CALIBRATION_IMAGES, batch_size: int = CALIBRATION_BATCH,
-                        seed: int = 0) -> list[torch.Tensor]:
+def calibration_batches(
+    dataset: Dataset, images: int = CALIBRATION_IMAGES, batch_size: int = CALIBRATION_BATCH, seed: int = 0
+) -> list[torch.Tensor]:
     """A seeded random subset of `dataset` (the training images), as a list of image batches."""
     from pipeline.data.datasets import make_loader
 
@@ -62,12 +64,19 @@ def _conv_linear_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn
     return found
 
 
-def run_with_input_hooks(model: nn.Module, modules: dict[str, nn.Module], batches: list[torch.Tensor],
-                         device: torch.device, update: Callable[[str, nn.Module, torch.Tensor], None]) -> None:
+def run_with_input_hooks(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: list[torch.Tensor],
+    device: torch.device,
+    update: Callable[[str, nn.Module, torch.Tensor], None],
+) -> None:
     """Run the frozen model (eval, no grad) on `batches`, calling update(name, module, input) per masked layer."""
+
     def hook_for(name: str):
         def hook(module: nn.Module, inputs) -> None:
             update(name, module, inputs[0].detach())
+
         return hook
 
     handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
@@ -93,8 +102,9 @@ def unfolded_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def input_channel_norms(model: nn.Module, names: Iterable[str], batches: list[torch.Tensor],
-                        device: torch.device) -> dict[str, torch.Tensor]:
+def input_channel_norms(
+    model: nn.Module, names: Iterable[str], batches: list[torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
     """Per masked layer, the L2 norm of each input channel over all images and positions: [C] (float64)."""
     modules = _conv_linear_modules(model, names)
     sums: dict[str, torch.Tensor] = {}
@@ -108,8 +118,9 @@ def input_channel_norms(model: nn.Module, names: Iterable[str], batches: list[to
     return {name: value.sqrt() for name, value in sums.items()}
 
 
-def input_hessians(model: nn.Module, names: Iterable[str], batches: list[torch.Tensor],
-                   device: torch.device) -> dict[str, torch.Tensor]:
+def input_hessians(
+    model: nn.Module, names: Iterable[str], batches: list[torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
     """Per masked layer, H = X X^T / n over its unfolded input (float64, undamped): [D, D], D = C*R*S."""
     modules = _conv_linear_modules(model, names)
     sums: dict[str, torch.Tensor] = {}
@@ -151,8 +162,14 @@ def indices_from_scores(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return magnitude_indices(scores, n, m)
 
 
-def layer_scores(model: nn.Module, names: list[str], batches: list[torch.Tensor], rule: str,
-                 device: torch.device, damping: float = HESSIAN_DAMPING) -> dict[str, torch.Tensor]:
+def layer_scores(
+    model: nn.Module,
+    names: list[str],
+    batches: list[torch.Tensor],
+    rule: str,
+    device: torch.device,
+    damping: float = HESSIAN_DAMPING,
+) -> dict[str, torch.Tensor]:
     """Per-weight importance of each named layer in weight layout: `wanda` (|w| x input-channel
     activation norm) or `sparsegpt` (w^2 / [H^-1]_jj). Masks keep the larger scores; the mask
     prior of `learn_masks` starts from them."""
@@ -166,13 +183,21 @@ def layer_scores(model: nn.Module, names: list[str], batches: list[torch.Tensor]
     raise PipelineError(f"unknown activation-aware rule {rule!r}; use wanda or sparsegpt")
 
 
-def wanda_indices(model: nn.Module, names: list[str], batches: list[torch.Tensor], n: int, m: int,
-                  device: torch.device) -> dict[str, torch.Tensor]:
+def wanda_indices(
+    model: nn.Module, names: list[str], batches: list[torch.Tensor], n: int, m: int, device: torch.device
+) -> dict[str, torch.Tensor]:
     scores = layer_scores(model, names, batches, "wanda", device)
     return {name: indices_from_scores(scores[name], n, m) for name in names}
 
 
-def sparsegpt_indices(model: nn.Module, names: list[str], batches: list[torch.Tensor], n: int, m: int,
-                      device: torch.device, damping: float = HESSIAN_DAMPING) -> dict[str, torch.Tensor]:
+def sparsegpt_indices(
+    model: nn.Module,
+    names: list[str],
+    batches: list[torch.Tensor],
+    n: int,
+    m: int,
+    device: torch.device,
+    damping: float = HESSIAN_DAMPING,
+) -> dict[str, torch.Tensor]:
     scores = layer_scores(model, names, batches, "sparsegpt", device, damping)
     return {name: indices_from_scores(scores[name], n, m) for name in names}

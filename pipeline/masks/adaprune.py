@@ -15,6 +15,7 @@ their dense values in the returned weights; `apply_masks` zeroes them, as for an
 Layers are fitted independently on the dense network's activations (not sequentially on the
 already-pruned network's).
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,13 @@ def reconstruction_error(original: torch.Tensor, candidate: torch.Tensor, hessia
     return float(((d @ hessian) * d).sum() / ((w @ hessian) * w).sum().clamp_min(1e-30))
 
 
-def masked_least_squares(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor,
-                         iterations: int = CG_ITERATIONS, tolerance: float = CG_TOLERANCE) -> torch.Tensor:
+def masked_least_squares(
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    hessian: torch.Tensor,
+    iterations: int = CG_ITERATIONS,
+    tolerance: float = CG_TOLERANCE,
+) -> torch.Tensor:
     """Per row k of the [K, D] `weight`: argmin over v with v = 0 where mask is 0 of (v - w_k)^T H (v - w_k).
 
     Conjugate gradients on every row at once, started from the masked weight; `hessian` must be
@@ -62,9 +68,14 @@ def masked_least_squares(weight: torch.Tensor, mask: torch.Tensor, hessian: torc
     return v * keep
 
 
-def refit_kept_weights(model: nn.Module, artifact: MaskArtifact, batches: list[torch.Tensor], device: torch.device,
-                       iterations: int = CG_ITERATIONS, damping: float = HESSIAN_DAMPING
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+def refit_kept_weights(
+    model: nn.Module,
+    artifact: MaskArtifact,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    iterations: int = CG_ITERATIONS,
+    damping: float = HESSIAN_DAMPING,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     """Re-fitted weights of every masked layer ({"<layer>.weight": tensor}, pruned entries left dense)
     and per layer the relative reconstruction error of plain masking and after re-fitting."""
     hessians = input_hessians(model, [layer.name for layer in artifact.layers], batches, device)
@@ -78,6 +89,8 @@ def refit_kept_weights(model: nn.Module, artifact: MaskArtifact, batches: list[t
         fitted = masked_least_squares(flat, mask.reshape(flat.shape), damped(hessian, damping), iterations)
         refitted = torch.where(mask, fitted.reshape(dense.shape).to(dense.dtype), dense)
         weights[f"{layer.name}.weight"] = refitted
-        stats[layer.name] = {"masked": reconstruction_error(dense, dense * mask, hessian),
-                             "refitted": reconstruction_error(dense, refitted * mask, hessian)}
+        stats[layer.name] = {
+            "masked": reconstruction_error(dense, dense * mask, hessian),
+            "refitted": reconstruction_error(dense, refitted * mask, hessian),
+        }
     return weights, stats

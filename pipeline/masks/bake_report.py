@@ -3,6 +3,7 @@
 Written by bake; export and package read it through `BakeReport.load` and check masks.pt / sparse.pt with
 `BakeReport.checked`.
 """
+
 from __future__ import annotations
 
 from pipeline.records import StageReport

@@ -5,6 +5,7 @@ that follow no longer match. Re-estimating them on training images (a cumulative
 seeded subset) changes no weight or bias, only the running statistics; but it does change the model, so it is never applied silently:
 bake records it in bake.json, and its accuracy is reported apart from the masks-only result.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,25 +16,28 @@ from pipeline.data.datasets import make_loader
 from pipeline.errors import PipelineError
 from pipeline.progress import progress
 
-
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def batchnorm_layers(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules()
-            if isinstance(module, _BATCHNORM) and module.track_running_stats]
+    return [
+        name for name, module in model.named_modules() if isinstance(module, _BATCHNORM) and module.track_running_stats
+    ]
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, dataset: Dataset, images: int, batch_size: int, device: torch.device,
-                         seed: int = 0) -> list[str]:
+def reestimate_batchnorm(
+    model: nn.Module, dataset: Dataset, images: int, batch_size: int, device: torch.device, seed: int = 0
+) -> list[str]:
     """Replace every BatchNorm's running mean/var with the plain average over `images` training images
     (a seeded subset) passed through `model` as it is (masked weights included). Returns the layers
     re-estimated. Weights, biases and the affine BatchNorm parameters are left untouched."""
     names = batchnorm_layers(model)
     if not names:
-        raise PipelineError("masks.bn_reestimate_images is set but the model has no BatchNorm layer with running "
-                            "statistics; set it to 0")
+        raise PipelineError(
+            "masks.bn_reestimate_images is set but the model has no BatchNorm layer with running "
+            "statistics; set it to 0"
+        )
     if images < 1:
         raise PipelineError(f"BatchNorm re-estimation needs at least 1 image, got {images}")
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 29))[:images]

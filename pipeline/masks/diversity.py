@@ -6,6 +6,7 @@ at the same density (50% for 2:4):
 - transposable N:M: T admissible M x M masks per block (90 for 2:4) -> blocks * log2 T.
 - unstructured at the same density: log2 C(total, kept), via lgamma (no huge integers).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ def layer_bits(shape: list[int], n: int, m: int, constraint: str) -> float:
     return CONSTRAINTS[constraint](list(shape), n, m)
 
 
-def diversity_bits(shapes: dict[str, list[int]], n: int, m: int, constraint: str,
-                   per_layer: dict[str, str] | None = None) -> float:
+def diversity_bits(
+    shapes: dict[str, list[int]], n: int, m: int, constraint: str, per_layer: dict[str, str] | None = None
+) -> float:
     """Total bits over layers; `per_layer` overrides the constraint of some layers (e.g. a layer that
     could not take a transposable mask and fell back to plain N:M)."""
     per_layer = per_layer or {}

@@ -1,4 +1,5 @@
 """Which layers get an N:M mask, which are skipped and why, and their share of the MACs."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -49,22 +50,33 @@ class EligibilityReport:
         """One plain line on the most N:M masks can save on this network, and what holds it back."""
         masked = self.masked_mac_fraction
         best = 1 / max(1 - masked * (1 - n / m), 1e-9)
-        note = (f"{n}:{m} masks cover {100 * masked:.1f}% of the MACs: at best {best:.2f}x fewer MACs per image")
+        note = f"{n}:{m} masks cover {100 * masked:.1f}% of the MACs: at best {best:.2f}x fewer MACs per image"
         if self.grouped_mac_fraction > 0:
-            note += (f"; depthwise/grouped convolutions hold {100 * self.grouped_mac_fraction:.1f}% of the MACs and "
-                     "never get sparse kernels, and being memory-bound they usually take a larger share of the run "
-                     "time than of the MACs, so expect less end to end")
+            note += (
+                f"; depthwise/grouped convolutions hold {100 * self.grouped_mac_fraction:.1f}% of the MACs and "
+                "never get sparse kernels, and being memory-bound they usually take a larger share of the run "
+                "time than of the MACs, so expect less end to end"
+            )
         return note
 
     @classmethod
-    def load(cls, path, model: str = "") -> "EligibilityReport":
+    def load(cls, path, model: str = "") -> EligibilityReport:
         """layers.json as train-masks and the layers stage write it (to_dict), read and checked by its owner
         (pipeline.records.load_layer_table: one `error:` line unless every entry has the types read here)."""
         from pipeline.records import load_layer_table
 
         data = load_layer_table(path, model)
-        layers = [LayerReport(e["name"], e["kind"], list(e.get("weight_shape", [])), int(e["macs"]),
-                              bool(e["eligible"]), e.get("reason", "")) for e in data["masked"] + data["skipped"]]
+        layers = [
+            LayerReport(
+                e["name"],
+                e["kind"],
+                list(e.get("weight_shape", [])),
+                int(e["macs"]),
+                bool(e["eligible"]),
+                e.get("reason", ""),
+            )
+            for e in data["masked"] + data["skipped"]
+        ]
         return cls(layers, int(data.get("total_macs") or sum(layer.macs for layer in layers)))
 
     def to_dict(self) -> dict:
@@ -90,6 +102,7 @@ def count_macs(model: nn.Module, input_shape: list[int]) -> dict[str, int]:
                 macs[name] = int(out[0].numel() * per_output)
             else:
                 macs[name] = int(out[0].numel() * module.in_features)
+
         return hook
 
     for name, module in model.named_modules():
@@ -107,9 +120,15 @@ def count_macs(model: nn.Module, input_shape: list[int]) -> dict[str, int]:
     return macs
 
 
-def find_layers(model: nn.Module, input_shape: list[int], m: int = 4, include: list[str] | None = None,
-                exclude: list[str] | None = None, classifier: str = "fc",
-                include_classifier: bool = False) -> EligibilityReport:
+def find_layers(
+    model: nn.Module,
+    input_shape: list[int],
+    m: int = 4,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    classifier: str = "fc",
+    include_classifier: bool = False,
+) -> EligibilityReport:
     """Decide for every Conv2d/Linear whether it gets a mask; skipped ones carry their reason."""
     check_patterns(model, include or [], exclude or [])
     macs = count_macs(model, input_shape)
@@ -147,6 +166,8 @@ def check_patterns(model: nn.Module, include: list[str], exclude: list[str]) -> 
         for pattern in patterns:
             if not any(fnmatch.fnmatch(name, pattern) for name in names):
                 shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
-                raise PipelineError(f"{field_name} pattern {pattern!r} matches no Conv2d/Linear layer of this model "
-                                    f"(fnmatch patterns on module names such as: {shown}); fix the pattern (`python -m "
-                                    "pipeline layers --set masks.include= --set masks.exclude=` lists every layer)")
+                raise PipelineError(
+                    f"{field_name} pattern {pattern!r} matches no Conv2d/Linear layer of this model "
+                    f"(fnmatch patterns on module names such as: {shown}); fix the pattern (`python -m "
+                    "pipeline layers --set masks.include= --set masks.exclude=` lists every layer)"
+                )

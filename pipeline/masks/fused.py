@@ -14,6 +14,7 @@ the time). When no compiler builds it,
 Same computation as the PyTorch path up to float rounding (the softmax's exp; `tests/test_fused_mask_kernel.py`
 compares both); the argmax ties go to the first pattern in both.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -62,8 +63,9 @@ def _build(compiler: str) -> Path:
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", temporary, *LIBRARIES], capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", temporary, *LIBRARIES], capture_output=True, text=True, timeout=120
+        )
         if done.returncode:
             raise OSError(f"{compiler} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
         os.replace(temporary, target)
@@ -79,8 +81,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     library.gm_limits.argtypes, library.gm_limits.restype = [i32, i32], i32
     library.gm_forward.argtypes = [pointer, pointer, f32, i64, i32, i32, pointer, pointer, pointer, i32]
     library.gm_forward.restype = None
-    library.gm_backward.argtypes = [pointer, pointer, f32, i64, i32, i32, pointer, pointer, i32, pointer, f32,
-                                    pointer]
+    library.gm_backward.argtypes = [pointer, pointer, f32, i64, i32, i32, pointer, pointer, i32, pointer, f32, pointer]
     library.gm_backward.restype = None
     return library
 
@@ -120,29 +121,71 @@ def usable(logits: torch.Tensor, noise: torch.Tensor | None, weight: torch.Tenso
     bfloat16 weight, and a pattern count and block size within the C file's limits."""
     if noise is None or logits.device.type != "cpu" or weight.device.type != "cpu":
         return False
-    if logits.dtype != torch.float32 or noise.dtype != torch.float32 or weight.dtype not in (torch.float32,
-                                                                                            torch.bfloat16):
+    if (
+        logits.dtype != torch.float32
+        or noise.dtype != torch.float32
+        or weight.dtype not in (torch.float32, torch.bfloat16)
+    ):
         return False
     library = kernel()
-    return (library is not None and bool(library.gm_limits(logits.shape[0], m)) and logits.is_contiguous()
-            and noise.is_contiguous() and block_last(weight, m))
+    return (
+        library is not None
+        and bool(library.gm_limits(logits.shape[0], m))
+        and logits.is_contiguous()
+        and noise.is_contiguous()
+        and block_last(weight, m)
+    )
 
 
-def forward(logits: torch.Tensor, noise: torch.Tensor, alpha: float, keep_rows: torch.Tensor, weight: torch.Tensor,
-            out: torch.Tensor) -> None:
+def forward(
+    logits: torch.Tensor,
+    noise: torch.Tensor,
+    alpha: float,
+    keep_rows: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
     """out = weight masked by the argmax pattern of noise + alpha * logits, per block (`usable` checked)."""
     library, patterns, m = kernel(), logits.shape[0], keep_rows.shape[1]
-    library.gm_forward(logits.data_ptr(), noise.data_ptr(), alpha, logits[0].numel(), patterns, m,
-                       keep_rows.data_ptr(), weight.data_ptr(), out.data_ptr(), weight.element_size())
+    library.gm_forward(
+        logits.data_ptr(),
+        noise.data_ptr(),
+        alpha,
+        logits[0].numel(),
+        patterns,
+        m,
+        keep_rows.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        weight.element_size(),
+    )
 
 
-def backward(logits: torch.Tensor, noise: torch.Tensor, alpha: float, table: torch.Tensor,
-             grad_weight: torch.Tensor, weight_pm: torch.Tensor, kept_scale: float) -> torch.Tensor:
+def backward(
+    logits: torch.Tensor,
+    noise: torch.Tensor,
+    alpha: float,
+    table: torch.Tensor,
+    grad_weight: torch.Tensor,
+    weight_pm: torch.Tensor,
+    kept_scale: float,
+) -> torch.Tensor:
     """The gradient of the logits (`[P, *blocks]` float32) for the block-last `grad_weight`; `kept_scale`: the
     kept-magnitude term's -c / sum|W| (0: off), applied to |W| inside the kernel rather than read as a tensor."""
     library, patterns, m = kernel(), logits.shape[0], table.shape[1]
     grad = torch.empty_like(logits)
-    library.gm_backward(logits.data_ptr(), noise.data_ptr(), alpha, logits[0].numel(), patterns, m, table.data_ptr(),
-                        grad_weight.data_ptr(), grad_weight.element_size(), weight_pm.data_ptr(),
-                        kept_scale, grad.data_ptr())
+    library.gm_backward(
+        logits.data_ptr(),
+        noise.data_ptr(),
+        alpha,
+        logits[0].numel(),
+        patterns,
+        m,
+        table.data_ptr(),
+        grad_weight.data_ptr(),
+        grad_weight.element_size(),
+        weight_pm.data_ptr(),
+        kept_scale,
+        grad.data_ptr(),
+    )
     return grad

@@ -12,6 +12,7 @@ Every per-block reduction (argmax, softmax, the pattern sums of the backward pas
 runs over a short outer axis of long contiguous slabs instead of a length-6 inner axis,
 which PyTorch's CPU kernels handle an order of magnitude slower.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,7 +62,7 @@ class GumbelNoisePool:
         if self.pool is None or self.pool.device != device:
             self.set_step(max(self.generation, 0) * self.refresh_steps, device)
         offset = int(torch.randint(0, self.size - numel + 1, (1,), generator=self.offsets))
-        return self._over(tau)[offset: offset + numel]
+        return self._over(tau)[offset : offset + numel]
 
     def _over(self, tau: float) -> torch.Tensor:
         if tau == 1.0:
@@ -95,7 +96,7 @@ def first_argmax_codes(scores: torch.Tensor, codes: list[int], m: int) -> torch.
 _PACKED = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # m keep bytes read as one integer
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _first_max_keep_table(codes: tuple[int, ...], m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """For at most 9 patterns: the priority bit of each pattern but the last (`[P-1, 1]` uint8, the first one the
     highest), and the keep row (`[2**(P-1), m]` uint8) of the first pattern whose bit is set (none: the last)."""
@@ -167,10 +168,22 @@ class _MaskedWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, gumbel: torch.Tensor | None, tau: float, weight_pm: torch.Tensor,
-                table: torch.Tensor, codes: list[int], scale: float = 1.0, kept_term: torch.Tensor | None = None,
-                weight: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                workspace: torch.Tensor | None = None, fused: bool = False, kept_scale: float = 0.0) -> torch.Tensor:
+    def forward(
+        ctx,
+        logits: torch.Tensor,
+        gumbel: torch.Tensor | None,
+        tau: float,
+        weight_pm: torch.Tensor,
+        table: torch.Tensor,
+        codes: list[int],
+        scale: float = 1.0,
+        kept_term: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        out_dtype: torch.dtype | None = None,
+        workspace: torch.Tensor | None = None,
+        fused: bool = False,
+        kept_scale: float = 0.0,
+    ) -> torch.Tensor:
         m = weight_pm.shape[0]
         if fused:  # the caller checked `fused.usable`: `weight` is block-last, in out_dtype, and so is empty_like's
             effective, alpha = torch.empty_like(weight), scale / tau
@@ -200,10 +213,14 @@ class _MaskedWeight(torch.autograd.Function):
             logits, gumbel, weight_pm, table = ctx.saved_tensors
             m = weight_pm.shape[0]
             if not fused_kernel.block_last(grad_weight, m):
-                grad_weight = grad_weight.contiguous(memory_format=torch.channels_last) if grad_weight.dim() == 4 \
+                grad_weight = (
+                    grad_weight.contiguous(memory_format=torch.channels_last)
+                    if grad_weight.dim() == 4
                     else grad_weight.contiguous()
-            grad = fused_kernel.backward(logits, gumbel, ctx.alpha, _scaled_table(table, ctx.alpha), grad_weight,
-                                         weight_pm, ctx.kept_scale)
+                )
+            grad = fused_kernel.backward(
+                logits, gumbel, ctx.alpha, _scaled_table(table, ctx.alpha), grad_weight, weight_pm, ctx.kept_scale
+            )
             return grad, None, None, None, None, None, None, None, None, None, None, None, None
         perturbed, weight_pm, table, kept_term = ctx.saved_tensors
         m = weight_pm.shape[0]
@@ -232,8 +249,9 @@ def _scaled_table(table: torch.Tensor, alpha: float) -> torch.Tensor:
     return (table * alpha).float().contiguous()
 
 
-def straight_through_reference(logits: torch.Tensor, gumbel: torch.Tensor, tau: float, table: torch.Tensor,
-                               weight: torch.Tensor) -> torch.Tensor:
+def straight_through_reference(
+    logits: torch.Tensor, gumbel: torch.Tensor, tau: float, table: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
     """Textbook hard straight-through Gumbel-Softmax on block-last logits `[*blocks, P]`
     (used by the tests to check the fast Function)."""
     m = table.shape[1]
@@ -252,8 +270,9 @@ def _frozen_key(weight: torch.Tensor) -> tuple:
 class GumbelMask(nn.Module):
     """Pattern logits `[P, K, *kernel, C // M]` of one layer."""
 
-    def __init__(self, logits: torch.Tensor, n: int, m: int, noise: GumbelNoisePool | None = None,
-                 scale: float = 1.0) -> None:
+    def __init__(
+        self, logits: torch.Tensor, n: int, m: int, noise: GumbelNoisePool | None = None, scale: float = 1.0
+    ) -> None:
         super().__init__()
         self.n, self.m = n, m
         self.scale = scale
@@ -276,8 +295,11 @@ class GumbelMask(nn.Module):
     def _position_major(self, weight: torch.Tensor) -> torch.Tensor:
         key = _frozen_key(weight)
         if self._weight_pm is None or self._weight_pm[0] != key:  # the weight is frozen: computed once
-            self._weight_pm = (key, to_position_major(weight.detach(), self.m).contiguous(),
-                               float(weight.detach().abs().sum()))
+            self._weight_pm = (
+                key,
+                to_position_major(weight.detach(), self.m).contiguous(),
+                float(weight.detach().abs().sum()),
+            )
         return self._weight_pm[1]
 
     def _cast(self, weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -295,8 +317,12 @@ class GumbelMask(nn.Module):
         no step allocates it afresh); None outside training."""
         if not (self.training and torch.is_grad_enabled()):
             return None
-        if (self._grad_workspace is None or self._grad_workspace.shape != weight_pm.shape
-                or self._grad_workspace.device != weight_pm.device or self._grad_workspace.dtype != weight_pm.dtype):
+        if (
+            self._grad_workspace is None
+            or self._grad_workspace.shape != weight_pm.shape
+            or self._grad_workspace.device != weight_pm.device
+            or self._grad_workspace.dtype != weight_pm.dtype
+        ):
             self._grad_workspace = torch.empty_like(weight_pm)
         return self._grad_workspace
 
@@ -318,8 +344,9 @@ class GumbelMask(nn.Module):
             self._kept_term = (key, self.kept_coefficient, weight_pm.abs().mul_(scale))
         return self._kept_term[2]
 
-    def masked_weight(self, weight: torch.Tensor, weight_pm: torch.Tensor | None = None,
-                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def masked_weight(
+        self, weight: torch.Tensor, weight_pm: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         gumbel = None
         if self.training:
             if self.noise is None:
@@ -329,14 +356,42 @@ class GumbelMask(nn.Module):
         if weight_pm is None:  # a real weight (not the all-ones mask of forward()): the regulariser applies
             weight_pm = self._position_major(weight)
             real = self._cast(weight.detach(), out_dtype)
-        fused = (self.kernel == "auto" and real is not None and torch.is_grad_enabled()
-                 and fused_kernel.usable(self.logits, gumbel, real, self.m))
+        fused = (
+            self.kernel == "auto"
+            and real is not None
+            and torch.is_grad_enabled()
+            and fused_kernel.usable(self.logits, gumbel, real, self.m)
+        )
         if fused:  # the kernel forms the kept-magnitude term from the weight it reads anyway: a scale, no tensor
-            return _MaskedWeight.apply(self.logits, gumbel, self.tau, weight_pm, self.table, self.codes, self.scale,
-                                       None, real, out_dtype, None, True, self._kept_scale())
+            return _MaskedWeight.apply(
+                self.logits,
+                gumbel,
+                self.tau,
+                weight_pm,
+                self.table,
+                self.codes,
+                self.scale,
+                None,
+                real,
+                out_dtype,
+                None,
+                True,
+                self._kept_scale(),
+            )
         kept = self._kept() if real is not None else None
-        return _MaskedWeight.apply(self.logits, gumbel, self.tau, weight_pm, self.table, self.codes, self.scale,
-                                   kept, real, out_dtype, self._workspace(weight_pm))
+        return _MaskedWeight.apply(
+            self.logits,
+            gumbel,
+            self.tau,
+            weight_pm,
+            self.table,
+            self.codes,
+            self.scale,
+            kept,
+            real,
+            out_dtype,
+            self._workspace(weight_pm),
+        )
 
     def forward(self) -> torch.Tensor:
         """The 0/1 mask in weight layout (sampled while training, argmax otherwise)."""
@@ -357,8 +412,9 @@ class MaskedConv2d(nn.Conv2d):
     sparse_mask: GumbelMask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.sparse_mask.masked_weight(self.weight, out_dtype=autocast_dtype(x)),
-                                  self.bias)
+        return self._conv_forward(
+            x, self.sparse_mask.masked_weight(self.weight, out_dtype=autocast_dtype(x)), self.bias
+        )
 
 
 class MaskedLinear(nn.Linear):
@@ -368,8 +424,15 @@ class MaskedLinear(nn.Linear):
         return F.linear(x, self.sparse_mask.masked_weight(self.weight, out_dtype=autocast_dtype(x)), self.bias)
 
 
-def initial_logits(weight: torch.Tensor, n: int, m: int, prior: str, strength: float,
-                   generator: torch.Generator, scores: torch.Tensor | None = None) -> torch.Tensor:
+def initial_logits(
+    weight: torch.Tensor,
+    n: int,
+    m: int,
+    prior: str,
+    strength: float,
+    generator: torch.Generator,
+    scores: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Pattern-major logits from a heuristic prior (MaskLLM's prior masks, Fang et al., 2024):
     `strength` x the share of the block's score each pattern keeps, so sampling starts near the
     heuristic's mask. The score is |w| (`magnitude`) or the given per-weight `scores` (wanda,
@@ -383,10 +446,19 @@ def initial_logits(weight: torch.Tensor, n: int, m: int, prior: str, strength: f
     raise ValueError(f"mask prior {prior!r} needs per-weight scores; magnitude and uniform need none")
 
 
-def attach_masks(model: nn.Module, report: EligibilityReport, n: int, m: int, prior: str = "magnitude",
-                 strength: float = 20.0, seed: int = 0, initial_indices: dict[str, torch.Tensor] | None = None,
-                 scores: dict[str, torch.Tensor] | None = None, logit_scale: float = 1.0,
-                 noise_stream: int = 0) -> list[str]:
+def attach_masks(
+    model: nn.Module,
+    report: EligibilityReport,
+    n: int,
+    m: int,
+    prior: str = "magnitude",
+    strength: float = 20.0,
+    seed: int = 0,
+    initial_indices: dict[str, torch.Tensor] | None = None,
+    scores: dict[str, torch.Tensor] | None = None,
+    logit_scale: float = 1.0,
+    noise_stream: int = 0,
+) -> list[str]:
     """Turn every eligible layer into a masked layer and freeze everything but the logits.
 
     `scores` (per layer, weight layout) are the heuristic's importances for a wanda/sparsegpt prior;
@@ -402,8 +474,15 @@ def attach_masks(model: nn.Module, report: EligibilityReport, n: int, m: int, pr
     names = []
     for layer in report.masked:
         module = model.get_submodule(layer.name)
-        logits = initial_logits(module.weight.detach().float().cpu(), n, m, prior, strength, generator,
-                                None if scores is None else scores[layer.name].float())
+        logits = initial_logits(
+            module.weight.detach().float().cpu(),
+            n,
+            m,
+            prior,
+            strength,
+            generator,
+            None if scores is None else scores[layer.name].float(),
+        )
         if initial_indices is not None and layer.name in initial_indices:
             logits = logits + prior_logits(initial_indices[layer.name], n, m, strength)
         module.__class__ = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
@@ -413,8 +492,11 @@ def attach_masks(model: nn.Module, report: EligibilityReport, n: int, m: int, pr
 
 
 def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {name.removeprefix("module."): module for name, module in model.named_modules()
-            if isinstance(module, (MaskedConv2d, MaskedLinear))}
+    return {
+        name.removeprefix("module."): module
+        for name, module in model.named_modules()
+        if isinstance(module, (MaskedConv2d, MaskedLinear))
+    }
 
 
 def noise_pool(model: nn.Module) -> GumbelNoisePool | None:

@@ -18,31 +18,33 @@ Randomness: the Gumbel noise comes from the noise pool's own generators; torch's
 augmentation (masks.augment), and the loop runs in a fork of it seeded from masks.seed and the rank, so the
 caller's global RNG is left as it was and a fixed seed gives the same masks.
 """
+
 from __future__ import annotations
 
 import copy
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from pipeline.data.datasets import DataBundle, ResumableBatchSampler, make_loader
+from pipeline.data.splits import split_training_images
 from pipeline.errors import PipelineError
 from pipeline.masks.checkpoint import MaskCheckpoint
 from pipeline.masks.eligibility import EligibilityReport
 from pipeline.masks.fused import status as fused_status
 from pipeline.masks.gumbel import current_indices, load_mask_logits, mask_logits, masked_modules, noise_pool
 from pipeline.masks.mask_step import MaskStep, build_mask_step, resolve_loss
-from pipeline.data.splits import split_training_images
 from pipeline.masks.schedules import BestMasks, Cooldown, KeptMasks, PlateauRule, keep_masks, steps_per_epoch
-from pipeline.recipe.config import MaskConfig, Recipe
 from pipeline.progress import progress
+from pipeline.recipe.config import MaskConfig, Recipe
 from pipeline.training import StepSettings, evaluate, stop_on_signals
 
 EVALUATIONS_PER_RUN = 20  # masks.eval_every = 0 evaluates this many times over the budget
@@ -102,20 +104,23 @@ class TeacherLabels(Dataset):
 @torch.no_grad()
 def predictions(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(images.to(device)).argmax(1).cpu()
-                      for images, _ in make_loader(dataset, batch_size=batch_size)])
+    return torch.cat(
+        [model(images.to(device)).argmax(1).cpu() for images, _ in make_loader(dataset, batch_size=batch_size)]
+    )
 
 
-def prior_scores(model: nn.Module, report: EligibilityReport, cfg: MaskConfig, train: Dataset,
-                 device: torch.device) -> dict[str, torch.Tensor] | None:
+def prior_scores(
+    model: nn.Module, report: EligibilityReport, cfg: MaskConfig, train: Dataset, device: torch.device
+) -> dict[str, torch.Tensor] | None:
     """Per-weight scores of an activation-aware prior (wanda, sparsegpt) from calibration images."""
     if cfg.prior not in ("wanda", "sparsegpt"):
         return None
     from pipeline.masks.activation_aware import calibration_batches, layer_scores
 
     batches = calibration_batches(train, seed=cfg.seed)
-    return layer_scores(copy.deepcopy(model).to(device).eval(), [layer.name for layer in report.masked], batches,
-                        cfg.prior, device)
+    return layer_scores(
+        copy.deepcopy(model).to(device).eval(), [layer.name for layer in report.masked], batches, cfg.prior, device
+    )
 
 
 @dataclass
@@ -136,21 +141,46 @@ class LoopState:
 
     def to_dict(self) -> dict[str, Any]:
         best = self.best
-        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "seconds": self.seconds,
-                "history": self.history, "stop_reason": self.stop_reason, "stop_step": self.stop_step,
-                "cooldown": self.cooldown, "plateau": self.plateau, "kept": self.kept,
-                "best": {"score": None if best.step < 0 else best.score, "step": best.step,
-                         "start_score": best.start_score,
-                         "indices": {name: idx.to(torch.int16) for name, idx in best.indices.items()}}}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seconds": self.seconds,
+            "history": self.history,
+            "stop_reason": self.stop_reason,
+            "stop_step": self.stop_step,
+            "cooldown": self.cooldown,
+            "plateau": self.plateau,
+            "kept": self.kept,
+            "best": {
+                "score": None if best.step < 0 else best.score,
+                "step": best.step,
+                "start_score": best.start_score,
+                "indices": {name: idx.to(torch.int16) for name, idx in best.indices.items()},
+            },
+        }
 
     @classmethod
-    def from_dict(cls, saved: dict[str, Any]) -> "LoopState":
+    def from_dict(cls, saved: dict[str, Any]) -> LoopState:
         best = saved["best"]
-        return cls(saved["step"], saved["epoch"], saved["batch"], saved["seconds"], saved["history"],
-                   BestMasks(-float("inf") if best["score"] is None else best["score"], best["step"],
-                             best["indices"], best["start_score"]),
-                   saved.get("stop_reason"), saved.get("stop_step"), saved.get("cooldown"), saved.get("plateau"),
-                   saved.get("kept"))
+        return cls(
+            saved["step"],
+            saved["epoch"],
+            saved["batch"],
+            saved["seconds"],
+            saved["history"],
+            BestMasks(
+                -float("inf") if best["score"] is None else best["score"],
+                best["step"],
+                best["indices"],
+                best["start_score"],
+            ),
+            saved.get("stop_reason"),
+            saved.get("stop_step"),
+            saved.get("cooldown"),
+            saved.get("plateau"),
+            saved.get("kept"),
+        )
 
 
 @dataclass
@@ -163,15 +193,23 @@ class RunContext:
     world_size: int = 1
     log: Callable[[str], None] = print
     stop: Any = None  # StopRequested
-    on_evaluation: Callable[["MaskTraining", dict], None] | None = None  # benchmarks: extra fields per point
+    on_evaluation: Callable[[MaskTraining, dict], None] | None = None  # benchmarks: extra fields per point
 
 
 class MaskTraining:
     """One mask-training run: the step (`MaskStep`), the data, the state (`LoopState`) and the rule that ends
     it (`PlateauRule`, None: the whole budget)."""
 
-    def __init__(self, step: MaskStep, train: Dataset, validation: Dataset | None, recipe: Recipe,
-                 rule: PlateauRule | None, unlabeled: bool, run: RunContext) -> None:
+    def __init__(
+        self,
+        step: MaskStep,
+        train: Dataset,
+        validation: Dataset | None,
+        recipe: Recipe,
+        rule: PlateauRule | None,
+        unlabeled: bool,
+        run: RunContext,
+    ) -> None:
         self.step_fn, self.train, self.validation, self.rule, self.unlabeled = step, train, validation, rule, unlabeled
         self.cfg, self.run_ctx = recipe.masks, run
         self.eval_batch, self.workers = recipe.data.eval_batch_size, recipe.data.workers
@@ -179,8 +217,9 @@ class MaskTraining:
         self.eval_every = self.cfg.eval_every or max(1, -(-self.cfg.steps // EVALUATIONS_PER_RUN))
         # whole evaluation intervals, so that the cooldown ends on an evaluation of the annealed masks
         self.cooldown_steps = -(-round(self.cfg.cooldown * self.cfg.steps) // self.eval_every) * self.eval_every
-        self.sampler = ResumableBatchSampler(len(train), self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
-                                             rank=run.rank, world_size=run.world_size)
+        self.sampler = ResumableBatchSampler(
+            len(train), self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, rank=run.rank, world_size=run.world_size
+        )
         self.state = LoopState()
         self.previous: dict[str, torch.Tensor] = {}
         self.interrupted = 0  # the signal number that ended the run
@@ -197,8 +236,7 @@ class MaskTraining:
         if not self.state.history:
             self.evaluate()
         loader = make_loader(self.train, self.sampler, workers=self.workers)  # built once: workers persist
-        bar = progress(total=self.cfg.steps, initial=self.state.step, desc="train masks",
-                       enabled=not self.run_ctx.rank)
+        bar = progress(total=self.cfg.steps, initial=self.state.step, desc="train masks", enabled=not self.run_ctx.rank)
         while not self.finished():
             self.sampler.set_epoch(self.state.epoch, self.state.batch)
             for images, labels in loader:
@@ -230,13 +268,16 @@ class MaskTraining:
         signalled = self.stop_requested()  # every rank, every step: they stop together
         if state.stop_reason:
             kept = self.kept()
-            self.run_ctx.log(f"stopping at step {state.step} of {self.cfg.steps}: {state.stop_reason}; keeping the "
-                             f"{kept.why} masks (step {kept.step})")
+            self.run_ctx.log(
+                f"stopping at step {state.step} of {self.cfg.steps}: {state.stop_reason}; keeping the "
+                f"{kept.why} masks (step {kept.step})"
+            )
             return True
         if signalled:
             self.save()
-            self.run_ctx.log(f"stopped at step {state.step}; checkpoint {self.run_ctx.checkpoint} (continue with "
-                             "--resume)")
+            self.run_ctx.log(
+                f"stopped at step {state.step}; checkpoint {self.run_ctx.checkpoint} (continue with --resume)"
+            )
             self.interrupted = self.run_ctx.stop.signal_number
             return True
         if state.step >= self.cfg.steps:
@@ -258,9 +299,13 @@ class MaskTraining:
         """Score the argmax masks on the validation split, keep the best, and apply the plateau rule."""
         state = self.state
         indices = current_indices(self.model)
-        point = {"step": state.step, "epoch": round(state.step / self.per_epoch, 3),
-                 "lr": self.step_fn.optimizer.param_groups[0]["lr"], "tau": self.step_fn.tau(state.step),
-                 "changed": changed_share(self.previous, indices) if state.history else 0.0}
+        point = {
+            "step": state.step,
+            "epoch": round(state.step / self.per_epoch, 3),
+            "lr": self.step_fn.optimizer.param_groups[0]["lr"],
+            "tau": self.step_fn.tau(state.step),
+            "changed": changed_share(self.previous, indices) if state.history else 0.0,
+        }
         if self.validation is not None:
             point.update(self.validation_metrics())
             if state.best.update(point["top1"], state.step, indices):
@@ -276,8 +321,10 @@ class MaskTraining:
             self.apply_rule()
         if self.run_ctx.rank == 0:
             shown = f"validation top1 {point['top1']:.2f}% " if "top1" in point else ""
-            self.run_ctx.log(f"step {point['step']} (epoch {point['epoch']:.2f}): {shown}argmax changed "
-                             f"{100 * point['changed']:.2f}% of blocks")
+            self.run_ctx.log(
+                f"step {point['step']} (epoch {point['epoch']:.2f}): {shown}argmax changed "
+                f"{100 * point['changed']:.2f}% of blocks"
+            )
 
     def apply_rule(self) -> None:
         """The plateau rule after an evaluation: stop now (the argmax has settled by itself, or the cooldown is
@@ -286,9 +333,11 @@ class MaskTraining:
         if state.cooldown is not None:
             start, length = state.cooldown
             if state.step >= start + length:
-                state.stop_reason = (f"{state.plateau} at step {start}, then the learning rate and the temperature "
-                                     f"annealed over {length} steps (masks.cooldown); the argmax changed on "
-                                     f"{100 * state.history[-1]['changed']:.3f}% of blocks in the last evaluation")
+                state.stop_reason = (
+                    f"{state.plateau} at step {start}, then the learning rate and the temperature "
+                    f"annealed over {length} steps (masks.cooldown); the argmax changed on "
+                    f"{100 * state.history[-1]['changed']:.3f}% of blocks in the last evaluation"
+                )
                 state.stop_step = state.step
             return
         state.stop_reason = self.rule.reason(state.history)
@@ -299,8 +348,10 @@ class MaskTraining:
             state.cooldown, state.plateau = [state.step, length], plateau
             self.step_fn.schedule.cooldown = Cooldown(state.step, length)
             if self.run_ctx.rank == 0:
-                self.run_ctx.log(f"step {state.step}: {plateau}; annealing the learning rate and the temperature "
-                                 f"over the next {length} steps (masks.cooldown), then stopping")
+                self.run_ctx.log(
+                    f"step {state.step}: {plateau}; annealing the learning rate and the temperature "
+                    f"over the next {length} steps (masks.cooldown), then stopping"
+                )
 
     def validation_metrics(self) -> dict[str, float]:
         """Top-1/top-5 on the validation split, computed by rank 0; every rank gets the same top-1."""
@@ -308,8 +359,9 @@ class MaskTraining:
         metrics: dict[str, float] = {}
         if self.run_ctx.rank == 0:
             self.model.eval()
-            metrics = evaluate(self.model, self.validation, self.eval_batch, self.step_fn.device,
-                               desc="validate (argmax masks)")
+            metrics = evaluate(
+                self.model, self.validation, self.eval_batch, self.step_fn.device, desc="validate (argmax masks)"
+            )
             score[0] = metrics["top1"]
         if self.run_ctx.world_size > 1:
             dist.broadcast(score, 0)
@@ -336,11 +388,17 @@ class MaskTraining:
         else:
             indices = current_indices(self.model)
         MaskCheckpoint(
-            recipe_key=self.run_ctx.recipe_key, final=final, n=self.cfg.n, m=self.cfg.m,
-            logits=mask_logits(self.model), indices={name: idx.to(torch.int16) for name, idx in indices.items()},
+            recipe_key=self.run_ctx.recipe_key,
+            final=final,
+            n=self.cfg.n,
+            m=self.cfg.m,
+            logits=mask_logits(self.model),
+            indices={name: idx.to(torch.int16) for name, idx in indices.items()},
             shapes={name: list(mod.weight.shape) for name, mod in masked_modules(self.model).items()},
-            optimizer=self.step_fn.optimizer.state_dict(), scheduler=self.step_fn.scheduler.state_dict(),
-            state=self.state.to_dict(), rng=rng,
+            optimizer=self.step_fn.optimizer.state_dict(),
+            scheduler=self.step_fn.scheduler.state_dict(),
+            state=self.state.to_dict(),
+            rng=rng,
         ).save(self.run_ctx.checkpoint)
 
     def resume(self) -> None:
@@ -358,8 +416,9 @@ class MaskTraining:
         half = rng.numel() // 2
         torch.set_rng_state(rng[:half].clone())
         noise_pool(self.model).offsets.set_state(rng[half:].clone())
-        self.run_ctx.log(f"resumed mask training at step {self.state.step} (epoch {self.state.epoch}, batch "
-                         f"{self.state.batch})")
+        self.run_ctx.log(
+            f"resumed mask training at step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch})"
+        )
 
     # ------------------------------------------------------------------ result
     def kept(self) -> KeptMasks:
@@ -380,15 +439,27 @@ class MaskTraining:
             dist.all_gather_object(checksums, indices_checksum(indices))
             if len(set(checksums)) != 1:
                 raise RuntimeError(f"ranks disagree on the learned masks: {checksums}")
-        return LearnResult(indices, mask_logits(self.model), state.history, state.step, state.seconds,
-                           self.interrupted, checksums,
-                           best_step=max(best.step, 0) if best.indices else state.step,
-                           best_score=best.score if best.indices else None, kept_step=kept.step,
-                           kept_score=kept.score, kept_why=kept.why, start_score=best.start_score,
-                           beat_prior=kept.beat(best.start_score), stop_reason=state.stop_reason,
-                           cooldown_start=state.cooldown[0] if state.cooldown else None, loss=self.step_fn.loss.kind,
-                           validation_images=len(self.validation) if self.validation is not None else 0,
-                           train_images=len(self.train))
+        return LearnResult(
+            indices,
+            mask_logits(self.model),
+            state.history,
+            state.step,
+            state.seconds,
+            self.interrupted,
+            checksums,
+            best_step=max(best.step, 0) if best.indices else state.step,
+            best_score=best.score if best.indices else None,
+            kept_step=kept.step,
+            kept_score=kept.score,
+            kept_why=kept.why,
+            start_score=best.start_score,
+            beat_prior=kept.beat(best.start_score),
+            stop_reason=state.stop_reason,
+            cooldown_start=state.cooldown[0] if state.cooldown else None,
+            loss=self.step_fn.loss.kind,
+            validation_images=len(self.validation) if self.validation is not None else 0,
+            train_images=len(self.train),
+        )
 
 
 def plateau_rule(cfg: MaskConfig, validation: Dataset | None, log: Callable[[str], None]) -> PlateauRule | None:
@@ -401,33 +472,66 @@ def plateau_rule(cfg: MaskConfig, validation: Dataset | None, log: Callable[[str
     return PlateauRule(cfg.stop_patience, cfg.stop_changed, len(validation))
 
 
-def prepare_training(model: nn.Module, report: EligibilityReport, recipe: Recipe, data: DataBundle,
-                     device: torch.device, settings: StepSettings, unlabeled: bool, run: RunContext,
-                     initial_indices: dict[str, torch.Tensor] | None) -> MaskTraining:
+def prepare_training(
+    model: nn.Module,
+    report: EligibilityReport,
+    recipe: Recipe,
+    data: DataBundle,
+    device: torch.device,
+    settings: StepSettings,
+    unlabeled: bool,
+    run: RunContext,
+    initial_indices: dict[str, torch.Tensor] | None,
+) -> MaskTraining:
     cfg = recipe.masks
     loss = resolve_loss(cfg, unlabeled)
     if run.rank == 0:
         run.log(f"mask training precision: {settings.describe()} (masks.precision = {cfg.precision})")
         if device.type == "cpu":
-            run.log(f"mask layers' per-block work: {fused_status() if cfg.kernel == 'auto' else 'PyTorch ops'} "
-                    f"(masks.kernel = {cfg.kernel})")
+            run.log(
+                f"mask layers' per-block work: {fused_status() if cfg.kernel == 'auto' else 'PyTorch ops'} "
+                f"(masks.kernel = {cfg.kernel})"
+            )
     train, validation = split_training_images(data, cfg)
     model.eval()
     if validation is not None and unlabeled:
-        validation = TeacherLabels(validation, predictions(model.to(device), validation,
-                                                           recipe.data.eval_batch_size, device))
+        validation = TeacherLabels(
+            validation, predictions(model.to(device), validation, recipe.data.eval_batch_size, device)
+        )
     scores = prior_scores(model, report, cfg, train, device)
-    step = build_mask_step(model, report, recipe, device, loss, settings, rank=run.rank, world_size=run.world_size,
-                           initial_indices=initial_indices, scores=scores)
+    step = build_mask_step(
+        model,
+        report,
+        recipe,
+        device,
+        loss,
+        settings,
+        rank=run.rank,
+        world_size=run.world_size,
+        initial_indices=initial_indices,
+        scores=scores,
+    )
     run.recipe_key = recipe.digest("masks", "arch", "num_classes") + (":unlabeled" if unlabeled else "")
     return MaskTraining(step, train, validation, recipe, plateau_rule(cfg, validation, run.log), unlabeled, run)
 
 
-def learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, data: DataBundle,
-                device: torch.device, *, checkpoint: Path | None = None, resume: bool = False,
-                initial_indices: dict[str, torch.Tensor] | None = None, unlabeled: bool = False, rank: int = 0,
-                world_size: int = 1, log: Callable[[str], None] = print, settings: StepSettings | None = None,
-                on_evaluation: Callable[[MaskTraining, dict], None] | None = None) -> LearnResult:
+def learn_masks(
+    model: nn.Module,
+    report: EligibilityReport,
+    recipe: Recipe,
+    data: DataBundle,
+    device: torch.device,
+    *,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    initial_indices: dict[str, torch.Tensor] | None = None,
+    unlabeled: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    log: Callable[[str], None] = print,
+    settings: StepSettings | None = None,
+    on_evaluation: Callable[[MaskTraining, dict], None] | None = None,
+) -> LearnResult:
     """Learn N:M masks for `report.masked` layers of `model` (weights stay frozen). A SIGTERM from
     the start on (set-up included) ends the run with a checkpoint at the next step. `settings`: the step's
     autocast and memory format (default: those of `device`)."""
@@ -435,8 +539,10 @@ def learn_masks(model: nn.Module, report: EligibilityReport, recipe: Recipe, dat
     with stop_on_signals() as stop, torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.masks.seed * 1000 + rank)  # augmentation only, in a fork: the caller's RNG is kept
         if rank == 0:  # also the readiness signal the tests wait for before sending SIGTERM
-            log("SIGTERM or Ctrl-C now stops at the next step" +
-                (f" and saves {checkpoint} (continue with --resume)" if checkpoint is not None else ""))
+            log(
+                "SIGTERM or Ctrl-C now stops at the next step"
+                + (f" and saves {checkpoint} (continue with --resume)" if checkpoint is not None else "")
+            )
         run = RunContext(checkpoint, "", rank, world_size, log, stop, on_evaluation)
         training = prepare_training(model, report, recipe, data, device, settings, unlabeled, run, initial_indices)
         if resume and checkpoint is not None and checkpoint.is_file():

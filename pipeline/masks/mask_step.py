@@ -3,6 +3,7 @@
 teacher for distillation, the feature hooks, DDP, AdamW with warm-up + cosine, and the device's step settings
 (bfloat16 autocast and channels_last on CUDA, `StepSettings`), through `pipeline.training.train_step`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,14 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.masks.eligibility import EligibilityReport
-from pipeline.masks.gumbel import (attach_masks, mask_training_mode, masked_modules, prepare_step, set_kept_magnitude_weight,
-                                   set_mask_kernel)
+from pipeline.masks.gumbel import (
+    attach_masks,
+    mask_training_mode,
+    masked_modules,
+    prepare_step,
+    set_kept_magnitude_weight,
+    set_mask_kernel,
+)
 from pipeline.masks.schedules import MaskSchedule, distillation_loss, feature_distillation_loss, warmup_steps
 from pipeline.recipe.config import MaskConfig, Recipe
 from pipeline.training import StepSettings, train_step
@@ -46,9 +53,11 @@ def resolve_loss(cfg: MaskConfig, unlabeled: bool) -> str:
         if cfg.loss == "auto":
             return AUTO_LOSS_UNLABELED
         if "ce" in loss_terms(cfg.loss):
-            raise PipelineError(f"masks.loss = {cfg.loss!r} reads labels, but --unlabeled has none; "
-                                f"use masks.loss=auto ({AUTO_LOSS_UNLABELED}) or terms of pseudo, distill and "
-                                "features (e.g. pseudo+distill)")
+            raise PipelineError(
+                f"masks.loss = {cfg.loss!r} reads labels, but --unlabeled has none; "
+                f"use masks.loss=auto ({AUTO_LOSS_UNLABELED}) or terms of pseudo, distill and "
+                "features (e.g. pseudo+distill)"
+            )
         return cfg.loss
     return AUTO_LOSS_LABELED if cfg.loss == "auto" else cfg.loss
 
@@ -57,9 +66,15 @@ def needs_teacher(loss: str) -> bool:
     return bool(loss_terms(loss) & {"pseudo", "distill", "features"})
 
 
-def mask_loss(logits: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None, loss: str,
-              distill_temperature: float, features: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
-              feature_weight: float = 1.0) -> torch.Tensor:
+def mask_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    loss: str,
+    distill_temperature: float,
+    features: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    feature_weight: float = 1.0,
+) -> torch.Tensor:
     """The training loss of one batch: the sum of its terms, cross-entropy on the labels (`ce`) or on the
     dense model's predicted classes (`pseudo`, no label read), distillation of the dense model's logits
     (`distill`) and, weighted by `feature_weight`, of the masked layers' outputs (`features`, given as
@@ -87,13 +102,17 @@ class LayerOutputs:
         self.names = list(names)
         self.active = False
         self.outputs: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
-        self.handles = [model.get_submodule(name).register_forward_hook(self._keeper(side, name))
-                        for side, model in enumerate((student, teacher)) for name in self.names]
+        self.handles = [
+            model.get_submodule(name).register_forward_hook(self._keeper(side, name))
+            for side, model in enumerate((student, teacher))
+            for name in self.names
+        ]
 
     def _keeper(self, side: int, name: str):
         def keep(module: nn.Module, inputs, output: torch.Tensor) -> None:
             if self.active:
                 self.outputs[side][name] = output
+
         return keep
 
     @contextlib.contextmanager
@@ -120,8 +139,14 @@ class MaskLoss:
     """loss_fn of `train_step` for mask training: the teacher's forward pass (no gradient), the student's, and
     `mask_loss` over them; the layer outputs are recorded during the step only."""
 
-    def __init__(self, kind: str, teacher: nn.Module | None, layer_outputs: LayerOutputs | None,
-                 distill_temperature: float, feature_weight: float) -> None:
+    def __init__(
+        self,
+        kind: str,
+        teacher: nn.Module | None,
+        layer_outputs: LayerOutputs | None,
+        distill_temperature: float,
+        feature_weight: float,
+    ) -> None:
         self.kind, self.teacher, self.layer_outputs = kind, teacher, layer_outputs
         self.distill_temperature, self.feature_weight = distill_temperature, feature_weight
 
@@ -134,8 +159,9 @@ class MaskLoss:
                     teacher_logits = self.teacher(images)
             logits = model(images)
             features = self.layer_outputs.take() if self.layer_outputs else None
-        return mask_loss(logits, labels, teacher_logits, self.kind, self.distill_temperature, features,
-                         self.feature_weight), logits
+        return mask_loss(
+            logits, labels, teacher_logits, self.kind, self.distill_temperature, features, self.feature_weight
+        ), logits
 
 
 @dataclass
@@ -168,16 +194,36 @@ class MaskStep:
             self.loss.layer_outputs.remove()
 
 
-def build_mask_step(model: nn.Module, report: EligibilityReport, recipe: Recipe, device: torch.device, loss: str,
-                    settings: StepSettings, *, rank: int = 0, world_size: int = 1,
-                    initial_indices: dict[str, torch.Tensor] | None = None,
-                    scores: dict[str, torch.Tensor] | None = None) -> MaskStep:
+def build_mask_step(
+    model: nn.Module,
+    report: EligibilityReport,
+    recipe: Recipe,
+    device: torch.device,
+    loss: str,
+    settings: StepSettings,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    initial_indices: dict[str, torch.Tensor] | None = None,
+    scores: dict[str, torch.Tensor] | None = None,
+) -> MaskStep:
     """Attach masks to `model` (frozen, in place) for `report.masked` and build the step that trains them."""
     cfg = recipe.masks
     model.eval()
     teacher = settings.prepare_model(copy.deepcopy(model).to(device).eval()) if needs_teacher(loss) else None
-    attach_masks(model, report, cfg.n, cfg.m, cfg.prior, cfg.prior_strength, cfg.seed, initial_indices, scores,
-                 cfg.logit_scale, noise_stream=rank)
+    attach_masks(
+        model,
+        report,
+        cfg.n,
+        cfg.m,
+        cfg.prior,
+        cfg.prior_strength,
+        cfg.seed,
+        initial_indices,
+        scores,
+        cfg.logit_scale,
+        noise_stream=rank,
+    )
     set_kept_magnitude_weight(model, cfg.kept_magnitude_weight)
     set_mask_kernel(model, cfg.kernel)
     settings.prepare_model(model.to(device))
@@ -187,12 +233,26 @@ def build_mask_step(model: nn.Module, report: EligibilityReport, recipe: Recipe,
     wrapped: nn.Module = model
     if world_size > 1:
         wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    layer_outputs = (LayerOutputs(model, teacher, [layer.name for layer in report.masked])
-                     if "features" in loss_terms(loss) else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+    layer_outputs = (
+        LayerOutputs(model, teacher, [layer.name for layer in report.masked])
+        if "features" in loss_terms(loss)
+        else None
+    )
     optimizer = mask_optimizer(trainable, cfg.lr, cfg.weight_decay)
-    schedule = MaskSchedule(cfg.steps, warmup_steps(cfg.steps, cfg.warmup_share), cfg.lr_final, cfg.tau_start,
-                            cfg.tau_end, cfg.tau_schedule)
+    schedule = MaskSchedule(
+        cfg.steps, warmup_steps(cfg.steps, cfg.warmup_share), cfg.lr_final, cfg.tau_start, cfg.tau_end, cfg.tau_schedule
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: schedule.lr_factor(index))
-    return MaskStep(model, wrapped, MaskLoss(loss, teacher, layer_outputs, cfg.distill_temperature,
-                                             cfg.feature_weight), optimizer, scheduler, settings, device, cfg, schedule)
+    return MaskStep(
+        model,
+        wrapped,
+        MaskLoss(loss, teacher, layer_outputs, cfg.distill_temperature, cfg.feature_weight),
+        optimizer,
+        scheduler,
+        settings,
+        device,
+        cfg,
+        schedule,
+    )

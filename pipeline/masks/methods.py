@@ -22,21 +22,23 @@ whose `dense_state_dict` holds the changed weights), learned (Gumbel-Softmax on 
 `masks.prior` = magnitude | wanda | sparsegpt | uniform, optionally started from another method's masks via
 MethodContext.initial).
 """
+
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.recipe.config import Recipe
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.masks.artifact import LayerMask, MaskArtifact, apply_masks
 from pipeline.masks.eligibility import EligibilityReport
 from pipeline.masks.patterns import magnitude_indices
+from pipeline.recipe.config import Recipe
 
 
 @dataclass
@@ -69,8 +71,10 @@ def dense_for_artifact(state_dict: dict[str, torch.Tensor], artifact: MaskArtifa
     try:
         return permute_state_dict(state_dict, permutations)
     except (KeyError, IndexError, ValueError, RuntimeError) as exc:
-        raise PipelineError(f"the mask artifact's channel permutations do not fit these weights ({exc}); "
-                            "use weights of the same architecture") from None
+        raise PipelineError(
+            f"the mask artifact's channel permutations do not fit these weights ({exc}); "
+            "use weights of the same architecture"
+        ) from None
 
 
 def kept_share(state_dict: dict[str, torch.Tensor], artifact: MaskArtifact) -> float:
@@ -86,8 +90,10 @@ def kept_share(state_dict: dict[str, torch.Tensor], artifact: MaskArtifact) -> f
 def _artifact(ctx: MethodContext, method: str, indices: dict[str, torch.Tensor], meta: dict) -> MaskArtifact:
     cfg = ctx.recipe.masks
     modules = dict(ctx.model.named_modules())
-    layers = [LayerMask(layer.name, list(modules[layer.name].weight.shape), cfg.n, cfg.m, indices[layer.name].long())
-              for layer in ctx.report.masked]
+    layers = [
+        LayerMask(layer.name, list(modules[layer.name].weight.shape), cfg.n, cfg.m, indices[layer.name].long())
+        for layer in ctx.report.masked
+    ]
     return MaskArtifact(ctx.recipe.name, ctx.recipe.arch, method, layers, meta)
 
 
@@ -99,14 +105,20 @@ def _state(ctx: MethodContext) -> dict[str, torch.Tensor]:
 def magnitude(ctx: MethodContext) -> MaskResult:
     cfg = ctx.recipe.masks
     state = _state(ctx)
-    indices = {layer.name: magnitude_indices(state[f"{layer.name}.weight"], cfg.n, cfg.m)
-               for layer in ctx.report.masked}
+    indices = {
+        layer.name: magnitude_indices(state[f"{layer.name}.weight"], cfg.n, cfg.m) for layer in ctx.report.masked
+    }
     return MaskResult(_artifact(ctx, "magnitude", indices, {"rule": "per block keep the N largest |w|"}), state)
 
 
 def permuted(ctx: MethodContext) -> MaskResult:
-    from pipeline.masks.permutation import (channel_spaces, consumer_matrix, output_difference,
-                                               permute_state_dict, search_permutation)
+    from pipeline.masks.permutation import (
+        channel_spaces,
+        consumer_matrix,
+        output_difference,
+        permute_state_dict,
+        search_permutation,
+    )
 
     cfg = ctx.recipe.masks
     state = _state(ctx)
@@ -131,19 +143,31 @@ def permuted(ctx: MethodContext) -> MaskResult:
         searches.append({"consumers": targets, **stats})
         if stats["kept_after"] <= stats["kept_before"]:
             continue  # identity is already best: leave the weights alone
-        permutations[f"space{index}"] = {"order": order.tolist(), "producers": list(space.producers),
-                                         "holders": list(space.holders), "consumers": list(space.consumers)}
+        permutations[f"space{index}"] = {
+            "order": order.tolist(),
+            "producers": list(space.producers),
+            "holders": list(space.holders),
+            "consumers": list(space.consumers),
+        }
     permuted_state = permute_state_dict(state, permutations)
     difference = output_difference(copy.deepcopy(ctx.model), state, permuted_state, ctx.recipe.input_shape)
-    indices = {layer.name: magnitude_indices(permuted_state[f"{layer.name}.weight"], cfg.n, cfg.m)
-               for layer in ctx.report.masked}
-    meta = {"permutations": permutations, "permutation_skipped": skipped,
-            "permuted_output_max_abs_difference": difference, "searches": searches}
+    indices = {
+        layer.name: magnitude_indices(permuted_state[f"{layer.name}.weight"], cfg.n, cfg.m)
+        for layer in ctx.report.masked
+    }
+    meta = {
+        "permutations": permutations,
+        "permutation_skipped": skipped,
+        "permuted_output_max_abs_difference": difference,
+        "searches": searches,
+    }
     for name, reason in skipped.items():
         ctx.log(f"  permuted: {name} keeps its channel order ({reason})")
-    return MaskResult(_artifact(ctx, "permuted", indices, meta), permuted_state,
-                      info={"skipped": skipped, "output_max_abs_difference": difference,
-                            "spaces_permuted": len(permutations)})
+    return MaskResult(
+        _artifact(ctx, "permuted", indices, meta),
+        permuted_state,
+        info={"skipped": skipped, "output_max_abs_difference": difference, "spaces_permuted": len(permutations)},
+    )
 
 
 def _transposable(ctx: MethodContext, solver: str, method: str) -> MaskResult:
@@ -210,14 +234,20 @@ def adaprune(ctx: MethodContext) -> MaskResult:
     cfg = ctx.recipe.masks
     batches = _calibration(ctx, "adaprune")
     state = _state(ctx)
-    indices = {layer.name: magnitude_indices(state[f"{layer.name}.weight"], cfg.n, cfg.m)
-               for layer in ctx.report.masked}
+    indices = {
+        layer.name: magnitude_indices(state[f"{layer.name}.weight"], cfg.n, cfg.m) for layer in ctx.report.masked
+    }
     artifact = _artifact(ctx, "adaprune", indices, {})
     refitted, stats = refit_kept_weights(copy.deepcopy(ctx.model).to(ctx.device), artifact, batches, ctx.device)
     state.update(refitted)
-    artifact.meta.update({"rule": "magnitude masks; kept weights re-fitted to the dense layer outputs",
-                          "changes_weights": True, "calibration_images": sum(len(batch) for batch in batches),
-                          "reconstruction": stats})
+    artifact.meta.update(
+        {
+            "rule": "magnitude masks; kept weights re-fitted to the dense layer outputs",
+            "changes_weights": True,
+            "calibration_images": sum(len(batch) for batch in batches),
+            "reconstruction": stats,
+        }
+    )
     return MaskResult(artifact, state, info={"changes_weights": True, "reconstruction": stats})
 
 
@@ -231,23 +261,43 @@ def learned(ctx: MethodContext) -> MaskResult:
     initial = None
     if ctx.initial is not None:
         initial = {layer.name: layer.indices for layer in dense_initial_check(ctx)}
-    result = learn_masks(model, ctx.report, ctx.recipe, ctx.data, ctx.device, checkpoint=ctx.checkpoint,
-                         initial_indices=initial, log=ctx.log)
+    result = learn_masks(
+        model,
+        ctx.report,
+        ctx.recipe,
+        ctx.data,
+        ctx.device,
+        checkpoint=ctx.checkpoint,
+        initial_indices=initial,
+        log=ctx.log,
+    )
     if result.stopped:
         raise Interrupted(result.stopped, "mask learning stopped; nothing compared")
-    meta = {"prior": ctx.recipe.masks.prior, "init_from": ctx.initial.method if ctx.initial else None,
-            "steps": result.steps, "kept": result.kept_why, "kept_step": result.kept_step,
-            "validation_top1": result.kept_score, "best_step": result.best_step, "beat_prior": result.beat_prior}
-    return MaskResult(_artifact(ctx, "learned", result.indices, meta), state,
-                      info={"steps": result.steps, "history": result.history, "beat_prior": result.beat_prior})
+    meta = {
+        "prior": ctx.recipe.masks.prior,
+        "init_from": ctx.initial.method if ctx.initial else None,
+        "steps": result.steps,
+        "kept": result.kept_why,
+        "kept_step": result.kept_step,
+        "validation_top1": result.kept_score,
+        "best_step": result.best_step,
+        "beat_prior": result.beat_prior,
+    }
+    return MaskResult(
+        _artifact(ctx, "learned", result.indices, meta),
+        state,
+        info={"steps": result.steps, "history": result.history, "beat_prior": result.beat_prior},
+    )
 
 
 def dense_initial_check(ctx: MethodContext) -> list[LayerMask]:
     """Layers of `ctx.initial` (a mask artifact), checked against the model's masked layers."""
     initial = ctx.initial
     if initial.meta.get("permutations"):
-        raise PipelineError(f"masks from method {initial.method} belong to permuted weights; learned masks start "
-                            "from masks of the original channel order (magnitude, transposable, learned)")
+        raise PipelineError(
+            f"masks from method {initial.method} belong to permuted weights; learned masks start "
+            "from masks of the original channel order (magnitude, transposable, learned)"
+        )
     by_name = initial.by_name()
     modules = dict(ctx.model.named_modules())
     layers = []
@@ -255,8 +305,10 @@ def dense_initial_check(ctx: MethodContext) -> list[LayerMask]:
         if layer.name not in by_name:
             continue
         if list(by_name[layer.name].shape) != list(modules[layer.name].weight.shape):
-            raise PipelineError(f"initial masks: layer {layer.name} has shape {by_name[layer.name].shape}, the "
-                                f"model {list(modules[layer.name].weight.shape)}")
+            raise PipelineError(
+                f"initial masks: layer {layer.name} has shape {by_name[layer.name].shape}, the "
+                f"model {list(modules[layer.name].weight.shape)}"
+            )
         layers.append(by_name[layer.name])
     return layers
 
@@ -276,9 +328,16 @@ METHODS: dict[str, Callable[[MethodContext], MaskResult]] = {
 CHANGES_WEIGHTS = frozenset({"adaprune"})
 
 # Which constraint bounds each method's admissible masks (for the mask-diversity column).
-CONSTRAINT = {"magnitude": "nm", "permuted": "nm", "transposable": "transposable",
-              "transposable-greedy": "transposable", "wanda": "nm", "sparsegpt": "nm", "adaprune": "nm",
-              "learned": "nm"}
+CONSTRAINT = {
+    "magnitude": "nm",
+    "permuted": "nm",
+    "transposable": "transposable",
+    "transposable-greedy": "transposable",
+    "wanda": "nm",
+    "sparsegpt": "nm",
+    "adaprune": "nm",
+    "learned": "nm",
+}
 
 
 def compute_masks(method: str, ctx: MethodContext) -> MaskResult:

@@ -6,16 +6,17 @@ groups run along in_features. `to_blocks` puts the input-channel axis last and s
 it into groups, so every mask operation below works on exactly those groups, never on
 the flattened C*R*S order (which leaves 3x3 convs unaccelerable).
 """
+
 from __future__ import annotations
 
 import itertools
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pattern_rows(n: int, m: int) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(1 if i in kept else 0 for i in range(m)) for kept in itertools.combinations(range(m), n))
 

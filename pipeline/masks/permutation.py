@@ -21,6 +21,7 @@ convs, LayerNorm) and every other layer that reads them - lets magnitude pruning
 3. `permute_state_dict` applies the permutations; the artifact stores them in `meta`, so the same
    permuted dense weights can be rebuilt from the original ones (`bake`, `export`).
 """
+
 from __future__ import annotations
 
 import operator
@@ -30,11 +31,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-                        nn.LeakyReLU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
-                        nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.hardswish,
-                          F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+_ELEMENTWISE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LeakyReLU,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    torch.sigmoid,
+    torch.tanh,
+    F.hardswish,
+    F.dropout,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+}
 _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
 _ARITHMETIC_METHODS = {"add", "add_", "sub", "mul", "mul_", "relu", "relu_", "sigmoid", "contiguous"}
 
@@ -134,7 +163,7 @@ class _ChannelTracer:
 
         found = []
         for arg in list(node.args) + list(node.kwargs.values()):
-            for item in (arg if isinstance(arg, (list, tuple)) else [arg]):
+            for item in arg if isinstance(arg, (list, tuple)) else [arg]:
                 if isinstance(item, torch.fx.Node) and item.name in self.spaces.of:
                     found.append(item)
         return found
@@ -158,13 +187,13 @@ class _ChannelTracer:
     def visit(self, node) -> None:
         shape = _shape(node)
         if node.op == "placeholder":
-            self.spaces.of[node.name] = self.spaces.new(shape[1] if shape and len(shape) > 1 else 0,
-                                                        fixed="network input")
+            self.spaces.of[node.name] = self.spaces.new(
+                shape[1] if shape and len(shape) > 1 else 0, fixed="network input"
+            )
             self.spaces.axis[node.name] = 1
         elif node.op == "get_attr":
             channels = shape[0] if shape else 0
-            self.spaces.of[node.name] = self.spaces.new(channels,
-                                                        fixed=f"parameter {node.target} is used as a tensor")
+            self.spaces.of[node.name] = self.spaces.new(channels, fixed=f"parameter {node.target} is used as a tensor")
             self.spaces.axis[node.name] = 0
         elif node.op == "output":
             self.fix_inputs(node, "network output (class order must not change)")
@@ -208,12 +237,17 @@ class _ChannelTracer:
                 spaces.fix(in_space, f"BatchNorm {node.target} on a tensor whose channels are not axis 1")
             spaces.space(in_space).holders.append(node.target)
             self.passthrough(node, source)
-        elif isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and in_shape \
-                and in_axis == len(in_shape) - 1:
+        elif (
+            isinstance(module, nn.LayerNorm)
+            and len(module.normalized_shape) == 1
+            and in_shape
+            and in_axis == len(in_shape) - 1
+        ):
             spaces.space(in_space).holders.append(node.target)
             self.passthrough(node, source)
         elif isinstance(module, _ELEMENTWISE_MODULES) or (
-                isinstance(module, nn.Flatten) and _flatten_keeps_channels(in_shape, _shape(node), in_axis)):
+            isinstance(module, nn.Flatten) and _flatten_keeps_channels(in_shape, _shape(node), in_axis)
+        ):
             self.passthrough(node, source)
         else:
             self.opaque(node, f"{type(module).__name__} {node.target} is not known to keep channels apart")
@@ -221,22 +255,27 @@ class _ChannelTracer:
     def visit_function(self, node) -> None:
         target, shape = node.target, _shape(node)
         inputs = self.tensor_inputs(node)
-        if target in (getattr, "size", "dim") or (node.op == "call_function" and target is operator.getitem
-                                                   and shape is None):
+        if target in (getattr, "size", "dim") or (
+            node.op == "call_function" and target is operator.getitem and shape is None
+        ):
             return  # shape queries: no channel mixing
         if not inputs:
             return
         first = inputs[0]
-        if (target in _ELEMENTWISE_FUNCTIONS or (node.op == "call_method" and target in _ARITHMETIC_METHODS)
-                or target in _ARITHMETIC):
+        if (
+            target in _ELEMENTWISE_FUNCTIONS
+            or (node.op == "call_method" and target in _ARITHMETIC_METHODS)
+            or target in _ARITHMETIC
+        ):
             if not all(_same_channel_axis(first, item, self.spaces) for item in inputs[1:]):
                 self.opaque(node, f"{node.name}: operands with different channel layouts")
                 return
             for item in inputs[1:]:
                 self.spaces.join(self.spaces.of[first.name], self.spaces.of[item.name])
             self.passthrough(node, first)
-        elif (target is torch.flatten or target in ("flatten", "view", "reshape")) and \
-                _flatten_keeps_channels(_shape(first), shape, self.spaces.axis[first.name]):
+        elif (target is torch.flatten or target in ("flatten", "view", "reshape")) and _flatten_keeps_channels(
+            _shape(first), shape, self.spaces.axis[first.name]
+        ):
             self.passthrough(node, first)
         else:
             name = getattr(target, "__name__", str(target))
@@ -274,8 +313,9 @@ class _SwapSearch:
     a swap only the pairs involving the two touched groups are re-evaluated.
     """
 
-    def __init__(self, matrix: torch.Tensor, order: torch.Tensor, members: list[int], n: int, m: int,
-                 chunk: int = 64) -> None:
+    def __init__(
+        self, matrix: torch.Tensor, order: torch.Tensor, members: list[int], n: int, m: int, chunk: int = 64
+    ) -> None:
         from pipeline.masks.patterns import pattern_table
 
         self.matrix, self.order, self.n, self.m, self.chunk = matrix, order, n, m, chunk
@@ -313,7 +353,7 @@ class _SwapSearch:
     def _evaluate(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gains, where = [], []
         for start in range(0, len(a), self.chunk):
-            pa, pb = a[start:start + self.chunk], b[start:start + self.chunk]
+            pa, pb = a[start : start + self.chunk], b[start : start + self.chunk]
             ra, rb = self._rows(pa), self._rows(pb)
             aa, ba, ab, bb = self.without[pa], self.with_i[pa], self.without[pb], self.with_i[pb]
             # new_a[i, j] = sum_d max(A_a[i], B_a[i] + R_b[j]);  new_b[i, j] = sum_d max(A_b[j], B_b[j] + R_a[i])
@@ -359,8 +399,9 @@ class _SwapSearch:
         return swaps
 
 
-def search_permutation(matrix: torch.Tensor, n: int, m: int, escapes: int = 8, window: int = 64,
-                       passes: int = 2, seed: int = 0) -> tuple[torch.Tensor, dict]:
+def search_permutation(
+    matrix: torch.Tensor, n: int, m: int, escapes: int = 8, window: int = 64, passes: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, dict]:
     """Order of the rows (input channels) of `matrix` [C, D] (|w| of every consumer, side by side)
     that keeps the most magnitude under N:M grouping. Returns (order, statistics)."""
     if matrix.numel() < 1 << 22:  # small tensors: thread start-up costs more than it saves
@@ -373,8 +414,9 @@ def search_permutation(matrix: torch.Tensor, n: int, m: int, escapes: int = 8, w
     return _search(matrix, n, m, escapes, window, passes, seed)
 
 
-def _search(matrix: torch.Tensor, n: int, m: int, escapes: int, window: int, passes: int,
-            seed: int) -> tuple[torch.Tensor, dict]:
+def _search(
+    matrix: torch.Tensor, n: int, m: int, escapes: int, window: int, passes: int, seed: int
+) -> tuple[torch.Tensor, dict]:
     channels = matrix.shape[0]
     matrix = matrix.float().contiguous()
     order = torch.arange(channels)
@@ -391,7 +433,7 @@ def _search(matrix: torch.Tensor, n: int, m: int, escapes: int, window: int, pas
         if group_count > window:  # large spaces: search windows of groups, re-shuffled every pass
             members = torch.randperm(group_count, generator=generator).tolist()
         for start in range(0, group_count, window):
-            search = _SwapSearch(matrix, order, members[start:start + window], n, m)
+            search = _SwapSearch(matrix, order, members[start : start + window], n, m)
             swaps += search.descend(tolerance, max_swaps)
             value = kept_magnitude(matrix, order, n, m)
             if value > best + tolerance:
@@ -425,8 +467,12 @@ def permute_state_dict(state_dict: dict[str, torch.Tensor], permutations: dict[s
                     permuted[name + suffix] = permuted[name + suffix][order].contiguous()
         for name in entry["holders"]:
             for tensor_key, tensor in list(permuted.items()):
-                if tensor_key.startswith(name + ".") and "." not in tensor_key[len(name) + 1:] \
-                        and tensor.dim() >= 1 and tensor.shape[0] == channels:
+                if (
+                    tensor_key.startswith(name + ".")
+                    and "." not in tensor_key[len(name) + 1 :]
+                    and tensor.dim() >= 1
+                    and tensor.shape[0] == channels
+                ):
                     permuted[tensor_key] = tensor[order].contiguous()
         for name in entry["consumers"]:
             permuted[name + ".weight"] = permuted[name + ".weight"][:, order].contiguous()
@@ -441,8 +487,9 @@ def consumer_matrix(state_dict: dict[str, torch.Tensor], names: list[str]) -> to
     return torch.cat(parts, 1)
 
 
-def output_difference(model: nn.Module, state_a: dict, state_b: dict, input_shape: list[int],
-                      batch: int = 8, seed: int = 0) -> float:
+def output_difference(
+    model: nn.Module, state_a: dict, state_b: dict, input_shape: list[int], batch: int = 8, seed: int = 0
+) -> float:
     """Largest |difference| of the logits of two weight sets on a random batch (eval mode)."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, *input_shape, generator=generator)

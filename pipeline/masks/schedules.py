@@ -5,6 +5,7 @@ Nothing here touches a model or a data loader, so each piece is tested on its ow
 function of (step, total steps), where the total comes from a step budget that does not depend on
 the dataset's size: epochs are derived from the budget, never the other way round.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,10 @@ def steps_per_epoch(train_images: int, batch_size: int, world_size: int = 1) -> 
         raise PipelineError(f"batch size {batch_size} and world size {world_size} must be at least 1")
     steps = (train_images // world_size) // batch_size
     if steps == 0:
-        raise PipelineError(f"training set has {train_images} images, fewer than one batch of {batch_size} per "
-                            f"process; lower masks.batch_size")
+        raise PipelineError(
+            f"training set has {train_images} images, fewer than one batch of {batch_size} per "
+            f"process; lower masks.batch_size"
+        )
     return steps
 
 
@@ -74,8 +77,9 @@ class MaskSchedule:
     recipe's temperature schedule over the budget (`masks.steps`), until a `Cooldown` (set when the
     validation score plateaus) takes both to their final values early."""
 
-    def __init__(self, steps: int, warmup: int, lr_final: float, tau_start: float, tau_end: float,
-                 tau_schedule: str) -> None:
+    def __init__(
+        self, steps: int, warmup: int, lr_final: float, tau_start: float, tau_end: float, tau_schedule: str
+    ) -> None:
         self.steps, self.warmup, self.lr_final = steps, warmup, lr_final
         self.tau_start, self.tau_end, self.tau_schedule = tau_start, tau_end, tau_schedule
         self.cooldown: Cooldown | None = None
@@ -111,8 +115,9 @@ class Cooldown:
 
     def __post_init__(self) -> None:
         if self.start < 0 or self.length < 1:
-            raise PipelineError(f"cooldown from step {self.start} over {self.length} steps: needs a start >= 0 "
-                                "and at least 1 step")
+            raise PipelineError(
+                f"cooldown from step {self.start} over {self.length} steps: needs a start >= 0 and at least 1 step"
+            )
 
     def blend(self, at_start: float, final: float, step: int) -> float:
         progress = min(max(step - self.start, 0) / self.length, 1.0)
@@ -165,8 +170,10 @@ class PlateauRule:
         stale = self.stale(history)
         if stale < self.patience:
             return None
-        return (f"plateau: validation top-1 not above {history[-1 - stale]['top1']:.2f}% + one image "
-                f"({self.resolution:.2f} pt) for {stale} evaluations")
+        return (
+            f"plateau: validation top-1 not above {history[-1 - stale]['top1']:.2f}% + one image "
+            f"({self.resolution:.2f} pt) for {stale} evaluations"
+        )
 
     def reason(self, history: list[dict]) -> str | None:
         """Why training stops after the last evaluation of `history` without a cooldown (the plateau, and the
@@ -175,12 +182,11 @@ class PlateauRule:
         changed = history[-1]["changed"] if history else 1.0
         if plateau is None or changed > self.changed:
             return None
-        return (f"{plateau} and the argmax changed on {100 * changed:.3f}% of blocks (at most "
-                f"{100 * self.changed:.3f}%)")
+        return f"{plateau} and the argmax changed on {100 * changed:.3f}% of blocks (at most {100 * self.changed:.3f}%)"
 
     def first_stop(self, history: list[dict]) -> int | None:
         """Index of the evaluation after which the rule stops a run with this history; None: never."""
-        return next((i for i in range(1, len(history)) if self.reason(history[:i + 1])), None)
+        return next((i for i in range(1, len(history)) if self.reason(history[: i + 1])), None)
 
 
 @dataclass
@@ -229,8 +235,7 @@ class KeptMasks:
         return above_start(self.step, self.score, start_score)
 
 
-def keep_masks(keep: str, best: BestMasks, final: dict[str, torch.Tensor], step: int,
-               score: float | None) -> KeptMasks:
+def keep_masks(keep: str, best: BestMasks, final: dict[str, torch.Tensor], step: int, score: float | None) -> KeptMasks:
     """Which masks a run that ends now returns. `final`: the argmax at `step`, scoring `score` on the validation
     split. keep = "best": the best masks seen. keep = "final": the final masks, unless they score below the prior's
     masks at step 0 (then the best ones, never worse than the start). Without a validation split (no best masks),
@@ -240,15 +245,20 @@ def keep_masks(keep: str, best: BestMasks, final: dict[str, torch.Tensor], step:
     if keep == "best":
         return KeptMasks(best.indices, max(best.step, 0), best.score, "best (masks.keep = best)")
     if score is not None and best.start_score is not None and score < best.start_score:
-        return KeptMasks(best.indices, max(best.step, 0), best.score,
-                         f"best: the final masks scored {score:.2f} on the validation split, below the prior's "
-                         f"{best.start_score:.2f}")
+        return KeptMasks(
+            best.indices,
+            max(best.step, 0),
+            best.score,
+            f"best: the final masks scored {score:.2f} on the validation split, below the prior's "
+            f"{best.start_score:.2f}",
+        )
     return KeptMasks(final, step, score, "final")
 
 
 # --------------------------------------------------------------------------- losses
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
-                      ) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """KL(teacher || student) of the softened class distributions, times T^2 so the gradient scale
     does not depend on T (Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network",
     2015). The teacher is the frozen dense model; no labels are needed."""
@@ -256,20 +266,25 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         raise PipelineError(f"distillation temperature must be positive, got {temperature}")
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature ** 2
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
-def feature_distillation_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]
-                              ) -> torch.Tensor:
+def feature_distillation_loss(
+    student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]
+) -> torch.Tensor:
     """Mean over layers of the relative squared error ||s - t||^2 / ||t||^2 between the student's and the
     frozen dense model's outputs of the same layers (the masked ones). Each layer weighs alike whatever
     its scale, and every image gives one target per activation rather than one per class, which is what
     a run without labels or with few images lacks (FitNets, Romero et al., 2015, at every masked layer)."""
     if len(student_features) != len(teacher_features) or not student_features:
-        raise PipelineError(f"feature distillation needs one teacher output per student layer, got "
-                            f"{len(student_features)} and {len(teacher_features)}")
-    errors = [(s.float() - t.detach().float()).pow(2).sum() / t.detach().float().pow(2).sum().clamp_min(1e-12)
-              for s, t in zip(student_features, teacher_features)]
+        raise PipelineError(
+            f"feature distillation needs one teacher output per student layer, got "
+            f"{len(student_features)} and {len(teacher_features)}"
+        )
+    errors = [
+        (s.float() - t.detach().float()).pow(2).sum() / t.detach().float().pow(2).sum().clamp_min(1e-12)
+        for s, t in zip(student_features, teacher_features)
+    ]
     return torch.stack(errors).mean()
 
 
@@ -287,8 +302,7 @@ def prior_logits(indices: torch.Tensor, n: int, m: int, strength: float) -> torc
     return (strength * centred).movedim(-1, 0).contiguous()
 
 
-def sampling_probabilities(logits: torch.Tensor, gumbel: torch.Tensor, tau: float, scale: float = 1.0
-                           ) -> torch.Tensor:
+def sampling_probabilities(logits: torch.Tensor, gumbel: torch.Tensor, tau: float, scale: float = 1.0) -> torch.Tensor:
     """Soft pattern choice softmax((scale * logits + g) / tau) over the pattern axis 0. `scale` is
     MaskLLM's logit scaling: the Gumbel noise g has a fixed spread, so scaling the logits sets how
     far they must move before sampling follows them (large: near-deterministic around the prior)."""

@@ -19,10 +19,11 @@ Three solvers for one M x M block, all maximising the kept |w| (= minimising the
   kept; `_complete` then fills the deficit with the best exchange (documented in
   docs/baselines.md), so the result is a full transposable N:M mask.
 """
+
 from __future__ import annotations
 
 import itertools
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -33,7 +34,7 @@ ENUMERATE_LIMIT = 5000  # largest table of M x M masks the vectorised exact solv
 
 
 # --------------------------------------------------------------------------- admissible masks
-@lru_cache(maxsize=None)
+@cache
 def _transposable_rows(n: int, m: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
     rows = [tuple(row) for row in pattern_table(n, m).int().tolist()]
     masks = []
@@ -200,7 +201,7 @@ def _complete(mask: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
             rows_r = sub[torch.arange(len(idx)), r]  # [S, M] over c2
             cols_c = sub[torch.arange(len(idx)), :, c]  # [S, M] over r2
             valid = (sub == 1) & (rows_r[:, None, :] == 0) & (cols_c[:, :, None] == 0)  # [S, r2, c2]
-            gain = (sc[torch.arange(len(idx)), r][:, None, :] + sc[torch.arange(len(idx)), :, c][:, :, None] - sc)
+            gain = sc[torch.arange(len(idx)), r][:, None, :] + sc[torch.arange(len(idx)), :, c][:, :, None] - sc
             best = torch.where(valid, gain, inf).flatten(1).argmax(1)
             r2, c2 = best // m, best % m
             mask[idx, r2, c2] = 0

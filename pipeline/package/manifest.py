@@ -11,6 +11,7 @@ relative to that folder. Not listed:
   - serve_check.json, serve_check.log and serve.log: written by serve-check and serve after packaging,
     about a server run, not part of the deliverable (check-manifest stays valid after them).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -83,11 +84,14 @@ def environment() -> dict[str, str]:
     }
 
 
-def build_manifest(root: Path, recipe_hash: str, model: str, verdict: str, extra: dict[str, Any] | None = None
-                   ) -> dict[str, Any]:
+def build_manifest(
+    root: Path, recipe_hash: str, model: str, verdict: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     root = Path(root)
-    files = [{"path": str(rel), "sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}
-             for rel in artifact_files(root)]
+    files = [
+        {"path": str(rel), "sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}
+        for rel in artifact_files(root)
+    ]
     return {
         "format": MANIFEST_FORMAT,
         "model": model,
@@ -122,11 +126,17 @@ class ManifestCheck:
 def _entries(manifest: Any, path: Path) -> list[dict[str, Any]]:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, list):
-        raise PipelineError(f"{path} has no 'files' list; it is not a manifest written by the package stage: "
-                            "rerun `python -m pipeline package`")
+        raise PipelineError(
+            f"{path} has no 'files' list; it is not a manifest written by the package stage: "
+            "rerun `python -m pipeline package`"
+        )
     for entry in files:
-        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("sha256"), str)
-                and isinstance(entry.get("size"), int)):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("path"), str)
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("size"), int)
+        ):
             raise PipelineError(f"{path}: malformed entry {entry!r} (needs path, sha256, size); rerun package")
         relative = PurePosixPath(entry["path"])
         if relative.is_absolute() or ".." in relative.parts:

@@ -4,6 +4,7 @@ The check parses a config with the ModelConfig protobuf that the `tritonclient` 
 ships (the same schema tritonserver reads) and cross-checks it against the model file in
 the version folder: tensor names, data types and dims, batch axis, file names, labels.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,22 +39,28 @@ def model_config_pb2():
         return module
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] == "tritonclient":
-            raise PipelineError("checking config.pbtxt needs the tritonclient package: "
-                                "pip install 'tritonclient>=2.40' (or pip install -e '.[triton]')") from None
+            raise PipelineError(
+                "checking config.pbtxt needs the tritonclient package: "
+                "pip install 'tritonclient>=2.40' (or pip install -e '.[triton]')"
+            ) from None
     except RuntimeError:  # "The installation does not include grpc support"
         pass
     spec = importlib.util.find_spec("tritonclient")
     path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
     if not path.is_file():
-        raise PipelineError(f"tritonclient at {path.parent.parent} has no grpc/model_config_pb2.py; "
-                            "reinstall it: pip install --force-reinstall 'tritonclient>=2.40'")
+        raise PipelineError(
+            f"tritonclient at {path.parent.parent} has no grpc/model_config_pb2.py; "
+            "reinstall it: pip install --force-reinstall 'tritonclient>=2.40'"
+        )
     module_spec = importlib.util.spec_from_file_location(_PB2, path)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:  # protobuf runtime/gencode version mismatch
-        raise PipelineError(f"cannot load Triton's ModelConfig schema from {path} ({str(exc).splitlines()[0][:160]}); "
-                            "install a protobuf version that matches tritonclient") from None
+        raise PipelineError(
+            f"cannot load Triton's ModelConfig schema from {path} ({str(exc).splitlines()[0][:160]}); "
+            "install a protobuf version that matches tritonclient"
+        ) from None
     sys.modules[_PB2] = module
     return module
 
@@ -107,8 +114,12 @@ def render_config(model: ServedModel) -> str:
     lines.append("]")
     lines.append("output [")
     for i, spec in enumerate(model.outputs):
-        lines += ["  {", f'    name: "{spec.name}"', f"    data_type: {spec.data_type}",
-                  f"    dims: {_dims(spec.dims[offset:])}"]
+        lines += [
+            "  {",
+            f'    name: "{spec.name}"',
+            f"    data_type: {spec.data_type}",
+            f"    dims: {_dims(spec.dims[offset:])}",
+        ]
         if spec.name == model.label_output:
             lines.append(f'    label_filename: "{LABELS_FILENAME}"')
         lines.append("  }" + ("," if i < len(model.outputs) - 1 else ""))
@@ -120,10 +131,14 @@ def render_config(model: ServedModel) -> str:
             lines.append(f'  {{ key: "{cc}" value: "{filename}" }}' + ("," if i < len(items) - 1 else ""))
         lines.append("]")
     if model.max_batch_size > 0:
-        lines += ["dynamic_batching {",
-                  f"  preferred_batch_size: {_dims(tuple(model.preferred_batch_sizes))}"
-                  if model.preferred_batch_sizes else None,
-                  f"  max_queue_delay_microseconds: {model.max_queue_delay_us}", "}"]
+        lines += [
+            "dynamic_batching {",
+            f"  preferred_batch_size: {_dims(tuple(model.preferred_batch_sizes))}"
+            if model.preferred_batch_sizes
+            else None,
+            f"  max_queue_delay_microseconds: {model.max_queue_delay_us}",
+            "}",
+        ]
     lines += ["instance_group [", f"  {{ count: {model.instance_count} kind: {model.instance_kind} }}", "]"]
     return "\n".join(line for line in lines if line is not None) + "\n"
 
@@ -140,11 +155,14 @@ def parse_config(path: Path) -> Any:
         config = text_format.Parse(path.read_bytes().decode("utf-8"), pb2.ModelConfig())
     except (text_format.ParseError, UnicodeDecodeError) as exc:
         reason = str(exc).splitlines()[0][:160]
-        raise PipelineError(f"{path} is not a valid Triton ModelConfig ({reason}); rerun `python -m pipeline "
-                            "package`") from None
+        raise PipelineError(
+            f"{path} is not a valid Triton ModelConfig ({reason}); rerun `python -m pipeline package`"
+        ) from None
     if not config.name or not (config.platform or config.backend):
-        raise PipelineError(f"{path} is not a complete Triton ModelConfig (no name, platform or backend); rerun "
-                            "`python -m pipeline package`")
+        raise PipelineError(
+            f"{path} is not a complete Triton ModelConfig (no name, platform or backend); rerun "
+            "`python -m pipeline package`"
+        )
     return config
 
 
@@ -164,8 +182,9 @@ def model_file_specs(version_dir: Path, config: Any) -> dict[str, tuple[list[Ten
             if not plan.is_file():
                 raise PipelineError(f"{where} names {filename}, but {plan} does not exist; rerun package")
             if not meta_path.is_file():
-                raise PipelineError(f"{meta_path} (engine metadata) is missing, so {plan.name} cannot be "
-                                    "cross-checked; rerun package")
+                raise PipelineError(
+                    f"{meta_path} (engine metadata) is missing, so {plan.name} cannot be cross-checked; rerun package"
+                )
             from pipeline.io import read_json
 
             found[filename] = specs_from_metadata(read_json(meta_path), str(meta_path))
@@ -174,41 +193,53 @@ def model_file_specs(version_dir: Path, config: Any) -> dict[str, tuple[list[Ten
         found[filename] = specs_from_onnx(version_dir / filename)
     elif config.backend == "python":
         if not (version_dir / PYTHON_MODEL_FILENAME).is_file():
-            raise PipelineError(f"{where}: Python-backend model without {version_dir / PYTHON_MODEL_FILENAME}; "
-                                "rerun package")
+            raise PipelineError(
+                f"{where}: Python-backend model without {version_dir / PYTHON_MODEL_FILENAME}; rerun package"
+            )
         if (version_dir / ONNX_FILENAME).is_file():  # a model.py that runs this ONNX through ONNX Runtime
             found[ONNX_FILENAME] = specs_from_onnx(version_dir / ONNX_FILENAME)
     elif config.platform == "ensemble":
         pass  # checked against its composing models by check_ensemble
     else:
-        raise PipelineError(f"{where}: platform {config.platform!r} / backend {config.backend!r} is not one this "
-                            "pipeline writes (tensorrt_plan, onnxruntime, python or ensemble)")
+        raise PipelineError(
+            f"{where}: platform {config.platform!r} / backend {config.backend!r} is not one this "
+            "pipeline writes (tensorrt_plan, onnxruntime, python or ensemble)"
+        )
     return found
 
 
-def _check_tensors(kind: str, declared: list[Any], actual: list[TensorSpec], batched: bool, where: Path,
-                   filename: str) -> None:
+def _check_tensors(
+    kind: str, declared: list[Any], actual: list[TensorSpec], batched: bool, where: Path, filename: str
+) -> None:
     names = [t.name for t in declared]
     actual_by_name = {t.name: t for t in actual}
     if sorted(names) != sorted(actual_by_name):
-        raise PipelineError(f"{where}: {kind} names {names} do not match {filename} ({sorted(actual_by_name)}); "
-                            "rerun package instead of editing config.pbtxt")
+        raise PipelineError(
+            f"{where}: {kind} names {names} do not match {filename} ({sorted(actual_by_name)}); "
+            "rerun package instead of editing config.pbtxt"
+        )
     for tensor in declared:
         spec = actual_by_name[tensor.name]
         if _type_name(tensor.data_type) != spec.data_type:
-            raise PipelineError(f"{where}: {kind} {tensor.name!r} is {_type_name(tensor.data_type)}, {filename} has "
-                                f"{spec.data_type}; rerun package")
+            raise PipelineError(
+                f"{where}: {kind} {tensor.name!r} is {_type_name(tensor.data_type)}, {filename} has "
+                f"{spec.data_type}; rerun package"
+            )
         expected = spec.dims
         if batched:
             if not expected or expected[0] != -1:
-                raise PipelineError(f"{where}: max_batch_size > 0 needs a dynamic batch axis, but {kind} "
-                                    f"{tensor.name!r} of {filename} has shape {list(expected)}; export with a "
-                                    "dynamic batch axis (the export stage does)")
+                raise PipelineError(
+                    f"{where}: max_batch_size > 0 needs a dynamic batch axis, but {kind} "
+                    f"{tensor.name!r} of {filename} has shape {list(expected)}; export with a "
+                    "dynamic batch axis (the export stage does)"
+                )
             expected = expected[1:]
         dims = tuple(tensor.dims)
         if dims != tuple(expected):
-            raise PipelineError(f"{where}: {kind} {tensor.name!r} has dims {list(dims)}, {filename} has "
-                                f"{list(expected)}{' (batch axis dropped)' if batched else ''}; rerun package")
+            raise PipelineError(
+                f"{where}: {kind} {tensor.name!r} has dims {list(dims)}, {filename} has "
+                f"{list(expected)}{' (batch axis dropped)' if batched else ''}; rerun package"
+            )
 
 
 def check_model_dir(model_dir: Path) -> Any:
@@ -217,10 +248,13 @@ def check_model_dir(model_dir: Path) -> Any:
     where = model_dir / "config.pbtxt"
     config = parse_config(where)
     if config.name != model_dir.name:
-        raise PipelineError(f"{where}: name {config.name!r} differs from its folder {model_dir.name!r}; "
-                            "Triton refuses that")
+        raise PipelineError(
+            f"{where}: name {config.name!r} differs from its folder {model_dir.name!r}; Triton refuses that"
+        )
     if config.max_batch_size < 0:
-        raise PipelineError(f"{where}: max_batch_size {config.max_batch_size} is negative; set serve.max_batch_size >= 0")
+        raise PipelineError(
+            f"{where}: max_batch_size {config.max_batch_size} is negative; set serve.max_batch_size >= 0"
+        )
     batched = config.max_batch_size > 0
     version_dir = model_dir / VERSION
     if not version_dir.is_dir():
@@ -236,8 +270,10 @@ def check_model_dir(model_dir: Path) -> Any:
     if config.HasField("dynamic_batching"):
         too_big = [size for size in config.dynamic_batching.preferred_batch_size if size > config.max_batch_size]
         if too_big:
-            raise PipelineError(f"{where}: preferred_batch_size {too_big} exceeds max_batch_size "
-                                f"{config.max_batch_size}; fix serve.preferred_batch_sizes")
+            raise PipelineError(
+                f"{where}: preferred_batch_size {too_big} exceeds max_batch_size "
+                f"{config.max_batch_size}; fix serve.preferred_batch_sizes"
+            )
     for output in config.output:
         if output.label_filename:
             labels = model_dir / output.label_filename
@@ -246,8 +282,9 @@ def check_model_dir(model_dir: Path) -> Any:
             count = len(labels.read_text().splitlines())
             classes = output.dims[-1] if output.dims else None
             if classes is not None and classes > 0 and count != classes:
-                raise PipelineError(f"{labels} has {count} lines, output {output.name!r} has {classes} classes; "
-                                    "fix the recipe's labels")
+                raise PipelineError(
+                    f"{labels} has {count} lines, output {output.name!r} has {classes} classes; fix the recipe's labels"
+                )
     return config
 
 
@@ -279,13 +316,15 @@ def check_ensemble(where: Path, config: Any, configs: dict[str, Any]) -> None:
         model_outputs = {tensor.name: tensor for tensor in model.output}
         for key, value in step.input_map.items():
             if key not in model_inputs:
-                raise PipelineError(f"{where}: {step.model_name} has no input {key!r} (it has "
-                                    f"{sorted(model_inputs)}); rerun package")
+                raise PipelineError(
+                    f"{where}: {step.model_name} has no input {key!r} (it has {sorted(model_inputs)}); rerun package"
+                )
             consumed.add(value)
         for key, value in step.output_map.items():
             if key not in model_outputs:
-                raise PipelineError(f"{where}: {step.model_name} has no output {key!r} (it has "
-                                    f"{sorted(model_outputs)}); rerun package")
+                raise PipelineError(
+                    f"{where}: {step.model_name} has no output {key!r} (it has {sorted(model_outputs)}); rerun package"
+                )
             produced[value] = model_outputs[key]
     for tensor in config.input:
         if tensor.name not in consumed:
@@ -295,6 +334,8 @@ def check_ensemble(where: Path, config: Any, configs: dict[str, Any]) -> None:
         if source is None:
             raise PipelineError(f"{where}: no step produces ensemble output {tensor.name!r}; rerun package")
         if (source.data_type, list(source.dims)) != (tensor.data_type, list(tensor.dims)):
-            raise PipelineError(f"{where}: output {tensor.name!r} is {_type_name(tensor.data_type)} "
-                                f"{list(tensor.dims)}, its step produces {_type_name(source.data_type)} "
-                                f"{list(source.dims)}; rerun package")
+            raise PipelineError(
+                f"{where}: output {tensor.name!r} is {_type_name(tensor.data_type)} "
+                f"{list(tensor.dims)}, its step produces {_type_name(source.data_type)} "
+                f"{list(source.dims)}; rerun package"
+            )

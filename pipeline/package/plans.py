@@ -6,6 +6,7 @@ so packaging for a Triton release whose TensorRT differs is refused (`check_trit
 A plan built with hardware_compatibility=ampere_plus runs on every Ampere or newer GPU: it is registered
 under every such compute capability and as the model's default file (`served_filenames`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,8 +57,9 @@ class PlanEngine:
         return self.info.batch["max"]
 
 
-def find_plans(root: Path, build_report: Path, precision: str,
-               triton_release: str | None = None) -> dict[str, list[PlanEngine]]:
+def find_plans(
+    root: Path, build_report: Path, precision: str, triton_release: str | None = None
+) -> dict[str, list[PlanEngine]]:
     """variant -> [plan] from build.json when the tensorrt backend wrote it; {} when there is none."""
     root = Path(root)
     if not Path(build_report).is_file():
@@ -70,8 +72,10 @@ def find_plans(root: Path, build_report: Path, precision: str,
         path = report.checked_engine(variant, root)
         info = EngineInfo.load(path)
         if info.compute_capability is None:
-            raise PipelineError(f"{path} records no compute capability (built where torch saw no GPU); rebuild it "
-                                "on the GPU it is for, or package with --format onnx")
+            raise PipelineError(
+                f"{path} records no compute capability (built where torch saw no GPU); rebuild it "
+                "on the GPU it is for, or package with --format onnx"
+            )
         onnx = Path(report.engines[variant]["onnx"])
         plans[variant] = [PlanEngine(variant, path, info, onnx if onnx.is_absolute() else root / onnx)]
     if triton_release is not None:
@@ -83,21 +87,27 @@ def check_triton_release(plans: dict[str, list[PlanEngine]], release: str) -> No
     """Refuse plans that the TensorRT of Triton container `release` (e.g. "24.08", `-py3` image) cannot load."""
     row = RELEASES.get(release)
     if row is None:
-        raise PipelineError(f"Triton release {release!r} is not in the table of pipeline/triton_releases.py (known: "
-                            f"{', '.join(RELEASES)}); add it with its four-part TensorRT version, or package with "
-                            "--format onnx")
+        raise PipelineError(
+            f"Triton release {release!r} is not in the table of pipeline/triton_releases.py (known: "
+            f"{', '.join(RELEASES)}); add it with its four-part TensorRT version, or package with "
+            "--format onnx"
+        )
     image = f"nvcr.io/nvidia/tritonserver:{release}-{FLAVOUR}"
     if not row.four_part:
-        raise PipelineError(f"the TensorRT build number of {image} is not recorded (table: {row.tensorrt or 'unknown'}"
-                            "), and a plan loads only in the exact build: read it in that container (dpkg -l | grep "
-                            "libnvinfer), add it to pipeline/triton_releases.py, or package with --format onnx")
+        raise PipelineError(
+            f"the TensorRT build number of {image} is not recorded (table: {row.tensorrt or 'unknown'}"
+            "), and a plan loads only in the exact build: read it in that container (dpkg -l | grep "
+            "libnvinfer), add it to pipeline/triton_releases.py, or package with --format onnx"
+        )
     for engines in plans.values():
         for engine in engines:
             if engine.tensorrt_version.split(".")[:4] != row.tensorrt.split("."):
-                raise PipelineError(f"{engine.path} was built by TensorRT {engine.tensorrt_version}, but {image} runs "
-                                    f"TensorRT {row.tensorrt} and cannot load it: rebuild inside that container, "
-                                    "package for a release that ships the TensorRT that built it, or package with "
-                                    "--format onnx")
+                raise PipelineError(
+                    f"{engine.path} was built by TensorRT {engine.tensorrt_version}, but {image} runs "
+                    f"TensorRT {row.tensorrt} and cannot load it: rebuild inside that container, "
+                    "package for a release that ships the TensorRT that built it, or package with "
+                    "--format onnx"
+                )
 
 
 def plan_filename(cc: str) -> str:

@@ -17,6 +17,7 @@ and in each:
 The repository is built in a hidden temporary folder, every config is checked, and only
 then is it swapped in, so a failed package run leaves the previous repository intact.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,17 +27,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_file, write_json, write_text
 from pipeline.package.ensembles import write_preprocess_and_ensembles
-from pipeline.package.model_config import (LABELS_FILENAME, ONNX_FILENAME, PLAN_METADATA_SUFFIX,
-                                           PYTHON_MODEL_FILENAME, VERSION, ServedModel, check_model_dir,
-                                           check_repository, render_config)
+from pipeline.package.model_config import (
+    LABELS_FILENAME,
+    ONNX_FILENAME,
+    PLAN_METADATA_SUFFIX,
+    PYTHON_MODEL_FILENAME,
+    VERSION,
+    ServedModel,
+    check_model_dir,
+    check_repository,
+    render_config,
+)
 from pipeline.package.plans import VARIANTS, PlanEngine, find_plans, plan_filename, served_filenames
 from pipeline.package.serving import labels_text, preprocessing
 from pipeline.package.tensors import TensorSpec, onnx_external_files, specs_from_onnx
 from pipeline.paths import ArtifactPaths, relative_to_root
+from pipeline.recipe.config import Recipe
 
 FORMATS = ("auto", "plan", "onnx")
 FLAVOURS = ("production", "cpu")
@@ -65,14 +74,21 @@ def choose_sources(recipe: Recipe, paths: ArtifactPaths, fmt: str) -> Repository
     if fmt not in FORMATS:
         raise PipelineError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     onnx = {"dense": paths.dense_onnx, "sparse": paths.sparse_onnx}
-    plans = find_plans(paths.root, paths.build_report, recipe.build.precision,
-                       triton_release=recipe.serve.triton_release or None) if fmt != "onnx" else {}
+    plans = (
+        find_plans(
+            paths.root, paths.build_report, recipe.build.precision, triton_release=recipe.serve.triton_release or None
+        )
+        if fmt != "onnx"
+        else {}
+    )
     have = [variant for variant in VARIANTS if plans.get(variant)]
     if fmt == "plan" or (fmt == "auto" and len(have) == len(VARIANTS)):
         missing = [variant for variant in VARIANTS if variant not in have]
         if missing:
-            raise PipelineError(f"--format plan: no TensorRT plan for {', '.join(missing)} in {paths.root}; run "
-                                f"`python -m pipeline build --model {recipe.name}` on a GPU machine or use --format onnx")
+            raise PipelineError(
+                f"--format plan: no TensorRT plan for {', '.join(missing)} in {paths.root}; run "
+                f"`python -m pipeline build --model {recipe.name}` on a GPU machine or use --format onnx"
+            )
         ccs = sorted({engine.compute_capability for variant in VARIANTS for engine in plans[variant]})
         return RepositoryPlan("plan", f"TensorRT plans for compute capability {', '.join(ccs)}", plans=plans)
     if fmt == "onnx":
@@ -81,7 +97,7 @@ def choose_sources(recipe: Recipe, paths: ArtifactPaths, fmt: str) -> Repository
         reason = f"ONNX: only {have[0]} has a TensorRT plan, and an A/B pair should run on one backend"
     else:
         reason = "ONNX: no TensorRT plan found (the build stage writes them on a GPU machine with TensorRT)"
-    for variant, path in onnx.items():
+    for path in onnx.values():
         if not path.is_file():
             raise PipelineError(f"{path} does not exist; run `python -m pipeline export --model {recipe.name}` first")
     return RepositoryPlan("onnx", reason, onnx=onnx)
@@ -96,11 +112,15 @@ def _label_output(recipe: Recipe, outputs: list[TensorSpec], source: str) -> Ten
     named = [spec for spec in outputs if spec.name == recipe.export.output_name]
     output = named[0] if named else (outputs[0] if len(outputs) == 1 else None)
     if output is None:
-        raise PipelineError(f"{source} has outputs {[s.name for s in outputs]} and none is "
-                            f"{recipe.export.output_name!r} (export.output_name); re-export the model")
+        raise PipelineError(
+            f"{source} has outputs {[s.name for s in outputs]} and none is "
+            f"{recipe.export.output_name!r} (export.output_name); re-export the model"
+        )
     if not output.dims or output.dims[-1] != recipe.num_classes:
-        raise PipelineError(f"{source}: output {output.name!r} has shape {list(output.dims)}, expected "
-                            f"[-1, {recipe.num_classes}] for {recipe.num_classes} classes; re-export the model")
+        raise PipelineError(
+            f"{source}: output {output.name!r} has shape {list(output.dims)}, expected "
+            f"[-1, {recipe.num_classes}] for {recipe.num_classes} classes; re-export the model"
+        )
     return output
 
 
@@ -118,38 +138,50 @@ def _write_onnx_model(model_dir: Path, source: Path) -> tuple[list[TensorSpec], 
     return inputs, outputs, files
 
 
-def _write_plans(model_dir: Path, engines: list[PlanEngine], root: Path, recipe: Recipe
-                 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def _write_plans(
+    model_dir: Path, engines: list[PlanEngine], root: Path, recipe: Recipe
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
     version_dir = model_dir / VERSION
     specs = None
     for engine in engines:
         inputs, outputs = engine.tensor_specs(root)
         if specs is not None and specs != (inputs, outputs):
-            raise PipelineError(f"{engine.path}: its inputs/outputs differ from the other {engine.variant} plans; "
-                                "rebuild all plans from the same ONNX")
+            raise PipelineError(
+                f"{engine.path}: its inputs/outputs differ from the other {engine.variant} plans; "
+                "rebuild all plans from the same ONNX"
+            )
         specs = (inputs, outputs)
         limit = engine.max_batch() or recipe.build.max_batch
         if recipe.serve.max_batch_size > limit:
-            raise PipelineError(f"serve.max_batch_size {recipe.serve.max_batch_size} exceeds the batch range of "
-                                f"{engine.path} (max {limit}); rebuild with build.max_batch >= it or lower "
-                                "serve.max_batch_size")
+            raise PipelineError(
+                f"serve.max_batch_size {recipe.serve.max_batch_size} exceeds the batch range of "
+                f"{engine.path} (max {limit}); rebuild with build.max_batch >= it or lower "
+                "serve.max_batch_size"
+            )
         if (engine.min_batch() or 1) > 1:
-            raise PipelineError(f"{engine.path} accepts batches from {engine.min_batch()}, but Triton's dynamic "
-                                "batcher also sends single requests; rebuild with build.min_batch=1")
+            raise PipelineError(
+                f"{engine.path} accepts batches from {engine.min_batch()}, but Triton's dynamic "
+                "batcher also sends single requests; rebuild with build.min_batch=1"
+            )
         filename = plan_filename(engine.compute_capability)
         _copy(engine.path, version_dir / filename)
-        metadata = {**engine.metadata, "source": relative_to_root(engine.path, root), "source_sha256": sha256_file(engine.path),
-                    "compute_capability": engine.compute_capability,
-                    "inputs": [{"name": s.name, "dtype": s.data_type, "shape": list(s.dims)} for s in inputs],
-                    "outputs": [{"name": s.name, "dtype": s.data_type, "shape": list(s.dims)} for s in outputs]}
+        metadata = {
+            **engine.metadata,
+            "source": relative_to_root(engine.path, root),
+            "source_sha256": sha256_file(engine.path),
+            "compute_capability": engine.compute_capability,
+            "inputs": [{"name": s.name, "dtype": s.data_type, "shape": list(s.dims)} for s in inputs],
+            "outputs": [{"name": s.name, "dtype": s.data_type, "shape": list(s.dims)} for s in outputs],
+        }
         write_json(version_dir / (filename + PLAN_METADATA_SUFFIX), metadata)
     if specs is None:
         raise RuntimeError("no plans to write")  # find_plans never returns an empty list
     return specs[0], specs[1]
 
 
-def write_repositories(recipe: Recipe, paths: ArtifactPaths, fmt: str = "auto", onnx_device: str = "cpu"
-                       ) -> dict[str, dict[str, Any]]:
+def write_repositories(
+    recipe: Recipe, paths: ArtifactPaths, fmt: str = "auto", onnx_device: str = "cpu"
+) -> dict[str, dict[str, Any]]:
     """Write both flavours (FLAVOURS); returns flavour -> summary for the manifest.
 
     Both are assembled and checked in hidden staging folders first, so a failure leaves
@@ -169,8 +201,9 @@ def write_repositories(recipe: Recipe, paths: ArtifactPaths, fmt: str = "auto", 
     return summaries
 
 
-def _stage_repository(recipe: Recipe, paths: ArtifactPaths, fmt: str, onnx_device: str, flavour: str
-                      ) -> tuple[Path, dict[str, Any]]:
+def _stage_repository(
+    recipe: Recipe, paths: ArtifactPaths, fmt: str, onnx_device: str, flavour: str
+) -> tuple[Path, dict[str, Any]]:
     """One flavour's repository in a staging folder, checked; returns it with its summary.
 
     The CPU flavour always serves the ONNX files, through the Python backend on KIND_CPU.
@@ -181,9 +214,13 @@ def _stage_repository(recipe: Recipe, paths: ArtifactPaths, fmt: str, onnx_devic
     sources = choose_sources(recipe, paths, fmt if flavour == "production" else "onnx")
     kind = sources.kind if flavour == "production" else "python"
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=paths.root))
-    summary: dict[str, Any] = {"format": kind, "reason": sources.reason if flavour == "production" else
-                               "CPU flavour: Python-backend models running the ONNX through ONNX Runtime",
-                               "models": {}}
+    summary: dict[str, Any] = {
+        "format": kind,
+        "reason": sources.reason
+        if flavour == "production"
+        else "CPU flavour: Python-backend models running the ONNX through ONNX Runtime",
+        "models": {},
+    }
     served_models: dict[str, ServedModel] = {}
     try:
         for variant in VARIANTS:
@@ -209,22 +246,32 @@ def _stage_repository(recipe: Recipe, paths: ArtifactPaths, fmt: str, onnx_devic
                 raise PipelineError(f"{source} has inputs {[s.name for s in inputs]}; an image classifier has one")
             output = _label_output(recipe, outputs, source)
             served = ServedModel(
-                name=name, kind=kind, inputs=inputs, outputs=outputs,
+                name=name,
+                kind=kind,
+                inputs=inputs,
+                outputs=outputs,
                 max_batch_size=recipe.serve.max_batch_size,
                 preferred_batch_sizes=list(recipe.serve.preferred_batch_sizes),
-                max_queue_delay_us=recipe.serve.max_queue_delay_us, instance_count=recipe.serve.instance_count,
-                instance_kind=instance_kind, cc_model_filenames=cc_files, default_model_filename=default_file,
+                max_queue_delay_us=recipe.serve.max_queue_delay_us,
+                instance_count=recipe.serve.instance_count,
+                instance_kind=instance_kind,
+                cc_model_filenames=cc_files,
+                default_model_filename=default_file,
                 label_output=output.name,
                 comment=f"{variant} {recipe.name}, from {source}.\n"
-                        "Written by `python -m pipeline package`; rerun it instead of editing this file.")
+                "Written by `python -m pipeline package`; rerun it instead of editing this file.",
+            )
             write_text(model_dir / "config.pbtxt", render_config(served))
             write_text(model_dir / LABELS_FILENAME, labels_text(recipe))
             write_json(model_dir / "preprocessing.json", preprocessing(recipe, inputs[0], output))
             check_model_dir(model_dir)
             served_models[variant] = served
             summary["models"][name] = {
-                "variant": variant, "kind": kind, "source": source,
-                "files": [f"{VERSION}/{f}" for f in files], "instance_kind": instance_kind,
+                "variant": variant,
+                "kind": kind,
+                "source": source,
+                "files": [f"{VERSION}/{f}" for f in files],
+                "instance_kind": instance_kind,
                 "compute_capabilities": sorted(cc_files),
                 "built_on": sorted({_gpu_name(e.metadata) for e in sources.plans.get(variant, [])} - {""}),
             }

@@ -4,13 +4,14 @@ The engines take normalised NCHW tensors, not images. preprocessing.json records
 evaluation transform of the recipe (the one verify measured accuracy with), so any
 client can reproduce it; labels.txt feeds Triton's classification extension.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
 from pipeline.package.tensors import TensorSpec
+from pipeline.recipe.config import Recipe
 
 PREPROCESSING_FORMAT = 1
 
@@ -20,8 +21,10 @@ def labels(recipe: Recipe) -> list[str]:
     if not recipe.labels:
         return [f"class_{i}" for i in range(recipe.num_classes)]
     if len(recipe.labels) != recipe.num_classes:
-        raise PipelineError(f"recipe {recipe.name} has {len(recipe.labels)} labels for {recipe.num_classes} classes; "
-                            "fix labels in models/" + recipe.name + ".py")
+        raise PipelineError(
+            f"recipe {recipe.name} has {len(recipe.labels)} labels for {recipe.num_classes} classes; "
+            "fix labels in models/" + recipe.name + ".py"
+        )
     bad = [label for label in recipe.labels if "\n" in label or not label.strip()]
     if bad:
         raise PipelineError(f"recipe {recipe.name}: labels must be non-empty single lines, got {bad[:3]!r}")
@@ -39,8 +42,10 @@ def preprocessing(recipe: Recipe, model_input: TensorSpec, model_output: TensorS
         raise PipelineError(f"recipe {recipe.name}: preprocess.color {pre.color!r} must be L or RGB")
     expected_channels = 1 if pre.color == "L" else 3
     if channels != expected_channels:
-        raise PipelineError(f"recipe {recipe.name}: preprocess.color {pre.color} gives {expected_channels} channels, "
-                            f"input_shape has {channels}")
+        raise PipelineError(
+            f"recipe {recipe.name}: preprocess.color {pre.color} gives {expected_channels} channels, "
+            f"input_shape has {channels}"
+        )
     mean = list(pre.mean) * (channels if len(pre.mean) == 1 else 1)
     std = list(pre.std) * (channels if len(pre.std) == 1 else 1)
     if len(mean) != channels or len(std) != channels:
@@ -49,18 +54,25 @@ def preprocessing(recipe: Recipe, model_input: TensorSpec, model_output: TensorS
     if pre.resize:
         steps.append(f"resize so the shorter side is {pre.resize} px (bilinear, antialiased; torchvision Resize)")
     else:
-        steps.append(f"no resize (preprocess.resize = 0): images of {pre.crop}x{pre.crop} pass whole, as the model "
-                     "was evaluated")
-    steps += [f"center-crop {pre.crop}x{pre.crop} (torchvision CenterCrop, zero-pads smaller images)",
-              "convert to float32 and divide by 255 (values in [0, 1])",
-              "per channel: (x - mean) / std",
-              "lay out as C,H,W and stack images along a leading batch axis (N,C,H,W)",
-              f"send as {model_input.data_type.removeprefix('TYPE_')} (cast if it is FP16)"]
+        steps.append(
+            f"no resize (preprocess.resize = 0): images of {pre.crop}x{pre.crop} pass whole, as the model was evaluated"
+        )
+    steps += [
+        f"center-crop {pre.crop}x{pre.crop} (torchvision CenterCrop, zero-pads smaller images)",
+        "convert to float32 and divide by 255 (values in [0, 1])",
+        "per channel: (x - mean) / std",
+        "lay out as C,H,W and stack images along a leading batch axis (N,C,H,W)",
+        f"send as {model_input.data_type.removeprefix('TYPE_')} (cast if it is FP16)",
+    ]
     return {
         "format": PREPROCESSING_FORMAT,
         "model": recipe.name,
-        "input": {"name": model_input.name, "datatype": model_input.data_type.removeprefix("TYPE_"),
-                  "shape": [-1, *recipe.input_shape], "layout": "NCHW"},
+        "input": {
+            "name": model_input.name,
+            "datatype": model_input.data_type.removeprefix("TYPE_"),
+            "shape": [-1, *recipe.input_shape],
+            "layout": "NCHW",
+        },
         "color": pre.color,
         "resize": pre.resize,
         "resize_interpolation": "bilinear",
@@ -69,7 +81,10 @@ def preprocessing(recipe: Recipe, model_input: TensorSpec, model_output: TensorS
         "mean": mean,
         "std": std,
         "steps": steps,
-        "output": {"name": model_output.name, "datatype": model_output.data_type.removeprefix("TYPE_"),
-                   "meaning": "unnormalised class scores (logits); apply softmax for probabilities",
-                   "labels": "labels.txt (line i names class i)"},
+        "output": {
+            "name": model_output.name,
+            "datatype": model_output.data_type.removeprefix("TYPE_"),
+            "meaning": "unnormalised class scores (logits); apply softmax for probabilities",
+            "labels": "labels.txt (line i names class i)",
+        },
     }

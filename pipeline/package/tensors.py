@@ -4,6 +4,7 @@ Dims keep the batch axis; -1 marks a dynamic axis. Specs come from an ONNX graph
 (`specs_from_onnx`) or from the engine metadata JSON the TensorRT backend writes next
 to a plan (`specs_from_metadata`), since a plan cannot be read without TensorRT and a GPU.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,19 +15,42 @@ from pipeline.errors import PipelineError
 
 # onnx.TensorProto element type -> Triton data type
 ONNX_TO_TRITON = {
-    1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 4: "TYPE_UINT16", 5: "TYPE_INT16", 6: "TYPE_INT32",
-    7: "TYPE_INT64", 8: "TYPE_STRING", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 12: "TYPE_UINT32",
-    13: "TYPE_UINT64", 16: "TYPE_BF16",
+    1: "TYPE_FP32",
+    2: "TYPE_UINT8",
+    3: "TYPE_INT8",
+    4: "TYPE_UINT16",
+    5: "TYPE_INT16",
+    6: "TYPE_INT32",
+    7: "TYPE_INT64",
+    8: "TYPE_STRING",
+    9: "TYPE_BOOL",
+    10: "TYPE_FP16",
+    11: "TYPE_FP64",
+    12: "TYPE_UINT32",
+    13: "TYPE_UINT64",
+    16: "TYPE_BF16",
 }
 
 # spellings of data types in engine metadata (numpy names, TensorRT enum names) -> Triton data type
 _NAME_TO_TRITON = {
-    "float32": "TYPE_FP32", "float": "TYPE_FP32", "fp32": "TYPE_FP32",
-    "float16": "TYPE_FP16", "half": "TYPE_FP16", "fp16": "TYPE_FP16",
-    "bfloat16": "TYPE_BF16", "bf16": "TYPE_BF16",
-    "float64": "TYPE_FP64", "double": "TYPE_FP64",
-    "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "int16": "TYPE_INT16", "uint16": "TYPE_UINT16",
-    "int32": "TYPE_INT32", "uint32": "TYPE_UINT32", "int64": "TYPE_INT64", "uint64": "TYPE_UINT64",
+    "float32": "TYPE_FP32",
+    "float": "TYPE_FP32",
+    "fp32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "half": "TYPE_FP16",
+    "fp16": "TYPE_FP16",
+    "bfloat16": "TYPE_BF16",
+    "bf16": "TYPE_BF16",
+    "float64": "TYPE_FP64",
+    "double": "TYPE_FP64",
+    "int8": "TYPE_INT8",
+    "uint8": "TYPE_UINT8",
+    "int16": "TYPE_INT16",
+    "uint16": "TYPE_UINT16",
+    "int32": "TYPE_INT32",
+    "uint32": "TYPE_UINT32",
+    "int64": "TYPE_INT64",
+    "uint64": "TYPE_UINT64",
     "bool": "TYPE_BOOL",
 }
 
@@ -67,7 +91,9 @@ def specs_from_onnx(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and friends for corrupt files
-        raise PipelineError(f"{path} is not a readable ONNX file ({type(exc).__name__}); rerun the export stage") from None
+        raise PipelineError(
+            f"{path} is not a readable ONNX file ({type(exc).__name__}); rerun the export stage"
+        ) from None
     if not model.graph.input or not model.graph.output:
         raise PipelineError(f"{path} is not a complete ONNX graph (no inputs or outputs); rerun the export stage")
     initializers = {init.name for init in model.graph.initializer}
@@ -102,13 +128,15 @@ def specs_from_metadata(meta: dict[str, Any], where: str) -> tuple[list[TensorSp
 
     Also accepts a mapping name -> {"dtype", "shape"} and the keys data_type/dims.
     """
+
     def read(key: str) -> list[TensorSpec]:
         entries = meta.get(key)
         if isinstance(entries, dict):
             entries = [{"name": name, **info} for name, info in entries.items()]
         if not isinstance(entries, list) or not entries:
-            raise PipelineError(f"{where} has no {key!r} list (name, dtype, shape per tensor); rebuild the "
-                                "engine with the build stage")
+            raise PipelineError(
+                f"{where} has no {key!r} list (name, dtype, shape per tensor); rebuild the engine with the build stage"
+            )
         specs = []
         for entry in entries:
             try:

@@ -3,6 +3,7 @@
 Both are read with `weights_only=True` (pipeline.io.torch_load). The updatable demo's dense_updated.pt is
 a `DenseWeights` file too.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -28,11 +29,12 @@ class DenseWeights:
         torch_save(self.state_dict, path)
 
     @classmethod
-    def load(cls, path: Path) -> "DenseWeights":
+    def load(cls, path: Path) -> DenseWeights:
         saved = torch_load(path, "dense weights")
         if not isinstance(saved, dict) or not all(isinstance(value, torch.Tensor) for value in saved.values()):
-            raise PipelineError(f"{path} is not a state dict of tensors; delete it and run `python -m pipeline "
-                                "pretrain` again")
+            raise PipelineError(
+                f"{path} is not a state dict of tensors; delete it and run `python -m pipeline pretrain` again"
+            )
         return cls(saved)
 
 
@@ -47,10 +49,17 @@ class PretrainCheckpoint:
     rng: torch.Tensor  # torch's CPU RNG state (augmentation)
 
     def save(self, path: Path) -> None:
-        torch_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                    **{item.name: getattr(self, item.name) for item in fields(self)}}, path)
+        torch_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                **{item.name: getattr(self, item.name) for item in fields(self)},
+            },
+            path,
+        )
 
     @classmethod
-    def load(cls, path: Path) -> "PretrainCheckpoint":
-        return load_versioned(cls, path, "pretrain checkpoint", CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
-                              "delete it or drop --resume")
+    def load(cls, path: Path) -> PretrainCheckpoint:
+        return load_versioned(
+            cls, path, "pretrain checkpoint", CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "delete it or drop --resume"
+        )

@@ -5,14 +5,16 @@ A recipe file (`models/<name>.toml`) becomes a `Recipe` through `recipe_from_dic
 check (declared next to the field with `rule`, as ModelOpt's configs do), and the resolved config is written next
 to the artifacts as `config.json`. Rules are checked here once; no later step checks them again.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.triton_releases import TRITON_TENSORRT
@@ -37,8 +39,14 @@ RESIZE_MODES = ("auto", "fixed")
 Check = Callable[[Any, "Recipe", bool], bool]  # (value, recipe, resolved) -> valid
 
 
-def rule(default: Any = dataclasses.MISSING, *, check: Check, valid: str | Callable[["Recipe"], str],
-         factory: Callable[[], Any] | None = None, message: Callable[[Any, "Recipe"], str] | None = None) -> Any:
+def rule(
+    default: Any = dataclasses.MISSING,
+    *,
+    check: Check,
+    valid: str | Callable[[Recipe], str],
+    factory: Callable[[], Any] | None = None,
+    message: Callable[[Any, Recipe], str] | None = None,
+) -> Any:
     """A dataclass field with its validator: CHECK(value, recipe, resolved), VALID says (or computes from the
     recipe) what is valid, MESSAGE replaces the default `key = value is not valid` when given."""
     metadata = {"check": check, "valid": valid, "message": message}
@@ -63,25 +71,28 @@ def choice(choices: tuple[str, ...], default: str) -> Any:
     return rule(default, check=lambda v, r, _: v in choices, valid="one of " + ", ".join(choices))
 
 
-def _channels(recipe: "Recipe") -> int:
+def _channels(recipe: Recipe) -> int:
     return (recipe.input_shape or [0])[0]
 
 
-def _colour_fits(value: str, recipe: "Recipe", _: bool) -> bool:
+def _colour_fits(value: str, recipe: Recipe, _: bool) -> bool:
     return len(recipe.input_shape) != 3 or recipe.input_shape[0] == CHANNELS.get(value, recipe.input_shape[0])
 
 
-def _loss_ok(value: str, recipe: "Recipe", _: bool) -> bool:
+def _loss_ok(value: str, recipe: Recipe, _: bool) -> bool:
     terms = value.split("+")
-    return value == "auto" or (len(set(terms)) == len(terms) and set(terms) <= set(MASK_LOSS_TERMS)
-                               and sorted(terms, key=MASK_LOSS_TERMS.index) == terms)
+    return value == "auto" or (
+        len(set(terms)) == len(terms)
+        and set(terms) <= set(MASK_LOSS_TERMS)
+        and sorted(terms, key=MASK_LOSS_TERMS.index) == terms
+    )
 
 
-def _batch_order(value: int, recipe: "Recipe", _: bool) -> bool:
+def _batch_order(value: int, recipe: Recipe, _: bool) -> bool:
     return recipe.build.min_batch <= value <= recipe.build.max_batch
 
 
-def _preferred_outside(value: list[int], recipe: "Recipe") -> list[int]:
+def _preferred_outside(value: list[int], recipe: Recipe) -> list[int]:
     return [x for x in value if not 1 <= x <= recipe.serve.max_batch_size]
 
 
@@ -105,21 +116,36 @@ class PreprocessConfig:
     """How raw images become the network input (also written for the inference server)."""
 
     # shorter side before the centre crop; 0 = no resize
-    resize: int = rule(0, check=lambda v, r, _: v == 0 or v >= r.preprocess.crop,
-                       valid=lambda r: f"0 (no resize) or at least the crop {r.preprocess.crop}")
+    resize: int = rule(
+        0,
+        check=lambda v, r, _: v == 0 or v >= r.preprocess.crop,
+        valid=lambda r: f"0 (no resize) or at least the crop {r.preprocess.crop}",
+    )
     # auto: fit an image folder for your own weights (pipeline/recipe/preprocessing.py) | fixed: resize as given
     resize_mode: str = choice(RESIZE_MODES, "auto")
-    crop: int = rule(28, check=lambda v, r, _: len(r.input_shape) != 3 or v == r.input_shape[1] == r.input_shape[2],
-                     valid=lambda r: f"the crop is the input size: input_shape is {r.input_shape} (set both with "
-                                     "--input-size)")
-    mean: list[float] = rule(check=lambda v, r, _: len(v) == _channels(r), valid="one value per input channel",
-                             factory=lambda: [0.2860])
-    std: list[float] = rule(check=lambda v, r, _: len(v) == _channels(r) and all(x > 0 for x in v),
-                            valid="one positive value per input channel", factory=lambda: [0.3530])
-    color: str = rule("L", check=lambda v, r, resolved: v in COLORS and _colour_fits(v, r, resolved),
-                      valid=lambda r: "one of L, RGB" if r.preprocess.color not in COLORS else
-                      f"{r.preprocess.color} images have {CHANNELS[r.preprocess.color]} channel(s), input_shape has "
-                      f"{_channels(r)}")
+    crop: int = rule(
+        28,
+        check=lambda v, r, _: len(r.input_shape) != 3 or v == r.input_shape[1] == r.input_shape[2],
+        valid=lambda r: f"the crop is the input size: input_shape is {r.input_shape} (set both with --input-size)",
+    )
+    mean: list[float] = rule(
+        check=lambda v, r, _: len(v) == _channels(r), valid="one value per input channel", factory=lambda: [0.2860]
+    )
+    std: list[float] = rule(
+        check=lambda v, r, _: len(v) == _channels(r) and all(x > 0 for x in v),
+        valid="one positive value per input channel",
+        factory=lambda: [0.3530],
+    )
+    color: str = rule(
+        "L",
+        check=lambda v, r, resolved: v in COLORS and _colour_fits(v, r, resolved),
+        valid=lambda r: (
+            "one of L, RGB"
+            if r.preprocess.color not in COLORS
+            else f"{r.preprocess.color} images have {CHANNELS[r.preprocess.color]} channel(s), input_shape has "
+            f"{_channels(r)}"
+        ),
+    )
 
 
 @dataclass
@@ -146,8 +172,11 @@ class MaskConfig:
     """Mask learning. The budget is in optimizer steps, never epochs, so the defaults fit a 1k-image
     folder and ImageNet alike; every schedule runs over `steps` (epochs are reported, not chosen)."""
 
-    n: int = rule(2, check=lambda v, r, _: 0 < v < r.masks.m,
-                  valid=lambda r: f"between 1 and masks.m - 1 = {r.masks.m - 1} (n = m would prune nothing)")
+    n: int = rule(
+        2,
+        check=lambda v, r, _: 0 < v < r.masks.m,
+        valid=lambda r: f"between 1 and masks.m - 1 = {r.masks.m - 1} (n = m would prune nothing)",
+    )
     m: int = at_least(2, 4, "at least 2 (2:4 is n=2, m=4)")
     include: list[str] = field(default_factory=list)  # fnmatch patterns; empty = all eligible
     exclude: list[str] = field(default_factory=list)
@@ -172,8 +201,13 @@ class MaskConfig:
     tau_schedule: str = choice(TAU_SCHEDULES, "exponential")
     # auto (ce+distill with labels, distill without), or terms joined by "+": ce (labels), pseudo (ce on the
     # dense model's classes), distill (KL of the dense model's logits), features (the masked layers' outputs)
-    loss: str = rule("auto", check=_loss_ok, valid="auto, or distinct terms of " + ", ".join(MASK_LOSS_TERMS)
-                     + " joined by '+' in that order (e.g. ce+distill)")
+    loss: str = rule(
+        "auto",
+        check=_loss_ok,
+        valid="auto, or distinct terms of "
+        + ", ".join(MASK_LOSS_TERMS)
+        + " joined by '+' in that order (e.g. ce+distill)",
+    )
     distill_temperature: float = above(0, 1.0)
     # weight of the features term (mean relative squared error over masked layers)
     feature_weight: float = above(0, 1.0, "greater than 0 (leave features out of masks.loss to turn the term off)")
@@ -191,8 +225,13 @@ class MaskConfig:
     # (docs/time-to-accuracy.md has the measurements behind the defaults)
     stop_patience: int = at_least(0, 3, "0 (run all masks.steps) or more evaluations")
     stop_changed: float = within(0, 1, 0.005, "a share of blocks in [0, 1)", high_open=True)
-    cooldown: float = within(0, 1, 0.15, "a share of masks.steps in [0, 1) (0: no cooldown, stop only once the "
-                             "argmax has settled by itself)", high_open=True)
+    cooldown: float = within(
+        0,
+        1,
+        0.15,
+        "a share of masks.steps in [0, 1) (0: no cooldown, stop only once the argmax has settled by itself)",
+        high_open=True,
+    )
     # which argmax masks a run returns: final (at its last step, after the cooldown; the best ones seen instead
     # if the final ones score below the prior's on the validation split) or best (the highest validation top-1
     # of any evaluation; with a 1,000-image split that choice is mostly luck: docs/time-to-accuracy.md)
@@ -214,8 +253,11 @@ class ExportConfig:
     opset: int = at_least(18, 18, "18 or newer (the torch.export-based exporter)")
     fp16: bool = True
     input_name: str = rule("input", check=lambda v, r, _: bool(v), valid="a non-empty tensor name")
-    output_name: str = rule("logits", check=lambda v, r, _: bool(v) and v != r.export.input_name,
-                            valid="two different, non-empty tensor names")
+    output_name: str = rule(
+        "logits",
+        check=lambda v, r, _: bool(v) and v != r.export.input_name,
+        valid="two different, non-empty tensor names",
+    )
     # training images that set the Q/DQ activation ranges (build.precision=int8)
     int8_calibration_images: int = at_least(1, 512)
 
@@ -225,8 +267,13 @@ class BuildConfig:
     backend: str = choice(BACKENDS, "auto")
     precision: str = choice(PRECISIONS, "fp16")  # for tensorrt
     min_batch: int = at_least(1, 1)
-    opt_batch: int = rule(32, check=_batch_order, valid=lambda r: f"min_batch <= opt_batch <= max_batch (here "
-                          f"{r.build.min_batch}, {r.build.opt_batch}, {r.build.max_batch})")
+    opt_batch: int = rule(
+        32,
+        check=_batch_order,
+        valid=lambda r: (
+            f"min_batch <= opt_batch <= max_batch (here {r.build.min_batch}, {r.build.opt_batch}, {r.build.max_batch})"
+        ),
+    )
     max_batch: int = at_least(1, 64)
     workspace_mib: int = at_least(1, 2048)
     hardware_compatibility: str = choice(HARDWARE_COMPATIBILITY, "none")  # tensorrt (docs/tensorrt.md)
@@ -246,36 +293,51 @@ class VerifyConfig:
 class ServeConfig:
     max_batch_size: int = at_least(1, 64)
     preferred_batch_sizes: list[int] = rule(
-        check=lambda v, r, _: not _preferred_outside(v, r), factory=lambda: [8, 32],
+        check=lambda v, r, _: not _preferred_outside(v, r),
+        factory=lambda: [8, 32],
         valid=lambda r: f"sizes between 1 and {r.serve.max_batch_size}",
-        message=lambda v, r: f"serve.preferred_batch_sizes {_preferred_outside(v, r)} must lie in "
-                             f"1..serve.max_batch_size ({r.serve.max_batch_size})")
+        message=lambda v, r: (
+            f"serve.preferred_batch_sizes {_preferred_outside(v, r)} must lie in "
+            f"1..serve.max_batch_size ({r.serve.max_batch_size})"
+        ),
+    )
     max_queue_delay_us: int = at_least(0, 500, "0 or more")
     instance_count: int = at_least(1, 1)
     # e.g. "24.05": refuse TensorRT plans built by another TensorRT than it ships
-    triton_release: str = rule("", check=lambda v, r, _: not v or v in TRITON_RELEASES,
-                               valid=f"empty (no check) or a release of the table in docs/tensorrt.md "
-                                     f"({', '.join(TRITON_RELEASES)})")
+    triton_release: str = rule(
+        "",
+        check=lambda v, r, _: not v or v in TRITON_RELEASES,
+        valid=f"empty (no check) or a release of the table in docs/tensorrt.md ({', '.join(TRITON_RELEASES)})",
+    )
 
 
 @dataclass
 class Recipe:
     name: str = rule(check=lambda v, r, _: bool(v), valid="a recipe needs a name")
     # source spec: builtin:NAME | torchvision:NAME | timm:NAME | python:MODULE:FACTORY
-    arch: str = rule(check=lambda v, r, _: ":" in v and all(v.split(":", 1)),
-                     valid="a source spec such as builtin:tiny_resnet or torchvision:resnet18")
+    arch: str = rule(
+        check=lambda v, r, _: ":" in v and all(v.split(":", 1)),
+        valid="a source spec such as builtin:tiny_resnet or torchvision:resnet18",
+    )
     # 0 = from the weights file's head (or the image folder's classes); a resolved recipe needs at least 1
-    num_classes: int = rule(check=lambda v, r, resolved: v >= 1 or (v == 0 and not resolved),
-                            valid="at least 1, or 0 in a recipe file to take it from the weights file")
-    input_shape: list[int] = rule(check=lambda v, r, _: len(v) == 3 and all(x >= 1 for x in v),
-                                  valid="three positive integers C,H,W, e.g. 3,224,224")  # C, H, W
-    weights: str = rule(check=lambda v, r, _: bool(v),
-                        valid="random, pretrain, torchvision, hub or a path to a weights file")
+    num_classes: int = rule(
+        check=lambda v, r, resolved: v >= 1 or (v == 0 and not resolved),
+        valid="at least 1, or 0 in a recipe file to take it from the weights file",
+    )
+    input_shape: list[int] = rule(
+        check=lambda v, r, _: len(v) == 3 and all(x >= 1 for x in v),
+        valid="three positive integers C,H,W, e.g. 3,224,224",
+    )  # C, H, W
+    weights: str = rule(
+        check=lambda v, r, _: bool(v), valid="random, pretrain, torchvision, hub or a path to a weights file"
+    )
     description: str = ""
     classifier: str = "fc"  # module name of the classification head
-    labels: list[str] = rule(check=lambda v, r, _: not v or not r.num_classes or len(v) == r.num_classes,
-                             valid=lambda r: f"{len(r.labels)} labels for {r.num_classes} classes; give one label "
-                                             "per class or none", factory=list)
+    labels: list[str] = rule(
+        check=lambda v, r, _: not v or not r.num_classes or len(v) == r.num_classes,
+        valid=lambda r: f"{len(r.labels)} labels for {r.num_classes} classes; give one label per class or none",
+        factory=list,
+    )
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -306,8 +368,9 @@ def _list_from_text(text: str, key: str, origin: str) -> list[Any]:
     except json.JSONDecodeError:
         value = None
     if not isinstance(value, list):
-        raise PipelineError(f"{origin}: {key} = {text!r} is not valid: write a list as a,b or as [\"a\", \"b\"] "
-                            "(double quotes)")
+        raise PipelineError(
+            f'{origin}: {key} = {text!r} is not valid: write a list as a,b or as ["a", "b"] (double quotes)'
+        )
     return value
 
 

@@ -5,6 +5,7 @@ The recipe is resolved exactly as `--model SPEC --weights FILE --data DIR` resol
 head size, the data folder the labels, on the `_user` base recipe. The file holds the whole resolved recipe,
 so every setting is there to edit; it is checked by reading it back before the atomic rename.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,11 +57,16 @@ def write_recipe(request: RecipeRequest) -> WrittenRecipe:
         data = str(Path(data).resolve())
     numbers = {"mean": request.mean, "std": request.std}
     options = ModelOptions(
-        model=request.source, weights=weights, data=data, num_classes=request.num_classes,
-        classifier=request.classifier, input_size=None if request.input_size is None else str(request.input_size),
+        model=request.source,
+        weights=weights,
+        data=data,
+        num_classes=request.num_classes,
+        classifier=request.classifier,
+        input_size=None if request.input_size is None else str(request.input_size),
         resize=request.resize,
         **{key: None if values is None else ",".join(map(str, values)) for key, values in numbers.items()},
-        overrides=[f"name={request.name or _default_name(request)}"])
+        overrides=[f"name={request.name or _default_name(request)}"],
+    )
     recipe, notes = recipe_with_flags(options)
     if request.weights is None:
         notes.insert(0, "weights: random initialisation (no --weights FILE; accuracy means nothing)")

@@ -1,4 +1,5 @@
 """Class names of an ImageFolder dataset, in the order torchvision's ImageFolder numbers them."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,9 @@ def folder_classes(folder: Path) -> list[str]:
     try:
         classes, _ = find_classes(str(folder))
     except FileNotFoundError as exc:
-        raise PipelineError(f"image folder {folder}: {exc}; put each class's images in a sub-folder "
-                            "named after the class") from None
+        raise PipelineError(
+            f"image folder {folder}: {exc}; put each class's images in a sub-folder named after the class"
+        ) from None
     return classes
 
 
@@ -23,8 +25,10 @@ def imagefolder_labels(root: str | Path, train_split: str = "train", eval_split:
     root = Path(root)
     train = root / train_split
     if not train.is_dir():
-        raise PipelineError(f"image folder {train} does not exist; pass --data DIR with "
-                            f"{train_split}/<class>/<images> and {eval_split}/<class>/<images>")
+        raise PipelineError(
+            f"image folder {train} does not exist; pass --data DIR with "
+            f"{train_split}/<class>/<images> and {eval_split}/<class>/<images>"
+        )
     labels = folder_classes(train)
     evaluation = root / eval_split
     if evaluation.is_dir():
@@ -35,8 +39,9 @@ def imagefolder_labels(root: str | Path, train_split: str = "train", eval_split:
     return labels
 
 
-def check_same_classes(root: Path, train_split: str, train_classes: list[str], eval_split: str,
-                        eval_classes: list[str]) -> None:
+def check_same_classes(
+    root: Path, train_split: str, train_classes: list[str], eval_split: str, eval_classes: list[str]
+) -> None:
     """ImageFolder numbers classes by their sorted folder names: different folders would silently shift labels."""
     if train_classes == eval_classes:
         return
@@ -46,7 +51,8 @@ def check_same_classes(root: Path, train_split: str, train_classes: list[str], e
         f"{root / train_split} and {root / eval_split} hold different class folders, so their labels would not "
         f"match: {train_split}/ has {_name_list(train_classes)}; {eval_split}/ has {_name_list(eval_classes)}; "
         f"only in {train_split}/: {_name_list(only_train)}; only in {eval_split}/: {_name_list(only_eval)}; "
-        "give both the same class folders")
+        "give both the same class folders"
+    )
 
 
 def _name_list(names: list[str], shown: int = 20) -> str:

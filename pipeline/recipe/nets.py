@@ -1,7 +1,8 @@
 """The built-in demo architectures (`arch = "builtin:<name>"` in a recipe)."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,8 +36,14 @@ class SmallResNet(nn.Module):
     layer rules and reports read the same for the demo and for ImageNet models.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128),
-                 blocks: tuple[int, ...] = (1, 1, 1), stem_stride: int = 1) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        widths: tuple[int, ...] = (32, 64, 128),
+        blocks: tuple[int, ...] = (1, 1, 1),
+        stem_stride: int = 1,
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])

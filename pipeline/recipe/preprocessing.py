@@ -13,6 +13,7 @@ and the user's own weights (a weights file) on an image folder, the folder's ima
 that are valid but probably wrong (a 64x64 folder while the recipe resizes 256 and crops 224, a folder too small
 for the validation split) get one `warning:` line naming the flag to change, before any work.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,10 +73,13 @@ def describe(recipe: Recipe) -> str:
     """The evaluation transform in words."""
     pre = recipe.preprocess
     crop = f"{pre.crop}x{pre.crop}"
-    steps = [f"resize the shorter side to {pre.resize}" if pre.resize else "no resize",
-             f"centre crop {crop}" if pre.resize else f"centre crop/pad to {crop} (whole images of that size pass "
-                                                      "unchanged)",
-             f"{pre.color}, mean {pre.mean}, std {pre.std}"]
+    steps = [
+        f"resize the shorter side to {pre.resize}" if pre.resize else "no resize",
+        f"centre crop {crop}"
+        if pre.resize
+        else f"centre crop/pad to {crop} (whole images of that size pass unchanged)",
+        f"{pre.color}, mean {pre.mean}, std {pre.std}",
+    ]
     return ", ".join(steps)
 
 
@@ -85,8 +89,12 @@ def fit_to_folder(recipe: Recipe, own_weights: bool, ratio: tuple[int, int] | No
     RATIO: the source's resize/crop before --input-size changed it (None: no resize)."""
     pre, data = recipe.preprocess, recipe.data
     if data.kind != "imagefolder" or not data.root:
-        return (f"{data.kind} data: the recipe's transform" if data.kind != "imagefolder" else
-                "no image folder given (--data DIR): the recipe's transform", [])
+        return (
+            f"{data.kind} data: the recipe's transform"
+            if data.kind != "imagefolder"
+            else "no image folder given (--data DIR): the recipe's transform",
+            [],
+        )
     sizes = probe_sizes(data.root, (data.train_split, data.eval_split))
     if sizes is None:
         return ("the recipe's transform (no image header of the folder could be read)", [])
@@ -96,27 +104,42 @@ def fit_to_folder(recipe: Recipe, own_weights: bool, ratio: tuple[int, int] | No
         return (f"fixed by the recipe or --resize ({seen})", _too_small_warning(recipe, sizes, seen))
     if own_weights and small:
         pre.resize = 0
-        padded = [] if max(sizes.largest) == pre.crop else [
-            f"{seen}, smaller than the input size {pre.crop}, so they are zero-padded to it: if the model was "
-            f"trained on images of their size, pass --input-size {max(sizes.largest)}"]
-        return (f"{seen}, at most the input size {pre.crop}: whole images, no resize or crop (your own weights; "
-                "--resize N states another)", padded)
+        padded = (
+            []
+            if max(sizes.largest) == pre.crop
+            else [
+                f"{seen}, smaller than the input size {pre.crop}, so they are zero-padded to it: if the model was "
+                f"trained on images of their size, pass --input-size {max(sizes.largest)}"
+            ]
+        )
+        return (
+            f"{seen}, at most the input size {pre.crop}: whole images, no resize or crop (your own weights; "
+            "--resize N states another)",
+            padded,
+        )
     if own_weights and not small and not pre.resize:
         pre.resize = pre.crop
-        return (f"{seen}: the shorter side resized to the input size {pre.crop}, then centre-cropped "
-                "(--resize N states another)", [])
+        return (
+            f"{seen}: the shorter side resized to the input size {pre.crop}, then centre-cropped "
+            "(--resize N states another)",
+            [],
+        )
     why = f"{seen}; the recipe's " + (f"resize/crop ratio {ratio[0]}/{ratio[1]}" if ratio else "transform")
-    return (why + ("" if own_weights else " (published or demo weights keep their own transform)"),
-            _too_small_warning(recipe, sizes, seen))
+    return (
+        why + ("" if own_weights else " (published or demo weights keep their own transform)"),
+        _too_small_warning(recipe, sizes, seen),
+    )
 
 
 def _too_small_warning(recipe: Recipe, sizes: FolderSizes, seen: str) -> list[str]:
     pre = recipe.preprocess
     if not pre.resize or max(sizes.largest) >= pre.crop:
         return []
-    return [f"{seen}, but the preprocessing resizes them to {pre.resize} and crops {pre.crop} (scaling them up "
-            f"{pre.resize / min(sizes.smallest):.1f}x): if the model was trained on whole images of that size, pass "
-            f"--input-size {max(sizes.largest)} --resize none"]
+    return [
+        f"{seen}, but the preprocessing resizes them to {pre.resize} and crops {pre.crop} (scaling them up "
+        f"{pre.resize / min(sizes.smallest):.1f}x): if the model was trained on whole images of that size, pass "
+        f"--input-size {max(sizes.largest)} --resize none"
+    ]
 
 
 def validation_warning(recipe: Recipe, share_limit: int = 5) -> list[str]:
@@ -128,9 +151,11 @@ def validation_warning(recipe: Recipe, share_limit: int = 5) -> list[str]:
     count = len(image_files(Path(data.root) / data.train_split, wanted))
     if count >= wanted:
         return []
-    return [f"{Path(data.root) / data.train_split} has {count} images, too few for masks.validation_images = "
-            f"{cfg.validation_images} (at most a fifth, {count // share_limit}, is held out): pass "
-            f"--set masks.validation_images={count // share_limit} to say so, or use a larger folder"]
+    return [
+        f"{Path(data.root) / data.train_split} has {count} images, too few for masks.validation_images = "
+        f"{cfg.validation_images} (at most a fifth, {count // share_limit}, is held out): pass "
+        f"--set masks.validation_images={count // share_limit} to say so, or use a larger folder"
+    ]
 
 
 def parse_resize(text: str) -> tuple[str, int]:
@@ -145,6 +170,8 @@ def parse_resize(text: str) -> tuple[str, int]:
     except ValueError:
         value = -1
     if value < 1:
-        raise PipelineError(f"--resize {text}: not valid; valid: auto (fit the image folder), none (no resize, "
-                            "whole images) or the shorter side in pixels, e.g. 256")
+        raise PipelineError(
+            f"--resize {text}: not valid; valid: auto (fit the image folder), none (no resize, "
+            "whole images) or the shorter side in pixels, e.g. 256"
+        )
     return "fixed", value

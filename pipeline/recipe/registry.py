@@ -5,6 +5,7 @@ A recipe file holds the fields of `pipeline.recipe.config.Recipe` (top-level key
 section). `extends = "<file stem>"` starts from another file in the same folder (files whose name
 starts with `_` hold shared settings and are not models). Every value is checked on loading.
 """
+
 from __future__ import annotations
 
 import tomllib
@@ -40,8 +41,10 @@ def get_recipe(model: str) -> Recipe:
         return load_recipe_file(path)
     valid = list_models()
     if model not in valid:
-        raise PipelineError(f"unknown model {model!r}; valid models: {', '.join(valid)}, a path to a recipe .toml, or "
-                            f"a model source ({SPEC_FORMS})")
+        raise PipelineError(
+            f"unknown model {model!r}; valid models: {', '.join(valid)}, a path to a recipe .toml, or "
+            f"a model source ({SPEC_FORMS})"
+        )
     return load_recipe_file(recipes_dir() / f"{model}.toml")
 
 

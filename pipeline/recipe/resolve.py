@@ -6,6 +6,7 @@ every `--set`, then each stage flag that stands for a recipe field (e.g. verify'
 still open is then taken from the inputs: the head size from the weights file, the labels from the image
 folder's class names. The result is validated before any stage does work.
 """
+
 from __future__ import annotations
 
 import re
@@ -52,8 +53,10 @@ def resolve_recipe(options: ModelOptions, stage_fields: dict[str, tuple[str, Any
     """The validated recipe with every flag applied. `stage_fields`: recipe key -> (flag, value) of a stage's flags."""
     recipe, notes = recipe_with_flags(options, stage_fields)
     if recipe.data.kind == "imagefolder" and not recipe.data.root and recipe.weights != "random":
-        raise PipelineError(f"model {recipe.name} reads ImageNet-style folders: pass --data DIR (with train/ "
-                            "and val/) or --data synthetic for a smoke run")
+        raise PipelineError(
+            f"model {recipe.name} reads ImageNet-style folders: pass --data DIR (with train/ "
+            "and val/) or --data synthetic for a smoke run"
+        )
     if recipe.data.kind == "imagefolder" and not recipe.data.root:
         notes.append(f"{recipe.name} with random weights and no --data: using synthetic data (accuracy means nothing)")
         recipe.data.kind = "synthetic"
@@ -65,15 +68,19 @@ def resolve_recipe(options: ModelOptions, stage_fields: dict[str, tuple[str, Any
     return recipe
 
 
-def recipe_with_flags(options: ModelOptions, stage_fields: dict[str, tuple[str, Any]] | None = None
-                      ) -> tuple[Recipe, list[str]]:
+def recipe_with_flags(
+    options: ModelOptions, stage_fields: dict[str, tuple[str, Any]] | None = None
+) -> tuple[Recipe, list[str]]:
     """The recipe with every flag applied, completed from its inputs and validated, and notes on what was filled in."""
     if is_source_spec(options.model):
         recipe, origin = recipe_for_source(options.model, options), f"--model {options.model} (with flags)"
     else:
         recipe = get_recipe(options.model)
-        origin = (f"recipe {options.model} (with flags)" if is_recipe_path(options.model)
-                  else f"model {recipe.name} (recipe and flags)")
+        origin = (
+            f"recipe {options.model} (with flags)"
+            if is_recipe_path(options.model)
+            else f"model {recipe.name} (recipe and flags)"
+        )
     explicit: dict[str, tuple[str, str]] = {}  # recipe key -> (flag, value) the user set it with
     ratio = (recipe.preprocess.resize, recipe.preprocess.crop) if recipe.preprocess.resize else None
     if options.weights:
@@ -95,9 +102,12 @@ def recipe_with_flags(options: ModelOptions, stage_fields: dict[str, tuple[str, 
         recipe.preprocess.resize = recipe.preprocess.resize if resize < 0 else resize
     if options.skip_bad_images:
         recipe.data.skip_bad_images = True
-    for flag, key, value in (("--mean", "preprocess.mean", options.mean), ("--std", "preprocess.std", options.std),
-                             ("--num-classes", "num_classes", options.num_classes),
-                             ("--classifier", "classifier", options.classifier)):
+    for flag, key, value in (
+        ("--mean", "preprocess.mean", options.mean),
+        ("--std", "preprocess.std", options.std),
+        ("--num-classes", "num_classes", options.num_classes),
+        ("--classifier", "classifier", options.classifier),
+    ):
         if value is not None:
             set_field(recipe, key, value if isinstance(value, str) else int(value), f"{flag} {value}")
             explicit[key] = (flag, str(value))
@@ -142,19 +152,33 @@ def recipe_for_source(spec: str, options: ModelOptions) -> Recipe:
     mean = defaults.mean if options.mean is None else options.mean
     std = defaults.std if options.std is None else options.std
     if mean is None or std is None:
-        raise PipelineError(f"{spec} does not say how its input is normalised; pass --mean and --std "
-                            "(the values the model was trained with, one per channel)")
+        raise PipelineError(
+            f"{spec} does not say how its input is normalised; pass --mean and --std "
+            "(the values the model was trained with, one per channel)"
+        )
     num_classes = defaults.num_classes or head_size(source.build(), classifier)
     if num_classes is None:
-        raise PipelineError(f"{spec}: --classifier {classifier} names no Linear or Conv2d layer of the network; "
-                            "pass the module name of its classification head")
+        raise PipelineError(
+            f"{spec}: --classifier {classifier} names no Linear or Conv2d layer of the network; "
+            "pass the module name of its classification head"
+        )
     data = read_recipe_data(recipes_dir() / f"{USER_BASE}.toml")
-    data.update(name=re.sub(r"[^A-Za-z0-9_.-]+", "_", spec), arch=spec, classifier=classifier,
-                description=f"{spec} (--model {spec} on the {USER_BASE} base recipe)", num_classes=num_classes,
-                input_shape=input_shape, labels=defaults.labels if defaults.labels and
-                len(defaults.labels) == num_classes else [])
-    data["preprocess"] = {"resize": resize, "crop": input_shape[1], "mean": mean, "std": std,
-                          "color": {count: name for name, count in CHANNELS.items()}.get(input_shape[0], "RGB")}
+    data.update(
+        name=re.sub(r"[^A-Za-z0-9_.-]+", "_", spec),
+        arch=spec,
+        classifier=classifier,
+        description=f"{spec} (--model {spec} on the {USER_BASE} base recipe)",
+        num_classes=num_classes,
+        input_shape=input_shape,
+        labels=defaults.labels if defaults.labels and len(defaults.labels) == num_classes else [],
+    )
+    data["preprocess"] = {
+        "resize": resize,
+        "crop": input_shape[1],
+        "mean": mean,
+        "std": std,
+        "color": {count: name for name, count in CHANNELS.items()}.get(input_shape[0], "RGB"),
+    }
     return recipe_from_dict(data, origin=f"--model {spec}")
 
 
@@ -177,8 +201,9 @@ def complete_from_inputs(recipe: Recipe, explicit: dict[str, tuple[str, str]], o
         head_from = f"the head of the {recipe.weights} weights of {recipe.arch}"
     flag = explicit.get("num_classes")
     if flag and head and recipe.num_classes != head:
-        raise PipelineError(f"{flag[0]} {flag[1]}, but {head_from} has {head} outputs; drop {flag[0]} or pass "
-                            "the matching weights")
+        raise PipelineError(
+            f"{flag[0]} {flag[1]}, but {head_from} has {head} outputs; drop {flag[0]} or pass the matching weights"
+        )
     if head and not flag:
         if recipe.weights not in NAMED_WEIGHTS:
             notes.append(f"num_classes: {head}, from {recipe.classifier}.weight in the weights file")
@@ -187,11 +212,16 @@ def complete_from_inputs(recipe: Recipe, explicit: dict[str, tuple[str, str]], o
     if recipe.data.kind == "imagefolder" and recipe.data.root:
         labels = imagefolder_labels(recipe.data.root, recipe.data.train_split, recipe.data.eval_split)
         if flag or head:
-            where = flag[0] if flag else ("the weights file" if recipe.weights not in NAMED_WEIGHTS
-                                          else f"the {recipe.weights} weights")
+            where = (
+                flag[0]
+                if flag
+                else ("the weights file" if recipe.weights not in NAMED_WEIGHTS else f"the {recipe.weights} weights")
+            )
             if len(labels) != recipe.num_classes:
-                raise PipelineError(f"{recipe.data.root} has {len(labels)} classes but {where} says "
-                                    f"{recipe.num_classes}; the head and the class folders must match")
+                raise PipelineError(
+                    f"{recipe.data.root} has {len(labels)} classes but {where} says "
+                    f"{recipe.num_classes}; the head and the class folders must match"
+                )
         else:
             recipe.num_classes = len(labels)
         if "labels" not in explicit:
@@ -199,12 +229,16 @@ def complete_from_inputs(recipe: Recipe, explicit: dict[str, tuple[str, str]], o
             notes.append(f"labels: {len(labels)} class folders of {recipe.data.root}")
 
     if recipe.num_classes == 0:
-        raise PipelineError(f"{origin}: num_classes = 0 (take it from the weights file) is not valid with weights "
-                            f"{recipe.weights!r} and no image folder; valid: at least 1 (--num-classes K), or "
-                            "--weights FILE or --data DIR to take it from")
+        raise PipelineError(
+            f"{origin}: num_classes = 0 (take it from the weights file) is not valid with weights "
+            f"{recipe.weights!r} and no image folder; valid: at least 1 (--num-classes K), or "
+            "--weights FILE or --data DIR to take it from"
+        )
     if recipe.labels and len(recipe.labels) != recipe.num_classes and "labels" not in explicit:
-        notes.append(f"labels: the recipe's {len(recipe.labels)} labels do not fit {recipe.num_classes} classes "
-                     "and are left out (--data DIR names them after its class folders)")
+        notes.append(
+            f"labels: the recipe's {len(recipe.labels)} labels do not fit {recipe.num_classes} classes "
+            "and are left out (--data DIR names them after its class folders)"
+        )
         recipe.labels = []
     return notes
 

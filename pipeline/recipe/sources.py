@@ -4,6 +4,7 @@ A source builds the network for a number of classes, names its classifier head w
 input size and normalisation its pretrained weights expect, and fetches those weights from the hub for users
 who are online.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -11,9 +12,9 @@ import importlib
 import inspect
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
 
 import torch
 from torch import nn
@@ -111,8 +112,10 @@ class TorchvisionSource(ModelSource):
         classification = models.list_models(module=models)
         if name not in classification:
             if name in models.list_models():
-                raise PipelineError(f"{spec}: {name} is a detection, segmentation or video model; this pipeline "
-                                    f"takes image classifiers (torchvision.models.list_models(module=torchvision.models))")
+                raise PipelineError(
+                    f"{spec}: {name} is a detection, segmentation or video model; this pipeline "
+                    f"takes image classifiers (torchvision.models.list_models(module=torchvision.models))"
+                )
             raise PipelineError(_closest(name, classification, f"{spec}: torchvision classification model"))
 
     def build(self, num_classes: int | None = None) -> nn.Module:
@@ -144,8 +147,10 @@ class TorchvisionSource(ModelSource):
         try:
             state = weights.get_state_dict(progress=False)
         except Exception as exc:  # urllib, SSL, hash and disk errors all mean "not available here"
-            raise PipelineError(f"cannot download torchvision weights {weights} ({type(exc).__name__}); "
-                                "pass --weights FILE with a saved state_dict") from None
+            raise PipelineError(
+                f"cannot download torchvision weights {weights} ({type(exc).__name__}); "
+                "pass --weights FILE with a saved state_dict"
+            ) from None
         return state, f"torchvision {weights}"
 
 
@@ -154,8 +159,10 @@ def _timm():
     try:
         import timm
     except ImportError:
-        raise PipelineError("timm: sources need the timm package; install it with "
-                            "`pip install 'sparse-pipeline[timm]'` (or `pip install timm`)") from None
+        raise PipelineError(
+            "timm: sources need the timm package; install it with "
+            "`pip install 'sparse-pipeline[timm]'` (or `pip install timm`)"
+        ) from None
     return timm
 
 
@@ -204,8 +211,10 @@ class TimmSource(ModelSource):
         try:
             model = _timm().create_model(self.name, pretrained=True)
         except Exception as exc:  # hub, network and cache errors
-            raise PipelineError(f"cannot download timm weights for {self.name} ({type(exc).__name__}); "
-                                "pass --weights FILE with a saved state_dict") from None
+            raise PipelineError(
+                f"cannot download timm weights for {self.name} ({type(exc).__name__}); "
+                "pass --weights FILE with a saved state_dict"
+            ) from None
         return model.state_dict(), f"timm pretrained {self.name}"
 
 
@@ -255,17 +264,22 @@ def _import_factory(spec: str, module_name: str, attribute: str) -> Callable[...
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise PipelineError(f"{spec}: cannot import {module_name} ({_first_line(exc)}); put its folder on "
-                            "PYTHONPATH or install its package") from None
+        raise PipelineError(
+            f"{spec}: cannot import {module_name} ({_first_line(exc)}); put its folder on "
+            "PYTHONPATH or install its package"
+        ) from None
     except Exception as exc:  # SyntaxError, or anything the module's top level raises
-        raise PipelineError(f"{spec}: importing {module_name} failed with {type(exc).__name__}: "
-                            f"{_first_line(exc)}") from None
+        raise PipelineError(
+            f"{spec}: importing {module_name} failed with {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
     target = module
     for part in attribute.split("."):
         if not hasattr(target, part):
             callables = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-            raise PipelineError(f"{spec}: {module_name} has no {attribute!r}; it defines: "
-                                f"{', '.join(callables) or 'no public callables'}")
+            raise PipelineError(
+                f"{spec}: {module_name} has no {attribute!r}; it defines: "
+                f"{', '.join(callables) or 'no public callables'}"
+            )
         target = getattr(target, part)
     if not callable(target):
         raise PipelineError(f"{spec}: {module_name}.{attribute} is a {type(target).__name__}, not a factory function")
@@ -284,8 +298,9 @@ class BuiltinSource(ModelSource):
     def __init__(self, spec: str, name: str) -> None:
         super().__init__(spec, name)
         if name not in ARCHITECTURES:
-            raise PipelineError(_closest(name, list(ARCHITECTURES), f"{spec}: built-in architecture")
-                                + f" (or use {SPEC_FORMS})")
+            raise PipelineError(
+                _closest(name, list(ARCHITECTURES), f"{spec}: built-in architecture") + f" (or use {SPEC_FORMS})"
+            )
 
     def build(self, num_classes: int | None = None) -> nn.Module:
         return ARCHITECTURES[self.name](10 if num_classes is None else num_classes)  # Fashion-MNIST's 10
@@ -319,4 +334,3 @@ def resolve_source(spec: str) -> ModelSource:
 def is_source_spec(text: str) -> bool:
     """Whether `--model TEXT` is a source spec rather than a recipe name or file."""
     return text.partition(":")[0] in SOURCE_KINDS and ":" in text
-

@@ -12,6 +12,7 @@ Refused without unpickling anything: a whole pickled `nn.Module` (`torch.save(mo
 a text file, an empty file and anything else that is not a PyTorch file. Only tensors, plain containers and
 argparse.Namespace (the `args` entry of both training scripts' checkpoints) are ever unpickled.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,9 +71,11 @@ def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
             if not bool(finite.all()):
                 bad = int((~finite).sum())
                 kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
-                raise PipelineError(f"{source}: tensor {key!r} holds {kind} ({bad} of {tensor.numel()} values not "
-                                    "finite); the weights are damaged or from a diverged run: pass weights with "
-                                    "finite values")
+                raise PipelineError(
+                    f"{source}: tensor {key!r} holds {kind} ({bad} of {tensor.numel()} values not "
+                    "finite); the weights are damaged or from a diverged run: pass weights with "
+                    "finite values"
+                )
 
 
 def infer_num_classes(state_dict: dict[str, torch.Tensor], classifier: str | None) -> int | None:
@@ -81,10 +84,15 @@ def infer_num_classes(state_dict: dict[str, torch.Tensor], classifier: str | Non
         return None
     key = f"{classifier}.weight"
     if key not in state_dict:
-        heads = [name.removesuffix(".weight") for name, tensor in state_dict.items()
-                 if name.endswith(".weight") and tensor.dim() in (2, 4)]
-        raise PipelineError(f"the weights have no {key!r}, so the classifier head {classifier!r} is not in them; "
-                            f"name the head with --classifier (the last layers in the file: {', '.join(heads[-3:])})")
+        heads = [
+            name.removesuffix(".weight")
+            for name, tensor in state_dict.items()
+            if name.endswith(".weight") and tensor.dim() in (2, 4)
+        ]
+        raise PipelineError(
+            f"the weights have no {key!r}, so the classifier head {classifier!r} is not in them; "
+            f"name the head with --classifier (the last layers in the file: {', '.join(heads[-3:])})"
+        )
     return int(state_dict[key].shape[0])
 
 
@@ -96,7 +104,7 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
         prefix = next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state)), None)
         if prefix is None:
             break
-        state = {key[len(prefix):]: value for key, value in state.items()}
+        state = {key[len(prefix) :]: value for key, value in state.items()}
     return state
 
 
@@ -118,15 +126,20 @@ def _load_payload(path: Path):
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
         objects = _pickled_objects(path)
         if objects.is_module:
-            raise PipelineError(f"weights file {path} holds a whole pickled nn.Module (torch.save(model)), which "
-                                f"cannot be loaded without running its code; {SAVE_HINT}") from None
+            raise PipelineError(
+                f"weights file {path} holds a whole pickled nn.Module (torch.save(model)), which "
+                f"cannot be loaded without running its code; {SAVE_HINT}"
+            ) from None
         if objects.globals:
-            raise PipelineError(f"weights file {path} holds pickled Python objects ({', '.join(objects.globals[:3])}) "
-                                f"that cannot be loaded without running their code; {SAVE_HINT}") from None
+            raise PipelineError(
+                f"weights file {path} holds pickled Python objects ({', '.join(objects.globals[:3])}) "
+                f"that cannot be loaded without running their code; {SAVE_HINT}"
+            ) from None
         text = _ANSI.sub("", str(exc)).strip()
         first = text.splitlines()[0][:160] if text else type(exc).__name__
-        raise PipelineError(f"weights file {path} cannot be read ({first}); it is truncated or corrupt, "
-                            f"{SAVE_HINT}") from None
+        raise PipelineError(
+            f"weights file {path} cannot be read ({first}); it is truncated or corrupt, {SAVE_HINT}"
+        ) from None
 
 
 def _refuse_torchscript(path: Path) -> None:
@@ -136,8 +149,10 @@ def _refuse_torchscript(path: Path) -> None:
     except (zipfile.BadZipFile, OSError):
         return  # torch.load reports the damage
     if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
-        raise PipelineError(f"weights file {path} is a TorchScript archive (torch.jit.save), which cannot be loaded "
-                            f"without running its code; {SAVE_HINT} before scripting")
+        raise PipelineError(
+            f"weights file {path} is a TorchScript archive (torch.jit.save), which cannot be loaded "
+            f"without running its code; {SAVE_HINT} before scripting"
+        )
 
 
 def _is_zip_header(path: Path) -> bool:
@@ -169,13 +184,16 @@ def _load_safetensors(path: Path):
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise PipelineError(f"weights file {path} is a safetensors file; install the safetensors package "
-                            "(`pip install safetensors`) to read it") from None
+        raise PipelineError(
+            f"weights file {path} is a safetensors file; install the safetensors package "
+            "(`pip install safetensors`) to read it"
+        ) from None
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:
-        raise PipelineError(f"weights file {path} is a damaged safetensors file ({_ANSI.sub('', str(exc))[:160]})") \
-            from None
+        raise PipelineError(
+            f"weights file {path} is a damaged safetensors file ({_ANSI.sub('', str(exc))[:160]})"
+        ) from None
 
 
 @dataclass
@@ -231,13 +249,17 @@ def _unwrap(payload, path: Path, prefer_ema: bool) -> tuple[dict[str, torch.Tens
     order = ema + plain if prefer_ema else plain + ema
     if not order:
         keys = ", ".join(repr(key) for key in list(payload)[:6])
-        raise PipelineError(f"weights file {path} holds a dict ({keys}) with no state_dict: expected tensors, or "
-                            f"one under {', '.join(PLAIN_ENTRIES + EMA_ENTRIES)}; {SAVE_HINT}")
+        raise PipelineError(
+            f"weights file {path} holds a dict ({keys}) with no state_dict: expected tensors, or "
+            f"one under {', '.join(PLAIN_ENTRIES + EMA_ENTRIES)}; {SAVE_HINT}"
+        )
     entry = order[0]
     state = payload[entry]
     not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
     if not state or not_tensors:
-        raise PipelineError(f"weights file {path}: entry {entry!r} is not a state_dict "
-                            f"({'empty' if not state else 'non-tensor values at ' + ', '.join(not_tensors[:3])}); "
-                            f"{SAVE_HINT}")
+        raise PipelineError(
+            f"weights file {path}: entry {entry!r} is not a state_dict "
+            f"({'empty' if not state else 'non-tensor values at ' + ', '.join(not_tensors[:3])}); "
+            f"{SAVE_HINT}"
+        )
     return state, entry, order[1:]

@@ -1,4 +1,5 @@
 """Build a recipe's network from its source spec and load its dense weights."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,12 +32,16 @@ def build_network(recipe: Recipe) -> nn.Module:
     outputs = head_size(model, recipe.classifier)
     if outputs is None:
         layers = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
-        raise PipelineError(f"classifier = {recipe.classifier!r} names no Linear or Conv2d layer of {recipe.arch}; "
-                            f"name the head with --classifier (its last layers: {', '.join(layers[-3:])})")
+        raise PipelineError(
+            f"classifier = {recipe.classifier!r} names no Linear or Conv2d layer of {recipe.arch}; "
+            f"name the head with --classifier (its last layers: {', '.join(layers[-3:])})"
+        )
     if outputs != recipe.num_classes:
-        raise PipelineError(f"{recipe.arch} builds a head {recipe.classifier} with {outputs} outputs, the recipe "
-                            f"needs {recipe.num_classes}; let the factory take a num_classes argument, or set "
-                            f"--num-classes {outputs}")
+        raise PipelineError(
+            f"{recipe.arch} builds a head {recipe.classifier} with {outputs} outputs, the recipe "
+            f"needs {recipe.num_classes}; let the factory take a num_classes argument, or set "
+            f"--num-classes {outputs}"
+        )
     return model
 
 
@@ -52,11 +57,15 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
         if not isinstance(given, torch.Tensor):
             raise PipelineError(f"{source}: {key} is a {type(given).__name__}, not a tensor; pass a state_dict")
         if tuple(given.shape) != tuple(tensor.shape):
-            raise PipelineError(f"{source}: {key} has shape {list(given.shape)}, the model expects "
-                                f"{list(tensor.shape)}; pass weights of the same architecture")
+            raise PipelineError(
+                f"{source}: {key} has shape {list(given.shape)}, the model expects "
+                f"{list(tensor.shape)}; pass weights of the same architecture"
+            )
         if given.is_floating_point() != tensor.is_floating_point() or given.dtype == torch.bool != tensor.dtype:
-            raise PipelineError(f"{source}: {key} has dtype {str(given.dtype).removeprefix('torch.')}, the model "
-                                f"expects {str(tensor.dtype).removeprefix('torch.')}; pass weights of the same model")
+            raise PipelineError(
+                f"{source}: {key} has dtype {str(given.dtype).removeprefix('torch.')}, the model "
+                f"expects {str(tensor.dtype).removeprefix('torch.')}; pass weights of the same model"
+            )
     check_finite(state_dict, source)
     model.load_state_dict(state_dict)
 
@@ -65,8 +74,10 @@ def published_state_dict(recipe: Recipe) -> tuple[dict[str, torch.Tensor], str]:
     """The source's published weights (`weights = "hub"`, or `"torchvision"` for torchvision sources)."""
     source = resolve_source(recipe.arch)
     if recipe.weights == "torchvision" and not isinstance(source, TorchvisionSource):
-        raise PipelineError(f"weights = 'torchvision', but {recipe.arch} is not a torchvision model; use "
-                            "--weights hub (the source's published weights), a weights file or random")
+        raise PipelineError(
+            f"weights = 'torchvision', but {recipe.arch} is not a torchvision model; use "
+            "--weights hub (the source's published weights), a weights file or random"
+        )
     return source.pretrained_state_dict()
 
 
@@ -80,8 +91,10 @@ def dense_state_dict(recipe: Recipe, paths: ArtifactPaths) -> tuple[dict[str, to
     if recipe.weights == "pretrain":
         path = paths.dense_weights
         if not path.is_file():
-            raise PipelineError(f"dense weights {path} do not exist yet; run `python -m pipeline pretrain "
-                                f"--model {recipe.name}` (make engine does it)")
+            raise PipelineError(
+                f"dense weights {path} do not exist yet; run `python -m pipeline pretrain "
+                f"--model {recipe.name}` (make engine does it)"
+            )
         return DenseWeights.load(path).state_dict, f"pretrained by the pretrain stage ({path})"
     if recipe.weights in ("torchvision", "hub"):
         return published_state_dict(recipe)

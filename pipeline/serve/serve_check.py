@@ -13,6 +13,7 @@ Checks (each a dict with `passed` in serve_check.json):
 
 The server runs in its own process group and is stopped in `finally`, failures included.
 """
+
 from __future__ import annotations
 
 import io
@@ -20,22 +21,23 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
 from pipeline.io import write_json, write_text
 from pipeline.package.ensembles import IMAGE_INPUT, ensemble_name
 from pipeline.package.model_config import LABELS_FILENAME
-from pipeline.serve.perf import VARIANTS, LoadTest, load_test
 from pipeline.package.repository import repository_dir
+from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import Recipe
+from pipeline.serve.perf import VARIANTS, LoadTest, load_test
 from pipeline.serve.server import Ports, TritonServer
 from pipeline.serve.triton_runtime import find_environment, prepare_runtime
-from pipeline.paths import ArtifactPaths
 
 SCHEMA = 1
 MAX_LOGIT_DIFF = 1e-3  # served logits against ONNX Runtime's on the same image (float32 rounding only)
@@ -90,8 +92,9 @@ def evaluation_images(recipe: Recipe, count: int) -> tuple[list[bytes], np.ndarr
     return encoded, tensors
 
 
-def verify_engine_logits(recipe: Recipe, paths: ArtifactPaths, tensors: np.ndarray
-                         ) -> tuple[dict[str, np.ndarray] | None, str]:
+def verify_engine_logits(
+    recipe: Recipe, paths: ArtifactPaths, tensors: np.ndarray
+) -> tuple[dict[str, np.ndarray] | None, str]:
     """Logits of the engines verify ran (read through build.json's owner, each engine checked against its
     recorded sha256), when they are ONNX Runtime engines; else None and why."""
     from pipeline.backends import get_backend
@@ -139,13 +142,21 @@ def infer_images(protocol: str, url: str, model: str, images: list[bytes], outpu
 
 
 def _batches(items: list, size: int) -> list[list]:
-    return [items[start:start + size] for start in range(0, len(items), size)]
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 # --------------------------------------------------------------------------- checks
-def check_predictions(server: TritonServer, recipe: Recipe, models: dict[str, str], images: list[bytes],
-                      reference: dict[str, np.ndarray], labels: list[str], output: str,
-                      verify_logits: dict[str, np.ndarray] | None, verify_note: str) -> dict[str, Any]:
+def check_predictions(
+    server: TritonServer,
+    recipe: Recipe,
+    models: dict[str, str],
+    images: list[bytes],
+    reference: dict[str, np.ndarray],
+    labels: list[str],
+    output: str,
+    verify_logits: dict[str, np.ndarray] | None,
+    verify_note: str,
+) -> dict[str, Any]:
     results = {}
     for variant in VARIANTS:
         expected = reference[variant].argmax(1)
@@ -154,23 +165,37 @@ def check_predictions(server: TritonServer, recipe: Recipe, models: dict[str, st
             logits, named = [], []
             for batch in _batches(images, recipe.serve.max_batch_size):
                 logits.append(infer_images(protocol, url, models[variant], batch, output))
-                named += [entry[0].decode().split(":", 2) for entry in
-                          infer_images(protocol, url, models[variant], batch, output, top=1)]
+                named += [
+                    entry[0].decode().split(":", 2)
+                    for entry in infer_images(protocol, url, models[variant], batch, output, top=1)
+                ]
             served = np.concatenate(logits)
             same_class = int((served.argmax(1) == expected).sum())
-            label_ok = sum(int(index) == expected[i] and label == labels[expected[i]]
-                           for i, (_, index, label) in enumerate(named))
+            label_ok = sum(
+                int(index) == expected[i] and label == labels[expected[i]] for i, (_, index, label) in enumerate(named)
+            )
             diff = float(np.abs(served - reference[variant]).max())
             same_as_verify = None if verify_expected is None else int((served.argmax(1) == verify_expected).sum())
             results[f"{variant}/{protocol}"] = {
-                "images": len(images), "same_top1": same_class, "same_top1_as_verify_engine": same_as_verify,
-                "labels_match": label_ok, "max_abs_logit_diff": diff,
-                "passed": same_class == len(images) and label_ok == len(images) and diff <= MAX_LOGIT_DIFF
-                and same_as_verify in (None, len(images))}
-    return {"name": "predictions", "passed": all(r["passed"] for r in results.values()), "results": results,
-            "reference": "ONNX Runtime (CPU) on dense.onnx / sparse.onnx, the files the repository serves, with the "
-                         "evaluation tensors verify feeds for the same images",
-            "verify_engines": verify_note, "max_abs_logit_diff_allowed": MAX_LOGIT_DIFF}
+                "images": len(images),
+                "same_top1": same_class,
+                "same_top1_as_verify_engine": same_as_verify,
+                "labels_match": label_ok,
+                "max_abs_logit_diff": diff,
+                "passed": same_class == len(images)
+                and label_ok == len(images)
+                and diff <= MAX_LOGIT_DIFF
+                and same_as_verify in (None, len(images)),
+            }
+    return {
+        "name": "predictions",
+        "passed": all(r["passed"] for r in results.values()),
+        "results": results,
+        "reference": "ONNX Runtime (CPU) on dense.onnx / sparse.onnx, the files the repository serves, with the "
+        "evaluation tensors verify feeds for the same images",
+        "verify_engines": verify_note,
+        "max_abs_logit_diff_allowed": MAX_LOGIT_DIFF,
+    }
 
 
 def _raw_request(protocol: str, url: str, model: str, shape: list[int], datatype: str, data: np.ndarray) -> None:
@@ -184,20 +209,26 @@ def bad_request_cases(recipe: Recipe, model: str, image: bytes) -> dict[str, Cal
     too_many = recipe.serve.max_batch_size + 1
     return {
         "wrong_shape": lambda protocol, url: _raw_request(
-            protocol, url, model, [1, 2], "BYTES", np.array([[image, image]], dtype=np.object_)),
+            protocol, url, model, [1, 2], "BYTES", np.array([[image, image]], dtype=np.object_)
+        ),
         "wrong_dtype": lambda protocol, url: _raw_request(
-            protocol, url, model, [1, 1], "FP32", np.zeros((1, 1), dtype=np.float32)),
-        "corrupt_image": lambda protocol, url: infer_images(protocol, url, model, [b"\x89PNG\r\n\x1a\n broken"],
-                                                            recipe.export.output_name),
-        "batch_above_max": lambda protocol, url: infer_images(protocol, url, model, [image] * too_many,
-                                                              recipe.export.output_name),
-        "unknown_model": lambda protocol, url: infer_images(protocol, url, f"{model}_missing", [image],
-                                                            recipe.export.output_name),
+            protocol, url, model, [1, 1], "FP32", np.zeros((1, 1), dtype=np.float32)
+        ),
+        "corrupt_image": lambda protocol, url: infer_images(
+            protocol, url, model, [b"\x89PNG\r\n\x1a\n broken"], recipe.export.output_name
+        ),
+        "batch_above_max": lambda protocol, url: infer_images(
+            protocol, url, model, [image] * too_many, recipe.export.output_name
+        ),
+        "unknown_model": lambda protocol, url: infer_images(
+            protocol, url, f"{model}_missing", [image], recipe.export.output_name
+        ),
     }
 
 
-def check_bad_requests(server: TritonServer, recipe: Recipe, model: str, image: bytes, expected_class: int
-                       ) -> dict[str, Any]:
+def check_bad_requests(
+    server: TritonServer, recipe: Recipe, model: str, image: bytes, expected_class: int
+) -> dict[str, Any]:
     from tritonclient.utils import InferenceServerException
 
     results = {}
@@ -208,10 +239,15 @@ def check_bad_requests(server: TritonServer, recipe: Recipe, model: str, image: 
                 error = None
             except InferenceServerException as exc:
                 error = str(exc.message() if callable(getattr(exc, "message", None)) else exc)[:300]
-            still_serving = int(infer_images(protocol, url, model, [image], recipe.export.output_name)
-                                .argmax(1)[0]) == expected_class
-            results[f"{name}/{protocol}"] = {"error_response": error, "still_serving": still_serving,
-                                             "passed": error is not None and still_serving}
+            still_serving = (
+                int(infer_images(protocol, url, model, [image], recipe.export.output_name).argmax(1)[0])
+                == expected_class
+            )
+            results[f"{name}/{protocol}"] = {
+                "error_response": error,
+                "still_serving": still_serving,
+                "passed": error is not None and still_serving,
+            }
     return {"name": "bad_requests", "passed": all(r["passed"] for r in results.values()), "results": results}
 
 
@@ -246,7 +282,7 @@ class _Load:
             time.sleep(0.02)
         return False
 
-    def __enter__(self) -> "_Load":
+    def __enter__(self) -> _Load:
         for thread in self.threads:
             thread.start()
         return self
@@ -257,8 +293,15 @@ class _Load:
             thread.join(timeout=30)
 
 
-def check_crash_restart(server: TritonServer, make_server: Callable[[], TritonServer], recipe: Recipe,
-                        model: str, image: bytes, expected_class: int, ready_timeout_s: float) -> dict[str, Any]:
+def check_crash_restart(
+    server: TritonServer,
+    make_server: Callable[[], TritonServer],
+    recipe: Recipe,
+    model: str,
+    image: bytes,
+    expected_class: int,
+    ready_timeout_s: float,
+) -> dict[str, Any]:
     """kill -9 under load, then a fresh server on the same repository (stopped with the others at the end)."""
     output = recipe.export.output_name
     with _Load(server.http_url, model, image, output) as load:
@@ -273,11 +316,17 @@ def check_crash_restart(server: TritonServer, make_server: Callable[[], TritonSe
     restarted.start()
     restart_s = restarted.wait_ready(ready_timeout_s)
     serving = int(infer_images("grpc", restarted.grpc_url, model, [image], output).argmax(1)[0]) == expected_class
-    check = {"name": "crash", "passed": served_before and saw_errors and not leftovers and serving,
-             "served_under_load_before_kill": served_before, "requests_ok": load.ok,
-             "requests_failed": load.errors, "clients_saw_the_crash": saw_errors,
-             "processes_left_after_kill": leftovers, "restart_ready_s": round(restart_s, 2),
-             "serving_after_restart": serving}
+    check = {
+        "name": "crash",
+        "passed": served_before and saw_errors and not leftovers and serving,
+        "served_under_load_before_kill": served_before,
+        "requests_ok": load.ok,
+        "requests_failed": load.errors,
+        "clients_saw_the_crash": saw_errors,
+        "processes_left_after_kill": leftovers,
+        "restart_ready_s": round(restart_s, 2),
+        "serving_after_restart": serving,
+    }
     return check
 
 
@@ -300,16 +349,23 @@ def read_labels(repository: Path, model: str) -> list[str]:
     return path.read_text().splitlines()
 
 
-def run_serve_check(recipe: Recipe, paths: ArtifactPaths, env_dir: Path | None, settings: ServeCheckSettings
-                    ) -> dict[str, Any]:
+def run_serve_check(
+    recipe: Recipe, paths: ArtifactPaths, env_dir: Path | None, settings: ServeCheckSettings
+) -> dict[str, Any]:
     """Run every check, write serve_check.json atomically, return the report (report["passed"])."""
     repository = repository_dir(paths, "cpu")
     models = _packaged_models(recipe, repository)
     environment = find_environment(env_dir)
     images, tensors = evaluation_images(recipe, settings.images)
     reference = {"dense": onnx_logits(paths.dense_onnx, tensors), "sparse": onnx_logits(paths.sparse_onnx, tensors)}
-    inputs = _CheckInputs(recipe, models, images, reference, read_labels(repository, models["dense"]),
-                          *verify_engine_logits(recipe, paths, tensors))
+    inputs = _CheckInputs(
+        recipe,
+        models,
+        images,
+        reference,
+        read_labels(repository, models["dense"]),
+        *verify_engine_logits(recipe, paths, tensors),
+    )
     started = time.time()
     session = _ServerSession(repository, Path(tempfile.mkdtemp(prefix="serve-check-")))
     try:
@@ -333,14 +389,16 @@ def _packaged_models(recipe: Recipe, repository: Path) -> dict[str, str]:
     models = {variant: ensemble_name(recipe.name, variant) for variant in VARIANTS}
     for model in models.values():
         if not (repository / model / "config.pbtxt").is_file():
-            raise PipelineError(f"{repository / model} is missing; run `python -m pipeline package --model "
-                                f"{recipe.name}` first")
+            raise PipelineError(
+                f"{repository / model} is missing; run `python -m pipeline package --model {recipe.name}` first"
+            )
     return models
 
 
 @dataclass
 class _CheckInputs:
     """What the checks compare the server's answers with."""
+
     recipe: Recipe
     models: dict[str, str]
     images: list[bytes]
@@ -358,8 +416,9 @@ class _ServerSession:
         self.servers: list[TritonServer] = []
 
     def new_server(self, runtime) -> TritonServer:
-        server = TritonServer(runtime, self.repository, self.work / f"tritonserver.{len(self.servers)}.log",
-                              Ports.pick())
+        server = TritonServer(
+            runtime, self.repository, self.work / f"tritonserver.{len(self.servers)}.log", Ports.pick()
+        )
         self.servers.append(server)
         return server
 
@@ -372,38 +431,79 @@ class _ServerSession:
         return log_text
 
 
-def _run_checks(server: TritonServer, session: _ServerSession, runtime, inputs: _CheckInputs,
-                settings: ServeCheckSettings) -> list[dict[str, Any]]:
+def _run_checks(
+    server: TritonServer, session: _ServerSession, runtime, inputs: _CheckInputs, settings: ServeCheckSettings
+) -> list[dict[str, Any]]:
     recipe, models, images = inputs.recipe, inputs.models, inputs.images
     expected_first = int(inputs.reference["sparse"][0].argmax())
     checks = [
-        _guarded("predictions", lambda: check_predictions(
-            server, recipe, models, images, inputs.reference, inputs.labels, recipe.export.output_name,
-            inputs.verify_logits, inputs.verify_note)),
-        _guarded("bad_requests", lambda: check_bad_requests(server, recipe, models["sparse"], images[0],
-                                                            expected_first)),
+        _guarded(
+            "predictions",
+            lambda: check_predictions(
+                server,
+                recipe,
+                models,
+                images,
+                inputs.reference,
+                inputs.labels,
+                recipe.export.output_name,
+                inputs.verify_logits,
+                inputs.verify_note,
+            ),
+        ),
+        _guarded(
+            "bad_requests", lambda: check_bad_requests(server, recipe, models["sparse"], images[0], expected_first)
+        ),
     ]
     if settings.load is not None:
+
         def run_load() -> dict[str, Any]:
             result = load_test(runtime, models, server.grpc_url, images, settings.load, session.work)
             return {"name": "load_test", "passed": result["ok"], **result}
+
         checks.append(_guarded("load_test", run_load))
     if settings.crash:
-        checks.append(_guarded("crash", lambda: check_crash_restart(
-            server, lambda: session.new_server(runtime), recipe, models["sparse"], images[0], expected_first,
-            settings.ready_timeout_s)))
+        checks.append(
+            _guarded(
+                "crash",
+                lambda: check_crash_restart(
+                    server,
+                    lambda: session.new_server(runtime),
+                    recipe,
+                    models["sparse"],
+                    images[0],
+                    expected_first,
+                    settings.ready_timeout_s,
+                ),
+            )
+        )
     return checks
 
 
-def _report(recipe: Recipe, repository: Path, environment, ready_s: float, images: int,
-            checks: list[dict[str, Any]], started: float) -> dict[str, Any]:
+def _report(
+    recipe: Recipe,
+    repository: Path,
+    environment,
+    ready_s: float,
+    images: int,
+    checks: list[dict[str, Any]],
+    started: float,
+) -> dict[str, Any]:
     return {
-        "schema": SCHEMA, "model": recipe.name, "repository": str(repository),
-        "server": {"tritonserver": str(environment.tritonserver), "python_env": str(environment.prefix),
-                   "python": environment.python_version, "ready_s": round(ready_s, 2),
-                   "backend": "python (model.py running ONNX Runtime on the CPU)"},
+        "schema": SCHEMA,
+        "model": recipe.name,
+        "repository": str(repository),
+        "server": {
+            "tritonserver": str(environment.tritonserver),
+            "python_env": str(environment.prefix),
+            "python": environment.python_version,
+            "ready_s": round(ready_s, 2),
+            "backend": "python (model.py running ONNX Runtime on the CPU)",
+        },
         "note": "CPU Python-backend figures (tritonserver 2.51 from nvidia-pytriton, ONNX Runtime CPU inside "
-                "Python-backend models); they say nothing about TensorRT on a GPU",
-        "images": images, "checks": checks,
-        "passed": all(check["passed"] for check in checks), "seconds": round(time.time() - started, 1),
+        "Python-backend models); they say nothing about TensorRT on a GPU",
+        "images": images,
+        "checks": checks,
+        "passed": all(check["passed"] for check in checks),
+        "seconds": round(time.time() - started, 1),
     }

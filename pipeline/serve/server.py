@@ -7,6 +7,7 @@ while starting is reported with the end of its log. Ports are free ones unless g
 Python-backend shared-memory regions get a per-server prefix and are removed on stop,
 also after a kill -9.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,10 +22,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.recipe.config import Recipe
 from pipeline.errors import PipelineError
-from pipeline.serve.triton_runtime import Runtime
 from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import Recipe
+from pipeline.serve.triton_runtime import Runtime
 
 SHM_DIR = Path("/dev/shm")
 POLL_SECONDS = 0.1
@@ -44,15 +45,22 @@ class Ports:
     metrics: int
 
     @classmethod
-    def pick(cls, http: int = 0, grpc: int = 0, metrics: int = 0) -> "Ports":
+    def pick(cls, http: int = 0, grpc: int = 0, metrics: int = 0) -> Ports:
         return cls(http or free_port(), grpc or free_port(), metrics or free_port())
 
 
 class TritonServer:
     """One tritonserver on 127.0.0.1; use as a context manager so it is always stopped."""
 
-    def __init__(self, runtime: Runtime, repository: Path, log_path: Path, ports: Ports | None = None,
-                 host: str = "127.0.0.1", verbose: bool = False) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        repository: Path,
+        log_path: Path,
+        ports: Ports | None = None,
+        host: str = "127.0.0.1",
+        verbose: bool = False,
+    ) -> None:
         self.runtime = runtime
         self.repository = Path(repository)
         self.log_path = Path(log_path)
@@ -71,24 +79,36 @@ class TritonServer:
         return f"{self.host}:{self.ports.grpc}"
 
     def command(self) -> list[str]:
-        return [str(self.runtime.environment.tritonserver),
-                f"--model-repository={self.repository.resolve()}",
-                f"--backend-directory={self.runtime.backend_dir}",
-                f"--http-address={self.host}", f"--http-port={self.ports.http}",
-                f"--grpc-address={self.host}", f"--grpc-port={self.ports.grpc}",
-                f"--metrics-address={self.host}", f"--metrics-port={self.ports.metrics}",
-                "--allow-gpu-metrics=false", "--allow-cpu-metrics=false",
-                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-                "--exit-timeout-secs=10", "--strict-readiness=true"] + (["--log-verbose=1"] if self.verbose else [])
+        return [
+            str(self.runtime.environment.tritonserver),
+            f"--model-repository={self.repository.resolve()}",
+            f"--backend-directory={self.runtime.backend_dir}",
+            f"--http-address={self.host}",
+            f"--http-port={self.ports.http}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.ports.metrics}",
+            "--allow-gpu-metrics=false",
+            "--allow-cpu-metrics=false",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            "--exit-timeout-secs=10",
+            "--strict-readiness=true",
+        ] + (["--log-verbose=1"] if self.verbose else [])
 
     def start(self) -> None:
         if not self.repository.is_dir():
             raise PipelineError(f"model repository {self.repository} does not exist; run `python -m pipeline package`")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=self.runtime.process_env(),
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.runtime.process_env(),
+                start_new_session=True,
+            )
 
     def is_ready(self) -> bool:
         try:
@@ -104,13 +124,16 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
-                raise PipelineError(f"tritonserver exited with code {code} while starting; its log "
-                                    f"{self.log_path} ends with: {self.log_tail()}")
+                raise PipelineError(
+                    f"tritonserver exited with code {code} while starting; its log "
+                    f"{self.log_path} ends with: {self.log_tail()}"
+                )
             if self.is_ready():
                 return time.monotonic() - started
             time.sleep(POLL_SECONDS)
-        raise PipelineError(f"tritonserver was not ready after {timeout_s:.0f} s; see {self.log_path}: "
-                            f"{self.log_tail()}")
+        raise PipelineError(
+            f"tritonserver was not ready after {timeout_s:.0f} s; see {self.log_path}: {self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 3) -> str:
         try:
@@ -157,7 +180,7 @@ class TritonServer:
         for region in SHM_DIR.glob(self.shm_prefix + "*"):
             region.unlink(missing_ok=True)
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         self.start()
         return self
 
@@ -165,8 +188,14 @@ class TritonServer:
         self.stop()
 
 
-def serve_foreground(recipe: Recipe, paths: ArtifactPaths, env_dir: Path | None, http_port: int = 0,
-                     grpc_port: int = 0, ready_timeout_s: float = 120.0) -> int:
+def serve_foreground(
+    recipe: Recipe,
+    paths: ArtifactPaths,
+    env_dir: Path | None,
+    http_port: int = 0,
+    grpc_port: int = 0,
+    ready_timeout_s: float = 120.0,
+) -> int:
     """`make serve`: the CPU repository until Ctrl-C (or until the server exits); returns its exit status."""
     from pipeline.package.ensembles import ensemble_name
     from pipeline.package.repository import repository_dir

@@ -18,6 +18,7 @@ $PIPELINE_TRITON_ENV, else `.venv-triton` in the repository (what `make serve-en
 venv layered on the project's venv, with nvidia-pytriton, numpy<2 and tritonclient 2.51),
 else the running interpreter's environment.
 """
+
 from __future__ import annotations
 
 import json
@@ -98,18 +99,27 @@ def find_environment(env_dir: Path | None = None) -> TritonEnvironment:
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
         raise PipelineError(f"cannot run {python} ({type(exc).__name__}); {SETUP_HINT}") from None
     if not info["pytriton"]:
-        raise PipelineError(f"the nvidia-pytriton wheel (which bundles tritonserver) is not installed in {prefix}; "
-                            f"{SETUP_HINT}")
+        raise PipelineError(
+            f"the nvidia-pytriton wheel (which bundles tritonserver) is not installed in {prefix}; {SETUP_HINT}"
+        )
     if not info["numpy"] or int(info["numpy"].split(".")[0]) >= 2:
-        raise PipelineError(f"the Python backend of tritonserver 2.51 needs numpy<2, {prefix} has numpy "
-                            f"{info['numpy']}; {SETUP_HINT}")
+        raise PipelineError(
+            f"the Python backend of tritonserver 2.51 needs numpy<2, {prefix} has numpy {info['numpy']}; {SETUP_HINT}"
+        )
     server_root = Path(info["pytriton"]) / "tritonserver"
-    env = TritonEnvironment(prefix=prefix, python_version=info["version"], libpython_dir=Path(info["libdir"]),
-                            server_root=server_root, wheel_libs=server_root.parent.parent / "nvidia_pytriton.libs")
+    env = TritonEnvironment(
+        prefix=prefix,
+        python_version=info["version"],
+        libpython_dir=Path(info["libdir"]),
+        server_root=server_root,
+        wheel_libs=server_root.parent.parent / "nvidia_pytriton.libs",
+    )
     for required in (env.tritonserver, env.stub, env.wheel_libs):
         if not required.exists():
-            raise PipelineError(f"{required} is missing from the nvidia-pytriton install (Python "
-                                f"{env.python_version}); reinstall it: {SETUP_HINT}")
+            raise PipelineError(
+                f"{required} is missing from the nvidia-pytriton install (Python "
+                f"{env.python_version}); reinstall it: {SETUP_HINT}"
+            )
     return env
 
 

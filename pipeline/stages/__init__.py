@@ -15,12 +15,14 @@ whose sub-stages each form their own set, also sets `GROUPS_WRITES = False`.
 No stage module imports pipeline.cli or another stage module; `engine` reaches the others through
 `load_stage` (tests/test_import_graph.py checks this).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 # stage name -> (module, one-line help)
 STAGES = {
@@ -40,8 +42,10 @@ STAGES = {
     "certify": ("pipeline.stages.certify", "stability bounds of the masked classifier (paper, sec. 3.2)"),
     "bench-train": ("pipeline.stages.bench_train", "time a mask-training step against a dense training step"),
     "gpu-check": ("pipeline.stages.gpu_check", "CUDA mask training, cuSPARSELt 2:4 GEMMs and TensorRT engines (GPU)"),
-    "bench-masks": ("pipeline.stages.bench_masks", "time to accuracy of mask training: full budget against the "
-                                                   "plateau rule, read off one run"),
+    "bench-masks": (
+        "pipeline.stages.bench_masks",
+        "time to accuracy of mask training: full budget against the plateau rule, read off one run",
+    ),
     "curves": ("pipeline.stages.curves", "plot top-1 against mask-training steps for every run of a model"),
     "layers": ("pipeline.stages.layers", "list masked and skipped layers with reasons and MAC shares"),
     "init-recipe": ("pipeline.stages.init_recipe", "write a recipe file for your own model and print the next command"),
@@ -64,6 +68,7 @@ def run_stage(module: ModuleType, recipe: Any, paths: Any, options: Any) -> int:
         if getattr(module, "RECORDS_CONFIG", True):
             write_config(recipe, paths)
         return int(module.run(recipe, paths, options) or 0)
+
     return as_one_set(paths.root, stage)
 
 
@@ -73,8 +78,11 @@ def recover_folder(root: Any) -> None:
 
     restored = recover(root)
     if restored:
-        print(f"note: an earlier run in {root} was killed mid-stage; put back its files as they were before "
-              f"it: {', '.join(restored)}", flush=True)
+        print(
+            f"note: an earlier run in {root} was killed mid-stage; put back its files as they were before "
+            f"it: {', '.join(restored)}",
+            flush=True,
+        )
 
 
 def as_one_set(root: Any, write: Callable[[], int]) -> int:

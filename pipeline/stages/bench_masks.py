@@ -11,6 +11,7 @@ and recorded as `prefix_matches`).
 Writes OUT/<model>/bench_masks.json and adds the model to OUT/bench-masks.json, bench-masks.md (table) and
 bench-masks.png (validation and test top-1 of the kept masks against seconds, the rule's stop marked).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,14 +80,22 @@ class KeptMasksOnTest:
 
 
 def at(point: dict) -> dict:
-    return {"step": point["step"], "seconds": point["seconds"], "validation_top1": point["kept_validation_top1"],
-            "test_top1": point["kept_test_top1"], "kept": point["kept"]}
+    return {
+        "step": point["step"],
+        "seconds": point["seconds"],
+        "validation_top1": point["kept_validation_top1"],
+        "test_top1": point["kept_test_top1"],
+        "kept": point["kept"],
+    }
 
 
 def compared(point: dict, full: dict) -> dict:
-    return {**point, "time_ratio": point["seconds"] / full["seconds"] if full["seconds"] else None,
-            "validation_difference": point["validation_top1"] - full["validation_top1"],
-            "test_difference": point["test_top1"] - full["test_top1"]}
+    return {
+        **point,
+        "time_ratio": point["seconds"] / full["seconds"] if full["seconds"] else None,
+        "validation_difference": point["validation_top1"] - full["validation_top1"],
+        "test_difference": point["test_top1"] - full["test_top1"],
+    }
 
 
 def read_off(full_history: list[dict], rule: PlateauRule, rule_run: LearnResult | None) -> dict:
@@ -96,7 +105,7 @@ def read_off(full_history: list[dict], rule: PlateauRule, rule_run: LearnResult 
     full = at(full_history[-1])
     stop = rule.first_stop(full_history)
     settled = at(full_history[stop] if stop is not None else full_history[-1])
-    settled["reason"] = rule.reason(full_history[:stop + 1]) if stop is not None else "never: ran the whole budget"
+    settled["reason"] = rule.reason(full_history[: stop + 1]) if stop is not None else "never: ran the whole budget"
     entry = {"full_budget": full, "settled": compared(settled, full), "resolution": rule.resolution}
     if rule_run is None:
         entry["plateau"] = entry["settled"]
@@ -120,31 +129,57 @@ def same_prefix(full: list[dict], ruled: list[dict], until: int | None) -> bool:
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.masks
     if not cfg.stop_patience or not cfg.validation_images:
-        raise PipelineError("bench-masks needs the plateau rule and a validation split: set masks.stop_patience "
-                            "and masks.validation_images above 0")
+        raise PipelineError(
+            "bench-masks needs the plateau rule and a validation split: set masks.stop_patience "
+            "and masks.validation_images above 0"
+        )
     device = select_device(options.device)
     model, source = load_dense_model(recipe, paths)
-    report = find_layers(model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier,
-                         cfg.include_classifier)
+    report = find_layers(
+        model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier, cfg.include_classifier
+    )
     data = build_datasets(recipe, augment_train=cfg.augment)
     dense = evaluate(model, data.eval, recipe.data.eval_batch_size, device, desc="eval dense")
     budget = dataclasses.replace(cfg, steps=options.steps or cfg.steps)
     started = time.time()
     print(f"bench-masks: the whole budget ({budget.steps} steps, rule off)")
-    full = learn_masks(copy.deepcopy(model), report, dataclasses.replace(
-        recipe, masks=dataclasses.replace(budget, stop_patience=0)), data, device,
-        on_evaluation=KeptMasksOnTest(data, recipe.data.eval_batch_size, device))
+    full = learn_masks(
+        copy.deepcopy(model),
+        report,
+        dataclasses.replace(recipe, masks=dataclasses.replace(budget, stop_patience=0)),
+        data,
+        device,
+        on_evaluation=KeptMasksOnTest(data, recipe.data.eval_batch_size, device),
+    )
     ruled = None
     if cfg.cooldown:  # the cooldown changes the run after the plateau: it is measured, not read off
         print(f"bench-masks: the plateau rule with its cooldown (masks.cooldown = {cfg.cooldown})")
-        ruled = learn_masks(copy.deepcopy(model), report, dataclasses.replace(recipe, masks=budget), data, device,
-                            on_evaluation=KeptMasksOnTest(data, recipe.data.eval_batch_size, device))
+        ruled = learn_masks(
+            copy.deepcopy(model),
+            report,
+            dataclasses.replace(recipe, masks=budget),
+            data,
+            device,
+            on_evaluation=KeptMasksOnTest(data, recipe.data.eval_batch_size, device),
+        )
     rule = PlateauRule(cfg.stop_patience, cfg.stop_changed, full.validation_images)
-    entry = {"model": recipe.name, "weights": source, "data": data.description, "dense_test_top1": dense["top1"],
-             "budget_steps": budget.steps, "loss": full.loss, "stop_patience": cfg.stop_patience,
-             "stop_changed": cfg.stop_changed, "cooldown": cfg.cooldown, "keep": cfg.keep, "validation_images": full.validation_images,
-             "wall_seconds": round(time.time() - started, 1), **read_off(full.history, rule, ruled),
-             "history": full.history, "command": "python -m pipeline " + " ".join(sys.argv[1:])}
+    entry = {
+        "model": recipe.name,
+        "weights": source,
+        "data": data.description,
+        "dense_test_top1": dense["top1"],
+        "budget_steps": budget.steps,
+        "loss": full.loss,
+        "stop_patience": cfg.stop_patience,
+        "stop_changed": cfg.stop_changed,
+        "cooldown": cfg.cooldown,
+        "keep": cfg.keep,
+        "validation_images": full.validation_images,
+        "wall_seconds": round(time.time() - started, 1),
+        **read_off(full.history, rule, ruled),
+        "history": full.history,
+        "command": "python -m pipeline " + " ".join(sys.argv[1:]),
+    }
     write_json(paths.root / "bench_masks.json", entry)
     combined = record(paths.root.parent / "bench-masks.json", entry)
     write_text(paths.root.parent / "bench-masks.md", table(combined))
@@ -158,8 +193,10 @@ def record(path: Path, entry: dict) -> dict:
     """bench-masks.json, the table of every model measured so far, with ENTRY's model (re)placed."""
     combined = read_json(path) if path.exists() else {}
     if not isinstance(combined, dict) or not all(isinstance(row, dict) for row in combined.values()):
-        raise PipelineError(f"{path} is not a bench-masks table (a JSON object of one entry per model); delete it "
-                            "and run bench-masks again for every model it should list")
+        raise PipelineError(
+            f"{path} is not a bench-masks table (a JSON object of one entry per model); delete it "
+            "and run bench-masks again for every model it should list"
+        )
     combined[entry["model"]] = entry
     write_json(path, combined)
     return combined
@@ -179,17 +216,21 @@ def row_label(key: str, point: dict) -> str:
 
 
 def table(entries: dict) -> str:
-    lines = ["| model | budget | rule | steps | seconds | validation top-1 % (kept masks) | test top-1 % | "
-             "time vs full |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | budget | rule | steps | seconds | validation top-1 % (kept masks) | test top-1 % | time vs full |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for name, entry in entries.items():
         for key in ROWS:
             if key not in entry or (key == "plateau" and "plateau_history" not in entry):
                 continue  # without a cooldown the recipe's rule is the read-off row
             point = entry[key]
             ratio = "1.00" if key == "full_budget" else f"{point['time_ratio']:.2f}"
-            lines.append(f"| {name} | {entry['budget_steps']} | {row_label(key, point)} | {point['step']} | "
-                         f"{point['seconds']:.1f} | {point['validation_top1']:.2f} | {point['test_top1']:.2f} | "
-                         f"{ratio} |")
+            lines.append(
+                f"| {name} | {entry['budget_steps']} | {row_label(key, point)} | {point['step']} | "
+                f"{point['seconds']:.1f} | {point['validation_top1']:.2f} | {point['test_top1']:.2f} | "
+                f"{ratio} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -208,13 +249,24 @@ def plot(entries: dict, path: Path) -> None:
     for ax, (name, entry) in zip(axes[0], entries.items()):
         history = entry["history"]
         seconds = [point["seconds"] for point in history]
-        ax.plot(seconds, [kept_top1(point, "validation") for point in history], marker="o", ms=3,
-                label="validation (kept masks)")
+        ax.plot(
+            seconds,
+            [kept_top1(point, "validation") for point in history],
+            marker="o",
+            ms=3,
+            label="validation (kept masks)",
+        )
         ax.plot(seconds, [kept_top1(point, "test") for point in history], marker="s", ms=3, label="test (kept masks)")
         ruled = entry.get("plateau_history")
         if ruled:
-            ax.plot([point["seconds"] for point in ruled], [kept_top1(point, "test") for point in ruled], ls=":",
-                    marker="^", ms=3, label="test (kept masks), rule's run")
+            ax.plot(
+                [point["seconds"] for point in ruled],
+                [kept_top1(point, "test") for point in ruled],
+                ls=":",
+                marker="^",
+                ms=3,
+                label="test (kept masks), rule's run",
+            )
         stop = entry["plateau"]
         ax.axvline(stop["seconds"], color="black", ls="--", lw=1, label=f"plateau rule: step {stop['step']}")
         ax.set_title(f"{name} ({entry['budget_steps']} steps)", fontsize=9)

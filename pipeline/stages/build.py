@@ -3,6 +3,7 @@
 `--backend auto` takes TensorRT when it imports and a CUDA GPU is present, else ONNX Runtime
 (which has no sparse kernels: its engines check accuracy, not speed-up).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,17 +45,24 @@ def check_onnx_inputs(sources: dict[str, Path], paths, model: str) -> None:
     import onnx
 
     exported = ExportReport.load(paths.export_report, model)
-    for variant, path in sources.items():
+    for path in sources.values():
         if not path.is_file():
-            hint = (" with export.fp16=true" if ".fp16." in path.name else
-                    " with --set build.precision=int8" if ".int8." in path.name else "")
+            hint = (
+                " with export.fp16=true"
+                if ".fp16." in path.name
+                else " with --set build.precision=int8"
+                if ".int8." in path.name
+                else ""
+            )
             raise PipelineError(f"{path} does not exist; run `python -m pipeline export --model {model}`{hint} first")
         exported.checked(path)
         try:
             onnx.checker.check_model(str(path))
         except Exception as exc:
-            raise PipelineError(f"{path} is not a valid ONNX model ({str(exc).splitlines()[0][:160]}); re-run "
-                                f"`python -m pipeline export --model {model}`") from None
+            raise PipelineError(
+                f"{path} is not a valid ONNX model ({str(exc).splitlines()[0][:160]}); re-run "
+                f"`python -m pipeline export --model {model}`"
+            ) from None
 
 
 def check_tensorrt_inputs(recipe: Recipe, paths: ArtifactPaths) -> None:
@@ -89,8 +97,10 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     check_onnx_inputs(sources, paths, recipe.name)
     parser = tensorrt_parser_check(sources)
     if any(parser["problems"].values()):
-        print(f"note: {parser['target']} could not parse these graphs: " + "; ".join(
-            f"{variant}: {', '.join(found)}" for variant, found in parser["problems"].items() if found))
+        print(
+            f"note: {parser['target']} could not parse these graphs: "
+            + "; ".join(f"{variant}: {', '.join(found)}" for variant, found in parser["problems"].items() if found)
+        )
     folder = engine_dir(paths.root, backend.name)
     engines = {}
     written: list[Path] = []
@@ -100,22 +110,32 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             result = backend.build(onnx_path, folder, variant, recipe, sparse=variant == "sparse")
             written += [Path(result.engine_path), Path(result.engine_path).with_suffix(".json")]
             # paths relative to the model folder, so the folder can be moved or copied whole
-            engines[variant] = {"engine": relative_to_root(result.engine_path, paths.root),
-                                "sha256": sha256_file(result.engine_path),
-                                "onnx": relative_to_root(onnx_path, paths.root), "onnx_sha256": sha256_file(onnx_path),
-                                "metadata": result.metadata, "sparse_layers": result.sparse_layers}
+            engines[variant] = {
+                "engine": relative_to_root(result.engine_path, paths.root),
+                "sha256": sha256_file(result.engine_path),
+                "onnx": relative_to_root(onnx_path, paths.root),
+                "onnx_sha256": sha256_file(onnx_path),
+                "metadata": result.metadata,
+                "sparse_layers": result.sparse_layers,
+            }
             print(f"  {result.engine_path}")
     except BaseException:
         for path in written:  # no half-finished pair of engines
             path.unlink(missing_ok=True)
         raise
     BuildReport(
-        model=recipe.name, backend=backend.name, requested=requested, reason=reason,
-        has_sparse_kernels=backend.has_sparse_kernels, inputs=why,
+        model=recipe.name,
+        backend=backend.name,
+        requested=requested,
+        reason=reason,
+        has_sparse_kernels=backend.has_sparse_kernels,
+        inputs=why,
         batch_range=[recipe.build.min_batch, recipe.build.opt_batch, recipe.build.max_batch],
-        note="" if backend.has_sparse_kernels else
-        f"{backend.name} has no sparse kernels: these engines verify correctness and accuracy, not speed-up",
-        engines=engines, tensorrt_parser=parser,
+        note=""
+        if backend.has_sparse_kernels
+        else f"{backend.name} has no sparse kernels: these engines verify correctness and accuracy, not speed-up",
+        engines=engines,
+        tensorrt_parser=parser,
     ).save(paths.build_report)
     print(f"build report: {paths.build_report}")
     return 0

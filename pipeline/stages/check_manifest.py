@@ -3,6 +3,7 @@
 Every listed file must exist with the recorded size and sha256. Missing and tampered
 files are each named; exit 1 when anything is wrong, 0 when everything matches.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,6 @@ from pathlib import Path
 
 from pipeline.package.manifest import check_manifest
 from pipeline.paths import ArtifactPaths
-
 
 NEEDS_RECIPE = False  # reads only: no recipe resolution, so checking rewrites no config.json
 
@@ -27,8 +27,9 @@ class Options:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="fmnist_resnet", help="model folder name under OUT (default fmnist_resnet)")
     parser.add_argument("--out", default="engines", help="artifact root (default engines)")
-    parser.add_argument("--dir", default=None, metavar="FOLDER",
-                        help="artifact folder holding manifest.json (default OUT/<model>)")
+    parser.add_argument(
+        "--dir", default=None, metavar="FOLDER", help="artifact folder holding manifest.json (default OUT/<model>)"
+    )
     parser.add_argument("--strict", action="store_true", help="also fail on files the manifest does not list")
 
 
@@ -45,6 +46,8 @@ def run(options: Options) -> int:
     if result.ok(options.strict):
         print(f"ok: {result.checked} files match {root / 'manifest.json'}")
         return 0
-    print(f"{bad} problem(s) in {root}: {len(result.missing)} missing, {len(result.tampered)} tampered"
-          + (f", {len(result.unlisted)} unlisted" if options.strict else ""))
+    print(
+        f"{bad} problem(s) in {root}: {len(result.missing)} missing, {len(result.tampered)} tampered"
+        + (f", {len(result.unlisted)} unlisted" if options.strict else "")
+    )
     return 1

@@ -3,6 +3,7 @@
 Writes engines/<model>/compare.json, compare.md, compare.png and compare/masks.<method>.pt
 (pipeline/compare/ does the work; docs/baselines.md explains the methods).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,22 @@ class Options:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("compare")
-    group.add_argument("--methods", default=DEFAULT_METHODS,
-                       help=f"comma-separated mask methods (default {DEFAULT_METHODS}); valid: {', '.join(METHODS)}")
-    add_learned_argument(group, "learned masks: reuse engines/<model>/masks.ckpt when it is a finished run with the "
-                                "same mask settings (auto, the default), require it (reuse) or always learn afresh (train)")
-    group.add_argument("--learned-init-from", default=None, metavar="METHOD",
-                       help="start the learned logits from this compared method's masks (e.g. magnitude)")
+    group.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma-separated mask methods (default {DEFAULT_METHODS}); valid: {', '.join(METHODS)}",
+    )
+    add_learned_argument(
+        group,
+        "learned masks: reuse engines/<model>/masks.ckpt when it is a finished run with the "
+        "same mask settings (auto, the default), require it (reuse) or always learn afresh (train)",
+    )
+    group.add_argument(
+        "--learned-init-from",
+        default=None,
+        metavar="METHOD",
+        help="start the learned logits from this compared method's masks (e.g. magnitude)",
+    )
     add_device_argument(group)
 
 
@@ -43,7 +54,9 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     device = select_device(options.device)
     summary = compare(recipe, paths, methods, device, options.learned, options.learned_init_from)
     if summary["learned_beats_best_heuristic"] is not None:
-        print(f"learned {'beats' if summary['learned_beats_best_heuristic'] else 'does NOT beat'} the best heuristic "
-              f"({summary['best_heuristic']}) on top-1")
+        print(
+            f"learned {'beats' if summary['learned_beats_best_heuristic'] else 'does NOT beat'} the best heuristic "
+            f"({summary['best_heuristic']}) on top-1"
+        )
     print(f"-> {paths.compare_md}, {paths.compare_json}, {paths.compare_png}")
     return 0

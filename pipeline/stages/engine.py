@@ -8,6 +8,7 @@ dense weights come from, the dataset's fingerprint for the stages that read data
 of each output (paths relative to the model folder, so the folder can be moved). A stage is skipped when its input
 hash is unchanged and every recorded output still exists with its recorded hash.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,17 +18,18 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.args import add_backend_argument, add_junit_argument
 from pipeline.backends.build_report import VARIANTS, BuildReport
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, sha256_file
-from pipeline.records import StageRecords
 from pipeline.paths import ArtifactPaths, relative_to_root
 from pipeline.recipe.config import Recipe
+from pipeline.records import StageRecords
 from pipeline.stages import load_stage, run_stage
 
 STAGE_ORDER = ["pretrain", "train-masks", "bake", "export", "build", "verify"]
@@ -70,8 +72,13 @@ def combine(parts: dict[str, Any]) -> str:
 
 
 class Stage:
-    def __init__(self, name: str, inputs: Callable[[], dict[str, Any]], outputs: Callable[[], list[Path]],
-                 extra: Callable[[bool], dict[str, Any]] = lambda rerun: {}) -> None:
+    def __init__(
+        self,
+        name: str,
+        inputs: Callable[[], dict[str, Any]],
+        outputs: Callable[[], list[Path]],
+        extra: Callable[[bool], dict[str, Any]] = lambda rerun: {},
+    ) -> None:
         self.name, self.inputs, self.outputs, self.extra = name, inputs, outputs, extra
 
 
@@ -94,15 +101,22 @@ def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[S
         return files
 
     def export_inputs() -> dict[str, Any]:
-        parts = {"recipe": digest(*MODEL_FIELDS, "export"), "weights": weights_identity(recipe, paths),
-                 "sparse.pt": file_digest(paths.sparse_weights), "masks.pt": file_digest(paths.masks)}
+        parts = {
+            "recipe": digest(*MODEL_FIELDS, "export"),
+            "weights": weights_identity(recipe, paths),
+            "sparse.pt": file_digest(paths.sparse_weights),
+            "masks.pt": file_digest(paths.masks),
+        }
         if recipe.build.precision == "int8":
             parts["int8_calibration"] = [digest("data", "preprocess"), dataset()]
         return parts
 
     def bake_inputs() -> dict[str, Any]:
-        parts = {"recipe": digest(*MODEL_FIELDS, "masks"), "weights": weights_identity(recipe, paths),
-                 "masks.ckpt": file_digest(paths.mask_checkpoint)}
+        parts = {
+            "recipe": digest(*MODEL_FIELDS, "masks"),
+            "weights": weights_identity(recipe, paths),
+            "masks.ckpt": file_digest(paths.mask_checkpoint),
+        }
         if recipe.masks.bn_reestimate_images:  # BatchNorm statistics re-estimated on training images
             parts["bn_reestimation"] = [digest("data", "preprocess"), dataset()]
         return parts
@@ -115,23 +129,47 @@ def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[S
 
     plan = []
     if recipe.weights == "pretrain":
-        plan.append(Stage("pretrain", lambda: {"recipe": digest(*MODEL_FIELDS, "data", "preprocess", "pretrain"),
-                                               "dataset": dataset()},
-                          lambda: [paths.dense_weights], lambda rerun: {"force": rerun}))
+        plan.append(
+            Stage(
+                "pretrain",
+                lambda: {"recipe": digest(*MODEL_FIELDS, "data", "preprocess", "pretrain"), "dataset": dataset()},
+                lambda: [paths.dense_weights],
+                lambda rerun: {"force": rerun},
+            )
+        )
     plan += [
-        Stage("train-masks", lambda: {"recipe": digest(*MODEL_FIELDS, "data", "preprocess", "masks"),
-                                      "weights": weights_identity(recipe, paths), "dataset": dataset()},
-              lambda: [paths.mask_checkpoint, paths.mask_training, paths.layers]),
+        Stage(
+            "train-masks",
+            lambda: {
+                "recipe": digest(*MODEL_FIELDS, "data", "preprocess", "masks"),
+                "weights": weights_identity(recipe, paths),
+                "dataset": dataset(),
+            },
+            lambda: [paths.mask_checkpoint, paths.mask_training, paths.layers],
+        ),
         Stage("bake", bake_inputs, lambda: [paths.masks, paths.sparse_weights, paths.bake_report]),
         Stage("export", export_inputs, lambda: onnx_files() + [paths.export_report]),
-        Stage("build", lambda: {"recipe": digest(*MODEL_FIELDS, "build"),
-                                **{path.name: file_digest(path) for path in onnx_files()}},
-              engine_files),
-        Stage("verify", lambda: {"recipe": digest(*MODEL_FIELDS, "data", "preprocess", "verify"), "dataset": dataset(),
-                                 "build.json": file_digest(paths.build_report), "layers.json": file_digest(paths.layers),
-                                 "masks.pt": file_digest(paths.masks), "junit": options.junit},
-              lambda: [paths.report_json, paths.report_md],
-              lambda rerun: {"junit": options.junit}),
+        Stage(
+            "build",
+            lambda: {
+                "recipe": digest(*MODEL_FIELDS, "build"),
+                **{path.name: file_digest(path) for path in onnx_files()},
+            },
+            engine_files,
+        ),
+        Stage(
+            "verify",
+            lambda: {
+                "recipe": digest(*MODEL_FIELDS, "data", "preprocess", "verify"),
+                "dataset": dataset(),
+                "build.json": file_digest(paths.build_report),
+                "layers.json": file_digest(paths.layers),
+                "masks.pt": file_digest(paths.masks),
+                "junit": options.junit,
+            },
+            lambda: [paths.report_json, paths.report_md],
+            lambda rerun: {"junit": options.junit},
+        ),
     ]
     return plan
 
@@ -140,8 +178,10 @@ def up_to_date(record: dict[str, Any] | None, input_hash: str, root: Path) -> bo
     if not record or record.get("inputs") != input_hash:
         return False
     outputs = record.get("outputs") or {}
-    return bool(outputs) and all(isinstance(digest, str) and (root / path).is_file()
-                                 and sha256_file(root / path) == digest for path, digest in outputs.items())
+    return bool(outputs) and all(
+        isinstance(digest, str) and (root / path).is_file() and sha256_file(root / path) == digest
+        for path, digest in outputs.items()
+    )
 
 
 def load_records(paths: ArtifactPaths) -> StageRecords:
@@ -164,11 +204,23 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         if not options.force and up_to_date(record, input_hash, paths.root):
             print(f"== {stage.name}: up to date (inputs unchanged, outputs intact), skipped", flush=True)
             continue
-        why = "--force" if options.force else ("no record" if not record else
-                                             "inputs changed" if record.get("inputs") != input_hash else
-                                             "outputs missing or changed")
-        resume = (not options.force and stage.name in checkpoints and checkpoints[stage.name].is_file()
-                  and records.in_progress.get(stage.name) == input_hash)
+        why = (
+            "--force"
+            if options.force
+            else (
+                "no record"
+                if not record
+                else "inputs changed"
+                if record.get("inputs") != input_hash
+                else "outputs missing or changed"
+            )
+        )
+        resume = (
+            not options.force
+            and stage.name in checkpoints
+            and checkpoints[stage.name].is_file()
+            and records.in_progress.get(stage.name) == input_hash
+        )
         print(f"== {stage.name}: {'resuming' if resume else 'running'} ({why})", flush=True)
         stage_started = time.time()
         code = run_planned_stage(stage, recipe, paths, records, input_hash, record is not None or options.force, resume)
@@ -176,9 +228,13 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             print(f"== {stage.name} exited with {code}; stopping", flush=True)
             return code
         records.stages[stage.name] = {
-            "inputs": input_hash, "input_parts": parts,
-            "outputs": {relative_to_root(path, paths.root): sha256_file(path)
-                        for path in stage.outputs() if Path(path).is_file()},
+            "inputs": input_hash,
+            "input_parts": parts,
+            "outputs": {
+                relative_to_root(path, paths.root): sha256_file(path)
+                for path in stage.outputs()
+                if Path(path).is_file()
+            },
             "seconds": round(time.time() - stage_started, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -187,8 +243,15 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     return 0
 
 
-def run_planned_stage(stage: Stage, recipe: Recipe, paths: ArtifactPaths, records: StageRecords, input_hash: str,
-                      rerun: bool, resume: bool) -> int:
+def run_planned_stage(
+    stage: Stage,
+    recipe: Recipe,
+    paths: ArtifactPaths,
+    records: StageRecords,
+    input_hash: str,
+    rerun: bool,
+    resume: bool,
+) -> int:
     """Run one stage with its in-progress mark in stages.json (so a killed run resumes). A stage refusing its
     input (PipelineError) ran no work: stages.json is put back as it was, byte for byte."""
     before = paths.stages.read_bytes() if paths.stages.is_file() else None
@@ -215,8 +278,9 @@ def run_planned_stage(stage: Stage, recipe: Recipe, paths: ArtifactPaths, record
     return code
 
 
-def restore_records(paths: ArtifactPaths, records: StageRecords, name: str, previous: str | None,
-                    before: bytes | None) -> None:
+def restore_records(
+    paths: ArtifactPaths, records: StageRecords, name: str, previous: str | None, before: bytes | None
+) -> None:
     if previous is None:
         records.in_progress.pop(name, None)
     else:

@@ -4,6 +4,7 @@ Checks: onnx.checker (full), N:M in TensorRT layout for every masked layer of th
 graphs, kept weights equal to the dense graph's, ONNX Runtime output against PyTorch.
 Results go to export.json; the ONNX files are written only when every check passes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,17 +14,24 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.export.onnx import (TOLERANCES, ModelProtoFromTorch, check_model, check_sparse_layers, compare_with_torch,
-                             effective_opset, other_initializers_differ)
-from pipeline.io import atomic_path
-from pipeline.records import file_record
+from pipeline.export.onnx import (
+    TOLERANCES,
+    ModelProtoFromTorch,
+    check_model,
+    check_sparse_layers,
+    compare_with_torch,
+    effective_opset,
+    other_initializers_differ,
+)
 from pipeline.export.report import ExportReport
+from pipeline.io import atomic_path
 from pipeline.masks.artifact import MaskArtifact
 from pipeline.masks.bake_report import BakeReport
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.weight_files import read_state_dict
 from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict
+from pipeline.records import file_record
 
 
 @dataclass
@@ -76,8 +84,17 @@ def load_inputs(recipe: Recipe, paths: ArtifactPaths) -> Inputs:
         dense_model.load_state_dict(dense_for_artifact(dense_state, artifact))
         source += " (channel-permuted as recorded in masks.pt)"
     n, m = (artifact.layers[0].n, artifact.layers[0].m) if artifact.layers else (recipe.masks.n, recipe.masks.m)
-    return Inputs(dense_state, source, dense_model.eval(), sparse_state, sparse_model.eval(), baked,
-                  [layer.name for layer in artifact.layers], n, m)
+    return Inputs(
+        dense_state,
+        source,
+        dense_model.eval(),
+        sparse_state,
+        sparse_model.eval(),
+        baked,
+        [layer.name for layer in artifact.layers],
+        n,
+        m,
+    )
 
 
 def check_references(recipe: Recipe, inputs: Inputs, protos: dict, opset: int) -> dict:
@@ -93,14 +110,18 @@ def check_references(recipe: Recipe, inputs: Inputs, protos: dict, opset: int) -
         reference_model.eval()
         for precision in references:
             references[precision] = ModelProtoFromTorch(
-                reference_model, recipe.input_shape, opset, cfg.input_name, cfg.output_name, fp16=precision == "fp16")
-        print("note: bake re-estimated the BatchNorm statistics (masks.bn_reestimate_images): the sparse graphs are "
-              "checked against the dense weights with those statistics")
+                reference_model, recipe.input_shape, opset, cfg.input_name, cfg.output_name, fp16=precision == "fp16"
+            )
+        print(
+            "note: bake re-estimated the BatchNorm statistics (masks.bn_reestimate_images): the sparse graphs are "
+            "checked against the dense weights with those statistics"
+        )
     return references
 
 
-def check_graphs(recipe: Recipe, inputs: Inputs, protos: dict, variants: list, opset: int
-                 ) -> tuple[dict, dict, list[str]]:
+def check_graphs(
+    recipe: Recipe, inputs: Inputs, protos: dict, variants: list, opset: int
+) -> tuple[dict, dict, list[str]]:
     """Every graph against PyTorch, and the sparse ones' N:M and kept weights: (files, layer checks, problems)."""
     cfg = recipe.export
     references_for_check = check_references(recipe, inputs, protos, opset)
@@ -111,26 +132,35 @@ def check_graphs(recipe: Recipe, inputs: Inputs, protos: dict, variants: list, o
     for (kind, precision), proto in protos.items():
         comparison = compare_with_torch(proto, references[kind], batch.numpy(), precision)
         path = next(p for k, pr, _, p in variants if k == kind and pr == precision)
-        files[path.name] = {"variant": kind, "precision": precision, "opset": opset, "ort_vs_torch": comparison,
-                            "inputs": [{"name": cfg.input_name, "dtype": "float32",
-                                        "shape": ["batch", *recipe.input_shape]}],
-                            "outputs": [{"name": cfg.output_name, "dtype": "float32",
-                                         "shape": ["batch", recipe.num_classes]}]}
+        files[path.name] = {
+            "variant": kind,
+            "precision": precision,
+            "opset": opset,
+            "ort_vs_torch": comparison,
+            "inputs": [{"name": cfg.input_name, "dtype": "float32", "shape": ["batch", *recipe.input_shape]}],
+            "outputs": [{"name": cfg.output_name, "dtype": "float32", "shape": ["batch", recipe.num_classes]}],
+        }
         if not comparison["ok"]:
-            problems.append(f"{path.name}: ONNX Runtime differs from PyTorch by {comparison['max_abs_diff']:.3g} "
-                            f"(allowed {comparison['allowed']:.3g})")
+            problems.append(
+                f"{path.name}: ONNX Runtime differs from PyTorch by {comparison['max_abs_diff']:.3g} "
+                f"(allowed {comparison['allowed']:.3g})"
+            )
         if kind == "sparse":
-            checks = check_sparse_layers(references_for_check[precision], proto, inputs.masked, inputs.sparse_state,
-                                         inputs.n, inputs.m)
+            checks = check_sparse_layers(
+                references_for_check[precision], proto, inputs.masked, inputs.sparse_state, inputs.n, inputs.m
+            )
             layer_checks[precision] = checks
             masked_inits = {check.get("initializer") for check in checks}
             differ = other_initializers_differ(references_for_check[precision], proto, masked_inits)
             files[path.name]["unmasked_initializers_differing"] = differ
-            problems += [f"{path.name} layer {check['layer']}: {check['problem']}" for check in checks
-                         if not check["ok"]]
+            problems += [
+                f"{path.name} layer {check['layer']}: {check['problem']}" for check in checks if not check["ok"]
+            ]
             if differ:
-                problems.append(f"{path.name}: {len(differ)} unmasked initializers differ from the dense graph "
-                                f"(e.g. {differ[0]}); sparse.pt and the dense weights do not belong together")
+                problems.append(
+                    f"{path.name}: {len(differ)} unmasked initializers differ from the dense graph "
+                    f"(e.g. {differ[0]}); sparse.pt and the dense weights do not belong together"
+                )
     return files, layer_checks, problems
 
 
@@ -143,43 +173,68 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     opset = effective_opset(cfg.opset)
     if opset != cfg.opset:
         print(f"note: export.opset={cfg.opset} raised to {opset} (the torch.export-based exporter starts at {opset})")
-    variants = [("dense", "fp32", inputs.dense_model, paths.dense_onnx),
-                ("sparse", "fp32", inputs.sparse_model, paths.sparse_onnx)]
+    variants = [
+        ("dense", "fp32", inputs.dense_model, paths.dense_onnx),
+        ("sparse", "fp32", inputs.sparse_model, paths.sparse_onnx),
+    ]
     if cfg.fp16:
-        variants += [("dense", "fp16", inputs.dense_model, paths.dense_onnx_fp16),
-                     ("sparse", "fp16", inputs.sparse_model, paths.sparse_onnx_fp16)]
+        variants += [
+            ("dense", "fp16", inputs.dense_model, paths.dense_onnx_fp16),
+            ("sparse", "fp16", inputs.sparse_model, paths.sparse_onnx_fp16),
+        ]
     protos = {}
     for kind, precision, model, path in variants:
         print(f"exporting {path.name} ...", flush=True)
-        proto = ModelProtoFromTorch(model, recipe.input_shape, opset, cfg.input_name, cfg.output_name,
-                                    fp16=precision == "fp16")
+        proto = ModelProtoFromTorch(
+            model, recipe.input_shape, opset, cfg.input_name, cfg.output_name, fp16=precision == "fp16"
+        )
         check_model(proto)
         protos[(kind, precision)] = proto
     files, layer_checks, problems = check_graphs(recipe, inputs, protos, variants, opset)
     if problems:
-        raise PipelineError(f"export check failed: {problems[0]}" +
-                            (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") +
-                            "; nothing written; re-run bake for these dense weights")
+        raise PipelineError(
+            f"export check failed: {problems[0]}"
+            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+            + "; nothing written; re-run bake for these dense weights"
+        )
     write_outputs(recipe, paths, inputs, protos, variants, files)
-    summary = {precision: {"layers": len(checks), "ok": sum(c["ok"] for c in checks)}
-               for precision, checks in layer_checks.items()}
-    ExportReport(recipe.name, files, {
-        "dense_weights": inputs.source, "sparse_weights": str(paths.sparse_weights),
-        "masks": str(paths.masks), "exporter": f"torch.onnx.export(dynamo=True, optimize=True) torch {torch.__version__}",
-        "opset": opset, "opset_requested": cfg.opset, "n": inputs.n, "m": inputs.m,
-        "io": {"input_name": cfg.input_name, "output_name": cfg.output_name, "dtype": "float32",
-               "note": "FP16 graphs keep FP32 input/output; Cast nodes at the graph edges convert"},
-        "batchnorm": "folded into Conv by the exporter's optimiser (per-output-channel scale keeps zeros)",
-        "tolerances": TOLERANCES, "nm_check": summary, "layers": layer_checks,
-        "seconds": round(time.time() - started, 2),
-    }).save(paths.export_report)
+    summary = {
+        precision: {"layers": len(checks), "ok": sum(c["ok"] for c in checks)}
+        for precision, checks in layer_checks.items()
+    }
+    ExportReport(
+        recipe.name,
+        files,
+        {
+            "dense_weights": inputs.source,
+            "sparse_weights": str(paths.sparse_weights),
+            "masks": str(paths.masks),
+            "exporter": f"torch.onnx.export(dynamo=True, optimize=True) torch {torch.__version__}",
+            "opset": opset,
+            "opset_requested": cfg.opset,
+            "n": inputs.n,
+            "m": inputs.m,
+            "io": {
+                "input_name": cfg.input_name,
+                "output_name": cfg.output_name,
+                "dtype": "float32",
+                "note": "FP16 graphs keep FP32 input/output; Cast nodes at the graph edges convert",
+            },
+            "batchnorm": "folded into Conv by the exporter's optimiser (per-output-channel scale keeps zeros)",
+            "tolerances": TOLERANCES,
+            "nm_check": summary,
+            "layers": layer_checks,
+            "seconds": round(time.time() - started, 2),
+        },
+    ).save(paths.export_report)
     print_summary(summary, files, inputs.n, inputs.m)
     print(f"export report: {paths.export_report}")
     return 0
 
 
-def write_outputs(recipe: Recipe, paths: ArtifactPaths, inputs: Inputs, protos: dict, variants: list,
-                  files: dict) -> None:
+def write_outputs(
+    recipe: Recipe, paths: ArtifactPaths, inputs: Inputs, protos: dict, variants: list, files: dict
+) -> None:
     import onnx
 
     for (kind, precision), proto in protos.items():
@@ -194,8 +249,10 @@ def write_outputs(recipe: Recipe, paths: ArtifactPaths, inputs: Inputs, protos: 
 
 def print_summary(summary: dict, files: dict, n: int, m: int) -> None:
     for precision, counts in summary.items():
-        print(f"sparse {precision}: {counts['ok']}/{counts['layers']} masked layers hold {n}:{m} in TensorRT layout, "
-              f"kept weights equal the dense export")
+        print(
+            f"sparse {precision}: {counts['ok']}/{counts['layers']} masked layers hold {n}:{m} in TensorRT layout, "
+            f"kept weights equal the dense export"
+        )
     for name, info in files.items():
         if "ort_vs_torch" not in info:  # the INT8 graphs: their accuracy is measured by verify
             continue
@@ -212,8 +269,7 @@ def export_int8(recipe: Recipe, paths: ArtifactPaths, masked: list[str], n: int,
     import onnx
 
     from pipeline.data.datasets import build_datasets
-    from pipeline.export.int8 import (calibration_batches, polygraphy_sparsity, quantize_qdq,
-                                      sparse_weights_survive)
+    from pipeline.export.int8 import calibration_batches, polygraphy_sparsity, quantize_qdq, sparse_weights_survive
 
     count = recipe.export.int8_calibration_images
     print(f"quantizing to INT8 Q/DQ, calibrated on {count} training images ...", flush=True)
@@ -224,25 +280,35 @@ def export_int8(recipe: Recipe, paths: ArtifactPaths, masked: list[str], n: int,
         for variant in ("dense", "sparse"):
             path = quantize_qdq(getattr(paths, f"{variant}_onnx"), calibration, paths.int8_onnx(variant))
             written.append(path)
-            files[path.name] = {"variant": variant, "precision": "int8", "calibration_images": count,
-                                **file_record(path)}
+            files[path.name] = {
+                "variant": variant,
+                "precision": "int8",
+                "calibration_images": count,
+                **file_record(path),
+            }
         sparse_path = paths.int8_onnx("sparse")
         survive = sparse_weights_survive(onnx.load(str(sparse_path)), n, m)
         polygraphy = polygraphy_sparsity(sparse_path)
         sparse_found = set(polygraphy.get("sparse", []))
         missing = [layer for layer in masked if f"{layer}.weight" not in sparse_found]
-        broken = [name for name, info in survive.items()
-                  if not info["zeros_kept"] or info["nm_violations_int8"] > info["nm_violations_fp32"]]
+        broken = [
+            name
+            for name, info in survive.items()
+            if not info["zeros_kept"] or info["nm_violations_int8"] > info["nm_violations_fp32"]
+        ]
         files[sparse_path.name].update(nm_after_quantization=survive, polygraphy_sparse=sorted(sparse_found))
         if missing or broken:
-            raise PipelineError(f"{sparse_path.name}: the {n}:{m} pattern did not survive INT8 quantization "
-                                f"({'polygraphy finds dense: ' + ', '.join(missing) if missing else ''}"
-                                f"{'; zeros lost in ' + ', '.join(broken) if broken else ''}); nothing written")
-        print(f"{sparse_path.name}: polygraphy inspect sparsity finds {len(masked) - len(missing)}/{len(masked)} "
-              f"masked layers sparse")
+            raise PipelineError(
+                f"{sparse_path.name}: the {n}:{m} pattern did not survive INT8 quantization "
+                f"({'polygraphy finds dense: ' + ', '.join(missing) if missing else ''}"
+                f"{'; zeros lost in ' + ', '.join(broken) if broken else ''}); nothing written"
+            )
+        print(
+            f"{sparse_path.name}: polygraphy inspect sparsity finds {len(masked) - len(missing)}/{len(masked)} "
+            f"masked layers sparse"
+        )
         return files
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
-

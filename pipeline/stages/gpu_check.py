@@ -12,14 +12,16 @@ On a GPU it takes, with PyTorch only (no network, about 10 minutes on one H100/H
    masks), their paired latency at the serving batch, and which layers TensorRT ran sparse, with per-layer times.
 It writes OUT/gpu_check.json and prints a table. Without a CUDA GPU it stops with one line (exit 2).
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,8 +44,12 @@ class Options:
     out: str = "engines"
 
     def __post_init__(self) -> None:
-        for flag, value, low in (("--steps", self.steps, 1), ("--batch", self.batch, 0), ("--reps", self.reps, 2),
-                                 ("--warmup", self.warmup, 0)):
+        for flag, value, low in (
+            ("--steps", self.steps, 1),
+            ("--batch", self.batch, 0),
+            ("--reps", self.reps, 2),
+            ("--warmup", self.warmup, 0),
+        ):
             if value < low:
                 raise PipelineError(f"{flag} {value}: not valid; valid: at least {low}")
 
@@ -71,8 +77,10 @@ class Gemm:
 
 def require_cuda() -> None:
     if not torch.cuda.is_available():
-        raise PipelineError("gpu-check needs a CUDA GPU; torch sees none here (run `make gpu-check` on a machine "
-                            "with an NVIDIA GPU and a CUDA build of torch)")
+        raise PipelineError(
+            "gpu-check needs a CUDA GPU; torch sees none here (run `make gpu-check` on a machine "
+            "with an NVIDIA GPU and a CUDA build of torch)"
+        )
 
 
 def sparse_min_shape(dtype: torch.dtype = torch.float16) -> tuple[int, int]:
@@ -85,9 +93,12 @@ def layer_gemms(model: nn.Module, layers: list[str], input_shape: list[int], bat
     """The GEMM of every named layer at `batch` (one CPU forward of one image finds the output pixels)."""
     modules = dict(model.named_modules())
     pixels: dict[str, int] = {}
-    hooks = [modules[name].register_forward_hook(
-        lambda module, args, out, name=name: pixels.__setitem__(name, out[0, 0].numel() if out.dim() == 4 else 1))
-        for name in layers]
+    hooks = [
+        modules[name].register_forward_hook(
+            lambda module, args, out, name=name: pixels.__setitem__(name, out[0, 0].numel() if out.dim() == 4 else 1)
+        )
+        for name in layers
+    ]
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, *input_shape))
@@ -103,16 +114,27 @@ def layer_gemms(model: nn.Module, layers: list[str], input_shape: list[int], bat
         elif isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1:
             gemm = Gemm(name, "conv1x1", batch * pixels[name], module.out_channels, module.in_channels)
         else:
-            gemm = Gemm(name, "conv", 0, module.weight.shape[0], module.weight[0].numel(),
-                        skip=f"{'x'.join(map(str, module.weight.shape[2:]))} conv: not one GEMM (timed in the engines)")
+            gemm = Gemm(
+                name,
+                "conv",
+                0,
+                module.weight.shape[0],
+                module.weight[0].numel(),
+                skip=f"{'x'.join(map(str, module.weight.shape[2:]))} conv: not one GEMM (timed in the engines)",
+            )
         if gemm.skip is None and (gemm.n % rows or gemm.k % cols):
             gemm.skip = f"N={gemm.n}, K={gemm.k}: cuSPARSELt FP16 needs N a multiple of {rows} and K of {cols}"
         gemms.append(gemm)
     return gemms
 
 
-def paired_times(run_a: Callable[[], None], run_b: Callable[[], None], reps: int, warmup: int,
-                 timer: Callable[[Callable[[], None]], float]) -> tuple[list[float], list[float]]:
+def paired_times(
+    run_a: Callable[[], None],
+    run_b: Callable[[], None],
+    reps: int,
+    warmup: int,
+    timer: Callable[[Callable[[], None]], float],
+) -> tuple[list[float], list[float]]:
     """Times of `reps` runs of each, interleaved A B B A ... after `warmup` untimed runs of each."""
     for _ in range(warmup):
         run_a()
@@ -154,8 +176,12 @@ def masked_model(name: str, seed: int = 0):
     dense = build_network(recipe).eval()
     cfg, state = recipe.masks, dense.state_dict()
     report = find_layers(dense, recipe.input_shape, cfg.m, classifier=recipe.classifier)
-    layers = [LayerMask(layer.name, layer.weight_shape, cfg.n, cfg.m,
-                        magnitude_indices(state[f"{layer.name}.weight"], cfg.n, cfg.m)) for layer in report.masked]
+    layers = [
+        LayerMask(
+            layer.name, layer.weight_shape, cfg.n, cfg.m, magnitude_indices(state[f"{layer.name}.weight"], cfg.n, cfg.m)
+        )
+        for layer in report.masked
+    ]
     sparse = copy.deepcopy(dense)
     sparse.load_state_dict(apply_masks(state, MaskArtifact(recipe.name, recipe.arch, "magnitude", layers)))
     return recipe, dense, sparse, report
@@ -180,8 +206,11 @@ def gemm_rows(name: str, batch: int, reps: int, warmup: int) -> list[dict[str, A
     modules = dict(model.named_modules())
     rows = []
     for gemm in layer_gemms(model, [layer.name for layer in report.masked], recipe.input_shape, batch):
-        rows.append({"model": name, **asdict(gemm)} if gemm.skip else
-                    {"model": name, **time_gemm(gemm, modules[gemm.layer].weight, reps, warmup)})
+        rows.append(
+            {"model": name, **asdict(gemm)}
+            if gemm.skip
+            else {"model": name, **time_gemm(gemm, modules[gemm.layer].weight, reps, warmup)}
+        )
     return rows
 
 
@@ -197,11 +226,24 @@ def train_demo(steps: int, device: str = "cuda") -> dict[str, Any]:
     for assignment in ("data.kind=synthetic", f"masks.steps={steps}", "masks.checkpoint_every=0"):
         apply_override(recipe, assignment)
     start = time.perf_counter()
-    result = learn_masks(model, report, recipe, build_datasets(recipe), torch.device(device), log=lambda _: None,
-                         settings=StepSettings.for_device(torch.device(device), cuda_path=True))
+    result = learn_masks(
+        model,
+        report,
+        recipe,
+        build_datasets(recipe),
+        torch.device(device),
+        log=lambda _: None,
+        settings=StepSettings.for_device(torch.device(device), cuda_path=True),
+    )
     seconds = time.perf_counter() - start
-    return {"model": DEMO, "steps": result.steps, "seconds": round(seconds, 2),
-            "steps_per_second": round(result.steps / seconds, 2), "data": "synthetic", "history": result.history}
+    return {
+        "model": DEMO,
+        "steps": result.steps,
+        "seconds": round(seconds, 2),
+        "steps_per_second": round(result.steps / seconds, 2),
+        "data": "synthetic",
+        "history": result.history,
+    }
 
 
 def engine_row(name: str, batch: int, reps: int, warmup: int, folder: Path) -> dict[str, Any]:
@@ -225,12 +267,23 @@ def engine_row(name: str, batch: int, reps: int, warmup: int, folder: Path) -> d
         builds[variant] = backend.build(path, folder / name, variant, recipe, sparse=variant == "sparse")
         runners[variant] = backend.load(builds[variant].engine_path, recipe)
     data = np.random.default_rng(0).standard_normal((batch, *recipe.input_shape)).astype(np.float32)
-    times = paired_times(lambda: runners["dense"].time_batch(data, 1, 0)[0],
-                         lambda: runners["sparse"].time_batch(data, 1, 0)[0], reps, warmup, lambda run: run())
+    times = paired_times(
+        lambda: runners["dense"].time_batch(data, 1, 0)[0],
+        lambda: runners["sparse"].time_batch(data, 1, 0)[0],
+        reps,
+        warmup,
+        lambda run: run(),
+    )
     report = builds["sparse"].sparse_layers
-    return {"model": name, "batch": batch, **ratio_row(*times), "eligible": report["eligible"],
-            "picked_sparse": report["picked_sparse"], "notes": report["notes"],
-            "layer_ms": {variant: runner.layer_times() for variant, runner in runners.items()}}
+    return {
+        "model": name,
+        "batch": batch,
+        **ratio_row(*times),
+        "eligible": report["eligible"],
+        "picked_sparse": report["picked_sparse"],
+        "notes": report["notes"],
+        "layer_ms": {variant: runner.layer_times() for variant, runner in runners.items()},
+    }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -241,8 +294,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         if row.get("skip"):
             lines.append(f"{row['model']:<14} {row['layer']:<28} {row['kind']:<8} {shape:<20} skipped: {row['skip']}")
         else:
-            lines.append(f"{row['model']:<14} {row.get('layer', '(whole engine)'):<28} {row.get('kind', 'trt'):<8} "
-                         f"{shape:<20} {row['dense_ms']:>9.4f} {row['sparse_ms']:>9.4f} {row['speedup']:>8.2f}x")
+            lines.append(
+                f"{row['model']:<14} {row.get('layer', '(whole engine)'):<28} {row.get('kind', 'trt'):<8} "
+                f"{shape:<20} {row['dense_ms']:>9.4f} {row['sparse_ms']:>9.4f} {row['speedup']:>8.2f}x"
+            )
     return "\n".join(lines)
 
 
@@ -255,17 +310,21 @@ def tensorrt_available() -> tuple[bool, str]:
 def run(options: Options) -> int:
     require_cuda()
     models = [name for name in options.models.split(",") if name]
-    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                              "command": f"python -m pipeline gpu-check --models {options.models} --steps "
-                                         f"{options.steps} --reps {options.reps}"}
+    report: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "command": f"python -m pipeline gpu-check --models {options.models} --steps "
+        f"{options.steps} --reps {options.reps}",
+    }
     print(f"gpu-check on {report['gpu']}: mask training of {DEMO} on CUDA ({options.steps} steps) ...", flush=True)
     report["mask_training"] = train_demo(options.steps)
     report["gemms"] = [row for name in models for row in gemm_rows(name, options.batch, options.reps, options.warmup)]
     ok, why = tensorrt_available()
     report["tensorrt"] = why
     folder = Path(options.out) / "gpu_check"
-    report["engines"] = [engine_row(name, options.batch, options.reps, options.warmup, folder)
-                         for name in models] if ok else []
+    report["engines"] = (
+        [engine_row(name, options.batch, options.reps, options.warmup, folder) for name in models] if ok else []
+    )
     write_json(Path(options.out) / "gpu_check.json", report)
     print(table(report["gemms"] + report["engines"]))
     print(f"mask training: {report['mask_training']['steps_per_second']} steps/s; tensorrt: {why}")

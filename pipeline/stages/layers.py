@@ -3,6 +3,7 @@
 Eligibility depends on the architecture and the recipe's mask rules only, so no weights are loaded.
 Writes layers.json (the same format train-masks writes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.masks
-    report = find_layers(build_network(recipe), recipe.input_shape, cfg.m, cfg.include, cfg.exclude,
-                         recipe.classifier, cfg.include_classifier)
+    report = find_layers(
+        build_network(recipe),
+        recipe.input_shape,
+        cfg.m,
+        cfg.include,
+        cfg.exclude,
+        recipe.classifier,
+        cfg.include_classifier,
+    )
     total = max(report.total_macs, 1)
     width = max((len(layer.name) for layer in report.layers), default=10)
-    print(f"{recipe.name}: {len(report.masked)} of {len(report.layers)} Conv/Linear layers get {cfg.n}:{cfg.m} masks, "
-          f"{100 * report.masked_mac_fraction:.1f}% of {report.total_macs / 1e6:.1f} MMACs per image")
+    print(
+        f"{recipe.name}: {len(report.masked)} of {len(report.layers)} Conv/Linear layers get {cfg.n}:{cfg.m} masks, "
+        f"{100 * report.masked_mac_fraction:.1f}% of {report.total_macs / 1e6:.1f} MMACs per image"
+    )
     print(report.gain_note(cfg.n, cfg.m))
     print(f"{'layer':<{width}}  {'kind':<6} {'MAC %':>6}  status")
     for layer in report.layers:

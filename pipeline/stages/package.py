@@ -10,6 +10,7 @@ stage that wrote it (`checked_verdict`). Every config.pbtxt is parsed with
 Triton's ModelConfig schema and cross-checked against its model file before the
 repository replaces the previous one; manifest.json is written last. See docs/triton.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,13 +35,24 @@ class Options:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", default="auto", choices=FORMATS,
-                        help="model files to serve: auto (TensorRT plans when both variants have one, else ONNX), "
-                             "plan, onnx (default auto)")
-    parser.add_argument("--onnx-device", default="cpu", choices=("cpu", "gpu"),
-                        help="instance kind for ONNX models: cpu (KIND_CPU) or gpu (KIND_GPU, onnxruntime CUDA)")
-    parser.add_argument("--require-verified", action="store_true",
-                        help="fail (exit 1) unless report.json says the verification gates passed")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=FORMATS,
+        help="model files to serve: auto (TensorRT plans when both variants have one, else ONNX), "
+        "plan, onnx (default auto)",
+    )
+    parser.add_argument(
+        "--onnx-device",
+        default="cpu",
+        choices=("cpu", "gpu"),
+        help="instance kind for ONNX models: cpu (KIND_CPU) or gpu (KIND_GPU, onnxruntime CUDA)",
+    )
+    parser.add_argument(
+        "--require-verified",
+        action="store_true",
+        help="fail (exit 1) unless report.json says the verification gates passed",
+    )
 
 
 def checked_verdict(recipe: Recipe, paths: ArtifactPaths) -> str:
@@ -68,11 +80,18 @@ def checked_verdict(recipe: Recipe, paths: ArtifactPaths) -> str:
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     verdict = checked_verdict(recipe, paths)
     if options.require_verified and verdict != "passed":
-        raise GateFailed(f"verification verdict is {verdict!r} ({paths.report_json}); run "
-                         f"`python -m pipeline verify --model {recipe.name}` and fix what fails")
+        raise GateFailed(
+            f"verification verdict is {verdict!r} ({paths.report_json}); run "
+            f"`python -m pipeline verify --model {recipe.name}` and fix what fails"
+        )
     summaries = write_repositories(recipe, paths, fmt=options.format, onnx_device=options.onnx_device)
-    manifest = build_manifest(paths.root, recipe.digest(), recipe.name, verdict,
-                              {"triton": summaries["production"], "triton_cpu": summaries["cpu"]})
+    manifest = build_manifest(
+        paths.root,
+        recipe.digest(),
+        recipe.name,
+        verdict,
+        {"triton": summaries["production"], "triton_cpu": summaries["cpu"]},
+    )
     write_manifest(paths.root, manifest)
     for flavour, summary in summaries.items():
         print(f"triton repository ({flavour}): {repository_dir(paths, flavour)} ({summary['reason']})")

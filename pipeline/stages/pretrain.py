@@ -4,6 +4,7 @@ A plain loop in the spirit of torchvision's references: SGD with Nesterov moment
 (`pretrain.warmup_share` of it rising), random crop + flip (`pretrain.augment`), every step through `pipeline.training.train_step`;
 a checkpoint (`PretrainCheckpoint`) every epoch and on SIGTERM, dense.pt written through `DenseWeights`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,20 @@ from pipeline.data.splits import without_mask_validation
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.io import write_json
 from pipeline.paths import ArtifactPaths
-from pipeline.recipe.config import Recipe
 from pipeline.pretrain.artifacts import DenseWeights, PretrainCheckpoint
-from pipeline.training import (LossFn, StepSettings, check_device, cross_entropy_loss, evaluate,
-                               select_device, stop_on_signals, train_step)
-from pipeline.recipe.weights import build_network
 from pipeline.progress import progress
+from pipeline.recipe.config import Recipe
+from pipeline.recipe.weights import build_network
+from pipeline.training import (
+    LossFn,
+    StepSettings,
+    check_device,
+    cross_entropy_loss,
+    evaluate,
+    select_device,
+    stop_on_signals,
+    train_step,
+)
 
 
 @dataclass
@@ -67,11 +76,15 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
 def cached(recipe: Recipe, paths: ArtifactPaths, options: Options) -> bool:
     """True when dense.pt exists and no retraining was asked for; refuses what pretrain cannot do."""
     if recipe.weights != "pretrain":
-        raise PipelineError(f"model {recipe.name} takes weights from {recipe.weights!r}; pretrain only applies to "
-                            "recipes with weights=pretrain (the demo)")
+        raise PipelineError(
+            f"model {recipe.name} takes weights from {recipe.weights!r}; pretrain only applies to "
+            "recipes with weights=pretrain (the demo)"
+        )
     if options.resume and not paths.pretrain_checkpoint.is_file():
-        raise PipelineError(f"--resume: there is no checkpoint {paths.pretrain_checkpoint} to continue; drop "
-                            "--resume to start a new run")
+        raise PipelineError(
+            f"--resume: there is no checkpoint {paths.pretrain_checkpoint} to continue; drop "
+            "--resume to start a new run"
+        )
     return paths.dense_weights.is_file() and not options.force and not options.resume
 
 
@@ -93,21 +106,29 @@ class DenseRun:
     def train_epoch(self, stop, checkpoint_path) -> None:
         self.model.train()
         self.sampler.set_epoch(self.state["epoch"], self.state["batch"])
-        bar = progress(self.loader, total=len(self.sampler), initial=self.state["batch"],
-                       desc=f"pretrain epoch {self.state['epoch'] + 1}/{self.epochs}")
+        bar = progress(
+            self.loader,
+            total=len(self.sampler),
+            initial=self.state["batch"],
+            desc=f"pretrain epoch {self.state['epoch'] + 1}/{self.epochs}",
+        )
         correct = seen = 0
         for images, labels in bar:
             images, labels = self.settings.prepare_images(images, self.device), labels.to(self.device)
-            loss, logits = train_step(self.model, images, labels, self.loss, self.optimizer, self.scheduler,
-                                      self.settings)
+            loss, logits = train_step(
+                self.model, images, labels, self.loss, self.optimizer, self.scheduler, self.settings
+            )
             self.state["batch"] += 1
             correct += int((logits.argmax(1) == labels).sum())
             seen += labels.numel()
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}")
             if stop:
                 self.checkpoint().save(checkpoint_path)
-                raise Interrupted(stop.signal_number, f"checkpoint {checkpoint_path} at epoch {self.state['epoch']} "
-                                  f"batch {self.state['batch']} saved; continue with --resume")
+                raise Interrupted(
+                    stop.signal_number,
+                    f"checkpoint {checkpoint_path} at epoch {self.state['epoch']} "
+                    f"batch {self.state['batch']} saved; continue with --resume",
+                )
 
     def test_epoch(self, dataset, batch_size: int) -> None:
         """Test top-1 after the epoch: in the training step's precision (bfloat16 autocast is 4.5x faster than
@@ -117,14 +138,22 @@ class DenseRun:
         with StepSettings(autocast=bfloat16).autocast_context(self.device):
             metrics = evaluate(self.model.eval(), dataset, batch_size, self.device, desc="test")
         self.state["history"].append({"epoch": self.state["epoch"] + 1, "precision": precision, **metrics})
-        print(f"epoch {self.state['epoch'] + 1}: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%"
-              + ("" if precision == "float32" else f" ({precision})"), flush=True)
+        print(
+            f"epoch {self.state['epoch'] + 1}: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%"
+            + ("" if precision == "float32" else f" ({precision})"),
+            flush=True,
+        )
         self.state["epoch"] += 1
         self.state["batch"] = 0
 
     def checkpoint(self) -> PretrainCheckpoint:
-        return PretrainCheckpoint(self.model.state_dict(), self.optimizer.state_dict(), self.scheduler.state_dict(),
-                                  self.state, torch.get_rng_state())
+        return PretrainCheckpoint(
+            self.model.state_dict(),
+            self.optimizer.state_dict(),
+            self.scheduler.state_dict(),
+            self.state,
+            torch.get_rng_state(),
+        )
 
     def resume(self, path) -> None:
         saved = PretrainCheckpoint.load(path)
@@ -143,19 +172,40 @@ def setup(recipe: Recipe, data, device: torch.device) -> DenseRun:
     model = settings.prepare_model(build_network(recipe).to(device))
     train = without_mask_validation(data, recipe.masks)  # the masks' validation split stays unseen
     sampler = ResumableBatchSampler(len(train), cfg.batch_size, shuffle=True, seed=cfg.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(sampler),
-                                                    pct_start=cfg.warmup_share)
-    return DenseRun(model, optimizer, scheduler, make_loader(train, sampler, workers=recipe.data.workers),
-                    sampler, cross_entropy_loss(cfg.label_smoothing), settings, device, cfg.epochs)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(sampler), pct_start=cfg.warmup_share
+    )
+    return DenseRun(
+        model,
+        optimizer,
+        scheduler,
+        make_loader(train, sampler, workers=recipe.data.workers),
+        sampler,
+        cross_entropy_loss(cfg.label_smoothing),
+        settings,
+        device,
+        cfg.epochs,
+    )
 
 
 def finish(recipe: Recipe, paths: ArtifactPaths, run_: DenseRun, description: str, seconds: float) -> None:
-    DenseWeights({key: value.contiguous() for key, value in run_.model.cpu().eval().state_dict().items()}
-                 ).save(paths.dense_weights)
+    DenseWeights({key: value.contiguous() for key, value in run_.model.cpu().eval().state_dict().items()}).save(
+        paths.dense_weights
+    )
     final = run_.state["history"][-1] if run_.state["history"] else {}
-    write_json(paths.pretrain_log, {"model": recipe.name, "epochs": recipe.pretrain.epochs, "seconds": seconds,
-                                    "test": final, "history": run_.state["history"], "data": description})
+    write_json(
+        paths.pretrain_log,
+        {
+            "model": recipe.name,
+            "epochs": recipe.pretrain.epochs,
+            "seconds": seconds,
+            "test": final,
+            "history": run_.state["history"],
+            "data": description,
+        },
+    )
     paths.pretrain_checkpoint.unlink(missing_ok=True)
     print(f"dense weights: {paths.dense_weights} (test top1 {final.get('top1', float('nan')):.2f}%)")

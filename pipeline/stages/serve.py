@@ -3,6 +3,7 @@
 Prints the HTTP and gRPC URLs once the server is ready; Ctrl-C stops it and its
 Python-backend processes. All logic is in pipeline.serve.server; see docs/triton.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.args import add_triton_arguments
-from pipeline.serve.server import serve_foreground
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-
+from pipeline.serve.server import serve_foreground
 
 RECORDS_CONFIG = False  # serves: reads the model folder
 
@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
-    return serve_foreground(recipe, paths, Path(options.triton_env) if options.triton_env else None,
-                            http_port=options.http_port, grpc_port=options.grpc_port,
-                            ready_timeout_s=options.ready_timeout)
+    return serve_foreground(
+        recipe,
+        paths,
+        Path(options.triton_env) if options.triton_env else None,
+        http_port=options.http_port,
+        grpc_port=options.grpc_port,
+        ready_timeout_s=options.ready_timeout,
+    )

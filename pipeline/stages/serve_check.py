@@ -4,19 +4,19 @@ Writes engines/<model>/serve_check.json (and serve_check.log, the server's log).
 when every check passes, 1 when one fails, 2 on bad input (no repository, no Triton
 environment). All logic is in pipeline.serve.serve_check; see docs/triton.md.
 """
+
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import GateFailed, PipelineError
 from pipeline.args import add_triton_arguments
-from pipeline.serve.perf import LoadTest
-from pipeline.serve.serve_check import ServeCheckSettings, run_serve_check, serve_check_path
+from pipeline.errors import GateFailed, PipelineError
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-
+from pipeline.serve.perf import LoadTest
+from pipeline.serve.serve_check import ServeCheckSettings, run_serve_check, serve_check_path
 
 RECORDS_CONFIG = False  # checks a server: its own files are no deliverables
 
@@ -57,21 +57,33 @@ def _concurrency(text: str) -> tuple[int, ...]:
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
-    load = None if options.no_load_test else LoadTest(concurrency=_concurrency(options.concurrency),
-                                                      measurement_interval_ms=options.window_ms)
-    settings = ServeCheckSettings(images=options.images, ready_timeout_s=options.ready_timeout, load=load,
-                                  crash=not options.no_crash_test)
+    load = (
+        None
+        if options.no_load_test
+        else LoadTest(concurrency=_concurrency(options.concurrency), measurement_interval_ms=options.window_ms)
+    )
+    settings = ServeCheckSettings(
+        images=options.images, ready_timeout_s=options.ready_timeout, load=load, crash=not options.no_crash_test
+    )
     report = run_serve_check(recipe, paths, Path(options.triton_env) if options.triton_env else None, settings)
     print(f"tritonserver ready in {report['server']['ready_s']} s ({report['note']})")
     for check in report["checks"]:
-        print(f"check {check['name']}: {'pass' if check['passed'] else 'FAIL'}"
-              + (f" ({check['error']})" if "error" in check else ""))
+        print(
+            f"check {check['name']}: {'pass' if check['passed'] else 'FAIL'}"
+            + (f" ({check['error']})" if "error" in check else "")
+        )
         if check["name"] == "load_test" and "rows" in check:
             for row in check["rows"]:
-                cells = [f"{variant} " + (f"{row[variant]['throughput_infer_per_s']:.1f} infer/s, p50 "
-                                          f"{row[variant]['p50_ms']:.2f} ms, p99 {row[variant]['p99_ms']:.2f} ms"
-                                          if row[variant]["ok"] else row[variant]["error"])
-                         for variant in ("dense", "sparse")]
+                cells = [
+                    f"{variant} "
+                    + (
+                        f"{row[variant]['throughput_infer_per_s']:.1f} infer/s, p50 "
+                        f"{row[variant]['p50_ms']:.2f} ms, p99 {row[variant]['p99_ms']:.2f} ms"
+                        if row[variant]["ok"]
+                        else row[variant]["error"]
+                    )
+                    for variant in ("dense", "sparse")
+                ]
                 print(f"  concurrency {row['concurrency']}: " + "; ".join(cells))
     print(f"report: {serve_check_path(paths)}")
     if not report["passed"]:

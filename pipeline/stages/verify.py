@@ -8,6 +8,7 @@ Accuracy runs the evaluation set through the engines (not PyTorch). Latency inte
 in the same process so drift hits both. Exit 0 when every gate passes, 1 when one fails (GateFailed), 2 on bad
 input (PipelineError). What each gate means: docs/ci-gate.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,24 +38,38 @@ class Options:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("gates (default: the recipe's verify section)")
     group.add_argument("--max-top1-drop", type=float, default=None, help="points of top-1 the sparse engine may lose")
-    group.add_argument("--min-speedup", type=float, default=None,
-                       help="dense/sparse latency ratio at the serving batch, median of paired rounds "
-                            "(gated only on backends with sparse kernels)")
-    group.add_argument("--min-coverage", type=float, default=None,
-                       help="share of MACs (0-1) in masked layers; with --dense/--sparse: in layers whose 2:4 layout "
-                            "TensorRT accelerates")
-    parser.add_argument("--iters", type=int, default=None, help="timed iterations per engine and batch "
-                                                                "(verify.latency_iters)")
+    group.add_argument(
+        "--min-speedup",
+        type=float,
+        default=None,
+        help="dense/sparse latency ratio at the serving batch, median of paired rounds "
+        "(gated only on backends with sparse kernels)",
+    )
+    group.add_argument(
+        "--min-coverage",
+        type=float,
+        default=None,
+        help="share of MACs (0-1) in masked layers; with --dense/--sparse: in layers whose 2:4 layout "
+        "TensorRT accelerates",
+    )
+    parser.add_argument(
+        "--iters", type=int, default=None, help="timed iterations per engine and batch (verify.latency_iters)"
+    )
     add_junit_argument(parser, "also write the gates as JUnit XML")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     files = parser.add_argument_group(
         "any sparse model (no recipe): --dense and --sparse; preprocessing from --input-size/--mean/--std or "
         "--model NAME|RECIPE.toml, data from --data DIR|fashion_mnist|synthetic, report in --out "
-        "(default engines/<sparse file stem>/)")
+        "(default engines/<sparse file stem>/)"
+    )
     files.add_argument("--dense", default=None, metavar="DENSE.onnx|X.plan", help="the dense model")
     files.add_argument("--sparse", default=None, metavar="SPARSE.onnx|Y.plan", help="the sparse model to gate")
-    files.add_argument("--sparse-onnx", default=None, metavar="SPARSE.onnx",
-                       help="with TensorRT plans: the sparse ONNX the plan was built from, for the layout report")
+    files.add_argument(
+        "--sparse-onnx",
+        default=None,
+        metavar="SPARSE.onnx",
+        help="with TensorRT plans: the sparse ONNX the plan was built from, for the layout report",
+    )
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
@@ -76,19 +91,37 @@ def run_without_recipe(options: Options, model) -> int:
 
     if not (options.dense and options.sparse):
         raise PipelineError("pass both --dense and --sparse (the dense model and the sparse model to gate)")
-    for flag, value in (("--weights", model.weights), ("--num-classes", model.num_classes),
-                        ("--classifier", model.classifier)):
+    for flag, value in (
+        ("--weights", model.weights),
+        ("--num-classes", model.num_classes),
+        ("--classifier", model.classifier),
+    ):
         if value is not None:
-            raise PipelineError(f"{flag} has no meaning with --dense/--sparse (the models carry their weights and "
-                                "head); drop it")
-    report, raw, paths = verify_files(FileOptions(
-        dense=options.dense, sparse=options.sparse, sparse_onnx=options.sparse_onnx, model=model.model,
-        data=model.data, input_size=model.input_size, mean=model.mean, std=model.std, out=model.out,
-        overrides=list(model.overrides), max_top1_drop=options.max_top1_drop, min_speedup=options.min_speedup,
-        min_coverage=options.min_coverage, iters=options.iters))
+            raise PipelineError(
+                f"{flag} has no meaning with --dense/--sparse (the models carry their weights and head); drop it"
+            )
+    report, raw, paths = verify_files(
+        FileOptions(
+            dense=options.dense,
+            sparse=options.sparse,
+            sparse_onnx=options.sparse_onnx,
+            model=model.model,
+            data=model.data,
+            input_size=model.input_size,
+            mean=model.mean,
+            std=model.std,
+            out=model.out,
+            overrides=list(model.overrides),
+            max_top1_drop=options.max_top1_drop,
+            min_speedup=options.min_speedup,
+            min_coverage=options.min_coverage,
+            iters=options.iters,
+        )
+    )
 
     def write() -> int:  # the report's files as one set, as a recipe stage's (a failed write leaves none)
         write_report(report, raw, paths, options.junit, not options.no_plots)
         print_summary(report, paths)
         return raise_if_failed(report)
+
     return as_one_set(paths.root, write)

@@ -2,6 +2,7 @@
 weights, and compare with masks learned afresh on them (engines/<model>/updatable.json, updatable.md,
 dense_updated.pt), with the stability certificate of the reused masks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,15 +20,23 @@ from pipeline.masks.eligibility import EligibilityReport, find_layers
 from pipeline.masks.methods import MethodContext, compute_masks, dense_for_artifact
 from pipeline.paths import ArtifactPaths
 from pipeline.pretrain.artifacts import DenseWeights
+from pipeline.progress import progress
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.weights import build_network, load_dense_model
-from pipeline.progress import progress
 from pipeline.training import StepSettings, cross_entropy_loss, evaluate, train_step
 from pipeline.verify.certify import certify_masks
 
 
-def finetune(model: torch.nn.Module, data: DataBundle, steps: int, lr: float, batch_size: int,
-             device: torch.device, seed: int = 0, workers: int = 0) -> torch.nn.Module:
+def finetune(
+    model: torch.nn.Module,
+    data: DataBundle,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    device: torch.device,
+    seed: int = 0,
+    workers: int = 0,
+) -> torch.nn.Module:
     """A short update of all dense weights (SGD, momentum 0.9, `train_step`), standing in for a model update.
     Augmentation draws from a fork of torch's RNG seeded with `seed`; the caller's RNG is left as it was."""
     settings = StepSettings.for_device(device)
@@ -44,8 +53,14 @@ def finetune(model: torch.nn.Module, data: DataBundle, steps: int, lr: float, ba
         while step < steps:
             sampler.set_epoch(epoch)
             for images, labels in loader:
-                train_step(model, settings.prepare_images(images, device), labels.to(device), loss_fn, optimizer,
-                           settings=settings)
+                train_step(
+                    model,
+                    settings.prepare_images(images, device),
+                    labels.to(device),
+                    loss_fn,
+                    optimizer,
+                    settings=settings,
+                )
                 step += 1
                 bar.update(1)
                 if step >= steps:
@@ -59,8 +74,9 @@ def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
 
 
-def old_masks_for(recipe: Recipe, paths: ArtifactPaths, ctx: MethodContext, masks_path: str | None,
-                  learned_mode: str) -> tuple[MaskArtifact, str]:
+def old_masks_for(
+    recipe: Recipe, paths: ArtifactPaths, ctx: MethodContext, masks_path: str | None, learned_mode: str
+) -> tuple[MaskArtifact, str]:
     """The masks to re-apply: --masks, else engines/<model>/masks.pt, else learned now."""
     if masks_path or paths.masks.is_file():
         source = Path(masks_path) if masks_path else paths.masks
@@ -72,9 +88,16 @@ def old_masks_for(recipe: Recipe, paths: ArtifactPaths, ctx: MethodContext, mask
     return masks, str(source)
 
 
-def compared_models(recipe: Recipe, paths: ArtifactPaths, report: EligibilityReport, data: DataBundle,
-                    device: torch.device, states: tuple[dict, dict], old_masks: MaskArtifact, log
-                    ) -> tuple[dict[str, dict], float]:
+def compared_models(
+    recipe: Recipe,
+    paths: ArtifactPaths,
+    report: EligibilityReport,
+    data: DataBundle,
+    device: torch.device,
+    states: tuple[dict, dict],
+    old_masks: MaskArtifact,
+    log,
+) -> tuple[dict[str, dict], float]:
     """Top-1/top-5 of the six models of the demo, and the seconds masks took to learn afresh."""
     old_state, new_state = states
     batch = recipe.data.eval_batch_size
@@ -87,9 +110,12 @@ def compared_models(recipe: Recipe, paths: ArtifactPaths, report: EligibilityRep
     def masked_metrics(state, masks):
         return evaluate(masked_model(recipe, state, masks, device), data.eval, batch, device)
 
-    rows = {"dense_original": dense_metrics(old_state), "dense_updated": dense_metrics(new_state),
-            "old_masks_on_original": masked_metrics(old_state, old_masks),
-            "old_masks_on_updated": masked_metrics(new_state, old_masks)}
+    rows = {
+        "dense_original": dense_metrics(old_state),
+        "dense_updated": dense_metrics(new_state),
+        "old_masks_on_original": masked_metrics(old_state, old_masks),
+        "old_masks_on_updated": masked_metrics(new_state, old_masks),
+    }
     updated_dense = build_network(recipe)
     updated_dense.load_state_dict(new_state)
     ctx = MethodContext(recipe, updated_dense.eval(), report, data=data, device=device, log=log)
@@ -101,35 +127,59 @@ def compared_models(recipe: Recipe, paths: ArtifactPaths, report: EligibilityRep
     return rows, fresh.seconds
 
 
-def updatable_demo(recipe: Recipe, paths: ArtifactPaths, device: torch.device, masks_path: str | None,
-                   steps: int, lr: float, learned_mode: str = "auto", log=print) -> dict:
+def updatable_demo(
+    recipe: Recipe,
+    paths: ArtifactPaths,
+    device: torch.device,
+    masks_path: str | None,
+    steps: int,
+    lr: float,
+    learned_mode: str = "auto",
+    log=print,
+) -> dict:
     model, source = load_dense_model(recipe, paths)
     cfg = recipe.masks
-    report = find_layers(model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier,
-                         cfg.include_classifier)
+    report = find_layers(
+        model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier, cfg.include_classifier
+    )
     data = build_datasets(recipe, augment_train=cfg.augment)
     old_state = state_copy(model)
     old_masks, masks_source = old_masks_for(
-        recipe, paths, MethodContext(recipe, model, report, data=data, device=device, log=log), masks_path,
-        learned_mode)
+        recipe, paths, MethodContext(recipe, model, report, data=data, device=device, log=log), masks_path, learned_mode
+    )
     started = time.perf_counter()
     updated = finetune(copy.deepcopy(model), data, steps, lr, cfg.batch_size, device, cfg.seed, recipe.data.workers)
     finetune_seconds = time.perf_counter() - started
     new_state = state_copy(updated)
     DenseWeights(new_state).save(paths.updated_weights)
     rows, fresh_seconds = compared_models(recipe, paths, report, data, device, (old_state, new_state), old_masks, log)
-    certificate = certify_masks(lambda: build_network(recipe), dense_for_artifact(old_state, old_masks), old_masks,
-                                data.eval, recipe.data.eval_batch_size, device,
-                                updated_state=dense_for_artifact(new_state, old_masks))
+    certificate = certify_masks(
+        lambda: build_network(recipe),
+        dense_for_artifact(old_state, old_masks),
+        old_masks,
+        data.eval,
+        recipe.data.eval_batch_size,
+        device,
+        updated_state=dense_for_artifact(new_state, old_masks),
+    )
     certificate.pop("per_sample", None)
     parameters = [name for name, _ in model.named_parameters()]  # BatchNorm statistics excluded
     change = sum(float((new_state[k] - old_state[k]).norm() ** 2) for k in parameters) ** 0.5
     scale = sum(float(old_state[k].norm() ** 2) for k in parameters) ** 0.5
     summary = {
-        "model": recipe.name, "weights": source, "data": data.description,
-        "accuracy_meaningful": data.accuracy_meaningful, "old_masks": masks_source, "old_method": old_masks.method,
-        "finetune": {"steps": steps, "lr": lr, "seconds": round(finetune_seconds, 1),
-                     "relative_weight_change": change / max(scale, 1e-12), "weights": str(paths.updated_weights)},
+        "model": recipe.name,
+        "weights": source,
+        "data": data.description,
+        "accuracy_meaningful": data.accuracy_meaningful,
+        "old_masks": masks_source,
+        "old_method": old_masks.method,
+        "finetune": {
+            "steps": steps,
+            "lr": lr,
+            "seconds": round(finetune_seconds, 1),
+            "relative_weight_change": change / max(scale, 1e-12),
+            "weights": str(paths.updated_weights),
+        },
         "results": {name: {"top1": r["top1"], "top5": r["top5"]} for name, r in rows.items()},
         "learned_afresh_seconds": round(fresh_seconds, 1),
         "certify_reused_masks": certificate,
@@ -141,16 +191,23 @@ def updatable_demo(recipe: Recipe, paths: ArtifactPaths, device: torch.device, m
 
 
 def updatable_markdown(summary: dict) -> str:
-    labels = {"dense_original": "dense, original weights", "dense_updated": "dense, updated weights",
-              "old_masks_on_original": "old masks on original weights",
-              "old_masks_on_updated": "old masks re-applied to updated weights",
-              "magnitude_on_updated": "magnitude masks of the updated weights",
-              "learned_afresh_on_updated": "masks learned afresh on updated weights"}
+    labels = {
+        "dense_original": "dense, original weights",
+        "dense_updated": "dense, updated weights",
+        "old_masks_on_original": "old masks on original weights",
+        "old_masks_on_updated": "old masks re-applied to updated weights",
+        "magnitude_on_updated": "magnitude masks of the updated weights",
+        "learned_afresh_on_updated": "masks learned afresh on updated weights",
+    }
     ft = summary["finetune"]
-    lines = [f"# Updatable model: {summary['model']}", "",
-             f"The dense weights were fine-tuned for {ft['steps']} steps (SGD, lr {ft['lr']}, all weights; relative "
-             f"weight change {100 * ft['relative_weight_change']:.2f}%). The old masks ({summary['old_method']}, "
-             f"{summary['old_masks']}) were re-applied without retraining.", ""]
+    lines = [
+        f"# Updatable model: {summary['model']}",
+        "",
+        f"The dense weights were fine-tuned for {ft['steps']} steps (SGD, lr {ft['lr']}, all weights; relative "
+        f"weight change {100 * ft['relative_weight_change']:.2f}%). The old masks ({summary['old_method']}, "
+        f"{summary['old_masks']}) were re-applied without retraining.",
+        "",
+    ]
     if not summary["accuracy_meaningful"]:
         lines += ["**Synthetic data: the accuracies below mean nothing.**", ""]
     lines += ["| model | top-1 % | top-5 % |", "| --- | ---: | ---: |"]
@@ -160,9 +217,12 @@ def updatable_markdown(summary: dict) -> str:
     cert = summary.get("certify_reused_masks")
     if cert and "updated" in cert:
         up = cert["updated"]
-        lines += ["", f"Certified stable on the updated model (worst-case bounds, docs/baselines.md): "
-                      f"Lemma 3.4 {100 * up['lemma_3_4']['certified_share']:.1f}%, Lemma 3.6 (reuse) "
-                      f"{100 * up['lemma_3_6']['certified_share']:.1f}% of samples; predictions actually unchanged "
-                      f"by the masks: {100 * up['prediction_unchanged_share']:.1f}%."]
+        lines += [
+            "",
+            f"Certified stable on the updated model (worst-case bounds, docs/baselines.md): "
+            f"Lemma 3.4 {100 * up['lemma_3_4']['certified_share']:.1f}%, Lemma 3.6 (reuse) "
+            f"{100 * up['lemma_3_6']['certified_share']:.1f}% of samples; predictions actually unchanged "
+            f"by the masks: {100 * up['prediction_unchanged_share']:.1f}%.",
+        ]
     lines += ["", f"Re-bake for deployment: `{summary['rebake']}`"]
     return "\n".join(lines) + "\n"

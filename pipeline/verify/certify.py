@@ -45,6 +45,7 @@ sums its inputs' bounds (the one step outside the paper's chain model). The soft
 certified when gamma(x) > e(logits). The report gives the measured ||f~(x) - f(x)||_inf of the
 logits next to every bound (it must never exceed it).
 """
+
 from __future__ import annotations
 
 import operator
@@ -58,8 +59,16 @@ from pipeline.errors import PipelineError
 from pipeline.masks.artifact import MaskArtifact
 
 SLACK = 1.0 + 1e-6  # float rounding in the norm computations must not make a bound unsound
-_PASS_THROUGH = (nn.ReLU, nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                 nn.AdaptiveMaxPool2d)
+_PASS_THROUGH = (
+    nn.ReLU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Flatten,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
 
 
 # --------------------------------------------------------------------------- norms
@@ -85,8 +94,13 @@ class AffineBound:
     bias_change: float = 0.0
 
 
-def lemma_terms(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
-                lemma: str, updated: dict[str, torch.Tensor] | None = None) -> dict[str, AffineBound]:
+def lemma_terms(
+    modules: dict[str, nn.Module],
+    state: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    lemma: str,
+    updated: dict[str, torch.Tensor] | None = None,
+) -> dict[str, AffineBound]:
     """Per affine module, the terms of `lemma` ("3.4", "3.5" or "3.6") against the dense `state`."""
     terms: dict[str, AffineBound] = {}
     for name, module in modules.items():
@@ -100,16 +114,18 @@ def lemma_terms(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], m
                 terms[name] = AffineBound(infinity_norm(updated[f"{name}.weight"]), weight_change, bias_change)
             elif name in masks:
                 pruned = weight * (1 - masks[name].to(weight))
-                terms[name] = AffineBound(infinity_norm(weight),
-                                          infinity_norm(pruned) if lemma == "3.4" else infinity_norm(weight))
+                terms[name] = AffineBound(
+                    infinity_norm(weight), infinity_norm(pruned) if lemma == "3.4" else infinity_norm(weight)
+                )
             else:
                 terms[name] = AffineBound(infinity_norm(weight))
         elif isinstance(module, nn.BatchNorm2d):
             scale, shift = batchnorm_affine(state, name, module.eps)
             if lemma == "3.6":
                 new_scale, new_shift = batchnorm_affine(updated, name, module.eps)
-                terms[name] = AffineBound(infinity_norm(new_scale), infinity_norm(new_scale - scale),
-                                          infinity_norm(new_shift - shift))
+                terms[name] = AffineBound(
+                    infinity_norm(new_scale), infinity_norm(new_scale - scale), infinity_norm(new_shift - shift)
+                )
             else:
                 terms[name] = AffineBound(infinity_norm(scale))
     return terms
@@ -152,14 +168,17 @@ class BoundPropagator:
                     errors[node.name] = {}
                     for kind, terms in self.bounds.items():
                         term = terms[node.target]
-                        errors[node.name][kind] = (term.lipschitz * e_in[kind] + term.weight_change * size
-                                                   + term.bias_change)
+                        errors[node.name][kind] = (
+                            term.lipschitz * e_in[kind] + term.weight_change * size + term.bias_change
+                        )
                 elif isinstance(module, _PASS_THROUGH):
                     errors[node.name] = dict(e_in)
                 else:
-                    raise PipelineError(f"certify: {type(module).__name__} ({node.target}) has no Lipschitz rule; "
-                                        "supported: Conv2d, Linear, BatchNorm2d, ReLU, pooling, Flatten, residual "
-                                        "add (ResNet-style classifiers)")
+                    raise PipelineError(
+                        f"certify: {type(module).__name__} ({node.target}) has no Lipschitz rule; "
+                        "supported: Conv2d, Linear, BatchNorm2d, ReLU, pooling, Flatten, residual "
+                        "add (ResNet-style classifiers)"
+                    )
             elif node.op == "call_function" and node.target in (operator.add, torch.add):
                 a, b = node.args[0], node.args[1]
                 values[node.name] = values[a.name] + values[b.name]
@@ -173,8 +192,10 @@ class BoundPropagator:
                 return values[out.name], errors[out.name]
             else:
                 name = getattr(node.target, "__name__", str(node.target))
-                raise PipelineError(f"certify: operation {name} ({node.name}) has no Lipschitz rule; supported are "
-                                    "ResNet-style graphs (conv, BN, ReLU, pooling, residual add, flatten, linear)")
+                raise PipelineError(
+                    f"certify: operation {name} ({node.name}) has no Lipschitz rule; supported are "
+                    "ResNet-style graphs (conv, BN, ReLU, pooling, residual add, flatten, linear)"
+                )
         raise PipelineError("certify: the traced network has no output")
 
 
@@ -183,8 +204,12 @@ def confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     probabilities = logits.double().softmax(1)
     top = probabilities.topk(2, dim=1)
     top_logits = logits.double().topk(2, dim=1).values
-    return (top.indices[:, 0], (top.values[:, 0] - top.values[:, 1]) / 2,
-            top_logits[:, 0] - top_logits[:, 1], top.values[:, 0])
+    return (
+        top.indices[:, 0],
+        (top.values[:, 0] - top.values[:, 1]) / 2,
+        top_logits[:, 0] - top_logits[:, 1],
+        top.values[:, 0],
+    )
 
 
 def _summary(gamma: torch.Tensor, bound: torch.Tensor, actual: torch.Tensor, agree: torch.Tensor) -> dict:
@@ -228,15 +253,22 @@ def _networks(build_model, dense_state, artifact: MaskArtifact, device, updated_
 
     dense = network(dense_state)
     modules, reference = dict(dense.named_modules()), _cpu(dense_state)
-    bounds = {"lemma_3_4": lemma_terms(modules, reference, masks, "3.4"),
-              "lemma_3_5": lemma_terms(modules, reference, masks, "3.5")}
+    bounds = {
+        "lemma_3_4": lemma_terms(modules, reference, masks, "3.4"),
+        "lemma_3_5": lemma_terms(modules, reference, masks, "3.5"),
+    }
     if updated_state is None:
         return _Networks(BoundPropagator(dense, bounds), network(apply_masks(dense_state, artifact)))
     bounds["lemma_3_6"] = lemma_terms(modules, reference, masks, "3.6", _cpu(updated_state))
-    second = BoundPropagator(network(updated_state),
-                             {"lemma_3_4_updated": lemma_terms(modules, _cpu(updated_state), masks, "3.4")})
-    return _Networks(BoundPropagator(dense, bounds), network(apply_masks(dense_state, artifact)), second,
-                     network(apply_masks(updated_state, artifact)))
+    second = BoundPropagator(
+        network(updated_state), {"lemma_3_4_updated": lemma_terms(modules, _cpu(updated_state), masks, "3.4")}
+    )
+    return _Networks(
+        BoundPropagator(dense, bounds),
+        network(apply_masks(dense_state, artifact)),
+        second,
+        network(apply_masks(updated_state, artifact)),
+    )
 
 
 def _change(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -248,21 +280,29 @@ def _batch_columns(nets: _Networks, images: torch.Tensor, add) -> None:
     logits, errors = nets.first.run(images)
     sparse_logits = nets.masked(images)
     prediction, gamma, margin, top = confidence(logits)
-    for key, value in (("gamma", gamma), ("margin", margin), ("confidence", top),
-                       ("agree", (sparse_logits.argmax(1) == prediction).double()),
-                       ("actual", _change(sparse_logits, logits)),
-                       ("actual_probability", _change(sparse_logits.softmax(1), logits.softmax(1))), *errors.items()):
+    for key, value in (
+        ("gamma", gamma),
+        ("margin", margin),
+        ("confidence", top),
+        ("agree", (sparse_logits.argmax(1) == prediction).double()),
+        ("actual", _change(sparse_logits, logits)),
+        ("actual_probability", _change(sparse_logits.softmax(1), logits.softmax(1))),
+        *errors.items(),
+    ):
         add(key, value)
     if nets.second is None:
         return
     logits2, errors2 = nets.second.run(images)
     sparse2 = nets.updated_masked(images)
     prediction2, gamma2, _, _ = confidence(logits2)
-    for key, value in (("gamma_updated", gamma2), ("agree_updated", (sparse2.argmax(1) == prediction2).double()),
-                       ("actual_updated", _change(sparse2, logits2)),
-                       ("agree_reused", (sparse2.argmax(1) == prediction).double()),
-                       ("actual_reused", _change(sparse2, logits)),
-                       ("lemma_3_4_updated", errors2["lemma_3_4_updated"])):
+    for key, value in (
+        ("gamma_updated", gamma2),
+        ("agree_updated", (sparse2.argmax(1) == prediction2).double()),
+        ("actual_updated", _change(sparse2, logits2)),
+        ("agree_reused", (sparse2.argmax(1) == prediction).double()),
+        ("actual_reused", _change(sparse2, logits)),
+        ("lemma_3_4_updated", errors2["lemma_3_4_updated"]),
+    ):
         add(key, value)
 
 
@@ -289,9 +329,16 @@ def _summarise(data: dict[str, torch.Tensor], updated: bool) -> dict:
     return report
 
 
-def certify_masks(build_model, dense_state: dict[str, torch.Tensor], artifact: MaskArtifact, dataset,
-                  batch_size: int, device: torch.device, updated_state: dict[str, torch.Tensor] | None = None,
-                  progress=None) -> dict:
+def certify_masks(
+    build_model,
+    dense_state: dict[str, torch.Tensor],
+    artifact: MaskArtifact,
+    dataset,
+    batch_size: int,
+    device: torch.device,
+    updated_state: dict[str, torch.Tensor] | None = None,
+    progress=None,
+) -> dict:
     """Share of `dataset` whose masked prediction is certified equal to the dense one (Lemmas 3.4, 3.5).
 
     `build_model()` returns a fresh network of the recipe's architecture. With `updated_state`
@@ -308,6 +355,6 @@ def certify_masks(build_model, dense_state: dict[str, torch.Tensor], artifact: M
 
     loader = make_loader(dataset, batch_size=batch_size)
     with torch.no_grad():
-        for images, _ in (progress(loader) if progress else loader):
+        for images, _ in progress(loader) if progress else loader:
             _batch_columns(nets, images.to(device), add)
     return _summarise({key: torch.cat(parts) for key, parts in columns.items()}, updated_state is not None)

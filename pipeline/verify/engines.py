@@ -3,6 +3,7 @@
 `verify_built_engines` measures and returns report.json's content; the stage (pipeline/stages/verify.py)
 writes it. Verify on ONNX files or plans made by any tool: pipeline/verify/external.py.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,7 +22,9 @@ from pipeline.verify.report import SCHEMA
 def load_engines(paths, recipe):
     build = BuildReport.load(paths.build_report, recipe.name)
     backend = get_backend(build.backend)
-    runners = {variant: backend.load(build.checked_engine(variant, paths.root), recipe) for variant in ("dense", "sparse")}
+    runners = {
+        variant: backend.load(build.checked_engine(variant, paths.root), recipe) for variant in ("dense", "sparse")
+    }
     return build, backend, runners
 
 
@@ -34,8 +37,15 @@ def _eligibility(paths: ArtifactPaths, recipe: Recipe):
     from pipeline.recipe.weights import build_network
 
     cfg = recipe.masks
-    return find_layers(build_network(recipe), recipe.input_shape, cfg.m, cfg.include, cfg.exclude,
-                       recipe.classifier, cfg.include_classifier)
+    return find_layers(
+        build_network(recipe),
+        recipe.input_shape,
+        cfg.m,
+        cfg.include,
+        cfg.exclude,
+        recipe.classifier,
+        cfg.include_classifier,
+    )
 
 
 def layer_table(paths, recipe) -> tuple[list[dict[str, Any]], int]:
@@ -52,8 +62,9 @@ def layer_table(paths, recipe) -> tuple[list[dict[str, Any]], int]:
     for entry in info.masked + info.skipped:
         masked = entry.eligible if masked_names is None else entry.name in masked_names
         reason = entry.reason or ("" if masked else "not in masks.pt")
-        layers.append({"name": entry.name, "kind": entry.kind, "macs": int(entry.macs), "masked": masked,
-                       "reason": reason})
+        layers.append(
+            {"name": entry.name, "kind": entry.kind, "macs": int(entry.macs), "masked": masked, "reason": reason}
+        )
     return layers, int(info.total_macs or sum(layer["macs"] for layer in layers))
 
 
@@ -79,13 +90,19 @@ def int8_accuracy(paths: ArtifactPaths, dataset, fp32_dense_top1: float) -> dict
     graphs = {variant: paths.int8_onnx(variant) for variant in ("dense", "sparse")}
     for path in graphs.values():
         if not path.is_file():
-            raise PipelineError(f"{path} does not exist; build.precision=int8 needs the Q/DQ graphs: run "
-                                "`python -m pipeline export` with --set build.precision=int8")
+            raise PipelineError(
+                f"{path} does not exist; build.precision=int8 needs the Q/DQ graphs: run "
+                "`python -m pipeline export` with --set build.precision=int8"
+            )
     top1 = {variant: 100.0 * onnxruntime_top1(path, dataset) for variant, path in graphs.items()}  # a share -> %
-    return {"dense_graph": graphs["dense"].name, "sparse_graph": graphs["sparse"].name,
-            "dense_top1": top1["dense"], "sparse_top1": top1["sparse"],
-            "sparse_drop_vs_fp32_dense": fp32_dense_top1 - top1["sparse"],
-            "runtime": "onnxruntime CPUExecutionProvider"}
+    return {
+        "dense_graph": graphs["dense"].name,
+        "sparse_graph": graphs["sparse"].name,
+        "dense_top1": top1["dense"],
+        "sparse_top1": top1["sparse"],
+        "sparse_drop_vs_fp32_dense": fp32_dense_top1 - top1["sparse"],
+        "runtime": "onnxruntime CPUExecutionProvider",
+    }
 
 
 def coverage_section(paths: ArtifactPaths, recipe: Recipe, build: BuildReport) -> dict[str, Any]:
@@ -96,12 +113,16 @@ def coverage_section(paths: ArtifactPaths, recipe: Recipe, build: BuildReport) -
     export_checks = export_info.get("layers", {}).get("fp32", [])
     for layer in layers:
         layer["mac_fraction"] = layer["macs"] / max(total_macs, 1)
-    return {"masked_mac_fraction": masked_fraction, "total_macs": total_macs,
-            "masked_layers": sum(layer["masked"] for layer in layers),
-            "skipped_layers": sum(not layer["masked"] for layer in layers),
-            "exported_nm_layers": f"{sum(c['ok'] for c in export_checks)}/{len(export_checks)}" if export_checks
-            else "n/a", "sparse_kernel_mac_fraction": kernel_fraction, "sparse_kernel_note": kernel_note,
-            "layers": layers}
+    return {
+        "masked_mac_fraction": masked_fraction,
+        "total_macs": total_macs,
+        "masked_layers": sum(layer["masked"] for layer in layers),
+        "skipped_layers": sum(not layer["masked"] for layer in layers),
+        "exported_nm_layers": f"{sum(c['ok'] for c in export_checks)}/{len(export_checks)}" if export_checks else "n/a",
+        "sparse_kernel_mac_fraction": kernel_fraction,
+        "sparse_kernel_note": kernel_note,
+        "layers": layers,
+    }
 
 
 def _measure(recipe: Recipe, paths: ArtifactPaths, runners, data) -> tuple[dict[str, Any], dict[str, Any], dict]:
@@ -111,10 +132,20 @@ def _measure(recipe: Recipe, paths: ArtifactPaths, runners, data) -> tuple[dict[
     if recipe.build.precision == "int8":
         accuracy["int8"] = int8_accuracy(paths, data.eval, accuracy["dense"]["top1"])
     serving = max(low, min(recipe.verify.serving_batch, high))
-    by_batch, raw = measure_latency(runners, recipe.input_shape, sorted({max(low, 1), serving}),
-                                    recipe.verify.latency_iters, recipe.verify.warmup_iters)
-    data_info = {"kind": data.kind, "description": data.description, "samples": accuracy["samples"],
-                 "accuracy_meaningful": data.accuracy_meaningful, "batch_size": eval_batch}
+    by_batch, raw = measure_latency(
+        runners,
+        recipe.input_shape,
+        sorted({max(low, 1), serving}),
+        recipe.verify.latency_iters,
+        recipe.verify.warmup_iters,
+    )
+    data_info = {
+        "kind": data.kind,
+        "description": data.description,
+        "samples": accuracy["samples"],
+        "accuracy_meaningful": data.accuracy_meaningful,
+        "batch_size": eval_batch,
+    }
     return accuracy, {"data": data_info, "latency": latency_section(by_batch, serving)}, raw
 
 
@@ -128,19 +159,42 @@ def verify_built_engines(recipe: Recipe, paths: ArtifactPaths) -> tuple[dict[str
     data = build_datasets(recipe)
     accuracy, sections, raw = _measure(recipe, paths, runners, data)
     cfg, speedup = recipe.verify, sections["latency"]["speedup_spread"]["ratio"]
-    checks = [gate("top1_drop", accuracy["top1_drop"], cfg.max_top1_drop, "<=",
-                   "" if data.accuracy_meaningful else f"{data.kind} data: accuracy means nothing"),
-              gate("speedup", speedup, cfg.min_speedup, ">=", "" if backend.has_sparse_kernels else
-                   f"{backend.name} has no sparse kernels: speed-up is reported, not gated"),
-              gate("masked_mac_fraction", coverage["masked_mac_fraction"], cfg.min_coverage, ">=")]
-    report = {"schema": SCHEMA, "model": recipe.name, "backend": backend.name, "backend_reason": build.reason,
-              "has_sparse_kernels": backend.has_sparse_kernels,
-              "note": "" if backend.has_sparse_kernels else
-              f"{backend.name} has no sparse kernels: this run verifies correctness and accuracy, not speed-up",
-              **sections, "accuracy": accuracy, "speedup": speedup,
-              "layer_times_ms": {variant: runner.layer_times() for variant, runner in runners.items()},
-              "coverage": coverage, "gates": gates_section(checks),
-              "engines": {variant: str(build.engine_path(variant, paths.root)) for variant in ("dense", "sparse")},
-              "engine_sha256": {variant: build.engines[variant]["sha256"] for variant in ("dense", "sparse")}}
+    checks = [
+        gate(
+            "top1_drop",
+            accuracy["top1_drop"],
+            cfg.max_top1_drop,
+            "<=",
+            "" if data.accuracy_meaningful else f"{data.kind} data: accuracy means nothing",
+        ),
+        gate(
+            "speedup",
+            speedup,
+            cfg.min_speedup,
+            ">=",
+            ""
+            if backend.has_sparse_kernels
+            else f"{backend.name} has no sparse kernels: speed-up is reported, not gated",
+        ),
+        gate("masked_mac_fraction", coverage["masked_mac_fraction"], cfg.min_coverage, ">="),
+    ]
+    report = {
+        "schema": SCHEMA,
+        "model": recipe.name,
+        "backend": backend.name,
+        "backend_reason": build.reason,
+        "has_sparse_kernels": backend.has_sparse_kernels,
+        "note": ""
+        if backend.has_sparse_kernels
+        else f"{backend.name} has no sparse kernels: this run verifies correctness and accuracy, not speed-up",
+        **sections,
+        "accuracy": accuracy,
+        "speedup": speedup,
+        "layer_times_ms": {variant: runner.layer_times() for variant, runner in runners.items()},
+        "coverage": coverage,
+        "gates": gates_section(checks),
+        "engines": {variant: str(build.engine_path(variant, paths.root)) for variant in ("dense", "sparse")},
+        "engine_sha256": {variant: build.engines[variant]["sha256"] for variant in ("dense", "sparse")},
+    }
     report["seconds"] = round(time.time() - started, 2)
     return report, raw

@@ -8,6 +8,7 @@ data, paired latency, and the gates: top-1 drop, speed-up (only where the runtim
 share of MACs in layers TensorRT can accelerate (--min-coverage). ONNX files run on ONNX Runtime (no sparse
 kernels: the speed-up is measured, never gated); TensorRT plans on TensorRT (pipeline/verify/plans.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,9 +21,9 @@ from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import PreprocessConfig, Recipe, apply_override, set_field, validate
 from pipeline.verify import layout as layouts
-from pipeline.verify.pair import Pair
 from pipeline.verify.measure import gate, gates_section, latency_section, measure_accuracy, measure_latency
 from pipeline.verify.onnx_files import check_pairing, classifier_io, load_onnx
+from pipeline.verify.pair import Pair
 from pipeline.verify.report import SCHEMA
 
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
@@ -53,8 +54,10 @@ def load_pair(options: FileOptions) -> Pair:
     dense, sparse = Path(options.dense), Path(options.sparse)
     plans = [path.suffix.lower() in PLAN_SUFFIXES for path in (dense, sparse)]
     if plans[0] != plans[1]:
-        raise PipelineError(f"--dense {dense} and --sparse {sparse} must both be ONNX files or both TensorRT plans "
-                            f"({', '.join(PLAN_SUFFIXES)})")
+        raise PipelineError(
+            f"--dense {dense} and --sparse {sparse} must both be ONNX files or both TensorRT plans "
+            f"({', '.join(PLAN_SUFFIXES)})"
+        )
     if plans[0]:
         from pipeline.verify.plans import load_plan_pair
 
@@ -80,9 +83,11 @@ def _load_onnx_pair(dense_path: Path, sparse_path: Path, input_size: str | None)
     dense, sparse = load_onnx(dense_path, "--dense"), load_onnx(sparse_path, "--sparse")
     for path, model in ((dense_path, dense), (sparse_path, sparse)):
         if not layouts.has_constant_weights(model):
-            raise PipelineError(f"{path} has no Conv/Gemm/MatMul with constant weights (they are graph inputs or "
-                                "computed, not initializers): export with the weights stored in the file "
-                                "(torch.onnx.export(..., export_params=True))")
+            raise PipelineError(
+                f"{path} has no Conv/Gemm/MatMul with constant weights (they are graph inputs or "
+                "computed, not initializers): export with the weights stored in the file "
+                "(torch.onnx.export(..., export_params=True))"
+            )
     check_pairing(dense, sparse, str(dense_path), str(sparse_path))
     shape, classes = classifier_io(sparse, str(sparse_path), input_size_for(sparse, input_size))
     layout = sparse_layout(dense, sparse, str(dense_path), str(sparse_path), shape)
@@ -106,14 +111,25 @@ def preprocessing_recipe(options: FileOptions, pair: Pair) -> Recipe:
     if options.model:
         recipe = _named_recipe(options.model, shape)
     else:
-        recipe = Recipe(name=pair.sparse.stem, arch=f"onnx:{pair.sparse.name}", num_classes=pair.num_classes,
-                        input_shape=list(shape), weights="random")
-        recipe.preprocess = PreprocessConfig(resize=shape[1] if shape[1] < 64 else round(shape[1] / 0.875),
-                                             crop=shape[1], mean=[0.0] * shape[0], std=[1.0] * shape[0],
-                                             color="L" if shape[0] == 1 else "RGB")
+        recipe = Recipe(
+            name=pair.sparse.stem,
+            arch=f"onnx:{pair.sparse.name}",
+            num_classes=pair.num_classes,
+            input_shape=list(shape),
+            weights="random",
+        )
+        recipe.preprocess = PreprocessConfig(
+            resize=shape[1] if shape[1] < 64 else round(shape[1] / 0.875),
+            crop=shape[1],
+            mean=[0.0] * shape[0],
+            std=[1.0] * shape[0],
+            color="L" if shape[0] == 1 else "RGB",
+        )
         if options.data not in (None, "synthetic") and (options.mean is None or options.std is None):
-            raise PipelineError("--dense/--sparse without --model: pass --mean and --std (the normalisation the "
-                                "model was trained with, one value per channel) or --model NAME|RECIPE.toml")
+            raise PipelineError(
+                "--dense/--sparse without --model: pass --mean and --std (the normalisation the "
+                "model was trained with, one value per channel) or --model NAME|RECIPE.toml"
+            )
     for flag, key, value in (("--mean", "preprocess.mean", options.mean), ("--std", "preprocess.std", options.std)):
         if value is not None:
             set_field(recipe, key, value, f"{flag} {value}")
@@ -122,8 +138,12 @@ def preprocessing_recipe(options: FileOptions, pair: Pair) -> Recipe:
         apply_override(recipe, assignment)
     recipe.num_classes = pair.num_classes
     recipe.labels = recipe.labels if len(recipe.labels) == pair.num_classes else []
-    for key, value in (("max_top1_drop", options.max_top1_drop), ("min_speedup", options.min_speedup),
-                       ("min_coverage", options.min_coverage), ("latency_iters", options.iters)):
+    for key, value in (
+        ("max_top1_drop", options.max_top1_drop),
+        ("min_speedup", options.min_speedup),
+        ("min_coverage", options.min_coverage),
+        ("latency_iters", options.iters),
+    ):
         if value is not None:
             setattr(recipe.verify, key, value)
     return validate(recipe, origin="verify --dense/--sparse")
@@ -135,8 +155,10 @@ def _named_recipe(model: str, shape: list[int]) -> Recipe:
     from pipeline.recipe.sources import is_source_spec
 
     if is_source_spec(model):
-        raise PipelineError(f"--model {model}: with --dense/--sparse, --model names a registered recipe or a recipe "
-                            ".toml (for its preprocessing); a model source needs no network here")
+        raise PipelineError(
+            f"--model {model}: with --dense/--sparse, --model names a registered recipe or a recipe "
+            ".toml (for its preprocessing); a model source needs no network here"
+        )
     recipe = get_recipe(model)
     if list(recipe.input_shape) != list(shape):
         apply_input_size(recipe, ",".join(map(str, shape)))
@@ -146,8 +168,10 @@ def _named_recipe(model: str, shape: list[int]) -> Recipe:
 def _apply_data(recipe: Recipe, options: FileOptions) -> None:
     if options.data is None:
         if not options.model:
-            raise PipelineError("pass --data DIR (an image folder, one class folder per output, in output order), "
-                                "--data fashion_mnist, or --data synthetic (accuracy not gated)")
+            raise PipelineError(
+                "pass --data DIR (an image folder, one class folder per output, in output order), "
+                "--data fashion_mnist, or --data synthetic (accuracy not gated)"
+            )
         return
     if options.data in ("synthetic", "fashion_mnist"):
         recipe.data.kind = options.data
@@ -173,9 +197,15 @@ def evaluation_data(recipe: Recipe, sparse: Path):
     if recipe.data.kind in found:
         classes = found[recipe.data.kind]()
         if len(classes) != recipe.num_classes:
-            where = Path(recipe.data.root) / recipe.data.eval_split if recipe.data.kind == "imagefolder" else "Fashion-MNIST"
-            raise PipelineError(f"--data {where} has {len(classes)} classes but {sparse} outputs {recipe.num_classes}; "
-                                "pass data with one class folder per model output (in output order)")
+            where = (
+                Path(recipe.data.root) / recipe.data.eval_split
+                if recipe.data.kind == "imagefolder"
+                else "Fashion-MNIST"
+            )
+            raise PipelineError(
+                f"--data {where} has {len(classes)} classes but {sparse} outputs {recipe.num_classes}; "
+                "pass data with one class folder per model output (in output order)"
+            )
     return build_datasets(recipe)
 
 
@@ -217,21 +247,35 @@ def _batches(recipe: Recipe, runners) -> tuple[int, int, int]:
 def measure_pair(pair: Pair, recipe: Recipe, runners, data) -> tuple[dict[str, Any], dict]:
     low, eval_batch, serving = _batches(recipe, runners)
     accuracy = measure_accuracy(runners, data.eval, eval_batch)
-    by_batch, raw = measure_latency(runners, pair.input_shape, sorted({low, serving}), recipe.verify.latency_iters,
-                                    recipe.verify.warmup_iters)
+    by_batch, raw = measure_latency(
+        runners, pair.input_shape, sorted({low, serving}), recipe.verify.latency_iters, recipe.verify.warmup_iters
+    )
     backend = "tensorrt" if pair.kind == "tensorrt plan" else "onnxruntime"
     has_kernels = backend == "tensorrt"
-    report = {"schema": SCHEMA, "model": pair.sparse.stem, "backend": backend, "has_sparse_kernels": has_kernels,
-              "backend_reason": f"--dense/--sparse are {'TensorRT plans' if has_kernels else 'ONNX files'}",
-              "note": "" if has_kernels else "onnxruntime has no sparse kernels: this run verifies correctness, "
-                                             "accuracy and the 2:4 layout, not speed-up",
-              "inputs": {"kind": pair.kind, "dense": str(pair.dense), "sparse": str(pair.sparse)},
-              "data": {"kind": data.kind, "description": data.description, "samples": accuracy["samples"],
-                       "accuracy_meaningful": data.accuracy_meaningful, "batch_size": eval_batch,
-                       "preprocess": dict(vars(recipe.preprocess))},
-              "accuracy": accuracy, "latency": latency_section(by_batch, serving),
-              "speedup": by_batch[str(serving)]["speedup"]["ratio"],
-              "layer_times_ms": {variant: runner.layer_times() for variant, runner in runners.items()}}
+    report = {
+        "schema": SCHEMA,
+        "model": pair.sparse.stem,
+        "backend": backend,
+        "has_sparse_kernels": has_kernels,
+        "backend_reason": f"--dense/--sparse are {'TensorRT plans' if has_kernels else 'ONNX files'}",
+        "note": ""
+        if has_kernels
+        else "onnxruntime has no sparse kernels: this run verifies correctness, "
+        "accuracy and the 2:4 layout, not speed-up",
+        "inputs": {"kind": pair.kind, "dense": str(pair.dense), "sparse": str(pair.sparse)},
+        "data": {
+            "kind": data.kind,
+            "description": data.description,
+            "samples": accuracy["samples"],
+            "accuracy_meaningful": data.accuracy_meaningful,
+            "batch_size": eval_batch,
+            "preprocess": dict(vars(recipe.preprocess)),
+        },
+        "accuracy": accuracy,
+        "latency": latency_section(by_batch, serving),
+        "speedup": by_batch[str(serving)]["speedup"]["ratio"],
+        "layer_times_ms": {variant: runner.layer_times() for variant, runner in runners.items()},
+    }
     report.update(_coverage(pair), layout=pair.layout.to_dict() if pair.layout else None)
     if pair.plan_layers is not None:
         report["plan_layers"] = pair.plan_layers
@@ -239,8 +283,9 @@ def measure_pair(pair: Pair, recipe: Recipe, runners, data) -> tuple[dict[str, A
     report["engines"] = {"dense": str(pair.dense), "sparse": str(pair.sparse)}
     from pipeline.io import sha256_file
 
-    report["engine_sha256"] = {variant: sha256_file(path) for variant, path in (("dense", pair.dense),
-                                                                                ("sparse", pair.sparse))}
+    report["engine_sha256"] = {
+        variant: sha256_file(path) for variant, path in (("dense", pair.dense), ("sparse", pair.sparse))
+    }
     return report, raw
 
 
@@ -250,21 +295,46 @@ def _coverage(pair: Pair) -> dict[str, Any]:
     for entry in layers:
         entry["mac_fraction"] = entry["macs"] / max(layout.total_macs, 1)
     note = (pair.plan_layers or {}).get("note", "ONNX Runtime has no sparse kernels: see the layout report")
-    return {"coverage": {"masked_mac_fraction": layout.masked_mac_fraction if layout else None,
-                         "accelerable_mac_fraction": layout.accelerable_mac_fraction if layout else None,
-                         "total_macs": layout.total_macs if layout else 0,
-                         "masked_layers": sum(entry["masked"] for entry in layers),
-                         "skipped_layers": sum(not entry["masked"] for entry in layers),
-                         "exported_nm_layers": "n/a", "sparse_kernel_mac_fraction": picked,
-                         "sparse_kernel_note": note, "layers": layers}}
+    return {
+        "coverage": {
+            "masked_mac_fraction": layout.masked_mac_fraction if layout else None,
+            "accelerable_mac_fraction": layout.accelerable_mac_fraction if layout else None,
+            "total_macs": layout.total_macs if layout else 0,
+            "masked_layers": sum(entry["masked"] for entry in layers),
+            "skipped_layers": sum(not entry["masked"] for entry in layers),
+            "exported_nm_layers": "n/a",
+            "sparse_kernel_mac_fraction": picked,
+            "sparse_kernel_note": note,
+            "layers": layers,
+        }
+    }
 
 
 def _checks(recipe: Recipe, report: dict[str, Any], kind: str, pair: Pair) -> list[dict[str, Any]]:
     cfg = recipe.verify
     no_layout = "" if pair.layout else "no ONNX for the layout report (pass --sparse-onnx with plans)"
-    return [gate("top1_drop", report["accuracy"]["top1_drop"], cfg.max_top1_drop, "<=",
-                 "" if kind != "synthetic" else "synthetic data: accuracy means nothing"),
-            gate("speedup", report["speedup"], cfg.min_speedup, ">=", "" if report["has_sparse_kernels"] else
-                 "onnxruntime has no sparse kernels: speed-up is reported, not gated"),
-            gate("accelerable_mac_fraction", report["coverage"]["accelerable_mac_fraction"], cfg.min_coverage, ">=",
-                 no_layout)]
+    return [
+        gate(
+            "top1_drop",
+            report["accuracy"]["top1_drop"],
+            cfg.max_top1_drop,
+            "<=",
+            "" if kind != "synthetic" else "synthetic data: accuracy means nothing",
+        ),
+        gate(
+            "speedup",
+            report["speedup"],
+            cfg.min_speedup,
+            ">=",
+            ""
+            if report["has_sparse_kernels"]
+            else "onnxruntime has no sparse kernels: speed-up is reported, not gated",
+        ),
+        gate(
+            "accelerable_mac_fraction",
+            report["coverage"]["accelerable_mac_fraction"],
+            cfg.min_coverage,
+            ">=",
+            no_layout,
+        ),
+    ]

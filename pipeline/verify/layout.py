@@ -17,6 +17,7 @@ Weights are read from initializers and Constant nodes, also through Identity/Cas
 DequantizeLinear (per-tensor or per-axis). A Conv/Gemm/MatMul whose weights are not constant is
 listed as skipped, with that reason. MACs are per image, from ONNX shape inference at batch 1.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -91,8 +92,12 @@ class LayerLayout:
     def to_dict(self) -> dict[str, Any]:
         """The entry of report.json's layout.layers; also the keys the verify report's coverage list uses."""
         entry = asdict(self)
-        entry.update(kind=self.op, masked=self.masked, accelerable=self.accelerable,
-                     reason="" if self.accelerable else self.layout + (f" ({self.axis})" if self.axis else ""))
+        entry.update(
+            kind=self.op,
+            masked=self.masked,
+            accelerable=self.accelerable,
+            reason="" if self.accelerable else self.layout + (f" ({self.axis})" if self.axis else ""),
+        )
         return entry
 
 
@@ -123,13 +128,16 @@ class LayoutReport:
         return self.share(lambda layer: layer.masked)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rule": "TensorRT: >= 2 zeros in every 4 consecutive input channels at each (k, r, s), C % 4 == 0; "
-                        "Gemm/MatMul along the reduction axis; grouped convs never",
-                "total_macs": self.total_macs, "macs_by_class": self.macs_by_class(),
-                "accelerable_mac_fraction": self.accelerable_mac_fraction,
-                "masked_mac_fraction": self.masked_mac_fraction,
-                "layers": [layer.to_dict() for layer in self.layers],
-                "skipped": [asdict(layer) for layer in self.skipped]}
+        return {
+            "rule": "TensorRT: >= 2 zeros in every 4 consecutive input channels at each (k, r, s), C % 4 == 0; "
+            "Gemm/MatMul along the reduction axis; grouped convs never",
+            "total_macs": self.total_macs,
+            "macs_by_class": self.macs_by_class(),
+            "accelerable_mac_fraction": self.accelerable_mac_fraction,
+            "masked_mac_fraction": self.masked_mac_fraction,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "skipped": [asdict(layer) for layer in self.skipped],
+        }
 
 
 # --------------------------------------------------------------------------- reading the weights
@@ -165,8 +173,9 @@ def _dequantize(node, resolve) -> tuple[np.ndarray, str] | None:
     return ((x.astype(np.float64) - broadcast(zero)) * broadcast(scale)).astype(np.float32), f"DequantizeLinear({via})"
 
 
-def resolve_constant(name: str, constants: dict[str, np.ndarray], producers: dict[str, Any],
-                     depth: int = 6) -> tuple[np.ndarray, str] | None:
+def resolve_constant(
+    name: str, constants: dict[str, np.ndarray], producers: dict[str, Any], depth: int = 6
+) -> tuple[np.ndarray, str] | None:
     """The constant value of tensor NAME (through Identity/Cast, Transpose, DequantizeLinear), or None."""
     if name in constants:
         return constants[name], "initializer"
@@ -218,8 +227,13 @@ def has_constant_weights(model) -> bool:
     """Whether some Conv/Gemm/MatMul reads a constant weight (initializer, Constant, through Q/DQ and Transpose)."""
     constants = constant_tensors(model)
     producers = {output: node for node in model.graph.node for output in node.output}
-    return any(resolve_constant(tensor, constants, producers) is not None for node in model.graph.node
-               if node.op_type in WEIGHTED_OPS for tensor in node.input[:2] if tensor)
+    return any(
+        resolve_constant(tensor, constants, producers) is not None
+        for node in model.graph.node
+        if node.op_type in WEIGHTED_OPS
+        for tensor in node.input[:2]
+        if tensor
+    )
 
 
 def weighted_layers(model, input_shape: list[int] | None = None) -> tuple[list[WeightedLayer], list[SkippedLayer]]:
@@ -235,8 +249,14 @@ def weighted_layers(model, input_shape: list[int] | None = None) -> tuple[list[W
         inputs = [resolve_constant(tensor, constants, producers) if tensor else None for tensor in node.input[:2]]
         found = _canonical(node, inputs)
         if found is None:
-            skipped.append(SkippedLayer(name, node.op_type, "its weights are not a constant tensor (an initializer, "
-                                                            "also through Cast/Transpose/DequantizeLinear)"))
+            skipped.append(
+                SkippedLayer(
+                    name,
+                    node.op_type,
+                    "its weights are not a constant tensor (an initializer, "
+                    "also through Cast/Transpose/DequantizeLinear)",
+                )
+            )
             continue
         weight, position, source, onnx_shape = found
         groups = int(node_attribute(node, "group", 1)) if node.op_type == "Conv" else 1
@@ -297,9 +317,11 @@ def candidate_axes(layer: WeightedLayer) -> list[tuple[str, np.ndarray]]:
     taps = tuple(range(2, w.ndim))
     if layer.op == "Conv":
         first = ("input channels", np.transpose(w, (0, *taps, 1)))
-        others = [("flattened C*R*S", w.reshape(w.shape[0], -1)),
-                  ("output channels", np.transpose(w, (1, *taps, 0))),
-                  ("flattened K*C*R*S", w.reshape(1, -1))]
+        others = [
+            ("flattened C*R*S", w.reshape(w.shape[0], -1)),
+            ("output channels", np.transpose(w, (1, *taps, 0))),
+            ("flattened K*C*R*S", w.reshape(1, -1)),
+        ]
     else:
         first = ("reduction axis", w)
         others = [("output axis", w.T), ("flattened, row-major", w.reshape(1, -1))]
@@ -308,8 +330,16 @@ def candidate_axes(layer: WeightedLayer) -> list[tuple[str, np.ndarray]]:
 
 def classify(layer: WeightedLayer, total_macs: int) -> LayerLayout:
     w = layer.weight
-    result = LayerLayout(layer.name, layer.op, layer.weight_name, layer.onnx_shape, layer.groups, layer.macs, DENSE,
-                         zero_share=float((w == 0).mean()) if w.size else 0.0)
+    result = LayerLayout(
+        layer.name,
+        layer.op,
+        layer.weight_name,
+        layer.onnx_shape,
+        layer.groups,
+        layer.macs,
+        DENSE,
+        zero_share=float((w == 0).mean()) if w.size else 0.0,
+    )
     axes = candidate_axes(layer)
     found = next((name for name, values in axes if two_of_four_share(values) == 1.0), "")
     result.axis = found
@@ -335,8 +365,10 @@ def _dense_note(layer: WeightedLayer, zero_share: float) -> str:
         notes.append(f"{'C' if layer.op == 'Conv' else 'reduction length'} = {channels} is not a multiple of 4")
     if zero_share >= 0.25:
         share = two_of_four_share(candidate_axes(layer)[0][1])
-        notes.append(f"{100 * zero_share:.0f}% zeros, but only {100 * share:.1f}% of the 4-groups along the "
-                     f"{candidate_axes(layer)[0][0]} hold 2 zeros (unstructured): runs dense")
+        notes.append(
+            f"{100 * zero_share:.0f}% zeros, but only {100 * share:.1f}% of the 4-groups along the "
+            f"{candidate_axes(layer)[0][0]} hold 2 zeros (unstructured): runs dense"
+        )
     return "; ".join(notes)
 
 
@@ -349,13 +381,17 @@ def layout_report(layers: list[WeightedLayer], skipped: list[SkippedLayer]) -> L
 def pair_layers(dense: list[WeightedLayer], sparse: list[WeightedLayer], dense_file: str, sparse_file: str) -> None:
     """The same layer structure: as many weighted layers, each with the same op and weight shape, in graph order."""
     if len(dense) != len(sparse):
-        raise PipelineError(f"layer structure differs: {dense_file} has {len(dense)} Conv/Gemm/MatMul layers with "
-                            f"constant weights, {sparse_file} has {len(sparse)}; the sparse model must be the dense "
-                            "model with zeros in its weights")
+        raise PipelineError(
+            f"layer structure differs: {dense_file} has {len(dense)} Conv/Gemm/MatMul layers with "
+            f"constant weights, {sparse_file} has {len(sparse)}; the sparse model must be the dense "
+            "model with zeros in its weights"
+        )
     for index, (a, b) in enumerate(zip(dense, sparse)):
         if a.op != b.op or a.weight.shape != b.weight.shape or a.groups != b.groups:
-            raise PipelineError(f"layer {index + 1} differs: {dense_file} {a.describe()} vs {sparse_file} "
-                                f"{b.describe()}; the sparse model must be the dense model with zeros in its weights")
+            raise PipelineError(
+                f"layer {index + 1} differs: {dense_file} {a.describe()} vs {sparse_file} "
+                f"{b.describe()}; the sparse model must be the dense model with zeros in its weights"
+            )
 
 
 def kept_tolerance(dense: WeightedLayer, sparse: WeightedLayer) -> tuple[float, str]:

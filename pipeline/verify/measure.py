@@ -3,6 +3,7 @@
 A runner is anything with `infer(batch)` and `time_batch(batch, iterations, warmup)` (pipeline.backends.Runner):
 an engine of the build stage, an ONNX file through ONNX Runtime, or a TensorRT plan.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,10 +40,15 @@ def measure_accuracy(runners, dataset, batch_size: int) -> dict[str, Any]:
         total += labels.size
     if not total:
         raise PipelineError("the evaluation set is empty; check --data and data.eval_limit")
-    result: dict[str, Any] = {variant: {"top1": 100.0 * c["top1"] / total, "top5": 100.0 * c["top5"] / total}
-                              for variant, c in counts.items()}
-    result.update(samples=total, agreement=agree / total, top1_drop=result["dense"]["top1"] - result["sparse"]["top1"],
-                  max_abs_logit_diff=max_diff)
+    result: dict[str, Any] = {
+        variant: {"top1": 100.0 * c["top1"] / total, "top5": 100.0 * c["top5"] / total} for variant, c in counts.items()
+    }
+    result.update(
+        samples=total,
+        agreement=agree / total,
+        top1_drop=result["dense"]["top1"] - result["sparse"]["top1"],
+        max_abs_logit_diff=max_diff,
+    )
     return result
 
 
@@ -65,9 +71,11 @@ def measure_latency(runners, input_shape, batches: list[int], iterations: int, w
                 per_variant[variant].append(runners[variant].time_batch(data, per_round, 0))
             bar.update(1)
         raw[str(batch)] = {variant: [t for chunk in chunks for t in chunk] for variant, chunks in per_variant.items()}
-        by_batch[str(batch)] = {"dense": latency_stats(raw[str(batch)]["dense"], batch),
-                                "sparse": latency_stats(raw[str(batch)]["sparse"], batch),
-                                "speedup": speedup_stats(per_variant["dense"], per_variant["sparse"])}
+        by_batch[str(batch)] = {
+            "dense": latency_stats(raw[str(batch)]["dense"], batch),
+            "sparse": latency_stats(raw[str(batch)]["sparse"], batch),
+            "speedup": speedup_stats(per_variant["dense"], per_variant["sparse"]),
+        }
     bar.close()
     return by_batch, raw
 
@@ -75,9 +83,14 @@ def measure_latency(runners, input_shape, batches: list[int], iterations: int, w
 def latency_section(by_batch: dict[str, Any], serving: int) -> dict[str, Any]:
     """report.json's `latency` from measure_latency's figures."""
     entry = by_batch[str(serving)]
-    return {"dense": entry["dense"], "sparse": entry["sparse"], "serving_batch": serving,
-            "speedup_spread": entry["speedup"], "by_batch": by_batch,
-            "method": "dense and sparse interleaved per round (order alternating), perf_counter, after warm-up"}
+    return {
+        "dense": entry["dense"],
+        "sparse": entry["sparse"],
+        "serving_batch": serving,
+        "speedup_spread": entry["speedup"],
+        "by_batch": by_batch,
+        "method": "dense and sparse interleaved per round (order alternating), perf_counter, after warm-up",
+    }
 
 
 # --------------------------------------------------------------------------- gates
@@ -86,8 +99,14 @@ def gate(name: str, value, threshold: float, comparison: str, skipped: str = "")
         passed = None
     else:
         passed = bool(value <= threshold) if comparison == "<=" else bool(value >= threshold)
-    return {"name": name, "value": value, "threshold": threshold, "comparison": comparison, "passed": passed,
-            "skipped": skipped or ("" if value is not None else "not measured")}
+    return {
+        "name": name,
+        "value": value,
+        "threshold": threshold,
+        "comparison": comparison,
+        "passed": passed,
+        "skipped": skipped or ("" if value is not None else "not measured"),
+    }
 
 
 def gates_section(checks: list[dict[str, Any]]) -> dict[str, Any]:

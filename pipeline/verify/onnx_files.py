@@ -4,6 +4,7 @@ Every problem is one PipelineError naming the file and the fix: a missing, empty
 directory, a file that is not ONNX, weights kept outside the file that are not beside it, and a dense
 and sparse model whose inputs or outputs (names, shapes, element types) differ.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,11 +36,14 @@ def load_onnx(path: Path, flag: str):
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise PipelineError(f"{flag} {path} is not an ONNX model or is truncated ({first}); pass a complete "
-                            ".onnx file (export it again)") from None
+        raise PipelineError(
+            f"{flag} {path} is not an ONNX model or is truncated ({first}); pass a complete "
+            ".onnx file (export it again)"
+        ) from None
     if not model.graph.node or model.ir_version <= 0:
-        raise PipelineError(f"{flag} {path} is not an ONNX model (no graph nodes or no IR version); pass a "
-                            "complete .onnx file")
+        raise PipelineError(
+            f"{flag} {path} is not an ONNX model (no graph nodes or no IR version); pass a complete .onnx file"
+        )
     _load_external_data(model, path, flag)
     try:
         onnx.checker.check_model(model)
@@ -52,18 +56,27 @@ def load_onnx(path: Path, flag: str):
 def _load_external_data(model, path: Path, flag: str) -> None:
     from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
-    missing = sorted({entry.value for init in model.graph.initializer if uses_external_data(init)
-                      for entry in init.external_data if entry.key == "location"
-                      and not (path.parent / entry.value).is_file()})
+    missing = sorted(
+        {
+            entry.value
+            for init in model.graph.initializer
+            if uses_external_data(init)
+            for entry in init.external_data
+            if entry.key == "location" and not (path.parent / entry.value).is_file()
+        }
+    )
     if missing:
-        raise PipelineError(f"{flag} {path}: its weights are stored outside the file, in {', '.join(missing)}, which "
-                            f"is not in {path.parent}; keep the external data file(s) next to the .onnx file")
+        raise PipelineError(
+            f"{flag} {path}: its weights are stored outside the file, in {', '.join(missing)}, which "
+            f"is not in {path.parent}; keep the external data file(s) next to the .onnx file"
+        )
     try:
         load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise PipelineError(f"{flag} {path}: its weights stored outside the file cannot be read ({first}); "
-                            "export it again") from None
+        raise PipelineError(
+            f"{flag} {path}: its weights stored outside the file cannot be read ({first}); export it again"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -75,7 +88,7 @@ class TensorSignature:
     def __str__(self) -> str:
         return f"{self.name!r} {self.dtype} [{', '.join(map(str, self.shape))}]"
 
-    def matches(self, other: "TensorSignature") -> bool:
+    def matches(self, other: TensorSignature) -> bool:
         """Same name and type, same rank, and the same size wherever both fix one (dynamic axes may differ)."""
         if self.name != other.name or self.dtype != other.dtype or len(self.shape) != len(other.shape):
             return False
@@ -104,27 +117,35 @@ def check_pairing(dense, sparse, dense_file: str, sparse_file: str) -> None:
     for kind in ("inputs", "outputs"):
         a, b = signature(dense, kind), signature(sparse, kind)
         if len(a) != len(b) or not all(x.matches(y) for x, y in zip(a, b)):
-            raise PipelineError(f"{kind} differ: {dense_file} has {', '.join(map(str, a)) or 'none'}; {sparse_file} "
-                                f"has {', '.join(map(str, b)) or 'none'}; export both with the same {kind}")
+            raise PipelineError(
+                f"{kind} differ: {dense_file} has {', '.join(map(str, a)) or 'none'}; {sparse_file} "
+                f"has {', '.join(map(str, b)) or 'none'}; export both with the same {kind}"
+            )
 
 
 def classifier_io(model, path: str, input_size: list[int] | None) -> tuple[list[int], int]:
     """(C, H, W) of the one image input and the number of classes of the one [N, classes] output."""
     inputs, outputs = signature(model, "inputs"), signature(model, "outputs")
     if len(inputs) != 1 or len(outputs) != 1:
-        raise PipelineError(f"{path} has {len(inputs)} input(s) and {len(outputs)} output(s); verify checks image "
-                            "classifiers with one input [N, C, H, W] and one output [N, classes]")
+        raise PipelineError(
+            f"{path} has {len(inputs)} input(s) and {len(outputs)} output(s); verify checks image "
+            "classifiers with one input [N, C, H, W] and one output [N, classes]"
+        )
     image, logits = inputs[0], outputs[0]
     if len(image.shape) != 4 or image.dtype != "float32":
-        raise PipelineError(f"{path} input {image} is not a float32 image batch [N, C, H, W]; verify feeds float32 "
-                            "images (export FP16 models with float32 inputs and outputs, as the pipeline's FP16 "
-                            "graphs do)")
+        raise PipelineError(
+            f"{path} input {image} is not a float32 image batch [N, C, H, W]; verify feeds float32 "
+            "images (export FP16 models with float32 inputs and outputs, as the pipeline's FP16 "
+            "graphs do)"
+        )
     shape = list(image.shape[1:])
     if input_size is not None:
         fixed = [(a, b) for a, b in zip(shape, input_size) if isinstance(a, int)]
         if any(a != b for a, b in fixed):
-            raise PipelineError(f"--input-size {','.join(map(str, input_size))} does not fit {path} input {image}; "
-                                "drop --input-size (the ONNX fixes it) or pass the matching size")
+            raise PipelineError(
+                f"--input-size {','.join(map(str, input_size))} does not fit {path} input {image}; "
+                "drop --input-size (the ONNX fixes it) or pass the matching size"
+            )
         shape = list(input_size)
     if not all(isinstance(d, int) for d in shape):
         raise PipelineError(f"{path} input {image} has dynamic image axes; pass --input-size C,H,W")

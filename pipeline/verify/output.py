@@ -1,5 +1,6 @@
 """Writing and printing a verification: report.json (through VerificationReport), report.md, plots, JUnit,
 the console summary, and the exit status (GateFailed when a gate failed)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,15 @@ from typing import Any
 from pipeline.errors import GateFailed
 from pipeline.io import write_text
 from pipeline.paths import ArtifactPaths
-from pipeline.verify.report import (VerificationReport, plot_accuracy, plot_coverage, plot_latency, plot_layout,
-                                    render_markdown, write_junit)
+from pipeline.verify.report import (
+    VerificationReport,
+    plot_accuracy,
+    plot_coverage,
+    plot_latency,
+    plot_layout,
+    render_markdown,
+    write_junit,
+)
 
 PLOTS = ("verify_latency.png", "verify_accuracy.png", "verify_coverage.png")
 
@@ -34,21 +42,32 @@ def write_report(report: dict[str, Any], raw: dict, paths: ArtifactPaths, junit:
 def print_summary(report: dict[str, Any], paths: ArtifactPaths) -> None:
     backend, accuracy = report["backend"], report["accuracy"]
     print(f"backend {backend}" + ("" if report["has_sparse_kernels"] else " (no sparse kernels: accuracy check only)"))
-    print(f"top1 dense {accuracy['dense']['top1']:.2f}% sparse {accuracy['sparse']['top1']:.2f}% "
-          f"(agreement {100 * accuracy['agreement']:.1f}%, {accuracy['samples']} images)")
+    print(
+        f"top1 dense {accuracy['dense']['top1']:.2f}% sparse {accuracy['sparse']['top1']:.2f}% "
+        f"(agreement {100 * accuracy['agreement']:.1f}%, {accuracy['samples']} images)"
+    )
     if "int8" in accuracy:
         int8 = accuracy["int8"]
-        print(f"INT8 Q/DQ through ONNX Runtime: dense {int8['dense_top1']:.2f}% sparse {int8['sparse_top1']:.2f}% "
-              f"(sparse vs FP32 dense: drop {int8['sparse_drop_vs_fp32_dense']:.2f} pt)")
+        print(
+            f"INT8 Q/DQ through ONNX Runtime: dense {int8['dense_top1']:.2f}% sparse {int8['sparse_top1']:.2f}% "
+            f"(sparse vs FP32 dense: drop {int8['sparse_drop_vs_fp32_dense']:.2f} pt)"
+        )
     for batch, entry in report["latency"]["by_batch"].items():
-        print(f"batch {batch}: p50 dense {entry['dense']['p50_ms']:.3f} ms, sparse {entry['sparse']['p50_ms']:.3f} ms, "
-              f"speed-up {entry['speedup']['ratio']:.3f}x (IQR {entry['speedup']['iqr'][0]:.3f}-"
-              f"{entry['speedup']['iqr'][1]:.3f})")
+        print(
+            f"batch {batch}: p50 dense {entry['dense']['p50_ms']:.3f} ms, sparse {entry['sparse']['p50_ms']:.3f} ms, "
+            f"speed-up {entry['speedup']['ratio']:.3f}x (IQR {entry['speedup']['iqr'][0]:.3f}-"
+            f"{entry['speedup']['iqr'][1]:.3f})"
+        )
     coverage = report["coverage"]
     masked = coverage["masked_mac_fraction"]
-    print(("masked MACs n/a" if masked is None else f"masked MACs {100 * masked:.1f}%") +
-          (f", in sparse kernels {100 * coverage['sparse_kernel_mac_fraction']:.1f}%"
-           if coverage.get("sparse_kernel_mac_fraction") is not None else ""))
+    print(
+        ("masked MACs n/a" if masked is None else f"masked MACs {100 * masked:.1f}%")
+        + (
+            f", in sparse kernels {100 * coverage['sparse_kernel_mac_fraction']:.1f}%"
+            if coverage.get("sparse_kernel_mac_fraction") is not None
+            else ""
+        )
+    )
     if report.get("layout"):
         print_layout(report["layout"])
     for check in report["gates"]["checks"]:
@@ -61,17 +80,22 @@ def print_layout(layout: dict[str, Any]) -> None:
     for layer in layout["layers"]:
         axis = f" along {layer['axis']}" if layer["axis"] and layer["layout"] != "tensorrt 2:4" else ""
         kept = f", kept weights: {layer['kept']}" if layer["kept"] else ""
-        print(f"layer {layer['name']} ({layer['op']} {layer['weight']} {layer['shape']}): {layer['layout']}{axis}{kept}")
+        print(
+            f"layer {layer['name']} ({layer['op']} {layer['weight']} {layer['shape']}): {layer['layout']}{axis}{kept}"
+        )
     for layer in layout["skipped"]:
         print(f"layer {layer['name']} ({layer['op']}): skipped, {layer['reason']}")
     total = max(layout["total_macs"], 1)
-    print("MACs by layout: " + ", ".join(f"{name} {100 * macs / total:.1f}%"
-                                          for name, macs in layout["macs_by_class"].items() if macs))
+    print(
+        "MACs by layout: "
+        + ", ".join(f"{name} {100 * macs / total:.1f}%" for name, macs in layout["macs_by_class"].items() if macs)
+    )
 
 
 def raise_if_failed(report: dict[str, Any]) -> int:
     failed = [c for c in report["gates"]["checks"] if c["passed"] is False]
     if failed:
-        raise GateFailed("; ".join(f"{c['name']} = {c['value']:.4g}, needs {c['comparison']} {c['threshold']}"
-                                   for c in failed))
+        raise GateFailed(
+            "; ".join(f"{c['name']} = {c['value']:.4g}, needs {c['comparison']} {c['threshold']}" for c in failed)
+        )
     return 0

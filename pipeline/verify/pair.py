@@ -1,4 +1,5 @@
 """The dense/sparse pair verify --dense/--sparse gates, once both files are checked (ONNX graphs or TensorRT plans)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

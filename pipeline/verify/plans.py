@@ -11,6 +11,7 @@ kernel" when its tactic name says sparse (TensorRT names its sparse convolution/
 sparse ONNX (--sparse-onnx) the layout report is added and the picks are mapped to ONNX nodes to give the
 share of MACs that run sparse kernels.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,14 +39,26 @@ def load_plan_pair(dense: Path, sparse: Path, options) -> Any:
     runners = {"dense": backend.load(dense, None), "sparse": backend.load(sparse, None)}
     shapes = {variant: list(runner.sample_shape) for variant, runner in runners.items()}
     if shapes["dense"] != shapes["sparse"]:
-        raise PipelineError(f"inputs differ: {dense} takes [N, {shapes['dense']}], {sparse} takes "
-                            f"[N, {shapes['sparse']}]; build both plans from models with the same input")
+        raise PipelineError(
+            f"inputs differ: {dense} takes [N, {shapes['dense']}], {sparse} takes "
+            f"[N, {shapes['sparse']}]; build both plans from models with the same input"
+        )
     classes = {variant: _classes(runner) for variant, runner in runners.items()}
     if classes["dense"] != classes["sparse"]:
-        raise PipelineError(f"outputs differ: {dense} has {classes['dense']} classes, {sparse} has "
-                            f"{classes['sparse']}; build both plans from the same classifier")
-    return Pair("tensorrt plan", dense, sparse, shapes["sparse"], classes["sparse"], layout, runners,
-                plan_layers(runners["sparse"], layout))
+        raise PipelineError(
+            f"outputs differ: {dense} has {classes['dense']} classes, {sparse} has "
+            f"{classes['sparse']}; build both plans from the same classifier"
+        )
+    return Pair(
+        "tensorrt plan",
+        dense,
+        sparse,
+        shapes["sparse"],
+        classes["sparse"],
+        layout,
+        runners,
+        plan_layers(runners["sparse"], layout),
+    )
 
 
 def _classes(runner) -> int:
@@ -63,17 +76,35 @@ def plan_layers(runner, layout: layouts.LayoutReport | None) -> dict[str, Any]:
 
     inspector = runner.engine.create_engine_inspector()
     layers = parse_inspector_json(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-    entries = [{"trt_layer": layer.name, "layer_type": layer.layer_type, "tactic": layer.tactic,
-                "has_sparse_weights": layer.has_sparse_weights, "sparse_tactic": "sparse" in layer.tactic.lower(),
-                "onnx_nodes": layer.onnx_nodes} for layer in layers if not layer.is_reformat]
+    entries = [
+        {
+            "trt_layer": layer.name,
+            "layer_type": layer.layer_type,
+            "tactic": layer.tactic,
+            "has_sparse_weights": layer.has_sparse_weights,
+            "sparse_tactic": "sparse" in layer.tactic.lower(),
+            "onnx_nodes": layer.onnx_nodes,
+        }
+        for layer in layers
+        if not layer.is_reformat
+    ]
     if not any(entry["tactic"] for entry in entries):
-        return {"layers": entries, "sparse_kernel_mac_fraction": None,
-                "note": "the plan was built without ProfilingVerbosity.DETAILED: its inspector names no tactics, so "
-                        "which layers run sparse kernels is not known (rebuild with detailed profiling verbosity)"}
+        return {
+            "layers": entries,
+            "sparse_kernel_mac_fraction": None,
+            "note": "the plan was built without ProfilingVerbosity.DETAILED: its inspector names no tactics, so "
+            "which layers run sparse kernels is not known (rebuild with detailed profiling verbosity)",
+        }
     picked = {node for entry in entries if entry["sparse_tactic"] for node in entry["onnx_nodes"]}
     if layout is None:
-        return {"layers": entries, "sparse_kernel_mac_fraction": None,
-                "note": "pass --sparse-onnx to map the plan's sparse tactics to layers and MACs"}
+        return {
+            "layers": entries,
+            "sparse_kernel_mac_fraction": None,
+            "note": "pass --sparse-onnx to map the plan's sparse tactics to layers and MACs",
+        }
     share = layout.share(lambda layer: layer.name in picked)
-    return {"layers": entries, "sparse_kernel_mac_fraction": share,
-            "note": "from the engine inspector: layers whose tactic name says sparse, mapped to ONNX nodes"}
+    return {
+        "layers": entries,
+        "sparse_kernel_mac_fraction": share,
+        "note": "from the engine inspector: layers whose tactic name says sparse, mapped to ONNX nodes",
+    }

@@ -3,6 +3,7 @@
 The JSON schema of report.json is documented in docs/export-build-verify.md; `VerificationReport` is how
 other stages (package) read it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ class VerificationReport:
     content: dict[str, Any] = field(default_factory=dict)  # the whole report (schema SCHEMA)
 
     @classmethod
-    def from_content(cls, path: Path, content: dict[str, Any]) -> "VerificationReport":
+    def from_content(cls, path: Path, content: dict[str, Any]) -> VerificationReport:
         missing = [key for key in REQUIRED if key not in content]
         if missing:
             raise PipelineError(f"verification report for {path} lacks {', '.join(missing)} (a bug in verify)")
@@ -42,7 +43,7 @@ class VerificationReport:
         write_json(self.path, {"schema": SCHEMA, **self.content})
 
     @classmethod
-    def load(cls, path: Path) -> "VerificationReport":
+    def load(cls, path: Path) -> VerificationReport:
         path = Path(path)
         if not path.exists():  # verify did not run: package says "not verified" (or refuses with --require-verified)
             return cls(path, None)
@@ -56,8 +57,9 @@ class VerificationReport:
         if not isinstance(engines, dict):
             raise PipelineError(f"{path} is not a verify report (engine_sha256 is not a table); {fix}")
         if not isinstance(passed, bool) or not all(isinstance(value, str) for value in engines.values()):
-            raise PipelineError(f"{path} is not a verify report (no verdict, or engine hashes of the wrong type); "
-                                f"{fix}")
+            raise PipelineError(
+                f"{path} is not a verify report (no verdict, or engine hashes of the wrong type); {fix}"
+            )
         return cls(path, passed, engines, report)
 
     @property
@@ -69,16 +71,25 @@ class VerificationReport:
         """Refuse a verdict about other engines than the ones build.json lists now (verify is out of date)."""
         for variant, sha256 in self.engine_sha256.items():
             if build.engines.get(variant, {}).get("sha256") != sha256:
-                raise PipelineError(f"{self.path} verified another {variant} engine than build.json lists (the "
-                                    f"engines were rebuilt since); re-run `python -m pipeline verify --model {model}`")
+                raise PipelineError(
+                    f"{self.path} verified another {variant} engine than build.json lists (the "
+                    f"engines were rebuilt since); re-run `python -m pipeline verify --model {model}`"
+                )
 
 
 def latency_stats(times_ms: list[float], batch: int) -> dict[str, float]:
     values = np.asarray(times_ms, dtype=np.float64)
     mean = float(values.mean())
-    return {"batch": batch, "iterations": int(values.size), "p50_ms": float(np.percentile(values, 50)),
-            "p90_ms": float(np.percentile(values, 90)), "p99_ms": float(np.percentile(values, 99)),
-            "mean_ms": mean, "min_ms": float(values.min()), "images_per_s": batch * 1e3 / mean}
+    return {
+        "batch": batch,
+        "iterations": int(values.size),
+        "p50_ms": float(np.percentile(values, 50)),
+        "p90_ms": float(np.percentile(values, 90)),
+        "p99_ms": float(np.percentile(values, 99)),
+        "mean_ms": mean,
+        "min_ms": float(values.min()),
+        "images_per_s": batch * 1e3 / mean,
+    }
 
 
 def speedup_stats(dense_rounds: list[list[float]], sparse_rounds: list[list[float]], seed: int = 0) -> dict[str, Any]:
@@ -92,11 +103,16 @@ def speedup_stats(dense_rounds: list[list[float]], sparse_rounds: list[list[floa
     p50_ratio = float(np.median(np.concatenate(dense_rounds)) / np.median(np.concatenate(sparse_rounds)))
     rng = np.random.default_rng(seed)
     boot = np.median(rng.choice(ratios, size=(1000, ratios.size), replace=True), axis=1)
-    return {"ratio": float(np.median(ratios)), "p50_ratio": p50_ratio, "rounds": int(ratios.size),
-            "round_ratios": [float(r) for r in ratios],
-            "iqr": [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))],
-            "bootstrap_95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-            "min": float(ratios.min()), "max": float(ratios.max())}
+    return {
+        "ratio": float(np.median(ratios)),
+        "p50_ratio": p50_ratio,
+        "rounds": int(ratios.size),
+        "round_ratios": [float(r) for r in ratios],
+        "iqr": [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))],
+        "bootstrap_95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "min": float(ratios.min()),
+        "max": float(ratios.max()),
+    }
 
 
 # --------------------------------------------------------------------------- markdown
@@ -114,67 +130,101 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def _header(report: dict[str, Any]) -> list[str]:
-    lines = [f"# Verification report: {report['model']}", "",
-             f"Backend **{report['backend']}** ({report['backend_reason']}).", ""]
+    lines = [
+        f"# Verification report: {report['model']}",
+        "",
+        f"Backend **{report['backend']}** ({report['backend_reason']}).",
+        "",
+    ]
     if report.get("inputs"):
         lines += [f"Dense model `{report['inputs']['dense']}`, sparse model `{report['inputs']['sparse']}`.", ""]
     if not report["has_sparse_kernels"]:
-        lines += [f"> **{report['backend']} has no sparse kernels.** The engines here verify correctness and "
-                  "accuracy; the speed-up below is measured but says nothing about 2:4 sparse kernels.", ""]
+        lines += [
+            f"> **{report['backend']} has no sparse kernels.** The engines here verify correctness and "
+            "accuracy; the speed-up below is measured but says nothing about 2:4 sparse kernels.",
+            "",
+        ]
     return lines
 
 
 def _accuracy(report: dict[str, Any]) -> list[str]:
     acc, data = report["accuracy"], report["data"]
-    return ["## Accuracy (through the engines)", "",
-            f"Data: {data['description']}, {data['samples']} images"
-            + ("" if data["accuracy_meaningful"] else " — **accuracy means nothing on this data**"), "",
-            "| engine | top-1 % | top-5 % |", "|---|---|---|",
-            f"| dense | {_fmt(acc['dense']['top1'])} | {_fmt(acc['dense']['top5'])} |",
-            f"| sparse | {_fmt(acc['sparse']['top1'])} | {_fmt(acc['sparse']['top5'])} |", "",
-            f"Top-1 drop {_fmt(acc['top1_drop'])} pt; dense/sparse prediction agreement "
-            f"{_fmt(acc['agreement'] * 100)} %; largest logit difference {_fmt(acc.get('max_abs_logit_diff'), 4)}.", ""]
+    return [
+        "## Accuracy (through the engines)",
+        "",
+        f"Data: {data['description']}, {data['samples']} images"
+        + ("" if data["accuracy_meaningful"] else " — **accuracy means nothing on this data**"),
+        "",
+        "| engine | top-1 % | top-5 % |",
+        "|---|---|---|",
+        f"| dense | {_fmt(acc['dense']['top1'])} | {_fmt(acc['dense']['top5'])} |",
+        f"| sparse | {_fmt(acc['sparse']['top1'])} | {_fmt(acc['sparse']['top5'])} |",
+        "",
+        f"Top-1 drop {_fmt(acc['top1_drop'])} pt; dense/sparse prediction agreement "
+        f"{_fmt(acc['agreement'] * 100)} %; largest logit difference {_fmt(acc.get('max_abs_logit_diff'), 4)}.",
+        "",
+    ]
 
 
 def _int8(report: dict[str, Any]) -> list[str]:
     int8 = report["accuracy"].get("int8")
     if not int8:
         return []
-    return ["INT8 Q/DQ graphs through ONNX Runtime (CPU), same images:", "",
-            "| graph | top-1 % |", "|---|---|",
-            f"| {int8['dense_graph']} | {_fmt(int8['dense_top1'])} |",
-            f"| {int8['sparse_graph']} | {_fmt(int8['sparse_top1'])} |", "",
-            f"INT8 sparse vs FP32 dense engine: drop {_fmt(int8['sparse_drop_vs_fp32_dense'])} pt.", ""]
+    return [
+        "INT8 Q/DQ graphs through ONNX Runtime (CPU), same images:",
+        "",
+        "| graph | top-1 % |",
+        "|---|---|",
+        f"| {int8['dense_graph']} | {_fmt(int8['dense_top1'])} |",
+        f"| {int8['sparse_graph']} | {_fmt(int8['sparse_top1'])} |",
+        "",
+        f"INT8 sparse vs FP32 dense engine: drop {_fmt(int8['sparse_drop_vs_fp32_dense'])} pt.",
+        "",
+    ]
 
 
 def _latency(report: dict[str, Any]) -> list[str]:
     lat = report["latency"]
-    lines = ["## Latency (dense and sparse interleaved in the same run)", "",
-             "| batch | engine | p50 ms | p90 ms | p99 ms | images/s | speed-up (paired) | per-round IQR |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Latency (dense and sparse interleaved in the same run)",
+        "",
+        "| batch | engine | p50 ms | p90 ms | p99 ms | images/s | speed-up (paired) | per-round IQR |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for batch, entry in lat["by_batch"].items():
         speed = entry["speedup"]
         for variant in ("dense", "sparse"):
             stats = entry[variant]
-            extra = (f"{speed['ratio']:.3f}x | {speed['iqr'][0]:.3f}-{speed['iqr'][1]:.3f}" if variant == "sparse"
-                     else " | ")
-            lines.append(f"| {batch} | {variant} | {stats['p50_ms']:.3f} | {stats['p90_ms']:.3f} | "
-                         f"{stats['p99_ms']:.3f} | {stats['images_per_s']:.1f} | {extra} |")
+            extra = (
+                f"{speed['ratio']:.3f}x | {speed['iqr'][0]:.3f}-{speed['iqr'][1]:.3f}" if variant == "sparse" else " | "
+            )
+            lines.append(
+                f"| {batch} | {variant} | {stats['p50_ms']:.3f} | {stats['p90_ms']:.3f} | "
+                f"{stats['p99_ms']:.3f} | {stats['images_per_s']:.1f} | {extra} |"
+            )
     spread = lat["speedup_spread"]["bootstrap_95"]
-    return lines + ["", f"Speed-up at the serving batch ({lat['serving_batch']}): **{report['speedup']:.3f}x** "
-                        f"(bootstrap 95% of the per-round median: {spread[0]:.3f}-{spread[1]:.3f}).", ""]
+    return lines + [
+        "",
+        f"Speed-up at the serving batch ({lat['serving_batch']}): **{report['speedup']:.3f}x** "
+        f"(bootstrap 95% of the per-round median: {spread[0]:.3f}-{spread[1]:.3f}).",
+        "",
+    ]
 
 
 def _coverage(report: dict[str, Any]) -> list[str]:
     cov = report["coverage"]
     kernels = cov["sparse_kernel_mac_fraction"]
     masked = cov["masked_mac_fraction"]
-    lines = ["## Coverage", "",
-             f"Masked layers: {cov['masked_layers']} of {cov['masked_layers'] + cov['skipped_layers']}, "
-             f"holding {_fmt(None if masked is None else masked * 100)} % of the MACs.",
-             f"Masked layers whose exported ONNX weights passed the N:M check: {cov['exported_nm_layers']}.",
-             "Share of MACs in layers that picked sparse kernels: " +
-             (f"{_fmt(kernels * 100)} %" if kernels is not None else f"n/a ({cov['sparse_kernel_note']})"), ""]
+    lines = [
+        "## Coverage",
+        "",
+        f"Masked layers: {cov['masked_layers']} of {cov['masked_layers'] + cov['skipped_layers']}, "
+        f"holding {_fmt(None if masked is None else masked * 100)} % of the MACs.",
+        f"Masked layers whose exported ONNX weights passed the N:M check: {cov['exported_nm_layers']}.",
+        "Share of MACs in layers that picked sparse kernels: "
+        + (f"{_fmt(kernels * 100)} %" if kernels is not None else f"n/a ({cov['sparse_kernel_note']})"),
+        "",
+    ]
     skipped = [layer for layer in cov["layers"] if not layer["masked"]]
     if skipped and not report.get("layout"):
         lines += ["Skipped layers:", ""] + [f"- `{layer['name']}`: {layer['reason']}" for layer in skipped] + [""]
@@ -186,16 +236,28 @@ def _layout(report: dict[str, Any]) -> list[str]:
     if not layout:
         return []
     total = max(layout["total_macs"], 1)
-    lines = ["## 2:4 layout of the sparse model (per layer)", "", f"Rule: {layout['rule']}.", "",
-             "| class | MACs % |", "|---|---|"]
+    lines = [
+        "## 2:4 layout of the sparse model (per layer)",
+        "",
+        f"Rule: {layout['rule']}.",
+        "",
+        "| class | MACs % |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {100 * macs / total:.1f} |" for name, macs in layout["macs_by_class"].items()]
-    lines += ["", f"Accelerable (tensorrt 2:4): **{100 * layout['accelerable_mac_fraction']:.1f} %** of the MACs.", "",
-              "| layer | weight | op | shape | MACs % | layout | axis | kept weights | note |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Accelerable (tensorrt 2:4): **{100 * layout['accelerable_mac_fraction']:.1f} %** of the MACs.",
+        "",
+        "| layer | weight | op | shape | MACs % | layout | axis | kept weights | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for layer in layout["layers"]:
-        lines.append(f"| `{layer['name']}` | `{layer['weight']}` | {layer['op']} | {layer['shape']} | "
-                     f"{100 * layer['macs'] / total:.2f} | "
-                     f"{layer['layout']} | {layer['axis']} | {layer['kept']} | {layer['note']} |")
+        lines.append(
+            f"| `{layer['name']}` | `{layer['weight']}` | {layer['op']} | {layer['shape']} | "
+            f"{100 * layer['macs'] / total:.2f} | "
+            f"{layer['layout']} | {layer['axis']} | {layer['kept']} | {layer['note']} |"
+        )
     lines += [""] + [f"- skipped `{layer['name']}` ({layer['op']}): {layer['reason']}" for layer in layout["skipped"]]
     return lines + [""]
 
@@ -205,8 +267,12 @@ def _layer_times(report: dict[str, Any]) -> list[str]:
     if not (times.get("dense") and times.get("sparse")):
         return []
     slowest = sorted(times["dense"].items(), key=lambda item: -item[1])[:10]
-    lines = [f"Slowest nodes of the dense engine (backend profiler, batch {report['latency']['serving_batch']}):",
-             "", "| node | dense ms | sparse ms |", "|---|---|---|"]
+    lines = [
+        f"Slowest nodes of the dense engine (backend profiler, batch {report['latency']['serving_batch']}):",
+        "",
+        "| node | dense ms | sparse ms |",
+        "|---|---|---|",
+    ]
     return lines + [f"| `{node}` | {ms:.3f} | {_fmt(times['sparse'].get(node), 3)} |" for node, ms in slowest] + [""]
 
 
@@ -215,8 +281,9 @@ def _gates(report: dict[str, Any]) -> list[str]:
     lines = ["## Gates", "", "| gate | value | threshold | result |", "|---|---|---|---|"]
     for gate in gates["checks"]:
         result = "pass" if gate["passed"] else ("skipped: " + gate["skipped"] if gate["passed"] is None else "FAIL")
-        lines.append(f"| {gate['name']} | {_fmt(gate['value'], 3)} | {gate['comparison']} {gate['threshold']} | "
-                     f"{result} |")
+        lines.append(
+            f"| {gate['name']} | {_fmt(gate['value'], 3)} | {gate['comparison']} {gate['threshold']} | {result} |"
+        )
     return lines + ["", f"**{'PASSED' if gates['passed'] else 'FAILED'}**", ""]
 
 
@@ -295,8 +362,13 @@ def plot_coverage(layers: list[dict[str, Any]], path: Path, title: str) -> None:
 def plot_layout(layers: list[dict[str, Any]], path: Path, title: str) -> None:
     """MACs per Conv/Gemm/MatMul of the sparse model, coloured by its 2:4 layout class."""
     plt = _pyplot()
-    colours = {"tensorrt 2:4": "tab:green", "2:4 in another layout": "tab:red", "dense": "tab:grey",
-               "grouped/depthwise (never sparse)": "tab:purple", "too small to matter": "tab:olive"}
+    colours = {
+        "tensorrt 2:4": "tab:green",
+        "2:4 in another layout": "tab:red",
+        "dense": "tab:grey",
+        "grouped/depthwise (never sparse)": "tab:purple",
+        "too small to matter": "tab:olive",
+    }
     fig, ax = plt.subplots(figsize=(7.0, max(3.0, 0.18 * len(layers) + 1.0)))
     for index, layer in enumerate(layers):
         ax.barh(index, layer["macs"] / 1e6, color=colours.get(layer["layout"], "black"))
@@ -315,12 +387,14 @@ def junit_xml(report: dict[str, Any]) -> str:
     failures = sum(1 for gate in checks if gate["passed"] is False)
     skipped = sum(1 for gate in checks if gate["passed"] is None)
     suite = f"verify.{report['model']}"
-    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
-             f'<testsuites><testsuite name={quoteattr(suite)} tests="{len(checks)}" failures="{failures}" '
-             f'errors="0" skipped="{skipped}">']
+    lines = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        f'<testsuites><testsuite name={quoteattr(suite)} tests="{len(checks)}" failures="{failures}" '
+        f'errors="0" skipped="{skipped}">',
+    ]
     for gate in checks:
         message = f"{gate['name']} = {_fmt(gate['value'], 4)} (needs {gate['comparison']} {gate['threshold']})"
-        lines.append(f'  <testcase classname={quoteattr(suite)} name={quoteattr(gate["name"])}>')
+        lines.append(f"  <testcase classname={quoteattr(suite)} name={quoteattr(gate['name'])}>")
         if gate["passed"] is False:
             lines.append(f"    <failure message={quoteattr(message)}/>")
         elif gate["passed"] is None:

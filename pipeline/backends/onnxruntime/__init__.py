@@ -5,6 +5,7 @@ one. This backend verifies correctness and accuracy of the engines, never a spee
 The "engine" is the graph after ONNX Runtime's offline optimisations (extended level,
 portable across machines), plus a metadata JSON next to it.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,10 @@ def _session_options(level: str = "all", profile_prefix: str | None = None):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.graph_optimization_level = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+    options.graph_optimization_level = {
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
     # Dense and sparse sessions alternate during timing: a spinning thread pool of one would steal
     # cores from the other, so pools sleep when idle.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -51,8 +54,10 @@ def _session(path: Path, options, providers: list[str]):
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for damaged or foreign files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise PipelineError(f"ONNX Runtime cannot load {path} ({first[:200]}); the file is damaged or not ONNX — "
-                            "re-run export and build") from None
+        raise PipelineError(
+            f"ONNX Runtime cannot load {path} ({first[:200]}); the file is damaged or not ONNX — "
+            "re-run export and build"
+        ) from None
 
 
 class OrtRunner:
@@ -140,13 +145,23 @@ class OnnxRuntimeBackend:
             if not tmp.stat().st_size:
                 raise PipelineError(f"ONNX Runtime wrote no optimised graph for {onnx_path}")
         metadata: dict[str, Any] = {
-            "backend": self.name, "onnxruntime": ort.__version__, "providers": providers,
-            "precision": _graph_precision(onnx_path), "variant": variant, "sparse_graph": sparse,
-            "batch_range": [recipe.build.min_batch, recipe.build.max_batch], "opt_batch": recipe.build.opt_batch,
+            "backend": self.name,
+            "onnxruntime": ort.__version__,
+            "providers": providers,
+            "precision": _graph_precision(onnx_path),
+            "variant": variant,
+            "sparse_graph": sparse,
+            "batch_range": [recipe.build.min_batch, recipe.build.max_batch],
+            "opt_batch": recipe.build.opt_batch,
             "graph_optimization": "ORT_ENABLE_EXTENDED (saved), ORT_ENABLE_ALL at load",
-            "onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path),
-            "engine": str(engine_path), "sha256": sha256_file(engine_path), "bytes": engine_path.stat().st_size,
-            "build_seconds": round(time.time() - started, 3), "sparse_kernels": False, "note": NO_SPARSE_KERNELS,
+            "onnx": str(onnx_path),
+            "onnx_sha256": sha256_file(onnx_path),
+            "engine": str(engine_path),
+            "sha256": sha256_file(engine_path),
+            "bytes": engine_path.stat().st_size,
+            "build_seconds": round(time.time() - started, 3),
+            "sparse_kernels": False,
+            "note": NO_SPARSE_KERNELS,
         }
         write_json(engine_path.with_suffix(".json"), metadata)
         return BuildResult(engine_path, metadata, {"eligible": [], "picked_sparse": [], "note": NO_SPARSE_KERNELS})
@@ -154,8 +169,9 @@ class OnnxRuntimeBackend:
     def load(self, engine_path: Path, recipe) -> OrtRunner:
         engine_path = Path(engine_path)
         if not engine_path.is_file():
-            raise PipelineError(f"engine {engine_path} does not exist; run `python -m pipeline build "
-                                f"--model {recipe.name}`")
+            raise PipelineError(
+                f"engine {engine_path} does not exist; run `python -m pipeline build --model {recipe.name}`"
+            )
         return OrtRunner(engine_path, _providers())
 
 

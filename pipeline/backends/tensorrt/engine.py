@@ -9,6 +9,7 @@ TensorRT >= 10.0 (docs/tensorrt.md says why not 8.x). No machine of this project
 on a GPU yet: its CPU tests use Polygraphy's real config, network and logger objects and fake only the
 calls that need libnvinfer and a GPU (EngineFromNetwork, SaveEngine, TrtRunner) and TensorRT's enums.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +26,7 @@ from pipeline.backends.tensorrt.info import EngineInfo, engine_path, inspector_p
 from pipeline.backends.tensorrt.parser_support import MIN_VERSION, check_parsable
 from pipeline.backends.tensorrt.sparsity import OnnxNameMap, sparse_layer_report
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, ensure_dir, sha256_file, write_text
+from pipeline.io import atomic_path, ensure_dir, write_text
 
 TIMING_CACHE = "timing.cache"
 # build.hardware_compatibility -> HardwareCompatibilityLevel member (AMPERE_PLUS from 8.6, SAME_COMPUTE_CAPABILITY 10.9)
@@ -46,11 +47,15 @@ def import_tensorrt():
     try:
         import tensorrt as trt
     except Exception as exc:  # ImportError, or a broken CUDA install raising OSError
-        raise PipelineError(f"TensorRT is not installed here (import tensorrt: {type(exc).__name__}: "
-                            f"{str(exc)[:100]}); on a machine with an NVIDIA GPU: pip install tensorrt-cu12") from None
+        raise PipelineError(
+            f"TensorRT is not installed here (import tensorrt: {type(exc).__name__}: "
+            f"{str(exc)[:100]}); on a machine with an NVIDIA GPU: pip install tensorrt-cu12"
+        ) from None
     if trt_version(trt) < MIN_VERSION:
-        raise PipelineError(f"tensorrt {getattr(trt, '__version__', '?')} is too old; this pipeline needs TensorRT >= "
-                            f"{MIN_VERSION[0]}.{MIN_VERSION[1]} (pip install 'tensorrt-cu12>=10'; docs/tensorrt.md)")
+        raise PipelineError(
+            f"tensorrt {getattr(trt, '__version__', '?')} is too old; this pipeline needs TensorRT >= "
+            f"{MIN_VERSION[0]}.{MIN_VERSION[1]} (pip install 'tensorrt-cu12>=10'; docs/tensorrt.md)"
+        )
     return trt
 
 
@@ -97,12 +102,16 @@ def onnx_input(onnx_path: Path, recipe) -> tuple[str, list[int]]:
         raise PipelineError(f"{onnx_path} has {len(inputs)} inputs; this pipeline builds single-input models")
     dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inputs[0].type.tensor_type.shape.dim]
     if len(dims) != 1 + len(recipe.input_shape):
-        raise PipelineError(f"ONNX input {inputs[0].name!r} has shape {dims}; expected [batch, "
-                            f"{', '.join(map(str, recipe.input_shape))}] for recipe {recipe.name}")
+        raise PipelineError(
+            f"ONNX input {inputs[0].name!r} has shape {dims}; expected [batch, "
+            f"{', '.join(map(str, recipe.input_shape))}] for recipe {recipe.name}"
+        )
     cfg = recipe.build
     if dims[0] > 0 and not cfg.min_batch == cfg.opt_batch == cfg.max_batch == dims[0]:
-        raise PipelineError(f"ONNX input {inputs[0].name!r} has a fixed batch of {dims[0]}; re-export with a dynamic "
-                            f"batch axis to build for batches {cfg.min_batch}..{cfg.max_batch}")
+        raise PipelineError(
+            f"ONNX input {inputs[0].name!r} has a fixed batch of {dims[0]}; re-export with a dynamic "
+            f"batch axis to build for batches {cfg.min_batch}..{cfg.max_batch}"
+        )
     return inputs[0].name, [-1] + [d if d > 0 else r for d, r in zip(dims[1:], recipe.input_shape)]
 
 
@@ -148,9 +157,11 @@ def hardware_level(trt, name: str):
     if member is None:
         return None
     if not hasattr(trt.HardwareCompatibilityLevel, member):
-        raise PipelineError(f"build.hardware_compatibility={name} needs a newer TensorRT than {trt.__version__} "
-                            "(SAME_COMPUTE_CAPABILITY exists from 10.9): upgrade it or set build.hardware_compatibility"
-                            "=ampere_plus or none")
+        raise PipelineError(
+            f"build.hardware_compatibility={name} needs a newer TensorRT than {trt.__version__} "
+            "(SAME_COMPUTE_CAPABILITY exists from 10.9): upgrade it or set build.hardware_compatibility"
+            "=ampere_plus or none"
+        )
     return getattr(trt.HardwareCompatibilityLevel, member)
 
 
@@ -163,12 +174,15 @@ def build_engine(trt, onnx_path: Path, engine_file: Path, recipe, sparse: bool, 
     rest = shape[1:]
     profile = Profile().add(name, min=[cfg.min_batch, *rest], opt=[cfg.opt_batch, *rest], max=[cfg.max_batch, *rest])
     config = CreateConfig(
-        sparse_weights=sparse, profiles=[profile], **precision_flags(cfg.precision, version),
+        sparse_weights=sparse,
+        profiles=[profile],
+        **precision_flags(cfg.precision, version),
         hardware_compatibility_level=hardware_level(trt, cfg.hardware_compatibility),
         tf32=True,  # TensorRT allows TF32 by default; Polygraphy clears it unless asked
         profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(cfg.workspace_mib) << 20},
-        load_timing_cache=str(cache) if cache.is_file() else None)
+        load_timing_cache=str(cache) if cache.is_file() else None,
+    )
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=version >= (11, 0))
     engine = EngineFromNetwork(network, config=config, save_timing_cache=str(cache))()
     with atomic_path(engine_file) as tmp:
@@ -224,20 +238,33 @@ class TensorRTBackend:
                 engine_file.unlink(missing_ok=True)
                 if isinstance(exc, PipelineError):
                     raise
-                raise PipelineError(f"TensorRT could not build the {variant} engine from {onnx_path.name}: "
-                                    f"{errors_in(lines) or exc} (log: {log_file})") from None
+                raise PipelineError(
+                    f"TensorRT could not build the {variant} engine from {onnx_path.name}: "
+                    f"{errors_in(lines) or exc} (log: {log_file})"
+                ) from None
         seconds = time.perf_counter() - start
         write_text(log_file, "\n".join(lines) + "\n")
         write_text(inspector_path(engine_dir, variant), layers_json)
-        report = sparse_layer_report(lines, layers_json, OnnxNameMap.from_onnx(onnx_path),
-                                     quantized=recipe.build.precision == "int8")
-        info = EngineInfo.for_build(recipe, variant, onnx_path, engine_file, str(trt.__version__), gpu_info(),
-                                    sparse=sparse, input_name=onnx_input(onnx_path, recipe)[0],
-                                    strongly_typed=version >= (11, 0), build_seconds=seconds, sparse_layers=report)
+        report = sparse_layer_report(
+            lines, layers_json, OnnxNameMap.from_onnx(onnx_path), quantized=recipe.build.precision == "int8"
+        )
+        info = EngineInfo.for_build(
+            recipe,
+            variant,
+            onnx_path,
+            engine_file,
+            str(trt.__version__),
+            gpu_info(),
+            sparse=sparse,
+            input_name=onnx_input(onnx_path, recipe)[0],
+            strongly_typed=version >= (11, 0),
+            build_seconds=seconds,
+            sparse_layers=report,
+        )
         info.save(engine_file)
         return BuildResult(engine_path=engine_file, metadata=info.to_dict(), sparse_layers=report)
 
-    def load(self, engine_path: Path, recipe) -> "TensorRTRunner":
+    def load(self, engine_path: Path, recipe) -> TensorRTRunner:
         import_tensorrt()
         engine_path = Path(engine_path)
         if not engine_path.is_file():
@@ -266,17 +293,22 @@ class TensorRTRunner:
                 self._runner.activate()
         except Exception:
             said = errors_in(lines) or "no error line"
-            raise PipelineError(f"TensorRT cannot load {engine_path} ({said}); it was built by another TensorRT "
-                                "version or GPU: rebuild it with the build stage") from None
+            raise PipelineError(
+                f"TensorRT cannot load {engine_path} ({said}); it was built by another TensorRT "
+                "version or GPU: rebuild it with the build stage"
+            ) from None
 
     def _feed(self, batch) -> dict[str, Any]:
         shape = list(batch.shape)
         if len(shape) != 1 + len(self.sample_shape) or shape[1:] != list(self.sample_shape):
-            raise PipelineError(f"batch shape {shape} does not match the engine input "
-                                f"[N, {', '.join(map(str, self.sample_shape))}]")
+            raise PipelineError(
+                f"batch shape {shape} does not match the engine input [N, {', '.join(map(str, self.sample_shape))}]"
+            )
         if not self.min_batch <= shape[0] <= self.max_batch:
-            raise PipelineError(f"batch of {shape[0]} is outside the engine's range {self.min_batch}..{self.max_batch}"
-                                "; rebuild with a larger --set build.max_batch")
+            raise PipelineError(
+                f"batch of {shape[0]} is outside the engine's range {self.min_batch}..{self.max_batch}"
+                "; rebuild with a larger --set build.max_batch"
+            )
         return {self.input_name: batch}
 
     def infer(self, batch: np.ndarray) -> np.ndarray:

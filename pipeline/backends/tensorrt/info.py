@@ -4,6 +4,7 @@ Written by the backend's build, read by its runner and by the Triton packaging (
 which cannot open a plan without TensorRT and a GPU: the compute capability, TensorRT version, batch
 range, tensors and hardware compatibility of a plan come from here.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,19 +58,44 @@ class EngineInfo:
     sparse_layers: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def for_build(cls, recipe, variant: str, onnx_path: Path, engine_file: Path, version: str, gpu: dict[str, Any],
-                  sparse: bool, input_name: str, strongly_typed: bool, build_seconds: float,
-                  sparse_layers: dict[str, Any]) -> "EngineInfo":
+    def for_build(
+        cls,
+        recipe,
+        variant: str,
+        onnx_path: Path,
+        engine_file: Path,
+        version: str,
+        gpu: dict[str, Any],
+        sparse: bool,
+        input_name: str,
+        strongly_typed: bool,
+        build_seconds: float,
+        sparse_layers: dict[str, Any],
+    ) -> EngineInfo:
         cfg = recipe.build
-        return cls(backend="tensorrt", variant=variant, tensorrt_version=version, gpu=gpu["gpu"],
-                   compute_capability=gpu["compute_capability"], hardware_compatibility=cfg.hardware_compatibility,
-                   precision=cfg.precision, strongly_typed=strongly_typed, sparse_weights_flag=bool(sparse),
-                   batch={"min": cfg.min_batch, "opt": cfg.opt_batch, "max": cfg.max_batch},
-                   input_name=input_name, output_name=recipe.export.output_name,
-                   input_shape=[-1, *recipe.input_shape], engine=engine_file.name,
-                   engine_sha256=sha256_file(engine_file), onnx=str(onnx_path), onnx_sha256=sha256_file(onnx_path),
-                   build_seconds=round(build_seconds, 3), build_log=f"{variant}.trt.log",
-                   inspector_json=f"{variant}.layers.json", sparse_layers=sparse_layers)
+        return cls(
+            backend="tensorrt",
+            variant=variant,
+            tensorrt_version=version,
+            gpu=gpu["gpu"],
+            compute_capability=gpu["compute_capability"],
+            hardware_compatibility=cfg.hardware_compatibility,
+            precision=cfg.precision,
+            strongly_typed=strongly_typed,
+            sparse_weights_flag=bool(sparse),
+            batch={"min": cfg.min_batch, "opt": cfg.opt_batch, "max": cfg.max_batch},
+            input_name=input_name,
+            output_name=recipe.export.output_name,
+            input_shape=[-1, *recipe.input_shape],
+            engine=engine_file.name,
+            engine_sha256=sha256_file(engine_file),
+            onnx=str(onnx_path),
+            onnx_sha256=sha256_file(onnx_path),
+            build_seconds=round(build_seconds, 3),
+            build_log=f"{variant}.trt.log",
+            inspector_json=f"{variant}.layers.json",
+            sparse_layers=sparse_layers,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,20 +104,23 @@ class EngineInfo:
         write_json(sidecar_path(engine_file), self.to_dict())
 
     @classmethod
-    def from_dict(cls, data: Any, where: str) -> "EngineInfo":
+    def from_dict(cls, data: Any, where: str) -> EngineInfo:
         names = {f.name for f in fields(cls)}
         missing = sorted(n for n in names if n != "sparse_layers" and not (isinstance(data, dict) and n in data))
         if missing:
-            raise PipelineError(f"{where} is not a TensorRT engine sidecar (missing {', '.join(missing)}); rebuild the "
-                                "engine with the build stage")
+            raise PipelineError(
+                f"{where} is not a TensorRT engine sidecar (missing {', '.join(missing)}); rebuild the "
+                "engine with the build stage"
+            )
         return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
-    def load(cls, engine_file: Path) -> "EngineInfo":
+    def load(cls, engine_file: Path) -> EngineInfo:
         path = sidecar_path(engine_file)
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PipelineError(f"{path} cannot be read ({type(exc).__name__}); rebuild the engine with the build "
-                                "stage") from None
+            raise PipelineError(
+                f"{path} cannot be read ({type(exc).__name__}); rebuild the engine with the build stage"
+            ) from None
         return cls.from_dict(data, str(path))

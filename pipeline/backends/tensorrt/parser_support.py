@@ -7,6 +7,7 @@ between releases, not removed; newer pages allow higher opsets, so a graph passi
 passes later parsers too). The check is about what the parser accepts, not about every attribute
 restriction the page lists: TensorRT still names those when it parses.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,10 @@ def table_row(version: tuple[int, int]) -> tuple[str, dict]:
     rows = sorted(_table(), key=_key)
     usable = [row for row in rows if _key(row) <= tuple(version)]
     if not usable:
-        raise PipelineError(f"TensorRT {version[0]}.{version[1]} is older than every row of {TABLE.name} "
-                            f"(oldest {rows[0]}); this pipeline needs TensorRT >= {MIN_VERSION[0]}.{MIN_VERSION[1]}")
+        raise PipelineError(
+            f"TensorRT {version[0]}.{version[1]} is older than every row of {TABLE.name} "
+            f"(oldest {rows[0]}); this pipeline needs TensorRT >= {MIN_VERSION[0]}.{MIN_VERSION[1]}"
+        )
     return usable[-1], _table()[usable[-1]]
 
 
@@ -71,6 +74,8 @@ def check_parsable(onnx_paths: list[Path], version: tuple[int, int], target: str
     for path in onnx_paths:
         problems = parser_problems(path, version)
         if problems:
-            raise PipelineError(f"TensorRT cannot parse {path.name} for {target}: {'; '.join(problems)} (onnx-tensorrt "
-                                f"{row_version} operator table, commit {row['commit'][:12]}); export the model without "
-                                "them, or build with --backend onnxruntime")
+            raise PipelineError(
+                f"TensorRT cannot parse {path.name} for {target}: {'; '.join(problems)} (onnx-tensorrt "
+                f"{row_version} operator table, commit {row['commit'][:12]}); export the model without "
+                "them, or build with --backend onnxruntime"
+            )

@@ -17,13 +17,15 @@ A range names only its first and last node, so layer names are the last resort: 
 Metadata comes first. Reformat layers ("Reformatting CopyNode for Input Tensor 0 to <layer>")
 belong to no module even though their name contains the layer they feed.
 """
+
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 ELIGIBLE_MARKER = "(Sparsity) Layers eligible for sparse math:"
 PICKED_MARKER = "(Sparsity) TRT inference plan picked sparse implementation for layers:"
@@ -65,7 +67,7 @@ def parse_sparsity_log(lines: Iterable[str]) -> dict[str, list[str] | None]:
             if at < 0:
                 continue
             names = found[key] if found[key] is not None else []
-            names.extend(name for name in split_layer_list(line[at + len(marker):]) if name not in names)
+            names.extend(name for name in split_layer_list(line[at + len(marker) :]) if name not in names)
             found[key] = names
     return found
 
@@ -91,8 +93,9 @@ class InspectedLayer:
 
     @property
     def is_reformat(self) -> bool:
-        return (self.layer_type == "Reformat" or self.origin == "REFORMAT"
-                or self.name.startswith("Reformatting CopyNode"))
+        return (
+            self.layer_type == "Reformat" or self.origin == "REFORMAT" or self.name.startswith("Reformatting CopyNode")
+        )
 
 
 def parse_inspector_json(text: str | None) -> list[InspectedLayer]:
@@ -114,10 +117,16 @@ def parse_inspector_json(text: str | None) -> list[InspectedLayer]:
             layers.append(InspectedLayer(name=entry))
         elif isinstance(entry, dict) and "Name" in entry:
             sparse = entry.get("HasSparseWeights")
-            layers.append(InspectedLayer(name=str(entry["Name"]), layer_type=str(entry.get("LayerType", "")),
-                                         tactic=str(entry.get("TacticName", "")),
-                                         metadata=str(entry.get("Metadata", "")), origin=str(entry.get("Origin", "")),
-                                         has_sparse_weights=None if sparse is None else bool(sparse)))
+            layers.append(
+                InspectedLayer(
+                    name=str(entry["Name"]),
+                    layer_type=str(entry.get("LayerType", "")),
+                    tactic=str(entry.get("TacticName", "")),
+                    metadata=str(entry.get("Metadata", "")),
+                    origin=str(entry.get("Origin", "")),
+                    has_sparse_weights=None if sparse is None else bool(sparse),
+                )
+            )
     return layers
 
 
@@ -137,7 +146,7 @@ def module_from_scoped_name(node_name: str) -> str | None:
     last = ""
     for part in parts[:-1]:
         if last and part.startswith(last + "."):
-            path += part[len(last):]
+            path += part[len(last) :]
         else:
             path = f"{path}.{part}" if path else part
         last = part
@@ -155,7 +164,7 @@ class OnnxNameMap:
     nodes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_onnx(cls, onnx_path: Path) -> "OnnxNameMap":
+    def from_onnx(cls, onnx_path: Path) -> OnnxNameMap:
         import onnx
 
         graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -239,27 +248,39 @@ def _per_layer(layers: list[InspectedLayer], names: OnnxNameMap, log: dict) -> l
     for layer in layers:
         mapped = names.modules_of(layer)
         if mapped:
-            rows.append({"trt_layer": layer.name, "modules": mapped, "layer_type": layer.layer_type,
-                         "tactic": layer.tactic, "has_sparse_weights": layer.has_sparse_weights,
-                         "log_eligible": None if log["eligible"] is None else layer.name in log["eligible"],
-                         "picked_sparse": None if log["picked"] is None else layer.name in log["picked"]})
+            rows.append(
+                {
+                    "trt_layer": layer.name,
+                    "modules": mapped,
+                    "layer_type": layer.layer_type,
+                    "tactic": layer.tactic,
+                    "has_sparse_weights": layer.has_sparse_weights,
+                    "log_eligible": None if log["eligible"] is None else layer.name in log["eligible"],
+                    "picked_sparse": None if log["picked"] is None else layer.name in log["picked"],
+                }
+            )
     return rows
 
 
 def _notes(per_layer: list[dict[str, Any]], picked: list[str] | None, quantized: bool) -> list[str]:
     if picked is None:
-        return ["TensorRT printed no '(Sparsity) ... picked sparse implementation' line (only some versions print "
-                "it, at INFO), so which layers run sparse kernels is not known; each layer's tactic is listed under "
-                "'layers'"]
+        return [
+            "TensorRT printed no '(Sparsity) ... picked sparse implementation' line (only some versions print "
+            "it, at INFO), so which layers run sparse kernels is not known; each layer's tactic is listed under "
+            "'layers'"
+        ]
     dense = [row["trt_layer"] for row in per_layer if row["has_sparse_weights"] and not row["picked_sparse"]]
     if quantized and dense:
-        return [f"{len(dense)} Q/DQ layer(s) have 2:4 weights (HasSparseWeights=1) but TensorRT picked dense tactics "
-                f"for them: a known TensorRT behaviour with Q/DQ graphs ({QDQ_SPARSE_ISSUE})"]
+        return [
+            f"{len(dense)} Q/DQ layer(s) have 2:4 weights (HasSparseWeights=1) but TensorRT picked dense tactics "
+            f"for them: a known TensorRT behaviour with Q/DQ graphs ({QDQ_SPARSE_ISSUE})"
+        ]
     return []
 
 
-def sparse_layer_report(log_lines: Iterable[str], inspector_json: str | None, names: OnnxNameMap,
-                        quantized: bool = False) -> dict[str, Any]:
+def sparse_layer_report(
+    log_lines: Iterable[str], inspector_json: str | None, names: OnnxNameMap, quantized: bool = False
+) -> dict[str, Any]:
     """The sparse-layer report of one engine (BuildResult.sparse_layers); see docs/tensorrt.md.
 
     "picked_sparse" is None when TensorRT printed no "picked sparse implementation" line: then which
@@ -274,13 +295,19 @@ def sparse_layer_report(log_lines: Iterable[str], inspector_json: str | None, na
     picked = mapper.modules(log["picked"]) if log["picked"] is not None else None
     per_layer = _per_layer(layers, names, log)
     return {
-        "eligible": eligible, "picked_sparse": picked, "layers": per_layer,
+        "eligible": eligible,
+        "picked_sparse": picked,
+        "layers": per_layer,
         "notes": _notes(per_layer, picked, quantized),
-        "raw": {"source": "builder log" if picked is not None else "none (no '(Sparsity) ... picked' line in the log)",
-                "eligible_source": "builder log" if from_log else "engine inspector HasSparseWeights",
-                "log_eligible": log["eligible"], "log_picked": log["picked"],
-                "inspector_has_sparse_weights": inspector_sparse, "inspector_layers": len(layers),
-                "unmapped": mapper.unmapped},
+        "raw": {
+            "source": "builder log" if picked is not None else "none (no '(Sparsity) ... picked' line in the log)",
+            "eligible_source": "builder log" if from_log else "engine inspector HasSparseWeights",
+            "log_eligible": log["eligible"],
+            "log_picked": log["picked"],
+            "inspector_has_sparse_weights": inspector_sparse,
+            "inspector_layers": len(layers),
+            "unmapped": mapper.unmapped,
+        },
     }
 
 

@@ -4,6 +4,7 @@ Written by `python -m pipeline package` from pipeline/package/python_models/onnx
 rerun package instead of editing it. The requests the dynamic batcher hands over in one
 call are concatenated into one ONNX Runtime run and split again.
 """
+
 import json
 from pathlib import Path
 
@@ -30,8 +31,10 @@ class TritonPythonModel:
         start = 0
         for batch in inputs:
             stop = start + batch.shape[0]
-            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(value[start:stop]))
-                       for name, value in zip(self.output_names, outputs)]
+            tensors = [
+                pb_utils.Tensor(name, np.ascontiguousarray(value[start:stop]))
+                for name, value in zip(self.output_names, outputs)
+            ]
             responses.append(pb_utils.InferenceResponse(tensors))
             start = stop
         return responses

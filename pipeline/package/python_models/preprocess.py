@@ -6,6 +6,7 @@ the recipe's evaluation transform: decode, colour mode, resize of the shorter si
 (bilinear, antialiased), centre crop (zero padding when smaller), /255, (x - mean) / std.
 A request whose bytes are not a decodable image gets an error response.
 """
+
 import io
 import json
 from pathlib import Path
