@@ -17,10 +17,10 @@ DATA_STAGES := pretrain train-masks verify compare certify
 # Fashion-MNIST models without DATA= read the Debian package: install it first (or say how, exit 2).
 DATASET := $(if $(DATA),,$(if $(filter fmnist_%,$(MODEL)),dataset))
 
-.PHONY: venv bytecode dataset engine masks updatable bench-train bench-masks gpu-check test test-fast clean serve serve-check serve-env verify-onnx $(STAGES)
+.PHONY: venv bytecode lint dataset engine masks updatable bench-train bench-masks gpu-check test test-fast clean serve serve-check serve-env verify-onnx $(STAGES)
 
 $(STAMP): pyproject.toml
-	$(PYTHON) tools/install-venv.py $(VENV) --extras test
+	$(PYTHON) tools/install-venv.py $(VENV) --extras test,lint
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -103,6 +103,14 @@ $(BYTECODE_STAMP): $(STAMP)
 
 bytecode: $(BYTECODE_STAMP)
 	$(if $(PYTHONDONTWRITEBYTECODE),$(PY) -m compileall -q -j 0 pipeline tests > /dev/null)
+
+# ruff (lint and format check) and mypy (check_untyped_defs on pipeline/), configured in pyproject.toml;
+# .ci/run runs this before the tests. `ruff format` and `ruff check --fix` mend most of what it reports.
+LINTED := pipeline tests tools examples
+lint: $(STAMP)
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
+	$(PY) -m mypy
 
 # the full suite (what CI runs); the server tests (marker `triton`) run on $(TRITON_ENV)
 test: dataset $(STAMP) $(TRITON_STAMP) bytecode
