@@ -50,7 +50,7 @@ bench-train: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) -m pipeline gpu-check --out $(OUT) $(EXTRA)
 
-# time to accuracy of mask training (docs/time-to-accuracy.md): per model one full-budget run, the plateau
+# time to accuracy of mask training (docs/notebook/time-to-accuracy.md): per model one full-budget run, the plateau
 # rule's stop read off it. The demo models are pretrained first (cached once dense.pt exists); other models:
 # `python -m pipeline bench-masks --model M --out OUT` (their weights, --data DIR).
 BENCH_MODELS ?= fmnist_resnet fmnist_resnet18

@@ -53,7 +53,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1/top-5 accuracy (percent) of `model` in its current mode on `dataset`. Batches take the memory format
     of the model's convolutions (channels_last images for a channels_last model: the demo's 10,000 test images
-    6.7-7.7 s in NCHW, 4.2-4.6 s in channels_last on the EPYC, docs/time-to-accuracy.md)."""
+    6.7-7.7 s in NCHW, 4.2-4.6 s in channels_last on the EPYC, docs/notebook/time-to-accuracy.md)."""
     loader = make_loader(dataset, batch_size=batch_size, workers=workers)
     layout = StepSettings(channels_last=has_channels_last_convs(model))
     correct1 = correct5 = total = 0
@@ -109,7 +109,7 @@ def cpu_has_bf16_units(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
     """True on CPUs with bfloat16 arithmetic: AMX bfloat16 tiles (Intel Sapphire Rapids and newer) or
     AVX512-BF16 (AMD Zen 4 and newer, Intel Cooper Lake), where oneDNN's bfloat16 training step beats float32
     (measured on this project's machines, the demo's step: 2.0x on a Xeon with AMX, 1.5x on an EPYC with
-    AVX512-BF16; docs/time-to-accuracy.md). Elsewhere (AVX2 only) bfloat16 autocast falls back to PyTorch's
+    AVX512-BF16; docs/notebook/time-to-accuracy.md). Elsewhere (AVX2 only) bfloat16 autocast falls back to PyTorch's
     reference convolution, 10x slower than float32."""
     try:
         with open(cpuinfo_path, encoding="ascii", errors="replace") as cpuinfo:
@@ -132,7 +132,7 @@ class StepSettings:
     faster: CUDA devices and CPUs with bfloat16 units, AMX or AVX512-BF16 (`bfloat16_is_faster`). Weights, mask
     logits, optimiser state and every evaluation stay float32; autocast only runs the convolutions and matrix
     products in bfloat16. On CPUs the memory format is channels_last in float32 too (oneDNN's preferred layout:
-    the demo's float32 step 17% faster on a 2-core AVX2 EPYC, docs/time-to-accuracy.md). `for_device(device,
+    the demo's float32 step 17% faster on a 2-core AVX2 EPYC, docs/notebook/time-to-accuracy.md). `for_device(device,
     cuda_path=True)` turns both on for any device, so a CPU test runs the code a GPU runs."""
 
     autocast: bool = False

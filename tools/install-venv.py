@@ -5,7 +5,7 @@
 
 Installs with uv (https://docs.astral.sh/uv/, installed from PyPI into the venv first), which unpacks the
 wheels in parallel: on this project's 2-core machines the 5.5 GB CUDA build of torch and the package's
-dependencies install in about 16 s, against about 90 s with pip (docs/time-to-accuracy.md "Set-up").
+dependencies install in about 16 s, against about 90 s with pip (docs/notebook/time-to-accuracy.md "Set-up").
 uv does not read pip's configuration, so the package indexes pip is configured with (`pip config list`:
 index-url, extra-index-url, find-links, constraint, cert, from files or PIP_* variables) are passed to it.
 When uv cannot be installed or fails, it says so and installs with pip as before. `--pip-only` skips uv.

@@ -48,7 +48,7 @@ def loss_terms(loss: str) -> set[str]:
 
 def resolve_loss(cfg: MaskConfig, unlabeled: bool) -> str:
     """The loss a run uses. `auto` is AUTO_LOSS_LABELED with labels and AUTO_LOSS_UNLABELED without
-    (docs/results.md "Harder demo" has the measurements behind both)."""
+    (docs/notebook/results.md "Harder demo" has the measurements behind both)."""
     if unlabeled:
         if cfg.loss == "auto":
             return AUTO_LOSS_UNLABELED

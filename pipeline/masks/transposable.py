@@ -17,7 +17,7 @@ Three solvers for one M x M block, all maximising the kept |w| (= minimising the
   |w| and keep one while its row and column hold fewer than N. A maximal but not always
   complete selection can leave a row and a column one short whose shared entry is already
   kept; `_complete` then fills the deficit with the best exchange (documented in
-  docs/baselines.md), so the result is a full transposable N:M mask.
+  docs/notebook/baselines.md), so the result is a full transposable N:M mask.
 """
 
 from __future__ import annotations

@@ -188,11 +188,11 @@ class MaskConfig:
     # bake: re-estimate BatchNorm statistics of the sparse model on this many training images (changes running
     # statistics, never weights; reported apart); 0 = off
     bn_reestimate_images: int = at_least(0, 0, "0 (off) or a number of training images")
-    # MaskLLM's regulariser: loss -= weight x expected kept share of |w|; 0 = off (docs/results.md "Harder demo": it is
+    # MaskLLM's regulariser: loss -= weight x expected kept share of |w|; 0 = off (docs/notebook/results.md "Harder demo": it is
     # what brings the 1,500-image run within 1 pt)
     kept_magnitude_weight: float = at_least(0, 5.0, "0 (off) or more")
     steps: int = at_least(1, 1000, "at least 1 optimizer step")  # the budget
-    lr: float = above(0, 0.1)  # AdamW on the logits (docs/results.md "Harder demo" has the measurements)
+    lr: float = above(0, 0.1)  # AdamW on the logits (docs/notebook/results.md "Harder demo" has the measurements)
     lr_final: float = within(0, 1, 0.0, "a share of masks.lr in [0, 1]")  # share of lr the cosine decays to
     warmup_share: float = within(0, 1, 0.05, "a share of the budget in [0, 1)", high_open=True)
     weight_decay: float = at_least(0, 0.0, "0 or more")
@@ -222,7 +222,7 @@ class MaskConfig:
     # plateau rule: once validation top-1 has not risen by more than one image for stop_patience evaluations, stop
     # at once if the argmax changed on at most stop_changed of the blocks, else anneal the learning rate and the
     # temperature to their final values over `cooldown` of the budget and stop then; 0 = run all masks.steps
-    # (docs/time-to-accuracy.md has the measurements behind the defaults)
+    # (docs/notebook/time-to-accuracy.md has the measurements behind the defaults)
     stop_patience: int = at_least(0, 3, "0 (run all masks.steps) or more evaluations")
     stop_changed: float = within(0, 1, 0.005, "a share of blocks in [0, 1)", high_open=True)
     cooldown: float = within(
@@ -234,7 +234,7 @@ class MaskConfig:
     )
     # which argmax masks a run returns: final (at its last step, after the cooldown; the best ones seen instead
     # if the final ones score below the prior's on the validation split) or best (the highest validation top-1
-    # of any evaluation; with a 1,000-image split that choice is mostly luck: docs/time-to-accuracy.md)
+    # of any evaluation; with a 1,000-image split that choice is mostly luck: docs/notebook/time-to-accuracy.md)
     keep: str = choice(MASK_SELECTIONS, "final")
     # steps; a checkpoint is also written on SIGTERM
     checkpoint_every: int = at_least(0, 200, "0 (only on SIGTERM) or more steps")

@@ -1,6 +1,6 @@
 """`certify`: share of evaluation samples whose masked prediction is provably the dense one.
 
-Bounds and their (reconstructed) statements: pipeline/verify/certify.py and docs/baselines.md. They are
+Bounds and their (reconstructed) statements: pipeline/verify/certify.py and docs/notebook/baselines.md. They are
 worst-case bounds: a sample that is not certified may well keep its prediction; the report
 gives the measured share of unchanged predictions next to the certified shares.
 """
@@ -91,7 +91,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         "data": data.description,
         "accuracy_meaningful": data.accuracy_meaningful,
         **report,
-        "note": "worst-case Lipschitz bounds (reconstructed statements, see docs/baselines.md): a sample that "
+        "note": "worst-case Lipschitz bounds (reconstructed statements, see docs/notebook/baselines.md): a sample that "
         "is not certified may still keep its prediction",
     }
     write_json(paths.certify_json, summary)
@@ -145,6 +145,6 @@ def _markdown(summary: dict) -> str:
     lines += [
         "",
         "A sample is certified when its logit margin exceeds sqrt(2) x the bound. The bounds are worst case "
-        "(they hold for every input), hence far above the measured change; see docs/baselines.md.",
+        "(they hold for every input), hence far above the measured change; see docs/notebook/baselines.md.",
     ]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 """`compare`: every mask method against the dense model on the recipe's evaluation set, weights frozen.
 
 Writes engines/<model>/compare.json, compare.md, compare.png and compare/masks.<method>.pt
-(pipeline/compare/ does the work; docs/baselines.md explains the methods).
+(pipeline/compare/ does the work; docs/notebook/baselines.md explains the methods).
 """
 
 from __future__ import annotations

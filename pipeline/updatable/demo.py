@@ -219,7 +219,7 @@ def updatable_markdown(summary: dict) -> str:
         up = cert["updated"]
         lines += [
             "",
-            f"Certified stable on the updated model (worst-case bounds, docs/baselines.md): "
+            f"Certified stable on the updated model (worst-case bounds, docs/notebook/baselines.md): "
             f"Lemma 3.4 {100 * up['lemma_3_4']['certified_share']:.1f}%, Lemma 3.6 (reuse) "
             f"{100 * up['lemma_3_6']['certified_share']:.1f}% of samples; predictions actually unchanged "
             f"by the masks: {100 * up['prediction_unchanged_share']:.1f}%.",
