@@ -25,7 +25,8 @@ and `input_hessians` is shared with `adaprune`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sized
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ CALIBRATION_IMAGES = 256
 CALIBRATION_BATCH = 32
 HESSIAN_DAMPING = 0.01  # share of the mean diagonal added to H (SparseGPT's default)
 
+ConvOrLinear = nn.Conv2d | nn.Linear  # the layers these rules score
+
 
 def calibration_batches(
     dataset: Dataset, images: int = CALIBRATION_IMAGES, batch_size: int = CALIBRATION_BATCH, seed: int = 0
@@ -46,16 +49,17 @@ def calibration_batches(
     """A seeded random subset of `dataset` (the training images), as a list of image batches."""
     from pipeline.data.datasets import make_loader
 
-    if len(dataset) == 0:
+    size = len(cast(Sized, dataset))
+    if size == 0:
         raise PipelineError("calibration needs training images, but the training set is empty")
-    count = min(images, len(dataset))
-    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    count = min(images, size)
+    chosen = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count].sort().values
     return [batch[0] for batch in make_loader(Subset(dataset, chosen.tolist()), batch_size=batch_size)]
 
 
-def _conv_linear_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+def _conv_linear_modules(model: nn.Module, names: Iterable[str]) -> dict[str, ConvOrLinear]:
     modules = dict(model.named_modules())
-    found = {}
+    found: dict[str, ConvOrLinear] = {}
     for name in names:
         module = modules.get(name)
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -66,20 +70,20 @@ def _conv_linear_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn
 
 def run_with_input_hooks(
     model: nn.Module,
-    modules: dict[str, nn.Module],
+    modules: Mapping[str, ConvOrLinear],
     batches: list[torch.Tensor],
     device: torch.device,
-    update: Callable[[str, nn.Module, torch.Tensor], None],
+    update: Callable[[str, ConvOrLinear, torch.Tensor], None],
 ) -> None:
     """Run the frozen model (eval, no grad) on `batches`, calling update(name, module, input) per masked layer."""
 
-    def hook_for(name: str):
-        def hook(module: nn.Module, inputs) -> None:
-            update(name, module, inputs[0].detach())
+    def hook_for(name: str, layer: ConvOrLinear):
+        def hook(module: nn.Module, inputs) -> None:  # module is `layer`, which the hook is registered on
+            update(name, layer, inputs[0].detach())
 
         return hook
 
-    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
+    handles = [module.register_forward_pre_hook(hook_for(name, module)) for name, module in modules.items()]
     was_training = model.training
     model.eval()
     try:
@@ -92,12 +96,17 @@ def run_with_input_hooks(
             handle.remove()
 
 
-def unfolded_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def unfolded_rows(module: ConvOrLinear, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as rows of its weight's input axis: [samples, C*R*S] (conv, im2col) or [samples, in]."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
     if module.groups != 1:
         raise PipelineError(f"grouped conv (groups={module.groups}) has no single input Hessian")
+    if isinstance(module.padding, str):  # F.unfold takes only numeric padding
+        raise PipelineError(
+            f"conv with padding={module.padding!r} has no im2col input here; use wanda, or exclude the layer "
+            "(masks.exclude)"
+        )
     cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # [B, C*R*S, L]
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
@@ -109,7 +118,7 @@ def input_channel_norms(
     modules = _conv_linear_modules(model, names)
     sums: dict[str, torch.Tensor] = {}
 
-    def update(name: str, module: nn.Module, x: torch.Tensor) -> None:
+    def update(name: str, module: ConvOrLinear, x: torch.Tensor) -> None:
         axes = tuple(d for d in range(x.dim()) if d != (1 if isinstance(module, nn.Conv2d) else x.dim() - 1))
         squares = x.double().pow(2).sum(dim=axes).cpu()
         sums[name] = sums[name] + squares if name in sums else squares
@@ -126,7 +135,7 @@ def input_hessians(
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def update(name: str, module: nn.Module, x: torch.Tensor) -> None:
+    def update(name: str, module: ConvOrLinear, x: torch.Tensor) -> None:
         rows = unfolded_rows(module, x).float()
         gram = (rows.T @ rows).double().cpu()
         sums[name] = sums[name] + gram if name in sums else gram

@@ -8,6 +8,9 @@ bake records it in bake.json, and its accuracy is reported apart from the masks-
 
 from __future__ import annotations
 
+from collections.abc import Sized
+from typing import cast
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
@@ -17,6 +20,15 @@ from pipeline.errors import PipelineError
 from pipeline.progress import progress
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _batchnorm(model: nn.Module, name: str) -> nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm:
+    module = model.get_submodule(name)
+    if not isinstance(module, _BATCHNORM):
+        raise RuntimeError(
+            f"{name} is a {type(module).__name__}, not one of the BatchNorm layers batchnorm_layers found"
+        )
+    return module
 
 
 def batchnorm_layers(model: nn.Module) -> list[str]:
@@ -40,12 +52,12 @@ def reestimate_batchnorm(
         )
     if images < 1:
         raise PipelineError(f"BatchNorm re-estimation needs at least 1 image, got {images}")
-    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 29))[:images]
+    chosen = torch.randperm(len(cast(Sized, dataset)), generator=torch.Generator().manual_seed(seed + 29))[:images]
     subset = Subset(dataset, sorted(chosen.tolist()))
     model.to(device).eval()
     saved_momentum = {}
     for name in names:
-        module = model.get_submodule(name)
+        module = _batchnorm(model, name)
         module.reset_running_stats()
         saved_momentum[name] = module.momentum
         module.momentum = None  # cumulative moving average: every batch weighs the same
@@ -55,7 +67,7 @@ def reestimate_batchnorm(
             model(batch.to(device))
     finally:
         for name in names:
-            module = model.get_submodule(name)
+            module = _batchnorm(model, name)
             module.momentum = saved_momentum[name]
             module.eval()
     return names

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
+
 import torch
 
 from pipeline.masks.artifact import MaskArtifact
@@ -23,7 +25,7 @@ def check_baked(
     dense: dict[str, torch.Tensor],
     sparse: dict[str, torch.Tensor],
     artifact: MaskArtifact,
-    reestimated: set[str] = frozenset(),
+    reestimated: AbstractSet[str] = frozenset(),
 ) -> dict:
     """Per masked layer: N:M violations along the input-channel axis, kept weights bit-exact,
     density; every other tensor must be identical to the dense one, except the BatchNorm running

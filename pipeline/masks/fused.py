@@ -2,7 +2,7 @@
 in one pass over the blocks (forward), and the straight-through softmax gradient of the logits in one more
 (backward), where the PyTorch path (`pipeline.masks.gumbel._MaskedWeight`) makes about ten passes over the logits
 and allocates the perturbed logits every step. On small inputs (`fmnist_resnet18`: 28x28 images, 11 M masked
-weights) that per-weight work is most of a mask step (docs/time-to-accuracy.md "Cost of a mask-training step").
+weights) that per-weight work is most of a mask step (docs/notebook/time-to-accuracy.md "Cost of a mask-training step").
 
 The C file is compiled with the system C compiler (`cc`, or $CC) on first use, for this CPU (-march=native), and
 cached under $XDG_CACHE_HOME/sparse-pipeline/kernels (default ~/.cache) by a hash of the source, the flags, the
@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -99,13 +100,21 @@ def kernel() -> ctypes.CDLL | None:
             except (OSError, subprocess.SubprocessError) as error:
                 _state["library"] = None
                 _state["status"] = f"PyTorch ops (the fused C kernel is unavailable: {error})"
-        return _state["library"]  # type: ignore[return-value]
+        return cast("ctypes.CDLL | None", _state["library"])
 
 
 def status() -> str:
     """Which path the mask layers' per-block work takes in this process, and why."""
     kernel()
     return str(_state["status"])
+
+
+def _loaded() -> ctypes.CDLL:
+    """The compiled kernel, for a caller that checked `usable` (which only holds when it built)."""
+    library = kernel()
+    if library is None:
+        raise RuntimeError(f"the fused mask kernel was called without a compiled kernel ({status()})")
+    return library
 
 
 def block_last(tensor: torch.Tensor, m: int) -> bool:
@@ -146,7 +155,7 @@ def forward(
     out: torch.Tensor,
 ) -> None:
     """out = weight masked by the argmax pattern of noise + alpha * logits, per block (`usable` checked)."""
-    library, patterns, m = kernel(), logits.shape[0], keep_rows.shape[1]
+    library, patterns, m = _loaded(), logits.shape[0], keep_rows.shape[1]
     library.gm_forward(
         logits.data_ptr(),
         noise.data_ptr(),
@@ -172,7 +181,7 @@ def backward(
 ) -> torch.Tensor:
     """The gradient of the logits (`[P, *blocks]` float32) for the block-last `grad_weight`; `kept_scale`: the
     kept-magnitude term's -c / sum|W| (0: off), applied to |W| inside the kernel rather than read as a tensor."""
-    library, patterns, m = kernel(), logits.shape[0], table.shape[1]
+    library, patterns, m = _loaded(), logits.shape[0], table.shape[1]
     grad = torch.empty_like(logits)
     library.gm_backward(
         logits.data_ptr(),

@@ -65,12 +65,15 @@ class GumbelNoisePool:
         return self._over(tau)[offset : offset + numel]
 
     def _over(self, tau: float) -> torch.Tensor:
+        pool = self.pool
+        if pool is None:
+            raise RuntimeError("GumbelNoisePool._over before set_step drew the pool")
         if tau == 1.0:
-            return self.pool
-        if self._scaled is None or self._scaled[2].device != self.pool.device:
-            self._scaled = (-1, 0.0, torch.empty_like(self.pool))
+            return pool
+        if self._scaled is None or self._scaled[2].device != pool.device:
+            self._scaled = (-1, 0.0, torch.empty_like(pool))
         if self._scaled[:2] != (self.generation, tau):  # into the same buffer every step
-            self._scaled = (self.generation, tau, torch.mul(self.pool, 1.0 / tau, out=self._scaled[2]))
+            self._scaled = (self.generation, tau, torch.mul(pool, 1.0 / tau, out=self._scaled[2]))
         return self._scaled[2]
 
 
@@ -186,6 +189,8 @@ class _MaskedWeight(torch.autograd.Function):
     ) -> torch.Tensor:
         m = weight_pm.shape[0]
         if fused:  # the caller checked `fused.usable`: `weight` is block-last, in out_dtype, and so is empty_like's
+            if gumbel is None or weight is None:
+                raise RuntimeError("the fused mask path was taken without noise or without the cast weight")
             effective, alpha = torch.empty_like(weight), scale / tau
             fused_kernel.forward(logits, gumbel, alpha, _keep_rows(table), weight, effective)
             ctx.save_for_backward(logits, gumbel, weight_pm, table)
@@ -331,6 +336,8 @@ class GumbelMask(nn.Module):
         the kept-magnitude term, which the fused kernel applies to |W| itself."""
         if not (self.training and self.kept_coefficient):
             return 0.0
+        if self._weight_pm is None:
+            raise RuntimeError("GumbelMask._kept_scale before _position_major kept the weight")
         return -self.kept_coefficient / max(self._weight_pm[2], 1e-12)
 
     def _kept(self) -> torch.Tensor | None:
@@ -339,6 +346,8 @@ class GumbelMask(nn.Module):
         scale = self._kept_scale()
         if not scale:
             return None
+        if self._weight_pm is None:
+            raise RuntimeError("GumbelMask._kept before _position_major kept the weight")
         key, weight_pm, _ = self._weight_pm
         if self._kept_term is None or self._kept_term[:2] != (key, self.kept_coefficient):
             self._kept_term = (key, self.kept_coefficient, weight_pm.abs().mul_(scale))
@@ -441,7 +450,7 @@ def initial_logits(
     if prior == "uniform":
         return (torch.rand((num_patterns(n, m), *blocks), generator=generator) - 0.5) * 0.02
     if prior == "magnitude" or scores is not None:
-        source = weight if prior == "magnitude" else scores
+        source = weight if prior == "magnitude" or scores is None else scores
         return (pattern_scores(source, n, m) * strength).movedim(-1, 0).contiguous()
     raise ValueError(f"mask prior {prior!r} needs per-weight scores; magnitude and uniform need none")
 
@@ -474,6 +483,8 @@ def attach_masks(
     names = []
     for layer in report.masked:
         module = model.get_submodule(layer.name)
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            raise RuntimeError(f"eligible layer {layer.name} is a {type(module).__name__}, not a Conv2d or Linear")
         logits = initial_logits(
             module.weight.detach().float().cpu(),
             n,
@@ -491,7 +502,7 @@ def attach_masks(
     return names
 
 
-def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
+def masked_modules(model: nn.Module) -> dict[str, MaskedConv2d | MaskedLinear]:
     return {
         name.removeprefix("module."): module
         for name, module in model.named_modules()

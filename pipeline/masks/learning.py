@@ -24,10 +24,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,14 @@ from pipeline.errors import PipelineError
 from pipeline.masks.checkpoint import MaskCheckpoint
 from pipeline.masks.eligibility import EligibilityReport
 from pipeline.masks.fused import status as fused_status
-from pipeline.masks.gumbel import current_indices, load_mask_logits, mask_logits, masked_modules, noise_pool
+from pipeline.masks.gumbel import (
+    GumbelNoisePool,
+    current_indices,
+    load_mask_logits,
+    mask_logits,
+    masked_modules,
+    noise_pool,
+)
 from pipeline.masks.mask_step import MaskStep, build_mask_step, resolve_loss
 from pipeline.masks.schedules import BestMasks, Cooldown, KeptMasks, PlateauRule, keep_masks, steps_per_epoch
 from pipeline.progress import progress
@@ -87,6 +94,11 @@ def changed_share(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
     return changed / max(total, 1)
 
 
+def _size(dataset: Dataset) -> int:
+    """len() of a map-style dataset (torch's Dataset type declares no __len__; every dataset here has one)."""
+    return len(cast(Sized, dataset))
+
+
 class TeacherLabels(Dataset):
     """A dataset whose labels are the dense model's predictions: the validation split of an unlabeled
     run, so that top-1 on it is the agreement with the dense model and no true label is read."""
@@ -95,7 +107,7 @@ class TeacherLabels(Dataset):
         self.images, self.predictions = images, predictions
 
     def __len__(self) -> int:
-        return len(self.images)
+        return _size(self.images)
 
     def __getitem__(self, index: int):
         return self.images[index][0], self.predictions[index]
@@ -213,12 +225,17 @@ class MaskTraining:
         self.step_fn, self.train, self.validation, self.rule, self.unlabeled = step, train, validation, rule, unlabeled
         self.cfg, self.run_ctx = recipe.masks, run
         self.eval_batch, self.workers = recipe.data.eval_batch_size, recipe.data.workers
-        self.per_epoch = steps_per_epoch(len(train), self.cfg.batch_size, run.world_size)
+        self.per_epoch = steps_per_epoch(_size(train), self.cfg.batch_size, run.world_size)
         self.eval_every = self.cfg.eval_every or max(1, -(-self.cfg.steps // EVALUATIONS_PER_RUN))
         # whole evaluation intervals, so that the cooldown ends on an evaluation of the annealed masks
         self.cooldown_steps = -(-round(self.cfg.cooldown * self.cfg.steps) // self.eval_every) * self.eval_every
         self.sampler = ResumableBatchSampler(
-            len(train), self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, rank=run.rank, world_size=run.world_size
+            _size(train),
+            self.cfg.batch_size,
+            shuffle=True,
+            seed=self.cfg.seed,
+            rank=run.rank,
+            world_size=run.world_size,
         )
         self.state = LoopState()
         self.previous: dict[str, torch.Tensor] = {}
@@ -340,9 +357,12 @@ class MaskTraining:
                 )
                 state.stop_step = state.step
             return
-        state.stop_reason = self.rule.reason(state.history)
+        rule = self.rule
+        if rule is None:
+            raise RuntimeError("apply_rule without a plateau rule (evaluate calls it only with one)")
+        state.stop_reason = rule.reason(state.history)
         state.stop_step = state.step if state.stop_reason else None
-        plateau = None if state.stop_reason or not self.cooldown_steps else self.rule.plateau(state.history)
+        plateau = None if state.stop_reason or not self.cooldown_steps else rule.plateau(state.history)
         if plateau:
             length = min(self.cooldown_steps, self.cfg.steps - state.step)
             state.cooldown, state.plateau = [state.step, length], plateau
@@ -370,12 +390,19 @@ class MaskTraining:
     # ------------------------------------------------------------------ checkpoints (outside the step)
     def rng_states(self) -> list[torch.Tensor]:
         """Per rank: torch's (forked) CPU RNG state followed by the noise pool's offset generator state."""
-        mine = torch.cat([torch.get_rng_state(), noise_pool(self.model).offsets.get_state()])
+        mine = torch.cat([torch.get_rng_state(), self.noise().offsets.get_state()])
         if self.run_ctx.world_size == 1:
             return [mine]
         gathered = [torch.empty_like(mine) for _ in range(self.run_ctx.world_size)]
         dist.all_gather(gathered, mine)
         return gathered
+
+    def noise(self) -> GumbelNoisePool:
+        """The masked layers' noise pool (attach_masks made it before the loop)."""
+        pool = noise_pool(self.model)
+        if pool is None:
+            raise RuntimeError("the mask-training model has no Gumbel noise pool (attach_masks makes it)")
+        return pool
 
     def save(self, final: bool = False) -> None:
         rng = self.rng_states()  # a collective: every rank takes part
@@ -403,6 +430,8 @@ class MaskTraining:
 
     def resume(self) -> None:
         path = self.run_ctx.checkpoint
+        if path is None:
+            raise RuntimeError("resume without a checkpoint path (--resume needs the run's checkpoint)")
         saved = MaskCheckpoint.load(path, fix="delete it or drop --resume")
         if saved.recipe_key != self.run_ctx.recipe_key:
             raise PipelineError(f"{path} was written with other mask settings; drop --resume to start over")
@@ -415,7 +444,7 @@ class MaskTraining:
         rng = saved.rng[self.run_ctx.rank] if self.run_ctx.rank < len(saved.rng) else saved.rng[0]
         half = rng.numel() // 2
         torch.set_rng_state(rng[:half].clone())
-        noise_pool(self.model).offsets.set_state(rng[half:].clone())
+        self.noise().offsets.set_state(rng[half:].clone())
         self.run_ctx.log(
             f"resumed mask training at step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch})"
         )
@@ -435,8 +464,9 @@ class MaskTraining:
         indices = kept.indices
         checksums = [indices_checksum(indices)]
         if self.run_ctx.world_size > 1:
-            checksums = [None] * self.run_ctx.world_size
-            dist.all_gather_object(checksums, indices_checksum(indices))
+            gathered: list[object] = [None] * self.run_ctx.world_size
+            dist.all_gather_object(gathered, indices_checksum(indices))
+            checksums = [str(checksum) for checksum in gathered]
             if len(set(checksums)) != 1:
                 raise RuntimeError(f"ranks disagree on the learned masks: {checksums}")
         return LearnResult(
@@ -457,8 +487,8 @@ class MaskTraining:
             stop_reason=state.stop_reason,
             cooldown_start=state.cooldown[0] if state.cooldown else None,
             loss=self.step_fn.loss.kind,
-            validation_images=len(self.validation) if self.validation is not None else 0,
-            train_images=len(self.train),
+            validation_images=_size(self.validation) if self.validation is not None else 0,
+            train_images=_size(self.train),
         )
 
 
@@ -469,7 +499,7 @@ def plateau_rule(cfg: MaskConfig, validation: Dataset | None, log: Callable[[str
     if validation is None:
         log("no validation split (masks.validation_images = 0): training runs the whole budget of masks.steps")
         return None
-    return PlateauRule(cfg.stop_patience, cfg.stop_changed, len(validation))
+    return PlateauRule(cfg.stop_patience, cfg.stop_changed, _size(validation))
 
 
 def prepare_training(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from pipeline.recipe.config import MaskConfig, Recipe
 from pipeline.training import StepSettings, train_step
 
 
-def mask_optimizer(logits: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def mask_optimizer(logits: Sequence[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW on the logits only (as the paper); the fused kernel makes it one pass over them."""
     try:
         return torch.optim.AdamW(logits, lr=lr, weight_decay=weight_decay, fused=True)
@@ -82,11 +83,16 @@ def mask_loss(
     terms = loss_terms(loss)
     total = logits.new_zeros((), dtype=torch.float32)
     if "ce" in terms:
+        if labels is None:
+            raise RuntimeError("the ce term needs labels (resolve_loss picks a label-free loss without them)")
         total = total + F.cross_entropy(logits.float(), labels)
-    if "pseudo" in terms:
-        total = total + F.cross_entropy(logits.float(), teacher_logits.detach().argmax(1))
-    if "distill" in terms:
-        total = total + distillation_loss(logits, teacher_logits, distill_temperature)
+    if terms & {"pseudo", "distill"}:
+        if teacher_logits is None:
+            raise RuntimeError("the pseudo and distill terms need the dense model's logits (needs_teacher)")
+        if "pseudo" in terms:
+            total = total + F.cross_entropy(logits.float(), teacher_logits.detach().argmax(1))
+        if "distill" in terms:
+            total = total + distillation_loss(logits, teacher_logits, distill_temperature)
     if "features" in terms:
         if features is None:
             raise ValueError("the features term needs the student's and the dense model's layer outputs")
@@ -125,9 +131,9 @@ class LayerOutputs:
 
     def take(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(student outputs, dense outputs) of the last recorded forward passes, in the order of `names`."""
-        taken = tuple([outputs[name] for name in self.names] for outputs in self.outputs)
+        student, dense = ([outputs[name] for name in self.names] for outputs in self.outputs)
         self.outputs = ({}, {})
-        return taken
+        return student, dense
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -235,11 +241,11 @@ def build_mask_step(
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
-    layer_outputs = (
-        LayerOutputs(model, teacher, [layer.name for layer in report.masked])
-        if "features" in loss_terms(loss)
-        else None
-    )
+    layer_outputs = None
+    if "features" in loss_terms(loss):
+        if teacher is None:
+            raise RuntimeError("the features term needs the dense model (needs_teacher)")
+        layer_outputs = LayerOutputs(model, teacher, [layer.name for layer in report.masked])
     optimizer = mask_optimizer(trainable, cfg.lr, cfg.weight_decay)
     schedule = MaskSchedule(
         cfg.steps, warmup_steps(cfg.steps, cfg.warmup_share), cfg.lr_final, cfg.tau_start, cfg.tau_end, cfg.tau_schedule

@@ -293,6 +293,8 @@ def learned(ctx: MethodContext) -> MaskResult:
 def dense_initial_check(ctx: MethodContext) -> list[LayerMask]:
     """Layers of `ctx.initial` (a mask artifact), checked against the model's masked layers."""
     initial = ctx.initial
+    if initial is None:
+        raise RuntimeError("dense_initial_check without masks.init_from's artifact (ctx.initial)")
     if initial.meta.get("permutations"):
         raise PipelineError(
             f"masks from method {initial.method} belong to permuted weights; learned masks start "

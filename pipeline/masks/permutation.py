@@ -226,7 +226,10 @@ class _ChannelTracer:
         elif isinstance(module, nn.Linear):
             if in_shape is None or in_axis != len(in_shape) - 1:
                 spaces.fix(in_space, f"{node.target} reads a tensor whose channels are not its last axis")
-            self.consume(node, in_space, module.out_features, len(_shape(node)) - 1)
+            out_shape = _shape(node)
+            if out_shape is None:
+                raise RuntimeError(f"ShapeProp left no output shape on linear {node.target}")
+            self.consume(node, in_space, module.out_features, len(out_shape) - 1)
         elif isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels:
             spaces.space(in_space).holders.append(node.target)  # depthwise: channel c -> channel c
             self.passthrough(node, source)
