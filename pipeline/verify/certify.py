@@ -107,6 +107,8 @@ def lemma_terms(
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             weight = state[f"{name}.weight"]
             if lemma == "3.6":
+                if updated is None:
+                    raise RuntimeError("lemma 3.6 bounds an update: lemma_terms needs the updated state")
                 change = updated[f"{name}.weight"] - weight
                 bias = f"{name}.bias"
                 bias_change = float((updated[bias] - state[bias]).abs().max()) * SLACK if bias in state else 0.0
@@ -122,6 +124,8 @@ def lemma_terms(
         elif isinstance(module, nn.BatchNorm2d):
             scale, shift = batchnorm_affine(state, name, module.eps)
             if lemma == "3.6":
+                if updated is None:
+                    raise RuntimeError("lemma 3.6 bounds an update: lemma_terms needs the updated state")
                 new_scale, new_shift = batchnorm_affine(updated, name, module.eps)
                 terms[name] = AffineBound(
                     infinity_norm(new_scale), infinity_norm(new_scale - scale), infinity_norm(new_shift - shift)
@@ -292,6 +296,8 @@ def _batch_columns(nets: _Networks, images: torch.Tensor, add) -> None:
         add(key, value)
     if nets.second is None:
         return
+    if nets.updated_masked is None:
+        raise RuntimeError("_networks built the updated propagator without the updated masked network")
     logits2, errors2 = nets.second.run(images)
     sparse2 = nets.updated_masked(images)
     prediction2, gamma2, _, _ = confidence(logits2)

@@ -281,7 +281,7 @@ def _output_shapes(model, input_shape: list[int] | None) -> dict[str, list[int]]
         for position, dim in enumerate(dims):
             if position == 0 or wanted is not None:
                 dim.Clear()
-                dim.dim_value = 1 if position == 0 else int(wanted[position])
+                dim.dim_value = 1 if wanted is None else int(wanted[position])  # wanted[0] is the batch, 1
     try:
         inferred = onnx.shape_inference.infer_shapes(probe)
     except Exception:
