@@ -72,6 +72,7 @@ def run_perf_analyzer(
         if result["ok"] or UNSTABLE not in result["error"] or attempt == settings.window_retries:
             return {**result, "measurement_interval_ms": interval}
         interval *= 2
+    raise RuntimeError(f"LoadTest.window_retries = {settings.window_retries}: no perf_analyzer run (needs >= 0)")
 
 
 def _perf_once(

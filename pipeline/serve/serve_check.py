@@ -21,10 +21,10 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -75,7 +75,7 @@ def evaluation_images(recipe: Recipe, count: int) -> tuple[list[bytes], np.ndarr
     from pipeline.data.datasets import TensorImageDataset, build_datasets
 
     dataset = build_datasets(recipe).eval
-    indices = list(range(min(count, len(dataset))))
+    indices = list(range(min(count, len(cast(Sized, dataset)))))
     if not indices:
         raise PipelineError("the evaluation set is empty; check --data and data.eval_limit")
     base = dataset
@@ -205,7 +205,7 @@ def _raw_request(protocol: str, url: str, model: str, shape: list[int], datatype
     module.InferenceServerClient(url).infer(model, inputs=[request])
 
 
-def bad_request_cases(recipe: Recipe, model: str, image: bytes) -> dict[str, Callable[[str, str], None]]:
+def bad_request_cases(recipe: Recipe, model: str, image: bytes) -> dict[str, Callable[[str, str], object]]:
     too_many = recipe.serve.max_batch_size + 1
     return {
         "wrong_shape": lambda protocol, url: _raw_request(
@@ -455,10 +455,11 @@ def _run_checks(
             "bad_requests", lambda: check_bad_requests(server, recipe, models["sparse"], images[0], expected_first)
         ),
     ]
-    if settings.load is not None:
+    load = settings.load
+    if load is not None:
 
         def run_load() -> dict[str, Any]:
-            result = load_test(runtime, models, server.grpc_url, images, settings.load, session.work)
+            result = load_test(runtime, models, server.grpc_url, images, load, session.work)
             return {"name": "load_test", "passed": result["ok"], **result}
 
         checks.append(_guarded("load_test", run_load))

@@ -217,6 +217,8 @@ def serve_foreground(
             print(f"  gRPC  {server.grpc_url}")
             print(f"  models: {', '.join(sorted(p.name for p in repository.iterdir() if p.is_dir()))}")
             print("Ctrl-C stops it.", flush=True)
+            if server.process is None:
+                raise RuntimeError("TritonServer.start returned without a process")
             return server.process.wait()
         except KeyboardInterrupt:
             print("stopping tritonserver")
