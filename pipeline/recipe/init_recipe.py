@@ -48,6 +48,11 @@ class WrittenRecipe:
     notes: list[str] = field(default_factory=list)  # where each filled-in value came from
 
 
+def _joined(values: list[float] | None) -> str | None:
+    """--mean/--std as the comma-separated text the recipe flags take."""
+    return None if values is None else ",".join(map(str, values))
+
+
 def write_recipe(request: RecipeRequest) -> WrittenRecipe:
     weights = request.weights
     if weights and weights not in NAMED_WEIGHTS:
@@ -55,7 +60,6 @@ def write_recipe(request: RecipeRequest) -> WrittenRecipe:
     data = request.data
     if data and data not in ("synthetic", "fashion_mnist"):
         data = str(Path(data).resolve())
-    numbers = {"mean": request.mean, "std": request.std}
     options = ModelOptions(
         model=request.source,
         weights=weights,
@@ -64,11 +68,12 @@ def write_recipe(request: RecipeRequest) -> WrittenRecipe:
         classifier=request.classifier,
         input_size=None if request.input_size is None else str(request.input_size),
         resize=request.resize,
-        **{key: None if values is None else ",".join(map(str, values)) for key, values in numbers.items()},
+        mean=_joined(request.mean),
+        std=_joined(request.std),
         overrides=[f"name={request.name or _default_name(request)}"],
     )
     recipe, notes = recipe_with_flags(options)
-    if request.weights is None:
+    if weights is None:  # weights is None exactly when request.weights is
         notes.insert(0, "weights: random initialisation (no --weights FILE; accuracy means nothing)")
     elif weights not in NAMED_WEIGHTS:  # the whole file must fit the network, not only its head
         load_state_dict_strict(build_network(recipe), read_state_dict(weights), f"weights file {request.weights}")

@@ -85,6 +85,11 @@ def find_classifier(model: nn.Module, num_classes: int) -> str | None:
     return found
 
 
+def channel_color(channels: int | None) -> str | None:
+    """The image mode a network with this many input channels reads: L (1), RGB (3), else unknown (None)."""
+    return None if channels is None else {1: "L", 3: "RGB"}.get(channels)
+
+
 def input_channels(model: nn.Module) -> int | None:
     """in_channels of the first convolution: 3 for RGB networks, 1 for grayscale ones."""
     first = next((module for module in model.modules() if isinstance(module, nn.Conv2d)), None)
@@ -184,7 +189,8 @@ class TimmSource(ModelSource):
 
     def classifier_name(self) -> str | None:
         model = self._probe_model()
-        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        get_classifier = getattr(model, "get_classifier", None)  # timm's models have it; nn.Module declares none
+        head = get_classifier() if callable(get_classifier) else None
         for name, module in model.named_modules():
             if module is head and name:
                 return name
@@ -257,7 +263,7 @@ class PythonSource(ModelSource):
 
     def defaults(self) -> SourceDefaults:
         channels = input_channels(self.build())
-        return SourceDefaults(color={1: "L", 3: "RGB"}.get(channels))
+        return SourceDefaults(color=channel_color(channels))
 
 
 def _import_factory(spec: str, module_name: str, attribute: str) -> Callable[..., nn.Module]:
@@ -307,7 +313,7 @@ class BuiltinSource(ModelSource):
 
     def defaults(self) -> SourceDefaults:
         channels = input_channels(ARCHITECTURES[self.name](10))
-        return SourceDefaults(color={1: "L", 3: "RGB"}.get(channels))
+        return SourceDefaults(color=channel_color(channels))
 
 
 SOURCE_KINDS: dict[str, type[ModelSource]] = {
