@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     module = None
     if stage in STAGES:
         module = _import_stage(stage)
-        sub = parser._subparsers._group_actions[0].choices[stage]  # type: ignore[union-attr]
+        commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+        sub = commands.choices[stage]
         if needs_recipe(module):
             add_model_arguments(sub)
         module.add_arguments(sub)

@@ -14,6 +14,7 @@ from pipeline.compare.report import chart, markdown
 from pipeline.data.datasets import DataBundle, build_datasets
 from pipeline.errors import PipelineError
 from pipeline.io import ensure_dir, write_json, write_text
+from pipeline.masks.artifact import MaskArtifact
 from pipeline.masks.diversity import diversity_bits
 from pipeline.masks.eligibility import EligibilityReport, find_layers
 from pipeline.masks.methods import (
@@ -115,10 +116,11 @@ def run_methods(
     log,
 ) -> list[dict]:
     """Each method's masks, saved and evaluated: one row per method."""
-    rows, artifacts = [], {}
+    rows: list[dict] = []
+    artifacts: dict[str, MaskArtifact] = {}
     original = {key: value.detach().clone() for key, value in model.state_dict().items()}
     for method in methods:
-        initial = artifacts.get(learned_init_from) if method == "learned" else None
+        initial = artifacts.get(learned_init_from) if method == "learned" and learned_init_from is not None else None
         ctx = MethodContext(recipe, model, report, data=data, device=device, initial=initial, log=log)
         result = learned_result(ctx, paths, learned_mode) if method == "learned" else compute_masks(method, ctx)
         artifacts[method] = result.artifact

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sized
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -42,9 +44,10 @@ def finetune(
     settings = StepSettings.for_device(device)
     model = settings.prepare_model(model.to(device)).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    sampler = ResumableBatchSampler(len(data.train), batch_size, shuffle=True, seed=seed + 7)
+    train_images = len(cast(Sized, data.train))
+    sampler = ResumableBatchSampler(train_images, batch_size, shuffle=True, seed=seed + 7)
     if len(sampler) == 0:
-        raise PipelineError(f"training set has {len(data.train)} images, fewer than one batch of {batch_size}")
+        raise PipelineError(f"training set has {train_images} images, fewer than one batch of {batch_size}")
     loader, loss_fn = make_loader(data.train, sampler, workers=workers), cross_entropy_loss()
     step, epoch = 0, 0
     bar = progress(total=steps, desc="fine-tune dense")
