@@ -74,6 +74,8 @@ def ModelProtoFromTorch(
     finally:
         for handle in hooks:
             handle.remove()
+    if program is None:  # the dynamo exporter always returns one; None is the legacy exporter's result
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNXProgram")
     proto = program.model_proto
     proto.producer_name = "sparse-pipeline"
     onnx.helper.set_model_props(proto, {"precision": "fp16" if fp16 else "fp32", "io_dtype": "float32"})

@@ -110,9 +110,12 @@ def reestimate_statistics(recipe: Recipe, sparse: dict) -> list[str]:
     """Re-estimate the sparse model's BatchNorm running statistics in place in `sparse`; the layers changed."""
     model = build_network(recipe)
     load_state_dict_strict(model, sparse, "sparse weights")
+    train = build_datasets(recipe).plain_train
+    if train is None:
+        raise RuntimeError("DataBundle left plain_train unset (its __post_init__ defaults it to train)")
     names = reestimate_batchnorm(
         model,
-        build_datasets(recipe).plain_train,
+        train,
         recipe.masks.bn_reestimate_images,
         recipe.data.eval_batch_size,
         select_device("auto"),

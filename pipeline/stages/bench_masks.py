@@ -234,8 +234,9 @@ def table(entries: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def kept_top1(point: dict, split: str) -> float:
-    """A history point's top-1 of the kept masks (entries written before masks.keep held the best masks')."""
+def kept_top1(point: dict, split: str) -> float | None:
+    """A history point's top-1 of the kept masks (entries written before masks.keep held the best masks'); None
+    where the point has neither (the plot leaves a gap)."""
     return point.get(f"kept_{split}_top1", point.get(f"best_{split}_top1"))
 
 

@@ -22,7 +22,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from pipeline.io import write_json
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.fused import status as fused_status
 from pipeline.masks.gumbel import masked_modules
-from pipeline.masks.mask_step import build_mask_step
+from pipeline.masks.mask_step import MaskStep, build_mask_step
 from pipeline.progress import progress
 from pipeline.recipe.config import Recipe, apply_override, validate
 from pipeline.recipe.registry import get_recipe, list_models
@@ -71,9 +71,9 @@ class Options:
                 raise PipelineError(f"{flag} {value}: not valid; valid: at least {low}")
         if self.clock not in CLOCKS:
             raise PipelineError(f"--clock {self.clock}: not valid; valid: {', '.join(CLOCKS)}")
-        for flag, value in (("--max-ratio", self.max_ratio), ("--max-distill-ratio", self.max_distill_ratio)):
-            if value <= 0:
-                raise PipelineError(f"{flag} {value}: not valid; valid: greater than 0")
+        for flag, ratio in (("--max-ratio", self.max_ratio), ("--max-distill-ratio", self.max_distill_ratio)):
+            if ratio <= 0:
+                raise PipelineError(f"{flag} {ratio}: not valid; valid: greater than 0")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def model_recipe(name: str, overrides: list[str] = ()) -> Recipe:
+def model_recipe(name: str, overrides: Sequence[str] = ()) -> Recipe:
     """The registered recipe with the `--set` overrides applied and checked."""
     recipe = get_recipe(name)
     for assignment in overrides:
@@ -134,7 +134,7 @@ def bench_recipe(recipe: Recipe, loss: str) -> Recipe:
 
 def bench_steps(
     recipe: Recipe, shape: list[int], batch: int, settings: StepSettings
-) -> tuple[dict[str, Callable[[], None]], dict]:
+) -> tuple[dict[str, Callable[[], object]], dict]:
     """The three steps timed, all through `pipeline.training.train_step`: a dense SGD step, and the mask step
     train-masks runs (`build_mask_step`: masks, AdamW, schedules, feature hooks when the loss has them, the
     step settings) with cross-entropy (`mask`) and with cross-entropy + distillation (`distill`)."""
@@ -167,9 +167,12 @@ def bench_steps(
             dense, settings.prepare_images(images, device), labels, dense_loss, dense_optimizer, settings=settings
         )
 
-    steps = {"dense": dense_step}
+    def timed(mask_step: MaskStep) -> Callable[[], object]:
+        return lambda: mask_step.step(images, labels, next(counter))
+
+    steps: dict[str, Callable[[], object]] = {"dense": dense_step}
     for kind, mask_step in mask_steps.items():
-        steps[kind] = lambda mask_step=mask_step: mask_step.step(images, labels, next(counter))
+        steps[kind] = timed(mask_step)
     logits = [module.sparse_mask.logits for module in masked_modules(mask_steps["mask"].model).values()]
     info = {
         "input": shape,
@@ -187,7 +190,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def time_steps(
-    steps: dict[str, Callable[[], None]], reps: int, warmup: int, name: str, clock: str = "wall"
+    steps: dict[str, Callable[[], object]], reps: int, warmup: int, name: str, clock: str = "wall"
 ) -> dict[str, list[float]]:
     """Seconds of each step kind, interleaved (dense, mask, distill, then reversed) so load hits all alike.
     `clock` "cpu" counts this process's CPU seconds instead of wall seconds: on a machine shared with other

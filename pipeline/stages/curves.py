@@ -23,7 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pass
 
 
-CURVE_KEYS = {"history": list, "prior": str, "loss": str, "steps": int, "test": dict}  # what the plot reads
+# what the plot reads
+CURVE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "history": list,
+    "prior": str,
+    "loss": str,
+    "steps": int,
+    "test": dict,
+}
 
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:

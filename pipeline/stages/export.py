@@ -150,7 +150,7 @@ def check_graphs(
                 references_for_check[precision], proto, inputs.masked, inputs.sparse_state, inputs.n, inputs.m
             )
             layer_checks[precision] = checks
-            masked_inits = {check.get("initializer") for check in checks}
+            masked_inits = {check["initializer"] for check in checks if check.get("initializer") is not None}
             differ = other_initializers_differ(references_for_check[precision], proto, masked_inits)
             files[path.name]["unmasked_initializers_differing"] = differ
             problems += [
