@@ -12,7 +12,6 @@ README says where each shape comes from). Tests named after a defect of issue 19
 
 from __future__ import annotations
 
-import enum
 import json
 import sys
 import types
@@ -42,6 +41,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import sha256_file, write_json
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.registry import get_recipe
+from tests import trt_fakes
 
 CONV_A = "/layer1/layer1.0/conv1/Conv"
 CONV_B = "node_Conv_7"  # dynamo-exporter style name; its weight initializer carries the module name
@@ -54,25 +54,7 @@ def fixture_lines(name: str) -> list[str]:
 
 def make_trt(version: str) -> types.ModuleType:
     """The few TensorRT names the backend and Polygraphy's logger touch before the faked GPU calls."""
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    levels = ["NONE", "AMPERE_PLUS"] + (["SAME_COMPUTE_CAPABILITY"] if version >= "10.9" else [])
-    trt.HardwareCompatibilityLevel = enum.Enum("HardwareCompatibilityLevel", levels)
-    trt.ProfilingVerbosity = enum.Enum("ProfilingVerbosity", ["LAYER_NAMES_ONLY", "DETAILED"])
-    trt.MemoryPoolType = enum.Enum("MemoryPoolType", ["WORKSPACE"])
-    trt.LayerInformationFormat = enum.Enum("LayerInformationFormat", ["ONELINE", "JSON"])
-
-    class ILogger:
-        def __init__(self):
-            pass
-
-    class IProfiler:
-        def __init__(self):
-            pass
-
-    trt.ILogger, trt.IProfiler = ILogger, IProfiler
-    trt.Logger = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
-    return trt
+    return trt_fakes.make_trt(version)
 
 
 class FakeGpu:
@@ -83,7 +65,7 @@ class FakeGpu:
         import polygraphy.backend.trt as ptrt
         from polygraphy.backend.trt import util as trt_util
 
-        self.trt, self.calls, self.contexts = trt, [], 0
+        self.trt, self.calls, self.contexts, self.batch = trt, [], 0, [1, 4, 8]
         self.log: list[tuple[int, str]] = [(trt.Logger.INFO, line) for line in fixture_lines("builder_log_trt86.txt")]
         self.inspector = (FIXTURES / "inspector_fp16_sparse.json").read_text()
         self.parse_error: str | None = None
@@ -93,6 +75,13 @@ class FakeGpu:
         monkeypatch.setattr(ptrt, "EngineFromBytes", lambda data: ("engine", data))
         monkeypatch.setattr(ptrt, "TrtRunner", lambda loader: FakeTrtRunner(self))
         monkeypatch.setattr(trt_backend, "gpu_info", lambda: {"gpu": "NVIDIA H100", "compute_capability": "9.0"})
+        from pipeline.backends.tensorrt import runner as trt_runner
+        from pipeline.backends.tensorrt import timing
+
+        self.clock = trt_fakes.Clock()
+        monkeypatch.setattr(timing, "TorchCuda", lambda ptr: trt_fakes.FakeCuda(self.clock))
+        monkeypatch.setattr(trt_runner, "to_device", lambda array: array)
+        monkeypatch.setattr(trt_runner, "ensure_cudart", lambda: None)
 
     def engine_from_network(self, network, config=None, save_timing_cache=None):
         def build():
@@ -116,28 +105,21 @@ class FakeGpu:
         return lambda: Path(path).write_bytes(b"serialized engine")
 
 
-class FakeContext:
-    profiler = None
-
-
-class FakeTrtRunner:
-    """TrtRunner's interface as the backend uses it: activate, context, infer, last_inference_time."""
-
-    def __init__(self, gpu: FakeGpu):
-        self.gpu = gpu
-
-    def activate(self):
-        self.gpu.contexts += 1  # TrtRunner makes its one execution context here
-        self.context = FakeContext()
-
-    def infer(self, feed, copy_outputs_to_host=True):
-        batch = next(iter(feed.values()))
-        if self.context.profiler is not None:
-            self.context.profiler.report_layer_time(CONV_B, 0.5)
-        return {"logits": np.asarray(batch).reshape(len(batch), -1)[:, :10] + 1.0}
-
-    def last_inference_time(self):
-        return 0.00125
+def FakeTrtRunner(gpu: FakeGpu) -> trt_fakes.FakeTrtRunner:
+    """TrtRunner as the backend uses it, over an engine whose I/O is the small graph's ("input" -> "logits")."""
+    spec = {
+        "gpu_ms": 0.5,
+        "input": "input",
+        "output": "logits",
+        "sample_shape": [1, 28, 28],
+        "batch": gpu.batch,
+        "classes": 10,
+        "dtype": "float32",
+        "inspector": {"Layers": []},
+        "layer_ms": {CONV_B: 0.5},
+    }
+    gpu.contexts += 1  # TrtRunner makes its one execution context when activated
+    return trt_fakes.FakeTrtRunner(trt_fakes.FakeEngine(gpu.trt, spec), gpu.clock, 0.2, 0.005)
 
 
 @pytest.fixture
@@ -376,17 +358,15 @@ def _sidecar(engine_file: Path, **batch) -> None:
 
 
 def test_runner_uses_one_execution_context_for_timing_and_layer_times(gpu, tmp_path, monkeypatch):
-    """Defect 2: layer times come from the runner's own context (its profiler attached), never from a second
-    execution context that would get no optimisation profile on TensorRT 8.x."""
-    monkeypatch.setitem(
-        sys.modules, "torch", types.SimpleNamespace(from_numpy=lambda a: types.SimpleNamespace(cuda=lambda: a))
-    )
+    """Defect 2 of issue 19: layer times come from the runner's own context (its profiler attached), never from a
+    second execution context. Issue 35: time_batch is the GPU time per inference (0.5 ms in the fake), not
+    Polygraphy's host-side last_inference_time (0.7 ms here)."""
     engine_file = tmp_path / "sparse.engine"
     _sidecar(engine_file, min_batch=1, opt_batch=4, max_batch=8)
     runner = trt_backend.TensorRTBackend().load(engine_file, _recipe())
     batch = np.ones((3, 1, 28, 28), np.float32)
     assert runner.infer(batch).shape == (3, 10)
-    assert runner.time_batch(batch, iterations=3, warmup=2) == [1.25, 1.25, 1.25]
+    assert runner.time_batch(batch, iterations=3, warmup=2) == pytest.approx([0.5, 0.5, 0.5])
     assert runner.layer_times(runs=4) == {CONV_B: 0.5}
     assert gpu.contexts == 1
     with pytest.raises(PipelineError, match="outside the engine's range 1..8"):

@@ -91,7 +91,23 @@ POLYGRAPHY_PATH = [
     "DEQUANTIZE",
 ]
 # What the backend calls on objects TensorRT hands it (not reachable as `trt.X` in its source).
-BACKEND_OBJECTS = ["create_engine_inspector", "get_engine_information", "profiler", "report_layer_time", "IProfiler"]
+BACKEND_OBJECTS = [
+    "create_engine_inspector",
+    "get_engine_information",
+    "profiler",
+    "report_layer_time",
+    "IProfiler",
+    # the runner's own reads of the ICudaEngine / IExecutionContext (pipeline/backends/tensorrt/runner.py)
+    "execute_async_v3",
+    "num_io_tensors",
+    "get_tensor_name",
+    "get_tensor_mode",
+    "get_tensor_dtype",
+    "get_tensor_profile_shape",
+]
+# Names the linker stores only as the tail of a longer string (it merges "INPUT\0" into "CONDITIONAL_INPUT\0"):
+# each is accepted only as the tail of the named longer identifier, which must itself be a whole identifier.
+TAIL_MERGED = {"INPUT": "CONDITIONAL_INPUT", "OUTPUT": "CONDITIONAL_OUTPUT", "QUANTIZE": "DEQUANTIZE"}
 # Names used only from some versions on, or only below some version: (first version, first version without)
 VERSIONED = {
     "STRONGLY_TYPED": ((11, 0), None),
@@ -123,11 +139,19 @@ def names_for(version: tuple[int, ...]) -> set[str]:
     return wanted
 
 
+def _whole(module: bytes, name: str) -> bool:
+    return re.search(rb"(?<![A-Za-z0-9_])" + re.escape(name.encode()) + rb"(?![A-Za-z0-9_])", module) is not None
+
+
 def missing_names(module: bytes, names: set[str]) -> list[str]:
-    """Names that do not end any string of the extension module. Only the end is required: the linker merges a
-    string literal into the tail of a longer one ("INPUT" is stored as the end of "CONDITIONAL_INPUT", "QUANTIZE"
-    of "DEQUANTIZE"), so a misspelling that is itself the tail of a real name would pass; other misspellings fail."""
-    return sorted(name for name in names if not re.search(re.escape(name.encode()) + rb"(?![A-Za-z0-9_])", module))
+    """Names that are not a whole identifier among the extension module's strings. A name that merely ends a
+    longer one ("TYPED" of "STRONGLY_TYPED") is missing, so a removed enum value whose name is the tail of another
+    cannot pass; only the TAIL_MERGED names, which the linker stores as tails, are accepted as their tail."""
+    return sorted(
+        name
+        for name in names
+        if not _whole(module, name) and not (name in TAIL_MERGED and _whole(module, TAIL_MERGED[name]))
+    )
 
 
 def extension_module(spec: str) -> bytes:
@@ -179,6 +203,13 @@ def test_the_checker_fails_on_a_misspelt_name():
     module = extension_module(WHEELS["10.16.1.11"])
     names = names_for((10, 16)) | {"SPARSE_WIEGHTS", "set_input_shapes"}
     assert missing_names(module, names) == ["SPARSE_WIEGHTS", "set_input_shapes"]
+
+
+def test_a_name_that_only_ends_another_is_missing():
+    """Issue 35 (Why 8): the old check accepted any name that ended a string, so "TYPED" (the tail of
+    STRONGLY_TYPED) or "WEIGHTS" (of SPARSE_WEIGHTS) passed though no TensorRT attribute has that name."""
+    module = extension_module(WHEELS["10.16.1.11"])
+    assert missing_names(module, {"TYPED", "WEIGHTS", "STRONGLY_TYPED", "INPUT"}) == ["TYPED", "WEIGHTS"]
 
 
 def test_the_wheels_differ_where_the_versions_do():

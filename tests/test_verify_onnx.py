@@ -259,16 +259,13 @@ def test_weights_in_external_data_beside_the_file(files, tmp_path):
 
 
 def test_plan_layers_map_sparse_tactics_to_macs(monkeypatch):
-    """The plan path's own logic, with the engine inspector's JSON given (TensorRT itself cannot run here)."""
-    import sys
+    """The plan path's own logic, with the engine inspector's JSON given (TensorRT itself cannot run here); the
+    runner hands the JSON over (TensorRTRunner.inspector_json), plans.py asks no `runner.engine` of its own."""
     import types
 
     from pipeline.verify import layout as L
     from pipeline.verify.plans import plan_layers
 
-    monkeypatch.setitem(
-        sys.modules, "tensorrt", types.SimpleNamespace(LayerInformationFormat=types.SimpleNamespace(JSON=1))
-    )
     inspector_json = json.dumps(
         {
             "Layers": [
@@ -294,17 +291,13 @@ def test_plan_layers_map_sparse_tactics_to_macs(monkeypatch):
             ]
         }
     )
-    engine = types.SimpleNamespace(
-        create_engine_inspector=lambda: types.SimpleNamespace(get_engine_information=lambda fmt: inspector_json)
-    )
     layers, skipped = L.weighted_layers(fx.pruned("tensorrt"), [1, 8, 8])
     layout = L.layout_report(layers, skipped)
-    found = plan_layers(types.SimpleNamespace(engine=engine), layout)
+    found = plan_layers(types.SimpleNamespace(inspector_json=lambda: inspector_json), layout)
     assert [entry["sparse_tactic"] for entry in found["layers"]] == [True, False]  # the reformat layer is left out
     assert found["sparse_kernel_mac_fraction"] == pytest.approx(8 * 8 * 9 * 64 / layout.total_macs)
     bare = json.dumps({"Layers": ["/conv2/Conv", "/conv3/Conv"]})  # built without detailed verbosity
-    engine.create_engine_inspector = lambda: types.SimpleNamespace(get_engine_information=lambda fmt: bare)
-    unknown = plan_layers(types.SimpleNamespace(engine=engine), layout)
+    unknown = plan_layers(types.SimpleNamespace(inspector_json=lambda: bare), layout)
     assert unknown["sparse_kernel_mac_fraction"] is None and "DETAILED" in unknown["note"]
 
 

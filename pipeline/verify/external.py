@@ -21,7 +21,15 @@ from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import PreprocessConfig, Recipe, apply_override, set_field, validate
 from pipeline.verify import layout as layouts
-from pipeline.verify.measure import gate, gates_section, latency_section, measure_accuracy, measure_latency
+from pipeline.verify.measure import (
+    close_runners,
+    gate,
+    gates_section,
+    latency_section,
+    layer_times,
+    measure_accuracy,
+    measure_latency,
+)
 from pipeline.verify.onnx_files import check_pairing, classifier_io, load_onnx
 from pipeline.verify.pair import Pair
 from pipeline.verify.report import SCHEMA
@@ -232,7 +240,10 @@ def verify_files(options: FileOptions) -> tuple[dict[str, Any], dict, ArtifactPa
     paths = output_paths(options, pair)
     data = evaluation_data(recipe, pair.sparse)
     runners = pair.runners or onnx_runners(pair, recipe)
-    report, raw = measure_pair(pair, recipe, runners, data)
+    try:
+        report, raw = measure_pair(pair, recipe, runners, data)
+    finally:
+        close_runners(runners)
     report["seconds"] = round(time.time() - started, 2)
     return report, raw, paths
 
@@ -274,8 +285,8 @@ def measure_pair(pair: Pair, recipe: Recipe, runners, data) -> tuple[dict[str, A
         "accuracy": accuracy,
         "latency": latency_section(by_batch, serving),
         "speedup": by_batch[str(serving)]["speedup"]["ratio"],
-        "layer_times_ms": {variant: runner.layer_times() for variant, runner in runners.items()},
     }
+    report["layer_times_ms"], report["layer_times_batch"] = layer_times(runners, serving)
     report.update(_coverage(pair), layout=pair.layout.to_dict() if pair.layout else None)
     if pair.plan_layers is not None:
         report["plan_layers"] = pair.plan_layers

@@ -52,8 +52,19 @@ def measure_accuracy(runners, dataset, batch_size: int) -> dict[str, Any]:
     return result
 
 
+HOST_METHOD = "host wall-clock per run (perf_counter around the runtime's run call)"
+
+
+def timing_method(runner) -> str:
+    """How a runner's time_batch figures were taken (a TensorRT runner says: GPU compute time, CUDA events)."""
+    return getattr(runner, "timing_method", "") or HOST_METHOD
+
+
 def measure_latency(runners, input_shape, batches: list[int], iterations: int, warmup: int):
-    """Interleaved rounds (dense, sparse / sparse, dense alternating); per-iteration times in ms."""
+    """Interleaved rounds (dense, sparse / sparse, dense alternating); per-iteration times in ms.
+
+    Each figure is what the runner's time_batch returns (a TensorRT runner: GPU compute time per inference);
+    a runner that also measures host (enqueue) time keeps it in `last_host_ms`, reported beside, never gated."""
     rounds = max(1, min(10, iterations))
     per_round = max(1, math.ceil(iterations / rounds))
     raw: dict[str, dict[str, list[float]]] = {}
@@ -65,17 +76,22 @@ def measure_latency(runners, input_shape, batches: list[int], iterations: int, w
         for runner in runners.values():
             runner.time_batch(data, 0, warmup)
         per_variant: dict[str, list[list[float]]] = {"dense": [], "sparse": []}
+        host: dict[str, list[float]] = {"dense": [], "sparse": []}
         for index in range(rounds):
             order = ("dense", "sparse") if index % 2 == 0 else ("sparse", "dense")
             for variant in order:
                 per_variant[variant].append(runners[variant].time_batch(data, per_round, 0))
+                host[variant].extend(getattr(runners[variant], "last_host_ms", None) or [])
             bar.update(1)
         raw[str(batch)] = {variant: [t for chunk in chunks for t in chunk] for variant, chunks in per_variant.items()}
         by_batch[str(batch)] = {
             "dense": latency_stats(raw[str(batch)]["dense"], batch),
             "sparse": latency_stats(raw[str(batch)]["sparse"], batch),
             "speedup": speedup_stats(per_variant["dense"], per_variant["sparse"]),
+            "method": {variant: timing_method(runner) for variant, runner in runners.items()},
         }
+        if host["dense"] and host["sparse"]:
+            by_batch[str(batch)]["host_ms"] = {v: latency_stats(times, batch) for v, times in host.items()}
     bar.close()
     return by_batch, raw
 
@@ -83,14 +99,39 @@ def measure_latency(runners, input_shape, batches: list[int], iterations: int, w
 def latency_section(by_batch: dict[str, Any], serving: int) -> dict[str, Any]:
     """report.json's `latency` from measure_latency's figures."""
     entry = by_batch[str(serving)]
+    methods = sorted(set(entry.get("method", {}).values())) or [HOST_METHOD]
     return {
         "dense": entry["dense"],
         "sparse": entry["sparse"],
         "serving_batch": serving,
         "speedup_spread": entry["speedup"],
         "by_batch": by_batch,
-        "method": "dense and sparse interleaved per round (order alternating), perf_counter, after warm-up",
+        "method": "dense and sparse interleaved per round (order alternating), after warm-up; each figure: "
+        + " / ".join(methods),
+        "host_ms": entry.get("host_ms"),
     }
+
+
+def layer_times(runners, batch: int) -> tuple[dict[str, Any], int | None]:
+    """Per-layer times of each runner at `batch` where the runner takes a batch (TensorRT; else its own), and the
+    batch they ran at (None when a runner chooses its own)."""
+    import inspect
+
+    times, asked = {}, True
+    for variant, runner in runners.items():
+        if "batch" in inspect.signature(runner.layer_times).parameters:
+            times[variant] = runner.layer_times(batch=batch)
+        else:
+            times[variant], asked = runner.layer_times(), False
+    return times, batch if asked else None
+
+
+def close_runners(runners) -> None:
+    """Release each runner that holds a device context (TensorRT runners are deactivated)."""
+    for runner in runners.values():
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()
 
 
 # --------------------------------------------------------------------------- gates

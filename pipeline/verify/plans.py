@@ -70,12 +70,9 @@ def _classes(runner) -> int:
 
 def plan_layers(runner, layout: layouts.LayoutReport | None) -> dict[str, Any]:
     """Per TensorRT layer of the sparse plan: tactic, HasSparseWeights, ONNX nodes; and the MAC share picked sparse."""
-    import tensorrt as trt
-
     from pipeline.backends.tensorrt.sparsity import parse_inspector_json
 
-    inspector = runner.engine.create_engine_inspector()
-    layers = parse_inspector_json(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    layers = parse_inspector_json(runner.inspector_json())
     entries = [
         {
             "trt_layer": layer.name,

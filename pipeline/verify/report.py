@@ -203,12 +203,22 @@ def _latency(report: dict[str, Any]) -> list[str]:
                 f"{stats['p99_ms']:.3f} | {stats['images_per_s']:.1f} | {extra} |"
             )
     spread = lat["speedup_spread"]["bootstrap_95"]
-    return lines + [
+    lines += [
         "",
         f"Speed-up at the serving batch ({lat['serving_batch']}): **{report['speedup']:.3f}x** "
         f"(bootstrap 95% of the per-round median: {spread[0]:.3f}-{spread[1]:.3f}).",
         "",
+        f"Method: {lat.get('method', 'not recorded')}.",
+        "",
     ]
+    host = lat.get("host_ms")
+    if host:
+        lines += [
+            f"Host enqueue time per inference (not gated): dense {host['dense']['p50_ms']:.4f} ms, sparse "
+            f"{host['sparse']['p50_ms']:.4f} ms (p50).",
+            "",
+        ]
+    return lines
 
 
 def _coverage(report: dict[str, Any]) -> list[str]:

@@ -12,23 +12,26 @@ calls that need libnvinfer and a GPU (EngineFromNetwork, SaveEngine, TrtRunner) 
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.backends import BuildResult
 from pipeline.backends.build_report import VARIANTS
-from pipeline.backends.tensorrt.info import EngineInfo, engine_path, inspector_path, log_path
+from pipeline.backends.tensorrt.info import EngineInfo, engine_path, inspector_path, log_path, sidecar_path
+from pipeline.backends.tensorrt.log import captured_log, errors_in
 from pipeline.backends.tensorrt.parser_support import MIN_VERSION, check_parsable
+from pipeline.backends.tensorrt.runner import TensorRTRunner, make_profiler
 from pipeline.backends.tensorrt.sparsity import OnnxNameMap, sparse_layer_report
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, ensure_dir, write_text
 
 TIMING_CACHE = "timing.cache"
+# The oldest Polygraphy with every attribute this backend reads (G_LOGGER.use_python_logging_system is missing
+# from 0.49.0-0.49.12, the versions in the TensorRT 10.0/10.2 containers; checked in the 0.49.9 and 0.49.14
+# wheels on PyPI). pyproject.toml's extras carry the same floor (tests/test_trt_timing.py compares them).
+POLYGRAPHY_MIN = (0, 49, 14)
+POLYGRAPHY_ATTRIBUTES = ("use_python_logging_system", "module_severity", "colors", "EXTRA_VERBOSE")
 # build.hardware_compatibility -> HardwareCompatibilityLevel member (AMPERE_PLUS from 8.6, SAME_COMPUTE_CAPABILITY 10.9)
 HARDWARE_LEVELS = {"none": None, "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
 
@@ -57,6 +60,29 @@ def import_tensorrt():
             f"{MIN_VERSION[0]}.{MIN_VERSION[1]} (pip install 'tensorrt-cu12>=10'; docs/tensorrt.md)"
         )
     return trt
+
+
+def check_polygraphy(package=None) -> str:
+    """Polygraphy's version, or one line saying it is missing or too old (before any build or runner starts)."""
+    try:
+        import polygraphy
+        from polygraphy.logger import G_LOGGER
+    except ImportError as exc:
+        raise PipelineError(f"polygraphy is not installed ({exc}); pip install 'polygraphy>={_floor()}'") from None
+    version = str(getattr(package or polygraphy, "__version__", "0"))
+    try:
+        parts = tuple(int(part) for part in version.split(".")[:3])
+    except ValueError:
+        parts = (0,)
+    missing = [name for name in POLYGRAPHY_ATTRIBUTES if not hasattr(G_LOGGER, name)]
+    if parts < POLYGRAPHY_MIN or missing:
+        lacking = f" (its logger has no {', '.join(missing)})" if missing else ""
+        raise PipelineError(f"polygraphy {version} is too old{lacking}; pip install 'polygraphy>={_floor()}'")
+    return version
+
+
+def _floor() -> str:
+    return ".".join(map(str, POLYGRAPHY_MIN))
 
 
 def onnx_for_precision(paths, variant: str, precision: str, major: int) -> Path:
@@ -92,6 +118,16 @@ def precision_flags(precision: str, version: tuple[int, int]) -> dict[str, bool]
     return {"fp32": {}, "fp16": {"fp16": True}, "int8": {"int8": True, "fp16": True}}[precision]
 
 
+def onnx_output(onnx_path: Path) -> str:
+    """The name of the graph's first output (the logits), as the engine will name its output tensor."""
+    import onnx
+
+    outputs = onnx.load(str(onnx_path), load_external_data=False).graph.output
+    if not outputs:
+        raise PipelineError(f"{onnx_path} has no outputs; re-export the model")
+    return outputs[0].name
+
+
 def onnx_input(onnx_path: Path, recipe) -> tuple[str, list[int]]:
     """(name, [batch, *sample shape]) of the graph's one input; refuses a fixed batch the recipe's range cannot use."""
     import onnx
@@ -113,42 +149,6 @@ def onnx_input(onnx_path: Path, recipe) -> tuple[str, list[int]]:
             f"batch axis to build for batches {cfg.min_batch}..{cfg.max_batch}"
         )
     return inputs[0].name, [-1] + [d if d > 0 else r for d, r in zip(dims[1:], recipe.input_shape)]
-
-
-@contextlib.contextmanager
-def captured_log():
-    """Polygraphy's log (TensorRT's lines among it) into a list instead of stdout: INFO and above, and "(Sparsity)"
-    lines at any severity (their severity differs between versions)."""
-    from polygraphy.logger import G_LOGGER
-
-    lines: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            text = record.getMessage()
-            if record.levelno >= logging.DEBUG or "(Sparsity)" in text:
-                lines.append(text)
-
-    saved = G_LOGGER.use_python_logging_system, G_LOGGER.module_severity, G_LOGGER.colors
-    G_LOGGER.use_python_logging_system, G_LOGGER.module_severity = True, G_LOGGER.EXTRA_VERBOSE
-    G_LOGGER.colors = False  # no escape codes in the log file
-    logger, handler = logging.getLogger("Polygraphy"), Keep(level=1)
-    saved_logger = logger.level, logger.propagate
-    logger.setLevel(1)
-    logger.propagate = False
-    logger.addHandler(handler)
-    try:
-        yield lines
-    finally:
-        logger.removeHandler(handler)
-        logger.level, logger.propagate = saved_logger
-        G_LOGGER.use_python_logging_system, G_LOGGER.module_severity, G_LOGGER.colors = saved
-
-
-def errors_in(lines: list[str], limit: int = 3) -> str:
-    """The last error lines of a captured log ("" when there is none)."""
-    bad = [line for line in lines if line.lstrip().startswith(("[E]", "[!]"))]
-    return " | ".join(bad[-limit:])
 
 
 def hardware_level(trt, name: str):
@@ -195,6 +195,12 @@ def inspect(trt, engine) -> str:
     return engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
 
 
+def gpu_visible() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def gpu_info() -> dict[str, Any]:
     import torch
 
@@ -211,11 +217,10 @@ class TensorRTBackend:
     def available(self) -> tuple[bool, str]:
         try:
             trt = import_tensorrt()
-            import polygraphy  # noqa: F401
-            import torch
+            check_polygraphy()
         except (PipelineError, ImportError) as exc:
             return False, str(exc)
-        if not torch.cuda.is_available():
+        if not gpu_visible():
             return False, "no CUDA GPU is visible to torch"
         return True, f"tensorrt {trt.__version__}"
 
@@ -224,6 +229,7 @@ class TensorRTBackend:
 
     def build(self, onnx_path: Path, engine_dir: Path, variant: str, recipe, sparse: bool) -> BuildResult:
         trt = import_tensorrt()
+        check_polygraphy()
         onnx_path, engine_dir, version = Path(onnx_path), ensure_dir(Path(engine_dir)), trt_version(trt)
         check_parsable([onnx_path], version, f"TensorRT {trt.__version__}")
         hardware_level(trt, recipe.build.hardware_compatibility)
@@ -257,6 +263,7 @@ class TensorRTBackend:
             gpu_info(),
             sparse=sparse,
             input_name=onnx_input(onnx_path, recipe)[0],
+            output_name=onnx_output(onnx_path),
             strongly_typed=version >= (11, 0),
             build_seconds=seconds,
             sparse_layers=report,
@@ -265,87 +272,15 @@ class TensorRTBackend:
         return BuildResult(engine_path=engine_file, metadata=info.to_dict(), sparse_layers=report)
 
     def load(self, engine_path: Path, recipe) -> TensorRTRunner:
+        """A runner over any plan: I/O and batch range from the engine; the sidecar, where one exists, adds the
+        pipeline's own record (a plan from another tool has none and needs none)."""
         import_tensorrt()
+        check_polygraphy()
         engine_path = Path(engine_path)
         if not engine_path.is_file():
             raise PipelineError(f"engine {engine_path} does not exist; run the build stage first")
-        return TensorRTRunner(engine_path, EngineInfo.load(engine_path))
+        info = EngineInfo.load(engine_path) if sidecar_path(engine_path).exists() else None
+        return TensorRTRunner(engine_path, info)
 
 
-class TensorRTRunner:
-    """Polygraphy's TrtRunner over one engine, with the batch range and input shape its sidecar records.
-
-    `time_batch` is TrtRunner's own inference time of each call, inputs already on the GPU and outputs left
-    there. `layer_times` attaches an IProfiler to the runner's one execution context (no second context, so
-    no question which optimisation profile it gets); call it after the timed runs.
-    """
-
-    def __init__(self, engine_path: Path, info: EngineInfo):
-        from polygraphy.backend.common import BytesFromPath
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-        self.info, self.input_name, self.output_name = info, info.input_name, info.output_name
-        self.min_batch, self.max_batch, self.sample_shape = info.batch["min"], info.batch["max"], info.input_shape[1:]
-        lines: list[str] = []
-        try:
-            with captured_log() as lines:
-                self._runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))))
-                self._runner.activate()
-        except Exception:
-            said = errors_in(lines) or "no error line"
-            raise PipelineError(
-                f"TensorRT cannot load {engine_path} ({said}); it was built by another TensorRT "
-                "version or GPU: rebuild it with the build stage"
-            ) from None
-
-    def _feed(self, batch) -> dict[str, Any]:
-        shape = list(batch.shape)
-        if len(shape) != 1 + len(self.sample_shape) or shape[1:] != list(self.sample_shape):
-            raise PipelineError(
-                f"batch shape {shape} does not match the engine input [N, {', '.join(map(str, self.sample_shape))}]"
-            )
-        if not self.min_batch <= shape[0] <= self.max_batch:
-            raise PipelineError(
-                f"batch of {shape[0]} is outside the engine's range {self.min_batch}..{self.max_batch}"
-                "; rebuild with a larger --set build.max_batch"
-            )
-        return {self.input_name: batch}
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        feed = self._feed(np.ascontiguousarray(batch, dtype=np.float32))
-        return np.asarray(self._runner.infer(feed)[self.output_name], dtype=np.float32)
-
-    def time_batch(self, batch: np.ndarray, iterations: int, warmup: int) -> list[float]:
-        import torch
-
-        feed = self._feed(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).cuda())
-        times = []
-        for index in range(max(0, warmup) + iterations):
-            self._runner.infer(feed, copy_outputs_to_host=False)
-            if index >= warmup:
-                times.append(self._runner.last_inference_time() * 1e3)
-        return times
-
-    def layer_times(self, runs: int = 10) -> dict[str, float] | None:
-        """Mean milliseconds per TensorRT layer over `runs` profiled executions (the first run is dropped)."""
-        import tensorrt as trt
-
-        totals: dict[str, float] = {}
-        self._runner.context.profiler = make_profiler(trt, totals)
-        feed = self._feed(np.zeros((self.info.batch["opt"], *self.sample_shape), dtype=np.float32))
-        self._runner.infer(feed, copy_outputs_to_host=False)
-        totals.clear()
-        for _ in range(runs):
-            self._runner.infer(feed, copy_outputs_to_host=False)
-        return {name: total / runs for name, total in totals.items()} or None
-
-
-def make_profiler(trt, totals: dict[str, float]):
-    class LayerProfiler(trt.IProfiler):
-        def __init__(self):
-            trt.IProfiler.__init__(self)
-
-        def report_layer_time(self, layer_name, ms):  # called by TensorRT after each profiled execution
-            totals[layer_name] = totals.get(layer_name, 0.0) + float(ms)
-
-    return LayerProfiler()
+__all__ = ["TensorRTBackend", "TensorRTRunner", "captured_log", "errors_in", "make_profiler"]

@@ -71,6 +71,39 @@ class EngineInfo:
         strongly_typed: bool,
         build_seconds: float,
         sparse_layers: dict[str, Any],
+        output_name: str | None = None,
+    ) -> EngineInfo:
+        """OUTPUT_NAME: the graph's output (the engine's output tensor); the recipe's export.output_name if not given."""
+        return cls._for_build(
+            recipe,
+            variant,
+            onnx_path,
+            engine_file,
+            version,
+            gpu,
+            sparse,
+            input_name,
+            strongly_typed,
+            build_seconds,
+            sparse_layers,
+            output_name or recipe.export.output_name,
+        )
+
+    @classmethod
+    def _for_build(
+        cls,
+        recipe,
+        variant: str,
+        onnx_path: Path,
+        engine_file: Path,
+        version: str,
+        gpu: dict[str, Any],
+        sparse: bool,
+        input_name: str,
+        strongly_typed: bool,
+        build_seconds: float,
+        sparse_layers: dict[str, Any],
+        output_name: str,
     ) -> EngineInfo:
         cfg = recipe.build
         return cls(
@@ -85,7 +118,7 @@ class EngineInfo:
             sparse_weights_flag=bool(sparse),
             batch={"min": cfg.min_batch, "opt": cfg.opt_batch, "max": cfg.max_batch},
             input_name=input_name,
-            output_name=recipe.export.output_name,
+            output_name=output_name,
             input_shape=[-1, *recipe.input_shape],
             engine=engine_file.name,
             engine_sha256=sha256_file(engine_file),
