@@ -410,7 +410,8 @@ def test_fused_names_with_commas_survive_the_split():
     fused = "PWN(PWN(node_Conv_7, /layer2/layer2.0/relu/Relu), /layer2/layer2.0/Add)"
     assert log["eligible"] == [f"{CONV_A} + /layer1/layer1.0/relu/Relu", fused, "/fc/Gemm"]
     assert log["picked"] == [fused]
-    assert parse_sparsity_log(["[I] nothing about sparsity"]) == {"eligible": None, "picked": None}
+    nothing = parse_sparsity_log(["[V] nothing about sparsity"])
+    assert (nothing["eligible"], nothing["picked"], nothing["blocks"], nothing["format"]) == (None, None, [], None)
     assert parse_sparsity_log(fixture_lines("builder_log_int8_qdq.txt"))["picked"] == []  # seen, and empty
 
 
@@ -442,12 +443,19 @@ def test_inspector_metadata_beats_layer_names(tmp_path):
 
 def test_inspector_only_report_maps_every_fused_layer(tmp_path):
     """Defect 3 end to end: with no "(Sparsity)" line (fixture builder_log_no_sparsity.txt) eligibility comes
-    from HasSparseWeights, and per-layer rows exist for the fused conv and the ForeignNode, none unmapped."""
+    from HasSparseWeights, and per-layer rows exist for the fused conv and the ForeignNode, none unmapped.
+    Issue 35: the inspector's sparse tactic name is evidence of its own, named as such."""
     names = OnnxNameMap.from_onnx(_onnx(tmp_path / "m.onnx"))
-    report = sparse_layer_report(
-        fixture_lines("builder_log_no_sparsity.txt"), (FIXTURES / "inspector_fp16_sparse.json").read_text(), names
+    inspector = (FIXTURES / "inspector_fp16_sparse.json").read_text()
+    report = sparse_layer_report(fixture_lines("builder_log_no_sparsity.txt"), inspector, names)
+    assert report["picked_sparse"] == ["layer2.0.conv1"] and report["raw"]["sources"] == [
+        "engine inspector tactic names"
+    ]
+    assert [row["evidence"] for row in report["layers"]] == [[], ["inspector tactic name"], []]
+    unknown = sparse_layer_report(
+        fixture_lines("builder_log_no_sparsity.txt"), inspector.replace("sparse_conv", "implicit_gemm"), names
     )
-    assert report["picked_sparse"] is None and "not known" in report["notes"][0]
+    assert unknown["picked_sparse"] is None and "not known" in unknown["notes"][0]
     assert report["eligible"] == ["layer2.0.conv1"] and report["raw"]["unmapped"] == []
     assert [row["modules"] for row in report["layers"]] == [["layer1.0.conv1"], ["layer2.0.conv1"], ["fc"]]
 
@@ -472,6 +480,7 @@ def test_reformat_time_is_not_charged_to_the_conv_it_feeds(tmp_path):
     }
     assert module_layer_times(times, inspector, names) == {
         "modules": {"layer1.0.conv1": 1.0, "layer2.0.conv1": 2.0, "fc": 0.25},
+        "blocks": {},
         "reformat_ms": 0.5,
         "other_ms": 0.125,
     }

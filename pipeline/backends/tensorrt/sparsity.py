@@ -1,10 +1,15 @@
 """Which layers TensorRT found eligible for, and built with, 2:4 sparse kernels, by PyTorch module name.
 
-Two sources, both read after a build:
-- the builder log. Some TensorRT versions print, at INFO, "(Sparsity) Layers eligible for sparse
-  math: a, b" and "(Sparsity) TRT inference plan picked sparse implementation for layers: b". Only
-  the second line says which layers run sparse kernels. When it is missing the report says so; it
-  does not guess from kernel names.
+Every source TensorRT gives, each named in the report:
+- the builder log, in either format. Before 10.14: "(Sparsity) Layers eligible for sparse math: a, b" and
+  "(Sparsity) TRT inference plan picked sparse implementation for layers: b". From 10.14 (NVIDIA
+  Model-Optimizer PR #1664, examples/sparse_quant_trt, on 10.14.1; the same on 11.1): "(Sparsity) Found N
+  layer(s) eligible to use sparse tactics: ..." and "(Sparsity) Chose M layer(s) using sparse tactics: ...",
+  one pair per fused (Myelin) block; every pair is kept. Only the picked/chose lines say what runs sparse.
+- the inspector's tactic name of a layer ("..._sparse_conv_..." is a sparse kernel), and its
+  HasSparseWeights field (2:4 weights: eligibility, not a pick).
+A fused block (a layer holding several modules, e.g. a {ForeignNode[...]}) is reported as a block: its modules
+are listed as inside it and are credited one by one only where the evidence names them one by one.
 - the engine inspector's per-layer JSON (needs ProfilingVerbosity.DETAILED): layer name, type,
   tactic, "HasSparseWeights" for convolutions and "Metadata": one "[ONNX Layer: <node>]" record per
   ONNX node the layer came from (onnx-tensorrt's processMetadata writes "[ONNX Layer: <node> | Local
@@ -29,6 +34,10 @@ from typing import Any
 
 ELIGIBLE_MARKER = "(Sparsity) Layers eligible for sparse math:"
 PICKED_MARKER = "(Sparsity) TRT inference plan picked sparse implementation for layers:"
+# TensorRT >= 10.14: one pair per fused block (the names after the colon may be missing)
+FOUND_LINE = re.compile(r"\(Sparsity\) Found (\d+) layer\(s\) eligible to use sparse tactics(?::(.*))?$")
+CHOSE_LINE = re.compile(r"\(Sparsity\) Chose (\d+) layer\(s\) using sparse tactics(?::(.*))?$")
+OLD_FORMAT, NEW_FORMAT = "TensorRT < 10.14 lines", "TensorRT >= 10.14 lines (one pair per fused block)"
 QDQ_SPARSE_ISSUE = "https://github.com/NVIDIA/TensorRT/issues/4694"
 
 # Node types whose weights TensorRT can run with sparse kernels.
@@ -43,7 +52,7 @@ _OPEN, _CLOSE = "([{", ")]}"
 
 def split_layer_list(text: str) -> list[str]:
     """Split "a + b, PWN(PWN(c), d), e" on the commas that are outside any brackets."""
-    names, depth, current = [], 0, []
+    names, depth, current = [], 0, list[str]()
     for char in text:
         if char in _OPEN:
             depth += 1
@@ -58,17 +67,56 @@ def split_layer_list(text: str) -> list[str]:
     return [name for name in names if name]
 
 
-def parse_sparsity_log(lines: Iterable[str]) -> dict[str, list[str] | None]:
-    """TensorRT layer names from the "(Sparsity)" lines, in order, without repeats; None for a line never seen."""
-    found: dict[str, list[str] | None] = {"eligible": None, "picked": None}
+def _add(found: dict[str, Any], key: str, names: list[str]) -> None:
+    kept = found[key] if found[key] is not None else []
+    kept.extend(name for name in names if name not in kept)
+    found[key] = kept
+
+
+def _new_format(line: str, found: dict[str, Any]) -> bool:
+    """One 10.14+ line into `found` (a Found line opens a block, its Chose line closes it); False if neither."""
+    for pattern, key, count_key in ((FOUND_LINE, "eligible", "eligible_count"), (CHOSE_LINE, "picked", "picked_count")):
+        match = pattern.search(line.rstrip())
+        if not match:
+            continue
+        count, names = int(match.group(1)), split_layer_list(match.group(2) or "")
+        blocks = found["blocks"]
+        if key == "eligible" or not blocks or blocks[-1]["picked_count"] is not None:
+            blocks.append({"eligible_count": None, "eligible": None, "picked_count": None, "picked": None})
+        blocks[-1][count_key], blocks[-1][key] = count, names if names or count == 0 else None
+        found[count_key] = (found[count_key] or 0) + count
+        if names or count == 0:
+            _add(found, key, names)
+        else:
+            found["unnamed"].append(key)
+        found["format"] = NEW_FORMAT
+        return True
+    return False
+
+
+def parse_sparsity_log(lines: Iterable[str]) -> dict[str, Any]:
+    """TensorRT layer names from the "(Sparsity)" lines of either format, in order, without repeats.
+
+    "eligible"/"picked": None for a line never seen; "blocks": each 10.14+ Found/Chose pair (one per fused
+    block), all kept; "eligible_count"/"picked_count": the counts those lines print; "unnamed": the kinds of
+    line seen with a count but no names (then which layers they mean is not known by name)."""
+    found: dict[str, Any] = {
+        "eligible": None,
+        "picked": None,
+        "format": None,
+        "blocks": [],
+        "eligible_count": None,
+        "picked_count": None,
+        "unnamed": [],
+    }
     for line in lines:
+        if _new_format(line, found):
+            continue
         for key, marker in (("eligible", ELIGIBLE_MARKER), ("picked", PICKED_MARKER)):
             at = line.find(marker)
-            if at < 0:
-                continue
-            names = found[key] if found[key] is not None else []
-            names.extend(name for name in split_layer_list(line[at + len(marker) :]) if name not in names)
-            found[key] = names
+            if at >= 0:
+                _add(found, key, split_layer_list(line[at + len(marker) :]))
+                found["format"] = found["format"] or OLD_FORMAT
     return found
 
 
@@ -80,6 +128,12 @@ class InspectedLayer:
     metadata: str = ""
     origin: str = ""
     has_sparse_weights: bool | None = None  # "HasSparseWeights", written for convolutions
+    formats: list[str] = field(default_factory=list)  # each input's format and data type, as the inspector says
+
+    @property
+    def sparse_tactic(self) -> bool:
+        """The tactic TensorRT picked is a sparse kernel (its names say so: "sm80_xmma_fprop_sparse_conv_...")."""
+        return "sparse" in self.tactic.lower()
 
     @property
     def onnx_nodes(self) -> list[str]:
@@ -98,20 +152,43 @@ class InspectedLayer:
         )
 
 
-def parse_inspector_json(text: str | None) -> list[InspectedLayer]:
+def _tensor_format(tensor: Any) -> str:
+    """A tensor's format and type: 10.x writes one "Format/Datatype" string; 11.x splits it into "Format" and
+    "DataType" (TensorRT 11 migration guide, engine inspector changes)."""
+    if not isinstance(tensor, dict):
+        return ""
+    if "Format/Datatype" in tensor:
+        return str(tensor["Format/Datatype"])
+    return " ".join(str(tensor[key]) for key in ("Format", "DataType") if key in tensor)
+
+
+class InspectorLayers(list):
+    """The inspector's layers, with the engine's I/O tensor names ("Bindings" in 10.x, "I/O Tensors" in 11.x)."""
+
+    io: list[str]
+
+
+def inspector_io(text: str | None) -> list[str]:
+    """The engine's I/O tensor names from the inspector JSON: "Bindings" in 10.x, "I/O Tensors" in 11.x."""
+    return parse_inspector_json(text).io
+
+
+def parse_inspector_json(text: str | None) -> InspectorLayers:
     """Layers from IEngineInspector.get_engine_information(LayerInformationFormat.JSON).
 
     With ProfilingVerbosity.DETAILED each entry of "Layers" is a dict (Name, LayerType, TacticName,
     Metadata, ...); with less verbosity entries are bare layer names, which are kept without details.
     """
-    if not text:
-        return []
+    layers = InspectorLayers()
+    layers.io = []
     try:
-        data = json.loads(text)
+        data = json.loads(text) if text else None
     except json.JSONDecodeError:
-        return []
+        return layers
     entries = data.get("Layers", []) if isinstance(data, dict) else data if isinstance(data, list) else []
-    layers = []
+    if isinstance(data, dict):
+        names = data.get("I/O Tensors", data.get("Bindings")) or []
+        layers.io = [str(entry.get("Name", "")) if isinstance(entry, dict) else str(entry) for entry in names]
     for entry in entries:
         if isinstance(entry, str):
             layers.append(InspectedLayer(name=entry))
@@ -125,6 +202,7 @@ def parse_inspector_json(text: str | None) -> list[InspectedLayer]:
                     metadata=str(entry.get("Metadata", "")),
                     origin=str(entry.get("Origin", "")),
                     has_sparse_weights=None if sparse is None else bool(sparse),
+                    formats=[_tensor_format(tensor) for tensor in entry.get("Inputs", [])],
                 )
             )
     return layers
@@ -227,55 +305,115 @@ def _module_from_weight(tensor: str, initializers: set[str], producer: dict[str,
 
 
 class _ModuleMapper:
-    """TensorRT layer names -> PyTorch modules (Metadata first), remembering the names that map to none."""
+    """TensorRT layer names -> PyTorch modules (Metadata first), remembering the names that map to none.
+
+    A name of a fused block (a layer holding several modules) gives no module one by one: `blocks` collects it,
+    with the modules inside, so a report lists them as inside the block and credits none of them by guess."""
 
     def __init__(self, layers: list[InspectedLayer], names: OnnxNameMap):
-        self.by_name, self.names, self.unmapped = {layer.name: layer for layer in layers}, names, []
+        self.by_name, self.names = {layer.name: layer for layer in layers}, names
+        self.unmapped: list[str] = []
 
-    def modules(self, trt_names: Iterable[str]) -> list[str]:
+    def split(self, trt_names: Iterable[str]) -> tuple[list[str], list[dict[str, Any]]]:
+        """(modules named one by one, blocks named as a whole [{trt_layer, modules}])."""
         out: list[str] = []
+        blocks: list[dict[str, Any]] = []
         for trt_name in trt_names:
             layer = self.by_name.get(trt_name)
             found = self.names.modules_of(layer) if layer is not None else self.names.torch_names(trt_name)
             if not found and trt_name not in self.unmapped:
                 self.unmapped.append(trt_name)
+            if len(found) > 1:
+                blocks.append({"trt_layer": trt_name, "modules": found})
+                continue
             out.extend(name for name in found if name not in out)
-        return out
+        return out, blocks
+
+    def modules(self, trt_names: Iterable[str]) -> list[str]:
+        """Every module the names cover, blocks' included (for eligibility, which is no claim of a kernel)."""
+        single, blocks = self.split(trt_names)
+        return single + [m for block in blocks for m in block["modules"] if m not in single]
 
 
-def _per_layer(layers: list[InspectedLayer], names: OnnxNameMap, log: dict) -> list[dict[str, Any]]:
+def _row(layer: InspectedLayer, mapped: list[str], log: dict, log_named: list[str]) -> dict[str, Any]:
+    """One layer's row. LOG_NAMED: modules whose own ONNX node the log's pick lines name."""
+    in_log = lambda key: None if log[key] is None else layer.name in log[key]  # noqa: E731
+    block, named = len(mapped) > 1, [m for m in mapped if m in log_named]
+    sources = [
+        source
+        for source, said in (
+            ("builder log", in_log("picked")),
+            ("inspector tactic name", layer.sparse_tactic),
+            ("builder log names " + ("a node inside it" if block else "its ONNX node"), bool(named)),
+        )
+        if said
+    ]
+    return {
+        "trt_layer": layer.name,
+        "kind": "block" if block else "layer",
+        "modules": mapped,
+        "layer_type": layer.layer_type,
+        "tactic": layer.tactic,
+        "has_sparse_weights": layer.has_sparse_weights,
+        "log_eligible": in_log("eligible"),
+        "picked_sparse": True if sources else in_log("picked"),
+        # inside a block: the modules the evidence names one by one (the others are not credited)
+        "modules_named_sparse": named if block else None,
+        "evidence": sources,
+    }
+
+
+def _per_layer(layers: list[InspectedLayer], names: OnnxNameMap, log: dict) -> list[dict]:
+    by_name = {layer.name for layer in layers}
+    log_named = [m for name in log["picked"] or [] if name not in by_name for m in names.torch_names(name)]
     rows = []
     for layer in layers:
         mapped = names.modules_of(layer)
         if mapped:
-            rows.append(
-                {
-                    "trt_layer": layer.name,
-                    "modules": mapped,
-                    "layer_type": layer.layer_type,
-                    "tactic": layer.tactic,
-                    "has_sparse_weights": layer.has_sparse_weights,
-                    "log_eligible": None if log["eligible"] is None else layer.name in log["eligible"],
-                    "picked_sparse": None if log["picked"] is None else layer.name in log["picked"],
-                }
-            )
+            rows.append(_row(layer, mapped, log, log_named))
     return rows
 
 
-def _notes(per_layer: list[dict[str, Any]], picked: list[str] | None, quantized: bool) -> list[str]:
+def _notes(per_layer: list[dict[str, Any]], picked: list[str] | None, log: dict, quantized: bool) -> list[str]:
     if picked is None:
+        if "picked" in log["unnamed"]:
+            return [
+                f"TensorRT chose {log['picked_count']} layer(s) using sparse tactics but did not name them, and no "
+                "tactic name says sparse: which layers run sparse kernels is not known"
+            ]
         return [
-            "TensorRT printed no '(Sparsity) ... picked sparse implementation' line (only some versions print "
-            "it, at INFO), so which layers run sparse kernels is not known; each layer's tactic is listed under "
-            "'layers'"
+            "TensorRT printed no '(Sparsity) ... picked sparse implementation' or '(Sparsity) Chose ...' line, and "
+            "no tactic name says sparse, so which layers run sparse kernels is not known; each layer's tactic is "
+            "listed under 'layers'"
         ]
+    notes = []
+    blocks = [row for row in per_layer if row["kind"] == "block" and row["picked_sparse"]]
+    if blocks:
+        notes.append(
+            f"{len(blocks)} fused block(s) run sparse tactics as a whole; the modules inside them are listed under "
+            "'sparse_blocks' and credited one by one only where the log names them"
+        )
     dense = [row["trt_layer"] for row in per_layer if row["has_sparse_weights"] and not row["picked_sparse"]]
     if quantized and dense:
-        return [
+        notes.append(
             f"{len(dense)} Q/DQ layer(s) have 2:4 weights (HasSparseWeights=1) but TensorRT picked dense tactics "
             f"for them: a known TensorRT behaviour with Q/DQ graphs ({QDQ_SPARSE_ISSUE})"
-        ]
-    return []
+        )
+    return notes
+
+
+def _picked(log: dict, layers: list[InspectedLayer], mapper: _ModuleMapper):
+    """(modules running sparse kernels one by one or None if unknown, blocks running them as a whole, sources)."""
+    tactic_layers = [layer.name for layer in layers if layer.sparse_tactic]
+    if log["picked"] is None and not tactic_layers:
+        return None, [], []
+    single, blocks = mapper.split([*(log["picked"] or []), *tactic_layers])
+    sources = (["builder log (" + str(log["format"]) + ")"] if log["picked"] is not None else []) + (
+        ["engine inspector tactic names"] if tactic_layers else []
+    )
+    if log["picked"] is None and "picked" in log["unnamed"]:
+        sources.append(f"builder log: {log['picked_count']} layer(s) chosen, unnamed")
+    return single, blocks, sources
 
 
 def sparse_layer_report(
@@ -283,27 +421,31 @@ def sparse_layer_report(
 ) -> dict[str, Any]:
     """The sparse-layer report of one engine (BuildResult.sparse_layers); see docs/tensorrt.md.
 
-    "picked_sparse" is None when TensorRT printed no "picked sparse implementation" line: then which
-    layers run sparse kernels is not known, and "notes" says so.
-    """
+    "picked_sparse": modules the evidence says run sparse kernels, one by one (None when nothing says which);
+    "sparse_blocks": fused blocks that run sparse tactics as a whole, with the modules inside (not credited)."""
     log = parse_sparsity_log(log_lines)
     layers = parse_inspector_json(inspector_json)
     mapper = _ModuleMapper(layers, names)
     inspector_sparse = [layer.name for layer in layers if layer.has_sparse_weights]
     from_log = log["eligible"] is not None
     eligible = mapper.modules(log["eligible"] if from_log else inspector_sparse)
-    picked = mapper.modules(log["picked"]) if log["picked"] is not None else None
+    picked, blocks, sources = _picked(log, layers, mapper)
     per_layer = _per_layer(layers, names, log)
     return {
         "eligible": eligible,
         "picked_sparse": picked,
+        "sparse_blocks": blocks,
         "layers": per_layer,
-        "notes": _notes(per_layer, picked, quantized),
+        "notes": _notes(per_layer, picked, log, quantized),
         "raw": {
-            "source": "builder log" if picked is not None else "none (no '(Sparsity) ... picked' line in the log)",
+            "source": ", ".join(sources) or "none (no '(Sparsity)' pick line in the log, no sparse tactic name)",
+            "sources": sources,
+            "log_format": log["format"],
             "eligible_source": "builder log" if from_log else "engine inspector HasSparseWeights",
             "log_eligible": log["eligible"],
             "log_picked": log["picked"],
+            "log_blocks": log["blocks"],
+            "log_counts": {"eligible": log["eligible_count"], "picked": log["picked_count"]},
             "inspector_has_sparse_weights": inspector_sparse,
             "inspector_layers": len(layers),
             "unmapped": mapper.unmapped,
@@ -312,13 +454,14 @@ def sparse_layer_report(
 
 
 def module_layer_times(times: dict[str, float], inspector_json: str | None, names: OnnxNameMap) -> dict[str, Any]:
-    """Per-TensorRT-layer times (Runner.layer_times) summed per PyTorch module.
+    """Per-TensorRT-layer times (Runner.layer_times) per PyTorch module, and per fused block.
 
-    Reformat layers are summed apart, never charged to the layer they feed; layers that belong to
-    no module (pooling, ForeignNode ranges without Metadata) go to "other_ms".
-    """
+    A layer of one module is charged to it; a fused block's time stays the block's ("blocks": {layer: {ms,
+    modules}}), never split among its modules by guess. Reformat layers are summed apart, never charged to the
+    layer they feed; layers that belong to no module (pooling, ranges without Metadata) go to "other_ms"."""
     by_name = {layer.name: layer for layer in parse_inspector_json(inspector_json)}
     modules: dict[str, float] = {}
+    blocks: dict[str, dict[str, Any]] = {}
     reformat = other = 0.0
     for trt_name, ms in times.items():
         layer = by_name.get(trt_name, InspectedLayer(name=trt_name))
@@ -328,7 +471,8 @@ def module_layer_times(times: dict[str, float], inspector_json: str | None, name
         mapped = names.modules_of(layer)
         if not mapped:
             other += ms
-            continue
-        for name in mapped:  # a layer fusing several modules is split evenly between them
-            modules[name] = modules.get(name, 0.0) + ms / len(mapped)
-    return {"modules": modules, "reformat_ms": reformat, "other_ms": other}
+        elif len(mapped) == 1:
+            modules[mapped[0]] = modules.get(mapped[0], 0.0) + ms
+        else:
+            blocks[trt_name] = {"ms": blocks.get(trt_name, {}).get("ms", 0.0) + ms, "modules": mapped}
+    return {"modules": modules, "blocks": blocks, "reformat_ms": reformat, "other_ms": other}
