@@ -1,33 +1,28 @@
 """The inventory of every file the pipeline reads: one table, in code.
 
 Each `Reader` is a file a user or an earlier stage can hand the pipeline: its owner (the one function that loads
-it; the owner's module also writes it, where the pipeline writes it), the stages that read it and the faults that
-apply to it. tests/test_faults.py breaks each file in each of its ways and runs it through its stages;
-tests/test_inventory.py fails when a function under pipeline/ reads a file (json.load, torch.load, onnx.load,
-Image.open, tomllib, open(..., 'r'), read_text/read_bytes, ...) without being named here, as an owner, a
-`site` of an entry, a primitive helper or a read of something that is not a handed-in file.
+it; the owner's module also writes it, where the pipeline writes it) and the faults that apply to it. Which stages
+read it is not kept here: `stages_reading` computes it from the stages' declarations (pipeline/declaration.py),
+so a stage that starts reading a file says so in one place. tests/test_faults.py breaks each file in each of its
+ways and runs it through its stages; tests/test_inventory.py fails when a function under pipeline/ reads a file
+(json.load, torch.load, onnx.load, Image.open, tomllib, open(..., 'r'), read_text/read_bytes, ...) without being
+named here, as an owner, a `site` of an entry, a primitive helper or a read of something that is not a handed-in
+file.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Ways a file can be broken (tests/test_faults.py applies each).
 FILE_FAULTS = ("missing", "empty", "truncated", "random_bytes", "directory", "unreadable")
 JSON_FAULTS = FILE_FAULTS + ("json_null", "json_list", "json_number", "key_missing", "wrong_type")
 TENSOR_FAULTS = FILE_FAULTS + ("nan", "inf", "wrong_shape", "wrong_dtype")
 IMAGE_FAULTS = ("not_an_image", "truncated_image", "empty", "random_bytes")
-RECORD_STAGES = {
-    "train_masks.json": ("bake",),
-    "bake.json": ("export", "verify", "package"),
-    "export.json": ("build", "verify", "package"),
-    "build.json": ("verify", "package", "serve-check"),
-    "report.json": ("package",),
-    "layers.json": ("verify",),
-}
-DATA_STAGES = ("train-masks", "pretrain", "verify", "compare", "certify", "updatable", "serve-check", "engine")
 
 
 @dataclass(frozen=True)
@@ -36,12 +31,13 @@ class Reader:
     kind: str  # json | torch | onnx | toml | image | idx | plan | pbtxt | text
     owner: str  # module:function that loads it (its module owns the format)
     writer: str  # who writes it: a stage, or "user"
-    stages: tuple[str, ...]  # stages that read it
+    stages: tuple[str, ...]  # readers no stage declaration names (a tool, tritonserver, --resume); see stages_reading
     faults: tuple[str, ...]  # the ways tests/test_faults.py breaks it (empty: not tested, see `note`)
     paths: tuple[str, ...] = ()  # the ArtifactPaths attributes naming it
     required: tuple[tuple[str, str], ...] = ()  # JSON: required key -> a wrong value for wrong_type
     sites: tuple[str, ...] = ()  # other functions reading it (helpers of the owner; readers being moved)
     note: str = ""
+    declared_as: str = ""  # "weights" or "data": the input a declaration's `weights` / `data` flag names
 
 
 INVENTORY: tuple[Reader, ...] = (
@@ -61,25 +57,17 @@ INVENTORY: tuple[Reader, ...] = (
         "torch",
         "pipeline.recipe.weight_files:_load_payload",
         "user",
-        (
-            "every recipe stage (head size)",
-            "train-masks",
-            "bake",
-            "export",
-            "compare",
-            "certify",
-            "updatable",
-            "init-recipe",
-        ),
+        ("every recipe stage (head size)", "init-recipe"),
         TENSOR_FAULTS + ("pickled_module", "text_file"),
         sites=("pipeline.recipe.weight_files:_is_zip_header", "pipeline.recipe.weight_files:_pickled_objects"),
+        declared_as="weights",
     ),
     Reader(
         "image folder and its images (--data DIR: train/<class>/, val/<class>/)",
         "image",
         "pipeline.data.images:decode_error",
         "user",
-        DATA_STAGES + ("bake (BatchNorm)", "export (int8)"),
+        (),
         IMAGE_FAULTS,
         sites=(
             "pipeline.data.datasets:_image_folder",
@@ -88,14 +76,16 @@ INVENTORY: tuple[Reader, ...] = (
             "pipeline.serve.serve_check:evaluation_images",
         ),
         note="header probe for the preprocessing; full scan before work (pipeline/data/images.py)",
+        declared_as="data",
     ),
     Reader(
         "Fashion-MNIST IDX files (train/t10k images and labels, optionally .gz)",
         "idx",
         "pipeline.data.datasets:read_idx",
         "user (dataset-fashion-mnist)",
-        DATA_STAGES,
+        (),
         ("empty", "truncated", "random_bytes", "directory"),
+        declared_as="data",
     ),
     # ---- records (JSON) the stages write and read
     Reader(
@@ -113,7 +103,7 @@ INVENTORY: tuple[Reader, ...] = (
         "json",
         "pipeline.records:StageRecords.load",
         "engine",
-        ("engine",),
+        (),
         JSON_FAULTS[1:],
         paths=("stages",),
         required=(("stages", "[]"), ("in_progress", "7")),
@@ -126,7 +116,7 @@ INVENTORY: tuple[Reader, ...] = (
         "json",
         "pipeline.records:load_layer_table",
         "train-masks",
-        RECORD_STAGES["layers.json"],
+        (),
         JSON_FAULTS[1:],
         paths=("layers",),
         required=(("masked", "7"), ("skipped", '"x"')),
@@ -137,7 +127,7 @@ INVENTORY: tuple[Reader, ...] = (
         "json",
         "pipeline.records:StageReport.load",
         "train-masks (masks.checkpoint.TrainingRecord)",
-        RECORD_STAGES["train_masks.json"],
+        (),
         JSON_FAULTS,
         paths=("mask_training",),
         required=(("files", "[]"), ("model", "1")),
@@ -147,7 +137,7 @@ INVENTORY: tuple[Reader, ...] = (
         "json",
         "pipeline.records:StageReport.load",
         "bake (BakeReport)",
-        RECORD_STAGES["bake.json"],
+        (),
         JSON_FAULTS,
         paths=("bake_report",),
         required=(("files", '"x"'), ("model", "null")),
@@ -157,7 +147,7 @@ INVENTORY: tuple[Reader, ...] = (
         "json",
         "pipeline.records:StageReport.load",
         "export (ExportReport)",
-        RECORD_STAGES["export.json"],
+        (),
         JSON_FAULTS,
         paths=("export_report",),
         required=(("files", "[]"),),
@@ -167,7 +157,7 @@ INVENTORY: tuple[Reader, ...] = (
         "json",
         "pipeline.backends.build_report:BuildReport.load",
         "build",
-        RECORD_STAGES["build.json"],
+        (),
         JSON_FAULTS,
         paths=("build_report",),
         required=(("engines", "[]"), ("backend", "3"), ("has_sparse_kernels", '"yes"')),
@@ -178,7 +168,7 @@ INVENTORY: tuple[Reader, ...] = (
         "json",
         "pipeline.verify.report:VerificationReport.load",
         "verify",
-        RECORD_STAGES["report.json"],
+        (),
         JSON_FAULTS[1:],
         paths=("report_json",),
         required=(("gates", "[]"), ("engine_sha256", "1")),
@@ -189,7 +179,7 @@ INVENTORY: tuple[Reader, ...] = (
         "json",
         "pipeline.package.manifest:check_manifest",
         "package",
-        ("check-manifest",),
+        (),
         JSON_FAULTS,
         paths=("manifest",),
         required=(("files", "{}"),),
@@ -201,6 +191,7 @@ INVENTORY: tuple[Reader, ...] = (
         "serve-check",
         (),
         (),
+        paths=("serve_check",),
         note="the serve-check report; no stage reads it",
     ),
     Reader(
@@ -208,7 +199,7 @@ INVENTORY: tuple[Reader, ...] = (
         "json",
         "pipeline.stages.curves:run",
         "train-masks",
-        ("curves",),
+        ("curves",),  # ArtifactPaths.mask_training_records: a glob, not one name
         JSON_FAULTS,
         required=(("history", "7"), ("test", "[]")),
         note="curves plots every train_masks*.json it finds (tagged runs too)",
@@ -216,7 +207,7 @@ INVENTORY: tuple[Reader, ...] = (
     Reader(
         ".transaction.json (the journal of a stage killed mid-run)",
         "json",
-        "pipeline.transaction:recover",
+        "pipeline.transaction:_read_journal",
         "every stage (pipeline.stages.run_stage)",
         ("every model-level stage",),
         (),
@@ -225,12 +216,23 @@ INVENTORY: tuple[Reader, ...] = (
     Reader(
         "pretrain.json",
         "json",
-        "pipeline.stages.pretrain:run",
+        "pipeline.stages.pretrain:trained_with",
         "pretrain",
         (),
         (),
         paths=("pretrain_log",),
-        note="the pretrain summary; no stage reads it",
+        note="the pretrain summary; pretrain reads back the recipe fields dense.pt was trained with (a damaged or "
+        "different record retrains, a missing one keeps dense.pt)",
+    ),
+    Reader(
+        "preprocess_choice.json (the measured evaluation transform of own weights on an image folder)",
+        "json",
+        "pipeline.data.preprocess_choice:Choice.load",
+        "the first stage that needs it (train-masks)",
+        (),
+        (),
+        paths=("preprocess_choice",),
+        note="a record keyed on the weights, the folder and the settings: another key measures again",
     ),
     # ---- tensors
     Reader(
@@ -238,7 +240,7 @@ INVENTORY: tuple[Reader, ...] = (
         "torch",
         "pipeline.masks.checkpoint:MaskCheckpoint.load",
         "train-masks",
-        ("bake", "train-masks --resume", "compare"),
+        ("train-masks --resume",),
         TENSOR_FAULTS,
         paths=("mask_checkpoint",),
     ),
@@ -247,7 +249,7 @@ INVENTORY: tuple[Reader, ...] = (
         "torch",
         "pipeline.masks.artifact:MaskArtifact.load",
         "bake",
-        ("export", "verify", "certify", "updatable", "train-masks --masks-from", "package (sha256)"),
+        ("train-masks --masks-from",),
         TENSOR_FAULTS,
         paths=("masks",),
     ),
@@ -256,7 +258,7 @@ INVENTORY: tuple[Reader, ...] = (
         "torch",
         "pipeline.recipe.weight_files:_load_payload",
         "bake",
-        ("export", "package (sha256)"),
+        (),
         TENSOR_FAULTS,
         paths=("sparse_weights",),
     ),
@@ -265,9 +267,10 @@ INVENTORY: tuple[Reader, ...] = (
         "torch",
         "pipeline.pretrain.artifacts:DenseWeights.load",
         "pretrain",
-        ("train-masks", "bake", "export", "verify", "compare", "certify"),
+        (),
         TENSOR_FAULTS,
         paths=("dense_weights",),
+        declared_as="weights",
         note="the demo's pretrained weights (the updatable demo's dense_updated.pt too); every load goes on "
         "through recipe.weights.load_state_dict_strict: shapes, dtypes, NaN/Inf refused before any work",
     ),
@@ -286,8 +289,9 @@ INVENTORY: tuple[Reader, ...] = (
         "json",
         "pipeline.stages.bench_masks:record",
         "bench-masks",
-        ("bench-masks",),
         (),
+        (),
+        paths=("bench_masks_table",),
         note="each run adds its model's row; a damaged table is refused in one line naming it",
     ),
     # ---- graphs, engines, serving
@@ -296,13 +300,14 @@ INVENTORY: tuple[Reader, ...] = (
         "onnx",
         "pipeline.package.tensors:specs_from_onnx",
         "export",
-        ("build", "verify", "package"),
+        (),
         FILE_FAULTS,
         paths=("dense_onnx", "sparse_onnx", "dense_onnx_fp16", "sparse_onnx_fp16"),
         sites=(
             "pipeline.package.tensors:onnx_external_files",
             "pipeline.backends.onnxruntime:_graph_precision",
             "pipeline.backends.tensorrt.engine:onnx_input",
+            "pipeline.backends.tensorrt.engine:onnx_output",
             "pipeline.backends.tensorrt.parser_support:graph_opset_and_ops",
             "pipeline.backends.tensorrt.sparsity:OnnxNameMap.from_onnx",
             "pipeline.export.int8:quantize_qdq",
@@ -383,6 +388,15 @@ WRITTEN_ONLY = {
     "updatable_md": "pipeline.updatable.demo",
     "updated_weights": "pipeline.updatable.demo (a DenseWeights file; certify --updated-weights reads it as a "
     "weights file)",
+    "mask_training_plot": "pipeline.stages.train_masks (pipeline.plots)",
+    "verify_plots": "pipeline.verify.output",
+    "curves": "pipeline.stages.curves",
+    "bench_masks": "pipeline.stages.bench_masks",
+    "bench_masks_md": "pipeline.stages.bench_masks",
+    "bench_masks_png": "pipeline.stages.bench_masks",
+    "triton_cpu": "pipeline.package.repository (configs, labels above)",
+    "serve_check_log": "pipeline.serve.serve_check",
+    "serve_log": "pipeline.serve.server",
 }
 
 # Helpers that read for an owner: their callers must be owners or sites.
@@ -406,6 +420,7 @@ NOT_HANDED_IN = {
     "pipeline.serve.triton_runtime:find_environment": "a probe subprocess's stdout",
     "pipeline.backends.tensorrt.parser_support:_table": "onnx-tensorrt's operator table shipped in the package",
     "pipeline.artifacts:unregistered_reads": "the pipeline's own source (this scan)",
+    "pipeline.stages:stage_summaries": "the stage modules' own source (their declarations' help, for --help)",
     "pipeline.training:cpu_has_bf16_units": "/proc/cpuinfo's flags (unreadable or odd: float32 training)",
     "pipeline.masks.fused:_cpu_flags": "/proc/cpuinfo's flags, hashed into the compiled kernel's cache key",
     "pipeline.masks.fused:_build": "the fused kernel's C source shipped in the package (hashed, then compiled)",
@@ -438,6 +453,24 @@ READ_CALLS = {
 }
 READ_METHODS = {"read_text", "read_bytes", "deserialize_cuda_engine"}
 OPENERS = {"open", "gzip.open", "opener", "io.open"}
+
+
+def declarations() -> dict[str, Any]:
+    """Stage name -> its module's DECLARATION (imports every stage module)."""
+    from pipeline.stages import STAGES
+
+    return {name: importlib.import_module(module).DECLARATION for name, module in STAGES.items()}
+
+
+def stages_reading(reader: Reader) -> tuple[str, ...]:
+    """The stages that read READER's file, from their declarations, then the readers no declaration names."""
+    found = []
+    for name, declaration in declarations().items():
+        named = bool(set(reader.paths) & declaration.artifact_names("reads"))
+        flag = getattr(declaration, reader.declared_as) if reader.declared_as else False
+        if named or flag is not False:
+            found.append(name)
+    return tuple(found) + tuple(reader.stages)
 
 
 def allowed_sites() -> set[str]:

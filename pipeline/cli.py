@@ -19,7 +19,15 @@ from pathlib import Path
 from pipeline.errors import GateFailed, Interrupted, PipelineError
 from pipeline.lock import run_lock
 from pipeline.paths import ArtifactPaths
-from pipeline.stages import STAGES, load_stage, needs_recipe, recipe_fields, run_stage, runs_without_recipe
+from pipeline.stages import (
+    STAGES,
+    load_stage,
+    needs_recipe,
+    recipe_fields,
+    run_stage,
+    runs_without_recipe,
+    stage_summaries,
+)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -108,14 +116,30 @@ def program_name() -> str:
     return name if name == "sparse-pipeline" else "python -m pipeline"
 
 
+LAB_NOTE = "research and benchmark stages: available, not part of the product pipeline"
+
+
+def stage_list(summaries: dict[str, tuple[str, str]]) -> str:
+    """The stages by kind (their declarations say which), product stages first, each with its one-line help."""
+    width = max(len(name) for name in summaries) + 2
+    blocks = []
+    for kind, title in (("product", "stages"), ("lab", f"lab stages ({LAB_NOTE})")):
+        rows = [f"  {name:<{width}}{text}" for name, (found, text) in summaries.items() if found == kind]
+        blocks.append(f"{title}:\n" + "\n".join(rows))
+    return "\n\n".join(blocks)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    summaries = stage_summaries()
     parser = OneLineParser(
-        prog=program_name(), description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=program_name(),
+        description=__doc__.split("\n\n")[0] + "\n\n" + stage_list(summaries),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="stage", metavar="STAGE", parser_class=OneLineParser)
+    commands = parser.add_subparsers(dest="stage", metavar="STAGE", parser_class=OneLineParser, help="see above")
     commands.required = True
-    for name, (_, help_text) in STAGES.items():
-        commands.add_parser(name, help=help_text, description=help_text)
+    for name, (_, help_text) in summaries.items():
+        commands.add_parser(name, description=help_text)
     return parser
 
 

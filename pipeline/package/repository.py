@@ -14,19 +14,19 @@ and in each:
     <model>_dense_e2e/        ensemble: preprocess -> dense, so clients send raw image files
     <model>_sparse_e2e/
 
-The repository is built in a hidden temporary folder, every config is checked, and only
-then is it swapped in, so a failed package run leaves the previous repository intact.
+The repository is built in a hidden staging folder of the stage's transaction, every config is checked, and only
+then is it swapped in; the previous one is removed only once the stage (manifest.json included) has succeeded, so a
+failed package run leaves the previous repositories intact.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import transaction
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_file, write_json, write_text
 from pipeline.package.ensembles import write_preprocess_and_ensembles
@@ -56,7 +56,7 @@ def repository_dir(paths: ArtifactPaths, flavour: str) -> Path:
     """engines/<model>/triton (production) or engines/<model>/triton_cpu (CPU Python backend)."""
     if flavour not in FLAVOURS:
         raise PipelineError(f"flavour {flavour!r}: expected one of {', '.join(FLAVOURS)}")
-    return paths.triton if flavour == "production" else paths.root / "triton_cpu"
+    return paths.triton if flavour == "production" else paths.triton_cpu
 
 
 @dataclass
@@ -184,36 +184,42 @@ def write_repositories(
 ) -> dict[str, dict[str, Any]]:
     """Write both flavours (FLAVOURS); returns flavour -> summary for the manifest.
 
-    Both are assembled and checked in hidden staging folders first, so a failure leaves
-    the previous repositories as they were.
+    Both are assembled and checked in hidden staging folders of the stage's transaction first, then swapped in
+    (pipeline/transaction.py: the previous folders stay until the stage commits), so a failure at any point of the
+    stage, the manifest's write included, leaves the previous repositories as they were.
     """
-    staged: list[tuple[Path, Path]] = []
-    summaries: dict[str, dict[str, Any]] = {}
-    try:
-        for flavour in FLAVOURS:
-            staging, summaries[flavour] = _stage_repository(recipe, paths, fmt, onnx_device, flavour)
-            staged.append((staging, repository_dir(paths, flavour)))
-        for staging, target in staged:
-            _swap_in(staging, target)
-    finally:
-        for staging, _ in staged:
-            shutil.rmtree(staging, ignore_errors=True)
+    current = transaction.active()
+    if current is None:  # called outside a stage: a set of its own
+        with transaction.Transaction(paths.root) as own:
+            return _write_and_swap(own, recipe, paths, fmt, onnx_device)
+    return _write_and_swap(current, recipe, paths, fmt, onnx_device)
+
+
+def _write_and_swap(
+    current: transaction.Transaction, recipe: Recipe, paths: ArtifactPaths, fmt: str, onnx_device: str
+) -> dict[str, dict[str, Any]]:
+    summaries = {
+        flavour: _stage_repository(
+            recipe, paths, fmt, onnx_device, flavour, current.new_folder(repository_dir(paths, flavour))
+        )
+        for flavour in FLAVOURS
+    }
+    for flavour in FLAVOURS:
+        current.swap_folder(repository_dir(paths, flavour))
     return summaries
 
 
 def _stage_repository(
-    recipe: Recipe, paths: ArtifactPaths, fmt: str, onnx_device: str, flavour: str
-) -> tuple[Path, dict[str, Any]]:
-    """One flavour's repository in a staging folder, checked; returns it with its summary.
+    recipe: Recipe, paths: ArtifactPaths, fmt: str, onnx_device: str, flavour: str, staging: Path
+) -> dict[str, Any]:
+    """One flavour's repository in STAGING (a staging folder of the transaction), checked; returns its summary.
 
     The CPU flavour always serves the ONNX files, through the Python backend on KIND_CPU.
     """
     if onnx_device not in ("cpu", "gpu"):
         raise PipelineError(f"--onnx-device {onnx_device}: expected cpu or gpu")
-    target = repository_dir(paths, flavour)
     sources = choose_sources(recipe, paths, fmt if flavour == "production" else "onnx")
     kind = sources.kind if flavour == "production" else "python"
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=paths.root))
     summary: dict[str, Any] = {
         "format": kind,
         "reason": sources.reason
@@ -222,65 +228,61 @@ def _stage_repository(
         "models": {},
     }
     served_models: dict[str, ServedModel] = {}
-    try:
-        for variant in VARIANTS:
-            name = f"{recipe.name}_{variant}"
-            model_dir = staging / name
-            if sources.kind == "plan":
-                engines = sources.plans[variant]
-                inputs, outputs = _write_plans(model_dir, engines, paths.root, recipe)
-                cc_files, default_file = served_filenames(engines)
-                files = sorted(set(cc_files.values()))
-                source = ", ".join(relative_to_root(engine.path, paths.root) for engine in engines)
-                instance_kind = "KIND_GPU"
-            else:
-                source_path = sources.onnx[variant]
-                inputs, outputs, files = _write_onnx_model(model_dir, source_path)
-                cc_files, default_file = {}, ""
-                source = relative_to_root(source_path, paths.root)
-                instance_kind = "KIND_GPU" if onnx_device == "gpu" and kind == "onnx" else "KIND_CPU"
-            if kind == "python":
-                _copy(PYTHON_ONNX_TEMPLATE, model_dir / VERSION / PYTHON_MODEL_FILENAME)
-                files.append(PYTHON_MODEL_FILENAME)
-            if len(inputs) != 1:
-                raise PipelineError(f"{source} has inputs {[s.name for s in inputs]}; an image classifier has one")
-            output = _label_output(recipe, outputs, source)
-            served = ServedModel(
-                name=name,
-                kind=kind,
-                inputs=inputs,
-                outputs=outputs,
-                max_batch_size=recipe.serve.max_batch_size,
-                preferred_batch_sizes=list(recipe.serve.preferred_batch_sizes),
-                max_queue_delay_us=recipe.serve.max_queue_delay_us,
-                instance_count=recipe.serve.instance_count,
-                instance_kind=instance_kind,
-                cc_model_filenames=cc_files,
-                default_model_filename=default_file,
-                label_output=output.name,
-                comment=f"{variant} {recipe.name}, from {source}.\n"
-                "Written by `python -m pipeline package`; rerun it instead of editing this file.",
-            )
-            write_text(model_dir / "config.pbtxt", render_config(served))
-            write_text(model_dir / LABELS_FILENAME, labels_text(recipe))
-            write_json(model_dir / "preprocessing.json", preprocessing(recipe, inputs[0], output))
-            check_model_dir(model_dir)
-            served_models[variant] = served
-            summary["models"][name] = {
-                "variant": variant,
-                "kind": kind,
-                "source": source,
-                "files": [f"{VERSION}/{f}" for f in files],
-                "instance_kind": instance_kind,
-                "compute_capabilities": sorted(cc_files),
-                "built_on": sorted({_gpu_name(e.metadata) for e in sources.plans.get(variant, [])} - {""}),
-            }
-        summary["models"].update(write_preprocess_and_ensembles(staging, recipe, served_models))
-        check_repository(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return staging, summary
+    for variant in VARIANTS:
+        name = f"{recipe.name}_{variant}"
+        model_dir = staging / name
+        if sources.kind == "plan":
+            engines = sources.plans[variant]
+            inputs, outputs = _write_plans(model_dir, engines, paths.root, recipe)
+            cc_files, default_file = served_filenames(engines)
+            files = sorted(set(cc_files.values()))
+            source = ", ".join(relative_to_root(engine.path, paths.root) for engine in engines)
+            instance_kind = "KIND_GPU"
+        else:
+            source_path = sources.onnx[variant]
+            inputs, outputs, files = _write_onnx_model(model_dir, source_path)
+            cc_files, default_file = {}, ""
+            source = relative_to_root(source_path, paths.root)
+            instance_kind = "KIND_GPU" if onnx_device == "gpu" and kind == "onnx" else "KIND_CPU"
+        if kind == "python":
+            _copy(PYTHON_ONNX_TEMPLATE, model_dir / VERSION / PYTHON_MODEL_FILENAME)
+            files.append(PYTHON_MODEL_FILENAME)
+        if len(inputs) != 1:
+            raise PipelineError(f"{source} has inputs {[s.name for s in inputs]}; an image classifier has one")
+        output = _label_output(recipe, outputs, source)
+        served = ServedModel(
+            name=name,
+            kind=kind,
+            inputs=inputs,
+            outputs=outputs,
+            max_batch_size=recipe.serve.max_batch_size,
+            preferred_batch_sizes=list(recipe.serve.preferred_batch_sizes),
+            max_queue_delay_us=recipe.serve.max_queue_delay_us,
+            instance_count=recipe.serve.instance_count,
+            instance_kind=instance_kind,
+            cc_model_filenames=cc_files,
+            default_model_filename=default_file,
+            label_output=output.name,
+            comment=f"{variant} {recipe.name}, from {source}.\n"
+            "Written by `python -m pipeline package`; rerun it instead of editing this file.",
+        )
+        write_text(model_dir / "config.pbtxt", render_config(served))
+        write_text(model_dir / LABELS_FILENAME, labels_text(recipe))
+        write_json(model_dir / "preprocessing.json", preprocessing(recipe, inputs[0], output))
+        check_model_dir(model_dir)
+        served_models[variant] = served
+        summary["models"][name] = {
+            "variant": variant,
+            "kind": kind,
+            "source": source,
+            "files": [f"{VERSION}/{f}" for f in files],
+            "instance_kind": instance_kind,
+            "compute_capabilities": sorted(cc_files),
+            "built_on": sorted({_gpu_name(e.metadata) for e in sources.plans.get(variant, [])} - {""}),
+        }
+    summary["models"].update(write_preprocess_and_ensembles(staging, recipe, served_models))
+    check_repository(staging)
+    return summary
 
 
 def _gpu_name(meta: dict[str, Any]) -> str:
@@ -294,15 +296,3 @@ def _gpu_name(meta: dict[str, Any]) -> str:
         if isinstance(value, dict) and isinstance(value.get("name"), str):
             return value["name"]
     return ""
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Replace `target` by `staging` with renames only (the old folder is removed after the swap)."""
-    os.chmod(staging, 0o755)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old.{os.getpid()}")
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -1,75 +1,108 @@
 """One module per stage, each a function from artifacts plus the resolved recipe to artifacts.
 
 A stage module has:
+  * `DECLARATION`: a `pipeline.declaration.StageDeclaration`: its one-line help, product or lab, the artifacts it
+    reads and writes, the recipe fields and options its result depends on. engine's plan and cache keys, the
+    transaction's scope, config.json, the read inventory and `--help` are computed from it.
   * `Options`: a dataclass of its own flags (field names = argparse dests). A field whose metadata has
     `recipe="section.field"` stands for that recipe field: the CLI applies it to the recipe before
     validation (so config.json shows it) and the stage reads the recipe, not the option.
   * `add_arguments(parser)`: its own flags only (the CLI adds the shared model flags).
-  * `run(recipe, paths, options) -> int` (exit code), or `run(options)` when `NEEDS_RECIPE = False`.
+  * `run(recipe, paths, options) -> int` (exit code), or `run(options)` when its declaration says
+    `needs_recipe=False`.
   * optionally `without_recipe(options) -> bool` and `run_without_recipe(options, model_options) -> int`, for a
     stage that some runs need no recipe for (verify --dense/--sparse).
 `run_stage` is the one place that runs a model-level stage (the CLI and `engine` call it): it records the
-resolved recipe in config.json and makes the stage's writes one set (pipeline/transaction.py), so a failed
-stage changes no artifact. A stage that only reads the model folder sets `RECORDS_CONFIG = False`; `engine`,
-whose sub-stages each form their own set, also sets `GROUPS_WRITES = False`.
+resolved recipe in config.json when the stage declares `config` among its writes, and makes the stage's writes
+one set (pipeline/transaction.py) whose scope is what the declaration names, so a failed stage changes no
+artifact and a write the declaration does not name fails the stage.
 No stage module imports pipeline.cli or another stage module; `engine` reaches the others through
 `load_stage` (tests/test_import_graph.py checks this).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-# stage name -> (module, one-line help)
+# stage name -> module, in the order `--help` lists them and `engine` runs the ones it runs; everything else
+# about a stage is in its module's DECLARATION
 STAGES = {
-    "pretrain": ("pipeline.stages.pretrain", "train the demo network's dense weights (cached)"),
-    "train-masks": ("pipeline.stages.train_masks", "learn N:M masks on frozen weights (Gumbel-Softmax)"),
-    "bake": ("pipeline.stages.bake", "write masks.pt and sparse.pt from the learned masks (or re-apply masks)"),
-    "export": ("pipeline.stages.export", "write dense/sparse ONNX (FP32 and FP16)"),
-    "build": ("pipeline.stages.build", "build dense and sparse engines with a backend"),
-    "verify": ("pipeline.stages.verify", "accuracy, latency and coverage of the engines; CI gates"),
-    "engine": ("pipeline.stages.engine", "run every stage, skipping those whose inputs did not change"),
-    "package": ("pipeline.stages.package", "write Triton model repositories (production and CPU flavours)"),
-    "serve": ("pipeline.stages.serve", "run tritonserver (CPU repository) in the foreground on 127.0.0.1"),
-    "serve-check": ("pipeline.stages.serve_check", "start tritonserver, check predictions, errors, load, crash"),
-    "check-manifest": ("pipeline.stages.check_manifest", "verify an artifact folder against manifest.json"),
-    "compare": ("pipeline.stages.compare", "compare mask methods on the evaluation set"),
-    "updatable": ("pipeline.stages.updatable", "fine-tune the dense weights, re-apply the old masks, compare"),
-    "certify": ("pipeline.stages.certify", "stability bounds of the masked classifier (paper, sec. 3.2)"),
-    "bench-train": ("pipeline.stages.bench_train", "time a mask-training step against a dense training step"),
-    "gpu-check": ("pipeline.stages.gpu_check", "CUDA mask training, cuSPARSELt 2:4 GEMMs and TensorRT engines (GPU)"),
-    "bench-masks": (
-        "pipeline.stages.bench_masks",
-        "time to accuracy of mask training: full budget against the plateau rule, read off one run",
-    ),
-    "curves": ("pipeline.stages.curves", "plot top-1 against mask-training steps for every run of a model"),
-    "layers": ("pipeline.stages.layers", "list masked and skipped layers with reasons and MAC shares"),
-    "init-recipe": ("pipeline.stages.init_recipe", "write a recipe file for your own model and print the next command"),
+    "pretrain": "pipeline.stages.pretrain",
+    "train-masks": "pipeline.stages.train_masks",
+    "bake": "pipeline.stages.bake",
+    "export": "pipeline.stages.export",
+    "build": "pipeline.stages.build",
+    "verify": "pipeline.stages.verify",
+    "engine": "pipeline.stages.engine",
+    "package": "pipeline.stages.package",
+    "serve": "pipeline.stages.serve",
+    "serve-check": "pipeline.stages.serve_check",
+    "check-manifest": "pipeline.stages.check_manifest",
+    "layers": "pipeline.stages.layers",
+    "init-recipe": "pipeline.stages.init_recipe",
+    "compare": "pipeline.stages.compare",
+    "updatable": "pipeline.stages.updatable",
+    "certify": "pipeline.stages.certify",
+    "curves": "pipeline.stages.curves",
+    "bench-train": "pipeline.stages.bench_train",
+    "bench-masks": "pipeline.stages.bench_masks",
+    "gpu-check": "pipeline.stages.gpu_check",
 }
+
+
+def declaration_of(module: ModuleType) -> Any:
+    return module.DECLARATION
+
+
+def stage_summaries() -> dict[str, tuple[str, str]]:
+    """Stage name -> (kind, help) as each module's DECLARATION states them, read from its source without importing
+    it: `--help` then needs none of the stages' libraries (tests/test_declarations.py checks both agree)."""
+    summaries = {}
+    for name, module in STAGES.items():
+        spec = importlib.util.find_spec(module)
+        source = Path(spec.origin).read_text() if spec and spec.origin else ""
+        summaries[name] = _declared_literals(source)
+    return summaries
+
+
+def _declared_literals(source: str) -> tuple[str, str]:
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "DECLARATION" for t in node.targets):
+            call = node.value
+            if isinstance(call, ast.Call):
+                found = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("kind", "help")}
+                return found.get("kind", "product"), found.get("help", "")
+    return "product", ""
 
 
 def run_stage(module: ModuleType, recipe: Any, paths: Any, options: Any) -> int:
     """Run a model-level stage: config.json and every file the stage writes stay only if it succeeds (or fails a
-    gate, whose report must stay); training checkpoints always stay, for --resume."""
+    gate, whose report must stay); training checkpoints always stay, for --resume. The stage may write only
+    what its declaration names."""
+    from pipeline.declaration import StageRun
     from pipeline.lock import is_main_process
     from pipeline.recipe.resolve import write_config
 
     if not is_main_process():
         return int(module.run(recipe, paths, options) or 0)  # under torchrun, rank 0 writes the artifacts
-    if not getattr(module, "GROUPS_WRITES", True):
+    declared = StageRun(declaration_of(module), recipe, paths, options)
+    if not declared.declaration.groups_writes:
         recover_folder(paths.root)
         return int(module.run(recipe, paths, options) or 0)
 
     def stage() -> int:
-        if getattr(module, "RECORDS_CONFIG", True):
+        if declared.declaration.records_config:
             write_config(recipe, paths)
         return int(module.run(recipe, paths, options) or 0)
 
-    return as_one_set(paths.root, stage)
+    return as_one_set(paths.root, stage, scope=declared.scope(), stage=module.__name__.rsplit(".", 1)[-1])
 
 
 def recover_folder(root: Any) -> None:
@@ -85,23 +118,24 @@ def recover_folder(root: Any) -> None:
         )
 
 
-def as_one_set(root: Any, write: Callable[[], int]) -> int:
+def as_one_set(root: Any, write: Callable[[], int], scope: list[Path] | None = None, stage: str = "") -> int:
     """`write()` with every file it writes as one set under `root`: kept when it returns or fails a gate (whose
-    report must stay), all put back when it raises anything else. Also for stages that run without a recipe."""
+    report must stay), all put back when it raises anything else. SCOPE (None: any path) is what STAGE may write.
+    Also for stages that run without a recipe."""
     from pipeline.errors import GateFailed
     from pipeline.transaction import Transaction
 
     recover_folder(root)
-    with Transaction(root, commit_on=(GateFailed,)):
+    with Transaction(root, commit_on=(GateFailed,), scope=scope, owner=stage):
         return write()
 
 
 def load_stage(name: str) -> ModuleType:
-    return importlib.import_module(STAGES[name][0])
+    return importlib.import_module(STAGES[name])
 
 
 def needs_recipe(module: ModuleType) -> bool:
-    return getattr(module, "NEEDS_RECIPE", True)
+    return bool(declaration_of(module).needs_recipe)
 
 
 def runs_without_recipe(module: ModuleType, options: Any) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data.datasets import build_datasets
+from pipeline.declaration import MODEL, PREPROCESS_CHOICE, StageDeclaration, option_files, record, when
 from pipeline.errors import PipelineError
 from pipeline.io import torch_save
 from pipeline.masks.artifact import MaskArtifact, apply_masks
@@ -24,6 +25,31 @@ from pipeline.recipe.config import Recipe
 from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict
 from pipeline.records import file_record
 from pipeline.training import select_device
+
+
+def _from_training(recipe: Recipe, options: Options | None) -> bool:
+    return not (options is not None and (options.masks or options.checkpoint))
+
+
+def _reestimates(recipe: Recipe, options: Options | None) -> bool:
+    return bool(recipe.masks.bn_reestimate_images)
+
+
+DECLARATION = StageDeclaration(
+    help="write masks.pt and sparse.pt from the learned masks (or re-apply masks)",
+    reads=(
+        when(_from_training, "mask_checkpoint"),
+        when(_from_training, record("mask_training")),
+        option_files("masks", "checkpoint"),
+        PREPROCESS_CHOICE,
+    ),
+    writes=("config", "masks", "sparse_weights", "bake_report"),
+    recipe=(*MODEL, "weights", "masks", when(_reestimates, "data", "preprocess")),
+    options=("masks", "checkpoint"),
+    data=when(_reestimates),  # BatchNorm statistics re-estimated on training images
+    weights=True,
+    in_engine=True,
+)
 
 
 @dataclass

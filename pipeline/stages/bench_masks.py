@@ -26,6 +26,7 @@ import torch
 
 from pipeline.args import add_device_argument
 from pipeline.data.datasets import DataBundle, build_datasets
+from pipeline.declaration import StageDeclaration
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, read_json, write_json, write_text
 from pipeline.masks.eligibility import find_layers
@@ -36,6 +37,16 @@ from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.weights import load_dense_model
 from pipeline.training import check_device, evaluate, select_device
+
+DECLARATION = StageDeclaration(
+    help="time to accuracy of mask training: full budget against the plateau rule, read off one run",
+    kind="lab",
+    reads=("bench_masks_table",),
+    writes=("config", "bench_masks", "bench_masks_table", "bench_masks_md", "bench_masks_png"),
+    recipe=("*",),
+    data=True,
+    weights=True,
+)
 
 
 @dataclass

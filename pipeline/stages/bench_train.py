@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.declaration import StageDeclaration
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.io import write_json
 from pipeline.masks.eligibility import find_layers
@@ -41,7 +42,13 @@ from pipeline.recipe.weights import build_network
 from pipeline.training import StepSettings, cross_entropy_loss, train_step
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "convnext_t", "fmnist_resnet", "fmnist_resnet18"]
-NEEDS_RECIPE = False  # its own --models list
+
+
+DECLARATION = StageDeclaration(
+    help="time a mask-training step against a dense training step",
+    kind="lab",
+    needs_recipe=False,  # its own --models list; writes OUT/bench-train.json
+)
 
 
 @dataclass

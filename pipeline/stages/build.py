@@ -13,11 +13,27 @@ from pathlib import Path
 from pipeline.args import add_backend_argument
 from pipeline.backends import pick_backend
 from pipeline.backends.build_report import VARIANTS, BuildReport
+from pipeline.declaration import MODEL, StageDeclaration, fp16_exported, int8, record, when
 from pipeline.errors import PipelineError
 from pipeline.export.report import ExportReport
 from pipeline.io import sha256_file
 from pipeline.paths import ArtifactPaths, relative_to_root
 from pipeline.recipe.config import Recipe
+
+DECLARATION = StageDeclaration(
+    help="build dense and sparse engines with a backend",
+    reads=(
+        record("export_report"),
+        "dense_onnx",
+        "sparse_onnx",
+        when(fp16_exported, "dense_onnx_fp16", "sparse_onnx_fp16"),
+        when(int8, "int8_onnx"),
+    ),
+    writes=("config", "build_report", "engines"),
+    recipe=(*MODEL, "build", "export.fp16", "serve.triton_release"),
+    options=("backend",),
+    in_engine=True,
+)
 
 
 @dataclass

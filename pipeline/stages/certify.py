@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.args import add_device_argument
 from pipeline.data.datasets import build_datasets
+from pipeline.declaration import StageDeclaration, option_files
 from pipeline.errors import PipelineError
 from pipeline.io import write_json, write_text
 from pipeline.masks.artifact import MaskArtifact
@@ -24,6 +25,16 @@ from pipeline.recipe.weight_files import read_state_dict
 from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict
 from pipeline.training import check_device, select_device
 from pipeline.verify.certify import certify_masks
+
+DECLARATION = StageDeclaration(
+    help="stability bounds of the masked classifier (paper, sec. 3.2)",
+    kind="lab",
+    reads=("masks", option_files("masks", "updated_weights")),
+    writes=("config", "certify_json", "certify_md"),
+    recipe=("*",),
+    data=True,
+    weights=True,
+)
 
 
 @dataclass

@@ -10,10 +10,15 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.declaration import StageDeclaration
 from pipeline.package.manifest import check_manifest
 from pipeline.paths import ArtifactPaths
 
-NEEDS_RECIPE = False  # reads only: no recipe resolution, so checking rewrites no config.json
+DECLARATION = StageDeclaration(
+    help="verify an artifact folder against manifest.json",
+    reads=("manifest",),  # and every file it lists
+    needs_recipe=False,  # reads only: no recipe resolution, so checking rewrites no config.json
+)
 
 
 @dataclass

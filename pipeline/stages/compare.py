@@ -11,10 +11,21 @@ from dataclasses import dataclass
 
 from pipeline.args import add_device_argument, add_learned_argument
 from pipeline.compare.methods_table import DEFAULT_METHODS, compare, parse_methods
+from pipeline.declaration import StageDeclaration, option_files
 from pipeline.masks.methods import METHODS
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.training import check_device, select_device
+
+DECLARATION = StageDeclaration(
+    help="compare mask methods on the evaluation set",
+    kind="lab",
+    reads=("mask_checkpoint", "mask_training", option_files("learned_init_from")),
+    writes=("config", "compare_json", "compare_md", "compare_png", "compare_masks"),
+    recipe=("*",),
+    data=True,
+    weights=True,
+)
 
 
 @dataclass

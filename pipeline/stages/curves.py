@@ -5,13 +5,25 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from pipeline.declaration import StageDeclaration
 from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
 from pipeline.plots import learning_curves
 from pipeline.recipe.config import Recipe
 from pipeline.records import load_report
 
-RECORDS_CONFIG = False  # plots the runs already made
+
+def _records(recipe: Recipe, paths: ArtifactPaths, options: Options | None) -> list:
+    return paths.mask_training_records()
+
+
+DECLARATION = StageDeclaration(
+    help="plot top-1 against mask-training steps for every run of a model",
+    kind="lab",
+    reads=(_records,),
+    writes=("curves",),  # no config.json: it plots the runs already made
+    recipe=("name",),
+)
 
 
 @dataclass

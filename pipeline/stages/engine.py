@@ -1,12 +1,14 @@
-"""`engine`: pretrain (demo only), train-masks, bake, export, build, verify — skipping unchanged stages.
+"""`engine`: every stage whose declaration says `in_engine` (pretrain for the demo, train-masks, bake, export,
+build, verify), in the registry's order, skipping unchanged stages.
 
-Every stage function is called directly with a copy of the resolved recipe and the stage's
-Options defaults (plus --resume/--force/--junit where the plan says), so a stage runs exactly as
-by hand. engines/<model>/stages.json keeps, per stage,
-a hash of its inputs (the recipe sections it reads, sha256 of its input files, where the
-dense weights come from, the dataset's fingerprint for the stages that read data) and the sha256
-of each output (paths relative to the model folder, so the folder can be moved). A stage is skipped when its input
-hash is unchanged and every recorded output still exists with its recorded hash.
+Every stage function is called directly with a copy of the resolved recipe and the stage's Options defaults (plus
+the engine flags of the same name, --resume/--force where the plan says), so a stage runs exactly as by hand.
+engines/<model>/stages.json keeps, per stage, a hash of its inputs and the sha256 of each output (paths relative to
+the model folder, so the folder can be moved). Both come from the stage's declaration (pipeline/declaration.py):
+the inputs are the recipe fields it names, the sha256 of every file it reads (its own outputs and checkpoint
+aside), where the dense weights come from, the dataset's fingerprint and the options it names; the outputs are the
+files it declares it writes. A stage is skipped when its input hash is unchanged and every recorded output still
+exists with its recorded hash. No list of inputs is kept here.
 """
 
 from __future__ import annotations
@@ -21,23 +23,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from pipeline.args import add_backend_argument, add_junit_argument
-from pipeline.backends.build_report import VARIANTS, BuildReport
+from pipeline.declaration import StageDeclaration, StageRun, file_digest, recipe_values, weights_identity
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, sha256_file
 from pipeline.paths import ArtifactPaths, relative_to_root
 from pipeline.recipe.config import Recipe
 from pipeline.records import StageRecords
-from pipeline.stages import load_stage, run_stage
+from pipeline.stages import STAGES, declaration_of, load_stage, run_stage
 
-STAGE_ORDER = ["pretrain", "train-masks", "bake", "export", "build", "verify"]
-MODEL_FIELDS = ("name", "arch", "num_classes", "input_shape", "classifier")
-
-
-RECORDS_CONFIG = False  # each stage it runs records config.json
-GROUPS_WRITES = False  # each stage it runs is a set of its own; stages.json outlives a failed stage
+DECLARATION = StageDeclaration(
+    help="run every stage, skipping those whose inputs did not change",
+    reads=("stages",),
+    writes=("stages",),
+    recipe=("*",),
+    options=("force", "junit"),
+    groups_writes=False,  # each stage it runs is a set of its own; stages.json outlives a failed stage
+)
 
 
 @dataclass
@@ -53,37 +58,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_junit_argument(parser, "passed to verify")
 
 
-def file_digest(path: Path) -> str:
-    return sha256_file(path) if Path(path).is_file() else f"missing:{path}"
-
-
-def weights_identity(recipe, paths) -> str:
-    """Where the dense weights come from, as a value that changes when they change."""
-    source = recipe.weights
-    if source == "pretrain":
-        return "pretrain:" + file_digest(paths.dense_weights)
-    if source in ("random", "torchvision", "hub"):
-        return f"{source}:{recipe.arch}"
-    return "file:" + file_digest(Path(source))
-
-
 def combine(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Stage:
-    def __init__(
-        self,
-        name: str,
-        inputs: Callable[[], dict[str, Any]],
-        outputs: Callable[[], list[Path]],
-        extra: Callable[[bool], dict[str, Any]] = lambda rerun: {},
-    ) -> None:
-        self.name, self.inputs, self.outputs, self.extra = name, inputs, outputs, extra
+    """One planned stage: its module, its declaration, the Options engine runs it with."""
+
+    def __init__(self, name: str, module: ModuleType, run: StageRun, dataset: Callable[[], str]) -> None:
+        self.name, self.module, self.run, self.dataset = name, module, run, dataset
+        self.declaration: StageDeclaration = run.declaration
+
+    def inputs(self) -> dict[str, Any]:
+        """What the stage's result depends on, from its declaration."""
+        run = self.run
+        parts: dict[str, Any] = {"recipe": recipe_values(run.recipe, run.recipe_keys())}
+        files = run.input_files()
+        if files:
+            parts["files"] = {relative_to_root(path, run.paths.root): file_digest(path) for path in files}
+        if run.reads_weights():
+            parts["weights"] = weights_identity(run.recipe, run.paths)
+        if run.reads_data():
+            parts["dataset"] = self.dataset()
+        options = {name: getattr(run.options, name) for name in self.declaration.options}
+        if options:
+            parts["options"] = options
+        return parts
+
+    def outputs(self) -> list[Path]:
+        return self.run.output_files()
+
+    def checkpoint(self) -> Path | None:
+        return getattr(self.run.paths, self.declaration.checkpoint) if self.declaration.checkpoint else None
+
+    def options(self, rerun: bool, resume: bool) -> Any:
+        extra = {"force": True} if rerun and self.declaration.cached else {}
+        return dataclass_replace(self.run.options, **extra, **({"resume": True} if resume else {}))
+
+
+def dataclass_replace(options: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(options, **changes)
+
+
+def stage_options(module: ModuleType, options: Options) -> Any:
+    """The stage's Options defaults, with the engine flags of the same name its declaration names."""
+    names = {item for item in declaration_of(module).options if item in Options.__dataclass_fields__}
+    return module.Options(**{name: getattr(options, name) for name in names})
 
 
 def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[Stage]:
-    digest = recipe.digest
+    """The stages engine runs for RECIPE: every registered stage declared `in_engine` that applies to it."""
 
     @functools.cache
     def dataset() -> str:
@@ -92,85 +118,13 @@ def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[S
 
         return dataset_fingerprint(recipe)
 
-    def onnx_files() -> list[Path]:
-        files = [paths.dense_onnx, paths.sparse_onnx]
-        if recipe.export.fp16:
-            files += [paths.dense_onnx_fp16, paths.sparse_onnx_fp16]
-        if recipe.build.precision == "int8":
-            files += [paths.int8_onnx("dense"), paths.int8_onnx("sparse")]
-        return files
-
-    def export_inputs() -> dict[str, Any]:
-        parts = {
-            "recipe": digest(*MODEL_FIELDS, "export"),
-            "weights": weights_identity(recipe, paths),
-            "sparse.pt": file_digest(paths.sparse_weights),
-            "masks.pt": file_digest(paths.masks),
-        }
-        if recipe.build.precision == "int8":
-            parts["int8_calibration"] = [digest("data", "preprocess"), dataset()]
-        return parts
-
-    def bake_inputs() -> dict[str, Any]:
-        parts = {
-            "recipe": digest(*MODEL_FIELDS, "masks"),
-            "weights": weights_identity(recipe, paths),
-            "masks.ckpt": file_digest(paths.mask_checkpoint),
-        }
-        if recipe.masks.bn_reestimate_images:  # BatchNorm statistics re-estimated on training images
-            parts["bn_reestimation"] = [digest("data", "preprocess"), dataset()]
-        return parts
-
-    def engine_files() -> list[Path]:
-        if not paths.build_report.is_file():
-            return [paths.build_report]
-        build = BuildReport.load(paths.build_report, recipe.name)
-        return [paths.build_report] + [build.engine_path(variant, paths.root) for variant in VARIANTS]
-
     plan = []
-    if recipe.weights == "pretrain":
-        plan.append(
-            Stage(
-                "pretrain",
-                lambda: {"recipe": digest(*MODEL_FIELDS, "data", "preprocess", "pretrain"), "dataset": dataset()},
-                lambda: [paths.dense_weights],
-                lambda rerun: {"force": rerun},
-            )
-        )
-    plan += [
-        Stage(
-            "train-masks",
-            lambda: {
-                "recipe": digest(*MODEL_FIELDS, "data", "preprocess", "masks"),
-                "weights": weights_identity(recipe, paths),
-                "dataset": dataset(),
-            },
-            lambda: [paths.mask_checkpoint, paths.mask_training, paths.layers],
-        ),
-        Stage("bake", bake_inputs, lambda: [paths.masks, paths.sparse_weights, paths.bake_report]),
-        Stage("export", export_inputs, lambda: onnx_files() + [paths.export_report]),
-        Stage(
-            "build",
-            lambda: {
-                "recipe": digest(*MODEL_FIELDS, "build"),
-                **{path.name: file_digest(path) for path in onnx_files()},
-            },
-            engine_files,
-        ),
-        Stage(
-            "verify",
-            lambda: {
-                "recipe": digest(*MODEL_FIELDS, "data", "preprocess", "verify"),
-                "dataset": dataset(),
-                "build.json": file_digest(paths.build_report),
-                "layers.json": file_digest(paths.layers),
-                "masks.pt": file_digest(paths.masks),
-                "junit": options.junit,
-            },
-            lambda: [paths.report_json, paths.report_md],
-            lambda rerun: {"junit": options.junit},
-        ),
-    ]
+    for name in STAGES:
+        module = load_stage(name)
+        declaration = declaration_of(module)
+        if declaration.in_engine and (declaration.applies is None or declaration.applies(recipe)):
+            run = StageRun(declaration, recipe, paths, stage_options(module, options))
+            plan.append(Stage(name, module, run, dataset))
     return plan
 
 
@@ -194,8 +148,6 @@ def load_records(paths: ArtifactPaths) -> StageRecords:
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     records = load_records(paths)
-    # A stage killed mid-run left its checkpoint behind: rerun with the same inputs resumes it.
-    checkpoints = {"pretrain": paths.pretrain_checkpoint, "train-masks": paths.mask_checkpoint}
     started = time.time()
     for stage in stage_plan(recipe, paths, options):
         parts = stage.inputs()
@@ -215,10 +167,11 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
                 else "outputs missing or changed"
             )
         )
+        checkpoint = stage.checkpoint()  # a stage killed mid-run left it behind: the same inputs resume it
         resume = (
             not options.force
-            and stage.name in checkpoints
-            and checkpoints[stage.name].is_file()
+            and checkpoint is not None
+            and checkpoint.is_file()
             and records.in_progress.get(stage.name) == input_hash
         )
         print(f"== {stage.name}: {'resuming' if resume else 'running'} ({why})", flush=True)
@@ -258,10 +211,8 @@ def run_planned_stage(
     previous = records.in_progress.get(stage.name)
     records.in_progress[stage.name] = input_hash
     records.save(paths.stages)
-    module = load_stage(stage.name)
-    stage_options = module.Options(**stage.extra(rerun), **({"resume": True} if resume else {}))
     try:
-        code = run_stage(module, copy.deepcopy(recipe), paths, stage_options)
+        code = run_stage(stage.module, copy.deepcopy(recipe), paths, stage.options(rerun, resume))
     except PipelineError:
         restore_records(paths, records, stage.name, previous, before)
         raise

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.declaration import MODEL, PREPROCESS_CHOICE, StageDeclaration, fp16_exported, int8, record, when
 from pipeline.errors import PipelineError
 from pipeline.export.onnx import (
     TOLERANCES,
@@ -32,6 +33,24 @@ from pipeline.recipe.config import Recipe
 from pipeline.recipe.weight_files import read_state_dict
 from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict
 from pipeline.records import file_record
+
+DECLARATION = StageDeclaration(
+    help="write dense/sparse ONNX (FP32 and FP16)",
+    reads=("sparse_weights", "masks", record("bake_report"), when(int8, PREPROCESS_CHOICE)),
+    writes=(
+        "config",
+        "dense_onnx",
+        "sparse_onnx",
+        when(fp16_exported, "dense_onnx_fp16", "sparse_onnx_fp16"),
+        when(int8, "int8_onnx"),
+        "export_report",
+    ),
+    recipe=(*MODEL, "weights", "export", "build.precision", "masks.n", "masks.m", when(int8, "data", "preprocess")),
+    options=("no_fp16",),
+    data=when(int8),  # the INT8 calibration images
+    weights=True,
+    in_engine=True,
+)
 
 
 @dataclass

@@ -26,12 +26,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.declaration import StageDeclaration
 from pipeline.errors import PipelineError
 from pipeline.io import write_json
 
-NEEDS_RECIPE = False  # its own --models list
 DEMO = "fmnist_resnet"
 MODELS = ("fmnist_resnet", "resnet50", "convnext_t")
+
+
+DECLARATION = StageDeclaration(
+    help="CUDA mask training, cuSPARSELt 2:4 GEMMs and TensorRT engines (GPU)",
+    kind="lab",
+    needs_recipe=False,  # its own --models list; writes OUT/gpu_check.json
+)
 
 
 @dataclass

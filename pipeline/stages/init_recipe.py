@@ -11,11 +11,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.declaration import StageDeclaration
 from pipeline.recipe.init_recipe import RecipeRequest, write_recipe
 from pipeline.recipe.sources import SPEC_FORMS
 
-NEEDS_RECIPE = False
 Options = RecipeRequest  # one field per flag
+
+
+DECLARATION = StageDeclaration(
+    help="write a recipe file for your own model and print the next command",
+    needs_recipe=False,  # it writes the recipe (--out FILE), and reads the weights file it is given
+)
+NEEDS_RECIPE = DECLARATION.needs_recipe
 
 
 def float_list(text: str) -> list[float]:

@@ -9,11 +9,18 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from pipeline.declaration import MODEL, StageDeclaration
 from pipeline.io import write_json
 from pipeline.masks.eligibility import find_layers
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.weights import build_network
+
+DECLARATION = StageDeclaration(
+    help="list masked and skipped layers with reasons and MAC shares",
+    writes=("config", "layers"),
+    recipe=(*MODEL, "masks.n", "masks.m", "masks.include", "masks.exclude", "masks.include_classifier"),
+)
 
 
 @dataclass

@@ -17,14 +17,44 @@ import argparse
 from dataclasses import dataclass
 
 from pipeline.backends.build_report import BuildReport
+from pipeline.declaration import PREPROCESS_CHOICE, StageDeclaration, record
 from pipeline.errors import GateFailed
 from pipeline.export.report import ExportReport
 from pipeline.masks.bake_report import BakeReport
-from pipeline.package.manifest import build_manifest, write_manifest
+from pipeline.package.manifest import artifact_files, build_manifest, write_manifest
 from pipeline.package.repository import FORMATS, repository_dir, write_repositories
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.verify.report import VerificationReport
+
+
+def _listed(recipe: Recipe, paths: ArtifactPaths, options: Options | None) -> list:
+    """Every file manifest.json lists: it hashes them all."""
+    return [paths.root / relative for relative in artifact_files(paths.root)]
+
+
+DECLARATION = StageDeclaration(
+    help="write Triton model repositories (production and CPU flavours)",
+    reads=(
+        record("export_report"),
+        "dense_onnx",
+        "sparse_onnx",
+        "dense_onnx_fp16",
+        "sparse_onnx_fp16",
+        "int8_onnx",
+        "bake_report",
+        "masks",
+        "sparse_weights",
+        "report_json",
+        "build_report",
+        "engines",
+        PREPROCESS_CHOICE,
+        _listed,
+    ),
+    writes=("config", "triton", "triton_cpu", "manifest", PREPROCESS_CHOICE),
+    recipe=("*",),  # manifest.json records the whole recipe's hash
+    options=("format", "onnx_device", "require_verified"),
+)
 
 
 @dataclass

@@ -16,8 +16,9 @@ import torch
 from pipeline.args import add_device_argument
 from pipeline.data.datasets import ResumableBatchSampler, build_datasets, make_loader
 from pipeline.data.splits import without_mask_validation
+from pipeline.declaration import MODEL, StageDeclaration, recipe_values
 from pipeline.errors import Interrupted, PipelineError
-from pipeline.io import write_json
+from pipeline.io import read_json, write_json
 from pipeline.paths import ArtifactPaths
 from pipeline.pretrain.artifacts import DenseWeights, PretrainCheckpoint
 from pipeline.progress import progress
@@ -32,6 +33,34 @@ from pipeline.training import (
     select_device,
     stop_on_signals,
     train_step,
+)
+
+
+def _pretrains(recipe: Recipe) -> bool:
+    return recipe.weights == "pretrain"
+
+
+DECLARATION = StageDeclaration(
+    help="train the demo network's dense weights (cached)",
+    reads=("pretrain_log",),  # cached(): the recipe fields dense.pt was trained with
+    writes=("config", "dense_weights", "pretrain_log", "pretrain_checkpoint"),
+    checkpoint="pretrain_checkpoint",
+    # it trains on the training images less mask training's validation split (without_mask_validation), so the
+    # fields that draw the split are inputs too
+    recipe=(
+        *MODEL,
+        "weights",
+        "data",
+        "preprocess",
+        "pretrain",
+        "masks.seed",
+        "masks.validation_images",
+        "masks.train_images",
+    ),
+    data=True,
+    cached=True,
+    in_engine=True,
+    applies=_pretrains,
 )
 
 
@@ -85,7 +114,28 @@ def cached(recipe: Recipe, paths: ArtifactPaths, options: Options) -> bool:
             f"--resume: there is no checkpoint {paths.pretrain_checkpoint} to continue; drop "
             "--resume to start a new run"
         )
-    return paths.dense_weights.is_file() and not options.force and not options.resume
+    return paths.dense_weights.is_file() and not options.force and not options.resume and trained_with(recipe, paths)
+
+
+def declared_inputs(recipe: Recipe) -> dict:
+    """The recipe fields dense.pt depends on (DECLARATION), as pretrain.json records them."""
+    return recipe_values(recipe, DECLARATION.recipe_keys(recipe))
+
+
+def trained_with(recipe: Recipe, paths: ArtifactPaths) -> bool:
+    """False when pretrain.json records other settings than RECIPE's for dense.pt (e.g. masks.seed, which draws
+    the validation split pretraining leaves out): then dense.pt is retrained. No record: dense.pt is kept."""
+    try:
+        recorded = read_json(paths.pretrain_log, fix="").get("inputs") if paths.pretrain_log.is_file() else None
+    except (PipelineError, AttributeError):
+        recorded = {}  # damaged: nothing says what dense.pt was trained with
+    if recorded is None or recorded == declared_inputs(recipe):
+        return True
+    changed = sorted(key for key, value in declared_inputs(recipe).items() if (recorded or {}).get(key) != value)
+    print(
+        f"note: dense.pt was trained with other settings ({', '.join(changed) or paths.pretrain_log.name}); retraining"
+    )
+    return False
 
 
 @dataclass
@@ -205,6 +255,7 @@ def finish(recipe: Recipe, paths: ArtifactPaths, run_: DenseRun, description: st
             "test": final,
             "history": run_.state["history"],
             "data": description,
+            "inputs": declared_inputs(recipe),
         },
     )
     paths.pretrain_checkpoint.unlink(missing_ok=True)

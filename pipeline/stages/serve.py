@@ -11,11 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.args import add_triton_arguments
+from pipeline.declaration import StageDeclaration
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.serve.server import serve_foreground
 
-RECORDS_CONFIG = False  # serves: reads the model folder
+DECLARATION = StageDeclaration(
+    help="run tritonserver (CPU repository) in the foreground on 127.0.0.1",
+    reads=("triton_cpu",),
+    writes=("serve_log",),  # no config.json: it serves what package wrote
+    recipe=("name",),
+)
 
 
 @dataclass

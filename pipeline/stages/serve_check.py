@@ -12,13 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.args import add_triton_arguments
+from pipeline.declaration import StageDeclaration
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.serve.perf import LoadTest
 from pipeline.serve.serve_check import ServeCheckSettings, run_serve_check, serve_check_path
 
-RECORDS_CONFIG = False  # checks a server: its own files are no deliverables
+DECLARATION = StageDeclaration(
+    help="start tritonserver, check predictions, errors, load, crash",
+    reads=("triton_cpu", "dense_onnx", "sparse_onnx", "build_report", "engines"),
+    writes=("serve_check", "serve_check_log"),  # no config.json: it checks a server, its files are no deliverables
+    recipe=("*",),
+    data=True,
+)
 
 
 @dataclass

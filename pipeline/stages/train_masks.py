@@ -9,6 +9,7 @@ import torch
 
 from pipeline.args import add_device_argument
 from pipeline.data.datasets import build_datasets
+from pipeline.declaration import MODEL, PREPROCESS_CHOICE, StageDeclaration, option_files, when
 from pipeline.distributed import init_distributed, shutdown
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.io import write_json
@@ -25,6 +26,33 @@ from pipeline.recipe.config import MASK_PRIORS, Recipe
 from pipeline.recipe.weights import load_dense_model
 from pipeline.records import file_record
 from pipeline.training import StepSettings, check_device, evaluate, select_device
+
+
+def _untagged(recipe: Recipe, options: Options | None) -> bool:
+    return not (options is not None and options.tag)
+
+
+def _tagged_run(recipe: Recipe, paths: ArtifactPaths, options: Options | None) -> tuple:
+    return paths.tagged_mask_run(options.tag) if options is not None and options.tag else ()
+
+
+DECLARATION = StageDeclaration(
+    help="learn N:M masks on frozen weights (Gumbel-Softmax)",
+    reads=(option_files("masks_from"), PREPROCESS_CHOICE),
+    writes=(
+        "config",
+        "layers",
+        when(_untagged, "mask_checkpoint", "mask_training", "mask_training_plot"),
+        _tagged_run,
+        PREPROCESS_CHOICE,
+    ),
+    checkpoint="mask_checkpoint",
+    recipe=(*MODEL, "weights", "data", "preprocess", "masks"),
+    options=("masks_from", "unlabeled", "tag"),
+    data=True,
+    weights=True,
+    in_engine=True,
+)
 
 
 @dataclass

@@ -10,11 +10,22 @@ import argparse
 from dataclasses import dataclass
 
 from pipeline.args import add_device_argument, add_learned_argument
+from pipeline.declaration import StageDeclaration, option_files
 from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.training import check_device, select_device
 from pipeline.updatable.demo import updatable_demo
+
+DECLARATION = StageDeclaration(
+    help="fine-tune the dense weights, re-apply the old masks, compare",
+    kind="lab",
+    reads=("masks", "mask_checkpoint", "mask_training", option_files("masks")),
+    writes=("config", "compare_masks", "updated_weights", "updatable_json", "updatable_md"),
+    recipe=("*",),
+    data=True,
+    weights=True,
+)
 
 
 @dataclass

@@ -15,11 +15,42 @@ import argparse
 from dataclasses import dataclass, field
 
 from pipeline.args import add_junit_argument
+from pipeline.declaration import MODEL, PREPROCESS_CHOICE, StageDeclaration, int8, option_files, record, when
 from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.stages import as_one_set
 from pipeline.verify.output import print_summary, raise_if_failed, write_report
+
+
+def _plots(recipe: Recipe, options: Options | None) -> bool:
+    return not (options is not None and options.no_plots)
+
+
+DECLARATION = StageDeclaration(
+    help="accuracy, latency and coverage of the engines; CI gates",
+    reads=(
+        "build_report",
+        "engines",
+        "layers",
+        "masks",
+        record("bake_report", "export_report"),
+        when(int8, "int8_onnx"),
+        PREPROCESS_CHOICE,
+    ),
+    writes=(
+        "config",
+        "report_json",
+        "report_md",
+        when(_plots, "verify_plots"),
+        option_files("junit"),
+        PREPROCESS_CHOICE,
+    ),
+    recipe=(*MODEL, "data", "preprocess", "verify", "labels", "weights", "build", "export"),
+    options=("junit", "no_plots"),
+    data=True,
+    in_engine=True,
+)
 
 
 @dataclass
