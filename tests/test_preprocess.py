@@ -85,12 +85,20 @@ def options(data: Path, weights: Path, **extra) -> ModelOptions:
     return ModelOptions(model="torchvision:resnet18", weights=str(weights), data=str(data), **extra)
 
 
-def test_own_weights_on_images_of_the_input_size_are_neither_resized_nor_cropped(trained):
-    data, weights, _ = trained
+def test_own_weights_on_whole_images_of_the_input_size_get_no_resize_by_measurement(trained, tmp_path, capsys):
+    from pipeline.data.preprocess_choice import ensure_choice
+    from pipeline.paths import ArtifactPaths
+
+    data, weights, model = trained
     recipe, notes = recipe_with_flags(options(data, weights, input_size="32"))
-    assert (recipe.preprocess.resize, recipe.preprocess.crop) == (0, 32)
     said = [note for note in notes if note.startswith("preprocessing:")]
-    assert len(said) == 1 and "no resize" in said[0] and "32x32" in said[0] and "at most the input size" in said[0]
+    assert len(said) == 1 and "measures the dense top-1 under each candidate" in said[0], said
+    assert not [note for note in notes if note.startswith("warning: ") and "zero-padded" in note]
+    choice = ensure_choice(recipe, ArtifactPaths(tmp_path / "out"), model)
+    # the source's 256/224 ratio (resize 37, crop 32) cuts the frames off; whole images keep them
+    assert (recipe.preprocess.resize, recipe.preprocess.crop) == (0, 32), capsys.readouterr().out
+    recipe_row = next(row for row in choice.table if row["candidate"]["resize"] == 37)
+    assert choice.row(choice.candidate)["top1"] > recipe_row["top1"]
 
 
 def test_resize_flag_states_it_and_larger_images_keep_the_source_ratio(trained, tmp_path):
@@ -99,8 +107,8 @@ def test_resize_flag_states_it_and_larger_images_keep_the_source_ratio(trained, 
     assert (recipe.preprocess.resize, recipe.preprocess.resize_mode) == (40, "fixed")
     big = write_border_folder(tmp_path / "big", size=48, per_class=2, val_per_class=1)
     recipe, notes = recipe_with_flags(options(big, weights, input_size="32"))
-    assert recipe.preprocess.resize == round(32 * 256 / 224)  # the torchvision weights' 256/224
-    assert any("ratio 256/224" in note for note in notes)
+    assert recipe.preprocess.resize == round(32 * 256 / 224)  # the recipe's own, until the model is measured
+    assert any("measures the dense top-1" in note for note in notes)
 
 
 def test_a_small_folder_with_the_recipe_s_resize_gets_one_warning_naming_the_flags(trained):
@@ -141,13 +149,16 @@ def test_init_recipe_writes_what_it_inferred_from_the_folder(trained, tmp_path, 
     assert "preprocessing: no resize" in capsys.readouterr().out
 
 
-def test_the_triton_preprocess_model_serves_the_same_transform(trained):
+def test_the_triton_preprocess_model_serves_the_same_transform(trained, tmp_path):
+    from pipeline.data.preprocess_choice import ensure_choice
     from pipeline.package.python_models.preprocess import preprocess_image
     from pipeline.package.serving import preprocessing
     from pipeline.package.tensors import TensorSpec
+    from pipeline.paths import ArtifactPaths
 
-    data, weights, _ = trained
+    data, weights, model = trained
     recipe, _ = recipe_with_flags(options(data, weights, input_size="32"))
+    ensure_choice(recipe, ArtifactPaths(tmp_path / "out"), model)  # what package does first
     spec = preprocessing(recipe, TensorSpec("input", "TYPE_FP32", (3, 32, 32)), TensorSpec("logits", "TYPE_FP32", (2,)))
     path = sorted((data / "val" / "red").iterdir())[0]
     served = preprocess_image(path.read_bytes(), spec)
@@ -205,7 +216,7 @@ def test_dense_top1_through_engine_equals_the_model_s_own_evaluation(trained, tm
     )
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
-    assert "note: preprocessing: no resize" in printed.out
+    assert "preprocessing candidates:" in printed.out and "no resize, centre crop/pad to 32  <- chosen" in printed.out
     report = json.loads((out / "torchvision_resnet18" / "report.json").read_text())
     print(
         f"own evaluation {own:.2f}%, resize 37/crop 32 {old_top1:.2f}%, engine dense "
@@ -214,10 +225,9 @@ def test_dense_top1_through_engine_equals_the_model_s_own_evaluation(trained, tm
     assert report["accuracy"]["dense"]["top1"] == pytest.approx(own)
 
 
-def test_own_weights_on_images_smaller_than_the_input_size_warn_with_the_flag(trained):
+def test_own_weights_on_images_smaller_than_the_input_size_are_measured_not_guessed(trained):
     data, weights, _ = trained
     recipe, notes = recipe_with_flags(options(data, weights))  # no --input-size: the weights' metadata says 224
-    assert (recipe.preprocess.resize, recipe.preprocess.crop) == (0, 224)
-    assert any(
-        note.startswith("warning: ") and "zero-padded" in note and "--input-size 32" in note for note in notes
-    ), notes
+    assert recipe.preprocess.crop == 224
+    assert not [note for note in notes if note.startswith("warning: ") and "zero-padded" in note], notes
+    assert any("measures the dense top-1" in note for note in notes), notes

@@ -209,13 +209,24 @@ def folder_transforms(recipe: Recipe, train: bool):
     if train:
         steps += [transforms.RandomResizedCrop(pre.crop), transforms.RandomHorizontalFlip()]
     else:
-        if pre.resize:
-            steps.append(transforms.Resize(pre.resize))
-        steps.append(transforms.CenterCrop(pre.crop))
+        steps += eval_geometry(pre)
     if pre.color == "L":
         steps.insert(0, transforms.Grayscale(1))
     steps += [transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)]
     return transforms.Compose(steps)
+
+
+def eval_geometry(pre) -> list:
+    """The evaluation transform's resize and centre crop (on PIL images) for a recipe's `preprocess` section."""
+    from torchvision import transforms
+
+    steps = []
+    if pre.resize:
+        size = (pre.resize, pre.resize) if pre.resize_shape == "square" else pre.resize
+        mode = transforms.InterpolationMode.BICUBIC if pre.interpolation == "bicubic" else None
+        steps.append(transforms.Resize(size, interpolation=mode or transforms.InterpolationMode.BILINEAR))
+    steps.append(transforms.CenterCrop(pre.crop))
+    return steps
 
 
 def _split_folder(root: str, split: str) -> Path:

@@ -56,3 +56,17 @@ def without_mask_validation(data: DataBundle, cfg: MaskConfig) -> Dataset:
     if not held_out:
         return data.train
     return Subset(data.train, [index for index in range(len(data.train)) if index not in held_out])
+
+
+def check_enough_to_train(data: DataBundle, cfg: MaskConfig, batch_size: int, what: str, batch_key: str) -> int:
+    """The number of images WHAT trains on once mask training's validation split is held out; one error line
+    (before any work) when that is less than one batch of BATCH_SIZE (BATCH_KEY sets it)."""
+    train, validation = mask_split(len(data.train), cfg)
+    if len(train) >= batch_size:
+        return len(train)
+    raise PipelineError(
+        f"{what} needs at least one batch of {batch_size} training images, but {data.description} has "
+        f"{len(data.train)} training images, {len(train)} once the validation split of {len(validation)} is held "
+        f"out: use a larger folder, or pass --set {batch_key}={max(len(train), 1)} (and --set "
+        f"masks.validation_images=N to hold out fewer)"
+    )

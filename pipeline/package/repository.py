@@ -188,6 +188,9 @@ def write_repositories(
     (pipeline/transaction.py: the previous folders stay until the stage commits), so a failure at any point of the
     stage, the manifest's write included, leaves the previous repositories as they were.
     """
+    from pipeline.data.preprocess_choice import ensure_choice
+
+    ensure_choice(recipe, paths)  # preprocessing.json follows the transform train-masks measured
     current = transaction.active()
     if current is None:  # called outside a stage: a set of its own
         with transaction.Transaction(paths.root) as own:

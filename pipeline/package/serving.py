@@ -51,8 +51,15 @@ def preprocessing(recipe: Recipe, model_input: TensorSpec, model_output: TensorS
     if len(mean) != channels or len(std) != channels:
         raise PipelineError(f"recipe {recipe.name}: preprocess.mean/std need 1 or {channels} values")
     steps = [f"decode the image and convert it to PIL mode {pre.color}"]
-    if pre.resize:
-        steps.append(f"resize so the shorter side is {pre.resize} px (bilinear, antialiased; torchvision Resize)")
+    if pre.resize and pre.resize_shape == "square":
+        steps.append(
+            f"resize the whole image to {pre.resize}x{pre.resize} px ({pre.interpolation}, antialiased; "
+            "torchvision Resize((N, N)))"
+        )
+    elif pre.resize:
+        steps.append(
+            f"resize so the shorter side is {pre.resize} px ({pre.interpolation}, antialiased; torchvision Resize)"
+        )
     else:
         steps.append(
             f"no resize (preprocess.resize = 0): images of {pre.crop}x{pre.crop} pass whole, as the model was evaluated"
@@ -75,7 +82,8 @@ def preprocessing(recipe: Recipe, model_input: TensorSpec, model_output: TensorS
         },
         "color": pre.color,
         "resize": pre.resize,
-        "resize_interpolation": "bilinear",
+        "resize_shape": pre.resize_shape,
+        "resize_interpolation": pre.interpolation,
         "crop": pre.crop,
         "scale": 1.0 / 255.0,
         "mean": mean,

@@ -35,6 +35,8 @@ DATA_KINDS = ("fashion_mnist", "imagefolder", "synthetic")
 COLORS = ("L", "RGB")
 CHANNELS = {"L": 1, "RGB": 3}
 RESIZE_MODES = ("auto", "fixed")
+RESIZE_SHAPES = ("shorter", "square")  # the shorter side to `resize` (aspect kept) | the whole image to resize x resize
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 Check = Callable[[Any, "Recipe", bool], bool]  # (value, recipe, resolved) -> valid
 
@@ -123,6 +125,10 @@ class PreprocessConfig:
     )
     # auto: fit an image folder for your own weights (pipeline/recipe/preprocessing.py) | fixed: resize as given
     resize_mode: str = choice(RESIZE_MODES, "auto")
+    # shorter: the shorter side to `resize`, aspect kept (torchvision Resize(N)) | square: the whole image to
+    # resize x resize (Resize((N, N))); chosen by measurement for your own weights (pipeline/data/preprocess_choice.py)
+    resize_shape: str = choice(RESIZE_SHAPES, "shorter")
+    interpolation: str = choice(INTERPOLATIONS, "bilinear")  # of the resize
     crop: int = rule(
         28,
         check=lambda v, r, _: len(r.input_shape) != 3 or v == r.input_shape[1] == r.input_shape[2],
@@ -287,6 +293,12 @@ class VerifyConfig:
     max_top1_drop: float = 0.5  # points
     min_speedup: float = above(0, 2.0)  # only gated on backends with sparse kernels
     min_coverage: float = within(0, 1, 0.5, "a share of MACs in [0, 1]")  # share of MACs in masked layers
+    # share of the evaluation images on which sparse and dense predict the same class (pipeline/verify/gates.py)
+    min_agreement: float = within(0, 1, 0.8, "a share of images in [0, 1]")
+    # points sparse top-1 may lie above dense: more means the evaluation is wrong, not the masks better
+    max_sparse_gain: float = at_least(0, 5.0, "0 or more points")
+    # the dense baseline (own weights, before training) must reach this top-1 (%); 0: only refuse near-chance
+    min_dense_top1: float = within(0, 100, 0.0, "a top-1 in [0, 100]")
 
 
 @dataclass

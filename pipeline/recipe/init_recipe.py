@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.preprocess_choice import applies, choose
 from pipeline.errors import PipelineError
 from pipeline.io import write_text
+from pipeline.recipe.preprocessing import describe as describe_preprocessing
 from pipeline.recipe.resolve import ModelOptions, recipe_with_flags
 from pipeline.recipe.sources import resolve_source
 from pipeline.recipe.weight_files import read_state_dict
@@ -76,7 +78,13 @@ def write_recipe(request: RecipeRequest) -> WrittenRecipe:
     if weights is None:  # weights is None exactly when request.weights is
         notes.insert(0, "weights: random initialisation (no --weights FILE; accuracy means nothing)")
     elif weights not in NAMED_WEIGHTS:  # the whole file must fit the network, not only its head
-        load_state_dict_strict(build_network(recipe), read_state_dict(weights), f"weights file {request.weights}")
+        model = build_network(recipe)
+        load_state_dict_strict(model, read_state_dict(weights), f"weights file {request.weights}")
+        if applies(recipe):  # the transform measured on the dense model (pipeline/data/preprocess_choice.py)
+            chosen = choose(recipe, model.eval())
+            how = "stated" if chosen.stated else "chosen by measurement, the highest dense top-1 of the candidates"
+            notes = [note for note in notes if not note.startswith("preprocessing: ")]
+            notes.append(f"preprocessing: {describe_preprocessing(recipe)} ({how})")
     recipe.description = f"{request.source}, {recipe.num_classes} classes (written by init-recipe)"
 
     path = Path(request.out or f"{recipe.name}.toml")

@@ -1,17 +1,16 @@
 """Preprocessing that fits the user's images, said out loud.
 
-The evaluation transform is: resize the shorter side to `preprocess.resize` (0: no resize), centre-crop
-`preprocess.crop` (zero padding when smaller), normalise. With `preprocess.resize_mode = "auto"` (the default)
-and the user's own weights (a weights file) on an image folder, the folder's image sizes decide it:
+The evaluation transform is: resize (`preprocess.resize`, 0: none; the shorter side, or with `resize_shape =
+"square"` the whole image to resize x resize; `interpolation` bilinear or bicubic), centre-crop `preprocess.crop`
+(zero padding when smaller), normalise. With `preprocess.resize_mode = "auto"` (the default) and the user's own
+weights (a weights file) on an image folder, no rule decides it: the first stage that loads the dense model
+measures its top-1 under each candidate transform and uses the best (pipeline/data/preprocess_choice.py).
+Recipe resolution stays free of model and data loading: it only reads the image headers for the notes below.
 
-* every image already the input size or smaller: neither resize nor crop (smaller images are centre-padded,
-  as torchvision's CenterCrop does), because such weights were trained on whole images;
-* larger images: keep the source's resize/crop ratio (e.g. 256/224), or resize the shorter side to the input
-  size when the recipe has none.
-
-`--resize none|N|auto` (`preprocess.resize_mode = "fixed"` with `preprocess.resize`) states it instead. Inputs
-that are valid but probably wrong (a 64x64 folder while the recipe resizes 256 and crops 224, a folder too small
-for the validation split) get one `warning:` line naming the flag to change, before any work.
+`--resize none|N|auto` (`preprocess.resize_mode = "fixed"` with `preprocess.resize`) states it instead (the
+measurement still prints how it compares). Inputs that are valid but probably wrong (a 64x64 folder while a
+stated transform resizes 256 and crops 224, a folder too small for the validation split) get one `warning:` line
+naming the flag to change, before any work.
 """
 
 from __future__ import annotations
@@ -73,8 +72,13 @@ def describe(recipe: Recipe) -> str:
     """The evaluation transform in words."""
     pre = recipe.preprocess
     crop = f"{pre.crop}x{pre.crop}"
+    resized = (
+        f"resize the whole image to {pre.resize}x{pre.resize}"
+        if pre.resize_shape == "square"
+        else f"resize the shorter side to {pre.resize}"
+    )
     steps = [
-        f"resize the shorter side to {pre.resize}" if pre.resize else "no resize",
+        f"{resized} ({pre.interpolation})" if pre.resize else "no resize",
         f"centre crop {crop}"
         if pre.resize
         else f"centre crop/pad to {crop} (whole images of that size pass unchanged)",
@@ -99,29 +103,12 @@ def fit_to_folder(recipe: Recipe, own_weights: bool, ratio: tuple[int, int] | No
     if sizes is None:
         return ("the recipe's transform (no image header of the folder could be read)", [])
     seen = f"the images of {data.root} are {sizes.describe()}"
-    small = max(sizes.largest) <= pre.crop
     if pre.resize_mode == "fixed":
         return (f"fixed by the recipe or --resize ({seen})", _too_small_warning(recipe, sizes, seen))
-    if own_weights and small:
-        pre.resize = 0
-        padded = (
-            []
-            if max(sizes.largest) == pre.crop
-            else [
-                f"{seen}, smaller than the input size {pre.crop}, so they are zero-padded to it: if the model was "
-                f"trained on images of their size, pass --input-size {max(sizes.largest)}"
-            ]
-        )
+    if own_weights:  # pipeline/data/preprocess_choice.py measures the candidates on the dense model
         return (
-            f"{seen}, at most the input size {pre.crop}: whole images, no resize or crop (your own weights; "
-            "--resize N states another)",
-            padded,
-        )
-    if own_weights and not small and not pre.resize:
-        pre.resize = pre.crop
-        return (
-            f"{seen}: the shorter side resized to the input size {pre.crop}, then centre-cropped "
-            "(--resize N states another)",
+            f"{seen}; for your own weights the first stage that loads the model measures the dense top-1 under "
+            "each candidate transform and uses the best (--resize N|none states one)",
             [],
         )
     why = f"{seen}; the recipe's " + (f"resize/crop ratio {ratio[0]}/{ratio[1]}" if ratio else "transform")

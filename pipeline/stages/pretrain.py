@@ -15,7 +15,7 @@ import torch
 
 from pipeline.args import add_device_argument
 from pipeline.data.datasets import ResumableBatchSampler, build_datasets, make_loader
-from pipeline.data.splits import without_mask_validation
+from pipeline.data.splits import check_enough_to_train, without_mask_validation
 from pipeline.declaration import MODEL, StageDeclaration, recipe_values
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.io import read_json, write_json
@@ -91,6 +91,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     with torch.random.fork_rng(devices=[]), stop_on_signals() as stop:
         torch.manual_seed(recipe.pretrain.seed)  # initialisation and augmentation, in a fork of torch's RNG
         data = build_datasets(recipe, augment_train=recipe.pretrain.augment)
+        check_enough_to_train(data, recipe.masks, recipe.pretrain.batch_size, "pretraining", "pretrain.batch_size")
         run_ = setup(recipe, data, device)
         if options.resume:
             run_.resume(paths.pretrain_checkpoint)

@@ -9,6 +9,8 @@ import torch
 
 from pipeline.args import add_device_argument
 from pipeline.data.datasets import build_datasets
+from pipeline.data.preprocess_choice import choice_summary, ensure_choice
+from pipeline.data.splits import check_enough_to_train
 from pipeline.declaration import MODEL, PREPROCESS_CHOICE, StageDeclaration, option_files, when
 from pipeline.distributed import init_distributed, shutdown
 from pipeline.errors import Interrupted, PipelineError
@@ -23,6 +25,7 @@ from pipeline.masks.schedules import steps_per_epoch
 from pipeline.paths import ArtifactPaths, checked_name
 from pipeline.plots import learning_curves
 from pipeline.recipe.config import MASK_PRIORS, Recipe
+from pipeline.recipe.resolve import write_config
 from pipeline.recipe.weights import load_dense_model
 from pipeline.records import file_record
 from pipeline.training import StepSettings, check_device, evaluate, select_device
@@ -119,11 +122,16 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     device = select_device(options.device)
     context = init_distributed(device)
     try:
+        data = build_datasets(recipe, augment_train=cfg.augment)
+        check_enough_to_train(data, cfg, cfg.batch_size * context.world_size, "mask training", "masks.batch_size")
         model, source = load_dense_model(recipe, paths)
+        choice = ensure_choice(recipe, paths, model)
+        if choice is not None:  # the measured transform: the datasets (and config.json) follow it
+            data = build_datasets(recipe, augment_train=cfg.augment)
+            write_config(recipe, paths)
         report = find_layers(
             model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier, cfg.include_classifier
         )
-        data = build_datasets(recipe, augment_train=cfg.augment)
         settings = StepSettings.for_device(context.device, options.cuda_path, cfg.precision)
         settings.prepare_model(model.to(context.device))  # as the mask step will: its evaluations run alike
         dense_metrics = describe_start(model, report, recipe, data, context) if context.is_main else None
@@ -223,6 +231,7 @@ def finish(
         "world_size": world_size,
         "rank_mask_checksums": result.rank_checksums,
         "dense": dense_metrics,
+        "preprocessing": choice_summary(recipe, paths),
         "keep": cfg.keep,
         "kept": result.kept_why,
         "kept_step": result.kept_step,

@@ -2,8 +2,8 @@
 
 Written by `python -m pipeline package` from pipeline/package/python_models/preprocess.py;
 rerun package instead of editing it. It applies preprocessing.json (next to config.pbtxt),
-the recipe's evaluation transform: decode, colour mode, resize of the shorter side
-(bilinear, antialiased), centre crop (zero padding when smaller), /255, (x - mean) / std.
+the recipe's evaluation transform: decode, colour mode, resize of the shorter side or of the whole
+image (bilinear or bicubic, antialiased), centre crop (zero padding when smaller), /255, (x - mean) / std.
 A request whose bytes are not a decodable image gets an error response.
 """
 
@@ -24,7 +24,10 @@ def preprocess_image(data: bytes, spec: dict) -> np.ndarray:
         width, height = image.size
         short = spec["resize"]
         size = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
-        image = image.resize(size, Image.BILINEAR)
+        if spec.get("resize_shape", "shorter") == "square":  # the whole image to resize x resize
+            size = (short, short)
+        bicubic = spec.get("resize_interpolation", "bilinear") == "bicubic"
+        image = image.resize(size, Image.BICUBIC if bicubic else Image.BILINEAR)
     crop = spec["crop"]
     width, height = image.size
     if width < crop or height < crop:  # torchvision's CenterCrop pads small images with zeros first
