@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pipeline.backends.tensorrt import timing
-from pipeline.errors import GateFailed, PipelineError
+from pipeline.errors import PipelineError
 from tests.trt_fakes import Clock, FakeCuda, FakeTensorRT, write_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,27 +29,10 @@ def fake_trt(monkeypatch):
 
 
 def _verify(*argv: str) -> int:
-    """`python -m pipeline verify ARGV` in this process (so the fakes apply): the verify stage's own flags parsed
-    by its own add_arguments, the shared model flags (--data, --out) as the CLI hands them to run_without_recipe."""
-    import argparse
+    """`python -m pipeline verify ARGV`, in this process so the fakes apply: the CLI's own main (exit code)."""
+    from pipeline.cli import main
 
-    from pipeline.recipe.resolve import ModelOptions
-    from pipeline.stages import verify as stage
-
-    parser = argparse.ArgumentParser()
-    stage.add_arguments(parser)
-    parser.add_argument("--data")
-    parser.add_argument("--out")
-    args = parser.parse_args(list(map(str, argv)))
-    options = stage.Options(**{name: getattr(args, name) for name in stage.Options.__dataclass_fields__})
-    try:
-        return stage.run_without_recipe(options, ModelOptions(model=None, data=args.data, out=args.out))
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except GateFailed as exc:
-        print(f"gate failed: {exc}", file=sys.stderr)
-        return 1
+    return main(["verify", *map(str, argv)])
 
 
 # ----------------------------------------------------------------------------- must-show 2: GPU compute time
@@ -286,3 +269,67 @@ def test_a_polygraphy_without_the_attribute_is_refused_in_one_line(monkeypatch):
     assert "no use_python_logging_system" in str(error.value) and "polygraphy>=0.49.14" in str(error.value)
     with pytest.raises(PipelineError, match="polygraphy 0.49.9 is too old"):
         check_polygraphy(types.SimpleNamespace(__version__="0.49.9"))
+
+
+# ----------------------------------------------------------------------------- must-show 5: the speed-up bound
+def _inspector(sparse_tactic: bool) -> dict:
+    conv_a = "/layer1/conv/Conv"
+    return {
+        "Layers": [
+            {
+                "Name": conv_a + " + /layer1/relu/Relu",
+                "LayerType": "CaskConvolution",
+                "TacticName": "sm80_xmma_fprop_sparse_conv_f16" if sparse_tactic else "sm80_xmma_fprop_implicit_gemm",
+                "Metadata": f"[ONNX Layer: {conv_a}]\x1f[ONNX Layer: /layer1/relu/Relu]",
+            },
+            {
+                "Name": "/layer2/conv/Conv",
+                "LayerType": "CaskConvolution",
+                "TacticName": "sm80_xmma_fprop_implicit_gemm",
+                "Metadata": "[ONNX Layer: /layer2/conv/Conv]",
+            },
+            {"Name": "/pool/GlobalAveragePool", "LayerType": "Reduce", "TacticName": "reduce", "Metadata": ""},
+        ],
+        "Bindings": ["images", "scores"],
+    }
+
+
+def test_report_shows_the_bound_beside_the_measured_speedup_per_layer_and_end_to_end(fake_trt, tmp_path):
+    """Dense per-layer GPU times 0.6 / 0.3 / 0.1 ms; the sparse plan runs the 0.6 ms conv with a sparse tactic.
+    Bound = 1.0 / (1.0 - 0.6 / 2) = 1.43x; measured (engine GPU time 1.0 vs 0.75 ms) 1.33x; both in report.md."""
+    dense_ms = {"/layer1/conv/Conv + /layer1/relu/Relu": 0.6, "/layer2/conv/Conv": 0.3, "/pool/GlobalAveragePool": 0.1}
+    sparse_ms = {**dense_ms, "/layer1/conv/Conv + /layer1/relu/Relu": 0.35}
+    dense = write_plan(tmp_path / "a.plan", gpu_ms=1.0, inspector=_inspector(False), layer_ms=dense_ms)
+    sparse = write_plan(tmp_path / "b.plan", gpu_ms=0.75, inspector=_inspector(True), layer_ms=sparse_ms)
+    out = tmp_path / "out"
+    args = ("--dense", dense, "--sparse", sparse, "--data", "synthetic", "--out", out, "--min-speedup", "1.3")
+    assert _verify(*args, "--iters", "4") == 0
+    report = json.loads((out / "report.json").read_text())
+    bound = report["speedup_bound"]
+    assert bound["bound"] == pytest.approx(1.0 / 0.7) and bound["measured"] == pytest.approx(4 / 3)
+    assert bound["sparse_time_share"] == pytest.approx(0.6)
+    rows = {row["unit"]: row for row in bound["layers"]}
+    assert (rows["layer1.conv"]["sparse_kernels"], rows["layer1.conv"]["bound"]) == (True, 2.0)
+    assert rows["layer1.conv"]["measured"] == pytest.approx(0.6 / 0.35) and rows["layer2.conv"]["bound"] == 1.0
+    md = (out / "report.md").read_text()
+    assert "| bound: best end to end 2:4 can give this engine | 1.429x |" in md
+    assert "| measured (serving batch 8) | 1.333x |" in md and "| gate min_speedup | 1.300x |" in md
+    assert "| `layer1.conv` | 0.6000 | 60.0 | yes | 2.0x | 0.3500 | 1.714x |" in md
+    assert report["layer_times_batch"] == 8 and "Per layer (batch 8)" in md
+
+
+def test_a_blocks_time_counts_whole_in_the_bound():
+    from pipeline.verify.bound import speedup_bound
+
+    dense = {
+        "modules": {"a": 1.0},
+        "blocks": {"{ForeignNode[b...c]}": {"ms": 2.0, "modules": ["b", "c"]}},
+        "reformat_ms": 0.5,
+        "other_ms": 0.5,
+    }
+    evidence = {"picked_sparse": [], "sparse_blocks": [{"trt_layer": "{ForeignNode[b...c]}", "modules": ["b", "c"]}]}
+    bound = speedup_bound(dense, None, evidence, 1.1)
+    assert bound["bound"] == pytest.approx(4.0 / 3.0)  # 4 ms total, 2 ms of it at most twice as fast
+    assert [(row["unit"], row["sparse_kernels"]) for row in bound["layers"]] == [("block[b, c]", True), ("a", False)]
+    unknown = speedup_bound(dense, None, {"picked_sparse": None}, 1.1)
+    assert unknown["bound"] is None and "not known" in unknown["note"]

@@ -125,7 +125,7 @@ def _fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    sections = (_header, _accuracy, _int8, _latency, _coverage, _layout, _layer_times, _gates, _plots)
+    sections = (_header, _accuracy, _int8, _latency, _bound, _coverage, _layout, _layer_times, _gates, _plots)
     return "\n".join(line for section in sections for line in section(report))
 
 
@@ -221,6 +221,50 @@ def _latency(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _min_speedup(report: dict[str, Any]) -> Any:
+    gate = next((g for g in report["gates"]["checks"] if g["name"] == "speedup"), None)
+    return None if gate is None else gate["threshold"]
+
+
+def _bound(report: dict[str, Any]) -> list[str]:
+    """The best speed-up 2:4 can give (from the dense engine's per-layer GPU times) beside the measured one."""
+    bound = report.get("speedup_bound")
+    if not bound:
+        return []
+    lines = [
+        "## Speed-up bound and measured speed-up",
+        "",
+        "| | speed-up |",
+        "|---|---|",
+        f"| bound: best end to end 2:4 can give this engine | {_fmt(bound['bound'], 3, 'x')} |",
+        f"| measured (serving batch {report['latency']['serving_batch']}) | {_fmt(bound['measured'], 3, 'x')} |",
+        f"| gate min_speedup | {_fmt(_min_speedup(report), 3, 'x')} |",
+        "",
+        f"Bound: {bound['note']}"
+        + (
+            f"; {100 * bound['sparse_time_share']:.1f} % of the dense engine's time is in layers with sparse kernels."
+            if bound.get("sparse_time_share") is not None
+            else "."
+        ),
+        "",
+    ]
+    if bound["layers"]:
+        lines += [
+            f"Per layer (batch {report.get('layer_times_batch') or 'the engine profile opt'}):",
+            "",
+            "| layer or fused block | dense ms | share % | sparse kernels | bound | sparse ms | measured |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in bound["layers"][:20]:
+            kernels = {True: "yes", False: "no", None: "unknown"}[row["sparse_kernels"]]
+            lines.append(
+                f"| `{row['unit']}` | {row['dense_ms']:.4f} | {100 * row['share']:.1f} | {kernels} | "
+                f"{row['bound']:.1f}x | {_fmt(row['sparse_ms'], 4)} | {_fmt(row['measured'], 3, 'x')} |"
+            )
+        lines.append("")
+    return lines
+
+
 def _coverage(report: dict[str, Any]) -> list[str]:
     cov = report["coverage"]
     kernels = cov["sparse_kernel_mac_fraction"]
@@ -277,8 +321,10 @@ def _layer_times(report: dict[str, Any]) -> list[str]:
     if not (times.get("dense") and times.get("sparse")):
         return []
     slowest = sorted(times["dense"].items(), key=lambda item: -item[1])[:10]
+    batch = report.get("layer_times_batch")
     lines = [
-        f"Slowest nodes of the dense engine (backend profiler, batch {report['latency']['serving_batch']}):",
+        "Slowest nodes of the dense engine (backend profiler, "
+        + (f"batch {batch}):" if batch else "at the batch the backend's profiler chose):"),
         "",
         "| node | dense ms | sparse ms |",
         "|---|---|---|",
