@@ -115,3 +115,28 @@ def test_engine_killed_during_mask_training_resumes_it(tmp_path):
     assert "== train-masks: resuming" in result.stdout
     assert f"resumed mask training at step {killed_at['state']['step']}" in result.stdout
     assert torch.load(checkpoint, weights_only=True)["state"]["step"] == 120
+
+
+def test_a_new_mask_split_retrains_the_dense_weights(tmp_path):
+    """issue 33: pretraining leaves out mask training's validation split, so `--set masks.seed=1` after a finished
+    engine must pretrain again (engine's key), and so must `pretrain` by hand (its cache, pretrain.json)."""
+    out = tmp_path / "engines"
+    pretrained = ["--weights", "pretrain", "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=32"]
+    pretrained += ["--set", "masks.validation_images=16"]
+    args = ["engine", "--model", MODEL, "--out", str(out), *pretrained, *FAST]
+    first = cli(*args, check=True)
+    assert "running (no record)" in stage_lines(first.stdout)["pretrain"]
+    dense = out / MODEL / "dense.pt"
+    trained_first = dense.read_bytes()
+
+    again = cli(*args, "--set", "masks.seed=1", check=True)
+    lines = stage_lines(again.stdout)
+    assert "running (inputs changed)" in lines["pretrain"], again.stdout
+    assert "dense weights exist" not in again.stdout  # really trained, not kept by pretrain's own cache
+    assert dense.read_bytes() != trained_first  # another split held out: other training images, other weights
+    assert "running (inputs changed)" in lines["train-masks"]
+
+    by_hand = cli("pretrain", "--model", MODEL, "--out", str(out), *pretrained, "--set", "masks.seed=2", check=True)
+    assert "trained with other settings (masks.seed); retraining" in by_hand.stdout
+    kept = cli("pretrain", "--model", MODEL, "--out", str(out), *pretrained, "--set", "masks.seed=2", check=True)
+    assert "dense weights exist" in kept.stdout

@@ -389,3 +389,35 @@ def test_missing_tritonclient_is_a_clear_error(out, monkeypatch, capsys):
     assert package(out) == 2
     assert "needs the tritonclient package: pip install" in capsys.readouterr().err
     assert not (out / MODEL / "triton").exists() and not (out / MODEL / "triton_cpu").exists()
+
+
+def test_a_failed_manifest_write_leaves_the_previous_repositories_and_manifest(out, monkeypatch, capsys):
+    """issue 33: the repositories are swapped in inside package's transaction, and the previous ones removed only
+    once the stage commits, so a manifest write that fails (here: the disk fills up) changes nothing."""
+    import errno
+    import os
+
+    import pipeline.package.manifest as manifest_module
+    from pipeline.io import atomic_path
+
+    assert package(out) == 0
+    folder = out / MODEL
+    before = {p.relative_to(folder).as_posix(): sha256_file(p) for p in folder.rglob("*") if p.is_file()}
+    seen = {}
+
+    def full_disk(path, obj):
+        config = folder / "triton" / f"{MODEL}_dense" / "config.pbtxt"
+        seen["new repository in place"] = "max_queue_delay_microseconds: 123" in config.read_text()
+        with atomic_path(path) as tmp:
+            tmp.write_text("{")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(manifest_module, "write_json", full_disk)
+    assert package(out, "--set", "serve.max_queue_delay_us=123") == 2
+    assert "no space left on device" in capsys.readouterr().err
+    assert seen == {"new repository in place": True}  # the new repositories had been swapped in when it failed
+    after = {p.relative_to(folder).as_posix(): sha256_file(p) for p in folder.rglob("*") if p.is_file()}
+    assert after == {name: digest for name, digest in before.items()} | (
+        {LOCK_NAME: after[LOCK_NAME]} if LOCK_NAME in after else {}
+    )
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
