@@ -160,3 +160,60 @@ def test_demo_mask_training_report_with_the_cuda_settings_on_cpu():
     """gpu_check.train_demo, the step it times on CUDA, on CPU for two steps."""
     row = gpu_check.train_demo(2, device="cpu")
     assert row["model"] == gpu_check.DEMO and row["steps"] == 2 and row["steps_per_second"] > 0
+
+
+# ----------------------------------------------------------------------------- issue 35 (Why 4)
+def test_convnext_t_linear_gemms_run_on_nhwc_rows():
+    """ConvNeXt's Linear layers see [N, H, W, C] tensors: their GEMM's M is batch x H x W (stage 1: 32 x 56 x 56 at
+    224 px), not the batch; the classifier's M stays the batch."""
+    recipe, _, model, report = gpu_check.masked_model("convnext_t")
+    batch = 32
+    gemms = gpu_check.layer_gemms(model, [layer.name for layer in report.masked], recipe.input_shape, batch)
+    side = recipe.input_shape[1] // 4  # the stem's 4x4 patchify
+    stage1 = [g for g in gemms if g.layer.startswith("features.1.")]
+    assert stage1 and all(g.kind == "linear" and g.m == batch * side * side for g in stage1)
+    assert {(g.n, g.k) for g in stage1} == {(384, 96), (96, 384)}
+    stage4 = [g for g in gemms if g.layer.startswith("features.7.")]
+    assert stage4 and all(g.m == batch * (side // 8) ** 2 for g in stage4)
+    head = [g for g in gemms if g.layer == recipe.classifier]
+    assert all(g.m == batch for g in head)
+
+
+def test_each_sample_is_many_calls_between_one_event_pair():
+    from tests.trt_fakes import Clock, FakeCuda
+
+    clock = Clock()
+
+    def gemm():
+        clock.gpu_ms += 0.01  # a 10 us kernel: one call per event pair would time the launch
+        clock.host_ms += 0.02
+
+    timer = gpu_check.event_timer(gemm, clock=FakeCuda(clock))
+    assert timer.calls == 100 and gpu_check.sample_ms(timer) == pytest.approx(0.01)
+    dense, sparse = gpu_check.paired_times(timer, timer, reps=2, warmup=1, timer=gpu_check.sample_ms)
+    assert dense == pytest.approx([0.01, 0.01]) and sparse == pytest.approx([0.01, 0.01])
+
+
+def test_algorithm_search_is_named_when_pytorch_cannot_run_it():
+    alg, why = gpu_check.searched_alg(torch.zeros(4, 4), torch.zeros(4, 4))
+    assert alg is None and "no algorithm search" in why
+
+
+def test_the_json_is_rewritten_after_each_step(tmp_path, monkeypatch):
+    """A failure in a late step keeps what the earlier steps measured."""
+    calls = []
+
+    def gemm_rows(name, batch, reps, warmup):
+        calls.append(name)
+        if name == "second":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return [{"model": name, "layer": "fc", "method": "PyTorch eager F.linear, CUSPARSELT alg 3"}]
+
+    monkeypatch.setattr(gpu_check, "require_cuda", lambda: None)
+    monkeypatch.setattr(gpu_check.torch.cuda, "get_device_name", lambda: "CPU stand-in")
+    monkeypatch.setattr(gpu_check, "train_demo", lambda steps: {"steps": steps, "steps_per_second": 1.0})
+    monkeypatch.setattr(gpu_check, "gemm_rows", gemm_rows)
+    with pytest.raises(RuntimeError):
+        gpu_check.run(gpu_check.Options(models="first,second", steps=2, reps=3, warmup=1, out=str(tmp_path)))
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["mask_training"]["steps"] == 2 and [row["model"] for row in report["gemms"]] == ["first"]

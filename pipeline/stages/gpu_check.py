@@ -6,11 +6,16 @@ On a GPU it takes, with PyTorch only (no network, about 10 minutes on one H100/H
 1. mask training of the demo recipe on CUDA for `--steps` steps (synthetic images of the demo's shape: this
    times the CUDA path -- channels_last, bfloat16 autocast -- it does not measure accuracy);
 2. dense vs 2:4 latency of every masked Linear and every masked 1x1 conv of each model, run as the GEMM it
-   is (x[M, K] @ W[N, K]^T, M = serving batch x output pixels) through `torch.sparse.to_sparse_semi_structured`
-   (cuSPARSELt), FP16, paired: dense and sparse interleaved ABBA, CUDA events, medians;
+   is (x[M, K] @ W[N, K]^T; M = serving batch x output pixels for a 1x1 conv, serving batch x the rows a Linear
+   sees: ConvNeXt's Linear layers run on NHWC tensors, so their M is batch x H x W) through
+   `torch.sparse.to_sparse_semi_structured` (cuSPARSELt, its algorithm id searched with
+   torch._cslt_sparse_mm_search where PyTorch has it), FP16, paired: dense and sparse interleaved ABBA, each
+   sample R back-to-back calls between one pair of CUDA events (R chosen so a sample is >= 1 ms), medians; each
+   row says what ran ("PyTorch eager F.linear, cuSPARSELt alg N");
 3. when tensorrt imports: dense and sparse TensorRT engines of each model (random weights, magnitude 2:4
    masks), their paired latency at the serving batch, and which layers TensorRT ran sparse, with per-layer times.
-It writes OUT/gpu_check.json and prints a table. Without a CUDA GPU it stops with one line (exit 2).
+It rewrites OUT/gpu_check.json after each step (a late failure keeps the rest) and prints a table. Without a
+CUDA GPU it stops with one line (exit 2).
 """
 
 from __future__ import annotations
@@ -97,12 +102,19 @@ def sparse_min_shape(dtype: torch.dtype = torch.float16) -> tuple[int, int]:
 
 
 def layer_gemms(model: nn.Module, layers: list[str], input_shape: list[int], batch: int) -> list[Gemm]:
-    """The GEMM of every named layer at `batch` (one CPU forward of one image finds the output pixels)."""
+    """The GEMM of every named layer at `batch` (one CPU forward of one image finds each layer's rows per image:
+    a conv's output pixels, a Linear's rows -- H x W for ConvNeXt's Linear on NHWC tensors, 1 for a classifier)."""
     modules = dict(model.named_modules())
     pixels: dict[str, int] = {}
+
+    def rows_of(module, out) -> int:
+        if isinstance(module, nn.Linear):
+            return out[0].numel() // out.shape[-1]
+        return out[0, 0].numel() if out.dim() == 4 else 1
+
     hooks = [
         modules[name].register_forward_hook(
-            lambda module, args, out, name=name: pixels.__setitem__(name, out[0, 0].numel() if out.dim() == 4 else 1)
+            lambda module, args, out, name=name: pixels.__setitem__(name, rows_of(module, out))
         )
         for name in layers
     ]
@@ -117,7 +129,7 @@ def layer_gemms(model: nn.Module, layers: list[str], input_shape: list[int], bat
     for name in layers:
         module = modules[name]
         if isinstance(module, nn.Linear):
-            gemm = Gemm(name, "linear", batch, module.out_features, module.in_features)
+            gemm = Gemm(name, "linear", batch * pixels[name], module.out_features, module.in_features)
         elif isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1:
             gemm = Gemm(name, "conv1x1", batch * pixels[name], module.out_channels, module.in_channels)
         else:
@@ -159,13 +171,30 @@ def ratio_row(dense_ms: list[float], sparse_ms: list[float]) -> dict[str, float]
     return {"dense_ms": dense, "sparse_ms": sparse, "speedup": dense / sparse if sparse > 0 else float("nan")}
 
 
-def cuda_timer(fn: Callable[[], None]) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return float(start.elapsed_time(end))
+def event_timer(fn: Callable[[], Any], clock=None):
+    """A timer of `fn` on the current CUDA stream: each sample is R back-to-back calls between one pair of CUDA
+    events (R chosen so a sample holds >= 1 ms of GPU time), per call; `clock`: a fake in the CPU tests."""
+    from pipeline.backends.tensorrt import timing
+
+    clock = clock or timing.TorchCuda(torch.cuda.current_stream().cuda_stream)
+    timer = timing.GpuTimer(clock, fn, use_graph=False)
+    timer.prepare()
+    return timer
+
+
+def sample_ms(timer) -> float:
+    return timer.samples(1, 0).gpu_ms[0]
+
+
+def searched_alg(sparse, x: torch.Tensor) -> tuple[int | None, str]:
+    """cuSPARSELt's best algorithm id for this GEMM (torch._cslt_sparse_mm_search), or None and why not."""
+    search = getattr(torch, "_cslt_sparse_mm_search", None)
+    if search is None or not hasattr(sparse, "packed"):
+        return None, "no algorithm search in this PyTorch (or not the cuSPARSELt backend)"
+    try:
+        return int(search(sparse.packed, x.t())), ""
+    except Exception as exc:  # a PyTorch without cuSPARSELt raises here
+        return None, f"algorithm search failed: {type(exc).__name__}: {str(exc)[:80]}"
 
 
 def masked_model(name: str, seed: int = 0):
@@ -199,12 +228,24 @@ def time_gemm(gemm: Gemm, weight: torch.Tensor, reps: int, warmup: int) -> dict[
     from torch.sparse import to_sparse_semi_structured
 
     dense = weight.detach().reshape(gemm.n, gemm.k).to("cuda", torch.float16).contiguous()
-    sparse = to_sparse_semi_structured(dense)
     x = torch.randn(gemm.m, gemm.k, device="cuda", dtype=torch.float16)
+    sparse = to_sparse_semi_structured(dense)
+    alg, why = searched_alg(sparse, x)
+    if alg is not None:
+        sparse = to_sparse_semi_structured(dense, alg_id=alg)
     linear = torch.nn.functional.linear
     agree = torch.allclose(linear(x, dense), linear(x, sparse), rtol=1e-2, atol=1e-1)
-    times = paired_times(lambda: linear(x, dense), lambda: linear(x, sparse), reps, warmup, cuda_timer)
-    return {**asdict(gemm), **ratio_row(*times), "outputs_agree": bool(agree)}
+    timers = event_timer(lambda: linear(x, dense)), event_timer(lambda: linear(x, sparse))
+    times = paired_times(timers[0], timers[1], reps, warmup, sample_ms)
+    backend = type(sparse).__name__.removeprefix("SparseSemiStructuredTensor") or "default"
+    return {
+        **asdict(gemm),
+        **ratio_row(*times),
+        "outputs_agree": bool(agree),
+        "dense_method": f"PyTorch eager F.linear (dense FP16), {timers[0].calls} calls per CUDA event pair",
+        "method": f"PyTorch eager F.linear, {backend} alg {alg if alg is not None else 'default (' + why + ')'}, "
+        f"{timers[1].calls} calls per CUDA event pair",
+    }
 
 
 def gemm_rows(name: str, batch: int, reps: int, warmup: int) -> list[dict[str, Any]]:
@@ -282,20 +323,29 @@ def engine_row(name: str, batch: int, reps: int, warmup: int, folder: Path) -> d
         lambda run: run(),
     )
     report = builds["sparse"].sparse_layers
+    layer_ms = {variant: runner.layer_times(batch=batch) for variant, runner in runners.items()}
+    methods = {variant: runner.timing_method for variant, runner in runners.items()}
+    for runner in runners.values():
+        runner.close()
     return {
         "model": name,
         "batch": batch,
         **ratio_row(*times),
+        "method": f"TensorRT {methods['sparse']}",
         "eligible": report["eligible"],
         "picked_sparse": report["picked_sparse"],
         "notes": report["notes"],
-        "layer_ms": {variant: runner.layer_times() for variant, runner in runners.items()},
+        "sparse_blocks": report.get("sparse_blocks", []),
+        "layer_ms": layer_ms,
     }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of the GEMM and engine rows."""
-    lines = [f"{'model':<14} {'layer':<28} {'kind':<8} {'M x N x K':<20} {'dense ms':>9} {'2:4 ms':>9} {'speed-up':>9}"]
+    lines = [
+        f"{'model':<14} {'layer':<28} {'kind':<8} {'M x N x K':<20} {'dense ms':>9} {'2:4 ms':>9} {'speed-up':>9}"
+        "  what ran (2:4)"
+    ]
     for row in rows:
         shape = f"{row.get('m', '')}x{row.get('n', '')}x{row.get('k', '')}" if "k" in row else "engine"
         if row.get("skip"):
@@ -304,6 +354,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(
                 f"{row['model']:<14} {row.get('layer', '(whole engine)'):<28} {row.get('kind', 'trt'):<8} "
                 f"{shape:<20} {row['dense_ms']:>9.4f} {row['sparse_ms']:>9.4f} {row['speedup']:>8.2f}x"
+                f"  {row.get('method', '')}"
             )
     return "\n".join(lines)
 
@@ -317,23 +368,30 @@ def tensorrt_available() -> tuple[bool, str]:
 def run(options: Options) -> int:
     require_cuda()
     models = [name for name in options.models.split(",") if name]
+    path = Path(options.out) / "gpu_check.json"
     report: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "command": f"python -m pipeline gpu-check --models {options.models} --steps "
         f"{options.steps} --reps {options.reps}",
+        "gemms": [],
+        "engines": [],
     }
+    save = lambda: write_json(path, report)  # noqa: E731  after each step: a late failure keeps the rest
     print(f"gpu-check on {report['gpu']}: mask training of {DEMO} on CUDA ({options.steps} steps) ...", flush=True)
     report["mask_training"] = train_demo(options.steps)
-    report["gemms"] = [row for name in models for row in gemm_rows(name, options.batch, options.reps, options.warmup)]
+    save()
+    for name in models:
+        report["gemms"] += gemm_rows(name, options.batch, options.reps, options.warmup)
+        save()
     ok, why = tensorrt_available()
     report["tensorrt"] = why
+    save()
     folder = Path(options.out) / "gpu_check"
-    report["engines"] = (
-        [engine_row(name, options.batch, options.reps, options.warmup, folder) for name in models] if ok else []
-    )
-    write_json(Path(options.out) / "gpu_check.json", report)
+    for name in models if ok else []:
+        report["engines"].append(engine_row(name, options.batch, options.reps, options.warmup, folder))
+        save()
     print(table(report["gemms"] + report["engines"]))
     print(f"mask training: {report['mask_training']['steps_per_second']} steps/s; tensorrt: {why}")
-    print(f"report: {Path(options.out) / 'gpu_check.json'}")
+    print(f"report: {path}")
     return 0

@@ -135,6 +135,10 @@ class GpuTimer:
             self.clock.synchronize()
         return time_calls(self.clock, launch, self.calls, iterations)
 
+    def __call__(self) -> None:
+        """One untimed launch (a warm-up run)."""
+        (self.launch or self.execute)()
+
     @property
     def method(self) -> str:
         launches = "graph launches" if self.graph_note.startswith("CUDA graph") else "execute_async_v3 calls"
