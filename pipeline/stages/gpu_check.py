@@ -148,11 +148,11 @@ def layer_gemms(model: nn.Module, layers: list[str], input_shape: list[int], bat
 
 
 def paired_times(
-    run_a: Callable[[], None],
-    run_b: Callable[[], None],
+    run_a: Callable[[], Any],
+    run_b: Callable[[], Any],
     reps: int,
     warmup: int,
-    timer: Callable[[Callable[[], None]], float],
+    timer: Callable[[Any], float],
 ) -> tuple[list[float], list[float]]:
     """Times of `reps` runs of each, interleaved A B B A ... after `warmup` untimed runs of each."""
     for _ in range(warmup):
