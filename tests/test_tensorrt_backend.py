@@ -706,3 +706,15 @@ def test_an_onnxruntime_build_records_what_tensorrt_could_not_parse(tmp_path):
     assert "note: TensorRT 10.0 (the oldest supported; none is installed here) could not parse" in result.stdout
     parser = BuildReport.load(paths.build_report, "tiny_resnet").tensorrt_parser
     assert parser["problems"] == {"dense": ["Unique (node '/head/Unique')"], "sparse": ["Unique (node '/head/Unique')"]}
+
+
+def test_the_sidecar_names_the_graphs_output_not_the_recipes(gpu, model_dir):
+    """Issue 35 (Why 8): the output tensor's name comes from the graph (as the engine names it), not from
+    export.output_name, which another exporter need not have used."""
+    recipe = _recipe()
+    recipe.export.output_name = "probabilities"
+    backend = trt_backend.TensorRTBackend()
+    result = backend.build(
+        backend.onnx_for(model_dir, "sparse", recipe), model_dir.root / "tensorrt", "sparse", recipe, True
+    )
+    assert EngineInfo.load(result.engine_path).output_name == "logits"
