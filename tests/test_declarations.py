@@ -298,3 +298,28 @@ def test_the_checks_catch_an_undeclared_read_and_field(traced):
     assert [field for field in fields if not covers(narrowed, field)]
     run, reads, _, _ = found["export"]
     assert paths.masks.absolute() in reads and not _covered(paths.masks.absolute(), {paths.sparse_weights.absolute()})
+
+
+def test_a_build_failing_on_its_second_engine_leaves_the_first_as_it_was(traced, monkeypatch):
+    """No hand-kept rollback in build: the stage's transaction puts back the dense engine it had replaced."""
+    from pipeline.backends.onnxruntime import OnnxRuntimeBackend
+    from pipeline.errors import PipelineError
+
+    paths, _ = traced
+    folder = paths.root / "onnxruntime"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()} | {"build.json": paths.build_report.read_bytes()}
+    original = OnnxRuntimeBackend.build
+
+    def fails_on_sparse(self, onnx_path, engine_dir, variant, recipe, sparse):
+        if variant == "sparse":
+            raise PipelineError("the sparse engine failed to build")
+        return original(self, onnx_path, engine_dir, variant, recipe, sparse)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "build", fails_on_sparse)
+    recipe = resolve_recipe(
+        ModelOptions(model="tiny_resnet", out=str(paths.root.parent), weights="pretrain", overrides=FAST)
+    )
+    with pytest.raises(PipelineError, match="sparse engine"):
+        run_stage(MODULES["build"], recipe, paths, MODULES["build"].Options())
+    after = {p.name: p.read_bytes() for p in folder.iterdir()} | {"build.json": paths.build_report.read_bytes()}
+    assert after == before

@@ -118,27 +118,20 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             + "; ".join(f"{variant}: {', '.join(found)}" for variant, found in parser["problems"].items() if found)
         )
     folder = engine_dir(paths.root, backend.name)
-    engines = {}
-    written: list[Path] = []
-    try:
-        for variant, onnx_path in sources.items():
-            print(f"building {variant} engine from {onnx_path.name} ...", flush=True)
-            result = backend.build(onnx_path, folder, variant, recipe, sparse=variant == "sparse")
-            written += [Path(result.engine_path), Path(result.engine_path).with_suffix(".json")]
-            # paths relative to the model folder, so the folder can be moved or copied whole
-            engines[variant] = {
-                "engine": relative_to_root(result.engine_path, paths.root),
-                "sha256": sha256_file(result.engine_path),
-                "onnx": relative_to_root(onnx_path, paths.root),
-                "onnx_sha256": sha256_file(onnx_path),
-                "metadata": result.metadata,
-                "sparse_layers": result.sparse_layers,
-            }
-            print(f"  {result.engine_path}")
-    except BaseException:
-        for path in written:  # no half-finished pair of engines
-            path.unlink(missing_ok=True)
-        raise
+    engines = {}  # a failed build leaves no half-finished pair: the stage's transaction puts the old ones back
+    for variant, onnx_path in sources.items():
+        print(f"building {variant} engine from {onnx_path.name} ...", flush=True)
+        result = backend.build(onnx_path, folder, variant, recipe, sparse=variant == "sparse")
+        # paths relative to the model folder, so the folder can be moved or copied whole
+        engines[variant] = {
+            "engine": relative_to_root(result.engine_path, paths.root),
+            "sha256": sha256_file(result.engine_path),
+            "onnx": relative_to_root(onnx_path, paths.root),
+            "onnx_sha256": sha256_file(onnx_path),
+            "metadata": result.metadata,
+            "sparse_layers": result.sparse_layers,
+        }
+        print(f"  {result.engine_path}")
     BuildReport(
         model=recipe.name,
         backend=backend.name,

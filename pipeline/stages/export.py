@@ -293,41 +293,35 @@ def export_int8(recipe: Recipe, paths: ArtifactPaths, masked: list[str], n: int,
     count = recipe.export.int8_calibration_images
     print(f"quantizing to INT8 Q/DQ, calibrated on {count} training images ...", flush=True)
     calibration = calibration_batches(build_datasets(recipe).plain_train, count)
-    written = []
-    try:
-        files = {}
-        for variant in ("dense", "sparse"):
-            path = quantize_qdq(getattr(paths, f"{variant}_onnx"), calibration, paths.int8_onnx(variant))
-            written.append(path)
-            files[path.name] = {
-                "variant": variant,
-                "precision": "int8",
-                "calibration_images": count,
-                **file_record(path),
-            }
-        sparse_path = paths.int8_onnx("sparse")
-        survive = sparse_weights_survive(onnx.load(str(sparse_path)), n, m)
-        polygraphy = polygraphy_sparsity(sparse_path)
-        sparse_found = set(polygraphy.get("sparse", []))
-        missing = [layer for layer in masked if f"{layer}.weight" not in sparse_found]
-        broken = [
-            name
-            for name, info in survive.items()
-            if not info["zeros_kept"] or info["nm_violations_int8"] > info["nm_violations_fp32"]
-        ]
-        files[sparse_path.name].update(nm_after_quantization=survive, polygraphy_sparse=sorted(sparse_found))
-        if missing or broken:
-            raise PipelineError(
-                f"{sparse_path.name}: the {n}:{m} pattern did not survive INT8 quantization "
-                f"({'polygraphy finds dense: ' + ', '.join(missing) if missing else ''}"
-                f"{'; zeros lost in ' + ', '.join(broken) if broken else ''}); nothing written"
-            )
-        print(
-            f"{sparse_path.name}: polygraphy inspect sparsity finds {len(masked) - len(missing)}/{len(masked)} "
-            f"masked layers sparse"
+    # a failure leaves neither INT8 file: the stage's transaction removes (or puts back) what was written
+    files = {}
+    for variant in ("dense", "sparse"):
+        path = quantize_qdq(getattr(paths, f"{variant}_onnx"), calibration, paths.int8_onnx(variant))
+        files[path.name] = {
+            "variant": variant,
+            "precision": "int8",
+            "calibration_images": count,
+            **file_record(path),
+        }
+    sparse_path = paths.int8_onnx("sparse")
+    survive = sparse_weights_survive(onnx.load(str(sparse_path)), n, m)
+    polygraphy = polygraphy_sparsity(sparse_path)
+    sparse_found = set(polygraphy.get("sparse", []))
+    missing = [layer for layer in masked if f"{layer}.weight" not in sparse_found]
+    broken = [
+        name
+        for name, info in survive.items()
+        if not info["zeros_kept"] or info["nm_violations_int8"] > info["nm_violations_fp32"]
+    ]
+    files[sparse_path.name].update(nm_after_quantization=survive, polygraphy_sparse=sorted(sparse_found))
+    if missing or broken:
+        raise PipelineError(
+            f"{sparse_path.name}: the {n}:{m} pattern did not survive INT8 quantization "
+            f"({'polygraphy finds dense: ' + ', '.join(missing) if missing else ''}"
+            f"{'; zeros lost in ' + ', '.join(broken) if broken else ''}); nothing written"
         )
-        return files
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+    print(
+        f"{sparse_path.name}: polygraphy inspect sparsity finds {len(masked) - len(missing)}/{len(masked)} "
+        f"masked layers sparse"
+    )
+    return files

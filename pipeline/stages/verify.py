@@ -32,6 +32,7 @@ DECLARATION = StageDeclaration(
     reads=(
         "build_report",
         "engines",
+        "sparse_onnx",  # the layout of the graph the engine was built from
         "layers",
         "masks",
         record("bake_report", "export_report"),
