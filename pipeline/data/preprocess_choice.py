@@ -294,6 +294,13 @@ def check_baseline(choice: Choice, recipe: Recipe) -> None:
     used, top = choice.row(choice.candidate), best(choice.table)
     floor = near_chance(used["top1"], choice.classes, choice.images)
     threshold = recipe.verify.min_dense_top1
+    if floor >= 100.0:  # too few images to tell any accuracy from guessing: say so, refuse nothing
+        print(
+            f"note: {choice.images} validation images cannot tell the dense model from guessing among "
+            f"{choice.classes} classes; the baseline is not checked",
+            flush=True,
+        )
+        floor = -1.0
     if used["top1"] > floor and used["top1"] >= threshold:
         return
     limit = (

@@ -83,8 +83,9 @@ def write_recipe(request: RecipeRequest) -> WrittenRecipe:
         if applies(recipe):  # the transform measured on the dense model (pipeline/data/preprocess_choice.py)
             chosen = choose(recipe, model.eval())
             how = "stated" if chosen.stated else "chosen by measurement, the highest dense top-1 of the candidates"
+            at = next((i for i, note in enumerate(notes) if note.startswith("preprocessing: ")), len(notes))
             notes = [note for note in notes if not note.startswith("preprocessing: ")]
-            notes.append(f"preprocessing: {describe_preprocessing(recipe)} ({how})")
+            notes.insert(at, f"preprocessing: {describe_preprocessing(recipe)} ({how})")
     recipe.description = f"{request.source}, {recipe.num_classes} classes (written by init-recipe)"
 
     path = Path(request.out or f"{recipe.name}.toml")
