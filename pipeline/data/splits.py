@@ -67,6 +67,6 @@ def check_enough_to_train(data: DataBundle, cfg: MaskConfig, batch_size: int, wh
     raise PipelineError(
         f"{what} needs at least one batch of {batch_size} training images, but {data.description} has "
         f"{len(data.train)} training images, {len(train)} once the validation split of {len(validation)} is held "
-        f"out: use a larger folder, or pass --set {batch_key}={max(len(train), 1)} (and --set "
-        f"masks.validation_images=N to hold out fewer)"
+        f"out: give it more training images, or pass --set {batch_key}={max(len(train), 1)} (or --set "
+        "masks.validation_images=N to hold out fewer)"
     )
