@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.backends.tensorrt import timing
 from pipeline.errors import PipelineError
 from tests.trt_fakes import Clock, FakeCuda, FakeTensorRT, write_plan
 
@@ -96,6 +95,8 @@ def test_without_cuda_graph_capture_it_times_plain_enqueues_and_says_so(monkeypa
 
 
 def test_time_calls_counts_per_call_and_calls_per_sample_reaches_the_target():
+    from pipeline.backends.tensorrt import timing
+
     clock = Clock()
 
     def enqueue():

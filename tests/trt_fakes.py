@@ -179,12 +179,12 @@ class FakeTensorRT:
     """Installs the fakes: `tensorrt` in sys.modules, Polygraphy's loaders and TrtRunner, the CUDA clock."""
 
     def __init__(self, monkeypatch, host_overhead_ms: float = 0.2, enqueue_ms: float = 0.005, capture_ok=True):
+        import importlib
+
         import polygraphy.backend.common as pcommon
         import polygraphy.backend.trt as ptrt
 
         from pipeline.backends.tensorrt import engine as trt_engine
-        from pipeline.backends.tensorrt import runner as trt_runner
-        from pipeline.backends.tensorrt import timing
 
         self.trt, self.clock, self.runners = make_trt(), Clock(), []
         self.host_overhead_ms, self.enqueue_ms = host_overhead_ms, enqueue_ms
@@ -193,11 +193,19 @@ class FakeTensorRT:
         monkeypatch.setattr(pcommon, "BytesFromPath", lambda path: Path(path))
         monkeypatch.setattr(ptrt, "EngineFromBytes", lambda loader: loader)
         monkeypatch.setattr(ptrt, "TrtRunner", self.runner)
-        monkeypatch.setattr(timing, "TorchCuda", lambda ptr: self.cuda)
-        monkeypatch.setattr(trt_runner, "to_device", lambda array: array)
-        monkeypatch.setattr(trt_runner, "ensure_cudart", lambda: None)
-        # torch here has no CUDA GPU; what available() checks besides it (tensorrt imports, polygraphy) still runs
-        monkeypatch.setattr(trt_engine, "gpu_visible", lambda: True)
+        # torch here has no CUDA GPU; what available() checks besides it (tensorrt imports, polygraphy) still runs.
+        # raising=False and the guarded imports let these fakes run against the base commit (issue 35, must-show 1)
+        monkeypatch.setattr(trt_engine, "gpu_visible", lambda: True, raising=False)
+        for module, name, value in (
+            ("timing", "TorchCuda", lambda ptr: self.cuda),
+            ("runner", "to_device", lambda array: array),
+            ("runner", "ensure_cudart", lambda: None),
+        ):
+            try:
+                found = importlib.import_module(f"pipeline.backends.tensorrt.{module}")
+            except ImportError:
+                continue
+            monkeypatch.setattr(found, name, value)
 
     def runner(self, path: Path) -> FakeTrtRunner:
         spec = json.loads(Path(path).read_text())
