@@ -44,7 +44,7 @@ MAX_LOGIT_DIFF = 1e-3  # served logits against ONNX Runtime's on the same image 
 
 
 def serve_check_path(paths: ArtifactPaths) -> Path:
-    return paths.root / "serve_check.json"
+    return paths.serve_check
 
 
 @dataclass
@@ -379,7 +379,7 @@ def run_serve_check(
         log_text = session.close()
     report["processes_left"] = any(server.group_alive() for server in session.servers)
     report["passed"] = report["passed"] and not report["processes_left"]
-    write_text(paths.root / "serve_check.log", log_text)
+    write_text(paths.serve_check_log, log_text)
     write_json(serve_check_path(paths), report)
     return report
 

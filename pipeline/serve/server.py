@@ -207,7 +207,7 @@ def serve_foreground(
     environment = find_environment(env_dir)
     with tempfile.TemporaryDirectory(prefix="serve-") as work:
         runtime = prepare_runtime(environment, Path(work) / "runtime")
-        log_path = paths.root / "serve.log"
+        log_path = paths.serve_log
         server = TritonServer(runtime, repository, log_path, Ports.pick(http=http_port, grpc=grpc_port))
         try:
             server.start()

@@ -191,12 +191,12 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         "history": full.history,
         "command": "python -m pipeline " + " ".join(sys.argv[1:]),
     }
-    write_json(paths.root / "bench_masks.json", entry)
-    combined = record(paths.root.parent / "bench-masks.json", entry)
-    write_text(paths.root.parent / "bench-masks.md", table(combined))
-    plot(combined, paths.root.parent / "bench-masks.png")
+    write_json(paths.bench_masks, entry)
+    combined = record(paths.bench_masks_table, entry)
+    write_text(paths.bench_masks_md, table(combined))
+    plot(combined, paths.bench_masks_png)
     print(table({recipe.name: entry}), end="")
-    print(f"wrote {paths.root / 'bench_masks.json'}, {paths.root.parent / 'bench-masks.md'} and .png")
+    print(f"wrote {paths.bench_masks}, {paths.bench_masks_md} and .png")
     return 0
 
 

@@ -45,10 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_argument(parser)
 
 
-def engine_dir(root: Path, backend_name: str) -> Path:
-    return Path(root) / backend_name
-
-
 def onnx_inputs(recipe, paths, backend) -> tuple[dict[str, Path], str]:
     """The ONNX files the backend builds from (its own rule, `onnx_for`), and why those."""
     sources = {variant: backend.onnx_for(paths, variant, recipe) for variant in VARIANTS}
@@ -117,7 +113,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             f"note: {parser['target']} could not parse these graphs: "
             + "; ".join(f"{variant}: {', '.join(found)}" for variant, found in parser["problems"].items() if found)
         )
-    folder = engine_dir(paths.root, backend.name)
+    folder = paths.engines(backend.name)
     engines = {}  # a failed build leaves no half-finished pair: the stage's transaction puts the old ones back
     for variant, onnx_path in sources.items():
         print(f"building {variant} engine from {onnx_path.name} ...", flush=True)

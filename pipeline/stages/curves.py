@@ -47,7 +47,7 @@ CURVE_KEYS: dict[str, type | tuple[type, ...]] = {
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     runs = {}
-    for log in sorted(paths.root.glob("train_masks*.json")):
+    for log in paths.mask_training_records():
         summary = load_report(log, "train-masks", recipe.name, CURVE_KEYS)
         tag = log.stem.removeprefix("train_masks").lstrip(".") or "main"
         history = [point for point in summary["history"] if isinstance(point, dict) and "top1" in point]
@@ -68,7 +68,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         )
     if not runs:
         raise PipelineError(f"no train_masks*.json with validation evaluations in {paths.root}; run train-masks first")
-    out = paths.root / "curves.png"
+    out = paths.curves
     # validation top-1 (held out from the training images): the test-set dense line would not compare
     learning_curves(runs, None, out, f"{recipe.name}: validation top-1 of argmax masks while learning")
     print(f"wrote {out}")

@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.masks
     resolve_loss(cfg, options.unlabeled)  # refuse a labelled loss without labels before anything is written
-    checkpoint = paths.root / f"masks.{options.tag}.ckpt" if options.tag else paths.mask_checkpoint
+    checkpoint = paths.tagged_mask_run(options.tag)[0] if options.tag else paths.mask_checkpoint
     if options.resume and not checkpoint.is_file():
         raise PipelineError(
             f"--resume: there is no checkpoint {checkpoint} to continue; drop --resume to start a new run"
@@ -207,7 +207,7 @@ def finish(
     use_argmax_masks(model, result.indices)
     test = evaluate(model.eval(), data.eval, recipe.data.eval_batch_size, model_device(model), desc="test (kept masks)")
     write_json(paths.layers, report.to_dict())
-    log_path = paths.root / f"train_masks.{options.tag}.json" if options.tag else paths.mask_training
+    log_path = paths.tagged_mask_run(options.tag)[1] if options.tag else paths.mask_training
     details = {
         "weights": source,
         "data": data.description,
@@ -251,7 +251,7 @@ def finish(
         learning_curves(
             {cfg.prior: result.history},
             None,
-            log_path.with_suffix(".png"),
+            paths.tagged_mask_run(options.tag)[2] if options.tag else paths.mask_training_plot,
             f"{recipe.name}: learned {cfg.n}:{cfg.m} masks (validation split)",
         )
     return record

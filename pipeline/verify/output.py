@@ -19,12 +19,10 @@ from pipeline.verify.report import (
     write_junit,
 )
 
-PLOTS = ("verify_latency.png", "verify_accuracy.png", "verify_coverage.png")
-
 
 def write_report(report: dict[str, Any], raw: dict, paths: ArtifactPaths, junit: str | None, plots: bool) -> None:
     """Plots, report.md, JUnit, then report.json last: every file atomically, so a verdict names finished files."""
-    report["plots"] = [str(paths.root / name) for name in PLOTS] if plots else []
+    report["plots"] = [str(path) for path in paths.verify_plots] if plots else []
     if plots:
         title = f"{report['model']} on {report['backend']}"
         plot_latency(raw, Path(report["plots"][0]), f"{title}: latency per iteration")
