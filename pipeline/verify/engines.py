@@ -15,6 +15,7 @@ from pipeline.errors import PipelineError
 from pipeline.export.report import ExportReport
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
+from pipeline.verify.gates import agreement_gates, not_meaningful, symptoms
 from pipeline.verify.measure import (
     close_runners,
     gate,
@@ -186,10 +187,12 @@ def per_layer_section(build: BuildReport, paths: ArtifactPaths, runners, serving
 def verify_built_engines(recipe: Recipe, paths: ArtifactPaths) -> tuple[dict[str, Any], dict]:
     """report.json's content for the build stage's engines, and the raw per-iteration latencies (for the plot)."""
     from pipeline.data.datasets import build_datasets
+    from pipeline.data.preprocess_choice import choice_summary, ensure_choice
 
     started = time.time()
     build, backend, runners = load_engines(paths, recipe)
     coverage = coverage_section(paths, recipe, build)  # every record verify reads is checked before measuring
+    ensure_choice(recipe, paths)  # the evaluation transform train-masks measured (preprocess_choice.json)
     data = build_datasets(recipe)
     accuracy, sections, raw = _measure(recipe, paths, runners, data)
     cfg, speedup = recipe.verify, sections["latency"]["speedup_spread"]["ratio"]
@@ -211,6 +214,7 @@ def verify_built_engines(recipe: Recipe, paths: ArtifactPaths) -> tuple[dict[str
             else f"{backend.name} has no sparse kernels: speed-up is reported, not gated",
         ),
         gate("masked_mac_fraction", coverage["masked_mac_fraction"], cfg.min_coverage, ">="),
+        *agreement_gates(accuracy, cfg, not_meaningful(recipe, data.kind, data.accuracy_meaningful)),
     ]
     report = {
         "schema": SCHEMA,
@@ -223,6 +227,8 @@ def verify_built_engines(recipe: Recipe, paths: ArtifactPaths) -> tuple[dict[str
         else f"{backend.name} has no sparse kernels: this run verifies correctness and accuracy, not speed-up",
         **sections,
         "accuracy": accuracy,
+        "symptoms": symptoms(accuracy, cfg, not_meaningful(recipe, data.kind, data.accuracy_meaningful)),
+        "preprocessing": choice_summary(recipe, paths),
         "speedup": speedup,
         **per_layer_section(build, paths, runners, sections["latency"]["serving_batch"], speedup),
         "coverage": coverage,

@@ -21,6 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import PreprocessConfig, Recipe, apply_override, set_field, validate
 from pipeline.verify import layout as layouts
+from pipeline.verify.gates import agreement_gates, not_meaningful, symptoms
 from pipeline.verify.measure import (
     close_runners,
     gate,
@@ -292,6 +293,9 @@ def measure_pair(pair: Pair, recipe: Recipe, runners, data) -> tuple[dict[str, A
     if pair.plan_layers is not None:
         report["plan_layers"] = pair.plan_layers
     report["gates"] = gates_section(_checks(recipe, report, data.kind, pair))
+    report["symptoms"] = symptoms(
+        report["accuracy"], recipe.verify, not_meaningful(None, data.kind, data.accuracy_meaningful)
+    )
     report["engines"] = {"dense": str(pair.dense), "sparse": str(pair.sparse)}
     from pipeline.io import sha256_file
 
@@ -361,4 +365,5 @@ def _checks(recipe: Recipe, report: dict[str, Any], kind: str, pair: Pair) -> li
             ">=",
             no_layout,
         ),
+        *agreement_gates(report["accuracy"], cfg, not_meaningful(None, kind, report["data"]["accuracy_meaningful"])),
     ]
