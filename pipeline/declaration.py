@@ -246,7 +246,8 @@ def recipe_values(recipe: Any, keys: Iterable[str]) -> dict[str, Any]:
             continue
         section, _, name = key.partition(".")
         value = getattr(getattr(recipe, section), name) if name else getattr(recipe, section)
-        values[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+        is_section = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        values[key] = dataclasses.asdict(value) if is_section else copy.deepcopy(value)  # type: ignore[arg-type]
     return values
 
 
