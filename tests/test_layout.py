@@ -206,3 +206,88 @@ def test_per_channel_dequantize_of_a_conv_weight():
     layer = L.layout_report(layers, []).layers[0]
     assert layer.layout == L.TENSORRT and layers[0].source == "DequantizeLinear(initializer)"
     assert layer.macs == 8 * 8 * 9 * 64
+
+
+def _qdq_conv(weight: np.ndarray, via: str):
+    """A strongly typed Q/DQ conv (the INT8 export's and TensorRT 11's form): the input through Q -> DQ, the weight
+    through one of: a Constant node -> Q -> DQ (per output channel, int8), an FP32 initializer -> Q -> DQ (uint8,
+    zero point 128), an INT8 initializer -> DQ, or a flat [K, C*R*S] initializer -> Q -> DQ -> Reshape."""
+    k, c = weight.shape[:2]
+    scale = (np.abs(weight).reshape(k, -1).max(1) / 127).astype(np.float32)
+    tensors = {"xs": np.array(0.02, np.float32), "xz": np.array(0, np.int8), "s": scale, "z": np.zeros(k, np.int8)}
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+    ]
+    if via == "constant q dq":
+        nodes.append(helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weight, "w")))
+        nodes += [helper.make_node(op, [src, "s", "z"], [dst], axis=0) for op, src, dst in _QDQ]
+    elif via == "uint8 q dq":
+        tensors.update(w=weight, s=np.float32(scale.max()), z=np.uint8(128))
+        nodes += [helper.make_node(op, [src, "s", "z"], [dst]) for op, src, dst in _QDQ]
+    elif via == "int8 dq":
+        tensors["wq"] = np.clip(np.rint(weight / scale[:, None, None, None]), -127, 127).astype(np.int8)
+        nodes.append(helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"], axis=0))
+    else:  # "q dq reshape"
+        tensors.update(w=weight.reshape(k, -1), shape=np.array([0, c, *weight.shape[2:]], np.int64))
+        nodes += [helper.make_node(op, [src, "s", "z"], [dst], axis=0) for op, src, dst in _QDQ]
+        nodes.append(helper.make_node("Reshape", ["wd", "shape"], ["wr"]))
+    conv_weight = "wr" if via == "q dq reshape" else "wd"
+    nodes.append(helper.make_node("Conv", ["xd", conv_weight], ["y"], name="qconv", pads=[1, 1, 1, 1]))
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k, 8, 8])],
+        [numpy_helper.from_array(np.asarray(value), name) for name, value in tensors.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+_QDQ = (("QuantizeLinear", "w", "wq"), ("DequantizeLinear", "wq", "wd"))
+
+
+@pytest.mark.parametrize("via", ["constant q dq", "uint8 q dq", "int8 dq", "q dq reshape"])
+def test_qdq_conv_weights_are_followed_to_their_initializer(via):
+    """Issue 35: a Q/DQ conv's weight arrives through DequantizeLinear (and QuantizeLinear, Reshape); its layout is
+    that of the quantized values: the 2:4 weight is `tensorrt 2:4`, the dense one is not, and neither is skipped."""
+    import onnx
+
+    dense = fx.weights()["conv2.weight"]
+    for weight, expected in ((fx.pruner().prune_conv(dense, "tensorrt"), L.TENSORRT), (dense, L.DENSE)):
+        model = _qdq_conv(weight, via)
+        onnx.checker.check_model(model, full_check=True)
+        layers, skipped = L.weighted_layers(model, [8, 8, 8])
+        assert skipped == [] and len(layers) == 1, skipped
+        layer = L.layout_report(layers, []).layers[0]
+        assert (layer.layout, layer.weight, layer.shape) == (expected, "wq" if via == "int8 dq" else "w", [8, 8, 3, 3])
+        assert layer.macs == 8 * 8 * 9 * 64 and "DequantizeLinear" in layers[0].source
+        assert ("QuantizeLinear" in layers[0].source) is (via != "int8 dq")
+        assert np.all(layers[0].weight[weight == 0] == 0)  # a pruned weight quantizes to 0 and reads back as 0
+        assert np.abs(layers[0].weight - weight).max() <= np.abs(weight).max() / 127
+
+
+def test_quantize_saturates_and_rounds_half_to_even():
+    """QuantizeLinear as ONNX defines it: round half to even, saturate to the zero point's type (uint8 here)."""
+    values = np.array([0.0, 0.5, 1.5, 2.5, -0.5, 300.0, -300.0], np.float32).reshape(1, 7)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["w", "s", "z"], ["wq"]),
+        helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"]),
+        helper.make_node("MatMul", ["x", "wd"], ["y"], name="mm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "q",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 7])],
+        [numpy_helper.from_array(values, "w"), numpy_helper.from_array(np.array(1.0, np.float32), "s")]
+        + [numpy_helper.from_array(np.array(128, np.uint8), "z")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])  # onnx.reference has Q/DQ from 19
+    layers, skipped = L.weighted_layers(model, [1])
+    assert len(layers) == 1 and skipped == []
+    from onnx.reference import ReferenceEvaluator
+
+    (expected,) = ReferenceEvaluator(model).run(None, {"x": np.ones((1, 1), np.float32)})
+    assert np.array_equal(layers[0].weight.T.reshape(1, 7), expected)
+    assert expected.tolist() == [[0.0, 0.0, 2.0, 2.0, -0.0, 127.0, -128.0]]

@@ -13,8 +13,10 @@ C*R*S axis, which for a 3x3 conv is not TensorRT's layout. Each layer gets one c
 - `grouped/depthwise (never sparse)`;
 - `too small to matter`: a dense layer holding less than SMALL_SHARE of the model's MACs.
 
-Weights are read from initializers and Constant nodes, also through Identity/Cast, Transpose and
-DequantizeLinear (per-tensor or per-axis). A Conv/Gemm/MatMul whose weights are not constant is
+Weights are read from initializers and Constant nodes, also through Identity/Cast, Transpose, Reshape,
+QuantizeLinear and DequantizeLinear (per-tensor or per-axis): a strongly typed Q/DQ network (the INT8 export,
+pipeline/export/int8.py; TensorRT 11) feeds a conv its weight as FP32 initializer -> Q -> DQ -> Conv or as an INT8
+initializer -> DQ -> Conv, and the layout checked is that of the quantized values (zeros stay zeros). A Conv/Gemm/MatMul whose weights are not constant is
 listed as skipped, with that reason. MACs are per image, from ONNX shape inference at batch 1.
 """
 
@@ -154,29 +156,87 @@ def constant_tensors(model) -> dict[str, np.ndarray]:
     return values
 
 
-def _dequantize(node, resolve) -> tuple[np.ndarray, str] | None:
-    """(x - zero_point) * scale, per tensor or along `axis`; None for blocked quantization or non-constant inputs."""
+def _per_axis(node, ndim: int, values: np.ndarray) -> np.ndarray:
+    """A scale or zero point shaped to broadcast over an input of rank NDIM: one value, or one per `axis` entry."""
+    if values.size <= 1:
+        return values.astype(np.float64).reshape(())
+    shape = [1] * ndim
+    shape[node_attribute(node, "axis", 1) % max(ndim, 1)] = values.size
+    return values.astype(np.float64).reshape(shape)
+
+
+def _scale_and_zero(node, resolve) -> tuple[tuple[np.ndarray, str], np.ndarray, np.ndarray | None] | None:
+    """((x, source), scale, zero point or None) of a QuantizeLinear/DequantizeLinear with constant inputs, or None
+    (blocked quantization, or an input that is not constant)."""
     if node_attribute(node, "block_size", 0):
         return None
     found = [resolve(name) if name else None for name in list(node.input) + [""] * (3 - len(node.input))]
     if found[0] is None or found[1] is None:
         return None
-    (x, via), (scale, _) = found[0], found[1]
-    zero = found[2][0] if found[2] is not None else np.zeros((), dtype=x.dtype)
-    shape = [1] * x.ndim
-    if scale.size > 1:
-        shape[node_attribute(node, "axis", 1) % max(x.ndim, 1)] = scale.size
+    return found[0], found[1][0], found[2][0] if found[2] is not None else None
 
-    def broadcast(values: np.ndarray) -> np.ndarray:
-        return values.astype(np.float64).reshape(shape if values.size > 1 else ())
 
-    return ((x.astype(np.float64) - broadcast(zero)) * broadcast(scale)).astype(np.float32), f"DequantizeLinear({via})"
+def _dequantize(node, resolve) -> tuple[np.ndarray, str] | None:
+    """(x - zero_point) * scale, per tensor or along `axis`; None for blocked quantization or non-constant inputs."""
+    found = _scale_and_zero(node, resolve)
+    if found is None:
+        return None
+    (x, via), scale, zero = found
+    zero = np.zeros((), dtype=x.dtype) if zero is None else zero
+    value = (x.astype(np.float64) - _per_axis(node, x.ndim, zero)) * _per_axis(node, x.ndim, scale)
+    return value.astype(np.float32), f"DequantizeLinear({via})"
+
+
+def _quantized_type(node, zero: np.ndarray | None) -> np.dtype | None:
+    """The integer type a QuantizeLinear writes: its zero point's, else `output_dtype` (opset 21), else uint8."""
+    if zero is not None:
+        dtype = zero.dtype
+    elif node_attribute(node, "output_dtype", 0):
+        from onnx import helper
+
+        dtype = helper.tensor_dtype_to_np_dtype(int(node_attribute(node, "output_dtype", 0)))
+    else:
+        dtype = np.dtype(np.uint8)
+    return np.dtype(dtype) if np.issubdtype(dtype, np.integer) else None
+
+
+def _quantize(node, resolve) -> tuple[np.ndarray, str] | None:
+    """saturate(round(x / scale) + zero_point) in the zero point's integer type (TensorRT quantizes a Q/DQ weight
+    the same way when it builds): a weight that is 0 stays 0 after DequantizeLinear. None for float8/int4 targets,
+    blocked quantization or non-constant inputs."""
+    found = _scale_and_zero(node, resolve)
+    if found is None:
+        return None
+    (x, via), scale, zero = found
+    dtype = _quantized_type(node, zero)
+    if dtype is None or dtype.itemsize > 4:
+        return None
+    limits = np.iinfo(dtype)
+    offset = _per_axis(node, x.ndim, zero) if zero is not None else 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero scale: saturate, as TensorRT would reject it
+        quantized = np.nan_to_num(np.rint(x.astype(np.float64) / _per_axis(node, x.ndim, scale)) + offset)
+    return np.clip(quantized, limits.min, limits.max).astype(dtype), f"QuantizeLinear({via})"
+
+
+def _reshape(node, resolve) -> tuple[np.ndarray, str] | None:
+    """Reshape with ONNX's rules: 0 copies the input's size on that axis (unless allowzero), -1 is inferred."""
+    found, target = resolve(node.input[0]), resolve(node.input[1]) if len(node.input) > 1 else None
+    if found is None or target is None:
+        return None
+    x, dims = found[0], [int(d) for d in np.asarray(target[0]).reshape(-1)]
+    if not node_attribute(node, "allowzero", 0):
+        dims = [x.shape[i] if d == 0 and i < x.ndim else d for i, d in enumerate(dims)]
+    try:
+        return np.reshape(x, dims), f"Reshape({found[1]})"
+    except ValueError:
+        return None
 
 
 def resolve_constant(
-    name: str, constants: dict[str, np.ndarray], producers: dict[str, Any], depth: int = 6
+    name: str, constants: dict[str, np.ndarray], producers: dict[str, Any], depth: int = 8
 ) -> tuple[np.ndarray, str] | None:
-    """The constant value of tensor NAME (through Identity/Cast, Transpose, DequantizeLinear), or None."""
+    """The constant value of tensor NAME (through Identity/Cast, Transpose, Reshape, QuantizeLinear and
+    DequantizeLinear), or None."""
     if name in constants:
         return constants[name], "initializer"
     node = producers.get(name)
@@ -195,9 +255,8 @@ def resolve_constant(
             return None
         perm = node_attribute(node, "perm", None)
         return np.transpose(found[0], perm), f"Transpose({found[1]})"
-    if node.op_type == "DequantizeLinear":
-        return _dequantize(node, resolve)
-    return None
+    steps = {"DequantizeLinear": _dequantize, "QuantizeLinear": _quantize, "Reshape": _reshape}
+    return steps[node.op_type](node, resolve) if node.op_type in steps else None
 
 
 def _canonical(node, inputs: list[tuple[np.ndarray, str] | None]) -> tuple[np.ndarray, int, str, list[int]] | None:
@@ -254,16 +313,28 @@ def weighted_layers(model, input_shape: list[int] | None = None) -> tuple[list[W
                     name,
                     node.op_type,
                     "its weights are not a constant tensor (an initializer, "
-                    "also through Cast/Transpose/DequantizeLinear)",
+                    "also through Cast/Transpose/Reshape/QuantizeLinear/DequantizeLinear)",
                 )
             )
             continue
         weight, position, source, onnx_shape = found
         groups = int(node_attribute(node, "group", 1)) if node.op_type == "Conv" else 1
-        layer = WeightedLayer(name, node.op_type, node.input[position], weight, onnx_shape, groups, source=source)
+        weight_name = _origin(node.input[position], constants, producers)
+        layer = WeightedLayer(name, node.op_type, weight_name, weight, onnx_shape, groups, source=source)
         layer.macs = _macs(layer, shapes.get(node.output[0]))
         layers.append(layer)
     return layers, skipped
+
+
+def _origin(name: str, constants: dict[str, np.ndarray], producers: dict[str, Any]) -> str:
+    """The initializer (or Constant) a weight tensor is read from, through the ops resolve_constant follows: a Q/DQ
+    conv's weight is named by its FP32 or INT8 initializer, not by the DequantizeLinear output."""
+    for _ in range(8):
+        node = producers.get(name)
+        if name in constants or node is None or not node.input or node.op_type == "Constant":
+            return name
+        name = node.input[0]
+    return name
 
 
 def _output_shapes(model, input_shape: list[int] | None) -> dict[str, list[int]]:
