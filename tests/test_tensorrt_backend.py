@@ -636,6 +636,38 @@ def test_release_table_has_four_part_versions_with_sources_or_claims_none(tmp_pa
     assert "tensorrt==" not in str(err.value)
 
 
+def test_release_table_shape_and_a_usable_tensorrt_10_row(tmp_path):
+    """Issue 35: rows are YY.MM releases in order, each version None or dotted integers, each four-part row with its
+    source; TensorRT 10 rows are usable. Source: triton-inference-server/server docs/introduction/release_notes.md,
+    "Contents of the Triton Inference Server container" (the -py3 image), at commit
+    7669321582e8bd5dcaf68b76e65389615e0a662f (24.08: TensorRT 10.3.0.26); 24.10, 24.12 and 25.01 at the commits
+    named in pipeline/triton_releases.py. docs/introduction/compatibility.md gives the -trtllm-python-py3 image's
+    versions and is not used."""
+    import re
+
+    from pipeline.package.plans import check_triton_release, find_plans
+    from pipeline.triton_releases import RELEASES, TRITON_TENSORRT
+
+    assert list(RELEASES) == sorted(RELEASES) and all(re.fullmatch(r"\d\d\.\d\d", r) for r in RELEASES)
+    for release, row in RELEASES.items():
+        assert row.tensorrt is None or re.fullmatch(r"\d+(\.\d+){2,3}", row.tensorrt), release
+        assert TRITON_TENSORRT[release] == (row.tensorrt or "unknown")
+        if row.four_part:
+            assert row.source and ("release_notes.md @ " in row.source or "#" in row.source), release
+    usable = {release: row for release, row in RELEASES.items() if row.four_part and row.tensorrt.startswith("10.")}
+    assert usable.get("24.08") is not None and usable["24.08"].tensorrt == "10.3.0.26"
+    assert usable["24.08"].source.startswith("triton-inference-server/server docs/introduction/release_notes.md @ ")
+    for release, row in usable.items():
+        assert release in row.source and row.tensorrt in row.source  # each source names its release and version
+        paths = _built_folder(tmp_path / release, version=row.tensorrt)
+        check_triton_release(find_plans(paths.root, paths.build_report, "fp16"), release)  # accepted: same build
+        other = row.tensorrt.rsplit(".", 1)[0] + ".1"
+        paths = _built_folder(tmp_path / f"{release}-other", version=other)
+        with pytest.raises(PipelineError, match=re.escape(other)):
+            check_triton_release(find_plans(paths.root, paths.build_report, "fp16"), release)
+    assert RELEASES["24.07"].four_part is False  # no four-part -py3 version sourced: still refused for plans
+
+
 def test_ampere_plus_plans_are_served_on_every_ampere_gpu(tmp_path):
     """Defect 5: an ampere_plus plan is registered under every Ampere+ compute capability and as the default."""
     from pipeline.package.model_config import ServedModel, render_config
