@@ -59,7 +59,11 @@ INVENTORY: tuple[Reader, ...] = (
         "user",
         ("every recipe stage (head size)", "init-recipe"),
         TENSOR_FAULTS + ("pickled_module", "text_file"),
-        sites=("pipeline.recipe.weight_files:_is_zip_header", "pipeline.recipe.weight_files:_pickled_objects"),
+        sites=(
+            "pipeline.recipe.weight_files:_is_zip_header",
+            "pipeline.recipe.weight_files:_pickled_objects",
+            "pipeline.recipe.weight_files:_restricted_load",
+        ),
         declared_as="weights",
     ),
     Reader(
@@ -351,6 +355,7 @@ INVENTORY: tuple[Reader, ...] = (
         "package",
         ("package", "serve-check"),
         ("missing", "empty", "truncated", "random_bytes", "directory", "unreadable"),
+        paths=("triton", "triton_cpu"),  # the repositories: serve and serve-check read them through their configs
         note="package writes and re-reads them in its staging folder; faults tested on the owner",
     ),
     Reader(
@@ -377,7 +382,6 @@ INVENTORY: tuple[Reader, ...] = (
 # ArtifactPaths entries no stage reads back (their writer is their one owner module).
 WRITTEN_ONLY = {
     "report_md": "pipeline.verify.report",
-    "triton": "pipeline.package.repository (configs, labels, plans above)",
     "compare_json": "pipeline.compare.methods_table",
     "compare_md": "pipeline.compare.methods_table",
     "compare_png": "pipeline.compare.methods_table",
@@ -394,7 +398,6 @@ WRITTEN_ONLY = {
     "bench_masks": "pipeline.stages.bench_masks",
     "bench_masks_md": "pipeline.stages.bench_masks",
     "bench_masks_png": "pipeline.stages.bench_masks",
-    "triton_cpu": "pipeline.package.repository (configs, labels above)",
     "serve_check_log": "pipeline.serve.serve_check",
     "serve_log": "pipeline.serve.server",
 }

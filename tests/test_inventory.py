@@ -109,3 +109,17 @@ def test_the_inventory_is_a_table_of_known_faults():
         if "key_missing" in reader.faults:
             assert reader.required, reader.file
     assert dataclasses.is_dataclass(INVENTORY[0])
+
+
+def test_every_artifact_a_stage_declares_it_reads_is_in_the_inventory():
+    """A stage that starts reading an artifact declares it; the artifact then needs its owner and faults here."""
+    from pipeline.artifacts import declarations, stages_reading
+
+    inventoried = {path for reader in INVENTORY for path in reader.paths}
+    method_artifacts = {"int8_onnx", "engines"}  # graphs and engines: the ONNX and plan readers above
+    for name, declaration in declarations().items():
+        missing = declaration.artifact_names("reads") - inventoried - method_artifacts
+        assert missing == set(), f"{name} reads {missing}, which the inventory does not list"
+    masks = next(reader for reader in INVENTORY if reader.file == "masks.pt")
+    readers = stages_reading(masks)
+    assert {"export", "verify", "package"} <= set(readers) and "build" not in readers  # from the declarations
