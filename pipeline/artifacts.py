@@ -423,7 +423,7 @@ NOT_HANDED_IN = {
     "pipeline.serve.triton_runtime:find_environment": "a probe subprocess's stdout",
     "pipeline.backends.tensorrt.parser_support:_table": "onnx-tensorrt's operator table shipped in the package",
     "pipeline.artifacts:unregistered_reads": "the pipeline's own source (this scan)",
-    "pipeline.stages:stage_summaries": "the stage modules' own source (their declarations' help, for --help)",
+    "pipeline.stages:_declared_literals": "the stage modules' own source (their declarations' help, kind, in_engine)",
     "pipeline.training:cpu_has_bf16_units": "/proc/cpuinfo's flags (unreadable or odd: float32 training)",
     "pipeline.masks.fused:_cpu_flags": "/proc/cpuinfo's flags, hashed into the compiled kernel's cache key",
     "pipeline.masks.fused:_build": "the fused kernel's C source shipped in the package (hashed, then compiled)",

@@ -23,7 +23,7 @@ from pipeline.declaration import ALL_FIELDS, StageDeclaration, StageRun, covers,
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.resolve import ModelOptions, resolve_recipe
-from pipeline.stages import STAGES, load_stage, run_stage, stage_summaries
+from pipeline.stages import STAGES, engine_stages, load_stage, run_stage, stage_summaries
 
 MODULES = {name: load_stage(name) for name in STAGES}
 
@@ -70,6 +70,7 @@ def test_engine_runs_the_in_engine_stages_in_an_order_their_data_flow_allows(tmp
     paths = ArtifactPaths.for_model(tmp_path, recipe.name)
     names = [stage.name for stage in stage_plan(recipe, paths, Options())]
     assert names == [name for name, module in MODULES.items() if module.DECLARATION.in_engine]
+    assert engine_stages() == names  # read from the sources: engine imports only the stages it runs
     written: set[Path] = set()
     producers = {
         path for name in names for path in StageRun(MODULES[name].DECLARATION, recipe, paths, None).write_paths()

@@ -64,22 +64,27 @@ def declaration_of(module: ModuleType) -> Any:
 def stage_summaries() -> dict[str, tuple[str, str]]:
     """Stage name -> (kind, help) as each module's DECLARATION states them, read from its source without importing
     it: `--help` then needs none of the stages' libraries (tests/test_declarations.py checks both agree)."""
-    summaries = {}
-    for name, module in STAGES.items():
-        spec = importlib.util.find_spec(module)
-        source = Path(spec.origin).read_text() if spec and spec.origin else ""
-        summaries[name] = _declared_literals(source)
-    return summaries
+    found = {name: _declared_literals(module) for name, module in STAGES.items()}
+    return {name: (values.get("kind", "product"), values.get("help", "")) for name, values in found.items()}
 
 
-def _declared_literals(source: str) -> tuple[str, str]:
+def engine_stages() -> list[str]:
+    """The stages whose DECLARATION says `in_engine=True`, in registry order (read like `stage_summaries`, so
+    engine imports only the stages it runs)."""
+    return [name for name, module in STAGES.items() if _declared_literals(module).get("in_engine") is True]
+
+
+def _declared_literals(module: str) -> dict[str, Any]:
+    """The literal keyword arguments (kind, help, in_engine) of MODULE's `DECLARATION = StageDeclaration(...)`."""
+    spec = importlib.util.find_spec(module)
+    source = Path(spec.origin).read_text() if spec and spec.origin else ""
     for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "DECLARATION" for t in node.targets):
             call = node.value
             if isinstance(call, ast.Call):
-                found = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("kind", "help")}
-                return found.get("kind", "product"), found.get("help", "")
-    return "product", ""
+                wanted = ("kind", "help", "in_engine")
+                return {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in wanted}
+    return {}
 
 
 def run_stage(module: ModuleType, recipe: Any, paths: Any, options: Any) -> int:

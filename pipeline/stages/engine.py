@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -33,7 +34,7 @@ from pipeline.io import atomic_path, sha256_file
 from pipeline.paths import ArtifactPaths, relative_to_root
 from pipeline.recipe.config import Recipe
 from pipeline.records import StageRecords
-from pipeline.stages import STAGES, declaration_of, load_stage, run_stage
+from pipeline.stages import declaration_of, engine_stages, load_stage, run_stage
 
 DECLARATION = StageDeclaration(
     help="run every stage, skipping those whose inputs did not change",
@@ -93,13 +94,7 @@ class Stage:
 
     def options(self, rerun: bool, resume: bool) -> Any:
         extra = {"force": True} if rerun and self.declaration.cached else {}
-        return dataclass_replace(self.run.options, **extra, **({"resume": True} if resume else {}))
-
-
-def dataclass_replace(options: Any, **changes: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(options, **changes)
+        return dataclasses.replace(self.run.options, **extra, **({"resume": True} if resume else {}))
 
 
 def stage_options(module: ModuleType, options: Options) -> Any:
@@ -119,10 +114,10 @@ def stage_plan(recipe: Recipe, paths: ArtifactPaths, options: Options) -> list[S
         return dataset_fingerprint(recipe)
 
     plan = []
-    for name in STAGES:
+    for name in engine_stages():
         module = load_stage(name)
         declaration = declaration_of(module)
-        if declaration.in_engine and (declaration.applies is None or declaration.applies(recipe)):
+        if declaration.applies is None or declaration.applies(recipe):
             run = StageRun(declaration, recipe, paths, stage_options(module, options))
             plan.append(Stage(name, module, run, dataset))
     return plan
