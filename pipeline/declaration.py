@@ -377,3 +377,10 @@ def option_files(*names: str) -> Resolver:
 def backend_folders(recipe: Any, paths: Any, options: Any) -> list[Path]:
     """The engine folder of every backend (build writes the one it picked; verify and package read it)."""
     return list(_paths(("engines",), recipe, paths, options))
+
+
+def manifest_files(recipe: Any, paths: Any, options: Any) -> list[Path]:
+    """Every file manifest.json lists (package hashes them all, check-manifest checks them all)."""
+    from pipeline.package.manifest import artifact_files
+
+    return [Path(paths.root) / relative for relative in artifact_files(paths.root)] if Path(paths.root).is_dir() else []

@@ -10,13 +10,13 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.declaration import StageDeclaration
+from pipeline.declaration import StageDeclaration, manifest_files
 from pipeline.package.manifest import check_manifest
 from pipeline.paths import ArtifactPaths
 
 DECLARATION = StageDeclaration(
     help="verify an artifact folder against manifest.json",
-    reads=("manifest",),  # and every file it lists
+    reads=("manifest", manifest_files),
     needs_recipe=False,  # reads only: no recipe resolution, so checking rewrites no config.json
 )
 

@@ -17,21 +17,15 @@ import argparse
 from dataclasses import dataclass
 
 from pipeline.backends.build_report import BuildReport
-from pipeline.declaration import PREPROCESS_CHOICE, StageDeclaration, record
+from pipeline.declaration import PREPROCESS_CHOICE, StageDeclaration, manifest_files, record
 from pipeline.errors import GateFailed
 from pipeline.export.report import ExportReport
 from pipeline.masks.bake_report import BakeReport
-from pipeline.package.manifest import artifact_files, build_manifest, write_manifest
+from pipeline.package.manifest import build_manifest, write_manifest
 from pipeline.package.repository import FORMATS, repository_dir, write_repositories
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.verify.report import VerificationReport
-
-
-def _listed(recipe: Recipe, paths: ArtifactPaths, options: Options | None) -> list:
-    """Every file manifest.json lists: it hashes them all."""
-    return [paths.root / relative for relative in artifact_files(paths.root)]
-
 
 DECLARATION = StageDeclaration(
     help="write Triton model repositories (production and CPU flavours)",
@@ -49,7 +43,7 @@ DECLARATION = StageDeclaration(
         "build_report",
         "engines",
         PREPROCESS_CHOICE,
-        _listed,
+        manifest_files,
     ),
     writes=("config", "triton", "triton_cpu", "manifest", PREPROCESS_CHOICE),
     recipe=("*",),  # manifest.json records the whole recipe's hash
