@@ -31,7 +31,6 @@ DECLARATION = StageDeclaration(
     ),
     writes=("config", "build_report", "engines"),
     recipe=(*MODEL, "build", "export.fp16", "serve.triton_release"),
-    options=("backend",),
     in_engine=True,
 )
 
