@@ -199,3 +199,16 @@ def test_export_without_bake_names_the_missing_step(tmp_path):
 
         stage.run(get_recipe(MODEL), ArtifactPaths.for_model(tmp_path, MODEL), stage.Options())
     assert not (tmp_path / MODEL / "dense.onnx").exists()
+
+
+def test_no_fp16_is_recorded_in_config_json_and_writes_no_fp16_graphs(tmp_path):
+    """`export --no-fp16` is the override export.fp16=false, applied before config.json is written: the record says
+    what the run exported."""
+    weights = dense_weights_file(tmp_path)
+    paths = make_artifacts(tmp_path / "engines", weights)
+    args = ["export", "--model", MODEL, "--out", str(tmp_path / "engines"), "--weights", str(weights)]
+    assert main([*args, "--no-fp16"]) == 0
+    assert json.loads(paths.config.read_text())["export"]["fp16"] is False
+    assert paths.dense_onnx.is_file() and paths.sparse_onnx.is_file()
+    assert not paths.dense_onnx_fp16.exists() and not paths.sparse_onnx_fp16.exists()
+    assert set(json.loads(paths.export_report.read_text())["files"]) == {paths.dense_onnx.name, paths.sparse_onnx.name}

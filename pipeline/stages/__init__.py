@@ -6,7 +6,8 @@ A stage module has:
     transaction's scope, config.json, the read inventory and `--help` are computed from it.
   * `Options`: a dataclass of its own flags (field names = argparse dests). A field whose metadata has
     `recipe="section.field"` stands for that recipe field: the CLI applies it to the recipe before
-    validation (so config.json shows it) and the stage reads the recipe, not the option.
+    validation (so config.json shows it) and the stage reads the recipe, not the option; `flag="--name"` in the
+    metadata names the flag when it differs from the field (export's `--no-fp16` sets export.fp16=false).
   * `add_arguments(parser)`: its own flags only (the CLI adds the shared model flags).
   * `run(recipe, paths, options) -> int` (exit code), or `run(options)` when its declaration says
     `needs_recipe=False`.
@@ -157,5 +158,5 @@ def recipe_fields(options: Any) -> dict[str, tuple[str, Any]]:
         key = item.metadata.get("recipe")
         value = getattr(options, item.name)
         if key and value is not None:
-            found[key] = ("--" + item.name.replace("_", "-"), value)
+            found[key] = (item.metadata.get("flag") or "--" + item.name.replace("_", "-"), value)
     return found

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,7 +46,6 @@ DECLARATION = StageDeclaration(
         "export_report",
     ),
     recipe=(*MODEL, "weights", "export", "build.precision", "masks.n", "masks.m", when(int8, "data", "preprocess")),
-    options=("no_fp16",),
     data=when(int8),  # the INT8 calibration images
     weights=True,
     in_engine=True,
@@ -55,11 +54,19 @@ DECLARATION = StageDeclaration(
 
 @dataclass
 class Options:
-    no_fp16: bool = False
+    # --no-fp16 stands for export.fp16=false: applied to the recipe before validation, so config.json says so
+    fp16: bool | None = field(default=None, metadata={"recipe": "export.fp16", "flag": "--no-fp16"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-fp16", action="store_true", help="skip the FP16 variants (export.fp16=false)")
+    parser.add_argument(
+        "--no-fp16",
+        dest="fp16",
+        action="store_const",
+        const=False,
+        default=None,
+        help="skip the FP16 variants (export.fp16=false)",
+    )
 
 
 def running_statistics_of(state: dict, model) -> dict:
@@ -185,8 +192,6 @@ def check_graphs(
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.export
-    if options.no_fp16:
-        cfg.fp16 = False
     started = time.time()
     inputs = load_inputs(recipe, paths)
     opset = effective_opset(cfg.opset)
