@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.recipe.weight_files import infer_num_classes, read_state_dict, read_weight_file
+from pipeline.recipe.weight_files import fit_to_network, infer_num_classes, read_state_dict, read_weight_file
 
 HINT = "save the weights with torch.save(model.state_dict(), PATH)"
 UNPICKLED: list[str] = []  # filled by anything that gets unpickled; must stay empty
@@ -104,9 +104,10 @@ def test_every_wrapped_format_reads_back_the_state_dict(tmp_path, fmt):
     model = small_net()
     path = tmp_path / "weights.pth"
     torch.save(wrapped_formats(model)[fmt], path)
-    state = read_state_dict(path)
-    assert_same(state, model.state_dict())
-    small_net().load_state_dict(state)  # strict: every key and shape fits
+    fitted = fit_to_network(read_state_dict(path), small_net().state_dict())  # the prefix found by matching keys
+    assert fitted is not None
+    assert_same(fitted.state_dict, model.state_dict())
+    small_net().load_state_dict(fitted.state_dict)  # strict: every key and shape fits
 
 
 def test_legacy_non_zip_format(tmp_path):
@@ -135,6 +136,33 @@ def test_a_model_with_its_own_module_prefix_is_left_alone(tmp_path):
     path = tmp_path / "mixed.pth"
     torch.save(state, path)
     assert list(read_state_dict(path)) == ["module.weight", "head.weight"]
+    fitted = fit_to_network(read_state_dict(path), state)
+    assert fitted is not None and fitted.prefix == "" and list(fitted.state_dict) == list(state)
+
+
+@pytest.mark.parametrize("attribute", ["model.", "net.", "backbone.", "module.model.", "_orig_mod.student."])
+def test_any_attribute_prefix_is_found_by_matching_the_network(attribute):
+    network = small_net().state_dict()
+    lightning = with_prefix(network, attribute) | {"criterion.weight": torch.ones(5), "metric.total": torch.ones(1)}
+    fitted = fit_to_network(lightning, network)
+    assert fitted is not None and fitted.prefix == attribute
+    assert_same(fitted.state_dict, network)
+    assert fitted.ignored == ["criterion.weight", "metric.total"]
+    said = fitted.describe("weights file w.ckpt")
+    assert f"prefix {attribute!r} removed" in said and "2 keys not of the network ignored" in said
+
+
+def test_a_second_copy_of_the_network_is_named_not_used():
+    network = small_net().state_dict()
+    both = with_prefix(network, "model.") | with_prefix(network, "ema_model.")
+    fitted = fit_to_network(both, network)
+    assert fitted.prefix == "model." and fitted.copies == ["ema_model."] and fitted.ignored == []
+
+
+def test_no_prefix_gives_the_whole_network():
+    network = small_net().state_dict()
+    partial = with_prefix({key: value for key, value in network.items() if not key.startswith("4.")}, "model.")
+    assert fit_to_network(partial, network) is None
 
 
 def test_safetensors_file(tmp_path):
@@ -175,13 +203,13 @@ def test_pickled_torchvision_module_is_refused(tmp_path):
     )
 
 
-def test_pickled_python_object_is_refused_without_unpickling(tmp_path):
+def test_pickled_python_objects_are_left_out_without_running_their_code(tmp_path):
     path = tmp_path / "object.pt"
-    torch.save({"model": small_net().state_dict(), "extra": RecordingObject()}, path)
-    assert refusal(path) == (
-        f"weights file {path} holds pickled Python objects (test_weight_files._record) that "
-        f"cannot be loaded without running their code; {HINT}"
-    )
+    torch.save({"model": small_net().state_dict(), "extra": RecordingObject(), "epoch": 3}, path)
+    weights = read_weight_file(path)  # the fixture asserts nothing was unpickled: _record never ran
+    assert_same(weights.state_dict, small_net().state_dict())
+    assert weights.others == ["epoch"] and weights.stand_ins == ["test_weight_files._record"]
+    assert "pickled objects left out, none of their code run (test_weight_files._record)" in weights.describe(path)
 
 
 @pytest.mark.parametrize("how", ["script", "trace"])

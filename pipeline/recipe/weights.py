@@ -12,7 +12,7 @@ from pipeline.paths import ArtifactPaths
 from pipeline.pretrain.artifacts import DenseWeights
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.sources import TorchvisionSource, resolve_source
-from pipeline.recipe.weight_files import check_finite, read_weight_file
+from pipeline.recipe.weight_files import check_finite, fit_to_network, read_weight_file
 
 # `weights = ...` values that are not a file: `torchvision` and `hub` download the source's published weights.
 NAMED_WEIGHTS = ("random", "pretrain", "torchvision", "hub")
@@ -46,7 +46,15 @@ def build_network(recipe: Recipe) -> nn.Module:
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load STATE_DICT into MODEL: every key of the network, with the shape and dtype it has, after the prefix the
+    file's keys carry (DDP, torch.compile, a LightningModule's attribute) is found by matching the network's keys."""
     expected = model.state_dict()
+    fitted = fit_to_network(state_dict, expected)
+    if fitted is not None:
+        said = fitted.describe(source)
+        if said:
+            print(f"note: weights: {said}", flush=True)
+        state_dict = fitted.state_dict
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
     if missing or unexpected:
@@ -99,7 +107,14 @@ def dense_state_dict(recipe: Recipe, paths: ArtifactPaths) -> tuple[dict[str, to
     if recipe.weights in ("torchvision", "hub"):
         return published_state_dict(recipe)
     weight_file = read_weight_file(recipe.weights)
-    return weight_file.state_dict, weight_file.describe(Path(recipe.weights))
+    source = weight_file.describe(Path(recipe.weights), full=False)
+    fitted = fit_to_network(weight_file.state_dict, build_network(recipe).state_dict())
+    if fitted is None:  # load_state_dict_strict names what is missing
+        return weight_file.state_dict, source
+    said = fitted.describe(source)
+    if said:
+        print(f"note: weights: {said}", flush=True)
+    return fitted.state_dict, source
 
 
 def load_dense_model(recipe: Recipe, paths: ArtifactPaths) -> tuple[nn.Module, str]:

@@ -7,15 +7,17 @@ or the two engines see different inputs). So:
 
 * `agreement`: the share of evaluation images on which both predict the same class, at least
   `verify.min_agreement` (0.8; `--set verify.min_agreement=0` turns it off);
-* `sparse_top1_above_dense`: sparse top-1 minus dense top-1 in points, at most `verify.max_sparse_gain` (5);
+* `sparse_top1_above_dense`: sparse top-1 minus dense top-1 in points, at most `verify.max_sparse_gain` (5) or
+  three standard errors of the paired difference when the set is too small to tell 5 points (`allowed_gain`);
   when it fails, report.json's `symptoms` says what it means.
 
 Both are skipped on data whose accuracy means nothing (synthetic images, random weights).
-Used by pipeline/verify/engines.py (recipe path) and pipeline/verify/external.py (--dense/--sparse).
+Applied by pipeline/verify/assemble.py on both verify paths (recipe and --dense/--sparse).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pipeline.recipe.config import VerifyConfig
@@ -26,8 +28,17 @@ def agreement_gates(accuracy: dict[str, Any], cfg: VerifyConfig, skipped: str = 
     """The agreement gate and the sparse-above-dense gate, from measure_accuracy's figures."""
     return [
         gate("agreement", accuracy["agreement"], cfg.min_agreement, ">=", skipped),
-        gate("sparse_top1_above_dense", -accuracy["top1_drop"], cfg.max_sparse_gain, "<=", skipped),
+        gate("sparse_top1_above_dense", -accuracy["top1_drop"], allowed_gain(accuracy, cfg), "<=", skipped),
     ]
+
+
+def allowed_gain(accuracy: dict[str, Any], cfg: VerifyConfig) -> float:
+    """Points sparse top-1 may lie above dense: verify.max_sparse_gain, or 3 standard errors of the paired
+    difference when that is more (McNemar: only the images the two disagree on move it; a few of them, all the
+    sparse model's, are chance on a small set, not a symptom)."""
+    samples = max(int(accuracy["samples"]), 1)
+    disagreements = (1.0 - float(accuracy["agreement"])) * samples
+    return round(max(cfg.max_sparse_gain, 300.0 * math.sqrt(disagreements) / samples), 2)
 
 
 def symptoms(accuracy: dict[str, Any], cfg: VerifyConfig, skipped: str = "") -> list[str]:
@@ -36,7 +47,7 @@ def symptoms(accuracy: dict[str, Any], cfg: VerifyConfig, skipped: str = "") -> 
         return []
     found = []
     dense, sparse = accuracy["dense"]["top1"], accuracy["sparse"]["top1"]
-    if sparse - dense > cfg.max_sparse_gain:
+    if sparse - dense > allowed_gain(accuracy, cfg):
         found.append(
             f"sparse top-1 {sparse:.2f}% is {sparse - dense:.2f} points above dense {dense:.2f}%: a model with "
             "masked weights cannot be that much better than the model it masks, so the evaluation is wrong (the "
