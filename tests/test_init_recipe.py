@@ -63,7 +63,7 @@ def test_recipe_from_torchvision_weights_and_data(tmp_path, folder, weights):
     }
     assert out.read_text().startswith("# preprocessing inferred by init-recipe: no resize")
     assert written.notes[:3] == [
-        f"weights: file {weights} (entry 'model')",
+        f"weights: file {weights} (entry 'model'); other entries ignored: epoch",
         "num_classes: 3, from fc.weight in the weights file",
         f"labels: 3 class folders of {folder}",
     ]
@@ -93,7 +93,10 @@ def test_defaults_from_timm_pretrained_config(tmp_path):
     assert recipe["input_shape"] == [3, 176, 176] and recipe["num_classes"] == 1000
     assert recipe["preprocess"]["resize"] == 201 and recipe["weights"] == "random"
     assert recipe["labels"] == [] and recipe["classifier"] == "fc"
-    assert written.notes == ["weights: random initialisation (no --weights FILE; accuracy means nothing)"]
+    assert written.notes[0] == "weights: random initialisation (no --weights FILE; accuracy means nothing)"
+    assert len(written.notes) == 2 and written.notes[1].endswith(
+        "(no image folder given (--data DIR): the recipe's transform)"
+    )
 
 
 def test_torchvision_imagenet_head_gets_imagenet_labels(tmp_path):
