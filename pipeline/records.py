@@ -7,12 +7,18 @@ edited artifact is refused with the file and the stage to re-run, never used or 
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, sha256_file, write_json
+
+T = TypeVar("T")
 
 
 def rerun(stage: str, model: str) -> str:
@@ -43,7 +49,7 @@ def file_record(path: Path) -> dict[str, Any]:
 
 
 def load_report(
-    path: Path, stage: str, model: str, required: dict[str, type | tuple[type, ...]] | None = None
+    path: Path, stage: str, model: str, required: Mapping[str, type | tuple[type, ...]] | None = None
 ) -> dict[str, Any]:
     """A stage's JSON report (a dict whose REQUIRED keys hold values of their types), or one error naming the
     file and the stage that writes it."""
@@ -60,7 +66,7 @@ def load_report(
 
 
 def check_keys(
-    data: dict[str, Any], required: dict[str, type | tuple[type, ...]], path: Path, what: str, fix: str
+    data: dict[str, Any], required: Mapping[str, type | tuple[type, ...]], path: Path, what: str, fix: str
 ) -> None:
     """Refuse DATA (read from PATH) unless each REQUIRED key is there with a value of its type."""
     for key, kind in required.items():
@@ -74,6 +80,72 @@ def check_keys(
 
 def _types(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
+
+
+# --------------------------------------------------------------------------- typed records from JSON
+def typed_from_json(cls: type[T], data: Any, where: str, fix: str) -> T:
+    """An instance of the dataclass CLS from JSON DATA, every field checked against its annotation (nested
+    dataclasses, lists, string-keyed tables, `X | None`, Any); a field with a default may be absent. Anything else
+    is one PipelineError naming WHERE, the field and FIX (never a TypeError or KeyError)."""
+    if not isinstance(data, dict):
+        raise PipelineError(f"{where} is JSON {type(data).__name__}, not an object; {fix}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for entry in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if not entry.init:
+            continue
+        if entry.name not in data:
+            if entry.default is dataclasses.MISSING and entry.default_factory is dataclasses.MISSING:
+                raise PipelineError(f"{where} has no {entry.name!r}; {fix}")
+            continue
+        values[entry.name] = _typed_value(hints[entry.name], data[entry.name], f"{where}: {entry.name}", fix)
+    return cls(**values)
+
+
+def _typed_value(kind: Any, value: Any, where: str, fix: str) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (arg for arg in args if arg is not type(None)):
+            try:
+                return _typed_value(option, value, where, fix)
+            except PipelineError:
+                continue
+        raise PipelineError(f"{where} is {_json_type(value)}, expected {_name(kind)}; {fix}")
+    if dataclasses.is_dataclass(kind):
+        return typed_from_json(kind, value, where, fix)  # type: ignore[arg-type]
+    if origin is list or kind is list:
+        if not isinstance(value, list):
+            raise PipelineError(f"{where} is {_json_type(value)}, expected a list; {fix}")
+        return [_typed_value(args[0], item, f"{where}[{i}]", fix) for i, item in enumerate(value)] if args else value
+    if origin is dict or kind is dict:
+        if not isinstance(value, dict):
+            raise PipelineError(f"{where} is {_json_type(value)}, expected a table; {fix}")
+        return (
+            {key: _typed_value(args[1], item, f"{where}.{key}", fix) for key, item in value.items()} if args else value
+        )
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, str, bool) and isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise PipelineError(f"{where} is {_json_type(value)}, expected {_name(kind)}; {fix}")
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "a table"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _name(kind: Any) -> str:
+    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+
+
+def to_json(record: Any) -> dict[str, Any]:
+    """A typed record as JSON (nested dataclasses as objects, in field order)."""
+    return dataclasses.asdict(record)
 
 
 @dataclass

@@ -77,7 +77,7 @@ def test_second_run_skips_then_reruns_only_what_changed(first_run):
 def test_failing_gate_stops_engine_with_exit_1(first_run):
     out, _ = first_run
     before = json.loads((out / MODEL / "stages.json").read_text())["stages"]["verify"]
-    result = cli("engine", "--model", MODEL, "--out", str(out), *FAST, "--set", "verify.min_coverage=0.999")
+    result = cli("engine", "--model", MODEL, "--out", str(out), *FAST, "--set", "verify.min_masked_coverage=0.999")
     assert result.returncode == 1
     assert "gate failed: masked_mac_fraction" in result.stderr
     stages = json.loads((out / MODEL / "stages.json").read_text())["stages"]

@@ -84,7 +84,9 @@ def test_disagreeing_engines_fail_verify_with_the_symptom(pair, capsys):
             "--iters",
             "2",
             "--no-plots",
-            "--min-coverage",
+            "--min-masked-coverage",
+            "0",
+            "--min-accelerable-coverage",
             "0",
             "--out",
             str(out),
@@ -104,7 +106,7 @@ def test_disagreeing_engines_fail_verify_with_the_symptom(pair, capsys):
 def test_the_gates_pass_a_sparse_model_that_is_its_dense_model():
     cfg = VerifyConfig()
     close = {"dense": {"top1": 80.0}, "sparse": {"top1": 79.0}, "agreement": 0.97, "top1_drop": 1.0, "samples": 100}
-    assert [gate["passed"] for gate in agreement_gates(close, cfg)] == [True, True]
+    assert [gate.passed for gate in agreement_gates(close, cfg)] == [True, True]
     assert symptoms(close, cfg) == []
     skipped = agreement_gates(close | {"agreement": 0.1}, cfg, "synthetic data: accuracy means nothing")
-    assert [gate["passed"] for gate in skipped] == [None, None]
+    assert [gate.passed for gate in skipped] == [None, None]

@@ -59,7 +59,7 @@ BAD_SETTINGS = [  # (--set assignment, text the error must contain)
     ("build.min_batch=9", "build.opt_batch = 8"),  # min 9 > opt 8
     ("build.max_batch=4", "build.opt_batch = 8"),  # opt 8 > max 4
     ("verify.serving_batch=0", "verify.serving_batch = 0"),
-    ("verify.min_coverage=1.5", "verify.min_coverage = 1.5"),
+    ("verify.min_masked_coverage=1.5", "verify.min_masked_coverage = 1.5"),
     ("verify.latency_iters=0", "verify.latency_iters = 0"),
     ("masks.checkpoint_every=-1", "masks.checkpoint_every = -1"),
     ("serve.preferred_batch_sizes=4,32", "serve.preferred_batch_sizes [32] must lie in"),  # max_batch_size 16
@@ -81,7 +81,7 @@ BAD_FLAGS = [  # (stage, extra argv, text the error must contain)
     ("train-masks", ["--set", "masks.lr_gamma=0.5"], "masks.lr_gamma was removed; use masks.lr_final"),
     ("train-masks", ["--unlabeled", "--set", "masks.loss=ce"], "masks.loss = 'ce' reads labels"),
     ("train-masks", ["--unlabeled", "--set", "masks.loss=ce+distill"], "masks.loss = 'ce+distill' reads labels"),
-    ("verify", ["--min-coverage", "5"], "verify.min_coverage = 5.0"),
+    ("verify", ["--min-accelerable-coverage", "5"], "verify.min_accelerable_coverage = 5.0"),
     ("verify", ["--iters", "0"], "verify.latency_iters = 0"),
     ("build", ["--backend", "tpu"], "invalid choice: 'tpu'"),
     ("layers", ["--input-size", "3,7"], "--input-size 3,7"),
@@ -204,7 +204,7 @@ def test_the_registry_lists_every_recipe_file():
     "argv, expected",
     [
         (["train-masks", "--set", "masks.prior=foo"], "masks.prior = 'foo'"),
-        (["verify", "--min-coverage", "5"], "verify.min_coverage = 5.0"),
+        (["verify", "--min-masked-coverage", "5"], "verify.min_masked_coverage = 5.0"),
     ],
 )
 def test_bad_value_from_the_command_line_has_no_traceback(out, argv, expected):

@@ -39,7 +39,7 @@ def test_verify_writes_report_plots_and_junit(built):
     junit = root / "verify.xml"
     assert main(["verify", *common, "--junit", str(junit), "--iters", "6"]) == 0
     report = json.loads(paths.report_json.read_text())
-    assert report["schema"] == "sparse-pipeline/report/v1" and report["backend"] == "onnxruntime"
+    assert report["schema"] == "sparse-pipeline/report/v2" and report["backend"] == "onnxruntime"
     for variant in ("dense", "sparse"):
         assert 0 <= report["accuracy"][variant]["top1"] <= report["accuracy"][variant]["top5"] <= 100
         assert report["latency"][variant]["p50_ms"] > 0
@@ -54,22 +54,27 @@ def test_verify_writes_report_plots_and_junit(built):
     gates = {gate["name"]: gate for gate in report["gates"]["checks"]}
     assert gates["top1_drop"]["passed"] is None and "accuracy means nothing" in gates["top1_drop"]["skipped"]
     assert gates["speedup"]["passed"] is None and "no sparse kernels" in gates["speedup"]["skipped"]
-    assert gates["masked_mac_fraction"]["passed"] is True
+    assert gates["masked_mac_fraction"]["passed"] is True and gates["masked_mac_fraction"]["threshold"] == 0.5
+    # the second coverage gate: the sparse graph's weights in TensorRT's 2:4 layout (tiny_resnet's masks are)
+    accelerable = report["coverage"]["accelerable_mac_fraction"]
+    assert accelerable == pytest.approx(report["layout"]["accelerable_mac_fraction"]) and accelerable > 0.5
+    assert gates["accelerable_mac_fraction"]["passed"] is True and report["coverage"]["basis"] == "masks"
     markdown = paths.report_md.read_text()
     assert "has no sparse kernels" in markdown and "| dense |" in markdown and "`conv1`" in markdown
     for plot in report["plots"]:
         with open(plot, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     suite = ET.parse(junit).getroot().find("testsuite")
-    # top1_drop, speedup, masked_mac_fraction, agreement, sparse_top1_above_dense (the last two skipped: random weights)
-    assert suite.get("tests") == "5" and suite.get("skipped") == "4" and suite.get("failures") == "0"
+    # top1_drop, speedup, masked_mac_fraction, accelerable_mac_fraction, agreement, sparse_top1_above_dense (the
+    # last two skipped: random weights)
+    assert suite.get("tests") == "6" and suite.get("skipped") == "4" and suite.get("failures") == "0"
 
 
 def test_failed_gate_exits_1_and_flags_override_set(built, capsys):
     paths, common, root = built
     junit = root / "failed.xml"
     code = main(
-        ["verify", *common, "--set", "verify.min_coverage=0.99", "--iters", "2", "--no-plots", "--junit", str(junit)]
+        ["verify", *common, "--set", "verify.min_masked_coverage=0.99", "--iters", "2", "--no-plots", "--junit", str(junit)]
     )
     assert code == 1
     assert "gate failed: masked_mac_fraction" in capsys.readouterr().err
@@ -82,8 +87,8 @@ def test_failed_gate_exits_1_and_flags_override_set(built, capsys):
                 "verify",
                 *common,
                 "--set",
-                "verify.min_coverage=0.99",
-                "--min-coverage",
+                "verify.min_masked_coverage=0.99",
+                "--min-masked-coverage",
                 "0.5",
                 "--iters",
                 "2",

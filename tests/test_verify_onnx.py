@@ -49,7 +49,7 @@ def test_tensorrt_layout_passes_on_an_image_folder(files, tmp_path, monkeypatch,
     assert code == 0, capsys.readouterr().err
     out = tmp_path / "engines" / "sparse_trt"
     report = json.loads((out / "report.json").read_text())
-    assert report["schema"] == "sparse-pipeline/report/v1" and report["inputs"]["kind"] == "onnx"
+    assert report["schema"] == "sparse-pipeline/report/v2" and report["inputs"]["kind"] == "onnx"
     assert report["data"]["kind"] == "imagefolder" and report["accuracy"]["samples"] == 12
     for variant in ("dense", "sparse"):
         assert 0 <= report["accuracy"][variant]["top1"] <= report["accuracy"][variant]["top5"] <= 100
@@ -88,7 +88,7 @@ def test_flattened_layout_fails_the_coverage_gate(files, tmp_path, capsys):
             "--data",
             "synthetic",
             "--no-plots",
-            "--min-coverage",
+            "--min-accelerable-coverage",
             "0.05",
             out=tmp_path / "out",
         )

@@ -292,7 +292,11 @@ class VerifyConfig:
     warmup_iters: int = at_least(0, 5, "0 or more")
     max_top1_drop: float = 0.5  # points
     min_speedup: float = above(0, 2.0)  # only gated on backends with sparse kernels
-    min_coverage: float = within(0, 1, 0.5, "a share of MACs in [0, 1]")  # share of MACs in masked layers
+    # gate masked_mac_fraction: share of MACs in layers that carry 2:4 masks (pipeline/verify/assemble.py)
+    min_masked_coverage: float = within(0, 1, 0.5, "a share of MACs in [0, 1]")
+    # gate accelerable_mac_fraction: share of MACs in layers whose weights are in the 2:4 layout TensorRT's sparse
+    # kernels take (they can run sparse), from the sparse ONNX's weights (pipeline/verify/layout.py)
+    min_accelerable_coverage: float = within(0, 1, 0.5, "a share of MACs in [0, 1]")
     # share of the evaluation images on which sparse and dense predict the same class (pipeline/verify/gates.py)
     min_agreement: float = within(0, 1, 0.8, "a share of images in [0, 1]")
     # points sparse top-1 may lie above dense: more means the evaluation is wrong, not the masks better
@@ -473,6 +477,8 @@ RENAMED = {
     "masks.init": "masks.prior (magnitude, wanda, sparsegpt or uniform)",
     "masks.init_scale": "masks.prior_strength",
     "masks.method": "nothing: train-masks learns masks, `compare --methods` runs the other methods",
+    "verify.min_coverage": "verify.min_masked_coverage (share of MACs in layers that carry 2:4 masks) or "
+    "verify.min_accelerable_coverage (share in layers whose weights TensorRT's sparse kernels take); it meant each",
 }
 
 

@@ -58,13 +58,26 @@ DECLARATION = StageDeclaration(
 class Options:
     max_top1_drop: float | None = field(default=None, metadata={"recipe": "verify.max_top1_drop"})
     min_speedup: float | None = field(default=None, metadata={"recipe": "verify.min_speedup"})
-    min_coverage: float | None = field(default=None, metadata={"recipe": "verify.min_coverage"})
+    min_masked_coverage: float | None = field(default=None, metadata={"recipe": "verify.min_masked_coverage"})
+    min_accelerable_coverage: float | None = field(default=None, metadata={"recipe": "verify.min_accelerable_coverage"})
     iters: int | None = field(default=None, metadata={"recipe": "verify.latency_iters"})
     junit: str | None = None
     no_plots: bool = False
     dense: str | None = None
     sparse: str | None = None
     sparse_onnx: str | None = None
+
+
+class Replaced(argparse.Action):
+    """--min-coverage gated two different shares (masked MACs on the recipe path, accelerable MACs with
+    --dense/--sparse): refused in one line that names the two gates that replace it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(
+            "--min-coverage is gone (it meant two things): pass --min-masked-coverage F (share of MACs in layers "
+            "that carry 2:4 masks) or --min-accelerable-coverage F (share in layers TensorRT's sparse kernels can "
+            "run), or both"
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,12 +91,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(gated only on backends with sparse kernels)",
     )
     group.add_argument(
-        "--min-coverage",
+        "--min-masked-coverage",
         type=float,
         default=None,
-        help="share of MACs (0-1) in masked layers; with --dense/--sparse: in layers whose 2:4 layout "
-        "TensorRT accelerates",
+        help="gate masked_mac_fraction: share of MACs (0-1) in layers that carry 2:4 masks "
+        "(verify.min_masked_coverage)",
     )
+    group.add_argument(
+        "--min-accelerable-coverage",
+        type=float,
+        default=None,
+        help="gate accelerable_mac_fraction: share of MACs (0-1) in layers whose weights are in the 2:4 layout "
+        "TensorRT's sparse kernels take, from the sparse ONNX (verify.min_accelerable_coverage)",
+    )
+    group.add_argument("--min-coverage", action=Replaced, dest="replaced_min_coverage", help=argparse.SUPPRESS)
     parser.add_argument(
         "--iters", type=int, default=None, help="timed iterations per engine and batch (verify.latency_iters)"
     )
@@ -146,7 +167,8 @@ def run_without_recipe(options: Options, model) -> int:
             overrides=list(model.overrides),
             max_top1_drop=options.max_top1_drop,
             min_speedup=options.min_speedup,
-            min_coverage=options.min_coverage,
+            min_masked_coverage=options.min_masked_coverage,
+            min_accelerable_coverage=options.min_accelerable_coverage,
             iters=options.iters,
         )
     )

@@ -1,12 +1,13 @@
 """verify on the engines the build stage made from a recipe: inputs (build.json, layers.json, masks) and the report.
 
-`verify_built_engines` measures and returns report.json's content; the stage (pipeline/stages/verify.py)
-writes it. Verify on ONNX files or plans made by any tool: pipeline/verify/external.py.
+`verify_built_engines` says what these engines are (pipeline/verify/assemble.py's Subject and Coverage: masks from
+layers.json/masks.pt, sparse kernels from build.json, the 2:4 layout of the sparse graph) and returns the typed
+report the one assembly makes; the stage (pipeline/stages/verify.py) writes it. Verify on ONNX files or plans made
+by any tool: pipeline/verify/external.py.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from pipeline.backends import get_backend
@@ -15,17 +16,10 @@ from pipeline.errors import PipelineError
 from pipeline.export.report import ExportReport
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
-from pipeline.verify.gates import agreement_gates, not_meaningful, symptoms
-from pipeline.verify.measure import (
-    close_runners,
-    gate,
-    gates_section,
-    latency_section,
-    layer_times,
-    measure_accuracy,
-    measure_latency,
-)
-from pipeline.verify.report import SCHEMA
+from pipeline.records import verify_recorded
+from pipeline.verify.assemble import Settings, Subject, verify_runners
+from pipeline.verify.measure import close_runners
+from pipeline.verify.report import Coverage, VerificationReport
 
 
 def load_engines(paths, recipe):
@@ -124,118 +118,83 @@ def int8_accuracy(paths: ArtifactPaths, dataset, fp32_dense_top1: float) -> dict
     }
 
 
-def coverage_section(paths: ArtifactPaths, recipe: Recipe, build: BuildReport) -> dict[str, Any]:
+def sparse_layout(recipe: Recipe, paths: ArtifactPaths, build: BuildReport):
+    """The 2:4 layout of the sparse graph the sparse engine was built from (None, and why, when it is gone)."""
+    from pipeline.verify import layout as layouts
+    from pipeline.verify.onnx_files import load_onnx
+
+    recorded = build.engines["sparse"].get("onnx")
+    onnx = paths.root / recorded if isinstance(recorded, str) and recorded else paths.sparse_onnx
+    if not onnx.is_file():
+        return None, f"{onnx} does not exist: no layout report (re-run export and build)"
+    if "onnx_sha256" in build.engines["sparse"]:  # the graph the engine was built from, not a later export
+        verify_recorded(onnx, {"sha256": build.engines["sparse"]["onnx_sha256"]}, "build", recipe.name)
+    found, skipped = layouts.weighted_layers(load_onnx(onnx, "the sparse graph"), list(recipe.input_shape))
+    return layouts.layout_report(found, skipped), f"from the weights of {onnx.name} (pipeline/verify/layout.py)"
+
+
+def coverage_section(paths: ArtifactPaths, recipe: Recipe, build: BuildReport) -> tuple[Coverage, Any]:
+    """Coverage from the masks (layers.json, masks.pt), the build's sparse-kernel report and the sparse graph's
+    layout; and the layout report itself."""
     layers, total_macs = layer_table(paths, recipe)
-    masked_fraction = sum(layer["macs"] for layer in layers if layer["masked"]) / max(total_macs, 1)
     kernel_fraction, kernel_note = sparse_kernel_coverage(build, layers, total_macs)
     export_info = ExportReport.load(paths.export_report, recipe.name).details if paths.export_report.exists() else {}
     export_checks = export_info.get("layers", {}).get("fp32", [])
     for layer in layers:
         layer["mac_fraction"] = layer["macs"] / max(total_macs, 1)
-    return {
-        "masked_mac_fraction": masked_fraction,
-        "total_macs": total_macs,
-        "masked_layers": sum(layer["masked"] for layer in layers),
-        "skipped_layers": sum(not layer["masked"] for layer in layers),
-        "exported_nm_layers": f"{sum(c['ok'] for c in export_checks)}/{len(export_checks)}" if export_checks else "n/a",
-        "sparse_kernel_mac_fraction": kernel_fraction,
-        "sparse_kernel_note": kernel_note,
-        "layers": layers,
-    }
-
-
-def _measure(recipe: Recipe, paths: ArtifactPaths, runners, data) -> tuple[dict[str, Any], dict[str, Any], dict]:
-    low, high = recipe.build.min_batch, recipe.build.max_batch
-    eval_batch = max(low, min(recipe.data.eval_batch_size, high))
-    accuracy = measure_accuracy(runners, data.eval, eval_batch)
-    if recipe.build.precision == "int8":
-        accuracy["int8"] = int8_accuracy(paths, data.eval, accuracy["dense"]["top1"])
-    serving = max(low, min(recipe.verify.serving_batch, high))
-    by_batch, raw = measure_latency(
-        runners,
-        recipe.input_shape,
-        sorted({max(low, 1), serving}),
-        recipe.verify.latency_iters,
-        recipe.verify.warmup_iters,
+    layout, layout_note = sparse_layout(recipe, paths, build)
+    coverage = Coverage(
+        basis="masks",
+        total_macs=total_macs,
+        masked_mac_fraction=sum(layer["macs"] for layer in layers if layer["masked"]) / max(total_macs, 1),
+        accelerable_mac_fraction=layout.accelerable_mac_fraction if layout else None,
+        accelerable_note=layout_note,
+        sparse_kernel_mac_fraction=kernel_fraction,
+        sparse_kernel_note=kernel_note,
+        masked_layers=sum(layer["masked"] for layer in layers),
+        skipped_layers=sum(not layer["masked"] for layer in layers),
+        exported_nm_layers=f"{sum(c['ok'] for c in export_checks)}/{len(export_checks)}" if export_checks else "n/a",
+        layers=layers,
     )
-    data_info = {
-        "kind": data.kind,
-        "description": data.description,
-        "samples": accuracy["samples"],
-        "accuracy_meaningful": data.accuracy_meaningful,
-        "batch_size": eval_batch,
-    }
-    return accuracy, {"data": data_info, "latency": latency_section(by_batch, serving)}, raw
+    return coverage, layout
 
 
-def per_layer_section(build: BuildReport, paths: ArtifactPaths, runners, serving: int, speedup) -> dict[str, Any]:
-    """Per-layer times of both engines at the serving batch, and the speed-up bound they give (TensorRT)."""
+def speedup_bound(build: BuildReport, paths: ArtifactPaths, runners):
+    """The speed-up bound of the build's engines (TensorRT: the build's sparse-kernel evidence, ONNX node names)."""
     from pipeline.backends.tensorrt.sparsity import OnnxNameMap
     from pipeline.verify.bound import bound_section
 
-    times, batch = layer_times(runners, serving)
     onnx = paths.root / str(build.engines["sparse"].get("onnx", ""))
     names = OnnxNameMap.from_onnx(onnx) if build.engines["sparse"].get("onnx") and onnx.is_file() else OnnxNameMap()
     evidence = build.engines["sparse"].get("sparse_layers") or None
-    return {
-        "layer_times_ms": times,
-        "layer_times_batch": batch,
-        "speedup_bound": bound_section(runners, times, names, evidence, speedup),
-    }
+    return lambda times, speedup: bound_section(runners, times, names, evidence, speedup)
 
 
-def verify_built_engines(recipe: Recipe, paths: ArtifactPaths) -> tuple[dict[str, Any], dict]:
-    """report.json's content for the build stage's engines, and the raw per-iteration latencies (for the plot)."""
+def verify_built_engines(recipe: Recipe, paths: ArtifactPaths) -> tuple[VerificationReport, dict]:
+    """The typed report for the build stage's engines, and the raw per-iteration latencies (for the plot)."""
     from pipeline.data.datasets import build_datasets
     from pipeline.data.preprocess_choice import choice_summary, ensure_choice
 
-    started = time.time()
     build, backend, runners = load_engines(paths, recipe)
-    coverage = coverage_section(paths, recipe, build)  # every record verify reads is checked before measuring
-    ensure_choice(recipe, paths)  # the evaluation transform train-masks measured (preprocess_choice.json)
-    data = build_datasets(recipe)
-    accuracy, sections, raw = _measure(recipe, paths, runners, data)
-    cfg, speedup = recipe.verify, sections["latency"]["speedup_spread"]["ratio"]
-    checks = [
-        gate(
-            "top1_drop",
-            accuracy["top1_drop"],
-            cfg.max_top1_drop,
-            "<=",
-            "" if data.accuracy_meaningful else f"{data.kind} data: accuracy means nothing",
-        ),
-        gate(
-            "speedup",
-            speedup,
-            cfg.min_speedup,
-            ">=",
-            ""
-            if backend.has_sparse_kernels
-            else f"{backend.name} has no sparse kernels: speed-up is reported, not gated",
-        ),
-        gate("masked_mac_fraction", coverage["masked_mac_fraction"], cfg.min_coverage, ">="),
-        *agreement_gates(accuracy, cfg, not_meaningful(recipe, data.kind, data.accuracy_meaningful)),
-    ]
-    report = {
-        "schema": SCHEMA,
-        "model": recipe.name,
-        "backend": backend.name,
-        "backend_reason": build.reason,
-        "has_sparse_kernels": backend.has_sparse_kernels,
-        "note": ""
-        if backend.has_sparse_kernels
-        else f"{backend.name} has no sparse kernels: this run verifies correctness and accuracy, not speed-up",
-        **sections,
-        "accuracy": accuracy,
-        "symptoms": symptoms(accuracy, cfg, not_meaningful(recipe, data.kind, data.accuracy_meaningful)),
-        "preprocessing": choice_summary(recipe, paths),
-        "speedup": speedup,
-        **per_layer_section(build, paths, runners, sections["latency"]["serving_batch"], speedup),
-        "coverage": coverage,
-        "gates": gates_section(checks),
-        "engines": {variant: str(build.engine_path(variant, paths.root)) for variant in ("dense", "sparse")},
-        "engine_sha256": {variant: build.engines[variant]["sha256"] for variant in ("dense", "sparse")},
-    }
-    close_runners(runners)
-    report["seconds"] = round(time.time() - started, 2)
-    return report, raw
+    try:
+        coverage, layout = coverage_section(paths, recipe, build)  # every record verify reads is checked first
+        ensure_choice(recipe, paths)  # the evaluation transform train-masks measured (preprocess_choice.json)
+        data = build_datasets(recipe)
+        subject = Subject(
+            model=recipe.name,
+            backend=backend.name,
+            backend_reason=build.reason,
+            has_sparse_kernels=backend.has_sparse_kernels,
+            engines={variant: str(build.engine_path(variant, paths.root)) for variant in ("dense", "sparse")},
+            engine_sha256={variant: build.engines[variant]["sha256"] for variant in ("dense", "sparse")},
+            input_shape=list(recipe.input_shape),
+            batch_range=(recipe.build.min_batch, recipe.build.max_batch),
+            random_weights=recipe.weights == "random",
+            preprocessing=choice_summary(recipe, paths),
+            bound=speedup_bound(build, paths, runners),
+            int8=(lambda top1: int8_accuracy(paths, data.eval, top1)) if recipe.build.precision == "int8" else None,
+        )
+        settings = Settings(recipe.verify, recipe.data.eval_batch_size, dict(vars(recipe.preprocess)))
+        return verify_runners(subject, runners, settings, data, coverage, layout.to_dict() if layout else None)
+    finally:
+        close_runners(runners)

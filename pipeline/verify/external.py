@@ -4,15 +4,16 @@ No recipe, no training: the input shape and the number of classes come from the 
 plans), preprocessing from --input-size/--mean/--std or --model NAME|RECIPE.toml, the data from --data. Before
 anything runs or is written every input is checked (pipeline/verify/onnx_files.py): a problem is one error line,
 exit 2. Then the sparse model's per-layer 2:4 layout (pipeline/verify/layout.py), accuracy of both models on the
-data, paired latency, and the gates: top-1 drop, speed-up (only where the runtime has sparse kernels) and the
-share of MACs in layers TensorRT can accelerate (--min-coverage). ONNX files run on ONNX Runtime (no sparse
-kernels: the speed-up is measured, never gated); TensorRT plans on TensorRT (pipeline/verify/plans.py).
+data, paired latency, and the gates of pipeline/verify/assemble.py (the one assembly both verify paths share):
+top-1 drop, speed-up (only where the runtime has sparse kernels), the share of MACs in layers that carry 2:4 masks
+(--min-masked-coverage) and in layers whose weights are in the layout TensorRT's sparse kernels take
+(--min-accelerable-coverage). ONNX files run on ONNX Runtime (no sparse kernels: the speed-up is measured, never
+gated); TensorRT plans on TensorRT (pipeline/verify/plans.py).
 """
 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,19 +22,11 @@ from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import PreprocessConfig, Recipe, apply_override, set_field, validate
 from pipeline.verify import layout as layouts
-from pipeline.verify.gates import agreement_gates, not_meaningful, symptoms
-from pipeline.verify.measure import (
-    close_runners,
-    gate,
-    gates_section,
-    latency_section,
-    layer_times,
-    measure_accuracy,
-    measure_latency,
-)
+from pipeline.verify.assemble import Settings, Subject, verify_runners
+from pipeline.verify.measure import close_runners
 from pipeline.verify.onnx_files import check_pairing, classifier_io, load_onnx
 from pipeline.verify.pair import Pair
-from pipeline.verify.report import SCHEMA
+from pipeline.verify.report import Coverage, VerificationReport
 
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 
@@ -54,7 +47,8 @@ class FileOptions:
     overrides: list[str] = field(default_factory=list)
     max_top1_drop: float | None = None
     min_speedup: float | None = None
-    min_coverage: float | None = None
+    min_masked_coverage: float | None = None
+    min_accelerable_coverage: float | None = None
     iters: int | None = None
 
 
@@ -147,14 +141,16 @@ def preprocessing_recipe(options: FileOptions, pair: Pair) -> Recipe:
         apply_override(recipe, assignment)
     recipe.num_classes = pair.num_classes
     recipe.labels = recipe.labels if len(recipe.labels) == pair.num_classes else []
-    for key, value in (
-        ("max_top1_drop", options.max_top1_drop),
-        ("min_speedup", options.min_speedup),
-        ("min_coverage", options.min_coverage),
-        ("latency_iters", options.iters),
-    ):
-        if value is not None:
-            setattr(recipe.verify, key, value)
+    flags: dict[str, float | int | None] = {
+        "max_top1_drop": options.max_top1_drop,
+        "min_speedup": options.min_speedup,
+        "min_masked_coverage": options.min_masked_coverage,
+        "min_accelerable_coverage": options.min_accelerable_coverage,
+        "latency_iters": options.iters,
+    }
+    for key, number in flags.items():
+        if number is not None:
+            setattr(recipe.verify, key, number)
     return validate(recipe, origin="verify --dense/--sparse")
 
 
@@ -233,79 +229,45 @@ def output_paths(options: FileOptions, pair: Pair) -> ArtifactPaths:
     return ArtifactPaths(root)
 
 
-def verify_files(options: FileOptions) -> tuple[dict[str, Any], dict, ArtifactPaths]:
-    """Check the inputs, measure, and return report.json's content, raw latencies and where to write them."""
-    started = time.time()
+def verify_files(options: FileOptions) -> tuple[VerificationReport, dict, ArtifactPaths]:
+    """Check the inputs, measure, and return the typed report, raw latencies and where to write them."""
     pair = load_pair(options)
     recipe = preprocessing_recipe(options, pair)
     paths = output_paths(options, pair)
     data = evaluation_data(recipe, pair.sparse)
     runners = pair.runners or onnx_runners(pair, recipe)
     try:
-        report, raw = measure_pair(pair, recipe, runners, data)
+        settings = Settings(recipe.verify, recipe.data.eval_batch_size, dict(vars(recipe.preprocess)))
+        layout = pair.layout.to_dict() if pair.layout else None
+        report, raw = verify_runners(subject(pair, runners), runners, settings, data, coverage(pair), layout)
     finally:
         close_runners(runners)
-    report["seconds"] = round(time.time() - started, 2)
     return report, raw, paths
 
 
-def _batches(recipe: Recipe, runners) -> tuple[int, int, int]:
-    low = max(getattr(runner, "min_batch", 1) for runner in runners.values())
-    high = min(getattr(runner, "max_batch", 1 << 30) for runner in runners.values())
-    clamp = lambda value: max(low, min(value, high))  # noqa: E731
-    return low, clamp(recipe.data.eval_batch_size), clamp(recipe.verify.serving_batch)
-
-
-def measure_pair(pair: Pair, recipe: Recipe, runners, data) -> tuple[dict[str, Any], dict]:
-    low, eval_batch, serving = _batches(recipe, runners)
-    accuracy = measure_accuracy(runners, data.eval, eval_batch)
-    by_batch, raw = measure_latency(
-        runners, pair.input_shape, sorted({low, serving}), recipe.verify.latency_iters, recipe.verify.warmup_iters
-    )
-    backend = "tensorrt" if pair.kind == "tensorrt plan" else "onnxruntime"
-    has_kernels = backend == "tensorrt"
-    report = {
-        "schema": SCHEMA,
-        "model": pair.sparse.stem,
-        "backend": backend,
-        "has_sparse_kernels": has_kernels,
-        "backend_reason": f"--dense/--sparse are {'TensorRT plans' if has_kernels else 'ONNX files'}",
-        "note": ""
-        if has_kernels
-        else "onnxruntime has no sparse kernels: this run verifies correctness, "
-        "accuracy and the 2:4 layout, not speed-up",
-        "inputs": {"kind": pair.kind, "dense": str(pair.dense), "sparse": str(pair.sparse)},
-        "data": {
-            "kind": data.kind,
-            "description": data.description,
-            "samples": accuracy["samples"],
-            "accuracy_meaningful": data.accuracy_meaningful,
-            "batch_size": eval_batch,
-            "preprocess": dict(vars(recipe.preprocess)),
-        },
-        "accuracy": accuracy,
-        "latency": latency_section(by_batch, serving),
-        "speedup": by_batch[str(serving)]["speedup"]["ratio"],
-    }
-    report["layer_times_ms"], report["layer_times_batch"] = layer_times(runners, serving)
-    report["speedup_bound"] = plan_bound(runners, report["layer_times_ms"], report["speedup"])
-    report.update(_coverage(pair), layout=pair.layout.to_dict() if pair.layout else None)
-    if pair.plan_layers is not None:
-        report["plan_layers"] = pair.plan_layers
-    report["gates"] = gates_section(_checks(recipe, report, data.kind, pair))
-    report["symptoms"] = symptoms(
-        report["accuracy"], recipe.verify, not_meaningful(None, data.kind, data.accuracy_meaningful)
-    )
-    report["engines"] = {"dense": str(pair.dense), "sparse": str(pair.sparse)}
+def subject(pair: Pair, runners: dict[str, Any]) -> Subject:
     from pipeline.io import sha256_file
 
-    report["engine_sha256"] = {
-        variant: sha256_file(path) for variant, path in (("dense", pair.dense), ("sparse", pair.sparse))
-    }
-    return report, raw
+    has_kernels = pair.kind == "tensorrt plan"
+    low = max(getattr(runner, "min_batch", 1) for runner in runners.values())
+    high = min(getattr(runner, "max_batch", 1 << 30) for runner in runners.values())
+    files = {"dense": pair.dense, "sparse": pair.sparse}
+    return Subject(
+        model=pair.sparse.stem,
+        backend="tensorrt" if has_kernels else "onnxruntime",
+        backend_reason=f"--dense/--sparse are {'TensorRT plans' if has_kernels else 'ONNX files'}",
+        has_sparse_kernels=has_kernels,
+        engines={variant: str(path) for variant, path in files.items()},
+        engine_sha256={variant: sha256_file(path) for variant, path in files.items()},
+        input_shape=list(pair.input_shape),
+        batch_range=(low, high),
+        inputs={"kind": pair.kind, "dense": str(pair.dense), "sparse": str(pair.sparse)},
+        plan_layers=pair.plan_layers,
+        bound=plan_bound(runners),
+    )
 
 
-def plan_bound(runners, times: dict[str, Any], measured) -> dict[str, Any]:
+def plan_bound(runners):
     """The speed-up bound of two plans: sparse-kernel evidence from the sparse plan's inspector (tactic names),
     modules from the ONNX node names in its Metadata (pipeline/verify/bound.py)."""
     from pipeline.backends.tensorrt.sparsity import OnnxNameMap, sparse_layer_report
@@ -314,56 +276,28 @@ def plan_bound(runners, times: dict[str, Any], measured) -> dict[str, Any]:
     names = OnnxNameMap()
     sparse = runners["sparse"]
     evidence = sparse_layer_report([], sparse.inspector_json(), names) if hasattr(sparse, "inspector_json") else None
-    return bound_section(runners, times, names, evidence, measured)
+    return lambda times, measured: bound_section(runners, times, names, evidence, measured)
 
 
-def _coverage(pair: Pair) -> dict[str, Any]:
-    layout, picked = pair.layout, (pair.plan_layers or {}).get("sparse_kernel_mac_fraction")
+def coverage(pair: Pair) -> Coverage:
+    """Coverage from the sparse model's weights (its layout report) and, for plans, the inspector's tactics."""
+    layout, plan = pair.layout, pair.plan_layers or {}
+    total = layout.total_macs if layout else 0
     layers = [layer.to_dict() for layer in layout.layers] if layout else []
     for entry in layers:
-        entry["mac_fraction"] = entry["macs"] / max(layout.total_macs, 1)
-    note = (pair.plan_layers or {}).get("note", "ONNX Runtime has no sparse kernels: see the layout report")
-    return {
-        "coverage": {
-            "masked_mac_fraction": layout.masked_mac_fraction if layout else None,
-            "accelerable_mac_fraction": layout.accelerable_mac_fraction if layout else None,
-            "total_macs": layout.total_macs if layout else 0,
-            "masked_layers": sum(entry["masked"] for entry in layers),
-            "skipped_layers": sum(not entry["masked"] for entry in layers),
-            "exported_nm_layers": "n/a",
-            "sparse_kernel_mac_fraction": picked,
-            "sparse_kernel_note": note,
-            "layers": layers,
-        }
-    }
-
-
-def _checks(recipe: Recipe, report: dict[str, Any], kind: str, pair: Pair) -> list[dict[str, Any]]:
-    cfg = recipe.verify
-    no_layout = "" if pair.layout else "no ONNX for the layout report (pass --sparse-onnx with plans)"
-    return [
-        gate(
-            "top1_drop",
-            report["accuracy"]["top1_drop"],
-            cfg.max_top1_drop,
-            "<=",
-            "" if kind != "synthetic" else "synthetic data: accuracy means nothing",
-        ),
-        gate(
-            "speedup",
-            report["speedup"],
-            cfg.min_speedup,
-            ">=",
-            ""
-            if report["has_sparse_kernels"]
-            else "onnxruntime has no sparse kernels: speed-up is reported, not gated",
-        ),
-        gate(
-            "accelerable_mac_fraction",
-            report["coverage"]["accelerable_mac_fraction"],
-            cfg.min_coverage,
-            ">=",
-            no_layout,
-        ),
-        *agreement_gates(report["accuracy"], cfg, not_meaningful(None, kind, report["data"]["accuracy_meaningful"])),
-    ]
+        entry["mac_fraction"] = entry["macs"] / max(total, 1)
+    return Coverage(
+        basis="layout",
+        total_macs=total,
+        masked_mac_fraction=layout.masked_mac_fraction if layout else None,
+        accelerable_mac_fraction=layout.accelerable_mac_fraction if layout else None,
+        accelerable_note="from the sparse model's weights (pipeline/verify/layout.py)"
+        if layout
+        else "no ONNX for the layout report (pass --sparse-onnx with plans)",
+        sparse_kernel_mac_fraction=plan.get("sparse_kernel_mac_fraction"),
+        sparse_kernel_note=plan.get("note", "ONNX Runtime has no sparse kernels: see the layout report"),
+        masked_layers=sum(entry["masked"] for entry in layers),
+        skipped_layers=sum(not entry["masked"] for entry in layers),
+        exported_nm_layers="n/a",
+        layers=layers,
+    )

@@ -21,14 +21,14 @@ import math
 from typing import Any
 
 from pipeline.recipe.config import VerifyConfig
-from pipeline.verify.measure import gate
+from pipeline.verify.report import Gate
 
 
-def agreement_gates(accuracy: dict[str, Any], cfg: VerifyConfig, skipped: str = "") -> list[dict[str, Any]]:
+def agreement_gates(accuracy: dict[str, Any], cfg: VerifyConfig, skipped: str = "") -> list[Gate]:
     """The agreement gate and the sparse-above-dense gate, from measure_accuracy's figures."""
     return [
-        gate("agreement", accuracy["agreement"], cfg.min_agreement, ">=", skipped),
-        gate("sparse_top1_above_dense", -accuracy["top1_drop"], allowed_gain(accuracy, cfg), "<=", skipped),
+        Gate.check("agreement", accuracy["agreement"], cfg.min_agreement, ">=", skipped),
+        Gate.check("sparse_top1_above_dense", -accuracy["top1_drop"], allowed_gain(accuracy, cfg), "<=", skipped),
     ]
 
 

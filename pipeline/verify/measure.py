@@ -132,23 +132,3 @@ def close_runners(runners) -> None:
         close = getattr(runner, "close", None)
         if close is not None:
             close()
-
-
-# --------------------------------------------------------------------------- gates
-def gate(name: str, value, threshold: float, comparison: str, skipped: str = "") -> dict[str, Any]:
-    if skipped or value is None:
-        passed = None
-    else:
-        passed = bool(value <= threshold) if comparison == "<=" else bool(value >= threshold)
-    return {
-        "name": name,
-        "value": value,
-        "threshold": threshold,
-        "comparison": comparison,
-        "passed": passed,
-        "skipped": skipped or ("" if value is not None else "not measured"),
-    }
-
-
-def gates_section(checks: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"passed": all(check["passed"] is not False for check in checks), "checks": checks}

@@ -9,6 +9,7 @@ from typing import Any
 from pipeline.errors import GateFailed
 from pipeline.io import write_text
 from pipeline.paths import ArtifactPaths
+from pipeline.records import to_json
 from pipeline.verify.report import (
     VerificationReport,
     plot_accuracy,
@@ -20,57 +21,64 @@ from pipeline.verify.report import (
 )
 
 
-def write_report(report: dict[str, Any], raw: dict, paths: ArtifactPaths, junit: str | None, plots: bool) -> None:
+def write_report(report: VerificationReport, raw: dict, paths: ArtifactPaths, junit: str | None, plots: bool) -> None:
     """Plots, report.md, JUnit, then report.json last: every file atomically, so a verdict names finished files."""
-    report["plots"] = [str(path) for path in paths.verify_plots] if plots else []
+    report.plots = [str(path) for path in paths.verify_plots] if plots else []
     if plots:
-        title = f"{report['model']} on {report['backend']}"
-        plot_latency(raw, Path(report["plots"][0]), f"{title}: latency per iteration")
-        plot_accuracy(report["accuracy"], Path(report["plots"][1]), f"{title}: accuracy ({report['data']['kind']})")
-        if report.get("layout"):
-            plot_layout(report["layout"]["layers"], Path(report["plots"][2]), f"{report['model']}: MACs per layer")
+        title = f"{report.model} on {report.backend}"
+        plot_latency(raw, Path(report.plots[0]), f"{title}: latency per iteration")
+        plot_accuracy(to_json(report.accuracy), Path(report.plots[1]), f"{title}: accuracy ({report.data.kind})")
+        if report.coverage.basis == "layout" and report.layout:
+            plot_layout(report.layout["layers"], Path(report.plots[2]), f"{report.model}: MACs per layer")
         else:
-            plot_coverage(report["coverage"]["layers"], Path(report["plots"][2]), f"{report['model']}: MACs per layer")
-    write_text(paths.report_md, render_markdown(report))
+            plot_coverage(report.coverage.layers, Path(report.plots[2]), f"{report.model}: MACs per layer")
+    content = report.to_json()
+    write_text(paths.report_md, render_markdown(content))
     if junit:
-        write_junit(Path(junit), report)
-    VerificationReport.from_content(paths.report_json, report).save()
+        write_junit(Path(junit), content)
+    report.save(paths.report_json)
 
 
-def print_summary(report: dict[str, Any], paths: ArtifactPaths) -> None:
-    backend, accuracy = report["backend"], report["accuracy"]
-    print(f"backend {backend}" + ("" if report["has_sparse_kernels"] else " (no sparse kernels: accuracy check only)"))
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def print_summary(report: VerificationReport, paths: ArtifactPaths) -> None:
+    accuracy = report.accuracy
     print(
-        f"top1 dense {accuracy['dense']['top1']:.2f}% sparse {accuracy['sparse']['top1']:.2f}% "
-        f"(agreement {100 * accuracy['agreement']:.1f}%, {accuracy['samples']} images)"
+        f"backend {report.backend}" + ("" if report.has_sparse_kernels else " (no sparse kernels: accuracy check only)")
     )
-    if "int8" in accuracy:
-        int8 = accuracy["int8"]
+    print(
+        f"top1 dense {accuracy.dense.top1:.2f}% sparse {accuracy.sparse.top1:.2f}% "
+        f"(agreement {100 * accuracy.agreement:.1f}%, {accuracy.samples} images)"
+    )
+    if accuracy.int8 is not None:
+        int8 = accuracy.int8
         print(
-            f"INT8 Q/DQ through ONNX Runtime: dense {int8['dense_top1']:.2f}% sparse {int8['sparse_top1']:.2f}% "
-            f"(sparse vs FP32 dense: drop {int8['sparse_drop_vs_fp32_dense']:.2f} pt)"
+            f"INT8 Q/DQ through ONNX Runtime: dense {int8.dense_top1:.2f}% sparse {int8.sparse_top1:.2f}% "
+            f"(sparse vs FP32 dense: drop {int8.sparse_drop_vs_fp32_dense:.2f} pt)"
         )
-    for batch, entry in report["latency"]["by_batch"].items():
+    for batch, entry in report.latency.by_batch.items():
         print(
             f"batch {batch}: p50 dense {entry['dense']['p50_ms']:.3f} ms, sparse {entry['sparse']['p50_ms']:.3f} ms, "
             f"speed-up {entry['speedup']['ratio']:.3f}x (IQR {entry['speedup']['iqr'][0]:.3f}-"
             f"{entry['speedup']['iqr'][1]:.3f})"
         )
-    coverage = report["coverage"]
-    masked = coverage["masked_mac_fraction"]
+    coverage = report.coverage
     print(
-        ("masked MACs n/a" if masked is None else f"masked MACs {100 * masked:.1f}%")
+        f"MACs in masked layers {_share(coverage.masked_mac_fraction)}, in layers TensorRT 2:4 can accelerate "
+        f"{_share(coverage.accelerable_mac_fraction)}"
         + (
-            f", in sparse kernels {100 * coverage['sparse_kernel_mac_fraction']:.1f}%"
-            if coverage.get("sparse_kernel_mac_fraction") is not None
+            f", in sparse kernels {_share(coverage.sparse_kernel_mac_fraction)}"
+            if coverage.sparse_kernel_mac_fraction is not None
             else ""
         )
     )
-    if report.get("layout"):
-        print_layout(report["layout"])
-    for check in report["gates"]["checks"]:
-        state = "pass" if check["passed"] else ("skip" if check["passed"] is None else "FAIL")
-        print(f"gate {check['name']}: {state}" + (f" ({check['skipped']})" if check["passed"] is None else ""))
+    if report.layout and coverage.basis == "layout":
+        print_layout(report.layout)
+    for check in report.gates.checks:
+        state = "pass" if check.passed else ("skip" if check.passed is None else "FAIL")
+        print(f"gate {check.name}: {state}" + (f" ({check.skipped})" if check.passed is None else ""))
     print(f"report: {paths.report_json}, {paths.report_md}")
 
 
@@ -90,10 +98,8 @@ def print_layout(layout: dict[str, Any]) -> None:
     )
 
 
-def raise_if_failed(report: dict[str, Any]) -> int:
-    failed = [c for c in report["gates"]["checks"] if c["passed"] is False]
+def raise_if_failed(report: VerificationReport) -> int:
+    failed = report.gates.failed
     if failed:
-        raise GateFailed(
-            "; ".join(f"{c['name']} = {c['value']:.4g}, needs {c['comparison']} {c['threshold']}" for c in failed)
-        )
+        raise GateFailed("; ".join(f"{c.name} = {c.value:.4g}, needs {c.comparison} {c.threshold}" for c in failed))
     return 0

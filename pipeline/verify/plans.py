@@ -36,7 +36,7 @@ def load_plan_pair(dense: Path, sparse: Path, options) -> Any:
         found, skipped = layouts.weighted_layers(model)
         layout = layouts.layout_report(found, skipped)
     backend = get_backend("tensorrt")  # a PipelineError naming why TensorRT is not usable here
-    runners = {"dense": backend.load(dense, None), "sparse": backend.load(sparse, None)}
+    runners: dict[str, Any] = {"dense": backend.load(dense, None), "sparse": backend.load(sparse, None)}  # TensorRT
     shapes = {variant: list(runner.sample_shape) for variant, runner in runners.items()}
     if shapes["dense"] != shapes["sparse"]:
         raise PipelineError(

@@ -15,52 +15,202 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, read_json, write_json, write_text
-from pipeline.records import check_keys
+from pipeline.records import to_json, typed_from_json
 
-SCHEMA = "sparse-pipeline/report/v1"
+SCHEMA = "sparse-pipeline/report/v2"  # v2: typed sections, two coverage gates (masked and accelerable)
 NOT_VERIFIED = "not verified"
-REQUIRED = ("model", "backend", "data", "accuracy", "latency", "coverage", "gates")
+REFRESH = "re-run `python -m pipeline verify`"
+
+
+# --------------------------------------------------------------------------- the typed report (report.json)
+@dataclass
+class Gate:
+    """One gate: VALUE against THRESHOLD; passed is None when the gate is skipped (SKIPPED says why)."""
+
+    name: str
+    value: float | None
+    threshold: float
+    comparison: str  # "<=" | ">="
+    passed: bool | None
+    skipped: str
+
+    @classmethod
+    def check(cls, name: str, value: float | None, threshold: float, comparison: str, skipped: str = "") -> Gate:
+        if skipped or value is None:
+            passed = None
+        else:
+            passed = bool(value <= threshold) if comparison == "<=" else bool(value >= threshold)
+        return cls(name, value, threshold, comparison, passed, skipped or ("" if value is not None else "not measured"))
+
+
+@dataclass
+class Gates:
+    passed: bool  # no gate failed (skipped gates do not fail)
+    checks: list[Gate]
+
+    @classmethod
+    def of(cls, checks: list[Gate]) -> Gates:
+        return cls(all(check.passed is not False for check in checks), checks)
+
+    @property
+    def failed(self) -> list[Gate]:
+        return [check for check in self.checks if check.passed is False]
+
+
+@dataclass
+class TopK:
+    top1: float  # %
+    top5: float  # %
+
+
+@dataclass
+class Int8Accuracy:
+    """Top-1 of the INT8 Q/DQ graphs (build.precision=int8) through ONNX Runtime, recipe path only."""
+
+    dense_graph: str
+    sparse_graph: str
+    dense_top1: float
+    sparse_top1: float
+    sparse_drop_vs_fp32_dense: float
+    runtime: str
+
+
+@dataclass
+class Accuracy:
+    dense: TopK
+    sparse: TopK
+    samples: int
+    agreement: float  # share of images on which both predict the same class
+    top1_drop: float  # points, dense - sparse
+    max_abs_logit_diff: float
+    int8: Int8Accuracy | None = None
+
+
+@dataclass
+class DataInfo:
+    kind: str
+    description: str
+    samples: int
+    accuracy_meaningful: bool
+    batch_size: int
+    preprocess: dict[str, Any] = field(default_factory=dict)  # the recipe's preprocess section used
+
+
+@dataclass
+class LatencyStats:
+    batch: int
+    iterations: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    images_per_s: float
+
+
+@dataclass
+class SpeedupStats:
+    ratio: float  # median over rounds of dense / sparse round medians
+    p50_ratio: float
+    rounds: int
+    round_ratios: list[float]
+    iqr: list[float]
+    bootstrap_95: list[float]
+    min: float
+    max: float
+
+
+@dataclass
+class Latency:
+    dense: LatencyStats  # at the serving batch
+    sparse: LatencyStats
+    serving_batch: int
+    speedup_spread: SpeedupStats
+    by_batch: dict[str, dict[str, Any]]  # batch -> dense, sparse, speedup, method (, host_ms)
+    method: str
+    host_ms: dict[str, LatencyStats] | None = None  # host enqueue time where the runner measures it (never gated)
+
+
+@dataclass
+class Coverage:
+    """Three shares of the MACs, each of its own layers: masked (carry 2:4 masks), accelerable (weights in the 2:4
+    layout TensorRT's sparse kernels take: they can run sparse), sparse-kernel (the backend reports they do)."""
+
+    basis: str  # "masks": layers from layers.json/masks.pt (recipe path); "layout": from the sparse model's weights
+    total_macs: int
+    masked_mac_fraction: float | None
+    accelerable_mac_fraction: float | None
+    accelerable_note: str  # where the accelerable share comes from, or why it is unknown
+    sparse_kernel_mac_fraction: float | None
+    sparse_kernel_note: str
+    masked_layers: int
+    skipped_layers: int
+    exported_nm_layers: str  # "ok/checked" from export.json, or "n/a"
+    layers: list[dict[str, Any]]  # name, kind, macs, mac_fraction, masked, reason (, sparse_kernel, in_sparse_block)
 
 
 @dataclass
 class VerificationReport:
-    """report.json: verify writes it (`from_content(...).save()`); package reads the gates' verdict and the engines
-    verify measured (`load`)."""
+    """report.json, typed: the one assembly (pipeline/verify/assemble.py) makes it on both verify paths, verify
+    writes it (`save`), package reads its verdict (`load`). Schema: docs/export-build-verify.md."""
 
-    path: Path
-    passed: bool | None  # gates.passed; None when there is no report or it has no verdict
-    engine_sha256: dict[str, str] = field(default_factory=dict)  # variant -> sha256 of the engine verified
-    content: dict[str, Any] = field(default_factory=dict)  # the whole report (schema SCHEMA)
+    model: str
+    backend: str
+    backend_reason: str
+    has_sparse_kernels: bool
+    note: str
+    data: DataInfo
+    accuracy: Accuracy
+    latency: Latency
+    speedup: float  # at the serving batch
+    coverage: Coverage
+    gates: Gates
+    engines: dict[str, str]  # variant -> path of what was measured
+    engine_sha256: dict[str, str]
+    symptoms: list[str] = field(default_factory=list)
+    inputs: dict[str, str] | None = None  # --dense/--sparse: kind, dense, sparse
+    preprocessing: dict[str, Any] | None = None  # recipe path: the measured evaluation transform (its record)
+    layout: dict[str, Any] | None = None  # the sparse ONNX's per-layer 2:4 layout (pipeline/verify/layout.py)
+    plan_layers: dict[str, Any] | None = None  # TensorRT plans: per layer tactic and sparse weights
+    layer_times_ms: dict[str, Any] = field(default_factory=dict)
+    layer_times_batch: int | None = None
+    speedup_bound: dict[str, Any] | None = None
+    seconds: float = 0.0
+    plots: list[str] = field(default_factory=list)
+    schema: str = SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        content = to_json(self)
+        return {"schema": content.pop("schema"), **content}
 
     @classmethod
-    def from_content(cls, path: Path, content: dict[str, Any]) -> VerificationReport:
-        missing = [key for key in REQUIRED if key not in content]
-        if missing:
-            raise PipelineError(f"verification report for {path} lacks {', '.join(missing)} (a bug in verify)")
-        return cls(Path(path), content["gates"]["passed"], dict(content.get("engine_sha256") or {}), content)
+    def from_json(cls, data: Any, where: str) -> VerificationReport:
+        """The typed report from report.json's content; one error naming what is wrong (older schema included)."""
+        what = f"{where} is not a verify report of schema {SCHEMA}"
+        if isinstance(data, dict) and data.get("schema") != SCHEMA:
+            raise PipelineError(f"{what} (its schema is {data.get('schema')!r}); {REFRESH}")
+        return typed_from_json(cls, data, what, REFRESH)
 
-    def save(self) -> None:
-        write_json(self.path, {"schema": SCHEMA, **self.content})
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_json())
 
     @classmethod
-    def load(cls, path: Path) -> VerificationReport:
+    def load(cls, path: Path) -> Verdict:
+        """What package reads: the gates' verdict and the engines it is about, with the whole typed report ('not
+        verified' when verify did not run); a report that is not this schema's is refused in one line."""
         path = Path(path)
         if not path.exists():  # verify did not run: package says "not verified" (or refuses with --require-verified)
-            return cls(path, None)
-        fix = "re-run `python -m pipeline verify`"
-        report = read_json(path, fix=fix)
-        if not isinstance(report, dict):
-            raise PipelineError(f"{path} is not a verify report (JSON {type(report).__name__}); {fix}")
-        check_keys(report, {"gates": dict}, path, "a verify report", fix)
-        passed = report["gates"].get("passed")
-        engines = report.get("engine_sha256", {})
-        if not isinstance(engines, dict):
-            raise PipelineError(f"{path} is not a verify report (engine_sha256 is not a table); {fix}")
-        if not isinstance(passed, bool) or not all(isinstance(value, str) for value in engines.values()):
-            raise PipelineError(
-                f"{path} is not a verify report (no verdict, or engine hashes of the wrong type); {fix}"
-            )
-        return cls(path, passed, engines, report)
+            return Verdict(path, None)
+        report = cls.from_json(read_json(path, fix=REFRESH), str(path))
+        return Verdict(path, report.gates.passed, dict(report.engine_sha256), report)
+
+
+@dataclass
+class Verdict:
+    path: Path
+    passed: bool | None  # gates.passed; None when there is no report
+    engine_sha256: dict[str, str] = field(default_factory=dict)  # variant -> sha256 of the engine verified
+    report: VerificationReport | None = None
 
     @property
     def verdict(self) -> str:
@@ -267,20 +417,29 @@ def _bound(report: dict[str, Any]) -> list[str]:
 
 def _coverage(report: dict[str, Any]) -> list[str]:
     cov = report["coverage"]
-    kernels = cov["sparse_kernel_mac_fraction"]
-    masked = cov["masked_mac_fraction"]
+    kernels, masked, accelerable = (
+        cov["sparse_kernel_mac_fraction"],
+        cov["masked_mac_fraction"],
+        cov["accelerable_mac_fraction"],
+    )
     lines = [
         "## Coverage",
         "",
-        f"Masked layers: {cov['masked_layers']} of {cov['masked_layers'] + cov['skipped_layers']}, "
-        f"holding {_fmt(None if masked is None else masked * 100)} % of the MACs.",
+        f"Masked layers (carry 2:4 masks): {cov['masked_layers']} of {cov['masked_layers'] + cov['skipped_layers']}, "
+        f"holding {_fmt(None if masked is None else masked * 100)} % of the MACs (gate masked_mac_fraction).",
+        "Share of MACs in layers whose weights are in the 2:4 layout TensorRT's sparse kernels take: "
+        + (
+            f"{_fmt(accelerable * 100)} % ({cov['accelerable_note']}; gate accelerable_mac_fraction)."
+            if accelerable is not None
+            else f"n/a ({cov['accelerable_note']})."
+        ),
         f"Masked layers whose exported ONNX weights passed the N:M check: {cov['exported_nm_layers']}.",
-        "Share of MACs in layers that picked sparse kernels: "
+        "Share of MACs in layers that picked sparse kernels (reported, not gated): "
         + (f"{_fmt(kernels * 100)} %" if kernels is not None else f"n/a ({cov['sparse_kernel_note']})"),
         "",
     ]
     skipped = [layer for layer in cov["layers"] if not layer["masked"]]
-    if skipped and not report.get("layout"):
+    if skipped and cov["basis"] == "masks":
         lines += ["Skipped layers:", ""] + [f"- `{layer['name']}`: {layer['reason']}" for layer in skipped] + [""]
     return lines
 
