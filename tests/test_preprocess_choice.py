@@ -194,12 +194,6 @@ def test_engine_with_only_input_size_finds_each_training_transform(trained, tmp_
     assert Candidate(**chosen).describe(INPUT) in details["preprocessing"]["candidates"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="every stage writes config.json from its own copy of the recipe: run_stage must call "
-    "pipeline.data.preprocess_choice.apply_recorded(recipe, paths) before write_config (stages/__init__.py, "
-    "owned by the stage-declaration work)",
-)
 def test_config_json_of_an_engine_run_shows_the_chosen_transform(tmp_path, tmp_path_factory):
     case, data, weights, model, own = trained_case("whole image scaled up", tmp_path_factory)
     out = tmp_path / "engines"

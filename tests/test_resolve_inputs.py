@@ -12,6 +12,7 @@ from image_folders import write_imagefolder
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
+from pipeline.recipe.config import with_fields
 from pipeline.recipe.resolve import ModelOptions, resolve_recipe
 
 CLASSES = ["ant", "bee", "cow"]
@@ -117,12 +118,12 @@ def test_published_weights_name_their_source(monkeypatch):
         mean="0.5,0.5,0.5",
         std="0.5,0.5,0.5",
     )
-    recipe.weights = "torchvision"
+    torchvision = with_fields(recipe, {"weights": "torchvision"}, "test")  # the resolved recipe is frozen
     with pytest.raises(PipelineError, match="is not a torchvision model; use --weights hub"):
-        dense_state_dict(recipe, ArtifactPaths.for_model("unused", recipe.name))
-    recipe.weights = "hub"
+        dense_state_dict(torchvision, ArtifactPaths.for_model("unused", recipe.name))
+    hub = with_fields(recipe, {"weights": "hub"}, "test")
     with pytest.raises(PipelineError, match="has no published weights; pass --weights FILE"):
-        dense_state_dict(recipe, ArtifactPaths.for_model("unused", recipe.name))
+        dense_state_dict(hub, ArtifactPaths.for_model("unused", recipe.name))
 
 
 def test_init_recipe_is_a_stage_and_its_file_runs(inputs, tmp_path, capsys):

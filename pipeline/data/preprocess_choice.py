@@ -58,6 +58,8 @@ class Candidate:
         return cls(pre.resize, pre.resize_shape, pre.interpolation)
 
     def apply(self, pre: PreprocessConfig) -> None:
+        if (pre.resize, pre.resize_shape, pre.interpolation) == (self.resize, self.resize_shape, self.interpolation):
+            return  # already so: a stage's frozen recipe, which run_stage gave the recorded choice (issue 33)
         pre.resize, pre.resize_shape, pre.interpolation = self.resize, self.resize_shape, self.interpolation
 
     def describe(self, crop: int) -> str:

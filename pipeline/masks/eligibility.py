@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.recipe.config import MaskConfig
 
 GROUPED_REASON = "conv: TensorRT has no sparse kernels for groups > 1"
 
@@ -118,6 +123,28 @@ def count_macs(model: nn.Module, input_shape: list[int]) -> dict[str, int]:
         for handle in hooks:
             handle.remove()
     return macs
+
+
+class MaskedModel(Protocol):
+    """What deciding the masked layers reads of a recipe: its masks section, its input shape and its head."""
+
+    @property
+    def masks(self) -> MaskConfig: ...
+
+    @property
+    def input_shape(self) -> Sequence[int]: ...
+
+    @property
+    def classifier(self) -> str: ...
+
+
+def eligible_layers(model: nn.Module, recipe: MaskedModel) -> EligibilityReport:
+    """`find_layers` as the recipe states it: masks.m, masks.include/exclude, masks.include_classifier, the input
+    shape and the classifier head (one call for every stage that masks a recipe's model)."""
+    cfg = recipe.masks
+    return find_layers(
+        model, list(recipe.input_shape), cfg.m, cfg.include, cfg.exclude, recipe.classifier, cfg.include_classifier
+    )
 
 
 def find_layers(

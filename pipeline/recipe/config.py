@@ -503,3 +503,75 @@ def _rules(recipe: Recipe):
                     yield f"{item.name}.{leaf.name}", getattr(value, leaf.name), leaf.metadata
         elif "check" in item.metadata:
             yield item.name, value, item.metadata
+
+
+# --------------------------------------------------------------------------- freezing
+# A resolved, validated recipe is frozen: library code reads it and cannot change it. What changes a run's recipe
+# goes through the override path (set_field on a copy, then validate) before config.json is written: `with_fields`.
+SECTIONS = (
+    DataConfig,
+    PreprocessConfig,
+    PretrainConfig,
+    MaskConfig,
+    ExportConfig,
+    BuildConfig,
+    VerifyConfig,
+    ServeConfig,
+    Recipe,
+)
+_FROZEN = "_frozen"
+
+
+class FrozenRecipeError(dataclasses.FrozenInstanceError):
+    """A field of a frozen recipe was assigned: a programming error (the change belongs in the override path)."""
+
+
+def _guarded_setattr(self: Any, name: str, value: Any) -> None:
+    if self.__dict__.get(_FROZEN, False):
+        raise FrozenRecipeError(
+            f"the resolved recipe is frozen: {type(self).__name__}.{name} cannot be assigned after validation; "
+            "change a recipe field before config.json is written (--set, a stage flag standing for the field, "
+            "or pipeline.recipe.config.with_fields)"
+        )
+    object.__setattr__(self, name, value)
+
+
+for _section in SECTIONS:
+    _section.__setattr__ = _guarded_setattr  # type: ignore[assignment,method-assign]
+
+
+def _parts(recipe: Recipe) -> list[Any]:
+    return [recipe, *(getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.name in _SECTION_FIELDS)]
+
+
+_SECTION_FIELDS = {f.name for f in dataclasses.fields(Recipe) if f.type in {s.__name__ for s in SECTIONS}}
+
+
+def freeze(recipe: Recipe) -> Recipe:
+    """RECIPE (and each of its sections), frozen in place; returned for chaining."""
+    for part in _parts(recipe):
+        object.__setattr__(part, _FROZEN, True)
+    return recipe
+
+
+def is_frozen(recipe: Recipe) -> bool:
+    return all(part.__dict__.get(_FROZEN, False) for part in _parts(recipe))
+
+
+def thawed(recipe: Recipe) -> Recipe:
+    """A mutable deep copy of RECIPE (for code that builds a recipe step by step, e.g. a measured choice)."""
+    import copy
+
+    twin = copy.deepcopy(recipe)
+    for part in _parts(twin):
+        object.__setattr__(part, _FROZEN, False)
+    return twin
+
+
+def with_fields(recipe: Recipe, values: dict[str, Any], origin: str) -> Recipe:
+    """A new frozen recipe: RECIPE with each `section.field` of VALUES set through the override path (set_field,
+    then every field's check); RECIPE itself is unchanged."""
+    twin = thawed(recipe)
+    for key, value in values.items():
+        set_field(twin, key, value, origin)
+    return freeze(validate(twin, origin=origin))

@@ -18,7 +18,17 @@ from typing import Any
 from pipeline.errors import PipelineError
 from pipeline.io import ensure_dir, write_json
 from pipeline.paths import ArtifactPaths
-from pipeline.recipe.config import CHANNELS, Recipe, apply_override, recipe_from_dict, set_field, validate
+from pipeline.recipe.config import (
+    CHANNELS,
+    Recipe,
+    apply_override,
+    freeze,
+    recipe_from_dict,
+    set_field,
+    thawed,
+    validate,
+    with_fields,
+)
 from pipeline.recipe.labels import imagefolder_labels
 from pipeline.recipe.preprocessing import describe as describe_preprocessing
 from pipeline.recipe.preprocessing import fit_to_folder, parse_resize, validation_warning
@@ -50,7 +60,9 @@ class ModelOptions:
 
 
 def resolve_recipe(options: ModelOptions, stage_fields: dict[str, tuple[str, Any]] | None = None) -> Recipe:
-    """The validated recipe with every flag applied. `stage_fields`: recipe key -> (flag, value) of a stage's flags."""
+    """The validated recipe with every flag applied, frozen (pipeline.recipe.config.freeze: library code cannot
+    change it; `with_fields` makes a changed copy through the override path). `stage_fields`: recipe key ->
+    (flag, value) of a stage's flags."""
     recipe, notes = recipe_with_flags(options, stage_fields)
     if recipe.data.kind == "imagefolder" and not recipe.data.root and recipe.weights != "random":
         raise PipelineError(
@@ -65,7 +77,27 @@ def resolve_recipe(options: ModelOptions, stage_fields: dict[str, tuple[str, Any
             print(note, file=sys.stderr, flush=True)
         else:
             print(f"note: {note}", flush=True)
-    return recipe
+    return freeze(recipe)
+
+
+PREPROCESS_CHOICE_FIELDS = ("resize", "resize_shape", "interpolation")  # what a measured choice sets
+
+
+def with_measured_preprocessing(recipe: Recipe, paths: ArtifactPaths, measure: bool) -> Recipe:
+    """RECIPE with the evaluation transform recorded in preprocess_choice.json (pipeline/data/preprocess_choice.py),
+    as a new frozen recipe through the override path; with MEASURE, measured and recorded first where no record of
+    these weights, folder and settings exists. RECIPE itself where nothing is measured. A stage runs with, and
+    config.json records, this recipe."""
+    from pipeline.data.preprocess_choice import applies, apply_recorded, ensure_choice
+
+    if not applies(recipe):
+        return recipe
+    scratch = thawed(recipe)
+    choice = ensure_choice(scratch, paths) if measure else apply_recorded(scratch, paths)
+    if choice is None:
+        return recipe
+    chosen = {f"preprocess.{name}": getattr(scratch.preprocess, name) for name in PREPROCESS_CHOICE_FIELDS}
+    return with_fields(recipe, chosen, f"the choice in {paths.preprocess_choice.name}")
 
 
 def recipe_with_flags(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from pipeline.args import add_device_argument
 from pipeline.data.datasets import build_datasets
-from pipeline.data.preprocess_choice import choice_summary, ensure_choice
+from pipeline.data.preprocess_choice import choice_summary
 from pipeline.data.splits import check_enough_to_train
 from pipeline.declaration import MODEL, PREPROCESS_CHOICE, StageDeclaration, option_files, when
 from pipeline.distributed import init_distributed, shutdown
@@ -17,7 +18,7 @@ from pipeline.errors import Interrupted, PipelineError
 from pipeline.io import write_json
 from pipeline.masks.artifact import MaskArtifact
 from pipeline.masks.checkpoint import TrainingRecord
-from pipeline.masks.eligibility import find_layers
+from pipeline.masks.eligibility import eligible_layers
 from pipeline.masks.gumbel import use_argmax_masks
 from pipeline.masks.learning import LearnResult, learn_masks
 from pipeline.masks.mask_step import resolve_loss
@@ -25,7 +26,6 @@ from pipeline.masks.schedules import steps_per_epoch
 from pipeline.paths import ArtifactPaths, checked_name
 from pipeline.plots import learning_curves
 from pipeline.recipe.config import MASK_PRIORS, Recipe
-from pipeline.recipe.resolve import write_config
 from pipeline.recipe.weights import load_dense_model
 from pipeline.records import file_record
 from pipeline.training import StepSettings, check_device, evaluate, select_device
@@ -125,19 +125,15 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         data = build_datasets(recipe, augment_train=cfg.augment)
         check_enough_to_train(data, cfg, cfg.batch_size * context.world_size, "mask training", "masks.batch_size")
         model, source = load_dense_model(recipe, paths)
-        choice = ensure_choice(recipe, paths, model)
-        if choice is not None:  # the measured transform: the datasets (and config.json) follow it
-            data = build_datasets(recipe, augment_train=cfg.augment)
-            write_config(recipe, paths)
-        report = find_layers(
-            model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier, cfg.include_classifier
-        )
+        # the measured evaluation transform (preprocess_choice.json) is in RECIPE already: run_stage applied it
+        # before config.json was written (pipeline/stages/__init__.py stage_recipe)
+        report = eligible_layers(model, recipe)
         settings = StepSettings.for_device(context.device, options.cuda_path, cfg.precision)
         settings.prepare_model(model.to(context.device))  # as the mask step will: its evaluations run alike
         dense_metrics = describe_start(model, report, recipe, data, context) if context.is_main else None
         initial = None
         if options.masks_from:
-            initial = {layer.name: layer.indices for layer in MaskArtifact.load(options.masks_from).layers}
+            initial = {layer.name: layer.indices for layer in MaskArtifact.load(Path(options.masks_from)).layers}
         result = learn_masks(
             model,
             report,
@@ -152,7 +148,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             world_size=context.world_size,
             settings=settings,
         )
-        if context.is_main and not result.stopped:
+        if context.is_main and not result.stopped and dense_metrics is not None:
             record = finish(
                 model,
                 report,
