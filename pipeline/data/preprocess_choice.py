@@ -169,7 +169,7 @@ def measure(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> tup
     from pipeline.data.images import checked_loader
 
     pre = recipe.preprocess
-    folder = _image_folder(recipe, recipe.data.eval_split, train=False)
+    folder: Any = _image_folder(recipe, recipe.data.eval_split, train=False)  # an ImageFolder
     picked = stratified_sample([target for _, target in folder.samples], SAMPLE_IMAGES)
     images = [checked_loader(folder.samples[index][0]) for index in picked]
     labels = torch.tensor([folder.samples[index][1] for index in picked])

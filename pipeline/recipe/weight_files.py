@@ -371,7 +371,7 @@ def _pickled_objects(path: Path) -> _PickledObjects:
                         strings.add(argument)
                         recent.append(argument)
                     if opcode.name in ("GLOBAL", "INST"):
-                        found.append(argument.replace(" ", "."))
+                        found.append(str(argument).replace(" ", "."))
                     elif opcode.name == "STACK_GLOBAL" and len(recent) >= 2:
                         found.append(f"{recent[-2]}.{recent[-1]}")
             except (ValueError, EOFError):  # the tensor bytes after a legacy file's pickles
