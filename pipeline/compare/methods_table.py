@@ -16,7 +16,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import ensure_dir, write_json, write_text
 from pipeline.masks.artifact import MaskArtifact
 from pipeline.masks.diversity import diversity_bits
-from pipeline.masks.eligibility import EligibilityReport, find_layers
+from pipeline.masks.eligibility import EligibilityReport, eligible_layers
 from pipeline.masks.methods import (
     CHANGES_WEIGHTS,
     CONSTRAINT,
@@ -57,11 +57,9 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def eligible_layers(model: torch.nn.Module, recipe: Recipe) -> EligibilityReport:
-    cfg = recipe.masks
-    report = find_layers(
-        model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier, cfg.include_classifier
-    )
+def masked_layers(model: torch.nn.Module, recipe: Recipe) -> EligibilityReport:
+    """The recipe's masked layers; refused when there are none."""
+    report = eligible_layers(model, recipe)
     if not report.masked:
         raise PipelineError(f"model {recipe.name} has no eligible layers to mask; check masks.include/exclude")
     return report
@@ -86,7 +84,7 @@ def compare(
     log=print,
 ) -> dict:
     model, source = load_dense_model(recipe, paths)
-    report = eligible_layers(model, recipe)
+    report = masked_layers(model, recipe)
     methods = ordered_methods(methods, learned_init_from)
     data = build_datasets(recipe, augment_train=recipe.masks.augment)
     dense = evaluate(model.to(device), data.eval, recipe.data.eval_batch_size, device, desc="eval dense")

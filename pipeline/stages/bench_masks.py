@@ -29,7 +29,7 @@ from pipeline.data.datasets import DataBundle, build_datasets
 from pipeline.declaration import StageDeclaration
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, read_json, write_json, write_text
-from pipeline.masks.eligibility import find_layers
+from pipeline.masks.eligibility import eligible_layers
 from pipeline.masks.gumbel import load_mask_logits, mask_logits, use_argmax_masks
 from pipeline.masks.learning import LearnResult, MaskTraining, indices_checksum, learn_masks
 from pipeline.masks.schedules import PlateauRule
@@ -146,9 +146,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         )
     device = select_device(options.device)
     model, source = load_dense_model(recipe, paths)
-    report = find_layers(
-        model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier, cfg.include_classifier
-    )
+    report = eligible_layers(model, recipe)
     data = build_datasets(recipe, augment_train=cfg.augment)
     dense = evaluate(model, data.eval, recipe.data.eval_batch_size, device, desc="eval dense")
     budget = dataclasses.replace(cfg, steps=options.steps or cfg.steps)

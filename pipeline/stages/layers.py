@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pipeline.declaration import MODEL, StageDeclaration
 from pipeline.io import write_json
-from pipeline.masks.eligibility import find_layers
+from pipeline.masks.eligibility import eligible_layers
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.weights import build_network
@@ -34,15 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     cfg = recipe.masks
-    report = find_layers(
-        build_network(recipe),
-        recipe.input_shape,
-        cfg.m,
-        cfg.include,
-        cfg.exclude,
-        recipe.classifier,
-        cfg.include_classifier,
-    )
+    report = eligible_layers(build_network(recipe), recipe)
     total = max(report.total_macs, 1)
     width = max((len(layer.name) for layer in report.layers), default=10)
     print(

@@ -18,7 +18,7 @@ from pipeline.data.datasets import DataBundle, ResumableBatchSampler, build_data
 from pipeline.errors import PipelineError
 from pipeline.io import ensure_dir, write_json, write_text
 from pipeline.masks.artifact import MaskArtifact
-from pipeline.masks.eligibility import EligibilityReport, find_layers
+from pipeline.masks.eligibility import EligibilityReport, eligible_layers
 from pipeline.masks.methods import MethodContext, compute_masks, dense_for_artifact
 from pipeline.paths import ArtifactPaths
 from pipeline.pretrain.artifacts import DenseWeights
@@ -142,9 +142,7 @@ def updatable_demo(
 ) -> dict:
     model, source = load_dense_model(recipe, paths)
     cfg = recipe.masks
-    report = find_layers(
-        model, recipe.input_shape, cfg.m, cfg.include, cfg.exclude, recipe.classifier, cfg.include_classifier
-    )
+    report = eligible_layers(model, recipe)
     data = build_datasets(recipe, augment_train=cfg.augment)
     old_state = state_copy(model)
     old_masks, masks_source = old_masks_for(
