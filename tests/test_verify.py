@@ -10,7 +10,7 @@ from pipeline.backends.build_report import BuildReport
 from pipeline.cli import main
 from pipeline.verify.engines import sparse_kernel_coverage
 from pipeline.verify.measure import measure_latency
-from pipeline.verify.report import latency_stats, speedup_stats
+from pipeline.verify.report import VerificationReport, latency_stats, speedup_stats
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,7 @@ def test_verify_writes_report_plots_and_junit(built):
     accelerable = report["coverage"]["accelerable_mac_fraction"]
     assert accelerable == pytest.approx(report["layout"]["accelerable_mac_fraction"]) and accelerable > 0.5
     assert gates["accelerable_mac_fraction"]["passed"] is True and report["coverage"]["basis"] == "masks"
+    assert VerificationReport.from_json(report, "report.json").to_json() == report  # the one typed report
     markdown = paths.report_md.read_text()
     assert "has no sparse kernels" in markdown and "| dense |" in markdown and "`conv1`" in markdown
     for plot in report["plots"]:
@@ -74,7 +75,17 @@ def test_failed_gate_exits_1_and_flags_override_set(built, capsys):
     paths, common, root = built
     junit = root / "failed.xml"
     code = main(
-        ["verify", *common, "--set", "verify.min_masked_coverage=0.99", "--iters", "2", "--no-plots", "--junit", str(junit)]
+        [
+            "verify",
+            *common,
+            "--set",
+            "verify.min_masked_coverage=0.99",
+            "--iters",
+            "2",
+            "--no-plots",
+            "--junit",
+            str(junit),
+        ]
     )
     assert code == 1
     assert "gate failed: masked_mac_fraction" in capsys.readouterr().err
@@ -97,6 +108,26 @@ def test_failed_gate_exits_1_and_flags_override_set(built, capsys):
         )
         == 0
     )
+
+
+def test_accelerable_gate_on_the_recipe_path(built, capsys):
+    """The recipe path gates the share in TensorRT's 2:4 layout too (from the sparse graph the engine was built
+    from), under its own field; a sparse graph changed since build is refused, not measured."""
+    paths, common, _ = built
+    code = main(["verify", *common, "--min-accelerable-coverage", "0.99", "--iters", "2", "--no-plots"])
+    assert code == 1 and "gate failed: accelerable_mac_fraction" in capsys.readouterr().err
+    report = json.loads(paths.report_json.read_text())
+    gates = {gate["name"]: gate for gate in report["gates"]["checks"]}
+    assert gates["masked_mac_fraction"]["passed"] is True and gates["accelerable_mac_fraction"]["threshold"] == 0.99
+    original = paths.sparse_onnx.read_bytes()
+    try:
+        paths.sparse_onnx.write_bytes(original + b"\0")
+        assert main(["verify", *common, "--iters", "2", "--no-plots"]) == 2
+        err = capsys.readouterr().err
+        assert f"{paths.sparse_onnx} changed since build wrote it" in err and len(err.strip().splitlines()) == 1
+        assert json.loads(paths.report_json.read_text()) == report  # the failed stage changed no artifact
+    finally:
+        paths.sparse_onnx.write_bytes(original)
 
 
 def test_top1_gate_applies_when_accuracy_is_meaningful(built, monkeypatch):

@@ -10,6 +10,7 @@ import onnx_fixtures as fx
 import pytest
 
 from pipeline.cli import main
+from pipeline.verify.report import VerificationReport
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,8 @@ def test_tensorrt_layout_passes_on_an_image_folder(files, tmp_path, monkeypatch,
     gates = {gate["name"]: gate for gate in report["gates"]["checks"]}
     assert gates["top1_drop"]["passed"] is True and gates["speedup"]["passed"] is None
     assert gates["accelerable_mac_fraction"]["passed"] is True and report["gates"]["passed"] is True
+    typed = VerificationReport.from_json(report, "report.json")  # the one typed report, as on the recipe path
+    assert typed.coverage.basis == "layout" and typed.to_json() == report
     layers = {layer["name"]: layer for layer in report["layout"]["layers"]}
     assert layers["/conv2/Conv"]["layout"] == "tensorrt 2:4" and layers["/conv2/Conv"]["kept"] == "masks only"
     assert layers["/dw/Conv"]["layout"] == "grouped/depthwise (never sparse)"
@@ -79,6 +82,9 @@ def test_flattened_layout_fails_the_coverage_gate(files, tmp_path, capsys):
     assert layers["/conv2/Conv"]["layout"] == "2:4 in another layout"
     assert layers["/conv2/Conv"]["axis"] == "flattened C*R*S" and layers["/conv3/Conv"]["layout"] == "tensorrt 2:4"
     assert report["gates"]["passed"] is False and report["plots"] == []
+    # masked by count, in the wrong layout: the masked gate passes, the accelerable one fails
+    gates = {gate["name"]: gate for gate in report["gates"]["checks"]}
+    assert gates["masked_mac_fraction"]["passed"] is True and gates["accelerable_mac_fraction"]["passed"] is False
     assert ET.parse(junit).getroot().find("testsuite").get("failures") == "1"
     # the same model passes when the gate asks for less than its 8% accelerable MACs
     assert (
