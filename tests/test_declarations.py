@@ -325,10 +325,10 @@ def test_a_build_failing_on_its_second_engine_leaves_the_first_as_it_was(traced,
     before = {p.name: p.read_bytes() for p in folder.iterdir()} | {"build.json": paths.build_report.read_bytes()}
     original = OnnxRuntimeBackend.build
 
-    def fails_on_sparse(self, onnx_path, engine_dir, variant, recipe, sparse):
+    def fails_on_sparse(self, onnx_path, engine_dir, variant, config, spec, sparse):
         if variant == "sparse":
             raise PipelineError("the sparse engine failed to build")
-        return original(self, onnx_path, engine_dir, variant, recipe, sparse)
+        return original(self, onnx_path, engine_dir, variant, config, spec, sparse)
 
     monkeypatch.setattr(OnnxRuntimeBackend, "build", fails_on_sparse)
     recipe = resolve_recipe(

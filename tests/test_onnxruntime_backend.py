@@ -12,6 +12,7 @@ from pipeline.backends import get_backend, pick_backend
 from pipeline.errors import PipelineError
 from pipeline.export.onnx import ModelProtoFromTorch
 from pipeline.io import sha256_file
+from pipeline.recipe.config import InputSpec
 from pipeline.recipe.registry import get_recipe
 from pipeline.recipe.weights import build_network
 
@@ -31,7 +32,7 @@ def test_build_writes_engine_and_metadata(model_and_onnx):
     recipe, _, path, folder = model_and_onnx
     backend = get_backend("onnxruntime")
     assert backend.name == "onnxruntime" and backend.has_sparse_kernels is False
-    result = backend.build(path, folder / "engines", "dense", recipe, sparse=False)
+    result = backend.build(path, folder / "engines", "dense", recipe.build, InputSpec.of(recipe), sparse=False)
     assert result.engine_path.is_file() and result.engine_path.name == "dense.ort.onnx"
     meta = json.loads(result.engine_path.with_suffix(".json").read_text())
     import onnxruntime
@@ -47,7 +48,7 @@ def test_build_writes_engine_and_metadata(model_and_onnx):
 def test_runner_matches_pytorch_and_times(model_and_onnx):
     recipe, model, path, folder = model_and_onnx
     backend = get_backend("onnxruntime")
-    result = backend.build(path, folder / "engines", "dense", recipe, sparse=False)
+    result = backend.build(path, folder / "engines", "dense", recipe.build, InputSpec.of(recipe), sparse=False)
     runner = backend.load(result.engine_path, recipe)
     assert (runner.input_name, runner.output_name) == ("input", "logits")
     for batch in (1, 5):
@@ -66,7 +67,9 @@ def test_damaged_onnx_gives_one_line_error_and_no_engine(model_and_onnx, tmp_pat
     truncated = tmp_path / "dense.onnx"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(PipelineError, match="cannot load .*re-run export"):
-        get_backend("onnxruntime").build(truncated, tmp_path / "engines", "dense", recipe, sparse=False)
+        get_backend("onnxruntime").build(
+            truncated, tmp_path / "engines", "dense", recipe.build, InputSpec.of(recipe), sparse=False
+        )
     assert not list((tmp_path / "engines").glob("*"))
     with pytest.raises(PipelineError, match="does not exist"):
         get_backend("onnxruntime").load(tmp_path / "missing.ort.onnx", recipe)

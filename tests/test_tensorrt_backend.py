@@ -40,6 +40,7 @@ from pipeline.backends.tensorrt.sparsity import (
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_file, write_json
 from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import InputSpec
 from pipeline.recipe.registry import get_recipe
 from tests import trt_fakes
 
@@ -201,7 +202,12 @@ def _build(paths, variant="sparse", precision="fp16", **build):
     recipe = _recipe(precision, **build)
     backend = trt_backend.TensorRTBackend()
     return backend.build(
-        backend.onnx_for(paths, variant, recipe), paths.root / "tensorrt", variant, recipe, sparse=variant == "sparse"
+        backend.onnx_for(paths, variant, recipe.build),
+        paths.root / "tensorrt",
+        variant,
+        recipe.build,
+        InputSpec.of(recipe),
+        sparse=variant == "sparse",
     )
 
 
@@ -747,6 +753,11 @@ def test_the_sidecar_names_the_graphs_output_not_the_recipes(gpu, model_dir):
     recipe.export.output_name = "probabilities"
     backend = trt_backend.TensorRTBackend()
     result = backend.build(
-        backend.onnx_for(model_dir, "sparse", recipe), model_dir.root / "tensorrt", "sparse", recipe, True
+        backend.onnx_for(model_dir, "sparse", recipe.build),
+        model_dir.root / "tensorrt",
+        "sparse",
+        recipe.build,
+        InputSpec.of(recipe),
+        True,
     )
     assert EngineInfo.load(result.engine_path).output_name == "logits"

@@ -17,6 +17,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.paths import ArtifactPaths
+from pipeline.recipe.config import InputSpec
 from tests.nm_fixtures import tiny_magnitude_pair
 
 
@@ -95,7 +96,14 @@ def test_fp32_engine_matches_pytorch(setup):
     recipe, paths, models, _ = setup
     recipe.build.precision = "fp32"
     backend = _backend()
-    result = backend.build(backend.onnx_for(paths, "dense", recipe), paths.root, "dense", recipe, sparse=False)
+    result = backend.build(
+        backend.onnx_for(paths, "dense", recipe.build),
+        paths.root,
+        "dense",
+        recipe.build,
+        InputSpec.of(recipe),
+        sparse=False,
+    )
     runner = backend.load(result.engine_path, recipe)
     batch = np.random.default_rng(0).standard_normal((5, *recipe.input_shape)).astype(np.float32)
     with torch.no_grad():
@@ -111,12 +119,19 @@ def test_sparse_fp16_engine_report_and_timing(setup):
     recipe, paths, _, masked = setup
     recipe.build.precision = "fp16"
     backend = _backend()
-    result = backend.build(backend.onnx_for(paths, "sparse", recipe), paths.root, "sparse", recipe, sparse=True)
+    result = backend.build(
+        backend.onnx_for(paths, "sparse", recipe.build),
+        paths.root,
+        "sparse",
+        recipe.build,
+        InputSpec.of(recipe),
+        sparse=True,
+    )
     meta = json.loads((paths.root / "sparse.json").read_text())
     assert (
         meta["sparse_weights_flag"] is True
         and meta["compute_capability"]
-        and len(meta["tensorrt_version"].split(".")) == 4
+        and len(meta["runtime_version"].split(".")) == 4
     )
     check_sparse_report(result.sparse_layers, masked)
     runner = backend.load(result.engine_path, recipe)
@@ -134,8 +149,22 @@ def test_timing_cache_is_reused(setup):
     recipe, paths, _, _ = setup
     recipe.build.precision = "fp32"
     backend = _backend()
-    backend.build(backend.onnx_for(paths, "dense", recipe), paths.root, "dense", recipe, sparse=False)
-    again = backend.build(backend.onnx_for(paths, "dense", recipe), paths.root, "dense", recipe, sparse=False)
+    backend.build(
+        backend.onnx_for(paths, "dense", recipe.build),
+        paths.root,
+        "dense",
+        recipe.build,
+        InputSpec.of(recipe),
+        sparse=False,
+    )
+    again = backend.build(
+        backend.onnx_for(paths, "dense", recipe.build),
+        paths.root,
+        "dense",
+        recipe.build,
+        InputSpec.of(recipe),
+        sparse=False,
+    )
     assert (paths.root / "timing.cache").stat().st_size > 0 and again.engine_path.is_file()
 
 
@@ -145,9 +174,9 @@ def test_sparse_int8_engine_from_the_qdq_graph(setup):
     recipe, paths, _, masked = setup
     recipe.build.precision = "int8"
     backend = _backend()
-    onnx_path = backend.onnx_for(paths, "sparse", recipe)
+    onnx_path = backend.onnx_for(paths, "sparse", recipe.build)
     assert onnx_path.name == "sparse.int8.onnx"
-    result = backend.build(onnx_path, paths.root, "sparse", recipe, sparse=True)
+    result = backend.build(onnx_path, paths.root, "sparse", recipe.build, InputSpec.of(recipe), sparse=True)
     meta = json.loads((paths.root / "sparse.json").read_text())
     assert meta["precision"] == "int8" and meta["sparse_weights_flag"] is True
     report = result.sparse_layers

@@ -1,6 +1,7 @@
 """Inference backends, registered by name; a backend is offered only when its library imports.
 
-Every backend builds an engine file from an ONNX file and loads it as a `Runner`.
+Every backend builds an engine file from an ONNX file and loads it as a `Runner`. A build takes the recipe's build
+section (`BuildConfig`) and the network's `InputSpec`, not the recipe (the stage passes those sections).
 Backend modules import their optional libraries lazily (inside functions), so
 `pipeline.backends` itself imports with nothing but the core dependencies.
 """
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.recipe.config import BuildConfig, InputSpec
 
 
 @dataclass
@@ -43,13 +45,20 @@ class Backend(Protocol):
 
     def available(self) -> tuple[bool, str]: ...
 
-    def onnx_for(self, paths, variant: str, recipe) -> Path:
-        """The exported ONNX file this backend builds `variant` from at the recipe's build.precision."""
+    def onnx_for(self, paths, variant: str, config: BuildConfig) -> Path:
+        """The exported ONNX file this backend builds `variant` from at build.precision (`config.precision`)."""
         ...
 
-    def build(self, onnx_path: Path, engine_dir: Path, variant: str, recipe, sparse: bool) -> BuildResult: ...
+    def build(
+        self, onnx_path: Path, engine_dir: Path, variant: str, config: BuildConfig, spec: InputSpec, sparse: bool
+    ) -> BuildResult:
+        """An engine of `variant` from ONNX_PATH under the build section CONFIG (precision, batch range,
+        workspace, hardware compatibility) for the network SPEC describes (shape, tensor names)."""
+        ...
 
-    def load(self, engine_path: Path, recipe) -> Runner: ...
+    def load(self, engine_path: Path, recipe) -> Runner:
+        """A runner over ENGINE_PATH; RECIPE (or None) only names the model in messages."""
+        ...
 
 
 # name -> module implementing `backend() -> Backend`

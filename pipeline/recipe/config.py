@@ -374,6 +374,33 @@ class Recipe:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """The network's input and output as the library seams need them (backends, exporters), instead of the whole
+    recipe: which model (for messages), the sample shape C,H,W, the I/O tensor names and the classes. The batch
+    range is the build section's (BuildConfig)."""
+
+    model: str
+    shape: tuple[int, ...]
+    num_classes: int
+    input_name: str = ""  # "": not given; the seam takes it from the graph (a backend build does)
+    output_name: str = ""
+
+    @classmethod
+    def of(cls, recipe: Recipe, names: bool = True) -> InputSpec:
+        """RECIPE's spec; NAMES: with export.input_name/output_name (an exporter's), else without (a backend
+        build reads the names from the graph, so its result does not depend on them)."""
+        if not names:
+            return cls(recipe.name, tuple(recipe.input_shape), recipe.num_classes)
+        return cls(
+            recipe.name,
+            tuple(recipe.input_shape),
+            recipe.num_classes,
+            recipe.export.input_name,
+            recipe.export.output_name,
+        )
+
+
 def _list_from_text(text: str, key: str, origin: str) -> list[Any]:
     """A list field's command-line text: `a,b` (items stripped, empty ones dropped) or a TOML/JSON-style list
     `["a", "b"]`, never the bracketed text taken as one item."""

@@ -18,7 +18,7 @@ from pipeline.errors import PipelineError
 from pipeline.export.report import ExportReport
 from pipeline.io import sha256_file
 from pipeline.paths import ArtifactPaths, relative_to_root
-from pipeline.recipe.config import Recipe
+from pipeline.recipe.config import BuildConfig, InputSpec, Recipe
 
 DECLARATION = StageDeclaration(
     help="build dense and sparse engines with a backend",
@@ -44,11 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_argument(parser)
 
 
-def onnx_inputs(recipe, paths, backend) -> tuple[dict[str, Path], str]:
+def onnx_inputs(config: BuildConfig, paths, backend) -> tuple[dict[str, Path], str]:
     """The ONNX files the backend builds from (its own rule, `onnx_for`), and why those."""
-    sources = {variant: backend.onnx_for(paths, variant, recipe) for variant in VARIANTS}
+    sources = {variant: backend.onnx_for(paths, variant, config) for variant in VARIANTS}
     names = ", ".join(path.name for path in sources.values())
-    return sources, f"{names}: the {backend.name} backend's graphs for build.precision={recipe.build.precision}"
+    return sources, f"{names}: the {backend.name} backend's graphs for build.precision={config.precision}"
 
 
 def check_onnx_inputs(sources: dict[str, Path], paths, model: str) -> None:
@@ -81,7 +81,7 @@ def check_tensorrt_inputs(recipe: Recipe, paths: ArtifactPaths) -> None:
     from pipeline.backends.tensorrt import preflight
     from pipeline.backends.tensorrt.parser_support import check_parsable
 
-    sources, (version, target) = preflight(recipe, paths)
+    sources, (version, target) = preflight(recipe.build, paths)
     check_onnx_inputs(sources, paths, recipe.name)
     check_parsable(list(sources.values()), version, target)
 
@@ -104,7 +104,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     print(f"backend: {backend.name} ({reason})")
     if not backend.has_sparse_kernels:
         print(f"note: {backend.name} has no sparse kernels; its engines check accuracy, not speed-up")
-    sources, why = onnx_inputs(recipe, paths, backend)
+    sources, why = onnx_inputs(recipe.build, paths, backend)
     check_onnx_inputs(sources, paths, recipe.name)
     parser = tensorrt_parser_check(sources)
     if any(parser["problems"].values()):
@@ -114,9 +114,10 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         )
     folder = paths.engines(backend.name)
     engines = {}  # a failed build leaves no half-finished pair: the stage's transaction puts the old ones back
+    spec = InputSpec.of(recipe, names=False)  # backends get the build section and the input spec, not the recipe
     for variant, onnx_path in sources.items():
         print(f"building {variant} engine from {onnx_path.name} ...", flush=True)
-        result = backend.build(onnx_path, folder, variant, recipe, sparse=variant == "sparse")
+        result = backend.build(onnx_path, folder, variant, recipe.build, spec, sparse=variant == "sparse")
         # paths relative to the model folder, so the folder can be moved or copied whole
         engines[variant] = {
             "engine": relative_to_root(result.engine_path, paths.root),

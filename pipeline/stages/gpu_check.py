@@ -302,6 +302,7 @@ def engine_row(name: str, batch: int, reps: int, warmup: int, folder: Path) -> d
     from pipeline.backends.tensorrt import TensorRTBackend
     from pipeline.backends.tensorrt.engine import import_tensorrt, trt_version
     from pipeline.export.onnx import ModelProtoFromTorch
+    from pipeline.recipe.config import InputSpec
 
     recipe, dense, sparse, _ = masked_model(name)
     batch = batch or recipe.verify.serving_batch
@@ -312,7 +313,8 @@ def engine_row(name: str, batch: int, reps: int, warmup: int, folder: Path) -> d
         path = folder / name / f"{variant}.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(ModelProtoFromTorch(net, recipe.input_shape, 18, "input", "logits", fp16=fp16_graph), path)
-        builds[variant] = backend.build(path, folder / name, variant, recipe, sparse=variant == "sparse")
+        spec = InputSpec.of(recipe)
+        builds[variant] = backend.build(path, folder / name, variant, recipe.build, spec, sparse=variant == "sparse")
         runners[variant] = backend.load(builds[variant].engine_path, recipe)
     data = np.random.default_rng(0).standard_normal((batch, *recipe.input_shape)).astype(np.float32)
     times = paired_times(

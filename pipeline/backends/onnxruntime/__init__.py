@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.backends import BuildResult
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, sha256_file, write_json
+from pipeline.recipe.config import BuildConfig, InputSpec
 
 NO_SPARSE_KERNELS = "ONNX Runtime has no sparse kernels: it checks correctness and accuracy, not speed-up"
 
@@ -123,17 +124,19 @@ class OnnxRuntimeBackend:
             return False, "onnxruntime is not installed (pip install onnxruntime)"
         return True, f"onnxruntime {ort.__version__} with {', '.join(_providers())}"
 
-    def onnx_for(self, paths, variant: str, recipe) -> Path:
+    def onnx_for(self, paths, variant: str, config: BuildConfig) -> Path:
         """The FP32 graph at every build.precision: on CPU the reduced precisions would only measure ONNX
         Runtime's emulation (verify reports INT8 accuracy from the Q/DQ graphs separately)."""
         return Path(getattr(paths, f"{variant}_onnx"))
 
-    def build(self, onnx_path: Path, engine_dir: Path, variant: str, recipe, sparse: bool) -> BuildResult:
+    def build(
+        self, onnx_path: Path, engine_dir: Path, variant: str, config: BuildConfig, spec: InputSpec, sparse: bool
+    ) -> BuildResult:
         import onnxruntime as ort
 
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
-            raise PipelineError(f"{onnx_path} does not exist; run `python -m pipeline export --model {recipe.name}`")
+            raise PipelineError(f"{onnx_path} does not exist; run `python -m pipeline export --model {spec.model}`")
         engine_path = Path(engine_dir) / f"{variant}.ort.onnx"
         providers = _providers()
         started = time.time()
@@ -151,8 +154,8 @@ class OnnxRuntimeBackend:
             "precision": _graph_precision(onnx_path),
             "variant": variant,
             "sparse_graph": sparse,
-            "batch_range": [recipe.build.min_batch, recipe.build.max_batch],
-            "opt_batch": recipe.build.opt_batch,
+            "batch_range": [config.min_batch, config.max_batch],
+            "opt_batch": config.opt_batch,
             "graph_optimization": "ORT_ENABLE_EXTENDED (saved), ORT_ENABLE_ALL at load",
             "onnx": str(onnx_path),
             "onnx_sha256": sha256_file(onnx_path),
@@ -170,7 +173,8 @@ class OnnxRuntimeBackend:
         engine_path = Path(engine_path)
         if not engine_path.is_file():
             raise PipelineError(
-                f"engine {engine_path} does not exist; run `python -m pipeline build --model {recipe.name}`"
+                f"engine {engine_path} does not exist; run `python -m pipeline build --model "
+                f"{getattr(recipe, 'name', 'MODEL')}`"
             )
         return OrtRunner(engine_path, _providers())
 

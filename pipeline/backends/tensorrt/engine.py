@@ -13,6 +13,7 @@ calls that need libnvinfer and a GPU (EngineFromNetwork, SaveEngine, TrtRunner) 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from pipeline.backends.tensorrt.runner import TensorRTRunner, make_profiler
 from pipeline.backends.tensorrt.sparsity import OnnxNameMap, sparse_layer_report
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, ensure_dir, write_text
+from pipeline.recipe.config import BuildConfig, InputSpec
 
 TIMING_CACHE = "timing.cache"
 # The oldest Polygraphy with every attribute this backend reads (G_LOGGER.use_python_logging_system is missing
@@ -104,10 +106,10 @@ def target_version() -> tuple[tuple[int, int], str]:
     return trt_version(trt), f"TensorRT {trt.__version__}"
 
 
-def preflight(recipe, paths) -> tuple[dict[str, Path], tuple[tuple[int, int], str]]:
+def preflight(config: BuildConfig, paths) -> tuple[dict[str, Path], tuple[tuple[int, int], str]]:
     """The graphs a TensorRT build reads ({variant: onnx}) and the target TensorRT, without TensorRT or a GPU."""
     version, target = target_version()
-    return {v: onnx_for_precision(paths, v, recipe.build.precision, version[0]) for v in VARIANTS}, (version, target)
+    return {v: onnx_for_precision(paths, v, config.precision, version[0]) for v in VARIANTS}, (version, target)
 
 
 def precision_flags(precision: str, version: tuple[int, int]) -> dict[str, bool]:
@@ -128,8 +130,8 @@ def onnx_output(onnx_path: Path) -> str:
     return outputs[0].name
 
 
-def onnx_input(onnx_path: Path, recipe) -> tuple[str, list[int]]:
-    """(name, [batch, *sample shape]) of the graph's one input; refuses a fixed batch the recipe's range cannot use."""
+def onnx_input(onnx_path: Path, config: BuildConfig, spec: InputSpec) -> tuple[str, list[int]]:
+    """(name, [batch, *sample shape]) of the graph's one input; refuses a fixed batch the build's range cannot use."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -137,18 +139,27 @@ def onnx_input(onnx_path: Path, recipe) -> tuple[str, list[int]]:
     if len(inputs) != 1:
         raise PipelineError(f"{onnx_path} has {len(inputs)} inputs; this pipeline builds single-input models")
     dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inputs[0].type.tensor_type.shape.dim]
-    if len(dims) != 1 + len(recipe.input_shape):
+    if len(dims) != 1 + len(spec.shape):
         raise PipelineError(
             f"ONNX input {inputs[0].name!r} has shape {dims}; expected [batch, "
-            f"{', '.join(map(str, recipe.input_shape))}] for recipe {recipe.name}"
+            f"{', '.join(map(str, spec.shape))}] for recipe {spec.model}"
         )
-    cfg = recipe.build
+    cfg = config
     if dims[0] > 0 and not cfg.min_batch == cfg.opt_batch == cfg.max_batch == dims[0]:
         raise PipelineError(
             f"ONNX input {inputs[0].name!r} has a fixed batch of {dims[0]}; re-export with a dynamic "
             f"batch axis to build for batches {cfg.min_batch}..{cfg.max_batch}"
         )
-    return inputs[0].name, [-1] + [d if d > 0 else r for d, r in zip(dims[1:], recipe.input_shape)]
+    return inputs[0].name, [-1] + [d if d > 0 else r for d, r in zip(dims[1:], spec.shape)]
+
+
+@dataclass(frozen=True)
+class BuiltFrom:
+    """What EngineInfo.for_build reads of what an engine was built from (`.build`, `.input_shape`): the build
+    section and the sample shape, not the recipe (the output name is passed to it from the graph)."""
+
+    build: BuildConfig
+    input_shape: list[int]
 
 
 def hardware_level(trt, name: str):
@@ -165,12 +176,12 @@ def hardware_level(trt, name: str):
     return getattr(trt.HardwareCompatibilityLevel, member)
 
 
-def build_engine(trt, onnx_path: Path, engine_file: Path, recipe, sparse: bool, cache: Path):
+def build_engine(trt, onnx_path: Path, engine_file: Path, cfg: BuildConfig, spec: InputSpec, sparse: bool, cache: Path):
     """Parse, configure, build and save through Polygraphy's loaders; returns the ICudaEngine."""
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
 
-    cfg, version = recipe.build, trt_version(trt)
-    name, shape = onnx_input(onnx_path, recipe)
+    version = trt_version(trt)
+    name, shape = onnx_input(onnx_path, cfg, spec)
     rest = shape[1:]
     profile = Profile().add(name, min=[cfg.min_batch, *rest], opt=[cfg.opt_batch, *rest], max=[cfg.max_batch, *rest])
     config = CreateConfig(
@@ -224,20 +235,22 @@ class TensorRTBackend:
             return False, "no CUDA GPU is visible to torch"
         return True, f"tensorrt {trt.__version__}"
 
-    def onnx_for(self, paths, variant: str, recipe) -> Path:
-        return onnx_for_precision(paths, variant, recipe.build.precision, trt_version(import_tensorrt())[0])
+    def onnx_for(self, paths, variant: str, config: BuildConfig) -> Path:
+        return onnx_for_precision(paths, variant, config.precision, trt_version(import_tensorrt())[0])
 
-    def build(self, onnx_path: Path, engine_dir: Path, variant: str, recipe, sparse: bool) -> BuildResult:
+    def build(
+        self, onnx_path: Path, engine_dir: Path, variant: str, config: BuildConfig, spec: InputSpec, sparse: bool
+    ) -> BuildResult:
         trt = import_tensorrt()
         check_polygraphy()
         onnx_path, engine_dir, version = Path(onnx_path), ensure_dir(Path(engine_dir)), trt_version(trt)
         check_parsable([onnx_path], version, f"TensorRT {trt.__version__}")
-        hardware_level(trt, recipe.build.hardware_compatibility)
+        hardware_level(trt, config.hardware_compatibility)
         engine_file, log_file = engine_path(engine_dir, variant), log_path(engine_dir, variant)
         start = time.perf_counter()
         with captured_log() as lines:
             try:
-                engine = build_engine(trt, onnx_path, engine_file, recipe, sparse, engine_dir / TIMING_CACHE)
+                engine = build_engine(trt, onnx_path, engine_file, config, spec, sparse, engine_dir / TIMING_CACHE)
                 layers_json = inspect(trt, engine)
             except Exception as exc:  # PolygraphyException carries the parser/builder error; the lines say more
                 write_text(log_file, "\n".join(lines) + "\n")
@@ -252,17 +265,17 @@ class TensorRTBackend:
         write_text(log_file, "\n".join(lines) + "\n")
         write_text(inspector_path(engine_dir, variant), layers_json)
         report = sparse_layer_report(
-            lines, layers_json, OnnxNameMap.from_onnx(onnx_path), quantized=recipe.build.precision == "int8"
+            lines, layers_json, OnnxNameMap.from_onnx(onnx_path), quantized=config.precision == "int8"
         )
         info = EngineInfo.for_build(
-            recipe,
+            BuiltFrom(config, list(spec.shape)),
             variant,
             onnx_path,
             engine_file,
             str(trt.__version__),
             gpu_info(),
             sparse=sparse,
-            input_name=onnx_input(onnx_path, recipe)[0],
+            input_name=onnx_input(onnx_path, config, spec)[0],
             output_name=onnx_output(onnx_path),
             strongly_typed=version >= (11, 0),
             build_seconds=seconds,
