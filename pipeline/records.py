@@ -83,27 +83,30 @@ def _types(kind: type | tuple[type, ...]) -> tuple[type, ...]:
 
 
 # --------------------------------------------------------------------------- typed records from JSON
-def typed_from_json(cls: type[T], data: Any, where: str, fix: str) -> T:
+def typed_from_json(cls: type[T], data: Any, what: str, fix: str, at: str = "") -> T:
     """An instance of the dataclass CLS from JSON DATA, every field checked against its annotation (nested
     dataclasses, lists, string-keyed tables, `X | None`, Any); a field with a default may be absent. Anything else
-    is one PipelineError naming WHERE, the field and FIX (never a TypeError or KeyError)."""
+    is one PipelineError: WHAT (e.g. "PATH is not a build report"), the key path and what is wrong there, and FIX
+    (never a TypeError or KeyError)."""
     if not isinstance(data, dict):
-        raise PipelineError(f"{where} is JSON {type(data).__name__}, not an object; {fix}")
+        raise PipelineError(f"{what} ({at or 'the whole'} is {_json_type(data)}, not an object); {fix}")
     hints = typing.get_type_hints(cls)
     values = {}
     for entry in dataclasses.fields(cls):  # type: ignore[arg-type]
+        key = f"{at}.{entry.name}" if at else entry.name
         if not entry.init:
             continue
         if entry.name not in data:
             if entry.default is dataclasses.MISSING and entry.default_factory is dataclasses.MISSING:
-                raise PipelineError(f"{where} has no {entry.name!r}; {fix}")
+                raise PipelineError(f"{what} (no {key!r}); {fix}")
             continue
-        values[entry.name] = _typed_value(hints[entry.name], data[entry.name], f"{where}: {entry.name}", fix)
+        values[entry.name] = _typed_value(hints[entry.name], data[entry.name], what, fix, key)
     return cls(**values)
 
 
-def _typed_value(kind: Any, value: Any, where: str, fix: str) -> Any:
+def _typed_value(kind: Any, value: Any, what: str, fix: str, at: str) -> Any:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    wrong = PipelineError(f"{what} ({at!r} is {_json_type(value)}, expected {_name(kind)}); {fix}")
     if kind is Any:
         return value
     if origin in (typing.Union, types.UnionType):
@@ -111,27 +114,29 @@ def _typed_value(kind: Any, value: Any, where: str, fix: str) -> Any:
             return None
         for option in (arg for arg in args if arg is not type(None)):
             try:
-                return _typed_value(option, value, where, fix)
+                return _typed_value(option, value, what, fix, at)
             except PipelineError:
                 continue
-        raise PipelineError(f"{where} is {_json_type(value)}, expected {_name(kind)}; {fix}")
+        raise wrong
     if dataclasses.is_dataclass(kind):
-        return typed_from_json(kind, value, where, fix)  # type: ignore[arg-type]
+        return typed_from_json(kind, value, what, fix, at)  # type: ignore[arg-type]
     if origin is list or kind is list:
         if not isinstance(value, list):
-            raise PipelineError(f"{where} is {_json_type(value)}, expected a list; {fix}")
-        return [_typed_value(args[0], item, f"{where}[{i}]", fix) for i, item in enumerate(value)] if args else value
+            raise wrong
+        return [_typed_value(args[0], item, what, fix, f"{at}[{i}]") for i, item in enumerate(value)] if args else value
     if origin is dict or kind is dict:
         if not isinstance(value, dict):
-            raise PipelineError(f"{where} is {_json_type(value)}, expected a table; {fix}")
+            raise wrong
         return (
-            {key: _typed_value(args[1], item, f"{where}.{key}", fix) for key, item in value.items()} if args else value
+            {key: _typed_value(args[1], item, what, fix, f"{at}.{key}") for key, item in value.items()}
+            if args
+            else value
         )
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind in (int, str, bool) and isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
         return value
-    raise PipelineError(f"{where} is {_json_type(value)}, expected {_name(kind)}; {fix}")
+    raise wrong
 
 
 def _json_type(value: Any) -> str:
@@ -140,7 +145,11 @@ def _json_type(value: Any) -> str:
 
 
 def _name(kind: Any) -> str:
-    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+    names = {float: "a number", int: "an integer", str: "a string", bool: "a boolean", list: "a list", dict: "a table"}
+    origin = typing.get_origin(kind) or kind
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_name(arg) for arg in typing.get_args(kind))
+    return names.get(origin) or ("null" if kind is type(None) else str(getattr(kind, "__name__", kind)))
 
 
 def to_json(record: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.backends import get_backend, pick_backend
+from pipeline.backends.sidecar import EngineSidecar
 from pipeline.errors import PipelineError
 from pipeline.export.onnx import ModelProtoFromTorch
 from pipeline.io import sha256_file
@@ -37,11 +38,18 @@ def test_build_writes_engine_and_metadata(model_and_onnx):
     meta = json.loads(result.engine_path.with_suffix(".json").read_text())
     import onnxruntime
 
-    assert meta["onnxruntime"] == onnxruntime.__version__
+    assert meta["backend"] == "onnxruntime" and meta["runtime_version"] == onnxruntime.__version__
     assert "CPUExecutionProvider" in meta["providers"]
-    assert meta["precision"] == "fp32" and meta["batch_range"] == [recipe.build.min_batch, recipe.build.max_batch]
-    assert meta["sha256"] == sha256_file(result.engine_path) and meta["onnx_sha256"] == sha256_file(path)
+    batch = {"min": recipe.build.min_batch, "opt": recipe.build.opt_batch, "max": recipe.build.max_batch}
+    assert meta["precision"] == "fp32" and meta["batch"] == batch
+    assert (meta["input_name"], meta["output_name"], meta["input_shape"]) == ("input", "logits", [-1, 1, 28, 28])
+    assert meta["engine"] == "dense.ort.onnx" and meta["engine_sha256"] == sha256_file(result.engine_path)
+    assert meta["onnx_sha256"] == sha256_file(path)
     assert "no sparse kernels" in meta["note"] and result.sparse_layers["picked_sparse"] == []
+    # the one sidecar shape (TensorRT's too), read back typed; build.json keeps its name and sha256, not a copy
+    assert EngineSidecar.from_dict(meta, "dense.ort.json") == result.sidecar
+    sidecar = result.engine_path.with_suffix(".json")
+    assert result.sidecar_record() == {"file": "dense.ort.json", "sha256": sha256_file(sidecar)}
     assert not list((folder / "engines").glob(".*.tmp"))
 
 

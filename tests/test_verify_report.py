@@ -136,11 +136,14 @@ def test_speedup_is_gated_only_with_sparse_kernels():
     "change, named",
     [
         (lambda c: c.update(schema="sparse-pipeline/report/v1"), "schema is 'sparse-pipeline/report/v1'"),
-        (lambda c: c["gates"].update(passed="yes"), "gates: passed"),
-        (lambda c: c["accuracy"]["dense"].pop("top1"), "accuracy: dense has no 'top1'"),
-        (lambda c: c["coverage"].update(masked_mac_fraction="0.9"), "coverage: masked_mac_fraction"),
-        (lambda c: c.update(engine_sha256={"dense": 1}), "engine_sha256.dense"),
-        (lambda c: c["latency"]["dense"].update(p50_ms=True), "latency: dense: p50_ms"),
+        (lambda c: c["gates"].update(passed="yes"), "'gates.passed' is a string, expected a boolean"),
+        (lambda c: c["accuracy"]["dense"].pop("top1"), "(no 'accuracy.dense.top1')"),
+        (
+            lambda c: c["coverage"].update(masked_mac_fraction="0.9"),
+            "'coverage.masked_mac_fraction' is a string, expected a number or null",
+        ),
+        (lambda c: c.update(engine_sha256={"dense": 1}), "'engine_sha256.dense' is a number, expected a string"),
+        (lambda c: c["latency"]["dense"].update(p50_ms=True), "'latency.dense.p50_ms' is a boolean, expected a number"),
     ],
 )
 def test_reading_checks_every_typed_field(tmp_path, change, named):

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pipeline.backends.sidecar import EngineSidecar
 from pipeline.errors import PipelineError
 from pipeline.recipe.config import BuildConfig, InputSpec
 
@@ -22,8 +23,12 @@ from pipeline.recipe.config import BuildConfig, InputSpec
 @dataclass
 class BuildResult:
     engine_path: Path
-    metadata: dict[str, Any] = field(default_factory=dict)  # written next to the engine as JSON
+    sidecar: EngineSidecar  # saved next to the engine (the one copy; build.json records its name and sha256)
     sparse_layers: dict[str, Any] = field(default_factory=dict)  # eligible / picked sparse kernels, if known
+
+    def sidecar_record(self) -> dict[str, Any]:
+        """build.json's entry for the sidecar: its file name and sha256, not a copy of its content."""
+        return self.sidecar.record(self.engine_path)
 
 
 class Runner(Protocol):

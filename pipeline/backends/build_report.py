@@ -28,7 +28,7 @@ class BuildReport:
     inputs: str  # which ONNX files the engines were built from, and why those
     batch_range: list[int]  # min, opt, max
     note: str
-    # variant -> {engine, sha256, onnx, onnx_sha256, metadata, sparse_layers}
+    # variant -> {engine, sha256, onnx, onnx_sha256, sidecar: {file, sha256}, sparse_layers}
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)
     # what TensorRT's ONNX parser could not read in the graphs built, for any backend:
     # {"target": "TensorRT 10.0 (...)", "problems": {variant: ["Unique (node '/x')", ...]}}

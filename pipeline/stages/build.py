@@ -124,7 +124,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
             "sha256": sha256_file(result.engine_path),
             "onnx": relative_to_root(onnx_path, paths.root),
             "onnx_sha256": sha256_file(onnx_path),
-            "metadata": result.metadata,
+            "sidecar": result.sidecar_record(),  # the sidecar beside the engine is the one copy of its metadata
             "sparse_layers": result.sparse_layers,
         }
         print(f"  {result.engine_path}")

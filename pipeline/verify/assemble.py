@@ -37,6 +37,7 @@ from pipeline.verify.report import (
 )
 
 BUG = "a bug in verify"
+MEASURED = "verify's measurements are not what the report holds"
 
 
 @dataclass
@@ -82,12 +83,12 @@ def verify_runners(
     cfg = settings.verify
     eval_batch = clamp(settings.eval_batch_size, subject.batch_range)
     serving = clamp(cfg.serving_batch, subject.batch_range)
-    accuracy = typed_from_json(Accuracy, measure_accuracy(runners, data.eval, eval_batch), "accuracy", BUG)
+    accuracy = typed_from_json(Accuracy, measure_accuracy(runners, data.eval, eval_batch), MEASURED, BUG, "accuracy")
     if subject.int8 is not None:
-        accuracy.int8 = typed_from_json(Int8Accuracy, subject.int8(accuracy.dense.top1), "accuracy.int8", BUG)
+        accuracy.int8 = typed_from_json(Int8Accuracy, subject.int8(accuracy.dense.top1), MEASURED, BUG, "accuracy.int8")
     batches = sorted({max(subject.batch_range[0], 1), serving})
     by_batch, raw = measure_latency(runners, subject.input_shape, batches, cfg.latency_iters, cfg.warmup_iters)
-    latency = typed_from_json(Latency, latency_section(by_batch, serving), "latency", BUG)
+    latency = typed_from_json(Latency, latency_section(by_batch, serving), MEASURED, BUG, "latency")
     speedup = latency.speedup_spread.ratio
     times, times_batch = layer_times(runners, serving)
     info = DataInfo(data.kind, data.description, accuracy.samples, data.accuracy_meaningful, eval_batch)

@@ -3,7 +3,8 @@
 ONNX Runtime has no sparse kernels: a 2:4 sparse graph runs exactly as fast as the dense
 one. This backend verifies correctness and accuracy of the engines, never a speed-up.
 The "engine" is the graph after ONNX Runtime's offline optimisations (extended level,
-portable across machines), plus a metadata JSON next to it.
+portable across machines), plus its sidecar JSON next to it (the one shape of every backend's:
+pipeline/backends/sidecar.py).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from pipeline.backends import BuildResult
+from pipeline.backends.sidecar import EngineSidecar
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, sha256_file, write_json
+from pipeline.io import atomic_path, sha256_file
 from pipeline.recipe.config import BuildConfig, InputSpec
 
 NO_SPARSE_KERNELS = "ONNX Runtime has no sparse kernels: it checks correctness and accuracy, not speed-up"
@@ -144,30 +145,30 @@ class OnnxRuntimeBackend:
             options = _session_options("extended")
             options.optimized_model_filepath = str(tmp)
             # Optimise with the CPU provider only: the saved graph then runs on any provider.
-            _session(onnx_path, options, ["CPUExecutionProvider"])
+            session = _session(onnx_path, options, ["CPUExecutionProvider"])
             if not tmp.stat().st_size:
                 raise PipelineError(f"ONNX Runtime wrote no optimised graph for {onnx_path}")
-        metadata: dict[str, Any] = {
-            "backend": self.name,
-            "onnxruntime": ort.__version__,
-            "providers": providers,
-            "precision": _graph_precision(onnx_path),
-            "variant": variant,
-            "sparse_graph": sparse,
-            "batch_range": [config.min_batch, config.max_batch],
-            "opt_batch": config.opt_batch,
-            "graph_optimization": "ORT_ENABLE_EXTENDED (saved), ORT_ENABLE_ALL at load",
-            "onnx": str(onnx_path),
-            "onnx_sha256": sha256_file(onnx_path),
-            "engine": str(engine_path),
-            "sha256": sha256_file(engine_path),
-            "bytes": engine_path.stat().st_size,
-            "build_seconds": round(time.time() - started, 3),
-            "sparse_kernels": False,
-            "note": NO_SPARSE_KERNELS,
-        }
-        write_json(engine_path.with_suffix(".json"), metadata)
-        return BuildResult(engine_path, metadata, {"eligible": [], "picked_sparse": [], "note": NO_SPARSE_KERNELS})
+        sidecar = EngineSidecar(
+            backend=self.name,
+            variant=variant,
+            runtime_version=ort.__version__,
+            precision=_graph_precision(onnx_path),
+            sparse_weights_flag=False,  # ONNX Runtime has no sparse-weights setting (nor sparse kernels)
+            batch={"min": config.min_batch, "opt": config.opt_batch, "max": config.max_batch},
+            input_name=session.get_inputs()[0].name,
+            output_name=session.get_outputs()[0].name,
+            input_shape=[-1, *(dim if isinstance(dim, int) else -1 for dim in session.get_inputs()[0].shape[1:])],
+            engine=engine_path.name,
+            engine_sha256=sha256_file(engine_path),
+            onnx=str(onnx_path),
+            onnx_sha256=sha256_file(onnx_path),
+            build_seconds=round(time.time() - started, 3),
+            note=NO_SPARSE_KERNELS,
+            providers=providers,
+            graph_optimization="ORT_ENABLE_EXTENDED (saved), ORT_ENABLE_ALL at load",
+        )
+        sidecar.save(engine_path)
+        return BuildResult(engine_path, sidecar, {"eligible": [], "picked_sparse": [], "note": NO_SPARSE_KERNELS})
 
     def load(self, engine_path: Path, recipe) -> OrtRunner:
         engine_path = Path(engine_path)

@@ -282,7 +282,7 @@ class TensorRTBackend:
             sparse_layers=report,
         )
         info.save(engine_file)
-        return BuildResult(engine_path=engine_file, metadata=info.to_dict(), sparse_layers=report)
+        return BuildResult(engine_path=engine_file, sidecar=info, sparse_layers=report)
 
     def load(self, engine_path: Path, recipe) -> TensorRTRunner:
         """A runner over any plan: I/O and batch range from the engine; the sidecar, where one exists, adds the

@@ -1,27 +1,25 @@
 """The one owner of a TensorRT engine's sidecar JSON (`<variant>.json` beside `<variant>.engine`).
 
-Written by the backend's build, read by its runner and by the Triton packaging (pipeline/package/plans.py),
-which cannot open a plan without TensorRT and a GPU: the compute capability, TensorRT version, batch
-range, tensors and hardware compatibility of a plan come from here.
+Its shape is every backend's (`pipeline.backends.sidecar.EngineSidecar`); `EngineInfo` adds how TensorRT's build
+fills it and reads it back. Written by the backend's build, read by its runner and by the Triton packaging
+(pipeline/package/plans.py), which cannot open a plan without TensorRT and a GPU: the compute capability,
+TensorRT version, batch range, tensors and hardware compatibility of a plan come from here.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pipeline.errors import PipelineError
-from pipeline.io import sha256_file, write_json
+from pipeline.backends.sidecar import REBUILD, EngineSidecar, sidecar_path
+from pipeline.io import read_json, sha256_file
+
+__all__ = ["EngineInfo", "engine_path", "inspector_path", "log_path", "sidecar_path"]
 
 
 def engine_path(engine_dir: Path, variant: str) -> Path:
     return Path(engine_dir) / f"{variant}.engine"
-
-
-def sidecar_path(engine_file: Path) -> Path:
-    return Path(engine_file).with_suffix(".json")
 
 
 def log_path(engine_dir: Path, variant: str) -> Path:
@@ -34,28 +32,19 @@ def inspector_path(engine_dir: Path, variant: str) -> Path:
 
 
 @dataclass
-class EngineInfo:
-    backend: str
-    variant: str
-    tensorrt_version: str  # four parts, e.g. "10.13.3.9": a plan loads only in the TensorRT that built it
-    gpu: str
-    compute_capability: str | None  # "8.6"
-    hardware_compatibility: str  # none | ampere_plus | same_compute_capability
-    precision: str
-    strongly_typed: bool
-    sparse_weights_flag: bool
-    batch: dict[str, int]  # min, opt, max
-    input_name: str
-    output_name: str
-    input_shape: list[int]  # [-1, C, H, W]
-    engine: str  # file name
-    engine_sha256: str
-    onnx: str
-    onnx_sha256: str
-    build_seconds: float
-    build_log: str
-    inspector_json: str
-    sparse_layers: dict[str, Any] = field(default_factory=dict)
+class EngineInfo(EngineSidecar):
+    """A TensorRT engine's sidecar: the one sidecar shape (no field of its own), built from a TensorRT build."""
+
+    WHAT: ClassVar[str] = "a TensorRT engine sidecar"
+
+    @property
+    def tensorrt_version(self) -> str:
+        """Four parts, e.g. "10.13.3.9": a plan loads only in the TensorRT that built it."""
+        return self.runtime_version
+
+    @tensorrt_version.setter
+    def tensorrt_version(self, version: str) -> None:
+        self.runtime_version = version
 
     @classmethod
     def for_build(
@@ -109,7 +98,7 @@ class EngineInfo:
         return cls(
             backend="tensorrt",
             variant=variant,
-            tensorrt_version=version,
+            runtime_version=version,
             gpu=gpu["gpu"],
             compute_capability=gpu["compute_capability"],
             hardware_compatibility=cfg.hardware_compatibility,
@@ -130,30 +119,7 @@ class EngineInfo:
             sparse_layers=sparse_layers,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def save(self, engine_file: Path) -> None:
-        write_json(sidecar_path(engine_file), self.to_dict())
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> EngineInfo:
-        names = {f.name for f in fields(cls)}
-        missing = sorted(n for n in names if n != "sparse_layers" and not (isinstance(data, dict) and n in data))
-        if missing:
-            raise PipelineError(
-                f"{where} is not a TensorRT engine sidecar (missing {', '.join(missing)}); rebuild the "
-                "engine with the build stage"
-            )
-        return cls(**{k: v for k, v in data.items() if k in names})
-
     @classmethod
     def load(cls, engine_file: Path) -> EngineInfo:
         path = sidecar_path(engine_file)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PipelineError(
-                f"{path} cannot be read ({type(exc).__name__}); rebuild the engine with the build stage"
-            ) from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json(path, fix=REBUILD, what="TensorRT engine sidecar"), str(path))
