@@ -159,29 +159,40 @@ def to_json(record: Any) -> dict[str, Any]:
 
 @dataclass
 class StageReport:
-    """A stage's JSON report with the files it wrote: `model` and `files` typed, every other key in `details`
-    (the JSON stays flat). Subclasses name their stage; each report file has one subclass, its owner."""
+    """A stage's JSON report with the files it wrote (their sha256 records): `model` and `files` typed, a
+    subclass's own dataclass fields typed too (each with a default; read back through `typed_from_json`, so a
+    value of the wrong type is one error naming the key), every other key in `details` (the JSON stays flat).
+    Subclasses name their stage; each report file has one subclass, its owner."""
 
     STAGE: ClassVar[str] = ""
     REQUIRED: ClassVar[dict[str, type | tuple[type, ...]]] = {"model": str, "files": dict}
     model: str
     files: dict[str, dict[str, Any]]  # file name -> sha256, bytes, and what the stage says about it
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # the keys the subclass does not type
+
+    @classmethod
+    def typed_fields(cls) -> list[str]:
+        """The subclass's own typed fields (beyond model, files and details)."""
+        return [entry.name for entry in dataclasses.fields(cls) if entry.name not in ("model", "files", "details")]
 
     def save(self, path: Path) -> None:
-        write_json(path, {"model": self.model, **self.details, "files": self.files})
+        content = to_json(self)
+        files, details = content.pop("files"), content.pop("details")
+        write_json(path, {**content, **details, "files": files})
 
     @classmethod
     def load(cls, path: Path, model: str):
         data = load_report(path, cls.STAGE, model, cls.REQUIRED)
-        files = data.pop("files")
-        for name, entry in files.items():
+        for name, entry in data["files"].items():
             if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
                 raise PipelineError(
                     f"{path} is not a {cls.STAGE} report (its entry for {name} has no sha256); "
                     f"{rerun(cls.STAGE, model)}"
                 )
-        return cls(data.pop("model"), files, data)
+        typed = set(cls.typed_fields())
+        payload = {key: value for key, value in data.items() if key in typed or key in ("model", "files")}
+        payload["details"] = {key: value for key, value in data.items() if key not in payload}
+        return typed_from_json(cls, payload, f"{path} is not a {cls.STAGE} report", rerun(cls.STAGE, model))
 
     def checked(self, path: Path) -> Path:
         """PATH (a file of this model folder), refused unless it is the file the stage wrote."""
