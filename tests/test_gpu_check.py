@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.masks import learning
+from pipeline.masks.learning import MaskLearning
 from pipeline.stages import gpu_check
 
 
@@ -144,7 +145,7 @@ def test_mask_training_step_runs_with_the_cuda_settings_on_cpu():
     result = learning.learn_masks(
         model,
         report,
-        recipe,
+        MaskLearning.of(recipe),
         build_datasets(recipe),
         torch.device("cpu"),
         log=lambda _: None,

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.data.datasets import DataBundle, SyntheticDataset, build_datasets
 from pipeline.masks.eligibility import find_layers
-from pipeline.masks.learning import learn_masks, split_training_images
+from pipeline.masks.learning import MaskLearning, learn_masks, split_training_images
 from pipeline.masks.mask_step import AUTO_LOSS_UNLABELED, LayerOutputs, loss_terms, mask_loss
 from pipeline.masks.patterns import magnitude_indices
 from pipeline.recipe.config import apply_override
@@ -34,7 +34,9 @@ def test_a_destructive_run_keeping_the_best_masks_returns_the_prior_masks_and_sa
         for name, module in model.named_modules()
         if name in {layer.name for layer in report.masked}
     }
-    result = learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=lambda _: None)
+    result = learn_masks(
+        model, report, MaskLearning.of(recipe), build_datasets(recipe), torch.device("cpu"), log=lambda _: None
+    )
     assert [point["step"] for point in result.history] == [0, 2, 4, 6]
     scores = [point["top1"] for point in result.history]
     assert result.start_score == scores[0] and result.best_score == max(scores)
@@ -67,7 +69,7 @@ def test_the_final_masks_are_kept_unless_they_score_below_the_prior(monkeypatch,
     result = learn_masks(
         model,
         report,
-        recipe,
+        MaskLearning.of(recipe),
         build_datasets(recipe),
         torch.device("cpu"),
         log=lambda _: None,
@@ -105,7 +107,9 @@ def test_unlabeled_runs_distill_only_and_scores_agreement_with_the_dense_model()
     unlabeled = DataBundle(
         NoLabels(256, recipe.input_shape, recipe.num_classes, 1), data.eval, "synthetic", "no labels", False
     )
-    result = learn_masks(model, report, recipe, unlabeled, torch.device("cpu"), unlabeled=True, log=lambda _: None)
+    result = learn_masks(
+        model, report, MaskLearning.of(recipe), unlabeled, torch.device("cpu"), unlabeled=True, log=lambda _: None
+    )
     assert result.loss == AUTO_LOSS_UNLABELED and result.steps == 3
     assert "ce" not in loss_terms(result.loss)
     # step 0: the prior's masks against the dense model's own predictions (never the unusable labels)
@@ -132,7 +136,9 @@ def test_kept_magnitude_regulariser_is_wired_into_the_loss():
             f"masks.kept_magnitude_weight={weight}",
         )
         dense = {layer.name: model.get_submodule(layer.name).weight.detach().clone() for layer in report.masked}
-        result = learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=lambda _: None)
+        result = learn_masks(
+            model, report, MaskLearning.of(recipe), build_datasets(recipe), torch.device("cpu"), log=lambda _: None
+        )
         shares[weight] = kept_share(dense, result.indices)
     assert shares[1000.0] > shares[0.0] + 0.05
 
@@ -188,7 +194,9 @@ def test_features_term_pulls_the_masks_towards_the_dense_layer_outputs():
     attach_masks(started, report, 2, 4, "uniform", recipe.masks.prior_strength, recipe.masks.seed)
     start = current_indices(started)
     data = build_datasets(recipe)
-    result = learn_masks(model, report, recipe, data, torch.device("cpu"), unlabeled=True, log=lambda _: None)
+    result = learn_masks(
+        model, report, MaskLearning.of(recipe), data, torch.device("cpu"), unlabeled=True, log=lambda _: None
+    )
     assert result.loss == "features"
     assert feature_error(result.indices) < 0.8 * feature_error(start)
     with pytest.raises(ValueError, match="layer outputs"):

@@ -11,7 +11,7 @@ from pipeline.data.datasets import TensorImageDataset, build_datasets, loader_wo
 from pipeline.errors import PipelineError
 from pipeline.masks.eligibility import find_layers
 from pipeline.masks.gumbel import masked_modules
-from pipeline.masks.learning import learn_masks
+from pipeline.masks.learning import MaskLearning, learn_masks
 from pipeline.masks.schedules import Cooldown, MaskSchedule, PlateauRule
 from pipeline.recipe.config import MaskConfig, apply_override
 from pipeline.recipe.registry import get_recipe
@@ -44,9 +44,9 @@ def test_a_run_with_the_rule_is_the_prefix_of_the_full_run_up_to_its_stop():
     common = ("masks.steps=40", "masks.eval_every=2", "masks.stop_changed=0.5", "masks.cooldown=0")
     recipe, model, report = tiny(*common, "masks.stop_patience=3")
     data = build_datasets(recipe)
-    stopped = learn_masks(model, report, recipe, data, torch.device("cpu"), log=quiet)
+    stopped = learn_masks(model, report, MaskLearning.of(recipe), data, torch.device("cpu"), log=quiet)
     full_recipe, full_model, _ = tiny(*common, "masks.stop_patience=0")
-    full = learn_masks(full_model, report, full_recipe, data, torch.device("cpu"), log=quiet)
+    full = learn_masks(full_model, report, MaskLearning.of(full_recipe), data, torch.device("cpu"), log=quiet)
     assert full.steps == 40 and full.stop_reason is None
     assert stopped.stop_reason and stopped.stop_reason.startswith("plateau") and stopped.steps < 40
     keys = ("step", "top1", "changed")
@@ -97,7 +97,7 @@ def test_a_plateau_with_a_moving_argmax_cools_down_then_stops_and_resumes_exactl
     ruled = learn_masks(
         model,
         report,
-        recipe,
+        MaskLearning.of(recipe),
         data,
         torch.device("cpu"),
         log=quiet,
@@ -110,7 +110,7 @@ def test_a_plateau_with_a_moving_argmax_cools_down_then_stops_and_resumes_exactl
     last = ruled.history[-1]
     assert last["lr"] == pytest.approx(0.0, abs=1e-9) and last["tau"] == pytest.approx(0.1)
     full_recipe, full_model, _ = tiny(*common, "masks.stop_patience=0")
-    full = learn_masks(full_model, report, full_recipe, data, torch.device("cpu"), log=quiet)
+    full = learn_masks(full_model, report, MaskLearning.of(full_recipe), data, torch.device("cpu"), log=quiet)
     keys = ("step", "top1", "changed", "lr")
     until = [p for p in ruled.history if p["step"] <= ruled.cooldown_start]
     assert [{k: p[k] for k in keys} for p in until] == [{k: p[k] for k in keys} for p in full.history[: len(until)]]
@@ -118,7 +118,9 @@ def test_a_plateau_with_a_moving_argmax_cools_down_then_stops_and_resumes_exactl
 
     assert inside.exists()
     _, again, _ = tiny(*common, "masks.stop_patience=2")
-    resumed = learn_masks(again, report, recipe, data, torch.device("cpu"), log=quiet, checkpoint=inside, resume=True)
+    resumed = learn_masks(
+        again, report, MaskLearning.of(recipe), data, torch.device("cpu"), log=quiet, checkpoint=inside, resume=True
+    )
     assert [{k: p[k] for k in keys} for p in resumed.history] == [{k: p[k] for k in keys} for p in ruled.history]
     assert resumed.stop_reason == ruled.stop_reason and resumed.cooldown_start == ruled.cooldown_start
     assert all(torch.equal(resumed.logits[name], ruled.logits[name]) for name in ruled.logits)
@@ -128,11 +130,13 @@ def test_learning_leaves_the_global_rng_alone_and_is_deterministic():
     recipe, model, report = tiny("masks.steps=4", "masks.eval_every=2")
     torch.manual_seed(1234)
     before = torch.get_rng_state()
-    first = learn_masks(model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=quiet)
+    first = learn_masks(model, report, MaskLearning.of(recipe), build_datasets(recipe), torch.device("cpu"), log=quiet)
     assert torch.equal(torch.get_rng_state(), before)
     _, model2, _ = tiny("masks.steps=4", "masks.eval_every=2")
     torch.manual_seed(99)  # another global state: same masks and logits
-    second = learn_masks(model2, report, recipe, build_datasets(recipe), torch.device("cpu"), log=quiet)
+    second = learn_masks(
+        model2, report, MaskLearning.of(recipe), build_datasets(recipe), torch.device("cpu"), log=quiet
+    )
     assert all(torch.equal(first.logits[name], second.logits[name]) for name in first.logits)
 
 
@@ -148,7 +152,13 @@ def test_the_cuda_step_settings_run_on_cpu():
         if name in {layer.name for layer in report.masked}
     }
     result = learn_masks(
-        model, report, recipe, build_datasets(recipe), torch.device("cpu"), log=quiet, settings=settings
+        model,
+        report,
+        MaskLearning.of(recipe),
+        build_datasets(recipe),
+        torch.device("cpu"),
+        log=quiet,
+        settings=settings,
     )
     assert result.steps == 3 and all(torch.isfinite(logits).all() for logits in result.logits.values())
     conv = next(module for module in masked_modules(model).values() if module.weight.dim() == 4)

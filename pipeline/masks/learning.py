@@ -25,7 +25,7 @@ import copy
 import hashlib
 import time
 from collections.abc import Callable, Sized
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -51,7 +51,7 @@ from pipeline.masks.gumbel import (
 from pipeline.masks.mask_step import MaskStep, build_mask_step, resolve_loss
 from pipeline.masks.schedules import BestMasks, Cooldown, KeptMasks, PlateauRule, keep_masks, steps_per_epoch
 from pipeline.progress import progress
-from pipeline.recipe.config import MaskConfig, Recipe
+from pipeline.recipe.config import MaskConfig, Recipe, digest_of
 from pipeline.training import StepSettings, evaluate, stop_on_signals
 
 EVALUATIONS_PER_RUN = 20  # masks.eval_every = 0 evaluates this many times over the budget
@@ -195,6 +195,25 @@ class LoopState:
         )
 
 
+@dataclass(frozen=True)
+class MaskLearning:
+    """What mask learning reads of a recipe, instead of the recipe: its masks section, the evaluation batch size
+    and loader workers of its data section, and the key a checkpoint must match (masks, arch and classes)."""
+
+    masks: MaskConfig
+    eval_batch_size: int
+    workers: int
+    key: str
+
+    @classmethod
+    def of(cls, recipe: Recipe, masks: MaskConfig | None = None) -> MaskLearning:
+        """RECIPE's, with MASKS in place of its masks section where given (a benchmark's budget)."""
+        masks = masks or recipe.masks
+        # recipe.digest("masks", "arch", "num_classes") with these masks, reading no other field
+        key = digest_of({"masks": asdict(masks), "arch": recipe.arch, "num_classes": recipe.num_classes})
+        return cls(masks, recipe.data.eval_batch_size, recipe.data.workers, key)
+
+
 @dataclass
 class RunContext:
     """Where a run stands in the job: its checkpoint, its rank, its log and the signal flag."""
@@ -217,14 +236,14 @@ class MaskTraining:
         step: MaskStep,
         train: Dataset,
         validation: Dataset | None,
-        recipe: Recipe,
+        learning: MaskLearning,
         rule: PlateauRule | None,
         unlabeled: bool,
         run: RunContext,
     ) -> None:
         self.step_fn, self.train, self.validation, self.rule, self.unlabeled = step, train, validation, rule, unlabeled
-        self.cfg, self.run_ctx = recipe.masks, run
-        self.eval_batch, self.workers = recipe.data.eval_batch_size, recipe.data.workers
+        self.cfg, self.run_ctx = learning.masks, run
+        self.eval_batch, self.workers = learning.eval_batch_size, learning.workers
         self.per_epoch = steps_per_epoch(_size(train), self.cfg.batch_size, run.world_size)
         self.eval_every = self.cfg.eval_every or max(1, -(-self.cfg.steps // EVALUATIONS_PER_RUN))
         # whole evaluation intervals, so that the cooldown ends on an evaluation of the annealed masks
@@ -505,7 +524,7 @@ def plateau_rule(cfg: MaskConfig, validation: Dataset | None, log: Callable[[str
 def prepare_training(
     model: nn.Module,
     report: EligibilityReport,
-    recipe: Recipe,
+    learning: MaskLearning,
     data: DataBundle,
     device: torch.device,
     settings: StepSettings,
@@ -513,7 +532,7 @@ def prepare_training(
     run: RunContext,
     initial_indices: dict[str, torch.Tensor] | None,
 ) -> MaskTraining:
-    cfg = recipe.masks
+    cfg = learning.masks
     loss = resolve_loss(cfg, unlabeled)
     if run.rank == 0:
         run.log(f"mask training precision: {settings.describe()} (masks.precision = {cfg.precision})")
@@ -526,13 +545,13 @@ def prepare_training(
     model.eval()
     if validation is not None and unlabeled:
         validation = TeacherLabels(
-            validation, predictions(model.to(device), validation, recipe.data.eval_batch_size, device)
+            validation, predictions(model.to(device), validation, learning.eval_batch_size, device)
         )
     scores = prior_scores(model, report, cfg, train, device)
     step = build_mask_step(
         model,
         report,
-        recipe,
+        cfg,
         device,
         loss,
         settings,
@@ -541,14 +560,14 @@ def prepare_training(
         initial_indices=initial_indices,
         scores=scores,
     )
-    run.recipe_key = recipe.digest("masks", "arch", "num_classes") + (":unlabeled" if unlabeled else "")
-    return MaskTraining(step, train, validation, recipe, plateau_rule(cfg, validation, run.log), unlabeled, run)
+    run.recipe_key = learning.key + (":unlabeled" if unlabeled else "")
+    return MaskTraining(step, train, validation, learning, plateau_rule(cfg, validation, run.log), unlabeled, run)
 
 
 def learn_masks(
     model: nn.Module,
     report: EligibilityReport,
-    recipe: Recipe,
+    learning: MaskLearning,
     data: DataBundle,
     device: torch.device,
     *,
@@ -564,17 +583,17 @@ def learn_masks(
 ) -> LearnResult:
     """Learn N:M masks for `report.masked` layers of `model` (weights stay frozen). A SIGTERM from
     the start on (set-up included) ends the run with a checkpoint at the next step. `settings`: the step's
-    autocast and memory format (default: those of `device`)."""
-    settings = settings or StepSettings.for_device(device, precision=recipe.masks.precision)
+    autocast and memory format (default: those of `device`). LEARNING: `MaskLearning.of(recipe)`."""
+    settings = settings or StepSettings.for_device(device, precision=learning.masks.precision)
     with stop_on_signals() as stop, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.masks.seed * 1000 + rank)  # augmentation only, in a fork: the caller's RNG is kept
+        torch.manual_seed(learning.masks.seed * 1000 + rank)  # augmentation only, in a fork: the caller's RNG is kept
         if rank == 0:  # also the readiness signal the tests wait for before sending SIGTERM
             log(
                 "SIGTERM or Ctrl-C now stops at the next step"
                 + (f" and saves {checkpoint} (continue with --resume)" if checkpoint is not None else "")
             )
         run = RunContext(checkpoint, "", rank, world_size, log, stop, on_evaluation)
-        training = prepare_training(model, report, recipe, data, device, settings, unlabeled, run, initial_indices)
+        training = prepare_training(model, report, learning, data, device, settings, unlabeled, run, initial_indices)
         if resume and checkpoint is not None and checkpoint.is_file():
             training.resume()
         return training.run()

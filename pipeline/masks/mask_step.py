@@ -26,7 +26,7 @@ from pipeline.masks.gumbel import (
     set_mask_kernel,
 )
 from pipeline.masks.schedules import MaskSchedule, distillation_loss, feature_distillation_loss, warmup_steps
-from pipeline.recipe.config import MaskConfig, Recipe
+from pipeline.recipe.config import MaskConfig
 from pipeline.training import StepSettings, train_step
 
 
@@ -203,7 +203,7 @@ class MaskStep:
 def build_mask_step(
     model: nn.Module,
     report: EligibilityReport,
-    recipe: Recipe,
+    cfg: MaskConfig,
     device: torch.device,
     loss: str,
     settings: StepSettings,
@@ -213,8 +213,8 @@ def build_mask_step(
     initial_indices: dict[str, torch.Tensor] | None = None,
     scores: dict[str, torch.Tensor] | None = None,
 ) -> MaskStep:
-    """Attach masks to `model` (frozen, in place) for `report.masked` and build the step that trains them."""
-    cfg = recipe.masks
+    """Attach masks to `model` (frozen, in place) for `report.masked` and build the step that trains them, as the
+    recipe's masks section CFG says."""
     model.eval()
     teacher = settings.prepare_model(copy.deepcopy(model).to(device).eval()) if needs_teacher(loss) else None
     attach_masks(
@@ -235,7 +235,7 @@ def build_mask_step(
     settings.prepare_model(model.to(device))
     trainable = [module.sparse_mask.logits for module in masked_modules(model).values()]
     if not trainable:
-        raise PipelineError(f"model {recipe.name} has no eligible layers to mask; check masks.include/exclude")
+        raise PipelineError("the model has no eligible layers to mask; check masks.include/exclude")
     wrapped: nn.Module = model
     if world_size > 1:
         wrapped = nn.parallel.DistributedDataParallel(

@@ -252,7 +252,7 @@ def adaprune(ctx: MethodContext) -> MaskResult:
 
 
 def learned(ctx: MethodContext) -> MaskResult:
-    from pipeline.masks.learning import learn_masks
+    from pipeline.masks.learning import MaskLearning, learn_masks
 
     if ctx.data is None:
         raise PipelineError("the learned method needs training data (MethodContext.data)")
@@ -264,7 +264,7 @@ def learned(ctx: MethodContext) -> MaskResult:
     result = learn_masks(
         model,
         ctx.report,
-        ctx.recipe,
+        MaskLearning.of(ctx.recipe),
         ctx.data,
         ctx.device,
         checkpoint=ctx.checkpoint,

@@ -371,7 +371,12 @@ class Recipe:
         data = self.to_dict()
         if sections:
             data = {key: data[key] for key in sections}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return digest_of(data)
+
+
+def digest_of(data: dict[str, Any]) -> str:
+    """`Recipe.digest` of plain data: {section or field: its value as `to_dict` gives it}."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

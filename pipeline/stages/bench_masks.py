@@ -31,7 +31,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, read_json, write_json, write_text
 from pipeline.masks.eligibility import eligible_layers
 from pipeline.masks.gumbel import load_mask_logits, mask_logits, use_argmax_masks
-from pipeline.masks.learning import LearnResult, MaskTraining, indices_checksum, learn_masks
+from pipeline.masks.learning import LearnResult, MaskLearning, MaskTraining, indices_checksum, learn_masks
 from pipeline.masks.schedules import PlateauRule
 from pipeline.paths import ArtifactPaths
 from pipeline.recipe.config import Recipe
@@ -155,7 +155,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     full = learn_masks(
         copy.deepcopy(model),
         report,
-        dataclasses.replace(recipe, masks=dataclasses.replace(budget, stop_patience=0)),
+        MaskLearning.of(recipe, masks=dataclasses.replace(budget, stop_patience=0)),
         data,
         device,
         on_evaluation=KeptMasksOnTest(data, recipe.data.eval_batch_size, device),
@@ -166,7 +166,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         ruled = learn_masks(
             copy.deepcopy(model),
             report,
-            dataclasses.replace(recipe, masks=budget),
+            MaskLearning.of(recipe, masks=budget),
             data,
             device,
             on_evaluation=KeptMasksOnTest(data, recipe.data.eval_batch_size, device),

@@ -160,7 +160,7 @@ def bench_steps(
         recipe.masks.include_classifier,
     )
     mask_steps = {
-        kind: build_mask_step(copy.deepcopy(dense), report, bench_recipe(recipe, loss), device, loss, settings)
+        kind: build_mask_step(copy.deepcopy(dense), report, bench_recipe(recipe, loss).masks, device, loss, settings)
         for kind, loss in (("mask", "ce"), ("distill", "ce+distill"))
     }
     settings.prepare_model(dense)

@@ -266,7 +266,7 @@ def train_demo(steps: int, device: str = "cuda") -> dict[str, Any]:
     """The demo's mask training (synthetic images of its shape) for `steps` steps on `device` (CUDA here), with
     the CUDA path's settings (channels_last, bfloat16 autocast) on whatever the device, so a CPU test runs it."""
     from pipeline.data.datasets import build_datasets
-    from pipeline.masks.learning import learn_masks
+    from pipeline.masks.learning import MaskLearning, learn_masks
     from pipeline.recipe.config import apply_override
     from pipeline.training import StepSettings
 
@@ -277,7 +277,7 @@ def train_demo(steps: int, device: str = "cuda") -> dict[str, Any]:
     result = learn_masks(
         model,
         report,
-        recipe,
+        MaskLearning.of(recipe),
         build_datasets(recipe),
         torch.device(device),
         log=lambda _: None,

@@ -20,7 +20,7 @@ from pipeline.masks.artifact import MaskArtifact
 from pipeline.masks.checkpoint import TrainingRecord
 from pipeline.masks.eligibility import eligible_layers
 from pipeline.masks.gumbel import use_argmax_masks
-from pipeline.masks.learning import LearnResult, learn_masks
+from pipeline.masks.learning import LearnResult, MaskLearning, learn_masks
 from pipeline.masks.mask_step import resolve_loss
 from pipeline.masks.schedules import steps_per_epoch
 from pipeline.paths import ArtifactPaths, checked_name
@@ -137,7 +137,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         result = learn_masks(
             model,
             report,
-            recipe,
+            MaskLearning.of(recipe),
             data,
             context.device,
             checkpoint=checkpoint,
