@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.recipe.config import InputSpec
 
 # ONNX Runtime vs PyTorch (FP32 reference): pass when max|diff| <= atol + rtol * max|reference|
 TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-4}, "fp16": {"atol": 1e-2, "rtol": 1e-2}}
@@ -80,6 +81,14 @@ def ModelProtoFromTorch(
     proto.producer_name = "sparse-pipeline"
     onnx.helper.set_model_props(proto, {"precision": "fp16" if fp16 else "fp32", "io_dtype": "float32"})
     return proto
+
+
+def graph_for(model: nn.Module, spec: InputSpec, opset: int, precision: str = "fp32"):
+    """`ModelProtoFromTorch` for the network SPEC describes (its sample shape and tensor names), at PRECISION
+    (fp32 or fp16): the exporter's seam takes the input spec, not the recipe."""
+    return ModelProtoFromTorch(
+        model, list(spec.shape), opset, spec.input_name, spec.output_name, fp16=precision == "fp16"
+    )
 
 
 def _half_copy(model: nn.Module) -> nn.Module:

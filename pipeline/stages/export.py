@@ -17,11 +17,11 @@ from pipeline.declaration import MODEL, PREPROCESS_CHOICE, StageDeclaration, fp1
 from pipeline.errors import PipelineError
 from pipeline.export.onnx import (
     TOLERANCES,
-    ModelProtoFromTorch,
     check_model,
     check_sparse_layers,
     compare_with_torch,
     effective_opset,
+    graph_for,
     other_initializers_differ,
 )
 from pipeline.export.report import ExportReport
@@ -29,7 +29,7 @@ from pipeline.io import atomic_path
 from pipeline.masks.artifact import MaskArtifact
 from pipeline.masks.bake_report import BakeReport
 from pipeline.paths import ArtifactPaths
-from pipeline.recipe.config import Recipe
+from pipeline.recipe.config import InputSpec, Recipe
 from pipeline.recipe.weight_files import read_state_dict
 from pipeline.recipe.weights import build_network, dense_state_dict, load_state_dict_strict
 from pipeline.records import file_record
@@ -127,7 +127,6 @@ def check_references(recipe: Recipe, inputs: Inputs, protos: dict, opset: int) -
     """What the sparse graphs are checked against: the dense graph, or, when bake re-estimated the BatchNorm
     statistics (folded into the conv weights and biases by the exporter), a dense graph carrying those same
     statistics, written nowhere; so the checks stay bit-exact in both cases."""
-    cfg = recipe.export
     references = {precision: protos[("dense", precision)] for _, precision in protos}
     if inputs.baked.details.get("batchnorm_reestimated"):
         reference_model = build_network(recipe)
@@ -135,9 +134,7 @@ def check_references(recipe: Recipe, inputs: Inputs, protos: dict, opset: int) -
         reference_model.load_state_dict(running_statistics_of(inputs.sparse_state, reference_model), strict=False)
         reference_model.eval()
         for precision in references:
-            references[precision] = ModelProtoFromTorch(
-                reference_model, recipe.input_shape, opset, cfg.input_name, cfg.output_name, fp16=precision == "fp16"
-            )
+            references[precision] = graph_for(reference_model, InputSpec.of(recipe), opset, precision)
         print(
             "note: bake re-estimated the BatchNorm statistics (masks.bn_reestimate_images): the sparse graphs are "
             "checked against the dense weights with those statistics"
@@ -209,9 +206,7 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     protos = {}
     for kind, precision, model, path in variants:
         print(f"exporting {path.name} ...", flush=True)
-        proto = ModelProtoFromTorch(
-            model, recipe.input_shape, opset, cfg.input_name, cfg.output_name, fp16=precision == "fp16"
-        )
+        proto = graph_for(model, InputSpec.of(recipe), opset, precision)
         check_model(proto)
         protos[(kind, precision)] = proto
     files, layer_checks, problems = check_graphs(recipe, inputs, protos, variants, opset)
