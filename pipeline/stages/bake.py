@@ -105,20 +105,18 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
     BakeReport(
         recipe.name,
         {path.name: file_record(path) for path in (paths.masks, paths.sparse_weights)},
-        {
-            "method": artifact.method,
-            "weights": source,
-            "masks_source": str(options.masks or options.checkpoint or paths.mask_checkpoint),
-            "layers_masked": len(artifact.layers),
-            "density_in_masked_layers": masked / max(total, 1),
-            "all_nm_in_tensorrt_layout": all(x["nm_violations"] == 0 for x in checks["layers"]),
-            "kept_weights_bit_exact": all(x["kept_bit_exact"] for x in checks["layers"]),
-            "other_tensors_unchanged": not checks["other_tensors_changed"],
-            "layers": checks["layers"],
-            "batchnorm_reestimated": {"images": recipe.masks.bn_reestimate_images, "layers": reestimated}
-            if reestimated
-            else None,
-        },
+        method=artifact.method,
+        weights=source,
+        masks_source=str(options.masks or options.checkpoint or paths.mask_checkpoint),
+        layers_masked=len(artifact.layers),
+        density_in_masked_layers=masked / max(total, 1),
+        all_nm_in_tensorrt_layout=all(x["nm_violations"] == 0 for x in checks["layers"]),
+        kept_weights_bit_exact=all(x["kept_bit_exact"] for x in checks["layers"]),
+        other_tensors_unchanged=not checks["other_tensors_changed"],
+        layers=checks["layers"],
+        batchnorm_reestimated={"images": recipe.masks.bn_reestimate_images, "layers": reestimated}
+        if reestimated
+        else None,
     ).save(paths.bake_report)
     print(
         f"baked {len(artifact.layers)} layers: every masked weight is {artifact.layers[0].n}:{artifact.layers[0].m} "

@@ -128,7 +128,7 @@ def check_references(recipe: Recipe, inputs: Inputs, protos: dict, opset: int) -
     statistics (folded into the conv weights and biases by the exporter), a dense graph carrying those same
     statistics, written nowhere; so the checks stay bit-exact in both cases."""
     references = {precision: protos[("dense", precision)] for _, precision in protos}
-    if inputs.baked.details.get("batchnorm_reestimated"):
+    if inputs.baked.batchnorm_reestimated:
         reference_model = build_network(recipe)
         reference_model.load_state_dict(inputs.dense_model.state_dict())
         reference_model.load_state_dict(running_statistics_of(inputs.sparse_state, reference_model), strict=False)
