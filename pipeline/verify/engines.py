@@ -138,8 +138,8 @@ def coverage_section(paths: ArtifactPaths, recipe: Recipe, build: BuildReport) -
     layout; and the layout report itself."""
     layers, total_macs = layer_table(paths, recipe)
     kernel_fraction, kernel_note = sparse_kernel_coverage(build, layers, total_macs)
-    export_info = ExportReport.load(paths.export_report, recipe.name).details if paths.export_report.exists() else {}
-    export_checks = export_info.get("layers", {}).get("fp32", [])
+    exported = ExportReport.load(paths.export_report, recipe.name) if paths.export_report.exists() else None
+    export_checks = exported.layers.get("fp32", []) if exported else []
     for layer in layers:
         layer["mac_fraction"] = layer["macs"] / max(total_macs, 1)
     layout, layout_note = sparse_layout(recipe, paths, build)
