@@ -2,7 +2,7 @@
 
 Order: the recipe (a registered name, a recipe file, or a model source spec on the `_user` base recipe), then
 `--weights`/`--data`, the model flags (`--input-size`, `--mean`, `--std`, `--num-classes`, `--classifier`),
-every `--set`, then each stage flag that stands for a recipe field (e.g. verify's `--min-coverage`). What is
+every `--set`, then each stage flag that stands for a recipe field (e.g. verify's `--min-masked-coverage`). What is
 still open is then taken from the inputs: the head size from the weights file, the labels from the image
 folder's class names. The result is validated before any stage does work.
 """
