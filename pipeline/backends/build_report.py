@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.io import write_json
-from pipeline.records import load_report, verify_recorded
+from pipeline.records import load_report, typed_from_json, verify_recorded
 
 VARIANTS = ("dense", "sparse")
 REQUIRED = {"model": str, "backend": str, "has_sparse_kernels": bool, "batch_range": list, "engines": dict}
@@ -41,10 +41,7 @@ class BuildReport:
     def load(cls, path: Path, model: str) -> BuildReport:
         rebuild = f"re-run `python -m pipeline build --model {model}`"
         data = load_report(path, "build", model, REQUIRED)
-        try:
-            report = cls(**data)
-        except TypeError as exc:
-            raise PipelineError(f"{path} is not a build report ({exc}); {rebuild}") from None
+        report = typed_from_json(cls, data, f"{path} is not a build report", rebuild)  # every field of its type
         for variant in VARIANTS:
             entry = report.engines.get(variant)
             if not isinstance(entry, dict) or not isinstance(entry.get("engine"), str):
