@@ -83,17 +83,17 @@ def resolve_recipe(options: ModelOptions, stage_fields: dict[str, tuple[str, Any
 PREPROCESS_CHOICE_FIELDS = ("resize", "resize_shape", "interpolation")  # what a measured choice sets
 
 
-def with_measured_preprocessing(recipe: Recipe, paths: ArtifactPaths, measure: bool) -> Recipe:
+def with_measured_preprocessing(recipe: Recipe, paths: ArtifactPaths, measure: bool, model: Any = None) -> Recipe:
     """RECIPE with the evaluation transform recorded in preprocess_choice.json (pipeline/data/preprocess_choice.py),
-    as a new frozen recipe through the override path; with MEASURE, measured and recorded first where no record of
-    these weights, folder and settings exists. RECIPE itself where nothing is measured. A stage runs with, and
-    config.json records, this recipe."""
+    as a new frozen recipe through the override path; with MEASURE, measured (on MODEL, the dense model, loaded
+    when None) and recorded first where no record of these weights, folder and settings exists. RECIPE itself
+    where nothing is measured. A stage runs with, and config.json records, this recipe."""
     from pipeline.data.preprocess_choice import applies, apply_recorded, ensure_choice
 
     if not applies(recipe):
         return recipe
     scratch = thawed(recipe)
-    choice = ensure_choice(scratch, paths) if measure else apply_recorded(scratch, paths)
+    choice = ensure_choice(scratch, paths, model) if measure else apply_recorded(scratch, paths)
     if choice is None:
         return recipe
     chosen = {f"preprocess.{name}": getattr(scratch.preprocess, name) for name in PREPROCESS_CHOICE_FIELDS}

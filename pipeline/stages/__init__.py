@@ -98,13 +98,13 @@ def run_stage(module: ModuleType, recipe: Any, paths: Any, options: Any) -> int:
 
     declared = StageRun(declaration_of(module), recipe, paths, options)
     if not is_main_process():  # under torchrun, rank 0 writes the artifacts
-        return int(module.run(stage_recipe(declared), paths, options) or 0)
+        return int(module.run(stage_recipe(module, declared), paths, options) or 0)
     if not declared.declaration.groups_writes:
         recover_folder(paths.root)
         return int(module.run(recipe, paths, options) or 0)
 
     def stage() -> int:
-        used = stage_recipe(declared)  # what the stage runs with is what config.json records
+        used = stage_recipe(module, declared)  # what the stage runs with is what config.json records
         if declared.declaration.records_config:
             write_config(used, paths)
         return int(module.run(used, paths, options) or 0)
@@ -112,15 +112,18 @@ def run_stage(module: ModuleType, recipe: Any, paths: Any, options: Any) -> int:
     return as_one_set(paths.root, stage, scope=declared.scope(), stage=module.__name__.rsplit(".", 1)[-1])
 
 
-def stage_recipe(declared: Any) -> Any:
+def stage_recipe(module: ModuleType, declared: Any) -> Any:
     """The recipe a stage runs with: where its declaration reads preprocess_choice.json, the recorded evaluation
-    transform applied (measured first where the stage also declares writing it), else the resolved recipe."""
+    transform applied (measured first where the stage also declares writing it, unless the module says
+    `MEASURES_PREPROCESSING = True`: it measures in its run, after its own input checks, and rewrites config.json),
+    else the resolved recipe."""
     from pipeline.recipe.resolve import with_measured_preprocessing
 
     paths = declared.paths
     if Path(paths.preprocess_choice) not in declared.read_paths():
         return declared.recipe
     measure = Path(paths.preprocess_choice) in declared.write_paths()
+    measure = measure and not getattr(module, "MEASURES_PREPROCESSING", False)
     return with_measured_preprocessing(declared.recipe, paths, measure)
 
 

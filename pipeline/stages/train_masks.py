@@ -26,6 +26,7 @@ from pipeline.masks.schedules import steps_per_epoch
 from pipeline.paths import ArtifactPaths, checked_name
 from pipeline.plots import learning_curves
 from pipeline.recipe.config import MASK_PRIORS, Recipe
+from pipeline.recipe.resolve import with_measured_preprocessing, write_config
 from pipeline.recipe.weights import load_dense_model
 from pipeline.records import file_record
 from pipeline.training import StepSettings, check_device, evaluate, select_device
@@ -56,6 +57,9 @@ DECLARATION = StageDeclaration(
     weights=True,
     in_engine=True,
 )
+
+
+MEASURES_PREPROCESSING = True  # in run, after the data checks (pipeline/stages/__init__.py stage_recipe)
 
 
 @dataclass
@@ -125,8 +129,13 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         data = build_datasets(recipe, augment_train=cfg.augment)
         check_enough_to_train(data, cfg, cfg.batch_size * context.world_size, "mask training", "masks.batch_size")
         model, source = load_dense_model(recipe, paths)
-        # the measured evaluation transform (preprocess_choice.json) is in RECIPE already: run_stage applied it
-        # before config.json was written (pipeline/stages/__init__.py stage_recipe)
+        # the evaluation transform of own weights, measured here once the data are checked (run_stage applied a
+        # recorded one already): the datasets and config.json follow it
+        measured = with_measured_preprocessing(recipe, paths, measure=True, model=model)
+        if measured.preprocess != recipe.preprocess:
+            recipe = measured
+            data = build_datasets(recipe, augment_train=cfg.augment)
+            write_config(recipe, paths)
         report = eligible_layers(model, recipe)
         settings = StepSettings.for_device(context.device, options.cuda_path, cfg.precision)
         settings.prepare_model(model.to(context.device))  # as the mask step will: its evaluations run alike
