@@ -4,6 +4,11 @@ A recipe file (`models/<name>.toml`) becomes a `Recipe` through `recipe_from_dic
 `--set section.field=value` overrides are applied on top (`apply_override`), `validate` runs every field's own
 check (declared next to the field with `rule`, as ModelOpt's configs do), and the resolved config is written next
 to the artifacts as `config.json`. Rules are checked here once; no later step checks them again.
+
+The resolved recipe is frozen (`freeze`, applied by pipeline.recipe.resolve.resolve_recipe): assigning a field
+raises `FrozenRecipeError`; a changed recipe is a new one made through the override path (`with_fields`: set_field
+on a copy, then validate), before config.json is written. Library seams take sections, not the recipe: backends a
+`BuildConfig` and an `InputSpec`, the exporter an `InputSpec`, the mask learner `MaskLearning` (masks section).
 """
 
 from __future__ import annotations
