@@ -7,9 +7,10 @@ import gzip
 import hashlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from pipeline.errors import PipelineError
 from pipeline.io import sha256_file
 from pipeline.recipe.config import Recipe
 from pipeline.recipe.labels import check_same_classes
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -84,6 +88,14 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _located_idx(folder: Path, stem: str) -> Path:
+    """The IDX file STEM in a folder that locate_fashion_mnist returned (it holds every one of them)."""
+    path = _find_idx(folder, stem)
+    if path is None:
+        raise RuntimeError(f"internal: locate_fashion_mnist returned {folder}, which lacks {stem}")
+    return path
+
+
 def fashion_mnist_candidates(root: str) -> list[Path]:
     """Folders searched for the IDX files, in order: inside ROOT only when one is given (an explicit folder is
     used or refused, never replaced by another copy), else the default places."""
@@ -127,8 +139,8 @@ def locate_fashion_mnist(root: str) -> Path:
 def load_fashion_mnist(root: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     folder = locate_fashion_mnist(root)
     image_stem, label_stem = FASHION_MNIST_FILES["train" if split == "train" else "test"]
-    images = read_idx(_find_idx(folder, image_stem))
-    labels = read_idx(_find_idx(folder, label_stem))
+    images = read_idx(_located_idx(folder, image_stem))
+    labels = read_idx(_located_idx(folder, label_stem))
     if images.shape[0] != labels.shape[0]:
         raise PipelineError(f"Fashion-MNIST in {folder}: {images.shape[0]} images but {labels.shape[0]} labels")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
@@ -240,7 +252,7 @@ def _unknown_kind(kind: str) -> PipelineError:
     return PipelineError(f"unknown data kind {kind!r}; use fashion_mnist, imagefolder (--data DIR) or synthetic")
 
 
-def _image_folder(recipe: Recipe, split: str, train: bool) -> Dataset:
+def _image_folder(recipe: Recipe, split: str, train: bool) -> ImageFolder:
     """ImageFolder of ROOT/SPLIT whose images were all checked to decode (pipeline/data/images.py); damaged ones
     stop the run here, before any work, or are left out with data.skip_bad_images (`skipped` lists them)."""
     from torchvision.datasets import ImageFolder
@@ -289,21 +301,26 @@ def build_datasets(recipe: Recipe, augment_train: bool = False) -> DataBundle:
     if data.kind == "imagefolder":
         if not data.root:
             raise PipelineError("data kind imagefolder needs a folder: pass --data DIR (with train/ and val/)")
-        train = _image_folder(recipe, data.train_split, train=augment_train)
-        evaluation = _image_folder(recipe, data.eval_split, train=False)
-        check_same_classes(Path(data.root), data.train_split, train.classes, data.eval_split, evaluation.classes)
-        plain = train
+        folder_train = _image_folder(recipe, data.train_split, train=augment_train)
+        folder_eval = _image_folder(recipe, data.eval_split, train=False)
+        check_same_classes(
+            Path(data.root), data.train_split, folder_train.classes, data.eval_split, folder_eval.classes
+        )
+        plain = folder_train
         if augment_train:  # the same file list (no second scan of the folder) with the evaluation transform
-            plain = copy.copy(train)
-            plain.transform = evaluation.transform
-        skipped = len(train.skipped) + len(evaluation.skipped)
+            plain = copy.copy(folder_train)
+            plain.transform = folder_eval.transform
+        skipped = len(folder_train.skipped) + len(folder_eval.skipped)
         description = f"image folder {data.root}" + (f" ({skipped} damaged images skipped)" if skipped else "")
-        return DataBundle(train, _limit(evaluation, data.eval_limit), "imagefolder", description, True, plain, skipped)
+        limited = _limit(folder_eval, data.eval_limit)
+        return DataBundle(folder_train, limited, "imagefolder", description, True, plain, skipped)
     if data.kind == "synthetic":
         shape = recipe.input_shape
-        train = SyntheticDataset(data.synthetic_size, shape, recipe.num_classes, seed=1)
-        evaluation = SyntheticDataset(max(data.synthetic_size // 4, 8), shape, recipe.num_classes, seed=2)
-        return DataBundle(train, evaluation, "synthetic", "synthetic random images (accuracy means nothing)", False)
+        synthetic_train = SyntheticDataset(data.synthetic_size, shape, recipe.num_classes, seed=1)
+        synthetic_eval = SyntheticDataset(max(data.synthetic_size // 4, 8), shape, recipe.num_classes, seed=2)
+        return DataBundle(
+            synthetic_train, synthetic_eval, "synthetic", "synthetic random images (accuracy means nothing)", False
+        )
     raise _unknown_kind(data.kind)
 
 
@@ -319,7 +336,7 @@ def dataset_fingerprint(recipe: Recipe) -> str:
     if data.kind == "fashion_mnist":
         folder = locate_fashion_mnist(data.root)
         for stem in sorted(stem for pair in FASHION_MNIST_FILES.values() for stem in pair):
-            path = _find_idx(folder, stem)
+            path = _located_idx(folder, stem)
             digest.update(f"\0{path.name}\0".encode())
             digest.update(sha256_file(path).encode())
     elif data.kind == "imagefolder":
@@ -334,7 +351,7 @@ def dataset_fingerprint(recipe: Recipe) -> str:
 
 
 def _limit(dataset: Dataset, limit: int) -> Dataset:
-    if limit and limit < len(dataset):
+    if limit and limit < dataset_size(dataset):
         return torch.utils.data.Subset(dataset, range(limit))
     return dataset
 
@@ -383,6 +400,11 @@ class ResumableBatchSampler(Sampler[list[int]]):
             yield indices[batch * self.batch_size : (batch + 1) * self.batch_size]
 
 
+def dataset_size(dataset: Dataset) -> int:
+    """len() of a map-style dataset (torch's Dataset type declares no __len__; every dataset here has one)."""
+    return len(cast(Sized, dataset))
+
+
 def _unwrap(dataset: Dataset) -> Dataset:
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset
@@ -417,7 +439,7 @@ def make_loader(
     persist across epochs: build the loader once and iterate it every epoch (the batch sampler runs in this
     process, so `set_epoch` on it takes effect at the next iteration)."""
     if batch_sampler is None:
-        batch_sampler = ResumableBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
+        batch_sampler = ResumableBatchSampler(dataset_size(dataset), batch_size, shuffle=False, drop_last=False)
     # torch's Subset forwards __getitems__ to the dataset it wraps, so whole batches come back as one tuple
     batched = hasattr(_unwrap(dataset), "__getitems__")
     workers = loader_workers(dataset, workers)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import Dataset, Subset
 
+from pipeline.data.datasets import dataset_size
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -45,28 +46,33 @@ def mask_split(size: int, cfg: MaskConfig) -> tuple[list[int], list[int]]:
 def split_training_images(data: DataBundle, cfg: MaskConfig) -> tuple[Dataset, Dataset | None]:
     """(training subset, validation split) of the recipe's training images; the test set is never touched.
     The validation split is served without augmentation (`data.plain_train`), so its score is stable."""
-    train, validation = mask_split(len(data.train), cfg)
-    training = Subset(data.train, train) if len(train) < len(data.train) else data.train
+    if data.plain_train is None:
+        raise RuntimeError("internal: DataBundle.plain_train is set in __post_init__ and never None")
+    size = dataset_size(data.train)
+    train, validation = mask_split(size, cfg)
+    training = Subset(data.train, train) if len(train) < size else data.train
     return training, (Subset(data.plain_train, validation) if validation else None)
 
 
 def without_mask_validation(data: DataBundle, cfg: MaskConfig) -> Dataset:
     """The training images less mask training's validation split (what the demo's dense model trains on)."""
-    held_out = set(mask_split(len(data.train), cfg)[1])
+    size = dataset_size(data.train)
+    held_out = set(mask_split(size, cfg)[1])
     if not held_out:
         return data.train
-    return Subset(data.train, [index for index in range(len(data.train)) if index not in held_out])
+    return Subset(data.train, [index for index in range(size) if index not in held_out])
 
 
 def check_enough_to_train(data: DataBundle, cfg: MaskConfig, batch_size: int, what: str, batch_key: str) -> int:
     """The number of images WHAT trains on once mask training's validation split is held out; one error line
     (before any work) when that is less than one batch of BATCH_SIZE (BATCH_KEY sets it)."""
-    train, validation = mask_split(len(data.train), cfg)
+    size = dataset_size(data.train)
+    train, validation = mask_split(size, cfg)
     if len(train) >= batch_size:
         return len(train)
     raise PipelineError(
         f"{what} needs at least one batch of {batch_size} training images, but {data.description} has "
-        f"{len(data.train)} training images, {len(train)} once the validation split of {len(validation)} is held "
+        f"{size} training images, {len(train)} once the validation split of {len(validation)} is held "
         f"out: give it more training images, or pass --set {batch_key}={max(len(train), 1)} (or --set "
         "masks.validation_images=N to hold out fewer)"
     )

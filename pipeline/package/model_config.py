@@ -45,7 +45,9 @@ def model_config_pb2():
             ) from None
     except RuntimeError:  # "The installation does not include grpc support"
         pass
-    spec = importlib.util.find_spec("tritonclient")
+    spec = importlib.util.find_spec("tritonclient")  # importable: the import above failed inside it
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("internal: tritonclient failed to import from within but is no package to find")
     path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
     if not path.is_file():
         raise PipelineError(
@@ -53,6 +55,8 @@ def model_config_pb2():
             "reinstall it: pip install --force-reinstall 'tritonclient>=2.40'"
         )
     module_spec = importlib.util.spec_from_file_location(_PB2, path)
+    if module_spec is None or module_spec.loader is None:
+        raise RuntimeError(f"internal: no module spec with a loader for {path}, a .py file")
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
@@ -131,16 +135,12 @@ def render_config(model: ServedModel) -> str:
             lines.append(f'  {{ key: "{cc}" value: "{filename}" }}' + ("," if i < len(items) - 1 else ""))
         lines.append("]")
     if model.max_batch_size > 0:
-        lines += [
-            "dynamic_batching {",
-            f"  preferred_batch_size: {_dims(tuple(model.preferred_batch_sizes))}"
-            if model.preferred_batch_sizes
-            else None,
-            f"  max_queue_delay_microseconds: {model.max_queue_delay_us}",
-            "}",
-        ]
+        lines.append("dynamic_batching {")
+        if model.preferred_batch_sizes:
+            lines.append(f"  preferred_batch_size: {_dims(tuple(model.preferred_batch_sizes))}")
+        lines += [f"  max_queue_delay_microseconds: {model.max_queue_delay_us}", "}"]
     lines += ["instance_group [", f"  {{ count: {model.instance_count} kind: {model.instance_kind} }}", "]"]
-    return "\n".join(line for line in lines if line is not None) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def parse_config(path: Path) -> Any:

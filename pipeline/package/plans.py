@@ -93,7 +93,7 @@ def check_triton_release(plans: dict[str, list[PlanEngine]], release: str) -> No
             "--format onnx"
         )
     image = f"nvcr.io/nvidia/tritonserver:{release}-{FLAVOUR}"
-    if not row.four_part:
+    if row.tensorrt is None or not row.four_part:
         raise PipelineError(
             f"the TensorRT build number of {image} is not recorded (table: {row.tensorrt or 'unknown'}"
             "), and a plan loads only in the exact build: read it in that container (dpkg -l | grep "

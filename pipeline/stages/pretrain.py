@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.args import add_device_argument
-from pipeline.data.datasets import ResumableBatchSampler, build_datasets, make_loader
+from pipeline.data.datasets import ResumableBatchSampler, build_datasets, dataset_size, make_loader
 from pipeline.data.splits import check_enough_to_train, without_mask_validation
 from pipeline.declaration import MODEL, StageDeclaration, recipe_values
 from pipeline.errors import Interrupted, PipelineError
@@ -222,7 +222,7 @@ def setup(recipe: Recipe, data, device: torch.device) -> DenseRun:
     print(f"pretraining precision: {settings.describe()} (pretrain.precision = {cfg.precision})", flush=True)
     model = settings.prepare_model(build_network(recipe).to(device))
     train = without_mask_validation(data, recipe.masks)  # the masks' validation split stays unseen
-    sampler = ResumableBatchSampler(len(train), cfg.batch_size, shuffle=True, seed=cfg.seed)
+    sampler = ResumableBatchSampler(dataset_size(train), cfg.batch_size, shuffle=True, seed=cfg.seed)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
     )

@@ -17,7 +17,7 @@ from PIL import Image
 
 def preprocess_image(data: bytes, spec: dict) -> np.ndarray:
     """One encoded image as a C,H,W array, exactly as torchvision's eval transform in pipeline/data.py."""
-    image = Image.open(io.BytesIO(data))
+    image: Image.Image = Image.open(io.BytesIO(data))  # an ImageFile; convert, resize and crop give Images
     image.load()
     image = image.convert(spec["color"])
     if spec["resize"]:
@@ -27,7 +27,7 @@ def preprocess_image(data: bytes, spec: dict) -> np.ndarray:
         if spec.get("resize_shape", "shorter") == "square":  # the whole image to resize x resize
             size = (short, short)
         bicubic = spec.get("resize_interpolation", "bilinear") == "bicubic"
-        image = image.resize(size, Image.BICUBIC if bicubic else Image.BILINEAR)
+        image = image.resize(size, Image.Resampling.BICUBIC if bicubic else Image.Resampling.BILINEAR)
     crop = spec["crop"]
     width, height = image.size
     if width < crop or height < crop:  # torchvision's CenterCrop pads small images with zeros first
