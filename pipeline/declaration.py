@@ -343,15 +343,15 @@ class StageRun:
 def measured_preprocessing(recipe: Any, options: Any = None) -> bool:
     """Whether the recipe's evaluation transform is chosen by measurement and recorded in preprocess_choice.json
     (pipeline/data/preprocess_choice.py: own weights on an image folder)."""
-    try:
-        from pipeline.data.preprocess_choice import applies
-    except ImportError:  # a build without the measured preprocessing
-        return False
+    from pipeline.data.preprocess_choice import applies
+
     return bool(applies(recipe))
 
 
 # preprocess_choice.json, where it applies: an entry for `reads` (and `writes` of the stages that may measure it)
 PREPROCESS_CHOICE = when(measured_preprocessing, "preprocess_choice")
+# the fields the measurement's baseline check reads (pipeline/data/preprocess_choice.py check_baseline)
+BASELINE_CHECK = when(measured_preprocessing, "verify.min_dense_top1", "verify.refuse_chance_baseline")
 
 
 def int8(recipe: Any, options: Any = None) -> bool:

@@ -541,6 +541,8 @@ def test_a_damaged_image_stops_the_run_before_training_or_is_skipped_and_counted
         "masks.batch_size=8",
         "--set",
         "masks.validation_images=0",
+        "--set",  # the fixture's weights are not trained on these random images: near chance, warned about only
+        "verify.refuse_chance_baseline=false",
     ]
     before = contents(case)
     capsys.readouterr()
@@ -552,6 +554,7 @@ def test_a_damaged_image_stops_the_run_before_training_or_is_skipped_and_counted
     assert main([*argv, "--skip-bad-images"]) == 0
     out, err = capsys.readouterr()
     assert "warning: 1 damaged image(s)" in err and str(bad) in err
+    assert "near chance" in err and "verify.refuse_chance_baseline = false" in err
     record = json.loads((model(case) / "train_masks.json").read_text())
     assert "1 damaged images skipped" in record["data"]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from nm_fixtures import record_export
+from report_fixtures import verify_report, write_verify_report
 
 from pipeline.cli import main
 from pipeline.io import sha256_file
@@ -39,7 +40,7 @@ def packaged(tmp_path, onnx_file) -> Path:
     record_export(folder)
     (folder / "masks.ckpt").write_bytes(b"resumable checkpoint")
     (folder / "stages.json").write_text("{}")
-    (folder / "report.json").write_text(json.dumps({"gates": {"passed": True, "checks": []}}))
+    write_verify_report(folder, MODEL, passed=True)
     assert main(["package", "--model", MODEL, "--out", str(root)]) == 0
     return root
 
@@ -78,7 +79,7 @@ def test_manifest_lists_every_artifact_with_hash_and_size(packaged):
         assert manifest["gpu"] == "none"
 
 
-@pytest.mark.parametrize("report,verdict", [(None, "not verified"), ({"gates": {"passed": False}}, "failed")])
+@pytest.mark.parametrize("report,verdict", [(None, "not verified"), (False, "failed")])
 def test_verdict_comes_from_report_gates(tmp_path, onnx_file, report, verdict, capsys):
     folder = tmp_path / MODEL
     folder.mkdir()
@@ -86,7 +87,7 @@ def test_verdict_comes_from_report_gates(tmp_path, onnx_file, report, verdict, c
     shutil.copyfile(onnx_file, folder / "sparse.onnx")
     record_export(folder)
     if report is not None:
-        (folder / "report.json").write_text(json.dumps(report))
+        write_verify_report(folder, MODEL, passed=report)
     assert main(["package", "--model", MODEL, "--out", str(tmp_path)]) == 0
     assert json.loads((folder / "manifest.json").read_text())["verification"] == verdict
     assert main(["package", "--model", MODEL, "--out", str(tmp_path), "--require-verified"]) == 1
@@ -152,7 +153,8 @@ def test_missing_manifest_says_how_to_make_one(tmp_path, capsys):
 
 
 def test_a_report_without_gates_is_refused_as_damaged(tmp_path, onnx_file, capsys):
-    """A report.json verify did not write (no gates) is a damaged record: one error line, nothing packaged."""
+    """A report.json verify did not write (no schema, no gates) is a damaged record: one error line, nothing
+    packaged; so is one of this schema that lacks its gates."""
     folder = tmp_path / MODEL
     folder.mkdir()
     shutil.copyfile(onnx_file, folder / "dense.onnx")
@@ -160,5 +162,11 @@ def test_a_report_without_gates_is_refused_as_damaged(tmp_path, onnx_file, capsy
     record_export(folder)
     (folder / "report.json").write_text(json.dumps({"summary": "no gates"}))
     assert main(["package", "--model", MODEL, "--out", str(tmp_path)]) == 2
-    assert "report.json is not a verify report (no 'gates')" in capsys.readouterr().err
+    assert "report.json is not a verify report of schema" in capsys.readouterr().err
+    assert not (folder / "manifest.json").exists()
+    content = verify_report(MODEL, passed=True).to_json()
+    del content["gates"]
+    (folder / "report.json").write_text(json.dumps(content))
+    assert main(["package", "--model", MODEL, "--out", str(tmp_path)]) == 2
+    assert "gates" in capsys.readouterr().err
     assert not (folder / "manifest.json").exists()

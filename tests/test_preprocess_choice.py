@@ -166,6 +166,18 @@ def test_a_baseline_near_chance_under_every_transform_stops_before_training(tmp_
     assert "near chance (25.0% for 4 classes" in message and "wrong weights" in message, message
     assert "--resize" in message and "--input-size" in message
     assert not paths.preprocess_choice.exists()
+    # stated as not refused: one warning line and the run goes on; a floor of the user's own still refuses
+    from pipeline.recipe.config import thawed, with_fields
+
+    lenient = thawed(with_fields(resolved(data, wrong), {"verify.refuse_chance_baseline": False}, "test"))
+    capsys.readouterr()
+    ensure_choice(lenient, paths)
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "near chance" in warned[0] and "refuse_chance_baseline" in warned[0], warned
+    with pytest.raises(PipelineError, match="below verify.min_dense_top1 = 90%"):
+        strict = with_fields(resolved(data, wrong), {"verify.refuse_chance_baseline": False}, "test")
+        strict = thawed(with_fields(strict, {"verify.min_dense_top1": 90.0}, "test"))
+        ensure_choice(strict, ArtifactPaths(tmp_path / "o2"))
 
 
 def test_stratified_sample_takes_every_class_alike():
@@ -213,6 +225,20 @@ def test_engine_refuses_a_broken_baseline_in_one_line(tmp_path, tmp_path_factory
     assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
     assert "near chance" in errors[0] and "no resize, centre crop/pad to 32" in errors[0], errors[0]
     assert "mask training precision" not in run.stdout
+
+
+def test_unlabeled_mask_training_measures_nothing_against_the_labels(tmp_path, tmp_path_factory):
+    """--unlabeled never reads labels: the transform is not scored against them (weights that score near chance on
+    the folder's labels are no reason to stop), and the note says what to state instead."""
+    case, data, weights, model, own = trained_case("native size", tmp_path_factory)
+    torch.manual_seed(1)
+    wrong = tmp_path / "untrained.pth"
+    torch.save(stripe_net(4).state_dict(), wrong)
+    out = tmp_path / "engines"
+    run = cli("train-masks", *flags(data, wrong, "--out", str(out), "--set", "masks.steps=2", "--unlabeled"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "not measured under --unlabeled" in run.stdout and "preprocessing candidates" not in run.stdout
+    assert not (out / SPEC.replace(":", "_") / "preprocess_choice.json").exists()
 
 
 @pytest.mark.parametrize("shape,interpolation", [("square", "bicubic"), ("shorter", "bicubic"), ("square", "bilinear")])

@@ -27,6 +27,7 @@ before training: nothing a later stage measures would mean anything.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -178,7 +179,8 @@ def measure(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> tup
     from pipeline.data.images import checked_loader
 
     pre = recipe.preprocess
-    folder: Any = _image_folder(recipe, recipe.data.eval_split, train=False)  # an ImageFolder
+    check_training_images(recipe)
+    folder: Any = _image_folder(recipe, recipe.data.eval_split, train=False)  # an ImageFolder, its images checked
     picked = stratified_sample([target for _, target in folder.samples], SAMPLE_IMAGES)
     images = [checked_loader(folder.samples[index][0]) for index in picked]
     labels = torch.tensor([folder.samples[index][1] for index in picked])
@@ -194,6 +196,25 @@ def measure(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> tup
     for candidate in other_interpolations(rows, tried):  # the interpolation, for the two best resizes
         rows.append(_score(model, candidate, pre, (head, tail), images, labels, device, seen, channels_last))
     return rows, len(picked), len(folder.classes)
+
+
+def check_training_images(recipe: Recipe) -> None:
+    """The training split's images decode (the scan every stage reading the folder makes, cached per process), so a
+    damaged image is named before the measurement's verdict on the baseline; with data.skip_bad_images they are left
+    to the stage's own dataset, which skips and counts them."""
+    from torchvision.datasets import ImageFolder
+
+    from pipeline.data.images import drop_bad_images
+
+    folder = Path(recipe.data.root) / recipe.data.train_split
+    try:
+        listed = ImageFolder(str(folder))
+    except (
+        FileNotFoundError,
+        RuntimeError,
+    ):  # no training split, or no class folders: the stage says so if it reads it
+        return
+    drop_bad_images(listed, folder, skip=bool(recipe.data.skip_bad_images))
 
 
 def _score(model, candidate: Candidate, pre, steps: tuple, images, labels, device, seen, channels_last: bool):
@@ -328,9 +349,18 @@ def check_baseline(choice: Choice, recipe: Recipe) -> None:
         floor = -1.0
     if used["top1"] > floor and used["top1"] >= threshold:
         return
+    if used["top1"] >= threshold and not recipe.verify.refuse_chance_baseline:
+        print(
+            f"warning: the dense model scores {used['top1']:.2f}% top-1 under {used['transform']}, near chance "
+            f"(at most {floor:.1f}% on {choice.images} images is no better); going on as "
+            "verify.refuse_chance_baseline = false says",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
     limit = (
         f"below verify.min_dense_top1 = {threshold:g}%"
-        if used["top1"] < threshold and used["top1"] > floor
+        if used["top1"] < threshold and (used["top1"] > floor or not recipe.verify.refuse_chance_baseline)
         else f"near chance ({100.0 / max(choice.classes, 1):.1f}% for {choice.classes} classes; at most "
         f"{floor:.1f}% on {choice.images} images is no better)"
     )
@@ -345,7 +375,8 @@ def check_baseline(choice: Choice, recipe: Recipe) -> None:
         f"{top['transform']}){better}; nothing trained on this baseline would mean anything. Usual causes: wrong "
         "preprocessing (state it with --input-size, --resize N|none, --mean/--std), wrong class order (the class "
         "folders, sorted, must be the head's outputs in order) or wrong weights (--weights, --classifier); "
-        "--set verify.min_dense_top1=0 keeps only the chance check"
+        "--set verify.min_dense_top1=0 keeps only the chance check, --set verify.refuse_chance_baseline=false "
+        "only warns near chance"
     )
 
 

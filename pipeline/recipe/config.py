@@ -308,6 +308,9 @@ class VerifyConfig:
     max_sparse_gain: float = at_least(0, 5.0, "0 or more points")
     # the dense baseline (own weights, before training) must reach this top-1 (%); 0: only refuse near-chance
     min_dense_top1: float = within(0, 100, 0.0, "a top-1 in [0, 100]")
+    # false: a dense baseline near chance is one `warning:` line instead of a refusal (a model not meant to be
+    # accurate, e.g. a smoke test with random weights); min_dense_top1 still applies
+    refuse_chance_baseline: bool = True
 
 
 @dataclass

@@ -12,7 +12,15 @@ from pipeline.args import add_device_argument
 from pipeline.data.datasets import build_datasets
 from pipeline.data.preprocess_choice import choice_summary
 from pipeline.data.splits import check_enough_to_train
-from pipeline.declaration import MODEL, PREPROCESS_CHOICE, StageDeclaration, option_files, when
+from pipeline.declaration import (
+    BASELINE_CHECK,
+    MODEL,
+    PREPROCESS_CHOICE,
+    StageDeclaration,
+    measured_preprocessing,
+    option_files,
+    when,
+)
 from pipeline.distributed import init_distributed, shutdown
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.io import write_json
@@ -51,7 +59,7 @@ DECLARATION = StageDeclaration(
         PREPROCESS_CHOICE,
     ),
     checkpoint="mask_checkpoint",
-    recipe=(*MODEL, "weights", "data", "preprocess", "masks"),
+    recipe=(*MODEL, "weights", "data", "preprocess", "masks", BASELINE_CHECK),
     options=("masks_from", "unlabeled", "tag"),
     data=True,
     weights=True,
@@ -131,7 +139,13 @@ def run(recipe: Recipe, paths: ArtifactPaths, options: Options) -> int:
         model, source = load_dense_model(recipe, paths)
         # the evaluation transform of own weights, measured here once the data are checked (run_stage applied a
         # recorded one already): the datasets and config.json follow it
-        measured = with_measured_preprocessing(recipe, paths, measure=True, model=model)
+        if options.unlabeled and measured_preprocessing(recipe):  # measuring the transform needs the labels
+            print(
+                "note: preprocessing: not measured under --unlabeled (it scores the dense model against the "
+                "folder's labels); the recipe's transform is used: state it with --resize N|none",
+                flush=True,
+            )
+        measured = with_measured_preprocessing(recipe, paths, measure=not options.unlabeled, model=model)
         if measured.preprocess != recipe.preprocess:
             recipe = measured
             data = build_datasets(recipe, augment_train=cfg.augment)
