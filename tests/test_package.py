@@ -289,7 +289,8 @@ def write_build_stage_output(out: Path, cc: str | None = "8.9", hardware: str = 
         engine = root / "tensorrt" / f"{variant}.engine"
         engine.write_bytes(b"serialized " + variant.encode())
         info = EngineInfo.for_build(
-            recipe,
+            recipe.build,
+            recipe.input_shape,
             variant,
             root / f"{variant}.onnx",
             engine,
@@ -300,6 +301,7 @@ def write_build_stage_output(out: Path, cc: str | None = "8.9", hardware: str = 
             strongly_typed=False,
             build_seconds=1.0,
             sparse_layers={},
+            output_name=recipe.export.output_name,
         )
         info.save(engine)
         engines[variant] = {

@@ -5,7 +5,6 @@ build.json records the sidecar by name and sha256 instead of a second copy of it
 from __future__ import annotations
 
 import json
-import types
 
 import onnx
 import pytest
@@ -38,9 +37,8 @@ def sidecars(tmp_path_factory):
     plan = folder / "trt" / "dense.engine"
     plan.parent.mkdir()
     plan.write_bytes(b"serialized engine")
-    built_from = types.SimpleNamespace(build=BuildConfig(), input_shape=list(recipe.input_shape))
     trt = EngineInfo.for_build(
-        built_from, "dense", onnx_path, plan, "10.9.0.34", {"gpu": "g", "compute_capability": "9.0"}, False,
+        BuildConfig(), list(recipe.input_shape), "dense", onnx_path, plan, "10.9.0.34", {"gpu": "g", "compute_capability": "9.0"}, False,
         "input", False, 1.5, {}, "logits",
     )  # fmt: skip
     trt.save(plan)

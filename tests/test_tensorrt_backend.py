@@ -349,7 +349,8 @@ def _sidecar(engine_file: Path, **batch) -> None:
     recipe = _recipe(**batch)
     onnx_path = _onnx(engine_file.with_name("m.onnx"))
     EngineInfo.for_build(
-        recipe,
+        recipe.build,
+        recipe.input_shape,
         "sparse",
         onnx_path,
         engine_file,
@@ -360,6 +361,7 @@ def _sidecar(engine_file: Path, **batch) -> None:
         strongly_typed=False,
         build_seconds=1.0,
         sparse_layers={},
+        output_name=recipe.export.output_name,
     ).save(engine_file)
 
 

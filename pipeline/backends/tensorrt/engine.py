@@ -13,7 +13,6 @@ calls that need libnvinfer and a GPU (EngineFromNetwork, SaveEngine, TrtRunner) 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,15 +152,6 @@ def onnx_input(onnx_path: Path, config: BuildConfig, spec: InputSpec) -> tuple[s
     return inputs[0].name, [-1] + [d if d > 0 else r for d, r in zip(dims[1:], spec.shape)]
 
 
-@dataclass(frozen=True)
-class BuiltFrom:
-    """What EngineInfo.for_build reads of what an engine was built from (`.build`, `.input_shape`): the build
-    section and the sample shape, not the recipe (the output name is passed to it from the graph)."""
-
-    build: BuildConfig
-    input_shape: list[int]
-
-
 def hardware_level(trt, name: str):
     """HardwareCompatibilityLevel member for build.hardware_compatibility (None: TensorRT's default)."""
     member = HARDWARE_LEVELS[name]
@@ -268,7 +258,8 @@ class TensorRTBackend:
             lines, layers_json, OnnxNameMap.from_onnx(onnx_path), quantized=config.precision == "int8"
         )
         info = EngineInfo.for_build(
-            BuiltFrom(config, list(spec.shape)),
+            config,
+            list(spec.shape),
             variant,
             onnx_path,
             engine_file,

@@ -8,12 +8,14 @@ TensorRT version, batch range, tensors and hardware compatibility of a plan come
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pipeline.backends.sidecar import REBUILD, EngineSidecar, sidecar_path
 from pipeline.io import read_json, sha256_file
+from pipeline.recipe.config import BuildConfig
 
 __all__ = ["EngineInfo", "engine_path", "inspector_path", "log_path", "sidecar_path"]
 
@@ -49,39 +51,8 @@ class EngineInfo(EngineSidecar):
     @classmethod
     def for_build(
         cls,
-        recipe,
-        variant: str,
-        onnx_path: Path,
-        engine_file: Path,
-        version: str,
-        gpu: dict[str, Any],
-        sparse: bool,
-        input_name: str,
-        strongly_typed: bool,
-        build_seconds: float,
-        sparse_layers: dict[str, Any],
-        output_name: str | None = None,
-    ) -> EngineInfo:
-        """OUTPUT_NAME: the graph's output (the engine's output tensor); the recipe's export.output_name if not given."""
-        return cls._for_build(
-            recipe,
-            variant,
-            onnx_path,
-            engine_file,
-            version,
-            gpu,
-            sparse,
-            input_name,
-            strongly_typed,
-            build_seconds,
-            sparse_layers,
-            output_name or recipe.export.output_name,
-        )
-
-    @classmethod
-    def _for_build(
-        cls,
-        recipe,
+        cfg: BuildConfig,
+        input_shape: Sequence[int],
         variant: str,
         onnx_path: Path,
         engine_file: Path,
@@ -94,7 +65,8 @@ class EngineInfo(EngineSidecar):
         sparse_layers: dict[str, Any],
         output_name: str,
     ) -> EngineInfo:
-        cfg = recipe.build
+        """The sidecar of an engine built with CFG (the recipe's build section) for samples of INPUT_SHAPE (C, H, W);
+        OUTPUT_NAME is the graph's output (the engine's output tensor)."""
         return cls(
             backend="tensorrt",
             variant=variant,
@@ -108,7 +80,7 @@ class EngineInfo(EngineSidecar):
             batch={"min": cfg.min_batch, "opt": cfg.opt_batch, "max": cfg.max_batch},
             input_name=input_name,
             output_name=output_name,
-            input_shape=[-1, *recipe.input_shape],
+            input_shape=[-1, *input_shape],
             engine=engine_file.name,
             engine_sha256=sha256_file(engine_file),
             onnx=str(onnx_path),
