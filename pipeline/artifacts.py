@@ -76,10 +76,12 @@ INVENTORY: tuple[Reader, ...] = (
         sites=(
             "pipeline.data.datasets:_image_folder",
             "pipeline.data.images:checked_loader",
+            "pipeline.data.preprocess_choice:check_training_images",
             "pipeline.recipe.preprocessing:probe_sizes",
             "pipeline.serve.serve_check:evaluation_images",
         ),
-        note="header probe for the preprocessing; full scan before work (pipeline/data/images.py)",
+        note="header probe for the preprocessing; full scan before work (pipeline/data/images.py), the training "
+        "split's before the preprocessing measurement",
         declared_as="data",
     ),
     Reader(
