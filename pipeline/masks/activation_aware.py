@@ -25,14 +25,14 @@ and `input_hessians` is shared with `adaprune`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sized
-from typing import cast
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from pipeline.data.datasets import dataset_size
 from pipeline.errors import PipelineError
 from pipeline.masks.patterns import magnitude_indices
 
@@ -49,7 +49,7 @@ def calibration_batches(
     """A seeded random subset of `dataset` (the training images), as a list of image batches."""
     from pipeline.data.datasets import make_loader
 
-    size = len(cast(Sized, dataset))
+    size = dataset_size(dataset)
     if size == 0:
         raise PipelineError("calibration needs training images, but the training set is empty")
     count = min(images, size)

@@ -8,14 +8,11 @@ bake records it in bake.json, and its accuracy is reported apart from the masks-
 
 from __future__ import annotations
 
-from collections.abc import Sized
-from typing import cast
-
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from pipeline.data.datasets import make_loader
+from pipeline.data.datasets import dataset_size, make_loader
 from pipeline.errors import PipelineError
 from pipeline.progress import progress
 
@@ -52,7 +49,7 @@ def reestimate_batchnorm(
         )
     if images < 1:
         raise PipelineError(f"BatchNorm re-estimation needs at least 1 image, got {images}")
-    chosen = torch.randperm(len(cast(Sized, dataset)), generator=torch.Generator().manual_seed(seed + 29))[:images]
+    chosen = torch.randperm(dataset_size(dataset), generator=torch.Generator().manual_seed(seed + 29))[:images]
     subset = Subset(dataset, sorted(chosen.tolist()))
     model.to(device).eval()
     saved_momentum = {}

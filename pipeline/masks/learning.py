@@ -24,17 +24,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.data.datasets import DataBundle, ResumableBatchSampler, make_loader
+from pipeline.data.datasets import DataBundle, ResumableBatchSampler, dataset_size, make_loader
 from pipeline.data.splits import split_training_images
 from pipeline.errors import PipelineError
 from pipeline.masks.checkpoint import MaskCheckpoint
@@ -94,11 +94,6 @@ def changed_share(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
     return changed / max(total, 1)
 
 
-def _size(dataset: Dataset) -> int:
-    """len() of a map-style dataset (torch's Dataset type declares no __len__; every dataset here has one)."""
-    return len(cast(Sized, dataset))
-
-
 class TeacherLabels(Dataset):
     """A dataset whose labels are the dense model's predictions: the validation split of an unlabeled
     run, so that top-1 on it is the agreement with the dense model and no true label is read."""
@@ -107,7 +102,7 @@ class TeacherLabels(Dataset):
         self.images, self.predictions = images, predictions
 
     def __len__(self) -> int:
-        return _size(self.images)
+        return dataset_size(self.images)
 
     def __getitem__(self, index: int):
         return self.images[index][0], self.predictions[index]
@@ -244,12 +239,12 @@ class MaskTraining:
         self.step_fn, self.train, self.validation, self.rule, self.unlabeled = step, train, validation, rule, unlabeled
         self.cfg, self.run_ctx = learning.masks, run
         self.eval_batch, self.workers = learning.eval_batch_size, learning.workers
-        self.per_epoch = steps_per_epoch(_size(train), self.cfg.batch_size, run.world_size)
+        self.per_epoch = steps_per_epoch(dataset_size(train), self.cfg.batch_size, run.world_size)
         self.eval_every = self.cfg.eval_every or max(1, -(-self.cfg.steps // EVALUATIONS_PER_RUN))
         # whole evaluation intervals, so that the cooldown ends on an evaluation of the annealed masks
         self.cooldown_steps = -(-round(self.cfg.cooldown * self.cfg.steps) // self.eval_every) * self.eval_every
         self.sampler = ResumableBatchSampler(
-            _size(train),
+            dataset_size(train),
             self.cfg.batch_size,
             shuffle=True,
             seed=self.cfg.seed,
@@ -506,8 +501,8 @@ class MaskTraining:
             stop_reason=state.stop_reason,
             cooldown_start=state.cooldown[0] if state.cooldown else None,
             loss=self.step_fn.loss.kind,
-            validation_images=_size(self.validation) if self.validation is not None else 0,
-            train_images=_size(self.train),
+            validation_images=dataset_size(self.validation) if self.validation is not None else 0,
+            train_images=dataset_size(self.train),
         )
 
 
@@ -518,7 +513,7 @@ def plateau_rule(cfg: MaskConfig, validation: Dataset | None, log: Callable[[str
     if validation is None:
         log("no validation split (masks.validation_images = 0): training runs the whole budget of masks.steps")
         return None
-    return PlateauRule(cfg.stop_patience, cfg.stop_changed, _size(validation))
+    return PlateauRule(cfg.stop_patience, cfg.stop_changed, dataset_size(validation))
 
 
 def prepare_training(

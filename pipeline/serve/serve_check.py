@@ -21,13 +21,14 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
+from pipeline.data.datasets import dataset_size
 from pipeline.errors import PipelineError
 from pipeline.io import write_json, write_text
 from pipeline.package.ensembles import IMAGE_INPUT, ensemble_name
@@ -75,7 +76,7 @@ def evaluation_images(recipe: Recipe, count: int) -> tuple[list[bytes], np.ndarr
     from pipeline.data.datasets import TensorImageDataset, build_datasets
 
     dataset = build_datasets(recipe).eval
-    indices = list(range(min(count, len(cast(Sized, dataset)))))
+    indices = list(range(min(count, dataset_size(dataset))))
     if not indices:
         raise PipelineError("the evaluation set is empty; check --data and data.eval_limit")
     base = dataset

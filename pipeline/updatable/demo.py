@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sized
 from pathlib import Path
-from typing import cast
 
 import torch
 
 from pipeline.compare.models import learned_result, masked_model
-from pipeline.data.datasets import DataBundle, ResumableBatchSampler, build_datasets, make_loader
+from pipeline.data.datasets import DataBundle, ResumableBatchSampler, build_datasets, dataset_size, make_loader
 from pipeline.errors import PipelineError
 from pipeline.io import ensure_dir, write_json, write_text
 from pipeline.masks.artifact import MaskArtifact
@@ -44,7 +42,7 @@ def finetune(
     settings = StepSettings.for_device(device)
     model = settings.prepare_model(model.to(device)).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    train_images = len(cast(Sized, data.train))
+    train_images = dataset_size(data.train)
     sampler = ResumableBatchSampler(train_images, batch_size, shuffle=True, seed=seed + 7)
     if len(sampler) == 0:
         raise PipelineError(f"training set has {train_images} images, fewer than one batch of {batch_size}")
